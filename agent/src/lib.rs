@@ -1,0 +1,1 @@
+//! unitsync agent (placeholder until the agent issue lands).

@@ -1,0 +1,132 @@
+//! Credentials: bearer tokens for operators and agents. Tokens are 256-bit
+//! random values shown once; the store keeps only their SHA-256. Every
+//! failure answers the same `authentication failed`.
+
+use base64::Engine as _;
+use rand::RngCore;
+use sha2::{Digest as _, Sha256};
+use tonic::metadata::MetadataMap;
+
+use crate::error::{HubError, Result};
+use crate::model::{Actor, Cluster, Role};
+use crate::store::{Store, TokenHash};
+
+/// Prefix of agent (cluster) tokens.
+pub const AGENT_TOKEN_PREFIX: &str = "usk_agent_";
+/// Prefix of operator tokens.
+pub const OPERATOR_TOKEN_PREFIX: &str = "usk_op_";
+
+/// A freshly generated secret. Its `Debug` hides the value.
+pub struct Secret(String);
+
+impl Secret {
+    pub fn generate(prefix: &str) -> Secret {
+        let mut bytes = [0u8; 32];
+        rand::rng().fill_bytes(&mut bytes);
+        Secret(format!(
+            "{prefix}{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        ))
+    }
+
+    pub fn from_string(s: String) -> Secret {
+        Secret(s)
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    pub fn hash(&self) -> TokenHash {
+        hash_token(&self.0)
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(<redacted>)")
+    }
+}
+
+pub fn hash_token(token: &str) -> TokenHash {
+    TokenHash(hex::encode(Sha256::digest(token.as_bytes())))
+}
+
+/// Who is calling.
+#[derive(Clone, Debug)]
+pub enum Principal {
+    Operator { name: String, role: Role },
+    Agent(Cluster),
+}
+
+impl Principal {
+    pub fn actor(&self) -> Actor {
+        match self {
+            Principal::Operator { name, .. } => Actor::Operator(name.clone()),
+            Principal::Agent(c) => Actor::Agent(c.name.clone()),
+        }
+    }
+}
+
+fn bearer(md: &MetadataMap) -> Option<&str> {
+    let v = md.get(unitsync_proto::AUTHORIZATION)?.to_str().ok()?;
+    let token = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+    let token = token.trim();
+    (!token.is_empty()).then_some(token)
+}
+
+/// Resolves the caller from its bearer token.
+pub async fn authenticate(store: &dyn Store, md: &MetadataMap) -> Result<Principal> {
+    let token = bearer(md).ok_or(HubError::Unauthenticated)?;
+    let hash = hash_token(token);
+    if token.starts_with(AGENT_TOKEN_PREFIX) {
+        if let Some(c) = store.cluster_by_token(&hash).await? {
+            return Ok(Principal::Agent(c));
+        }
+    } else if token.starts_with(OPERATOR_TOKEN_PREFIX) {
+        if let Some(op) = store.operator_by_token(&hash).await? {
+            return Ok(Principal::Operator {
+                name: op.name,
+                role: op.role,
+            });
+        }
+    }
+    Err(HubError::Unauthenticated)
+}
+
+/// The caller must be an operator; `write` requires the admin role.
+pub fn require_operator(p: &Principal, write: bool) -> Result<Actor> {
+    match p {
+        Principal::Operator { role, .. } if !write || *role == Role::Admin => Ok(p.actor()),
+        _ => Err(HubError::PermissionDenied),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens_are_random_prefixed_and_redacted() {
+        let a = Secret::generate(AGENT_TOKEN_PREFIX);
+        let b = Secret::generate(AGENT_TOKEN_PREFIX);
+        assert_ne!(a.expose(), b.expose());
+        assert!(a.expose().starts_with(AGENT_TOKEN_PREFIX));
+        assert!(a.expose().len() > AGENT_TOKEN_PREFIX.len() + 40);
+        assert_eq!(format!("{a:?}"), "Secret(<redacted>)");
+        assert_ne!(a.hash().0, a.expose());
+        assert_eq!(a.hash(), hash_token(a.expose()));
+    }
+
+    #[test]
+    fn bearer_parsing() {
+        let mut md = MetadataMap::new();
+        assert_eq!(bearer(&md), None);
+        md.insert("authorization", "Bearer abc".parse().unwrap());
+        assert_eq!(bearer(&md), Some("abc"));
+        md.insert("authorization", "Basic abc".parse().unwrap());
+        assert_eq!(bearer(&md), None);
+        md.insert("authorization", "Bearer ".parse().unwrap());
+        assert_eq!(bearer(&md), None);
+    }
+}

@@ -1,0 +1,249 @@
+//! The `unitsync` command line: `serve` runs the hub, every other command
+//! is an operator client of a running hub's gRPC API.
+
+mod client;
+mod commands;
+mod output;
+mod wait;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+pub use commands::run_client;
+
+/// Default gRPC address of `unitsync serve` and of the CLI's `--hub`.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
+pub const DEFAULT_HUB: &str = "http://127.0.0.1:7443";
+pub const DEFAULT_DATA_DIR: &str = "unitsync-data";
+
+#[derive(Parser, Debug)]
+#[command(name = "unitsync", version, about = "unitsync: sync units of Kubernetes manifests to many clusters")]
+pub struct Cli {
+    #[command(flatten)]
+    pub global: Global,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct Global {
+    /// Hub gRPC endpoint.
+    #[arg(long, global = true, env = "UNITSYNC_HUB", default_value = DEFAULT_HUB)]
+    pub hub: String,
+    /// Operator token. Without it, the CLI reads `admin.token` from the data directory.
+    #[arg(long, global = true, env = "UNITSYNC_TOKEN", hide_env_values = true)]
+    pub token: Option<String>,
+    /// File holding the operator token.
+    #[arg(long, global = true, env = "UNITSYNC_TOKEN_FILE")]
+    pub token_file: Option<PathBuf>,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
+    pub output: Format,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Run the hub.
+    Serve(ServeArgs),
+    /// Manage environments (the promotion order).
+    #[command(subcommand)]
+    Env(EnvCommand),
+    /// Manage clusters (agent identities).
+    #[command(subcommand)]
+    Cluster(ClusterCommand),
+    /// Manage units and their revisions.
+    #[command(subcommand)]
+    Unit(UnitCommand),
+    /// Show which revision and phase every cluster reports for every unit.
+    Status {
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// Show the audit log, newest first.
+    Audit {
+        #[arg(long, default_value_t = 50)]
+        limit: u32,
+        /// Only entries whose target starts with this (e.g. `dev/web`, `cluster/`).
+        #[arg(long, default_value = "")]
+        target: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct ServeArgs {
+    /// gRPC listen address.
+    #[arg(long, env = crate::config::ENV_LISTEN, default_value = DEFAULT_LISTEN)]
+    pub listen: SocketAddr,
+    /// HTTP address for /healthz, /readyz and /metrics.
+    #[arg(long, env = crate::config::ENV_HTTP_LISTEN, default_value = "127.0.0.1:7080")]
+    pub http_listen: SocketAddr,
+    /// Disable the HTTP endpoints.
+    #[arg(long)]
+    pub no_http: bool,
+    /// Directory for the SQLite store and the admin token.
+    #[arg(long, env = crate::config::ENV_DATA_DIR, default_value = DEFAULT_DATA_DIR)]
+    pub data_dir: PathBuf,
+    /// Largest accepted unit, in bytes.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_unit_bytes: usize,
+    /// Most documents in one unit.
+    #[arg(long, default_value_t = 1_000)]
+    pub max_documents: usize,
+    /// Deepest nesting in one document.
+    #[arg(long, default_value_t = 64)]
+    pub max_depth: usize,
+    /// Seconds between heartbeats on agent streams.
+    #[arg(long, default_value_t = 30)]
+    pub heartbeat_seconds: u64,
+    /// Agent sessions accepted at once; more are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, default_value_t = 20_000)]
+    pub max_sessions: usize,
+    /// Log format.
+    #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "UNITSYNC_LOG_FORMAT")]
+    pub log_format: LogFormat,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+impl ServeArgs {
+    pub fn config(&self) -> crate::Config {
+        let mut tuning = crate::control::Tuning::default();
+        tuning.limits.max_bytes = self.max_unit_bytes;
+        tuning.limits.max_documents = self.max_documents;
+        tuning.limits.max_depth = self.max_depth;
+        tuning.heartbeat = Duration::from_secs(self.heartbeat_seconds);
+        tuning.max_sessions = self.max_sessions;
+        crate::Config {
+            listen: self.listen,
+            http_listen: (!self.no_http).then_some(self.http_listen),
+            data_dir: self.data_dir.clone(),
+            tuning,
+        }
+    }
+}
+
+#[derive(Subcommand, Debug)]
+pub enum EnvCommand {
+    /// Create an environment (appended to the pipeline unless --after).
+    Create {
+        name: String,
+        #[arg(long)]
+        after: Option<String>,
+    },
+    /// List environments in pipeline order.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum ClusterCommand {
+    /// Register a cluster and print its agent token (shown once).
+    Create {
+        name: String,
+        #[arg(long)]
+        env: String,
+        /// Labels as key=value; repeatable.
+        #[arg(long = "label", value_parser = parse_label)]
+        labels: Vec<(String, String)>,
+    },
+    List {
+        #[arg(long)]
+        env: Option<String>,
+    },
+    Get {
+        name: String,
+    },
+    /// Delete a cluster: its token stops working and its agent is disconnected.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Args, Debug)]
+pub struct PutArgs {
+    /// The unit, as ENV/NAME.
+    pub unit: String,
+    /// Manifest file (multi-document YAML); `-` reads standard input.
+    #[arg(short = 'f', long = "filename")]
+    pub file: PathBuf,
+    /// Change message recorded with the revision.
+    #[arg(short = 'm', long, default_value = "")]
+    pub message: String,
+    /// Labels as key=value; repeatable.
+    #[arg(long = "label", value_parser = parse_label)]
+    pub labels: Vec<(String, String)>,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Args, Debug, Clone, Copy)]
+pub struct WaitArgs {
+    /// Wait until every cluster of the environment reports the new revision Ready.
+    #[arg(long)]
+    pub wait: bool,
+    /// How long --wait waits, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub timeout: u64,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum UnitCommand {
+    /// Create a unit (its revision 1).
+    Create(PutArgs),
+    /// Commit a new revision of an existing unit.
+    Update(PutArgs),
+    /// Show a unit, its head revision and per-cluster status.
+    Get {
+        unit: String,
+        /// Print the head revision's manifests.
+        #[arg(long)]
+        manifests: bool,
+    },
+    List {
+        #[arg(long)]
+        env: Option<String>,
+    },
+    /// List a unit's revisions.
+    History {
+        unit: String,
+    },
+    /// Diff two revisions (default: the head against the one before).
+    Diff {
+        unit: String,
+        #[arg(long)]
+        from: Option<u64>,
+        #[arg(long)]
+        to: Option<u64>,
+    },
+    /// Destroy a unit: agents delete its objects.
+    Destroy {
+        unit: String,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+}
+
+fn parse_label(s: &str) -> Result<(String, String), String> {
+    let (k, v) = s
+        .split_once('=')
+        .ok_or_else(|| format!("label {s:?} must be written key=value"))?;
+    if k.is_empty() {
+        return Err(format!("label {s:?} has an empty key"));
+    }
+    Ok((k.to_owned(), v.to_owned()))
+}

@@ -1,0 +1,69 @@
+//! The CLI's connection to the hub: endpoint, bearer token, deadlines.
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use tonic::metadata::MetadataValue;
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::{Channel, Endpoint};
+use unitsync_proto::v1::hub_service_client::HubServiceClient;
+
+use super::{DEFAULT_DATA_DIR, Global};
+
+pub(super) type Client = HubServiceClient<InterceptedService<Channel, Bearer>>;
+
+/// Adds `authorization: Bearer …` to every call.
+#[derive(Clone)]
+pub(super) struct Bearer(MetadataValue<tonic::metadata::Ascii>);
+
+impl Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut()
+            .insert(unitsync_proto::AUTHORIZATION, self.0.clone());
+        Ok(req)
+    }
+}
+
+fn read_token(path: &Path) -> anyhow::Result<String> {
+    let s = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read the token file {}", path.display()))?;
+    Ok(s.trim().to_owned())
+}
+
+/// The operator token: `--token`, then `--token-file`, then
+/// `$UNITSYNC_DATA_DIR/admin.token` (or `./unitsync-data/admin.token`).
+fn token(g: &Global) -> anyhow::Result<String> {
+    if let Some(t) = &g.token {
+        return Ok(t.trim().to_owned());
+    }
+    if let Some(p) = &g.token_file {
+        return read_token(p);
+    }
+    let dir = std::env::var_os(crate::config::ENV_DATA_DIR)
+        .map_or_else(|| DEFAULT_DATA_DIR.into(), std::path::PathBuf::from);
+    let path = dir.join("admin.token");
+    if path.exists() {
+        return read_token(&path);
+    }
+    bail!("no operator token: set UNITSYNC_TOKEN, pass --token-file, or run next to the hub's data directory")
+}
+
+pub(super) async fn connect(g: &Global) -> anyhow::Result<Client> {
+    let token = token(g)?;
+    let value: MetadataValue<_> = format!("Bearer {token}")
+        .parse()
+        .context("the operator token contains characters that cannot be sent")?;
+    let endpoint = Endpoint::from_shared(g.hub.clone())
+        .with_context(|| format!("invalid hub address {:?}", g.hub))?
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60));
+    let channel = endpoint
+        .connect()
+        .await
+        .with_context(|| format!("cannot reach the hub at {}", g.hub))?;
+    Ok(HubServiceClient::with_interceptor(channel, Bearer(value))
+        .max_decoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES))
+}

@@ -1,0 +1,65 @@
+//! Typed configuration of `unitsync serve`, validated once at start-up.
+//! Deployment facts (addresses, data directory) have no defaults in the
+//! library; the CLI supplies documented ones.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::control::Tuning;
+
+/// Environment variable names read by `unitsync serve` (through clap).
+pub const ENV_LISTEN: &str = "UNITSYNC_LISTEN";
+pub const ENV_HTTP_LISTEN: &str = "UNITSYNC_HTTP_LISTEN";
+pub const ENV_DATA_DIR: &str = "UNITSYNC_DATA_DIR";
+
+/// Everything a hub needs to run.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// gRPC address (agents and operators).
+    pub listen: SocketAddr,
+    /// HTTP address for `/healthz`, `/readyz` and `/metrics`; none disables it.
+    pub http_listen: Option<SocketAddr>,
+    /// Holds `hub.db` (SQLite) and `admin.token`.
+    pub data_dir: PathBuf,
+    pub tuning: Tuning,
+}
+
+/// A configuration that cannot work.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{0}")]
+    Invalid(String),
+}
+
+impl Config {
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let l = &self.tuning.limits;
+        if l.max_bytes == 0 || l.max_documents == 0 || l.max_depth < 4 {
+            return Err(ConfigError::Invalid(
+                "manifest limits must allow at least one small document".into(),
+            ));
+        }
+        if l.max_bytes > unitsync_proto::MAX_MESSAGE_BYTES - 64 * 1024 {
+            return Err(ConfigError::Invalid(format!(
+                "max unit size {} is over what one gRPC message carries ({} bytes)",
+                l.max_bytes,
+                unitsync_proto::MAX_MESSAGE_BYTES - 64 * 1024
+            )));
+        }
+        if self.tuning.heartbeat.is_zero() {
+            return Err(ConfigError::Invalid("heartbeat interval must be positive".into()));
+        }
+        if self.tuning.max_sessions == 0 {
+            return Err(ConfigError::Invalid("max sessions must be positive".into()));
+        }
+        Ok(())
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        self.data_dir.join("hub.db")
+    }
+
+    pub fn admin_token_path(&self) -> PathBuf {
+        self.data_dir.join("admin.token")
+    }
+}

@@ -1,0 +1,231 @@
+//! The hub's operations: what the operator API and the agent sessions call.
+//! Validation happens here, before the store is touched; commits are
+//! published to connected agents after they are durable.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use crate::auth::{AGENT_TOKEN_PREFIX, Secret};
+use crate::error::{HubError, Result};
+use crate::fanout::{Delivery, Fanout};
+use crate::feedback::Feedback;
+use crate::manifest::{self, Limits};
+use crate::metrics::Metrics;
+use crate::model::{
+    Actor, Cluster, ClusterName, Digest, EnvName, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, PutMode, Revision, UnitName, UnitRef,
+};
+use crate::store::Store;
+
+/// Tuning of a running hub (addresses and paths live in `Config`).
+#[derive(Clone, Debug)]
+pub struct Tuning {
+    pub limits: Limits,
+    pub heartbeat: Duration,
+    /// Agent sessions beyond this are refused with RESOURCE_EXHAUSTED.
+    pub max_sessions: usize,
+}
+
+impl Default for Tuning {
+    fn default() -> Self {
+        Self {
+            limits: Limits::default(),
+            heartbeat: Duration::from_secs(30),
+            max_sessions: 20_000,
+        }
+    }
+}
+
+/// Shared state of one hub process.
+pub struct Hub {
+    pub store: Arc<dyn Store>,
+    pub fanout: Fanout,
+    pub feedback: Arc<Feedback>,
+    pub metrics: Arc<Metrics>,
+    pub tuning: Tuning,
+    /// Head revision content per unit, shared by every session that needs it.
+    heads: Mutex<HashMap<(EnvName, UnitName), Arc<Delivery>>>,
+    next_session: AtomicU64,
+}
+
+impl Hub {
+    pub fn new(store: Arc<dyn Store>, tuning: Tuning) -> Hub {
+        Hub {
+            store,
+            fanout: Fanout::default(),
+            feedback: Arc::default(),
+            metrics: Arc::default(),
+            tuning,
+            heads: Mutex::default(),
+            next_session: AtomicU64::new(1),
+        }
+    }
+
+    pub fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    pub async fn create_environment(
+        &self,
+        actor: Actor,
+        name: EnvName,
+        after: Option<EnvName>,
+    ) -> Result<Environment> {
+        let audit = NewAudit {
+            actor,
+            action: "environment.create",
+            target: format!("env/{name}"),
+            detail: after.as_ref().map(|a| format!("after {a}")).unwrap_or_default(),
+        };
+        Ok(self.store.create_environment(&name, after.as_ref(), audit).await?)
+    }
+
+    /// Creates a cluster and its agent token (returned once, stored hashed).
+    pub async fn create_cluster(
+        &self,
+        actor: Actor,
+        name: ClusterName,
+        env: EnvName,
+        labels: Labels,
+    ) -> Result<(Cluster, Secret)> {
+        let token = Secret::generate(AGENT_TOKEN_PREFIX);
+        let audit = NewAudit {
+            actor,
+            action: "cluster.create",
+            target: format!("cluster/{name}"),
+            detail: format!("environment {env}"),
+        };
+        let cluster = self
+            .store
+            .create_cluster(&name, &env, &labels, &token.hash(), audit)
+            .await?;
+        Ok((cluster, token))
+    }
+
+    /// Deletes a cluster: its credential stops working and its live session ends.
+    pub async fn delete_cluster(&self, actor: Actor, name: ClusterName) -> Result<()> {
+        let audit = NewAudit {
+            actor,
+            action: "cluster.delete",
+            target: format!("cluster/{name}"),
+            detail: String::new(),
+        };
+        self.store.delete_cluster(&name, audit).await?;
+        self.fanout.disconnect(&name);
+        Ok(())
+    }
+
+    /// Validates and commits a new revision, then publishes it.
+    pub async fn put_unit(
+        &self,
+        actor: Actor,
+        unit: UnitRef,
+        manifests: String,
+        message: String,
+        mode: PutMode,
+        labels: Option<Labels>,
+    ) -> Result<Revision> {
+        let valid = manifest::validate(&unit, &manifests, &self.tuning.limits)?;
+        let rev = NewRevision {
+            unit,
+            mode,
+            labels,
+            tombstone: false,
+            documents: u32::try_from(valid.objects.len()).unwrap_or(u32::MAX),
+            manifests: Arc::from(manifests),
+            digest: valid.digest,
+            author: actor,
+            message,
+            origin: "cli".into(),
+        };
+        self.commit(rev).await
+    }
+
+    /// Commits a tombstone: agents delete what they applied for the unit.
+    pub async fn destroy_unit(&self, actor: Actor, unit: UnitRef, message: String) -> Result<Revision> {
+        let rev = NewRevision {
+            unit,
+            mode: PutMode::Update,
+            labels: None,
+            tombstone: true,
+            documents: 0,
+            manifests: Arc::from(""),
+            digest: Digest::of(b""),
+            author: actor,
+            message,
+            origin: "cli".into(),
+        };
+        self.commit(rev).await
+    }
+
+    async fn commit(&self, rev: NewRevision) -> Result<Revision> {
+        let committed = self.store.commit_revision(rev).await?;
+        self.metrics.revisions_committed.inc();
+        let delivery = Arc::new(Delivery {
+            env: committed.unit.env.clone(),
+            unit: committed.unit.name.clone(),
+            revision: committed.number,
+            digest: Some(committed.digest),
+            tombstone: committed.tombstone,
+            manifests: committed.manifests.clone(),
+            committed_at: std::time::SystemTime::now(),
+            committed: Instant::now(),
+        });
+        self.lock_heads().insert(
+            (committed.unit.env.clone(), committed.unit.name.clone()),
+            delivery.clone(),
+        );
+        let stats = self.fanout.publish(&delivery);
+        self.metrics.coalesced_updates.inc_by(stats.coalesced as u64);
+        tracing::info!(
+            unit = %committed.unit,
+            revision = %committed.number,
+            tombstone = committed.tombstone,
+            sessions = stats.sessions,
+            "revision committed"
+        );
+        Ok(committed)
+    }
+
+    fn lock_heads(&self) -> std::sync::MutexGuard<'_, HashMap<(EnvName, UnitName), Arc<Delivery>>> {
+        self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The delivery for a unit's head revision, from the cache or the store.
+    pub async fn head_delivery(&self, env: &EnvName, head: &HeadRef) -> Result<Arc<Delivery>> {
+        let key = (env.clone(), head.unit.clone());
+        if let Some(d) = self.lock_heads().get(&key) {
+            if d.revision == head.number {
+                return Ok(d.clone());
+            }
+        }
+        let unit = UnitRef {
+            env: env.clone(),
+            name: head.unit.clone(),
+        };
+        let rev = self
+            .store
+            .get_revision(&unit, head.number)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("unit {unit} revision {}", head.number)))?;
+        let d = Arc::new(Delivery {
+            env: env.clone(),
+            unit: head.unit.clone(),
+            revision: rev.number,
+            digest: Some(rev.digest),
+            tombstone: rev.tombstone,
+            manifests: rev.manifests,
+            committed_at: std::time::UNIX_EPOCH
+                + Duration::from_millis(u64::try_from(rev.created_at.0).unwrap_or(0)),
+            committed: Instant::now(),
+        });
+        let mut heads = self.lock_heads();
+        let entry = heads.entry(key).or_insert_with(|| d.clone());
+        if entry.revision < d.revision {
+            *entry = d.clone();
+        }
+        Ok(d)
+    }
+}

@@ -1,0 +1,85 @@
+//! The hub's error type and the one place where errors become gRPC statuses.
+
+use tonic::{Code, Status};
+
+use crate::manifest::ManifestError;
+use crate::model::NameError;
+use crate::store::StoreError;
+
+pub type Result<T, E = HubError> = std::result::Result<T, E>;
+
+/// Errors of hub operations. Messages never carry secret values.
+#[derive(Debug, thiserror::Error)]
+pub enum HubError {
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    #[error(transparent)]
+    Name(#[from] NameError),
+    #[error(transparent)]
+    Manifest(#[from] ManifestError),
+    /// Also used for "exists but not yours": the two must look identical.
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// Bad, unknown or revoked credential. Deliberately uninformative.
+    #[error("authentication failed")]
+    Unauthenticated,
+    #[error("permission denied")]
+    PermissionDenied,
+    /// Load shedding; retryable.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    #[error("store operation failed")]
+    Store(#[source] StoreError),
+}
+
+impl From<StoreError> for HubError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::NotFound(what) => HubError::NotFound(what),
+            StoreError::AlreadyExists(what) => HubError::AlreadyExists(what),
+            StoreError::Conflict(what) => HubError::FailedPrecondition(what),
+            other => HubError::Store(other),
+        }
+    }
+}
+
+impl From<HubError> for Status {
+    fn from(e: HubError) -> Status {
+        let code = match &e {
+            HubError::InvalidArgument(_) | HubError::Name(_) | HubError::Manifest(_) => {
+                Code::InvalidArgument
+            }
+            HubError::NotFound(_) => Code::NotFound,
+            HubError::AlreadyExists(_) => Code::AlreadyExists,
+            HubError::FailedPrecondition(_) => Code::FailedPrecondition,
+            HubError::Unauthenticated => Code::Unauthenticated,
+            HubError::PermissionDenied => Code::PermissionDenied,
+            HubError::ResourceExhausted(_) => Code::ResourceExhausted,
+            HubError::Store(_) => Code::Internal,
+        };
+        if code == Code::Internal {
+            tracing::error!(error = %ErrorChain(&e), "request failed");
+            return Status::internal("internal error; see the hub log");
+        }
+        Status::new(code, e.to_string())
+    }
+}
+
+/// Displays an error with its whole `source()` chain, for logs.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

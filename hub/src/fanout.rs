@@ -1,0 +1,308 @@
+//! Fan-out of committed revisions to connected agents.
+//!
+//! Each agent session owns a [`Mailbox`] holding, per unit, the latest
+//! revision not yet written to its stream. A commit replaces the pending
+//! entry (coalescing), so memory is O(units) per agent, nothing is ever
+//! dropped (a superseded revision is simply never sent), and a slow agent
+//! only ever waits on its own stream. Order is per unit: a mailbox never
+//! sends a revision older than one it already sent.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Instant;
+
+use tokio::sync::Notify;
+use tokio_util::sync::CancellationToken;
+
+use crate::model::{ClusterName, Digest, EnvName, RevisionNum, UnitName, UnixMillis};
+
+/// One revision (or tombstone) on its way to agents; shared by all of them.
+#[derive(Debug)]
+pub struct Delivery {
+    pub env: EnvName,
+    pub unit: UnitName,
+    /// 0 for a tombstone of a unit the hub does not know (never assigned).
+    pub revision: RevisionNum,
+    pub digest: Option<Digest>,
+    pub tombstone: bool,
+    pub manifests: Arc<str>,
+    /// Wall-clock commit time, as precise as the clock allows.
+    pub committed_at: std::time::SystemTime,
+    /// When this hub committed it (or loaded it for a resync).
+    pub committed: Instant,
+}
+
+/// What [`Mailbox::offer`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Offer {
+    Queued,
+    /// Replaced an older pending revision of the same unit.
+    Coalesced,
+    /// Not newer than what is pending or was sent: ignored.
+    Stale,
+}
+
+#[derive(Default)]
+struct MailboxState {
+    pending: BTreeMap<UnitName, Arc<Delivery>>,
+    /// Last revision written to the stream per unit, with its commit time.
+    sent: HashMap<UnitName, (RevisionNum, Instant)>,
+    /// Units of the cluster's environment this session knows about.
+    assigned: HashSet<UnitName>,
+}
+
+/// The per-session queue of latest revisions.
+#[derive(Default)]
+pub struct Mailbox {
+    state: Mutex<MailboxState>,
+    notify: Notify,
+}
+
+impl Mailbox {
+    fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
+        // A panic while holding this lock leaves consistent data behind.
+        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues a delivery unless something at least as new is pending or sent.
+    pub fn offer(&self, d: Arc<Delivery>) -> Offer {
+        let mut s = self.lock();
+        if !d.tombstone || d.revision.0 > 0 {
+            s.assigned.insert(d.unit.clone());
+        }
+        if let Some((sent, _)) = s.sent.get(&d.unit) {
+            if *sent >= d.revision && d.revision.0 > 0 {
+                return Offer::Stale;
+            }
+        }
+        let outcome = match s.pending.get(&d.unit) {
+            Some(p) if p.revision >= d.revision => return Offer::Stale,
+            Some(_) => Offer::Coalesced,
+            None => Offer::Queued,
+        };
+        s.pending.insert(d.unit.clone(), d);
+        drop(s);
+        self.notify.notify_one();
+        outcome
+    }
+
+    /// Marks a unit as belonging to this session's cluster without sending.
+    pub fn assign(&self, unit: UnitName) {
+        self.lock().assigned.insert(unit);
+    }
+
+    pub fn is_assigned(&self, unit: &UnitName) -> bool {
+        self.lock().assigned.contains(unit)
+    }
+
+    /// Waits until something is pending and takes it all, in unit order.
+    pub async fn next_batch(&self) -> Vec<Arc<Delivery>> {
+        loop {
+            {
+                let mut s = self.lock();
+                if !s.pending.is_empty() {
+                    return std::mem::take(&mut s.pending).into_values().collect();
+                }
+            }
+            self.notify.notified().await;
+        }
+    }
+
+    /// True when a newer revision of the same unit is already pending.
+    pub fn superseded(&self, d: &Delivery) -> bool {
+        self.lock()
+            .pending
+            .get(&d.unit)
+            .is_some_and(|p| p.revision > d.revision)
+    }
+
+    /// Records that `d` was written to the stream.
+    pub fn mark_sent(&self, d: &Delivery) {
+        self.lock()
+            .sent
+            .insert(d.unit.clone(), (d.revision, d.committed));
+    }
+
+    /// Matches an ack against what was sent; returns the commit instant of
+    /// the acknowledged revision, or `None` if it was never sent here.
+    pub fn ack(&self, unit: &UnitName, revision: RevisionNum) -> Option<Instant> {
+        let s = self.lock();
+        match s.sent.get(unit) {
+            Some((sent, at)) if *sent == revision => Some(*at),
+            // An ack for an older revision we did send is late, not wrong.
+            Some((sent, _)) if *sent > revision && revision.0 > 0 => None,
+            _ => None,
+        }
+    }
+
+    pub fn pending_len(&self) -> usize {
+        self.lock().pending.len()
+    }
+}
+
+/// One connected agent session.
+pub struct AgentConn {
+    pub cluster: ClusterName,
+    pub env: EnvName,
+    pub session: u64,
+    pub agent_version: String,
+    pub connected_at: UnixMillis,
+    pub mailbox: Mailbox,
+    /// Cancelled to end the session (revocation, replacement, shutdown).
+    pub kick: CancellationToken,
+}
+
+/// Registry of connected sessions by environment and cluster.
+#[derive(Default)]
+pub struct Fanout {
+    agents: RwLock<HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>>,
+}
+
+/// What [`Fanout::publish`] did, for metrics.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct PublishStats {
+    pub sessions: usize,
+    pub coalesced: usize,
+}
+
+impl Fanout {
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>> {
+        self.agents.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>> {
+        self.agents.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Registers a session; a previous session of the same cluster is
+    /// kicked (the newest connection wins).
+    pub fn register(&self, conn: Arc<AgentConn>) {
+        let old = self
+            .write()
+            .entry(conn.env.clone())
+            .or_default()
+            .insert(conn.cluster.clone(), conn);
+        if let Some(old) = old {
+            old.kick.cancel();
+        }
+    }
+
+    /// Removes a session if it is still the registered one.
+    pub fn unregister(&self, conn: &AgentConn) {
+        let mut all = self.write();
+        if let Some(env) = all.get_mut(&conn.env) {
+            if env.get(&conn.cluster).is_some_and(|c| c.session == conn.session) {
+                env.remove(&conn.cluster);
+            }
+        }
+    }
+
+    /// Offers a delivery to every session of its environment.
+    pub fn publish(&self, d: &Arc<Delivery>) -> PublishStats {
+        let mut stats = PublishStats::default();
+        if let Some(env) = self.read().get(&d.env) {
+            for conn in env.values() {
+                stats.sessions += 1;
+                if conn.mailbox.offer(d.clone()) == Offer::Coalesced {
+                    stats.coalesced += 1;
+                }
+            }
+        }
+        stats
+    }
+
+    /// Ends a cluster's live session, if any.
+    pub fn disconnect(&self, cluster: &ClusterName) -> bool {
+        let all = self.read();
+        let mut found = false;
+        for env in all.values() {
+            if let Some(c) = env.get(cluster) {
+                c.kick.cancel();
+                found = true;
+            }
+        }
+        found
+    }
+
+    pub fn session(&self, cluster: &ClusterName) -> Option<Arc<AgentConn>> {
+        self.read().values().find_map(|env| env.get(cluster).cloned())
+    }
+
+    pub fn count(&self) -> usize {
+        self.read().values().map(HashMap::len).sum()
+    }
+
+    /// Ends every session (hub shutdown).
+    pub fn disconnect_all(&self) {
+        for env in self.read().values() {
+            for c in env.values() {
+                c.kick.cancel();
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(unit: &str, rev: u64) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            env: "dev".parse().unwrap(),
+            unit: unit.parse().unwrap(),
+            revision: RevisionNum(rev),
+            digest: Some(Digest::of(format!("{unit}{rev}").as_bytes())),
+            tombstone: false,
+            manifests: Arc::from(""),
+            committed_at: std::time::SystemTime::now(),
+            committed: Instant::now(),
+        })
+    }
+
+    #[tokio::test]
+    async fn coalesces_to_latest_per_unit_and_never_goes_back() {
+        let m = Mailbox::default();
+        assert_eq!(m.offer(d("a", 1)), Offer::Queued);
+        assert_eq!(m.offer(d("a", 2)), Offer::Coalesced);
+        assert_eq!(m.offer(d("a", 1)), Offer::Stale);
+        assert_eq!(m.offer(d("b", 5)), Offer::Queued);
+        assert_eq!(m.pending_len(), 2);
+        let batch = m.next_batch().await;
+        let got: Vec<(String, u64)> = batch.iter().map(|x| (x.unit.to_string(), x.revision.0)).collect();
+        assert_eq!(got, [("a".into(), 2), ("b".into(), 5)]);
+        for x in &batch {
+            m.mark_sent(x);
+        }
+        // Already sent: a resync offering the same revision again is stale.
+        assert_eq!(m.offer(d("a", 2)), Offer::Stale);
+        assert_eq!(m.offer(d("a", 3)), Offer::Queued);
+    }
+
+    #[test]
+    fn acks_match_only_what_was_sent() {
+        let m = Mailbox::default();
+        let x = d("a", 3);
+        m.offer(x.clone());
+        assert!(m.ack(&x.unit, RevisionNum(3)).is_none(), "pending is not sent");
+        m.mark_sent(&x);
+        assert!(m.ack(&x.unit, RevisionNum(3)).is_some());
+        assert!(m.ack(&x.unit, RevisionNum(4)).is_none());
+        assert!(m.ack(&"zz".parse().unwrap(), RevisionNum(1)).is_none());
+    }
+
+    #[tokio::test]
+    async fn next_batch_wakes_on_offer() {
+        let m = Arc::new(Mailbox::default());
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { m.next_batch().await.len() }
+        });
+        tokio::task::yield_now().await;
+        m.offer(d("a", 1));
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, 1);
+    }
+}

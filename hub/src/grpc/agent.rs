@@ -1,0 +1,338 @@
+//! `AgentService.Session`: the long-lived stream of one agent.
+//!
+//! 1. Authenticate (the cluster comes from the credential), read `Hello`,
+//!    refuse an unsupported protocol version.
+//! 2. Register the session's mailbox *before* reading the desired state, so
+//!    a commit racing the resync is not missed (the mailbox keeps the newer).
+//! 3. Resync: offer what differs from the agent's version vector.
+//! 4. A sender task drains the mailbox into the stream and sends
+//!    heartbeats; the receive loop records acks and statuses in memory
+//!    (flushed by the feedback writer) and never waits on the database.
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use unitsync_proto::v1 as pb;
+use unitsync_proto::v1::agent_message::Msg as AgentMsg;
+use unitsync_proto::v1::hub_message::Msg as HubMsg;
+use unitsync_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
+
+use super::convert;
+use crate::auth::{Principal, authenticate};
+use crate::control::Hub;
+use crate::error::HubError;
+use crate::fanout::{AgentConn, Delivery, Mailbox};
+use crate::model::{Cluster, Digest, RevisionNum, StatusReport, UnitName, UnitRef, UnixMillis};
+
+/// How long a new stream may take to send `Hello`.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
+/// Outgoing messages buffered per session before the sender waits.
+const OUTBOUND_BUFFER: usize = 16;
+
+pub struct AgentService {
+    hub: Arc<Hub>,
+}
+
+impl AgentService {
+    pub fn new(hub: Arc<Hub>) -> Self {
+        Self { hub }
+    }
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for AgentService {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        request: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let hub = &self.hub;
+        let refused = |e: HubError| {
+            hub.metrics.sessions_refused.inc();
+            Status::from(e)
+        };
+        let cluster = match authenticate(hub.store.as_ref(), request.metadata()).await {
+            Ok(Principal::Agent(c)) => c,
+            Ok(Principal::Operator { .. }) => return Err(refused(HubError::PermissionDenied)),
+            Err(e) => return Err(refused(e)),
+        };
+        if hub.fanout.count() >= hub.tuning.max_sessions {
+            return Err(refused(HubError::ResourceExhausted(
+                "hub is at its session limit; retry later".into(),
+            )));
+        }
+        let mut inbound = request.into_inner();
+        let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
+            Ok(Ok(Some(pb::AgentMessage { msg: Some(AgentMsg::Hello(h)) }))) => h,
+            Ok(Ok(_)) => {
+                return Err(refused(HubError::InvalidArgument(
+                    "the first message of a session must be Hello".into(),
+                )));
+            }
+            Ok(Err(status)) => return Err(status),
+            Err(_) => return Err(refused(HubError::InvalidArgument("no Hello within 30 s".into()))),
+        };
+        if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol_version) {
+            return Err(refused(HubError::FailedPrecondition(format!(
+                "unsupported protocol version {}: this hub speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the {}",
+                hello.protocol_version,
+                if hello.protocol_version > PROTOCOL_VERSION { "hub" } else { "agent" }
+            ))));
+        }
+
+        let conn = Arc::new(AgentConn {
+            cluster: cluster.name.clone(),
+            env: cluster.environment.clone(),
+            session: hub.next_session_id(),
+            agent_version: hello.agent_version.clone(),
+            connected_at: UnixMillis::now(),
+            mailbox: Mailbox::default(),
+            kick: CancellationToken::new(),
+        });
+        hub.fanout.register(conn.clone());
+        let resync = match resync(hub, &cluster, &conn.mailbox, &hello.units).await {
+            Ok(n) => n,
+            Err(e) => {
+                hub.fanout.unregister(&conn);
+                return Err(e.into());
+            }
+        };
+        hub.metrics.connected_agents.inc();
+        tracing::info!(
+            cluster = %cluster.name,
+            env = %cluster.environment,
+            agent_version = %hello.agent_version,
+            held = hello.units.len(),
+            resync,
+            "agent session opened"
+        );
+
+        let (tx, rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let welcome = pb::HubMessage {
+            msg: Some(HubMsg::Welcome(pb::Welcome {
+                protocol_version: PROTOCOL_VERSION,
+                cluster: cluster.name.to_string(),
+                environment: cluster.environment.to_string(),
+                heartbeat_interval_seconds: u32::try_from(hub.tuning.heartbeat.as_secs()).unwrap_or(30).max(1),
+                resync_updates: u32::try_from(resync).unwrap_or(u32::MAX),
+            })),
+        };
+        // The channel is fresh; this cannot block or fail.
+        let _ = tx.try_send(Ok(welcome));
+        tokio::spawn(send_loop(hub.clone(), conn.clone(), tx.clone()));
+        tokio::spawn(receive_loop(hub.clone(), conn, cluster, inbound, tx));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// Offers every unit whose desired state differs from the agent's vector;
+/// returns how many were offered.
+async fn resync(
+    hub: &Hub,
+    cluster: &Cluster,
+    mailbox: &Mailbox,
+    held: &[pb::HeldUnit],
+) -> Result<usize, HubError> {
+    let mut vector: HashMap<&str, (RevisionNum, Option<Digest>)> = held
+        .iter()
+        .map(|h| (h.unit.as_str(), (RevisionNum(h.revision), Digest::from_hex(&h.digest))))
+        .collect();
+    let heads = hub.store.heads(&cluster.environment).await?;
+    let mut offered = 0;
+    for head in &heads {
+        mailbox.assign(head.unit.clone());
+        let in_sync = match vector.remove(head.unit.as_str()) {
+            None => head.tombstone,
+            Some((rev, digest)) => rev == head.number && digest == Some(head.digest),
+        };
+        if !in_sync {
+            let d = hub.head_delivery(&cluster.environment, head).await?;
+            mailbox.offer(d);
+            offered += 1;
+        }
+    }
+    // Units the agent holds that do not exist in its environment at all.
+    for name in vector.keys() {
+        let Ok(unit) = name.parse::<UnitName>() else {
+            continue;
+        };
+        mailbox.offer(Arc::new(Delivery {
+            env: cluster.environment.clone(),
+            unit,
+            revision: RevisionNum(0),
+            digest: None,
+            tombstone: true,
+            manifests: Arc::from(""),
+            committed_at: std::time::SystemTime::now(),
+            committed: std::time::Instant::now(),
+        }));
+        offered += 1;
+    }
+    Ok(offered)
+}
+
+fn heartbeat() -> pb::HubMessage {
+    pb::HubMessage {
+        msg: Some(HubMsg::Heartbeat(pb::Heartbeat {
+            sent_at: Some(std::time::SystemTime::now().into()),
+        })),
+    }
+}
+
+/// Drains the mailbox into the stream; sends heartbeats while idle.
+async fn send_loop(hub: Arc<Hub>, conn: Arc<AgentConn>, tx: mpsc::Sender<Result<pb::HubMessage, Status>>) {
+    let mut ticker = tokio::time::interval(hub.tuning.heartbeat);
+    ticker.tick().await;
+    loop {
+        tokio::select! {
+            () = conn.kick.cancelled() => {
+                // Best effort: tell the agent why (revoked or replaced).
+                let _ = tx.try_send(Err(Status::unavailable("session ended by the hub; reconnect")));
+                break;
+            }
+            _ = ticker.tick() => {
+                if tx.send(Ok(heartbeat())).await.is_err() {
+                    break;
+                }
+            }
+            batch = conn.mailbox.next_batch() => {
+                for d in batch {
+                    if conn.mailbox.superseded(&d) {
+                        hub.metrics.coalesced_updates.inc();
+                        continue;
+                    }
+                    let msg = pb::HubMessage { msg: Some(HubMsg::Update(convert::update(&d))) };
+                    let sent = tokio::select! {
+                        r = tx.send(Ok(msg)) => r.is_ok(),
+                        () = conn.kick.cancelled() => false,
+                    };
+                    if !sent {
+                        conn.kick.cancel();
+                        break;
+                    }
+                    conn.mailbox.mark_sent(&d);
+                    hub.metrics.updates_sent.inc();
+                }
+            }
+        }
+    }
+}
+
+fn notice(message: String) -> pb::HubMessage {
+    pb::HubMessage {
+        msg: Some(HubMsg::Notice(pb::SessionNotice { message })),
+    }
+}
+
+/// Reads acks, statuses and heartbeats until the stream ends, goes silent
+/// for three heartbeat intervals, or the session is kicked.
+async fn receive_loop(
+    hub: Arc<Hub>,
+    conn: Arc<AgentConn>,
+    cluster: Cluster,
+    mut inbound: Streaming<pb::AgentMessage>,
+    tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
+) {
+    let silence = hub.tuning.heartbeat * 3;
+    let end = loop {
+        let next = tokio::select! {
+            () = conn.kick.cancelled() => break "ended by the hub",
+            r = tokio::time::timeout(silence, inbound.message()) => r,
+        };
+        let msg = match next {
+            Err(_) => break "no heartbeat from the agent",
+            Ok(Err(_)) => break "stream error",
+            Ok(Ok(None)) => break "closed by the agent",
+            Ok(Ok(Some(pb::AgentMessage { msg: Some(m) }))) => m,
+            // An empty or unknown message kind from a newer agent: ignore.
+            Ok(Ok(Some(_))) => continue,
+        };
+        match msg {
+            AgentMsg::Ack(a) => on_ack(&hub, &conn, &cluster, &tx, a),
+            AgentMsg::Status(s) => on_status(&hub, &conn, &cluster, &tx, s),
+            AgentMsg::Heartbeat(_) => {}
+            AgentMsg::Hello(_) => {
+                let _ = tx.try_send(Ok(notice("Hello is only valid as the first message".into())));
+            }
+        }
+    };
+    conn.kick.cancel();
+    hub.fanout.unregister(&conn);
+    hub.metrics.connected_agents.dec();
+    tracing::info!(cluster = %cluster.name, reason = end, "agent session closed");
+}
+
+/// "Not yours" and "does not exist" must read the same.
+fn unknown_unit(unit: &str) -> String {
+    format!("unit {unit:?} not found")
+}
+
+fn on_ack(
+    hub: &Hub,
+    conn: &AgentConn,
+    cluster: &Cluster,
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+    a: pb::Ack,
+) {
+    let known = a.unit.parse::<UnitName>().ok().and_then(|name| {
+        let at = conn.mailbox.ack(&name, RevisionNum(a.revision))?;
+        Some((name, at))
+    });
+    let Some((name, committed)) = known else {
+        if !a.unit.parse::<UnitName>().is_ok_and(|n| conn.mailbox.is_assigned(&n)) {
+            let _ = tx.try_send(Ok(notice(unknown_unit(&a.unit))));
+        }
+        return;
+    };
+    hub.metrics.deliveries.inc();
+    hub.metrics
+        .delivery_latency
+        .observe(committed.elapsed().as_secs_f64());
+    if a.revision > 0 {
+        hub.feedback.ack(
+            cluster.name.clone(),
+            UnitRef {
+                env: cluster.environment.clone(),
+                name,
+            },
+            RevisionNum(a.revision),
+        );
+    }
+}
+
+fn on_status(
+    hub: &Hub,
+    conn: &AgentConn,
+    cluster: &Cluster,
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+    s: pb::StatusReport,
+) {
+    hub.metrics.status_reports.inc();
+    let Some(name) = s.unit.parse::<UnitName>().ok().filter(|n| conn.mailbox.is_assigned(n)) else {
+        let _ = tx.try_send(Ok(notice(unknown_unit(&s.unit))));
+        return;
+    };
+    let report = StatusReport {
+        cluster: cluster.name.clone(),
+        unit: UnitRef {
+            env: cluster.environment.clone(),
+            name,
+        },
+        revision: RevisionNum(s.revision),
+        phase: convert::phase_from_pb(s.phase),
+        message: s.message,
+        resources: s.resources.into_iter().map(convert::resource_from_pb).collect(),
+        observed_at: convert::millis(s.observed_at.as_ref()),
+    };
+    hub.feedback.status(report);
+}

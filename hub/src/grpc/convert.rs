@@ -1,0 +1,217 @@
+//! Conversions between prost messages and domain types. Prost types stop here.
+
+use std::time::{Duration, UNIX_EPOCH};
+
+use unitsync_proto::v1 as pb;
+
+use crate::error::{HubError, Result};
+use crate::fanout::{AgentConn, Delivery};
+use crate::model::{
+    AuditEntry, Cluster, Environment, Phase, ResourceState, Revision, StatusCell, Unit,
+    UnitStatus, UnixMillis,
+};
+
+pub fn timestamp(t: UnixMillis) -> Option<prost_types::Timestamp> {
+    let t = UNIX_EPOCH + Duration::from_millis(u64::try_from(t.0).unwrap_or(0));
+    Some(t.into())
+}
+
+pub fn millis(t: Option<&prost_types::Timestamp>) -> UnixMillis {
+    t.map_or(UnixMillis::now(), |t| UnixMillis(t.seconds * 1000 + i64::from(t.nanos / 1_000_000)))
+}
+
+pub fn parse<T: std::str::FromStr<Err = crate::model::NameError>>(s: &str) -> Result<T> {
+    s.parse().map_err(HubError::from)
+}
+
+pub fn phase_to_pb(p: Phase) -> pb::Phase {
+    match p {
+        Phase::Unknown => pb::Phase::Unspecified,
+        Phase::Applying => pb::Phase::Applying,
+        Phase::Applied => pb::Phase::Applied,
+        Phase::Progressing => pb::Phase::Progressing,
+        Phase::Ready => pb::Phase::Ready,
+        Phase::Degraded => pb::Phase::Degraded,
+        Phase::Failed => pb::Phase::Failed,
+        Phase::Drifted => pb::Phase::Drifted,
+        Phase::Destroyed => pb::Phase::Destroyed,
+        Phase::Superseded => pb::Phase::Superseded,
+    }
+}
+
+/// Unknown enum values (from a newer agent) read as `Unknown`.
+pub fn phase_from_pb(v: i32) -> Phase {
+    match pb::Phase::try_from(v).unwrap_or(pb::Phase::Unspecified) {
+        pb::Phase::Unspecified => Phase::Unknown,
+        pb::Phase::Applying => Phase::Applying,
+        pb::Phase::Applied => Phase::Applied,
+        pb::Phase::Progressing => Phase::Progressing,
+        pb::Phase::Ready => Phase::Ready,
+        pb::Phase::Degraded => Phase::Degraded,
+        pb::Phase::Failed => Phase::Failed,
+        pb::Phase::Drifted => Phase::Drifted,
+        pb::Phase::Destroyed => Phase::Destroyed,
+        pb::Phase::Superseded => Phase::Superseded,
+    }
+}
+
+fn sync_name(v: i32) -> &'static str {
+    match pb::SyncState::try_from(v).unwrap_or(pb::SyncState::Unspecified) {
+        pb::SyncState::Unspecified => "Unknown",
+        pb::SyncState::Synced => "Synced",
+        pb::SyncState::OutOfSync => "OutOfSync",
+        pb::SyncState::Failed => "Failed",
+        pb::SyncState::Pruned => "Pruned",
+    }
+}
+
+fn sync_value(s: &str) -> i32 {
+    match s {
+        "Synced" => pb::SyncState::Synced,
+        "OutOfSync" => pb::SyncState::OutOfSync,
+        "Failed" => pb::SyncState::Failed,
+        "Pruned" => pb::SyncState::Pruned,
+        _ => pb::SyncState::Unspecified,
+    }
+    .into()
+}
+
+fn health_name(v: i32) -> &'static str {
+    match pb::Health::try_from(v).unwrap_or(pb::Health::Unspecified) {
+        pb::Health::Unspecified => "Unknown",
+        pb::Health::Ready => "Ready",
+        pb::Health::InProgress => "InProgress",
+        pb::Health::Failed => "Failed",
+        pb::Health::Stuck => "Stuck",
+        pb::Health::Terminating => "Terminating",
+    }
+}
+
+fn health_value(s: &str) -> i32 {
+    match s {
+        "Ready" => pb::Health::Ready,
+        "InProgress" => pb::Health::InProgress,
+        "Failed" => pb::Health::Failed,
+        "Stuck" => pb::Health::Stuck,
+        "Terminating" => pb::Health::Terminating,
+        _ => pb::Health::Unspecified,
+    }
+    .into()
+}
+
+pub fn resource_from_pb(r: pb::ResourceStatus) -> ResourceState {
+    ResourceState {
+        sync: sync_name(r.sync).into(),
+        health: health_name(r.health).into(),
+        api_version: r.api_version,
+        kind: r.kind,
+        namespace: r.namespace,
+        name: r.name,
+        message: r.message,
+        drifted_fields: r.drifted_fields,
+    }
+}
+
+pub fn resource_to_pb(r: &ResourceState) -> pb::ResourceStatus {
+    pb::ResourceStatus {
+        api_version: r.api_version.clone(),
+        kind: r.kind.clone(),
+        namespace: r.namespace.clone(),
+        name: r.name.clone(),
+        sync: sync_value(&r.sync),
+        health: health_value(&r.health),
+        message: r.message.clone(),
+        drifted_fields: r.drifted_fields.clone(),
+    }
+}
+
+pub fn environment(e: &Environment) -> pb::Environment {
+    pb::Environment {
+        name: e.name.to_string(),
+        position: e.position,
+        created_at: timestamp(e.created_at),
+    }
+}
+
+pub fn cluster(c: &Cluster, session: Option<&AgentConn>) -> pb::Cluster {
+    pb::Cluster {
+        name: c.name.to_string(),
+        environment: c.environment.to_string(),
+        labels: c.labels.clone().into_iter().collect(),
+        created_at: timestamp(c.created_at),
+        connected: session.is_some(),
+        last_seen: session.and_then(|s| timestamp(s.connected_at)),
+        agent_version: session.map(|s| s.agent_version.clone()).unwrap_or_default(),
+    }
+}
+
+pub fn unit(u: &Unit) -> pb::Unit {
+    pb::Unit {
+        unit: u.unit.to_string(),
+        labels: u.labels.clone().into_iter().collect(),
+        head_revision: u.head.0,
+        destroyed: u.destroyed,
+        created_at: timestamp(u.created_at),
+        updated_at: timestamp(u.updated_at),
+    }
+}
+
+pub fn revision(r: &Revision) -> pb::Revision {
+    pb::Revision {
+        unit: r.unit.to_string(),
+        number: r.number.0,
+        digest: r.digest.to_hex(),
+        tombstone: r.tombstone,
+        manifests: r.manifests.to_string(),
+        author: r.author.clone(),
+        message: r.message.clone(),
+        origin: r.origin.clone(),
+        created_at: timestamp(r.created_at),
+        documents: r.documents,
+    }
+}
+
+pub fn status_cell(c: &StatusCell, connected: bool) -> pb::ClusterUnitStatus {
+    let UnitStatus {
+        acked,
+        revision,
+        phase,
+        message,
+        resources,
+        updated_at,
+    } = &c.status;
+    pb::ClusterUnitStatus {
+        cluster: c.cluster.to_string(),
+        unit: c.unit.to_string(),
+        acked_revision: acked.0,
+        revision: revision.0,
+        phase: phase_to_pb(*phase).into(),
+        message: message.clone(),
+        resources: resources.iter().map(resource_to_pb).collect(),
+        updated_at: timestamp(*updated_at),
+        connected,
+    }
+}
+
+pub fn audit(a: &AuditEntry) -> pb::AuditEntry {
+    pb::AuditEntry {
+        id: a.id,
+        time: timestamp(a.time),
+        actor: a.actor.clone(),
+        action: a.action.clone(),
+        target: a.target.clone(),
+        detail: a.detail.clone(),
+    }
+}
+
+pub fn update(d: &Delivery) -> pb::UnitUpdate {
+    pb::UnitUpdate {
+        unit: d.unit.to_string(),
+        revision: d.revision.0,
+        digest: d.digest.map(|x| x.to_hex()).unwrap_or_default(),
+        tombstone: d.tombstone,
+        manifests: if d.tombstone { String::new() } else { d.manifests.to_string() },
+        environment: d.env.to_string(),
+        committed_at: Some(d.committed_at.into()),
+    }
+}

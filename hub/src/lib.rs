@@ -1,0 +1,23 @@
+//! unitsync hub: the authoritative store of units and revisions, the agent
+//! stream, and the operator CLI (`unitsync`).
+//!
+//! Entry points: [`server::start`] runs a hub; [`cli`] is the operator CLI.
+//! See ARCHITECTURE.md for the code map and invariants.
+
+pub mod auth;
+pub mod cli;
+pub mod config;
+pub mod control;
+pub mod error;
+pub mod fanout;
+pub mod feedback;
+pub mod grpc;
+pub mod http;
+pub mod manifest;
+pub mod metrics;
+pub mod model;
+pub mod server;
+pub mod store;
+
+pub use config::Config;
+pub use server::{RunningHub, start};

@@ -1,0 +1,432 @@
+//! Manifest validation at the hub: a unit's multi-document YAML is checked
+//! against hard caps and the Kubernetes object shape before anything is
+//! stored. Every rejection names the unit, the document and the field.
+
+use std::collections::HashMap;
+use std::fmt;
+
+use serde_json::Value;
+
+use crate::model::{Digest, UnitRef, check_dns1123_label, check_dns1123_subdomain};
+
+/// Hard caps on one unit's manifests. Tuning knobs with neutral defaults.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Limits {
+    pub max_bytes: usize,
+    pub max_documents: usize,
+    pub max_depth: usize,
+    /// Alias (`*ref`) uses allowed in one document.
+    pub max_aliases: usize,
+    /// Parser events allowed in one document; bounds alias expansion.
+    pub max_nodes: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_bytes: 4 * 1024 * 1024,
+            max_documents: 1_000,
+            max_depth: 64,
+            max_aliases: 1_000,
+            max_nodes: 250_000,
+        }
+    }
+}
+
+/// A rejected unit: where and why.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub struct ManifestError {
+    pub unit: String,
+    /// 1-based document index within the stream.
+    pub document: Option<usize>,
+    /// 1-based line of the document's first line in the stream.
+    pub line: Option<usize>,
+    /// Field path within the document, e.g. `metadata.name`.
+    pub field: Option<String>,
+    pub problem: String,
+}
+
+impl fmt::Display for ManifestError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "unit {}", self.unit)?;
+        if let Some(d) = self.document {
+            write!(f, ", document {d}")?;
+            if let Some(l) = self.line {
+                write!(f, " (line {l})")?;
+            }
+        }
+        if let Some(field) = &self.field {
+            write!(f, ", field {field}")?;
+        }
+        write!(f, ": {}", self.problem)
+    }
+}
+
+/// A valid unit's manifests, with what the hub records about them.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Validated {
+    pub digest: Digest,
+    pub objects: Vec<ObjectId>,
+}
+
+/// The identity of one object in a unit.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct ObjectId {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: Option<String>,
+    pub name: String,
+}
+
+impl ObjectId {
+    /// API group (empty for the core group).
+    pub fn group(&self) -> &str {
+        self.api_version
+            .rsplit_once('/')
+            .map_or("", |(group, _)| group)
+    }
+}
+
+impl fmt::Display for ObjectId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} {}", self.kind, self.name)?;
+        if let Some(ns) = &self.namespace {
+            write!(f, " in namespace {ns}")?;
+        }
+        Ok(())
+    }
+}
+
+/// One document of the stream, as split at `---` markers.
+struct RawDocument<'a> {
+    index: usize,
+    line: usize,
+    text: &'a str,
+}
+
+/// Splits a YAML stream at document markers (`---` or `...` at column 0).
+/// Documents holding only comments or blank lines are skipped but counted
+/// for the index, so indexes match what an editor shows.
+fn split_documents(text: &str) -> Vec<RawDocument<'_>> {
+    // (start offset, first line) of every document in the stream.
+    let mut bounds = vec![(0usize, 1usize)];
+    let mut ends = Vec::new();
+    let mut offset = 0usize;
+    for (n, line) in text.split_inclusive('\n').enumerate() {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let marker = ["---", "..."].iter().any(|m| {
+            bare.strip_prefix(m)
+                .is_some_and(|rest| rest.is_empty() || rest.starts_with([' ', '\t']))
+        });
+        if marker {
+            ends.push(offset);
+            // Content after `--- ` on the same line belongs to the next document.
+            bounds.push((offset + 3, n + 1));
+        }
+        offset += line.len();
+    }
+    ends.push(text.len());
+    let mut docs = Vec::new();
+    let mut index = 0usize;
+    for (i, ((start, line), end)) in bounds.into_iter().zip(ends).enumerate() {
+        let body = &text[start.min(end)..end];
+        let has_content = body.lines().any(|l| {
+            let t = l.trim();
+            !t.is_empty() && !t.starts_with('#') && !t.starts_with('%')
+        });
+        // The empty stretch before a leading `---` is not a document.
+        if i == 0 && !has_content {
+            continue;
+        }
+        index += 1;
+        if has_content {
+            docs.push(RawDocument {
+                index,
+                line,
+                text: body,
+            });
+        }
+    }
+    docs
+}
+
+/// Validates a unit's manifests. `Ok` means the text may be stored as is.
+pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated, ManifestError> {
+    let err = |document: Option<(usize, usize)>, field: Option<&str>, problem: String| {
+        ManifestError {
+            unit: unit.to_string(),
+            document: document.map(|d| d.0),
+            line: document.map(|d| d.1),
+            field: field.map(str::to_owned),
+            problem,
+        }
+    };
+    if text.len() > limits.max_bytes {
+        return Err(err(
+            None,
+            None,
+            format!(
+                "manifests are {} bytes, over the limit of {} bytes",
+                text.len(),
+                limits.max_bytes
+            ),
+        ));
+    }
+    let docs = split_documents(text);
+    if docs.is_empty() {
+        return Err(err(None, None, "no documents: a unit needs at least one object (use destroy to remove a unit)".into()));
+    }
+    if docs.len() > limits.max_documents {
+        return Err(err(
+            None,
+            None,
+            format!(
+                "{} documents, over the limit of {}",
+                docs.len(),
+                limits.max_documents
+            ),
+        ));
+    }
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_depth = limits.max_depth;
+    budget.max_aliases = limits.max_aliases;
+    budget.max_nodes = limits.max_nodes;
+    budget.max_events = limits.max_nodes.saturating_mul(2);
+    budget.max_documents = 1;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    let mut seen: HashMap<(String, String, Option<String>, String), usize> = HashMap::new();
+    let mut objects = Vec::with_capacity(docs.len());
+    for doc in &docs {
+        let at = Some((doc.index, doc.line));
+        let value: Value = serde_saphyr::from_str_with_options(doc.text, options.clone())
+            .map_err(|e| err(at, None, format!("not valid YAML: {}", one_line(&e.to_string()))))?;
+        let depth = depth_of(&value);
+        if depth > limits.max_depth {
+            return Err(err(
+                at,
+                None,
+                format!("nesting depth {depth} is over the limit of {}", limits.max_depth),
+            ));
+        }
+        let Value::Object(map) = &value else {
+            return Err(err(
+                at,
+                None,
+                format!("expected a Kubernetes object (a mapping), found {}", kind_of(&value)),
+            ));
+        };
+        let api_version = required_string(map.get("apiVersion"))
+            .map_err(|p| err(at, Some("apiVersion"), p))?;
+        let kind = required_string(map.get("kind")).map_err(|p| err(at, Some("kind"), p))?;
+        let Some(Value::Object(meta)) = map.get("metadata") else {
+            return Err(err(at, Some("metadata"), "required mapping is missing".into()));
+        };
+        let name = required_string(meta.get("name")).map_err(|p| err(at, Some("metadata.name"), p))?;
+        check_dns1123_subdomain(&name)
+            .map_err(|why| err(at, Some("metadata.name"), format!("invalid value {name:?}: {why}")))?;
+        let namespace = match meta.get("namespace") {
+            None | Some(Value::Null) => None,
+            Some(Value::String(ns)) => {
+                check_dns1123_label(ns).map_err(|why| {
+                    err(at, Some("metadata.namespace"), format!("invalid value {ns:?}: {why}"))
+                })?;
+                Some(ns.clone())
+            }
+            Some(other) => {
+                return Err(err(
+                    at,
+                    Some("metadata.namespace"),
+                    format!("expected a string, found {}", kind_of(other)),
+                ));
+            }
+        };
+        let id = ObjectId {
+            api_version,
+            kind,
+            namespace,
+            name,
+        };
+        let key = (
+            id.group().to_owned(),
+            id.kind.clone(),
+            id.namespace.clone(),
+            id.name.clone(),
+        );
+        if let Some(first) = seen.insert(key, doc.index) {
+            return Err(err(
+                at,
+                Some("metadata.name"),
+                format!("{id} is already defined by document {first}"),
+            ));
+        }
+        objects.push(id);
+    }
+    Ok(Validated {
+        digest: Digest::of(text.as_bytes()),
+        objects,
+    })
+}
+
+fn required_string(v: Option<&Value>) -> Result<String, String> {
+    match v {
+        None | Some(Value::Null) => Err("required value is missing".into()),
+        Some(Value::String(s)) if s.is_empty() => Err("required value is empty".into()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(other) => Err(format!("expected a string, found {}", kind_of(other))),
+    }
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "a sequence",
+        Value::Object(_) => "a mapping",
+    }
+}
+
+fn depth_of(v: &Value) -> usize {
+    // Iterative, so a deep value cannot overflow the stack.
+    let mut max = 0;
+    let mut stack = vec![(v, 1usize)];
+    while let Some((v, d)) = stack.pop() {
+        max = max.max(d);
+        match v {
+            Value::Array(items) => stack.extend(items.iter().map(|i| (i, d + 1))),
+            Value::Object(map) => stack.extend(map.values().map(|i| (i, d + 1))),
+            _ => {}
+        }
+    }
+    max
+}
+
+fn one_line(s: &str) -> String {
+    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn unit() -> UnitRef {
+        "dev/web".parse().unwrap()
+    }
+
+    fn check(text: &str) -> Result<Validated, ManifestError> {
+        validate(&unit(), text, &Limits::default())
+    }
+
+    const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: web\ndata:\n  k: v\n";
+
+    #[test]
+    fn accepts_multi_document_streams() {
+        let text = format!("---\n{CM}---\n# comment only\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: web\n");
+        let v = check(&text).unwrap();
+        assert_eq!(v.objects.len(), 2);
+        assert_eq!(v.objects[1].kind, "Namespace");
+        assert_eq!(v.digest, Digest::of(text.as_bytes()));
+    }
+
+    #[test]
+    fn names_document_and_field() {
+        let text = format!("{CM}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Bad_Name\n");
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.document, Some(2));
+        assert_eq!(e.line, Some(8));
+        assert_eq!(e.field.as_deref(), Some("metadata.name"));
+        let msg = e.to_string();
+        assert!(msg.starts_with("unit dev/web, document 2 (line 8), field metadata.name: invalid value \"Bad_Name\""), "{msg}");
+    }
+
+    #[test]
+    fn missing_fields() {
+        let cases = [
+            ("kind: ConfigMap\nmetadata:\n  name: a\n", "apiVersion"),
+            ("apiVersion: v1\nmetadata:\n  name: a\n", "kind"),
+            ("apiVersion: v1\nkind: ConfigMap\n", "metadata"),
+            ("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels: {}\n", "metadata.name"),
+            ("apiVersion: 1\nkind: ConfigMap\nmetadata:\n  name: a\n", "apiVersion"),
+            ("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: Not_Ok\n", "metadata.namespace"),
+        ];
+        for (text, field) in cases {
+            let e = check(text).unwrap_err();
+            assert_eq!(e.field.as_deref(), Some(field), "{text}: {e}");
+            assert_eq!(e.document, Some(1));
+        }
+    }
+
+    #[test]
+    fn rejects_non_objects_and_bad_yaml() {
+        let e = check("- a\n- b\n").unwrap_err();
+        assert!(e.problem.contains("found a sequence"), "{e}");
+        let e = check("apiVersion: v1\nkind: [unclosed\n").unwrap_err();
+        assert!(e.problem.starts_with("not valid YAML"), "{e}");
+        let e = check("# nothing\n").unwrap_err();
+        assert!(e.problem.starts_with("no documents"), "{e}");
+    }
+
+    #[test]
+    fn rejects_duplicates_by_group_kind_namespace_name() {
+        // Same object under another version of the same group is the same object.
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a, namespace: ns}\n---\napiVersion: apps/v1beta1\nkind: Deployment\nmetadata: {name: a, namespace: ns}\n";
+        let e = check(text).unwrap_err();
+        assert_eq!(e.document, Some(2));
+        assert!(e.problem.contains("already defined by document 1"), "{e}");
+        // Other namespace: fine.
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a, namespace: ns}\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: a, namespace: other}\n";
+        assert!(check(text).is_ok());
+    }
+
+    #[test]
+    fn caps() {
+        let limits = Limits {
+            max_bytes: 100,
+            ..Limits::default()
+        };
+        let big = format!("{CM}data:\n  x: \"{}\"\n", "y".repeat(200));
+        let e = validate(&unit(), &big, &limits).unwrap_err();
+        assert!(e.problem.contains("over the limit of 100 bytes"), "{e}");
+
+        let limits = Limits {
+            max_documents: 2,
+            ..Limits::default()
+        };
+        let three = [CM, CM, CM].join("---\n");
+        let e = validate(&unit(), &three, &limits).unwrap_err();
+        assert!(e.problem.contains("3 documents, over the limit of 2"), "{e}");
+
+        let mut deep = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: ");
+        deep.push_str(&"[".repeat(100));
+        deep.push_str(&"]".repeat(100));
+        deep.push('\n');
+        let e = check(&deep).unwrap_err();
+        assert_eq!(e.document, Some(1));
+        assert!(e.problem.contains("depth") || e.problem.contains("nest"), "{e}");
+    }
+
+    #[test]
+    fn alias_bomb_is_refused() {
+        let mut text = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\nx0: &a0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        for i in 1..10 {
+            let p = i - 1;
+            text.push_str(&format!(
+                "x{i}: &a{i} [*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p},*a{p}]\n"
+            ));
+        }
+        let e = check(&text).unwrap_err();
+        assert_eq!(e.document, Some(1));
+    }
+
+    #[test]
+    fn document_marker_rules() {
+        // `---` inside a block scalar at column > 0 is content, not a marker.
+        let text = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata:\n  f: |\n    ---\n    x\n";
+        assert_eq!(check(text).unwrap().objects.len(), 1);
+        // Content on the marker line.
+        let text = "--- {apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n--- {apiVersion: v1, kind: ConfigMap, metadata: {name: b}}\n";
+        assert_eq!(check(text).unwrap().objects.len(), 2);
+    }
+}

@@ -1,0 +1,504 @@
+//! Domain types of the hub: identifiers as validated newtypes, and the
+//! records the store keeps. Prost types never appear here.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+/// Why a name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("invalid {what} {value:?}: {why}")]
+pub struct NameError {
+    pub what: &'static str,
+    pub value: String,
+    pub why: &'static str,
+}
+
+/// Checks a DNS-1123 label: at most 63 lowercase alphanumerics or '-',
+/// starting and ending with an alphanumeric.
+pub fn check_dns1123_label(value: &str) -> Result<(), &'static str> {
+    if value.is_empty() {
+        return Err("must not be empty");
+    }
+    if value.len() > 63 {
+        return Err("must be no more than 63 characters");
+    }
+    let ok_chars = value
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-');
+    let b = value.as_bytes();
+    let ends_ok = b[0].is_ascii_alphanumeric() && b[b.len() - 1].is_ascii_alphanumeric();
+    if !ok_chars || !ends_ok {
+        return Err(
+            "must consist of lower case alphanumeric characters or '-', and must start and end with an alphanumeric character",
+        );
+    }
+    Ok(())
+}
+
+/// Checks a DNS-1123 subdomain: at most 253 characters, dot-separated labels.
+pub fn check_dns1123_subdomain(value: &str) -> Result<(), &'static str> {
+    const WHY: &str = "must be a lowercase RFC 1123 subdomain: lower case alphanumeric characters, '-' or '.', starting and ending with an alphanumeric character";
+    if value.is_empty() {
+        return Err("must not be empty");
+    }
+    if value.len() > 253 {
+        return Err("must be no more than 253 characters");
+    }
+    for part in value.split('.') {
+        let b = part.as_bytes();
+        if b.is_empty()
+            || !b[0].is_ascii_alphanumeric()
+            || !b[b.len() - 1].is_ascii_alphanumeric()
+            || !b
+                .iter()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || *c == b'-')
+        {
+            return Err(WHY);
+        }
+    }
+    Ok(())
+}
+
+macro_rules! label_newtype {
+    ($(#[$doc:meta])* $name:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+        #[serde(try_from = "String", into = "String")]
+        pub struct $name(Arc<str>);
+
+        impl $name {
+            pub fn as_str(&self) -> &str {
+                &self.0
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = NameError;
+            fn from_str(s: &str) -> Result<Self, NameError> {
+                check_dns1123_label(s).map_err(|why| NameError {
+                    what: $what,
+                    value: s.to_owned(),
+                    why,
+                })?;
+                Ok(Self(Arc::from(s)))
+            }
+        }
+
+        impl TryFrom<String> for $name {
+            type Error = NameError;
+            fn try_from(s: String) -> Result<Self, NameError> {
+                s.parse()
+            }
+        }
+
+        impl From<$name> for String {
+            fn from(n: $name) -> String {
+                n.0.to_string()
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(&self.0)
+            }
+        }
+    };
+}
+
+label_newtype!(
+    /// An environment name such as `dev` (DNS-1123 label).
+    EnvName,
+    "environment name"
+);
+label_newtype!(
+    /// A cluster (agent identity) name (DNS-1123 label).
+    ClusterName,
+    "cluster name"
+);
+label_newtype!(
+    /// A unit name, unique within its environment (DNS-1123 label).
+    UnitName,
+    "unit name"
+);
+
+/// A unit's address: `ENV/NAME`.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UnitRef {
+    pub env: EnvName,
+    pub name: UnitName,
+}
+
+impl FromStr for UnitRef {
+    type Err = NameError;
+    fn from_str(s: &str) -> Result<Self, NameError> {
+        let Some((env, name)) = s.split_once('/') else {
+            return Err(NameError {
+                what: "unit",
+                value: s.to_owned(),
+                why: "must be written ENV/NAME",
+            });
+        };
+        Ok(Self {
+            env: env.parse()?,
+            name: name.parse()?,
+        })
+    }
+}
+
+impl fmt::Display for UnitRef {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.env, self.name)
+    }
+}
+
+/// A revision number, counted per unit from 1.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+pub struct RevisionNum(pub u64);
+
+impl RevisionNum {
+    pub const FIRST: RevisionNum = RevisionNum(1);
+
+    pub fn next(self) -> RevisionNum {
+        RevisionNum(self.0 + 1)
+    }
+}
+
+impl fmt::Display for RevisionNum {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        self.0.fmt(f)
+    }
+}
+
+/// SHA-256 of a revision's manifests.
+#[derive(Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    pub fn of(bytes: &[u8]) -> Digest {
+        Digest(Sha256::digest(bytes).into())
+    }
+
+    pub fn to_hex(&self) -> String {
+        hex::encode(self.0)
+    }
+
+    pub fn from_hex(s: &str) -> Option<Digest> {
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).ok()?;
+        Some(Digest(out))
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "Digest({})", &self.to_hex()[..12])
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+/// Milliseconds since the Unix epoch (the store's time unit).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+pub struct UnixMillis(pub i64);
+
+impl UnixMillis {
+    pub fn now() -> UnixMillis {
+        let d = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default();
+        UnixMillis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+}
+
+/// Who did something: recorded in every audit entry and revision.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub enum Actor {
+    /// An operator, by token name (`admin` for the generated admin token).
+    Operator(String),
+    /// An agent, by cluster.
+    Agent(ClusterName),
+    /// The hub itself (start-up, automatic actions).
+    Hub,
+}
+
+impl fmt::Display for Actor {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Actor::Operator(n) => write!(f, "operator:{n}"),
+            Actor::Agent(c) => write!(f, "agent:{c}"),
+            Actor::Hub => f.write_str("hub"),
+        }
+    }
+}
+
+/// What operators may do.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Admin,
+    ReadOnly,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::ReadOnly => "read-only",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Role> {
+        match s {
+            "admin" => Some(Role::Admin),
+            "read-only" => Some(Role::ReadOnly),
+            _ => None,
+        }
+    }
+}
+
+pub type Labels = BTreeMap<String, String>;
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Environment {
+    pub name: EnvName,
+    pub position: u32,
+    pub created_at: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Cluster {
+    pub name: ClusterName,
+    pub environment: EnvName,
+    pub labels: Labels,
+    pub created_at: UnixMillis,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Unit {
+    pub unit: UnitRef,
+    pub labels: Labels,
+    pub head: RevisionNum,
+    pub destroyed: bool,
+    pub created_at: UnixMillis,
+    pub updated_at: UnixMillis,
+}
+
+/// An immutable revision of a unit. `manifests` is empty for a tombstone and
+/// in listings that leave content out.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Revision {
+    pub unit: UnitRef,
+    pub number: RevisionNum,
+    pub digest: Digest,
+    pub tombstone: bool,
+    pub manifests: Arc<str>,
+    pub documents: u32,
+    pub author: String,
+    pub message: String,
+    pub origin: String,
+    pub created_at: UnixMillis,
+}
+
+/// The head of a unit as the fan-out needs it: no content.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HeadRef {
+    pub unit: UnitName,
+    pub number: RevisionNum,
+    pub digest: Digest,
+    pub tombstone: bool,
+}
+
+/// How a put treats an existing or missing unit.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PutMode {
+    CreateOrUpdate,
+    Create,
+    Update,
+}
+
+/// A revision about to be committed (already validated).
+#[derive(Clone, Debug)]
+pub struct NewRevision {
+    pub unit: UnitRef,
+    pub mode: PutMode,
+    /// `None` keeps the unit's labels.
+    pub labels: Option<Labels>,
+    pub tombstone: bool,
+    pub manifests: Arc<str>,
+    pub documents: u32,
+    pub digest: Digest,
+    pub author: Actor,
+    pub message: String,
+    pub origin: String,
+}
+
+/// What an agent reported about one of its units.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+pub enum Phase {
+    #[default]
+    Unknown,
+    Applying,
+    Applied,
+    Progressing,
+    Ready,
+    Degraded,
+    Failed,
+    Drifted,
+    Destroyed,
+    Superseded,
+}
+
+impl Phase {
+    pub const ALL: [Phase; 10] = [
+        Phase::Unknown,
+        Phase::Applying,
+        Phase::Applied,
+        Phase::Progressing,
+        Phase::Ready,
+        Phase::Degraded,
+        Phase::Failed,
+        Phase::Drifted,
+        Phase::Destroyed,
+        Phase::Superseded,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Unknown => "Unknown",
+            Phase::Applying => "Applying",
+            Phase::Applied => "Applied",
+            Phase::Progressing => "Progressing",
+            Phase::Ready => "Ready",
+            Phase::Degraded => "Degraded",
+            Phase::Failed => "Failed",
+            Phase::Drifted => "Drifted",
+            Phase::Destroyed => "Destroyed",
+            Phase::Superseded => "Superseded",
+        }
+    }
+
+    pub fn parse(s: &str) -> Phase {
+        Phase::ALL
+            .into_iter()
+            .find(|p| p.as_str() == s)
+            .unwrap_or(Phase::Unknown)
+    }
+
+    /// A phase that will not change without a new revision or outside event.
+    pub fn is_failure(self) -> bool {
+        matches!(self, Phase::Failed | Phase::Degraded)
+    }
+}
+
+/// Per-resource detail of a status report (kept as reported).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ResourceState {
+    pub api_version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub name: String,
+    pub sync: String,
+    pub health: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub message: String,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drifted_fields: Vec<String>,
+}
+
+/// A status report from an agent, as stored.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusReport {
+    pub cluster: ClusterName,
+    pub unit: UnitRef,
+    pub revision: RevisionNum,
+    pub phase: Phase,
+    pub message: String,
+    pub resources: Vec<ResourceState>,
+    pub observed_at: UnixMillis,
+}
+
+/// The hub's record of one unit in one cluster.
+#[derive(Clone, Debug, PartialEq, Default)]
+pub struct UnitStatus {
+    pub acked: RevisionNum,
+    pub revision: RevisionNum,
+    pub phase: Phase,
+    pub message: String,
+    pub resources: Vec<ResourceState>,
+    pub updated_at: UnixMillis,
+}
+
+/// One row of the status matrix.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusCell {
+    pub cluster: ClusterName,
+    pub unit: UnitRef,
+    pub status: UnitStatus,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct AuditEntry {
+    pub id: u64,
+    pub time: UnixMillis,
+    pub actor: String,
+    pub action: String,
+    pub target: String,
+    pub detail: String,
+}
+
+/// An audit record about to be written.
+#[derive(Clone, Debug)]
+pub struct NewAudit {
+    pub actor: Actor,
+    pub action: &'static str,
+    pub target: String,
+    pub detail: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_follow_dns1123_labels() {
+        for ok in ["dev", "prod-eu-1", "a", "0x"] {
+            assert!(ok.parse::<EnvName>().is_ok(), "{ok}");
+        }
+        for bad in ["", "Dev", "-dev", "dev-", "d_v", "a.b", &"x".repeat(64)] {
+            assert!(bad.parse::<ClusterName>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn unit_refs_parse_and_print() {
+        let r: UnitRef = "dev/web".parse().unwrap();
+        assert_eq!(r.to_string(), "dev/web");
+        assert!("web".parse::<UnitRef>().is_err());
+        assert!("dev/Web".parse::<UnitRef>().is_err());
+        assert!("dev/web/x".parse::<UnitRef>().is_err());
+    }
+
+    #[test]
+    fn subdomains() {
+        assert!(check_dns1123_subdomain("tables.dynamodb.aws.upbound.io").is_ok());
+        assert!(check_dns1123_subdomain("Bad_Name").is_err());
+        assert!(check_dns1123_subdomain("a..b").is_err());
+    }
+
+    #[test]
+    fn digest_hex_round_trip() {
+        let d = Digest::of(b"hello");
+        assert_eq!(Digest::from_hex(&d.to_hex()), Some(d));
+        assert_eq!(Digest::from_hex("zz"), None);
+    }
+}

@@ -1,0 +1,211 @@
+//! Starting and stopping a hub: store, admin credential, gRPC and HTTP
+//! listeners, the feedback writer. Used by `unitsync serve` and by tests.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+use tonic::transport::server::TcpIncoming;
+use unitsync_proto::MAX_MESSAGE_BYTES;
+use unitsync_proto::v1::agent_service_server::AgentServiceServer;
+use unitsync_proto::v1::hub_service_server::HubServiceServer;
+
+use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
+use crate::config::{Config, ConfigError};
+use crate::control::Hub;
+use crate::grpc::admin::AdminService;
+use crate::grpc::agent::AgentService;
+use crate::model::Role;
+use crate::store::{Operator, SqliteStore, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("invalid configuration")]
+    Config(#[from] ConfigError),
+    #[error("cannot prepare data directory {path}")]
+    DataDir {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot open the store")]
+    Store(#[source] StoreError),
+    #[error("cannot listen on {addr}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("gRPC server failed")]
+    Serve(#[source] tonic::transport::Error),
+}
+
+/// A hub running in this process.
+pub struct RunningHub {
+    pub grpc_addr: SocketAddr,
+    pub http_addr: Option<SocketAddr>,
+    /// The admin operator token (as in `admin.token`).
+    pub admin_token: String,
+    pub hub: Arc<Hub>,
+    shutdown: CancellationToken,
+    task: JoinHandle<Result<(), StartError>>,
+}
+
+impl RunningHub {
+    /// Stops accepting, ends sessions, flushes feedback, and waits.
+    pub async fn shutdown(self) -> Result<(), StartError> {
+        self.shutdown.cancel();
+        self.wait().await
+    }
+
+    /// Waits until the hub stops (after a shutdown request).
+    pub async fn wait(self) -> Result<(), StartError> {
+        match self.task.await {
+            Ok(r) => r,
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    pub fn shutdown_token(&self) -> CancellationToken {
+        self.shutdown.clone()
+    }
+}
+
+fn io_err(path: &Path) -> impl FnOnce(std::io::Error) -> StartError + '_ {
+    move |source| StartError::DataDir {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Reads the admin token, generating it (mode 0600) on first start.
+fn admin_token(path: &Path) -> Result<Secret, StartError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    match std::fs::read_to_string(path) {
+        Ok(s) if !s.trim().is_empty() => return Ok(Secret::from_string(s.trim().to_owned())),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(e) => return Err(io_err(path)(e)),
+    }
+    let secret = Secret::generate(OPERATOR_TOKEN_PREFIX);
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(io_err(path))?;
+    writeln!(f, "{}", secret.expose()).map_err(io_err(path))?;
+    f.sync_all().map_err(io_err(path))?;
+    tracing::info!(path = %path.display(), "generated the admin token");
+    Ok(secret)
+}
+
+/// Starts a hub and returns once it listens.
+pub async fn start(config: Config) -> Result<RunningHub, StartError> {
+    config.validate()?;
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o700)
+            .create(&config.data_dir)
+            .map_err(io_err(&config.data_dir))?;
+    }
+    let store: Arc<dyn Store> = Arc::new(
+        SqliteStore::open(&config.database_path())
+            .await
+            .map_err(StartError::Store)?,
+    );
+    let admin = admin_token(&config.admin_token_path())?;
+    store
+        .put_operator(
+            &Operator {
+                name: "admin".into(),
+                role: Role::Admin,
+            },
+            &admin.hash(),
+        )
+        .await
+        .map_err(StartError::Store)?;
+
+    let grpc_listener = TcpListener::bind(config.listen)
+        .await
+        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
+    let http_listener = match config.http_listen {
+        Some(addr) => Some(
+            TcpListener::bind(addr)
+                .await
+                .map_err(|source| StartError::Listen { addr, source })?,
+        ),
+        None => None,
+    };
+    let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
+
+    let hub = Arc::new(Hub::new(store.clone(), config.tuning.clone()));
+    let shutdown = CancellationToken::new();
+    let feedback_stop = CancellationToken::new();
+    let feedback = tokio::spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
+
+    if let Some(listener) = http_listener {
+        let router = crate::http::router(hub.clone());
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(listener, router)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        });
+    }
+
+    let agent = AgentServiceServer::new(AgentService::new(hub.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin_svc = HubServiceServer::new(AdminService::new(hub.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let stop = shutdown.clone();
+    let hub_for_task = hub.clone();
+    let hub_for_stop = hub.clone();
+    let task = tokio::spawn(async move {
+        let served = Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .max_concurrent_streams(Some(256))
+            .add_service(agent)
+            .add_service(admin_svc)
+            .serve_with_incoming_shutdown(incoming, async move {
+                stop.cancelled().await;
+                hub_for_stop.fanout.disconnect_all();
+            })
+            .await;
+        // Stop the feedback writer only after the sessions are gone, so
+        // their last acks and statuses are flushed.
+        hub_for_task.fanout.disconnect_all();
+        feedback_stop.cancel();
+        let _ = feedback.await;
+        served.map_err(StartError::Serve)
+    });
+    tracing::info!(%grpc_addr, http = ?http_addr, data_dir = %config.data_dir.display(), "hub listening");
+    Ok(RunningHub {
+        grpc_addr,
+        http_addr,
+        admin_token: admin.expose().to_owned(),
+        hub,
+        shutdown,
+        task,
+    })
+}

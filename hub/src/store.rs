@@ -1,0 +1,113 @@
+//! The hub's durable state behind one trait, so that the SQLite default and
+//! a PostgreSQL implementation serve the same callers.
+//!
+//! Every mutation writes its audit entry in the same transaction, and a
+//! failed call leaves the store unchanged.
+
+pub mod sqlite;
+
+use async_trait::async_trait;
+
+use crate::model::{
+    AuditEntry, Cluster, ClusterName, EnvName, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, Revision, RevisionNum, Role, StatusCell, StatusReport, Unit, UnitRef,
+};
+
+pub use sqlite::SqliteStore;
+
+/// SHA-256 of a bearer token, the only form in which tokens are stored.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct TokenHash(pub String);
+
+/// An operator credential's owner.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Operator {
+    pub name: String,
+    pub role: Role,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("{0} not found")]
+    NotFound(String),
+    #[error("{0} already exists")]
+    AlreadyExists(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("database error")]
+    Database(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Where statuses and acks come from, batched by the hub.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Ack {
+    pub cluster: ClusterName,
+    pub unit: UnitRef,
+    pub revision: RevisionNum,
+}
+
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    // --- environments ---
+    /// Creates an environment after `after` (or last).
+    async fn create_environment(
+        &self,
+        name: &EnvName,
+        after: Option<&EnvName>,
+        audit: NewAudit,
+    ) -> StoreResult<Environment>;
+    /// All environments in pipeline order.
+    async fn list_environments(&self) -> StoreResult<Vec<Environment>>;
+
+    // --- clusters and credentials ---
+    async fn create_cluster(
+        &self,
+        name: &ClusterName,
+        env: &EnvName,
+        labels: &Labels,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<Cluster>;
+    async fn list_clusters(&self, env: Option<&EnvName>) -> StoreResult<Vec<Cluster>>;
+    async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>>;
+    /// Deletes the cluster, its credential and its statuses.
+    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()>;
+    async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>>;
+    /// Creates or replaces an operator credential.
+    async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()>;
+    async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>>;
+
+    // --- units and revisions ---
+    /// Commits a revision atomically (unit row, revision, head, audit).
+    /// Fails with `Conflict` when the put mode does not fit the unit's state.
+    async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision>;
+    async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>>;
+    async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>>;
+    /// All revisions of a unit, oldest first, without content.
+    async fn history(&self, unit: &UnitRef) -> StoreResult<Vec<Revision>>;
+    /// One revision with its content.
+    async fn get_revision(&self, unit: &UnitRef, n: RevisionNum) -> StoreResult<Option<Revision>>;
+    /// The head revision of every unit in an environment, without content.
+    async fn heads(&self, env: &EnvName) -> StoreResult<Vec<HeadRef>>;
+
+    // --- agent feedback ---
+    /// Records acknowledged receipts (never lowers a recorded revision).
+    async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()>;
+    /// Records the latest status per (cluster, unit).
+    async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()>;
+    /// Status rows for an environment (all when `None`), optionally one unit.
+    async fn statuses(
+        &self,
+        env: Option<&EnvName>,
+        unit: Option<&UnitRef>,
+    ) -> StoreResult<Vec<StatusCell>>;
+
+    // --- audit ---
+    async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;
+    /// Newest first.
+    async fn list_audit(&self, limit: u32, target_prefix: &str) -> StoreResult<Vec<AuditEntry>>;
+}

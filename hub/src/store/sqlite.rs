@@ -1,0 +1,695 @@
+//! SQLite implementation of [`Store`]: one file in the data directory, WAL
+//! journal, `synchronous=FULL` (an acknowledged write survives power loss),
+//! migrations embedded in the binary and tracked with `PRAGMA user_version`.
+//!
+//! All writes go through one connection (SQLite has one writer anyway), so
+//! transactions never fail on lock upgrades; reads use a pool.
+
+use std::path::Path;
+use std::str::FromStr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
+    SqliteRow, SqliteSynchronous,
+};
+use sqlx::{Connection, Row};
+use tokio::sync::Mutex;
+
+use super::{Ack, Operator, Store, StoreError, StoreResult, TokenHash};
+use crate::model::{
+    AuditEntry, Cluster, ClusterName, Digest, EnvName, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, Phase, PutMode, ResourceState, Revision, RevisionNum, Role, StatusCell,
+    StatusReport, Unit, UnitName, UnitRef, UnitStatus, UnixMillis,
+};
+
+/// Embedded migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_initial.sql")];
+
+pub struct SqliteStore {
+    writer: Mutex<SqliteConnection>,
+    readers: SqlitePool,
+}
+
+fn db(e: sqlx::Error) -> StoreError {
+    StoreError::Database(Box::new(e))
+}
+
+fn is_unique_violation(e: &sqlx::Error) -> bool {
+    e.as_database_error()
+        .is_some_and(|d| d.is_unique_violation())
+}
+
+fn corrupt(what: impl std::fmt::Display) -> StoreError {
+    StoreError::Corrupt(what.to_string())
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database file and applies migrations.
+    pub async fn open(path: &Path) -> StoreResult<SqliteStore> {
+        let options = SqliteConnectOptions::new()
+            .filename(path)
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let mut writer = SqliteConnection::connect_with(&options).await.map_err(db)?;
+        migrate(&mut writer).await?;
+        let readers = SqlitePoolOptions::new()
+            .max_connections(4)
+            .connect_with(options.read_only(true))
+            .await
+            .map_err(db)?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            readers,
+        })
+    }
+}
+
+async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
+    let version: i64 = sqlx::query_scalar("PRAGMA user_version")
+        .fetch_one(&mut *conn)
+        .await
+        .map_err(db)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(corrupt(format!(
+            "database schema version {version} is newer than this hub ({known}); upgrade the hub"
+        )));
+    }
+    for (i, sql) in MIGRATIONS.iter().enumerate().skip(version as usize) {
+        let mut tx = conn.begin().await.map_err(db)?;
+        sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        // PRAGMA takes no bind parameters; the value is our own integer.
+        let set = format!("PRAGMA user_version = {}", i + 1);
+        sqlx::raw_sql(sqlx::AssertSqlSafe(set))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        tx.commit().await.map_err(db)?;
+    }
+    Ok(())
+}
+
+async fn insert_audit(conn: &mut SqliteConnection, a: &NewAudit) -> StoreResult<()> {
+    sqlx::query("INSERT INTO audit (time, actor, action, target, detail) VALUES (?, ?, ?, ?, ?)")
+        .bind(UnixMillis::now().0)
+        .bind(a.actor.to_string())
+        .bind(a.action)
+        .bind(&a.target)
+        .bind(&a.detail)
+        .execute(conn)
+        .await
+        .map_err(db)?;
+    Ok(())
+}
+
+fn labels_json(l: &Labels) -> String {
+    serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
+}
+
+fn parse_labels(s: &str) -> StoreResult<Labels> {
+    serde_json::from_str(s).map_err(|e| corrupt(format!("labels: {e}")))
+}
+
+fn parse<T: FromStr>(s: &str, what: &str) -> StoreResult<T>
+where
+    T::Err: std::fmt::Display,
+{
+    s.parse().map_err(|e| corrupt(format!("{what}: {e}")))
+}
+
+fn get<'r, T>(row: &'r SqliteRow, col: &str) -> StoreResult<T>
+where
+    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
+{
+    row.try_get(col).map_err(db)
+}
+
+fn num(v: i64) -> RevisionNum {
+    RevisionNum(u64::try_from(v).unwrap_or(0))
+}
+
+fn environment_row(row: &SqliteRow) -> StoreResult<Environment> {
+    Ok(Environment {
+        name: parse(&get::<String>(row, "name")?, "environment name")?,
+        position: u32::try_from(get::<i64>(row, "position")?).unwrap_or(0),
+        created_at: UnixMillis(get(row, "created_at")?),
+    })
+}
+
+fn cluster_row(row: &SqliteRow) -> StoreResult<Cluster> {
+    Ok(Cluster {
+        name: parse(&get::<String>(row, "name")?, "cluster name")?,
+        environment: parse(&get::<String>(row, "environment")?, "environment name")?,
+        labels: parse_labels(&get::<String>(row, "labels")?)?,
+        created_at: UnixMillis(get(row, "created_at")?),
+    })
+}
+
+fn unit_row(row: &SqliteRow) -> StoreResult<Unit> {
+    Ok(Unit {
+        unit: UnitRef {
+            env: parse(&get::<String>(row, "environment")?, "environment name")?,
+            name: parse(&get::<String>(row, "name")?, "unit name")?,
+        },
+        labels: parse_labels(&get::<String>(row, "labels")?)?,
+        head: num(get(row, "head")?),
+        destroyed: get::<i64>(row, "destroyed")? != 0,
+        created_at: UnixMillis(get(row, "created_at")?),
+        updated_at: UnixMillis(get(row, "updated_at")?),
+    })
+}
+
+fn revision_row(unit: &UnitRef, row: &SqliteRow, with_content: bool) -> StoreResult<Revision> {
+    let digest: String = get(row, "digest")?;
+    Ok(Revision {
+        unit: unit.clone(),
+        number: num(get(row, "number")?),
+        digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("revision digest"))?,
+        tombstone: get::<i64>(row, "tombstone")? != 0,
+        manifests: if with_content {
+            Arc::from(get::<String>(row, "manifests")?)
+        } else {
+            Arc::from("")
+        },
+        documents: u32::try_from(get::<i64>(row, "documents")?).unwrap_or(0),
+        author: get(row, "author")?,
+        message: get(row, "message")?,
+        origin: get(row, "origin")?,
+        created_at: UnixMillis(get(row, "created_at")?),
+    })
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn create_environment(
+        &self,
+        name: &EnvName,
+        after: Option<&EnvName>,
+        audit: NewAudit,
+    ) -> StoreResult<Environment> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let position: i64 = match after {
+            Some(after) => {
+                let p: Option<i64> =
+                    sqlx::query_scalar("SELECT position FROM environments WHERE name = ?")
+                        .bind(after.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                let p = p.ok_or_else(|| StoreError::NotFound(format!("environment {after}")))?;
+                // Shift in two steps: positions are not constrained unique,
+                // but keep the order dense.
+                sqlx::query("UPDATE environments SET position = position + 1 WHERE position > ?")
+                    .bind(p)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                p + 1
+            }
+            None => sqlx::query_scalar("SELECT COALESCE(MAX(position) + 1, 0) FROM environments")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?,
+        };
+        let now = UnixMillis::now();
+        sqlx::query("INSERT INTO environments (name, position, created_at) VALUES (?, ?, ?)")
+            .bind(name.as_str())
+            .bind(position)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists(format!("environment {name}"))
+                } else {
+                    db(e)
+                }
+            })?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Environment {
+            name: name.clone(),
+            position: u32::try_from(position).unwrap_or(0),
+            created_at: now,
+        })
+    }
+
+    async fn list_environments(&self) -> StoreResult<Vec<Environment>> {
+        let rows = sqlx::query("SELECT name, position, created_at FROM environments ORDER BY position")
+            .fetch_all(&self.readers)
+            .await
+            .map_err(db)?;
+        rows.iter().map(environment_row).collect()
+    }
+
+    async fn create_cluster(
+        &self,
+        name: &ClusterName,
+        env: &EnvName,
+        labels: &Labels,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<Cluster> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let env_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
+            .bind(env.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if env_exists.is_none() {
+            return Err(StoreError::NotFound(format!("environment {env}")));
+        }
+        let now = UnixMillis::now();
+        sqlx::query(
+            "INSERT INTO clusters (name, environment, labels, token_hash, created_at) VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(name.as_str())
+        .bind(env.as_str())
+        .bind(labels_json(labels))
+        .bind(&token.0)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!("cluster {name}"))
+            } else {
+                db(e)
+            }
+        })?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Cluster {
+            name: name.clone(),
+            environment: env.clone(),
+            labels: labels.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn list_clusters(&self, env: Option<&EnvName>) -> StoreResult<Vec<Cluster>> {
+        let rows = sqlx::query(
+            "SELECT name, environment, labels, created_at FROM clusters
+             WHERE ?1 IS NULL OR environment = ?1 ORDER BY environment, name",
+        )
+        .bind(env.map(EnvName::as_str))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(cluster_row).collect()
+    }
+
+    async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>> {
+        let row = sqlx::query("SELECT name, environment, labels, created_at FROM clusters WHERE name = ?")
+            .bind(name.as_str())
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(cluster_row).transpose()
+    }
+
+    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query("DELETE FROM clusters WHERE name = ?")
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>> {
+        let row = sqlx::query(
+            "SELECT name, environment, labels, created_at FROM clusters WHERE token_hash = ?",
+        )
+        .bind(&token.0)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(cluster_row).transpose()
+    }
+
+    async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO operators (name, role, token_hash, created_at) VALUES (?, ?, ?, ?)
+             ON CONFLICT(name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash",
+        )
+        .bind(&op.name)
+        .bind(op.role.as_str())
+        .bind(&token.0)
+        .bind(UnixMillis::now().0)
+        .execute(&mut *w)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>> {
+        let row = sqlx::query("SELECT name, role FROM operators WHERE token_hash = ?")
+            .bind(&token.0)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        let Some(row) = row else { return Ok(None) };
+        let role: String = get(&row, "role")?;
+        Ok(Some(Operator {
+            name: get(&row, "name")?,
+            role: Role::parse(&role).ok_or_else(|| corrupt("operator role"))?,
+        }))
+    }
+
+    async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let env_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
+            .bind(rev.unit.env.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        if env_exists.is_none() {
+            return Err(StoreError::NotFound(format!("environment {}", rev.unit.env)));
+        }
+        let existing = sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = ? AND name = ?")
+            .bind(rev.unit.env.as_str())
+            .bind(rev.unit.name.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        let now = UnixMillis::now();
+        let (unit_id, number) = match existing {
+            None => {
+                if rev.tombstone || rev.mode == PutMode::Update {
+                    return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+                }
+                let id: i64 = sqlx::query_scalar(
+                    "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at)
+                     VALUES (?, ?, ?, 1, 0, ?, ?) RETURNING id",
+                )
+                .bind(rev.unit.env.as_str())
+                .bind(rev.unit.name.as_str())
+                .bind(labels_json(&rev.labels.clone().unwrap_or_default()))
+                .bind(now.0)
+                .bind(now.0)
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?;
+                (id, RevisionNum::FIRST)
+            }
+            Some(row) => {
+                let id: i64 = get(&row, "id")?;
+                let head = num(get(&row, "head")?);
+                let destroyed = get::<i64>(&row, "destroyed")? != 0;
+                match (rev.mode, destroyed, rev.tombstone) {
+                    (_, true, true) => {
+                        return Err(StoreError::Conflict(format!("unit {} is already destroyed", rev.unit)));
+                    }
+                    (PutMode::Create, false, false) => {
+                        return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
+                    }
+                    (PutMode::Update, true, false) => {
+                        return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+                    }
+                    _ => {}
+                }
+                let number = head.next();
+                sqlx::query(
+                    "UPDATE units SET head = ?, destroyed = ?, updated_at = ?,
+                     labels = COALESCE(?, labels) WHERE id = ?",
+                )
+                .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
+                .bind(i64::from(rev.tombstone))
+                .bind(now.0)
+                .bind(rev.labels.as_ref().map(labels_json))
+                .bind(id)
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+                (id, number)
+            }
+        };
+        let author = rev.author.to_string();
+        sqlx::query(
+            "INSERT INTO revisions (unit_id, number, digest, tombstone, manifests, documents, author, message, origin, created_at)
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(unit_id)
+        .bind(number.0 as i64)
+        .bind(rev.digest.to_hex())
+        .bind(i64::from(rev.tombstone))
+        .bind(&*rev.manifests)
+        .bind(i64::from(rev.documents))
+        .bind(&author)
+        .bind(&rev.message)
+        .bind(&rev.origin)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        let action = if rev.tombstone { "unit.destroy" } else if number == RevisionNum::FIRST { "unit.create" } else { "unit.update" };
+        insert_audit(
+            &mut tx,
+            &NewAudit {
+                actor: rev.author.clone(),
+                action,
+                target: rev.unit.to_string(),
+                detail: format!("revision {number} digest {} origin {:?} message {:?}", rev.digest, rev.origin, rev.message),
+            },
+        )
+        .await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Revision {
+            unit: rev.unit,
+            number,
+            digest: rev.digest,
+            tombstone: rev.tombstone,
+            manifests: rev.manifests,
+            documents: rev.documents,
+            author,
+            message: rev.message,
+            origin: rev.origin,
+            created_at: now,
+        })
+    }
+
+    async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>> {
+        let row = sqlx::query(
+            "SELECT environment, name, labels, head, destroyed, created_at, updated_at
+             FROM units WHERE environment = ? AND name = ?",
+        )
+            .bind(unit.env.as_str())
+            .bind(unit.name.as_str())
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(unit_row).transpose()
+    }
+
+    async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>> {
+        let rows = sqlx::query(
+            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at
+             FROM units u JOIN environments e ON e.name = u.environment
+             WHERE ?1 IS NULL OR u.environment = ?1 ORDER BY e.position, u.name",
+        )
+        .bind(env.map(EnvName::as_str))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(unit_row).collect()
+    }
+
+    async fn history(&self, unit: &UnitRef) -> StoreResult<Vec<Revision>> {
+        let rows = sqlx::query(
+            "SELECT r.number, r.digest, r.tombstone, r.documents, r.author, r.message, r.origin, r.created_at
+             FROM revisions r JOIN units u ON u.id = r.unit_id
+             WHERE u.environment = ? AND u.name = ? ORDER BY r.number",
+        )
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(|r| revision_row(unit, r, false)).collect()
+    }
+
+    async fn get_revision(&self, unit: &UnitRef, n: RevisionNum) -> StoreResult<Option<Revision>> {
+        let row = sqlx::query(
+            "SELECT r.number, r.digest, r.tombstone, r.manifests, r.documents, r.author, r.message, r.origin, r.created_at
+             FROM revisions r JOIN units u ON u.id = r.unit_id
+             WHERE u.environment = ? AND u.name = ? AND r.number = ?",
+        )
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .bind(i64::try_from(n.0).unwrap_or(i64::MAX))
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(|r| revision_row(unit, r, true)).transpose()
+    }
+
+    async fn heads(&self, env: &EnvName) -> StoreResult<Vec<HeadRef>> {
+        let rows = sqlx::query(
+            "SELECT u.name, r.number, r.digest, r.tombstone
+             FROM units u JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
+             WHERE u.environment = ? ORDER BY u.name",
+        )
+        .bind(env.as_str())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let digest: String = get(row, "digest")?;
+                Ok(HeadRef {
+                    unit: parse::<UnitName>(&get::<String>(row, "name")?, "unit name")?,
+                    number: num(get(row, "number")?),
+                    digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("revision digest"))?,
+                    tombstone: get::<i64>(row, "tombstone")? != 0,
+                })
+            })
+            .collect()
+    }
+
+    async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        for a in acks {
+            // Joins make this a no-op for a cluster deleted meanwhile.
+            sqlx::query(
+                "INSERT INTO unit_status (cluster, unit_id, acked)
+                 SELECT c.name, u.id, ?1 FROM units u JOIN clusters c ON c.name = ?2
+                 WHERE u.environment = ?3 AND u.name = ?4
+                 ON CONFLICT(cluster, unit_id) DO UPDATE SET acked = MAX(acked, excluded.acked)",
+            )
+            .bind(a.revision.0 as i64)
+            .bind(a.cluster.as_str())
+            .bind(a.unit.env.as_str())
+            .bind(a.unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        for r in reports {
+            let resources = serde_json::to_string(&r.resources).map_err(|e| corrupt(e))?;
+            sqlx::query(
+                "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at)
+                 SELECT c.name, u.id, ?1, ?2, ?3, ?4, ?5 FROM units u JOIN clusters c ON c.name = ?6
+                 WHERE u.environment = ?7 AND u.name = ?8
+                 ON CONFLICT(cluster, unit_id) DO UPDATE SET revision = excluded.revision,
+                   phase = excluded.phase, message = excluded.message,
+                   resources = excluded.resources, updated_at = excluded.updated_at",
+            )
+            .bind(r.revision.0 as i64)
+            .bind(r.phase.as_str())
+            .bind(&r.message)
+            .bind(resources)
+            .bind(r.observed_at.0)
+            .bind(r.cluster.as_str())
+            .bind(r.unit.env.as_str())
+            .bind(r.unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn statuses(
+        &self,
+        env: Option<&EnvName>,
+        unit: Option<&UnitRef>,
+    ) -> StoreResult<Vec<StatusCell>> {
+        let rows = sqlx::query(
+            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at
+             FROM unit_status s JOIN units u ON u.id = s.unit_id
+             WHERE (?1 IS NULL OR u.environment = ?1)
+               AND (?2 IS NULL OR (u.environment = ?2 AND u.name = ?3))
+             ORDER BY u.environment, u.name, s.cluster",
+        )
+        .bind(env.map(EnvName::as_str))
+        .bind(unit.map(|u| u.env.as_str()))
+        .bind(unit.map(|u| u.name.as_str()))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                let resources: String = get(row, "resources")?;
+                let resources: Vec<ResourceState> =
+                    serde_json::from_str(&resources).map_err(|e| corrupt(format!("resources: {e}")))?;
+                Ok(StatusCell {
+                    cluster: parse(&get::<String>(row, "cluster")?, "cluster name")?,
+                    unit: UnitRef {
+                        env: parse(&get::<String>(row, "environment")?, "environment name")?,
+                        name: parse(&get::<String>(row, "name")?, "unit name")?,
+                    },
+                    status: UnitStatus {
+                        acked: num(get(row, "acked")?),
+                        revision: num(get(row, "revision")?),
+                        phase: Phase::parse(&get::<String>(row, "phase")?),
+                        message: get(row, "message")?,
+                        resources,
+                        updated_at: UnixMillis(get(row, "updated_at")?),
+                    },
+                })
+            })
+            .collect()
+    }
+
+    async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        insert_audit(&mut w, &entry).await
+    }
+
+    async fn list_audit(&self, limit: u32, target_prefix: &str) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, time, actor, action, target, detail FROM audit
+             WHERE substr(target, 1, length(?1)) = ?1 ORDER BY id DESC LIMIT ?2",
+        )
+        .bind(target_prefix)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|row| {
+                Ok(AuditEntry {
+                    id: u64::try_from(get::<i64>(row, "id")?).unwrap_or(0),
+                    time: UnixMillis(get(row, "time")?),
+                    actor: get(row, "actor")?,
+                    action: get(row, "action")?,
+                    target: get(row, "target")?,
+                    detail: get(row, "detail")?,
+                })
+            })
+            .collect()
+    }
+}

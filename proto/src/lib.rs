@@ -1,0 +1,25 @@
+//! The unitsync wire protocol (`unitsync.v1`): generated prost messages and
+//! tonic services, the protocol version constants, and the client-side
+//! reconnect policy every agent shares.
+//!
+//! Prost types stop at the gRPC edge: hub and agent convert them into their
+//! own domain types.
+
+pub mod backoff;
+
+/// Generated code for package `unitsync.v1`.
+pub mod v1 {
+    tonic::include_proto!("unitsync.v1");
+}
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The oldest protocol version a hub of this build accepts.
+pub const MIN_PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message either side accepts or sends (4 MiB plus envelope room).
+pub const MAX_MESSAGE_BYTES: usize = 4 * 1024 * 1024 + 64 * 1024;
+
+/// gRPC metadata key carrying `Bearer <token>`.
+pub const AUTHORIZATION: &str = "authorization";
