@@ -70,7 +70,9 @@ impl Principal {
 
 fn bearer(md: &MetadataMap) -> Option<&str> {
     let v = md.get(unitsync_proto::AUTHORIZATION)?.to_str().ok()?;
-    let token = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?;
+    let token = v
+        .strip_prefix("Bearer ")
+        .or_else(|| v.strip_prefix("bearer "))?;
     let token = token.trim();
     (!token.is_empty()).then_some(token)
 }
@@ -79,17 +81,18 @@ fn bearer(md: &MetadataMap) -> Option<&str> {
 pub async fn authenticate(store: &dyn Store, md: &MetadataMap) -> Result<Principal> {
     let token = bearer(md).ok_or(HubError::Unauthenticated)?;
     let hash = hash_token(token);
-    if token.starts_with(AGENT_TOKEN_PREFIX) {
-        if let Some(c) = store.cluster_by_token(&hash).await? {
-            return Ok(Principal::Agent(c));
-        }
-    } else if token.starts_with(OPERATOR_TOKEN_PREFIX) {
-        if let Some(op) = store.operator_by_token(&hash).await? {
-            return Ok(Principal::Operator {
-                name: op.name,
-                role: op.role,
-            });
-        }
+    if token.starts_with(AGENT_TOKEN_PREFIX)
+        && let Some(c) = store.cluster_by_token(&hash).await?
+    {
+        return Ok(Principal::Agent(c));
+    }
+    if token.starts_with(OPERATOR_TOKEN_PREFIX)
+        && let Some(op) = store.operator_by_token(&hash).await?
+    {
+        return Ok(Principal::Operator {
+            name: op.name,
+            role: op.role,
+        });
     }
     Err(HubError::Unauthenticated)
 }

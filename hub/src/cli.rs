@@ -20,7 +20,11 @@ pub const DEFAULT_HUB: &str = "http://127.0.0.1:7443";
 pub const DEFAULT_DATA_DIR: &str = "unitsync-data";
 
 #[derive(Parser, Debug)]
-#[command(name = "unitsync", version, about = "unitsync: sync units of Kubernetes manifests to many clusters")]
+#[command(
+    name = "unitsync",
+    version,
+    about = "unitsync: sync units of Kubernetes manifests to many clusters"
+)]
 pub struct Cli {
     #[command(flatten)]
     pub global: Global,
@@ -217,9 +221,7 @@ pub enum UnitCommand {
         env: Option<String>,
     },
     /// List a unit's revisions.
-    History {
-        unit: String,
-    },
+    History { unit: String },
     /// Diff two revisions (default: the head against the one before).
     Diff {
         unit: String,

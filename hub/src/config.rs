@@ -47,7 +47,9 @@ impl Config {
             )));
         }
         if self.tuning.heartbeat.is_zero() {
-            return Err(ConfigError::Invalid("heartbeat interval must be positive".into()));
+            return Err(ConfigError::Invalid(
+                "heartbeat interval must be positive".into(),
+            ));
         }
         if self.tuning.max_sessions == 0 {
             return Err(ConfigError::Invalid("max sessions must be positive".into()));

@@ -77,9 +77,15 @@ impl Hub {
             actor,
             action: "environment.create",
             target: format!("env/{name}"),
-            detail: after.as_ref().map(|a| format!("after {a}")).unwrap_or_default(),
+            detail: after
+                .as_ref()
+                .map(|a| format!("after {a}"))
+                .unwrap_or_default(),
         };
-        Ok(self.store.create_environment(&name, after.as_ref(), audit).await?)
+        Ok(self
+            .store
+            .create_environment(&name, after.as_ref(), audit)
+            .await?)
     }
 
     /// Creates a cluster and its agent token (returned once, stored hashed).
@@ -144,7 +150,12 @@ impl Hub {
     }
 
     /// Commits a tombstone: agents delete what they applied for the unit.
-    pub async fn destroy_unit(&self, actor: Actor, unit: UnitRef, message: String) -> Result<Revision> {
+    pub async fn destroy_unit(
+        &self,
+        actor: Actor,
+        unit: UnitRef,
+        message: String,
+    ) -> Result<Revision> {
         let rev = NewRevision {
             unit,
             mode: PutMode::Update,
@@ -178,7 +189,9 @@ impl Hub {
             delivery.clone(),
         );
         let stats = self.fanout.publish(&delivery);
-        self.metrics.coalesced_updates.inc_by(stats.coalesced as u64);
+        self.metrics
+            .coalesced_updates
+            .inc_by(stats.coalesced as u64);
         tracing::info!(
             unit = %committed.unit,
             revision = %committed.number,
@@ -190,16 +203,18 @@ impl Hub {
     }
 
     fn lock_heads(&self) -> std::sync::MutexGuard<'_, HashMap<(EnvName, UnitName), Arc<Delivery>>> {
-        self.heads.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.heads
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// The delivery for a unit's head revision, from the cache or the store.
     pub async fn head_delivery(&self, env: &EnvName, head: &HeadRef) -> Result<Arc<Delivery>> {
         let key = (env.clone(), head.unit.clone());
-        if let Some(d) = self.lock_heads().get(&key) {
-            if d.revision == head.number {
-                return Ok(d.clone());
-            }
+        if let Some(d) = self.lock_heads().get(&key)
+            && d.revision == head.number
+        {
+            return Ok(d.clone());
         }
         let unit = UnitRef {
             env: env.clone(),

@@ -61,7 +61,9 @@ pub struct Mailbox {
 impl Mailbox {
     fn lock(&self) -> std::sync::MutexGuard<'_, MailboxState> {
         // A panic while holding this lock leaves consistent data behind.
-        self.state.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.state
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Queues a delivery unless something at least as new is pending or sent.
@@ -70,10 +72,11 @@ impl Mailbox {
         if !d.tombstone || d.revision.0 > 0 {
             s.assigned.insert(d.unit.clone());
         }
-        if let Some((sent, _)) = s.sent.get(&d.unit) {
-            if *sent >= d.revision && d.revision.0 > 0 {
-                return Offer::Stale;
-            }
+        if let Some((sent, _)) = s.sent.get(&d.unit)
+            && *sent >= d.revision
+            && d.revision.0 > 0
+        {
+            return Offer::Stale;
         }
         let outcome = match s.pending.get(&d.unit) {
             Some(p) if p.revision >= d.revision => return Offer::Stale,
@@ -166,12 +169,22 @@ pub struct PublishStats {
 }
 
 impl Fanout {
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>> {
-        self.agents.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn read(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>>
+    {
+        self.agents
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>> {
-        self.agents.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+    fn write(
+        &self,
+    ) -> std::sync::RwLockWriteGuard<'_, HashMap<EnvName, HashMap<ClusterName, Arc<AgentConn>>>>
+    {
+        self.agents
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Registers a session; a previous session of the same cluster is
@@ -190,10 +203,12 @@ impl Fanout {
     /// Removes a session if it is still the registered one.
     pub fn unregister(&self, conn: &AgentConn) {
         let mut all = self.write();
-        if let Some(env) = all.get_mut(&conn.env) {
-            if env.get(&conn.cluster).is_some_and(|c| c.session == conn.session) {
-                env.remove(&conn.cluster);
-            }
+        if let Some(env) = all.get_mut(&conn.env)
+            && env
+                .get(&conn.cluster)
+                .is_some_and(|c| c.session == conn.session)
+        {
+            env.remove(&conn.cluster);
         }
     }
 
@@ -225,7 +240,9 @@ impl Fanout {
     }
 
     pub fn session(&self, cluster: &ClusterName) -> Option<Arc<AgentConn>> {
-        self.read().values().find_map(|env| env.get(cluster).cloned())
+        self.read()
+            .values()
+            .find_map(|env| env.get(cluster).cloned())
     }
 
     pub fn count(&self) -> usize {
@@ -268,7 +285,10 @@ mod tests {
         assert_eq!(m.offer(d("b", 5)), Offer::Queued);
         assert_eq!(m.pending_len(), 2);
         let batch = m.next_batch().await;
-        let got: Vec<(String, u64)> = batch.iter().map(|x| (x.unit.to_string(), x.revision.0)).collect();
+        let got: Vec<(String, u64)> = batch
+            .iter()
+            .map(|x| (x.unit.to_string(), x.revision.0))
+            .collect();
         assert_eq!(got, [("a".into(), 2), ("b".into(), 5)]);
         for x in &batch {
             m.mark_sent(x);
@@ -283,7 +303,10 @@ mod tests {
         let m = Mailbox::default();
         let x = d("a", 3);
         m.offer(x.clone());
-        assert!(m.ack(&x.unit, RevisionNum(3)).is_none(), "pending is not sent");
+        assert!(
+            m.ack(&x.unit, RevisionNum(3)).is_none(),
+            "pending is not sent"
+        );
         m.mark_sent(&x);
         assert!(m.ack(&x.unit, RevisionNum(3)).is_some());
         assert!(m.ack(&x.unit, RevisionNum(4)).is_none());

@@ -3,7 +3,11 @@
 //! The stream's receive loop only records feedback here, in memory and
 //! coalesced per (cluster, unit); one writer task flushes it in batches. So
 //! acks and heartbeats never wait on a database write, and a burst from
-//! thousands of agents becomes a few transactions.
+//! thousands of agents becomes a few short transactions: statuses soon
+//! (operators wait on them), acks at most once a second (they are advisory:
+//! the agent's version vector, not the hub's ack record, drives resync).
+//! Batches are split into chunks so a commit never waits long for the
+//! store's single writer.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
@@ -31,12 +35,18 @@ pub struct Feedback {
     notify: Notify,
 }
 
-/// How long the writer gathers feedback before a flush.
-const GATHER: Duration = Duration::from_millis(20);
+/// How long the writer gathers statuses before a flush.
+const GATHER: Duration = Duration::from_millis(50);
+/// How often acks are written.
+const ACK_INTERVAL: Duration = Duration::from_secs(1);
+/// Rows per transaction.
+const CHUNK: usize = 256;
 
 impl Feedback {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
-        self.pending.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     pub fn ack(&self, cluster: ClusterName, unit: UnitRef, revision: RevisionNum) {
@@ -60,52 +70,78 @@ impl Feedback {
         self.notify.notify_one();
     }
 
-    /// Writes everything pending; on failure the entries are kept for the
-    /// next attempt (newer feedback recorded meanwhile wins).
-    pub async fn flush(&self, store: &dyn Store) -> bool {
-        let taken = std::mem::take(&mut *self.lock());
-        if taken.acks.is_empty() && taken.statuses.is_empty() {
-            return true;
-        }
-        let acks: Vec<Ack> = taken
-            .acks
-            .iter()
+    /// Writes pending statuses (and acks when `with_acks`); on failure the
+    /// entries are kept for the next attempt (newer feedback recorded
+    /// meanwhile wins).
+    pub async fn flush(&self, store: &dyn Store, with_acks: bool) -> bool {
+        let (acks, statuses) = {
+            let mut p = self.lock();
+            let acks = if with_acks {
+                std::mem::take(&mut p.acks)
+            } else {
+                HashMap::new()
+            };
+            (acks, std::mem::take(&mut p.statuses))
+        };
+        let statuses: Vec<StatusReport> = statuses.into_values().collect();
+        let acks: Vec<Ack> = acks
+            .into_iter()
             .map(|((cluster, unit), revision)| Ack {
-                cluster: cluster.clone(),
-                unit: unit.clone(),
-                revision: *revision,
+                cluster,
+                unit,
+                revision,
             })
             .collect();
-        let statuses: Vec<StatusReport> = taken.statuses.values().cloned().collect();
-        let result = match store.record_acks(&acks).await {
-            Ok(()) => store.record_statuses(&statuses).await,
-            Err(e) => Err(e),
-        };
-        if let Err(e) = result {
-            tracing::warn!(error = %ErrorChain(&e), "recording agent feedback failed; will retry");
-            let mut p = self.lock();
-            for (k, v) in taken.acks {
-                let e = p.acks.entry(k).or_default();
-                *e = (*e).max(v);
+        let mut failed = None;
+        let mut written_statuses = 0;
+        for chunk in statuses.chunks(CHUNK) {
+            if let Err(e) = store.record_statuses(chunk).await {
+                failed = Some(e);
+                break;
             }
-            for (k, v) in taken.statuses {
-                p.statuses.entry(k).or_insert(v);
-            }
-            return false;
+            written_statuses += chunk.len();
         }
-        true
+        let mut written_acks = 0;
+        if failed.is_none() {
+            for chunk in acks.chunks(CHUNK) {
+                if let Err(e) = store.record_acks(chunk).await {
+                    failed = Some(e);
+                    break;
+                }
+                written_acks += chunk.len();
+            }
+        }
+        let Some(e) = failed else { return true };
+        tracing::warn!(error = %ErrorChain(&e), "recording agent feedback failed; will retry");
+        let mut p = self.lock();
+        for a in acks.into_iter().skip(written_acks) {
+            let e = p.acks.entry((a.cluster, a.unit)).or_default();
+            *e = (*e).max(a.revision);
+        }
+        for r in statuses.into_iter().skip(written_statuses) {
+            p.statuses
+                .entry((r.cluster.clone(), r.unit.clone()))
+                .or_insert(r);
+        }
+        false
     }
 
     /// The writer task: flushes until `shutdown`, then once more.
     pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, shutdown: CancellationToken) {
         let mut retry = Duration::from_millis(100);
+        let mut acks_due = tokio::time::Instant::now() + ACK_INTERVAL;
         loop {
             tokio::select! {
                 () = self.notify.notified() => {}
+                () = tokio::time::sleep_until(acks_due) => {}
                 () = shutdown.cancelled() => break,
             }
             tokio::time::sleep(GATHER).await;
-            if self.flush(store.as_ref()).await {
+            let with_acks = tokio::time::Instant::now() >= acks_due;
+            if with_acks {
+                acks_due = tokio::time::Instant::now() + ACK_INTERVAL;
+            }
+            if self.flush(store.as_ref(), with_acks).await {
                 retry = Duration::from_millis(100);
             } else {
                 tokio::time::sleep(retry).await;
@@ -113,6 +149,6 @@ impl Feedback {
                 self.notify.notify_one();
             }
         }
-        self.flush(store.as_ref()).await;
+        self.flush(store.as_ref(), true).await;
     }
 }

@@ -29,7 +29,10 @@ async fn ready(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
 
 async fn metrics(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         hub.metrics.encode(),
     )
 }

@@ -152,15 +152,14 @@ fn split_documents(text: &str) -> Vec<RawDocument<'_>> {
 
 /// Validates a unit's manifests. `Ok` means the text may be stored as is.
 pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated, ManifestError> {
-    let err = |document: Option<(usize, usize)>, field: Option<&str>, problem: String| {
-        ManifestError {
+    let err =
+        |document: Option<(usize, usize)>, field: Option<&str>, problem: String| ManifestError {
             unit: unit.to_string(),
             document: document.map(|d| d.0),
             line: document.map(|d| d.1),
             field: field.map(str::to_owned),
             problem,
-        }
-    };
+        };
     if text.len() > limits.max_bytes {
         return Err(err(
             None,
@@ -174,7 +173,11 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
     }
     let docs = split_documents(text);
     if docs.is_empty() {
-        return Err(err(None, None, "no documents: a unit needs at least one object (use destroy to remove a unit)".into()));
+        return Err(err(
+            None,
+            None,
+            "no documents: a unit needs at least one object (use destroy to remove a unit)".into(),
+        ));
     }
     if docs.len() > limits.max_documents {
         return Err(err(
@@ -199,37 +202,63 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
     let mut objects = Vec::with_capacity(docs.len());
     for doc in &docs {
         let at = Some((doc.index, doc.line));
-        let value: Value = serde_saphyr::from_str_with_options(doc.text, options.clone())
-            .map_err(|e| err(at, None, format!("not valid YAML: {}", one_line(&e.to_string()))))?;
+        let value: Value =
+            serde_saphyr::from_str_with_options(doc.text, options.clone()).map_err(|e| {
+                err(
+                    at,
+                    None,
+                    format!("not valid YAML: {}", one_line(&e.to_string())),
+                )
+            })?;
         let depth = depth_of(&value);
         if depth > limits.max_depth {
             return Err(err(
                 at,
                 None,
-                format!("nesting depth {depth} is over the limit of {}", limits.max_depth),
+                format!(
+                    "nesting depth {depth} is over the limit of {}",
+                    limits.max_depth
+                ),
             ));
         }
         let Value::Object(map) = &value else {
             return Err(err(
                 at,
                 None,
-                format!("expected a Kubernetes object (a mapping), found {}", kind_of(&value)),
+                format!(
+                    "expected a Kubernetes object (a mapping), found {}",
+                    kind_of(&value)
+                ),
             ));
         };
-        let api_version = required_string(map.get("apiVersion"))
-            .map_err(|p| err(at, Some("apiVersion"), p))?;
+        let api_version =
+            required_string(map.get("apiVersion")).map_err(|p| err(at, Some("apiVersion"), p))?;
         let kind = required_string(map.get("kind")).map_err(|p| err(at, Some("kind"), p))?;
         let Some(Value::Object(meta)) = map.get("metadata") else {
-            return Err(err(at, Some("metadata"), "required mapping is missing".into()));
+            return Err(err(
+                at,
+                Some("metadata"),
+                "required mapping is missing".into(),
+            ));
         };
-        let name = required_string(meta.get("name")).map_err(|p| err(at, Some("metadata.name"), p))?;
-        check_dns1123_subdomain(&name)
-            .map_err(|why| err(at, Some("metadata.name"), format!("invalid value {name:?}: {why}")))?;
+        let name =
+            required_string(meta.get("name")).map_err(|p| err(at, Some("metadata.name"), p))?;
+        check_dns1123_subdomain(&name).map_err(|why| {
+            err(
+                at,
+                Some("metadata.name"),
+                format!("invalid value {name:?}: {why}"),
+            )
+        })?;
         let namespace = match meta.get("namespace") {
             None | Some(Value::Null) => None,
             Some(Value::String(ns)) => {
                 check_dns1123_label(ns).map_err(|why| {
-                    err(at, Some("metadata.namespace"), format!("invalid value {ns:?}: {why}"))
+                    err(
+                        at,
+                        Some("metadata.namespace"),
+                        format!("invalid value {ns:?}: {why}"),
+                    )
                 })?;
                 Some(ns.clone())
             }
@@ -304,7 +333,11 @@ fn depth_of(v: &Value) -> usize {
 }
 
 fn one_line(s: &str) -> String {
-    s.lines().map(str::trim).filter(|l| !l.is_empty()).collect::<Vec<_>>().join(" ")
+    s.lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -319,11 +352,14 @@ mod tests {
         validate(&unit(), text, &Limits::default())
     }
 
-    const CM: &str = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: web\ndata:\n  k: v\n";
+    const CM: &str =
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: web\ndata:\n  k: v\n";
 
     #[test]
     fn accepts_multi_document_streams() {
-        let text = format!("---\n{CM}---\n# comment only\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: web\n");
+        let text = format!(
+            "---\n{CM}---\n# comment only\n---\napiVersion: v1\nkind: Namespace\nmetadata:\n  name: web\n"
+        );
         let v = check(&text).unwrap();
         assert_eq!(v.objects.len(), 2);
         assert_eq!(v.objects[1].kind, "Namespace");
@@ -332,13 +368,19 @@ mod tests {
 
     #[test]
     fn names_document_and_field() {
-        let text = format!("{CM}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Bad_Name\n");
+        let text =
+            format!("{CM}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Bad_Name\n");
         let e = check(&text).unwrap_err();
         assert_eq!(e.document, Some(2));
         assert_eq!(e.line, Some(8));
         assert_eq!(e.field.as_deref(), Some("metadata.name"));
         let msg = e.to_string();
-        assert!(msg.starts_with("unit dev/web, document 2 (line 8), field metadata.name: invalid value \"Bad_Name\""), "{msg}");
+        assert!(
+            msg.starts_with(
+                "unit dev/web, document 2 (line 8), field metadata.name: invalid value \"Bad_Name\""
+            ),
+            "{msg}"
+        );
     }
 
     #[test]
@@ -347,9 +389,18 @@ mod tests {
             ("kind: ConfigMap\nmetadata:\n  name: a\n", "apiVersion"),
             ("apiVersion: v1\nmetadata:\n  name: a\n", "kind"),
             ("apiVersion: v1\nkind: ConfigMap\n", "metadata"),
-            ("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels: {}\n", "metadata.name"),
-            ("apiVersion: 1\nkind: ConfigMap\nmetadata:\n  name: a\n", "apiVersion"),
-            ("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: Not_Ok\n", "metadata.namespace"),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  labels: {}\n",
+                "metadata.name",
+            ),
+            (
+                "apiVersion: 1\nkind: ConfigMap\nmetadata:\n  name: a\n",
+                "apiVersion",
+            ),
+            (
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\n  namespace: Not_Ok\n",
+                "metadata.namespace",
+            ),
         ];
         for (text, field) in cases {
             let e = check(text).unwrap_err();
@@ -396,20 +447,29 @@ mod tests {
         };
         let three = [CM, CM, CM].join("---\n");
         let e = validate(&unit(), &three, &limits).unwrap_err();
-        assert!(e.problem.contains("3 documents, over the limit of 2"), "{e}");
+        assert!(
+            e.problem.contains("3 documents, over the limit of 2"),
+            "{e}"
+        );
 
-        let mut deep = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: ");
+        let mut deep =
+            String::from("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\ndata: ");
         deep.push_str(&"[".repeat(100));
         deep.push_str(&"]".repeat(100));
         deep.push('\n');
         let e = check(&deep).unwrap_err();
         assert_eq!(e.document, Some(1));
-        assert!(e.problem.contains("depth") || e.problem.contains("nest"), "{e}");
+        assert!(
+            e.problem.contains("depth") || e.problem.contains("nest"),
+            "{e}"
+        );
     }
 
     #[test]
     fn alias_bomb_is_refused() {
-        let mut text = String::from("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\nx0: &a0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n");
+        let mut text = String::from(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: a\nx0: &a0 [\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\",\"lol\"]\n",
+        );
         for i in 1..10 {
             let p = i - 1;
             text.push_str(&format!(

@@ -36,12 +36,29 @@ impl Metrics {
         let status_reports = Counter::default();
         let sessions_refused = Counter::default();
         // 0.5 ms .. ~65 s.
-        let delivery_latency =
-            Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 18));
-        registry.register("connected_agents", "Agent sessions currently open", connected_agents.clone());
-        registry.register("revisions_committed", "Revisions committed to the store", revisions_committed.clone());
-        registry.register("updates_sent", "Unit updates written to agent streams", updates_sent.clone());
-        registry.register("deliveries", "Unit updates acknowledged by agents", deliveries.clone());
+        let delivery_latency = Histogram::new(
+            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 18),
+        );
+        registry.register(
+            "connected_agents",
+            "Agent sessions currently open",
+            connected_agents.clone(),
+        );
+        registry.register(
+            "revisions_committed",
+            "Revisions committed to the store",
+            revisions_committed.clone(),
+        );
+        registry.register(
+            "updates_sent",
+            "Unit updates written to agent streams",
+            updates_sent.clone(),
+        );
+        registry.register(
+            "deliveries",
+            "Unit updates acknowledged by agents",
+            deliveries.clone(),
+        );
         registry.register(
             "coalesced_updates",
             "Pending updates replaced by a newer revision before being sent",
@@ -52,8 +69,16 @@ impl Metrics {
             "Time from commit to the agent's acknowledgement",
             delivery_latency.clone(),
         );
-        registry.register("status_reports", "Status reports received from agents", status_reports.clone());
-        registry.register("sessions_refused", "Agent sessions refused (auth, version, load)", sessions_refused.clone());
+        registry.register(
+            "status_reports",
+            "Status reports received from agents",
+            status_reports.clone(),
+        );
+        registry.register(
+            "sessions_refused",
+            "Agent sessions refused (auth, version, load)",
+            sessions_refused.clone(),
+        );
         Metrics {
             registry,
             connected_agents,

@@ -135,13 +135,19 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         .await
         .map_err(StartError::Store)?;
 
-    let grpc_listener = TcpListener::bind(config.listen)
-        .await
-        .map_err(|source| StartError::Listen { addr: config.listen, source })?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| StartError::Listen {
-        addr: config.listen,
-        source,
-    })?;
+    let grpc_listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Listen {
+                addr: config.listen,
+                source,
+            })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Listen {
+            addr: config.listen,
+            source,
+        })?;
     let http_listener = match config.http_listen {
         Some(addr) => Some(
             TcpListener::bind(addr)

@@ -9,8 +9,8 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::model::{
-    AuditEntry, Cluster, ClusterName, EnvName, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, Revision, RevisionNum, Role, StatusCell, StatusReport, Unit, UnitRef,
+    AuditEntry, Cluster, ClusterName, EnvName, Environment, HeadRef, Labels, NewAudit, NewRevision,
+    Revision, RevisionNum, Role, StatusCell, StatusReport, Unit, UnitRef,
 };
 
 pub use sqlite::SqliteStore;

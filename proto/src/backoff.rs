@@ -97,7 +97,10 @@ mod tests {
         let mut base = 1.0_f64;
         for _ in 0..30 {
             let d = b.next_delay().as_secs_f64();
-            assert!(d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9, "{d} vs base {base}");
+            assert!(
+                d >= base * 0.8 - 1e-9 && d <= base * 1.2 + 1e-9,
+                "{d} vs base {base}"
+            );
             base = (base * 1.6).min(120.0);
         }
         // After enough attempts the base is pinned at the cap.
@@ -122,6 +125,9 @@ mod tests {
             .collect();
         let min = delays.iter().copied().fold(f64::MAX, f64::min);
         let max = delays.iter().copied().fold(f64::MIN, f64::max);
-        assert!(max - min > 0.05, "50 loops started together must not retry in lockstep");
+        assert!(
+            max - min > 0.05,
+            "50 loops started together must not retry in lockstep"
+        );
     }
 }

@@ -1,1 +1,18 @@
-//! placeholder
+//! Test fixtures for unitsync: in-process hubs on `127.0.0.1:0` with a
+//! fresh SQLite store each ([`hub`]), simulated agents built on the real
+//! agent session client ([`sim_agent`]), and condition waits ([`wait`]).
+
+pub mod hub;
+pub mod sim_agent;
+pub mod wait;
+
+pub use hub::TestHub;
+pub use sim_agent::SimAgent;
+pub use wait::{until, within};
+
+/// A small valid unit: one ConfigMap whose data carries `value`.
+pub fn configmap(name: &str, value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: apps\ndata:\n  value: \"{value}\"\n"
+    )
+}

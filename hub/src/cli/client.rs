@@ -47,7 +47,9 @@ fn token(g: &Global) -> anyhow::Result<String> {
     if path.exists() {
         return read_token(&path);
     }
-    bail!("no operator token: set UNITSYNC_TOKEN, pass --token-file, or run next to the hub's data directory")
+    bail!(
+        "no operator token: set UNITSYNC_TOKEN, pass --token-file, or run next to the hub's data directory"
+    )
 }
 
 pub(super) async fn connect(g: &Global) -> anyhow::Result<Client> {

@@ -45,17 +45,25 @@ async fn env(c: &mut Client, f: Format, cmd: EnvCommand) -> anyhow::Result<()> {
     let envs = match cmd {
         EnvCommand::Create { name, after } => {
             let e = api(c
-                .create_environment(pb::CreateEnvironmentRequest { name, after: after.unwrap_or_default() })
+                .create_environment(pb::CreateEnvironmentRequest {
+                    name,
+                    after: after.unwrap_or_default(),
+                })
                 .await)?;
             vec![e]
         }
-        EnvCommand::List => api(c.list_environments(pb::ListEnvironmentsRequest {}).await)?.environments,
+        EnvCommand::List => {
+            api(c.list_environments(pb::ListEnvironmentsRequest {}).await)?.environments
+        }
     };
     let views: Vec<EnvView> = envs.iter().map(EnvView::from).collect();
     print(&structured(f, &views).unwrap_or_else(|| {
         table(
             &["name", "position", "created"],
-            views.iter().map(|e| vec![e.name.clone(), e.position.to_string(), e.created.clone()]).collect(),
+            views
+                .iter()
+                .map(|e| vec![e.name.clone(), e.position.to_string(), e.created.clone()])
+                .collect(),
         )
     }));
     Ok(())
@@ -63,7 +71,14 @@ async fn env(c: &mut Client, f: Format, cmd: EnvCommand) -> anyhow::Result<()> {
 
 fn cluster_table(views: &[ClusterView]) -> String {
     table(
-        &["name", "environment", "connected", "agent", "labels", "created"],
+        &[
+            "name",
+            "environment",
+            "connected",
+            "agent",
+            "labels",
+            "created",
+        ],
         views
             .iter()
             .map(|c| {
@@ -96,24 +111,35 @@ async fn cluster(c: &mut Client, f: Format, cmd: ClusterCommand) -> anyhow::Resu
             match structured(f, &view) {
                 Some(s) => print(&s),
                 None => {
-                    print(&format!("cluster {} created in environment {}", view.name, view.environment));
+                    print(&format!(
+                        "cluster {} created in environment {}",
+                        view.name, view.environment
+                    ));
                     eprintln!("agent token (shown once; store it as the agent's credential):");
                     print(&r.token);
                 }
             }
         }
         ClusterCommand::List { env } => {
-            let r = api(c.list_clusters(pb::ListClustersRequest { environment: env.unwrap_or_default() }).await)?;
+            let r = api(c
+                .list_clusters(pb::ListClustersRequest {
+                    environment: env.unwrap_or_default(),
+                })
+                .await)?;
             let views: Vec<ClusterView> = r.clusters.iter().map(ClusterView::from).collect();
             print(&structured(f, &views).unwrap_or_else(|| cluster_table(&views)));
         }
         ClusterCommand::Get { name } => {
             let r = api(c.get_cluster(pb::GetClusterRequest { name }).await)?;
             let view = ClusterView::from(&r);
-            print(&structured(f, &view).unwrap_or_else(|| cluster_table(std::slice::from_ref(&view))));
+            print(
+                &structured(f, &view).unwrap_or_else(|| cluster_table(std::slice::from_ref(&view))),
+            );
         }
         ClusterCommand::Delete { name } => {
-            api(c.delete_cluster(pb::DeleteClusterRequest { name: name.clone() }).await)?;
+            api(c
+                .delete_cluster(pb::DeleteClusterRequest { name: name.clone() })
+                .await)?;
             eprintln!("cluster {name} deleted; its token no longer works");
         }
     }
@@ -123,7 +149,9 @@ async fn cluster(c: &mut Client, f: Format, cmd: ClusterCommand) -> anyhow::Resu
 fn read_manifests(path: &std::path::Path) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
         let mut s = String::new();
-        std::io::stdin().read_to_string(&mut s).context("cannot read manifests from standard input")?;
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("cannot read manifests from standard input")?;
         return Ok(s);
     }
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
@@ -142,21 +170,46 @@ async fn put(c: &mut Client, f: Format, args: PutArgs, mode: pb::PutMode) -> any
         .await)?;
     let view = RevisionView::from(&rev);
     print(&structured(f, &view).unwrap_or_else(|| {
-        format!("{} revision {} committed ({} documents, sha256 {})", view.unit, view.revision, view.documents, &view.digest[..12])
+        format!(
+            "{} revision {} committed ({} documents, sha256 {})",
+            view.unit,
+            view.revision,
+            view.documents,
+            &view.digest[..12]
+        )
     }));
     if args.wait.wait {
-        wait::until_ready(c, &args.unit, rev.number, false, Duration::from_secs(args.wait.timeout)).await?;
+        wait::until_ready(
+            c,
+            &args.unit,
+            rev.number,
+            false,
+            Duration::from_secs(args.wait.timeout),
+        )
+        .await?;
     }
     Ok(())
 }
 
 fn revision_table(revs: &[RevisionView]) -> String {
     table(
-        &["revision", "created", "author", "origin", "documents", "digest", "message"],
+        &[
+            "revision",
+            "created",
+            "author",
+            "origin",
+            "documents",
+            "digest",
+            "message",
+        ],
         revs.iter()
             .map(|r| {
                 vec![
-                    if r.tombstone { format!("{} (destroy)", r.revision) } else { r.revision.to_string() },
+                    if r.tombstone {
+                        format!("{} (destroy)", r.revision)
+                    } else {
+                        r.revision.to_string()
+                    },
                     r.created.clone(),
                     r.author.clone(),
                     r.origin.clone(),
@@ -174,7 +227,12 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
         UnitCommand::Create(args) => put(c, f, args, pb::PutMode::Create).await?,
         UnitCommand::Update(args) => put(c, f, args, pb::PutMode::Update).await?,
         UnitCommand::Get { unit, manifests } => {
-            let d = api(c.get_unit(pb::GetUnitRequest { unit, include_manifests: manifests }).await)?;
+            let d = api(c
+                .get_unit(pb::GetUnitRequest {
+                    unit,
+                    include_manifests: manifests,
+                })
+                .await)?;
             let u = UnitView::from(&d.unit.unwrap_or_default());
             let head = d.head.as_ref().map(RevisionView::from);
             let cells: Vec<CellView> = d.clusters.iter().map(CellView::from).collect();
@@ -184,7 +242,14 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                 head: &'a Option<RevisionView>,
                 clusters: &'a [CellView],
             }
-            match structured(f, &Detail { unit: &u, head: &head, clusters: &cells }) {
+            match structured(
+                f,
+                &Detail {
+                    unit: &u,
+                    head: &head,
+                    clusters: &cells,
+                },
+            ) {
                 Some(s) => print(&s),
                 None => {
                     print(&format!(
@@ -195,7 +260,10 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                         output::labels(&u.labels)
                     ));
                     if let Some(h) = &head {
-                        print(&format!("  committed {} by {} ({}): {}", h.created, h.author, h.origin, h.message));
+                        print(&format!(
+                            "  committed {} by {} ({}): {}",
+                            h.created, h.author, h.origin, h.message
+                        ));
                     }
                     print(&status_cells(&cells));
                     if let Some(h) = head.filter(|h| !h.manifests.is_empty()) {
@@ -206,7 +274,11 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
             }
         }
         UnitCommand::List { env } => {
-            let r = api(c.list_units(pb::ListUnitsRequest { environment: env.unwrap_or_default() }).await)?;
+            let r = api(c
+                .list_units(pb::ListUnitsRequest {
+                    environment: env.unwrap_or_default(),
+                })
+                .await)?;
             let views: Vec<UnitView> = r.units.iter().map(UnitView::from).collect();
             print(&structured(f, &views).unwrap_or_else(|| {
                 table(
@@ -234,9 +306,14 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
         UnitCommand::Diff { unit, from, to } => {
             let to = match to {
                 Some(n) => n,
-                None => api(c.get_unit(pb::GetUnitRequest { unit: unit.clone(), include_manifests: false }).await)?
-                    .unit
-                    .map_or(0, |u| u.head_revision),
+                None => api(c
+                    .get_unit(pb::GetUnitRequest {
+                        unit: unit.clone(),
+                        include_manifests: false,
+                    })
+                    .await)?
+                .unit
+                .map_or(0, |u| u.head_revision),
             };
             let from = from.unwrap_or(to.saturating_sub(1));
             let text = |n: u64, c: &mut Client| {
@@ -246,7 +323,12 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                     if n == 0 {
                         return Ok(String::new());
                     }
-                    Ok::<_, anyhow::Error>(api(c.get_revision(pb::GetRevisionRequest { unit, number: n }).await)?.manifests)
+                    Ok::<_, anyhow::Error>(
+                        api(c
+                            .get_revision(pb::GetRevisionRequest { unit, number: n })
+                            .await)?
+                        .manifests,
+                    )
                 }
             };
             let old = text(from, c).await?;
@@ -263,12 +345,31 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                 print!("{out}");
             }
         }
-        UnitCommand::Destroy { unit, message, wait } => {
-            let rev = api(c.destroy_unit(pb::DestroyUnitRequest { unit: unit.clone(), message }).await)?;
+        UnitCommand::Destroy {
+            unit,
+            message,
+            wait,
+        } => {
+            let rev = api(c
+                .destroy_unit(pb::DestroyUnitRequest {
+                    unit: unit.clone(),
+                    message,
+                })
+                .await)?;
             let view = RevisionView::from(&rev);
-            print(&structured(f, &view).unwrap_or_else(|| format!("{unit} destroyed (revision {})", rev.number)));
+            print(
+                &structured(f, &view)
+                    .unwrap_or_else(|| format!("{unit} destroyed (revision {})", rev.number)),
+            );
             if wait.wait {
-                wait::until_ready(c, &unit, rev.number, true, Duration::from_secs(wait.timeout)).await?;
+                wait::until_ready(
+                    c,
+                    &unit,
+                    rev.number,
+                    true,
+                    Duration::from_secs(wait.timeout),
+                )
+                .await?;
             }
         }
     }
@@ -277,7 +378,14 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
 
 fn status_cells(cells: &[CellView]) -> String {
     table(
-        &["cluster", "acked", "revision", "phase", "connected", "message"],
+        &[
+            "cluster",
+            "acked",
+            "revision",
+            "phase",
+            "connected",
+            "message",
+        ],
         cells
             .iter()
             .map(|c| {
@@ -295,7 +403,9 @@ fn status_cells(cells: &[CellView]) -> String {
 }
 
 async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
-    let m = api(c.get_status(pb::GetStatusRequest { environment: env }).await)?;
+    let m = api(c
+        .get_status(pb::GetStatusRequest { environment: env })
+        .await)?;
     let cells: Vec<CellView> = m.cells.iter().map(CellView::from).collect();
     if let Some(s) = structured(f, &cells) {
         print(&s);
@@ -310,13 +420,26 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
         .iter()
         .map(|u| {
             let env = u.unit.split_once('/').map_or("", |(e, _)| e);
-            let mut row = vec![u.unit.clone(), if u.destroyed { format!("{} (destroyed)", u.head_revision) } else { u.head_revision.to_string() }];
+            let mut row = vec![
+                u.unit.clone(),
+                if u.destroyed {
+                    format!("{} (destroyed)", u.head_revision)
+                } else {
+                    u.head_revision.to_string()
+                },
+            ];
             for cl in &clusters {
                 let cell = if cl.environment != env {
                     String::new()
                 } else {
-                    match m.cells.iter().find(|s| s.cluster == cl.name && s.unit == u.unit) {
-                        Some(s) if s.revision > 0 => format!("{} {}", s.revision, output::phase(s.phase)),
+                    match m
+                        .cells
+                        .iter()
+                        .find(|s| s.cluster == cl.name && s.unit == u.unit)
+                    {
+                        Some(s) if s.revision > 0 => {
+                            format!("{} {}", s.revision, output::phase(s.phase))
+                        }
                         Some(s) if s.acked_revision > 0 => format!("{} received", s.acked_revision),
                         _ => "-".into(),
                     }
@@ -332,14 +455,27 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
 }
 
 async fn audit(c: &mut Client, f: Format, limit: u32, target: String) -> anyhow::Result<()> {
-    let r = api(c.list_audit(pb::ListAuditRequest { limit, target_prefix: target }).await)?;
+    let r = api(c
+        .list_audit(pb::ListAuditRequest {
+            limit,
+            target_prefix: target,
+        })
+        .await)?;
     let views: Vec<AuditView> = r.entries.iter().map(AuditView::from).collect();
     print(&structured(f, &views).unwrap_or_else(|| {
         table(
             &["time", "actor", "action", "target", "detail"],
             views
                 .iter()
-                .map(|a| vec![a.time.clone(), a.actor.clone(), a.action.clone(), a.target.clone(), a.detail.clone()])
+                .map(|a| {
+                    vec![
+                        a.time.clone(),
+                        a.actor.clone(),
+                        a.action.clone(),
+                        a.target.clone(),
+                        a.detail.clone(),
+                    ]
+                })
                 .collect(),
         )
     }));

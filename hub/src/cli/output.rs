@@ -240,7 +240,12 @@ pub(super) fn table(header: &[&str], rows: Vec<Vec<String>>) -> String {
     // comfy-table pads the first column with a space; trim line starts.
     t.to_string()
         .lines()
-        .map(|l| l.trim_end().strip_prefix(' ').unwrap_or(l.trim_end()).to_owned())
+        .map(|l| {
+            l.trim_end()
+                .strip_prefix(' ')
+                .unwrap_or(l.trim_end())
+                .to_owned()
+        })
         .collect::<Vec<_>>()
         .join("\n")
 }
@@ -255,5 +260,8 @@ pub(super) fn structured<T: Serialize>(format: Format, value: &T) -> Option<Stri
 }
 
 pub(super) fn labels(l: &BTreeMap<String, String>) -> String {
-    l.iter().map(|(k, v)| format!("{k}={v}")).collect::<Vec<_>>().join(",")
+    l.iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect::<Vec<_>>()
+        .join(",")
 }

@@ -22,12 +22,18 @@ pub(super) async fn until_ready(
     timeout: Duration,
 ) -> anyhow::Result<()> {
     let env = unit.split_once('/').map_or("", |(e, _)| e).to_owned();
-    let want = if tombstone { pb::Phase::Destroyed } else { pb::Phase::Ready };
+    let want = if tombstone {
+        pb::Phase::Destroyed
+    } else {
+        pb::Phase::Ready
+    };
     let deadline = Instant::now() + timeout;
     let mut last_line = String::new();
     loop {
         let clusters = client
-            .list_clusters(pb::ListClustersRequest { environment: env.clone() })
+            .list_clusters(pb::ListClustersRequest {
+                environment: env.clone(),
+            })
             .await?
             .into_inner()
             .clusters;
@@ -36,11 +42,17 @@ pub(super) async fn until_ready(
             return Ok(());
         }
         let detail = client
-            .get_unit(pb::GetUnitRequest { unit: unit.to_owned(), include_manifests: false })
+            .get_unit(pb::GetUnitRequest {
+                unit: unit.to_owned(),
+                include_manifests: false,
+            })
             .await?
             .into_inner();
-        let cells: BTreeMap<&str, &pb::ClusterUnitStatus> =
-            detail.clusters.iter().map(|c| (c.cluster.as_str(), c)).collect();
+        let cells: BTreeMap<&str, &pb::ClusterUnitStatus> = detail
+            .clusters
+            .iter()
+            .map(|c| (c.cluster.as_str(), c))
+            .collect();
         let mut done = 0;
         let mut failed = Vec::new();
         let mut waiting = Vec::new();
@@ -70,14 +82,22 @@ pub(super) async fn until_ready(
             "{unit}@{revision}: {done}/{} clusters {}{}",
             clusters.len(),
             phase(want.into()),
-            if waiting.is_empty() { String::new() } else { format!(" ({})", waiting.join(", ")) }
+            if waiting.is_empty() {
+                String::new()
+            } else {
+                format!(" ({})", waiting.join(", "))
+            }
         );
         if line != last_line {
             eprintln!("{line}");
             last_line = line;
         }
         if !failed.is_empty() {
-            bail!("{unit}@{revision} failed in {} cluster(s):\n  {}", failed.len(), failed.join("\n  "));
+            bail!(
+                "{unit}@{revision} failed in {} cluster(s):\n  {}",
+                failed.len(),
+                failed.join("\n  ")
+            );
         }
         if done == clusters.len() {
             return Ok(());

@@ -28,7 +28,11 @@ impl AdminService {
 }
 
 fn optional_env(s: &str) -> Result<Option<EnvName>> {
-    if s.is_empty() { Ok(None) } else { parse(s).map(Some) }
+    if s.is_empty() {
+        Ok(None)
+    } else {
+        parse(s).map(Some)
+    }
 }
 
 fn labels(map: std::collections::HashMap<String, String>) -> Result<Labels> {
@@ -48,7 +52,10 @@ fn ok<T>(r: Result<T>) -> Reply<T> {
 
 #[tonic::async_trait]
 impl pb::hub_service_server::HubService for AdminService {
-    async fn create_environment(&self, req: Request<pb::CreateEnvironmentRequest>) -> Reply<pb::Environment> {
+    async fn create_environment(
+        &self,
+        req: Request<pb::CreateEnvironmentRequest>,
+    ) -> Reply<pb::Environment> {
         ok(async {
             let actor = self.operator(&req, true).await?;
             let r = req.into_inner();
@@ -61,7 +68,10 @@ impl pb::hub_service_server::HubService for AdminService {
         .await)
     }
 
-    async fn list_environments(&self, req: Request<pb::ListEnvironmentsRequest>) -> Reply<pb::ListEnvironmentsResponse> {
+    async fn list_environments(
+        &self,
+        req: Request<pb::ListEnvironmentsRequest>,
+    ) -> Reply<pb::ListEnvironmentsResponse> {
         ok(async {
             self.operator(&req, false).await?;
             let envs = self.hub.store.list_environments().await?;
@@ -72,13 +82,21 @@ impl pb::hub_service_server::HubService for AdminService {
         .await)
     }
 
-    async fn create_cluster(&self, req: Request<pb::CreateClusterRequest>) -> Reply<pb::CreateClusterResponse> {
+    async fn create_cluster(
+        &self,
+        req: Request<pb::CreateClusterRequest>,
+    ) -> Reply<pb::CreateClusterResponse> {
         ok(async {
             let actor = self.operator(&req, true).await?;
             let r = req.into_inner();
             let (cluster, token) = self
                 .hub
-                .create_cluster(actor, parse(&r.name)?, parse(&r.environment)?, labels(r.labels)?)
+                .create_cluster(
+                    actor,
+                    parse(&r.name)?,
+                    parse(&r.environment)?,
+                    labels(r.labels)?,
+                )
                 .await?;
             Ok(pb::CreateClusterResponse {
                 cluster: Some(convert::cluster(&cluster, None)),
@@ -88,7 +106,10 @@ impl pb::hub_service_server::HubService for AdminService {
         .await)
     }
 
-    async fn list_clusters(&self, req: Request<pb::ListClustersRequest>) -> Reply<pb::ListClustersResponse> {
+    async fn list_clusters(
+        &self,
+        req: Request<pb::ListClustersRequest>,
+    ) -> Reply<pb::ListClustersResponse> {
         ok(async {
             self.operator(&req, false).await?;
             let env = optional_env(&req.get_ref().environment)?;
@@ -113,15 +134,23 @@ impl pb::hub_service_server::HubService for AdminService {
                 .get_cluster(&name)
                 .await?
                 .ok_or_else(|| HubError::NotFound(format!("cluster {name}")))?;
-            Ok(convert::cluster(&c, self.hub.fanout.session(&name).as_deref()))
+            Ok(convert::cluster(
+                &c,
+                self.hub.fanout.session(&name).as_deref(),
+            ))
         }
         .await)
     }
 
-    async fn delete_cluster(&self, req: Request<pb::DeleteClusterRequest>) -> Reply<pb::DeleteClusterResponse> {
+    async fn delete_cluster(
+        &self,
+        req: Request<pb::DeleteClusterRequest>,
+    ) -> Reply<pb::DeleteClusterResponse> {
         ok(async {
             let actor = self.operator(&req, true).await?;
-            self.hub.delete_cluster(actor, parse(&req.get_ref().name)?).await?;
+            self.hub
+                .delete_cluster(actor, parse(&req.get_ref().name)?)
+                .await?;
             Ok(pb::DeleteClusterResponse {})
         }
         .await)
@@ -136,7 +165,11 @@ impl pb::hub_service_server::HubService for AdminService {
                 pb::PutMode::Create => PutMode::Create,
                 pb::PutMode::Update => PutMode::Update,
             };
-            let labels = if r.labels.is_empty() { None } else { Some(labels(r.labels)?) };
+            let labels = if r.labels.is_empty() {
+                None
+            } else {
+                Some(labels(r.labels)?)
+            };
             let rev = self
                 .hub
                 .put_unit(actor, parse(&r.unit)?, r.manifests, r.message, mode, labels)
@@ -152,7 +185,10 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             let actor = self.operator(&req, true).await?;
             let r = req.into_inner();
-            let rev = self.hub.destroy_unit(actor, parse(&r.unit)?, r.message).await?;
+            let rev = self
+                .hub
+                .destroy_unit(actor, parse(&r.unit)?, r.message)
+                .await?;
             Ok(convert::revision(&rev))
         }
         .await)
@@ -172,10 +208,10 @@ impl pb::hub_service_server::HubService for AdminService {
                 .get_revision(&unit, u.head)
                 .await?
                 .map(|h| convert::revision(&h));
-            if !r.include_manifests {
-                if let Some(h) = head.as_mut() {
-                    h.manifests.clear();
-                }
+            if !r.include_manifests
+                && let Some(h) = head.as_mut()
+            {
+                h.manifests.clear();
             }
             let cells = store.statuses(Some(&unit.env), Some(&unit)).await?;
             Ok(pb::UnitDetail {
@@ -202,7 +238,10 @@ impl pb::hub_service_server::HubService for AdminService {
         .await)
     }
 
-    async fn unit_history(&self, req: Request<pb::UnitHistoryRequest>) -> Reply<pb::UnitHistoryResponse> {
+    async fn unit_history(
+        &self,
+        req: Request<pb::UnitHistoryRequest>,
+    ) -> Reply<pb::UnitHistoryResponse> {
         ok(async {
             self.operator(&req, false).await?;
             let unit: UnitRef = parse(&req.get_ref().unit)?;
@@ -271,7 +310,11 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             self.operator(&req, false).await?;
             let r = req.get_ref();
-            let limit = if r.limit == 0 { 100 } else { r.limit.min(10_000) };
+            let limit = if r.limit == 0 {
+                100
+            } else {
+                r.limit.min(10_000)
+            };
             let entries = self.hub.store.list_audit(limit, &r.target_prefix).await?;
             Ok(pb::ListAuditResponse {
                 entries: entries.iter().map(convert::audit).collect(),

@@ -73,20 +73,30 @@ impl pb::agent_service_server::AgentService for AgentService {
         }
         let mut inbound = request.into_inner();
         let hello = match tokio::time::timeout(HELLO_TIMEOUT, inbound.message()).await {
-            Ok(Ok(Some(pb::AgentMessage { msg: Some(AgentMsg::Hello(h)) }))) => h,
+            Ok(Ok(Some(pb::AgentMessage {
+                msg: Some(AgentMsg::Hello(h)),
+            }))) => h,
             Ok(Ok(_)) => {
                 return Err(refused(HubError::InvalidArgument(
                     "the first message of a session must be Hello".into(),
                 )));
             }
             Ok(Err(status)) => return Err(status),
-            Err(_) => return Err(refused(HubError::InvalidArgument("no Hello within 30 s".into()))),
+            Err(_) => {
+                return Err(refused(HubError::InvalidArgument(
+                    "no Hello within 30 s".into(),
+                )));
+            }
         };
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol_version) {
             return Err(refused(HubError::FailedPrecondition(format!(
                 "unsupported protocol version {}: this hub speaks versions {MIN_PROTOCOL_VERSION} to {PROTOCOL_VERSION}; upgrade the {}",
                 hello.protocol_version,
-                if hello.protocol_version > PROTOCOL_VERSION { "hub" } else { "agent" }
+                if hello.protocol_version > PROTOCOL_VERSION {
+                    "hub"
+                } else {
+                    "agent"
+                }
             ))));
         }
 
@@ -123,7 +133,9 @@ impl pb::agent_service_server::AgentService for AgentService {
                 protocol_version: PROTOCOL_VERSION,
                 cluster: cluster.name.to_string(),
                 environment: cluster.environment.to_string(),
-                heartbeat_interval_seconds: u32::try_from(hub.tuning.heartbeat.as_secs()).unwrap_or(30).max(1),
+                heartbeat_interval_seconds: u32::try_from(hub.tuning.heartbeat.as_secs())
+                    .unwrap_or(30)
+                    .max(1),
                 resync_updates: u32::try_from(resync).unwrap_or(u32::MAX),
             })),
         };
@@ -145,7 +157,12 @@ async fn resync(
 ) -> Result<usize, HubError> {
     let mut vector: HashMap<&str, (RevisionNum, Option<Digest>)> = held
         .iter()
-        .map(|h| (h.unit.as_str(), (RevisionNum(h.revision), Digest::from_hex(&h.digest))))
+        .map(|h| {
+            (
+                h.unit.as_str(),
+                (RevisionNum(h.revision), Digest::from_hex(&h.digest)),
+            )
+        })
         .collect();
     let heads = hub.store.heads(&cluster.environment).await?;
     let mut offered = 0;
@@ -190,7 +207,11 @@ fn heartbeat() -> pb::HubMessage {
 }
 
 /// Drains the mailbox into the stream; sends heartbeats while idle.
-async fn send_loop(hub: Arc<Hub>, conn: Arc<AgentConn>, tx: mpsc::Sender<Result<pb::HubMessage, Status>>) {
+async fn send_loop(
+    hub: Arc<Hub>,
+    conn: Arc<AgentConn>,
+    tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
+) {
     let mut ticker = tokio::time::interval(hub.tuning.heartbeat);
     ticker.tick().await;
     loop {
@@ -262,7 +283,9 @@ async fn receive_loop(
             AgentMsg::Status(s) => on_status(&hub, &conn, &cluster, &tx, s),
             AgentMsg::Heartbeat(_) => {}
             AgentMsg::Hello(_) => {
-                let _ = tx.try_send(Ok(notice("Hello is only valid as the first message".into())));
+                let _ = tx.try_send(Ok(notice(
+                    "Hello is only valid as the first message".into(),
+                )));
             }
         }
     };
@@ -289,7 +312,11 @@ fn on_ack(
         Some((name, at))
     });
     let Some((name, committed)) = known else {
-        if !a.unit.parse::<UnitName>().is_ok_and(|n| conn.mailbox.is_assigned(&n)) {
+        if !a
+            .unit
+            .parse::<UnitName>()
+            .is_ok_and(|n| conn.mailbox.is_assigned(&n))
+        {
             let _ = tx.try_send(Ok(notice(unknown_unit(&a.unit))));
         }
         return;
@@ -318,7 +345,12 @@ fn on_status(
     s: pb::StatusReport,
 ) {
     hub.metrics.status_reports.inc();
-    let Some(name) = s.unit.parse::<UnitName>().ok().filter(|n| conn.mailbox.is_assigned(n)) else {
+    let Some(name) = s
+        .unit
+        .parse::<UnitName>()
+        .ok()
+        .filter(|n| conn.mailbox.is_assigned(n))
+    else {
         let _ = tx.try_send(Ok(notice(unknown_unit(&s.unit))));
         return;
     };
@@ -331,7 +363,11 @@ fn on_status(
         revision: RevisionNum(s.revision),
         phase: convert::phase_from_pb(s.phase),
         message: s.message,
-        resources: s.resources.into_iter().map(convert::resource_from_pb).collect(),
+        resources: s
+            .resources
+            .into_iter()
+            .map(convert::resource_from_pb)
+            .collect(),
         observed_at: convert::millis(s.observed_at.as_ref()),
     };
     hub.feedback.status(report);

@@ -7,8 +7,8 @@ use unitsync_proto::v1 as pb;
 use crate::error::{HubError, Result};
 use crate::fanout::{AgentConn, Delivery};
 use crate::model::{
-    AuditEntry, Cluster, Environment, Phase, ResourceState, Revision, StatusCell, Unit,
-    UnitStatus, UnixMillis,
+    AuditEntry, Cluster, Environment, Phase, ResourceState, Revision, StatusCell, Unit, UnitStatus,
+    UnixMillis,
 };
 
 pub fn timestamp(t: UnixMillis) -> Option<prost_types::Timestamp> {
@@ -17,7 +17,9 @@ pub fn timestamp(t: UnixMillis) -> Option<prost_types::Timestamp> {
 }
 
 pub fn millis(t: Option<&prost_types::Timestamp>) -> UnixMillis {
-    t.map_or(UnixMillis::now(), |t| UnixMillis(t.seconds * 1000 + i64::from(t.nanos / 1_000_000)))
+    t.map_or(UnixMillis::now(), |t| {
+        UnixMillis(t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
+    })
 }
 
 pub fn parse<T: std::str::FromStr<Err = crate::model::NameError>>(s: &str) -> Result<T> {
@@ -210,7 +212,11 @@ pub fn update(d: &Delivery) -> pb::UnitUpdate {
         revision: d.revision.0,
         digest: d.digest.map(|x| x.to_hex()).unwrap_or_default(),
         tombstone: d.tombstone,
-        manifests: if d.tombstone { String::new() } else { d.manifests.to_string() },
+        manifests: if d.tombstone {
+            String::new()
+        } else {
+            d.manifests.to_string()
+        },
         environment: d.env.to_string(),
         committed_at: Some(d.committed_at.into()),
     }

@@ -245,10 +245,11 @@ impl Store for SqliteStore {
     }
 
     async fn list_environments(&self) -> StoreResult<Vec<Environment>> {
-        let rows = sqlx::query("SELECT name, position, created_at FROM environments ORDER BY position")
-            .fetch_all(&self.readers)
-            .await
-            .map_err(db)?;
+        let rows =
+            sqlx::query("SELECT name, position, created_at FROM environments ORDER BY position")
+                .fetch_all(&self.readers)
+                .await
+                .map_err(db)?;
         rows.iter().map(environment_row).collect()
     }
 
@@ -262,11 +263,12 @@ impl Store for SqliteStore {
     ) -> StoreResult<Cluster> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(db)?;
-        let env_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
-            .bind(env.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let env_exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
+                .bind(env.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
         if env_exists.is_none() {
             return Err(StoreError::NotFound(format!("environment {env}")));
         }
@@ -311,11 +313,13 @@ impl Store for SqliteStore {
     }
 
     async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>> {
-        let row = sqlx::query("SELECT name, environment, labels, created_at FROM clusters WHERE name = ?")
-            .bind(name.as_str())
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(db)?;
+        let row = sqlx::query(
+            "SELECT name, environment, labels, created_at FROM clusters WHERE name = ?",
+        )
+        .bind(name.as_str())
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
         row.as_ref().map(cluster_row).transpose()
     }
 
@@ -378,20 +382,25 @@ impl Store for SqliteStore {
     async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(db)?;
-        let env_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
-            .bind(rev.unit.env.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let env_exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
+                .bind(rev.unit.env.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
         if env_exists.is_none() {
-            return Err(StoreError::NotFound(format!("environment {}", rev.unit.env)));
+            return Err(StoreError::NotFound(format!(
+                "environment {}",
+                rev.unit.env
+            )));
         }
-        let existing = sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = ? AND name = ?")
-            .bind(rev.unit.env.as_str())
-            .bind(rev.unit.name.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
+        let existing =
+            sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = ? AND name = ?")
+                .bind(rev.unit.env.as_str())
+                .bind(rev.unit.name.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
         let now = UnixMillis::now();
         let (unit_id, number) = match existing {
             None => {
@@ -418,7 +427,10 @@ impl Store for SqliteStore {
                 let destroyed = get::<i64>(&row, "destroyed")? != 0;
                 match (rev.mode, destroyed, rev.tombstone) {
                     (_, true, true) => {
-                        return Err(StoreError::Conflict(format!("unit {} is already destroyed", rev.unit)));
+                        return Err(StoreError::Conflict(format!(
+                            "unit {} is already destroyed",
+                            rev.unit
+                        )));
                     }
                     (PutMode::Create, false, false) => {
                         return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
@@ -462,14 +474,23 @@ impl Store for SqliteStore {
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        let action = if rev.tombstone { "unit.destroy" } else if number == RevisionNum::FIRST { "unit.create" } else { "unit.update" };
+        let action = if rev.tombstone {
+            "unit.destroy"
+        } else if number == RevisionNum::FIRST {
+            "unit.create"
+        } else {
+            "unit.update"
+        };
         insert_audit(
             &mut tx,
             &NewAudit {
                 actor: rev.author.clone(),
                 action,
                 target: rev.unit.to_string(),
-                detail: format!("revision {number} digest {} origin {:?} message {:?}", rev.digest, rev.origin, rev.message),
+                detail: format!(
+                    "revision {number} digest {} origin {:?} message {:?}",
+                    rev.digest, rev.origin, rev.message
+                ),
             },
         )
         .await?;
@@ -493,11 +514,11 @@ impl Store for SqliteStore {
             "SELECT environment, name, labels, head, destroyed, created_at, updated_at
              FROM units WHERE environment = ? AND name = ?",
         )
-            .bind(unit.env.as_str())
-            .bind(unit.name.as_str())
-            .fetch_optional(&self.readers)
-            .await
-            .map_err(db)?;
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
         row.as_ref().map(unit_row).transpose()
     }
 
@@ -540,7 +561,9 @@ impl Store for SqliteStore {
         .fetch_optional(&self.readers)
         .await
         .map_err(db)?;
-        row.as_ref().map(|r| revision_row(unit, r, true)).transpose()
+        row.as_ref()
+            .map(|r| revision_row(unit, r, true))
+            .transpose()
     }
 
     async fn heads(&self, env: &EnvName) -> StoreResult<Vec<HeadRef>> {
@@ -598,7 +621,7 @@ impl Store for SqliteStore {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(db)?;
         for r in reports {
-            let resources = serde_json::to_string(&r.resources).map_err(|e| corrupt(e))?;
+            let resources = serde_json::to_string(&r.resources).map_err(corrupt)?;
             sqlx::query(
                 "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at)
                  SELECT c.name, u.id, ?1, ?2, ?3, ?4, ?5 FROM units u JOIN clusters c ON c.name = ?6
@@ -643,8 +666,8 @@ impl Store for SqliteStore {
         rows.iter()
             .map(|row| {
                 let resources: String = get(row, "resources")?;
-                let resources: Vec<ResourceState> =
-                    serde_json::from_str(&resources).map_err(|e| corrupt(format!("resources: {e}")))?;
+                let resources: Vec<ResourceState> = serde_json::from_str(&resources)
+                    .map_err(|e| corrupt(format!("resources: {e}")))?;
                 Ok(StatusCell {
                     cluster: parse(&get::<String>(row, "cluster")?, "cluster name")?,
                     unit: UnitRef {

@@ -1,1 +1,648 @@
-fn main() {}
+//! Fan-out benchmark: N agents (real gRPC clients over loopback, one
+//! process) against a real hub (`unitsync serve`, temp SQLite store, its own
+//! process), K revisions committed; then the same clients against a bare
+//! tonic broadcast server (no store, no protocol logic) in the same run.
+//!
+//! Prints commit->delivered latency p50/p99/max, deliveries per second and
+//! server RSS for both, and the ratios. Figures, not assertions.
+//!
+//! Run: `cargo run --release -p unitsync-tests --bin fanout-bench -- --agents 1000 --revisions 200`
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context, bail};
+use clap::Parser;
+use futures::Stream;
+use tokio::sync::{broadcast, mpsc};
+use tokio_stream::StreamExt;
+use tonic::{Request, Response, Status, Streaming};
+use unitsync_proto::v1 as pb;
+use unitsync_proto::v1::agent_message::Msg as AgentMsg;
+use unitsync_proto::v1::hub_message::Msg as HubMsg;
+
+#[derive(Parser, Debug, Clone)]
+struct Args {
+    /// Simulated agents (each its own cluster, token and TCP connection).
+    #[arg(long, default_value_t = 1_000)]
+    agents: usize,
+    /// Revisions committed during the measurement.
+    #[arg(long, default_value_t = 200)]
+    revisions: usize,
+    /// Units the revisions are spread over (round robin).
+    #[arg(long, default_value_t = 10)]
+    units: usize,
+    /// Pace of the latency phase: one revision every this many milliseconds.
+    #[arg(long, default_value_t = 20)]
+    interval_ms: u64,
+    /// Only run the hub (skip the bare baseline).
+    #[arg(long)]
+    hub_only: bool,
+    /// Internal: serve the bare baseline on this address.
+    #[arg(long, hide = true)]
+    serve_baseline: Option<String>,
+}
+
+#[derive(Default, Clone)]
+struct Figures {
+    name: &'static str,
+    latencies_us: Vec<u64>,
+    deliveries: u64,
+    expected: u64,
+    elapsed: Duration,
+    rss_kib: u64,
+    peak_rss_kib: u64,
+}
+
+impl Figures {
+    fn pct(&self, p: f64) -> f64 {
+        if self.latencies_us.is_empty() {
+            return f64::NAN;
+        }
+        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
+        self.latencies_us[i] as f64 / 1000.0
+    }
+
+    fn rate(&self) -> f64 {
+        self.deliveries as f64 / self.elapsed.as_secs_f64()
+    }
+
+    fn print(&self) {
+        println!(
+            "{:<11} deliveries {:>8}/{:<8} p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  {:>10.0} deliveries/s  server RSS {:>7.1} MiB (peak {:.1} MiB)",
+            self.name,
+            self.deliveries,
+            self.expected,
+            self.pct(0.50),
+            self.pct(0.99),
+            self.pct(1.0),
+            self.rate(),
+            self.rss_kib as f64 / 1024.0,
+            self.peak_rss_kib as f64 / 1024.0,
+        );
+    }
+}
+
+fn proc_status_kib(pid: u32, field: &str) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with(field))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn manifests(unit: usize, rev: usize) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: u{unit}\n  namespace: bench\ndata:\n  revision: \"{rev}\"\n  payload: \"{}\"\n",
+        "x".repeat(512)
+    )
+}
+
+/// What every agent task shares.
+#[derive(Default)]
+struct Collector {
+    latencies: std::sync::Mutex<Vec<u64>>,
+    deliveries: AtomicU64,
+    last: std::sync::Mutex<Option<Instant>>,
+}
+
+impl Collector {
+    fn reset(&self) {
+        self.latencies.lock().unwrap().clear();
+        self.deliveries.store(0, Ordering::Relaxed);
+        *self.last.lock().unwrap() = None;
+    }
+}
+
+/// One simulated agent: connect, hello, then receive and ack until `stop`.
+async fn agent(
+    endpoint: String,
+    token: String,
+    collector: Arc<Collector>,
+    ready: mpsc::Sender<()>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
+    let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+    let (tx, rx) = mpsc::channel(64);
+    tx.send(pb::AgentMessage {
+        msg: Some(AgentMsg::Hello(pb::Hello {
+            protocol_version: unitsync_proto::PROTOCOL_VERSION,
+            agent_version: "bench".into(),
+            units: vec![],
+        })),
+    })
+    .await?;
+    let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    let mut inbound = client.session(req).await?.into_inner();
+    let mut signalled = false;
+    loop {
+        tokio::select! {
+            _ = stop.changed() => break,
+            m = inbound.next() => {
+                let Some(m) = m else { break };
+                match m?.msg {
+                    Some(HubMsg::Welcome(_)) if !signalled => {
+                        signalled = true;
+                        let _ = ready.send(()).await;
+                    }
+                    Some(HubMsg::Update(u)) => {
+                        let now = SystemTime::now();
+                        if let Some(at) = u.committed_at {
+                            let at: SystemTime = at.try_into().unwrap_or(now);
+                            let us = now.duration_since(at).unwrap_or_default().as_micros() as u64;
+                            collector.latencies.lock().unwrap().push(us);
+                        }
+                        collector.deliveries.fetch_add(1, Ordering::Relaxed);
+                        *collector.last.lock().unwrap() = Some(Instant::now());
+                        let _ = tx
+                            .send(pb::AgentMessage { msg: Some(AgentMsg::Ack(pb::Ack { unit: u.unit, revision: u.revision })) })
+                            .await;
+                    }
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Connected agents of one server.
+struct Fleet {
+    collector: Arc<Collector>,
+    stop: tokio::sync::watch::Sender<bool>,
+    tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
+}
+
+async fn connect_fleet(name: &str, endpoint: &str, tokens: &[String]) -> anyhow::Result<Fleet> {
+    let collector = Arc::new(Collector::default());
+    let (ready_tx, mut ready_rx) = mpsc::channel(tokens.len().max(1));
+    let (stop, stop_rx) = tokio::sync::watch::channel(false);
+    let mut tasks = Vec::new();
+    for (i, t) in tokens.iter().enumerate() {
+        tasks.push(tokio::spawn(agent(
+            endpoint.to_owned(),
+            t.clone(),
+            collector.clone(),
+            ready_tx.clone(),
+            stop_rx.clone(),
+        )));
+        if i % 250 == 249 {
+            // Pace connection set-up a little so the accept queue keeps up.
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    for _ in 0..tokens.len() {
+        tokio::time::timeout(Duration::from_secs(300), ready_rx.recv())
+            .await
+            .context("agents did not all connect within 300 s")?;
+    }
+    eprintln!("{name}: {} agents connected", tokens.len());
+    Ok(Fleet {
+        collector,
+        stop,
+        tasks,
+    })
+}
+
+impl Fleet {
+    async fn close(self) {
+        let _ = self.stop.send(true);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Commits `args.revisions` revisions (paced by `interval`, or as fast as
+/// the server takes them) and waits until deliveries stop.
+#[allow(clippy::too_many_arguments)]
+async fn phase(
+    name: &'static str,
+    args: &Args,
+    fleet: &Fleet,
+    admin: &mut pb::hub_service_client::HubServiceClient<tonic::transport::Channel>,
+    admin_token: &str,
+    agents: usize,
+    interval: Option<Duration>,
+    server_pid: u32,
+) -> anyhow::Result<Figures> {
+    let collector = &fleet.collector;
+    collector.reset();
+    let start = Instant::now();
+    for r in 0..args.revisions {
+        if let Some(i) = interval {
+            tokio::time::sleep_until((start + i * r as u32).into()).await;
+        }
+        let unit = r % args.units;
+        let req = authed(
+            pb::PutUnitRequest {
+                unit: format!("bench/u{unit}"),
+                manifests: manifests(unit, r),
+                message: String::new(),
+                mode: 0,
+                labels: Default::default(),
+            },
+            admin_token,
+        )?;
+        admin.put_unit(req).await?;
+    }
+    let expected = (agents * args.revisions) as u64;
+    // Wait until deliveries stop growing (coalescing may deliver fewer).
+    let mut last_seen = 0;
+    let mut quiet_since = Instant::now();
+    loop {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let d = collector.deliveries.load(Ordering::Relaxed);
+        if d >= expected {
+            break;
+        }
+        if d != last_seen {
+            last_seen = d;
+            quiet_since = Instant::now();
+        } else if quiet_since.elapsed() > Duration::from_secs(5) {
+            break;
+        }
+    }
+    let end = collector.last.lock().unwrap().unwrap_or_else(Instant::now);
+    let mut latencies = std::mem::take(&mut *collector.latencies.lock().unwrap());
+    latencies.sort_unstable();
+    Ok(Figures {
+        name,
+        deliveries: collector.deliveries.load(Ordering::Relaxed),
+        expected,
+        latencies_us: latencies,
+        elapsed: end.saturating_duration_since(start),
+        rss_kib: proc_status_kib(server_pid, "VmRSS:"),
+        peak_rss_kib: proc_status_kib(server_pid, "VmHWM:"),
+    })
+}
+
+/// Both phases against one server.
+async fn measure(
+    names: [&'static str; 2],
+    args: &Args,
+    endpoint: &str,
+    admin: &mut pb::hub_service_client::HubServiceClient<tonic::transport::Channel>,
+    admin_token: &str,
+    tokens: &[String],
+    server_pid: u32,
+) -> anyhow::Result<[Figures; 2]> {
+    let fleet = connect_fleet(names[0], endpoint, tokens).await?;
+    let interval = Duration::from_millis(args.interval_ms);
+    let paced = phase(
+        names[0],
+        args,
+        &fleet,
+        admin,
+        admin_token,
+        tokens.len(),
+        Some(interval),
+        server_pid,
+    )
+    .await?;
+    let burst = phase(
+        names[1],
+        args,
+        &fleet,
+        admin,
+        admin_token,
+        tokens.len(),
+        None,
+        server_pid,
+    )
+    .await?;
+    fleet.close().await;
+    Ok([paced, burst])
+}
+
+fn authed<T>(msg: T, token: &str) -> anyhow::Result<Request<T>> {
+    let mut r = Request::new(msg);
+    r.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse()?);
+    Ok(r)
+}
+
+fn sibling_binary(name: &str) -> anyhow::Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let p = exe.parent().context("no parent")?.join(name);
+    if !p.exists() {
+        bail!(
+            "{} is missing: build it first (cargo build --release --bins)",
+            p.display()
+        );
+    }
+    Ok(p)
+}
+
+fn free_addr() -> anyhow::Result<std::net::SocketAddr> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?)
+}
+
+struct Child(std::process::Child);
+
+impl Drop for Child {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+async fn connect_admin(
+    endpoint: &str,
+) -> anyhow::Result<pb::hub_service_client::HubServiceClient<tonic::transport::Channel>> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match pb::hub_service_client::HubServiceClient::connect(endpoint.to_owned()).await {
+            Ok(c) => return Ok(c),
+            Err(_) if Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(50)).await
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
+    let dir = tempfile::tempdir()?;
+    let addr = free_addr()?;
+    let child = Child(
+        std::process::Command::new(sibling_binary("unitsync")?)
+            .args(["serve", "--no-http", "--listen", &addr.to_string()])
+            .arg("--max-sessions")
+            .arg((args.agents + 100).to_string())
+            .arg("--data-dir")
+            .arg(dir.path())
+            .env("UNITSYNC_LOG", "warn")
+            .spawn()?,
+    );
+    let endpoint = format!("http://{addr}");
+    let mut admin = connect_admin(&endpoint).await?;
+    let token_path = dir.path().join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !token_path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
+    let auth = |r: &mut Request<_>| -> anyhow::Result<()> {
+        r.metadata_mut()
+            .insert("authorization", format!("Bearer {admin_token}").parse()?);
+        Ok(())
+    };
+    let mut req = Request::new(pb::CreateEnvironmentRequest {
+        name: "bench".into(),
+        after: String::new(),
+    });
+    auth(&mut req)?;
+    admin.create_environment(req).await?;
+    eprintln!("hub: registering {} clusters", args.agents);
+    let mut tokens = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        let req = authed(
+            pb::CreateClusterRequest {
+                name: format!("c{i}"),
+                environment: "bench".into(),
+                labels: Default::default(),
+            },
+            &admin_token,
+        )?;
+        tokens.push(admin.create_cluster(req).await?.into_inner().token);
+    }
+    measure(
+        ["hub paced", "hub burst"],
+        args,
+        &endpoint,
+        &mut admin,
+        &admin_token,
+        &tokens,
+        child.0.id(),
+    )
+    .await
+}
+
+async fn run_baseline(args: &Args) -> anyhow::Result<[Figures; 2]> {
+    let addr = free_addr()?;
+    let child = Child(
+        std::process::Command::new(std::env::current_exe()?)
+            .arg("--serve-baseline")
+            .arg(addr.to_string())
+            .spawn()?,
+    );
+    let endpoint = format!("http://{addr}");
+    let mut admin = connect_admin(&endpoint).await?;
+    let tokens = vec![String::from("none"); args.agents];
+    measure(
+        ["bare paced", "bare burst"],
+        args,
+        &endpoint,
+        &mut admin,
+        "none",
+        &tokens,
+        child.0.id(),
+    )
+    .await
+}
+
+// === the bare baseline server ===
+
+/// Broadcasts every published update to every stream; nothing else.
+#[derive(Clone)]
+struct Bare {
+    tx: broadcast::Sender<Arc<pb::UnitUpdate>>,
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl pb::agent_service_server::AgentService for Bare {
+    type SessionStream = Out;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<pb::AgentMessage>>,
+    ) -> Result<Response<Out>, Status> {
+        let mut inbound = req.into_inner();
+        let mut rx = self.tx.subscribe();
+        let (out_tx, out_rx) = mpsc::channel(16);
+        let _ = out_tx
+            .send(Ok(pb::HubMessage {
+                msg: Some(HubMsg::Welcome(pb::Welcome::default())),
+            }))
+            .await;
+        tokio::spawn(async move { while let Some(Ok(_)) = inbound.next().await {} });
+        tokio::spawn(async move {
+            while let Ok(u) = rx.recv().await {
+                if out_tx
+                    .send(Ok(pb::HubMessage {
+                        msg: Some(HubMsg::Update((*u).clone())),
+                    }))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+            }
+        });
+        Ok(Response::new(Box::pin(
+            tokio_stream::wrappers::ReceiverStream::new(out_rx),
+        )))
+    }
+}
+
+#[tonic::async_trait]
+impl pb::hub_service_server::HubService for Bare {
+    async fn put_unit(
+        &self,
+        req: Request<pb::PutUnitRequest>,
+    ) -> Result<Response<pb::Revision>, Status> {
+        let r = req.into_inner();
+        let _ = self.tx.send(Arc::new(pb::UnitUpdate {
+            unit: r.unit,
+            revision: 1,
+            manifests: r.manifests,
+            committed_at: Some(SystemTime::now().into()),
+            ..Default::default()
+        }));
+        Ok(Response::new(pb::Revision::default()))
+    }
+    async fn create_environment(
+        &self,
+        _: Request<pb::CreateEnvironmentRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_environments(
+        &self,
+        _: Request<pb::ListEnvironmentsRequest>,
+    ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn create_cluster(
+        &self,
+        _: Request<pb::CreateClusterRequest>,
+    ) -> Result<Response<pb::CreateClusterResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_clusters(
+        &self,
+        _: Request<pb::ListClustersRequest>,
+    ) -> Result<Response<pb::ListClustersResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn get_cluster(
+        &self,
+        _: Request<pb::GetClusterRequest>,
+    ) -> Result<Response<pb::Cluster>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn delete_cluster(
+        &self,
+        _: Request<pb::DeleteClusterRequest>,
+    ) -> Result<Response<pb::DeleteClusterResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn destroy_unit(
+        &self,
+        _: Request<pb::DestroyUnitRequest>,
+    ) -> Result<Response<pb::Revision>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn get_unit(
+        &self,
+        _: Request<pb::GetUnitRequest>,
+    ) -> Result<Response<pb::UnitDetail>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_units(
+        &self,
+        _: Request<pb::ListUnitsRequest>,
+    ) -> Result<Response<pb::ListUnitsResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn unit_history(
+        &self,
+        _: Request<pb::UnitHistoryRequest>,
+    ) -> Result<Response<pb::UnitHistoryResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn get_revision(
+        &self,
+        _: Request<pb::GetRevisionRequest>,
+    ) -> Result<Response<pb::Revision>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn get_status(
+        &self,
+        _: Request<pb::GetStatusRequest>,
+    ) -> Result<Response<pb::StatusMatrix>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_audit(
+        &self,
+        _: Request<pb::ListAuditRequest>,
+    ) -> Result<Response<pb::ListAuditResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+}
+
+async fn serve_baseline(addr: &str) -> anyhow::Result<()> {
+    let (tx, _) = broadcast::channel(100_000);
+    let bare = Bare { tx };
+    tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .add_service(pb::agent_service_server::AgentServiceServer::new(
+            bare.clone(),
+        ))
+        .add_service(pb::hub_service_server::HubServiceServer::new(bare))
+        .serve(addr.parse()?)
+        .await?;
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let limit = rlimit::increase_nofile_limit(u64::MAX).unwrap_or(0);
+    if let Some(addr) = &args.serve_baseline {
+        return serve_baseline(addr).await;
+    }
+    let needed = args.agents as u64 + 256;
+    if limit < needed {
+        bail!(
+            "open-file limit is {limit}, {needed} needed for {} agents; raise the hard limit (ulimit -Hn)",
+            args.agents
+        );
+    }
+    println!(
+        "fan-out benchmark: {} agents, {} revisions over {} units; paced phase one revision per {} ms, then a burst; open-file limit {limit}",
+        args.agents, args.revisions, args.units, args.interval_ms
+    );
+    let [hub_paced, hub_burst] = run_hub(&args).await?;
+    hub_paced.print();
+    hub_burst.print();
+    if args.hub_only {
+        return Ok(());
+    }
+    let [bare_paced, bare_burst] = run_baseline(&args).await?;
+    bare_paced.print();
+    bare_burst.print();
+    println!(
+        "ratio hub/bare (paced): p50 {:.2}x  p99 {:.2}x   (burst) throughput {:.2}x   RSS {:.2}x",
+        hub_paced.pct(0.5) / bare_paced.pct(0.5),
+        hub_paced.pct(0.99) / bare_paced.pct(0.99),
+        hub_burst.rate() / bare_burst.rate(),
+        hub_burst.rss_kib as f64 / bare_burst.rss_kib.max(1) as f64,
+    );
+    Ok(())
+}

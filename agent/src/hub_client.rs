@@ -1,0 +1,391 @@
+//! The agent's side of the hub stream.
+//!
+//! A session sends `Hello` with the version vector read from the
+//! [`DesiredStore`], records every update durably, acknowledges it at once
+//! (acks and heartbeats travel on a priority lane, never behind status
+//! reports), hands it to the applier, and sends status reports from a
+//! coalescing queue. [`HubClient::run`] reconnects with the shared backoff
+//! policy; the desired state survives any number of reconnects.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{Notify, mpsc};
+use tokio_util::sync::CancellationToken;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::transport::{Channel, Endpoint};
+use unitsync_proto::backoff::Backoff;
+use unitsync_proto::v1 as pb;
+use unitsync_proto::v1::agent_message::Msg as AgentMsg;
+use unitsync_proto::v1::hub_message::Msg as HubMsg;
+
+use crate::desired::{DesiredStore, DesiredUnit, RecordError};
+
+/// How to reach the hub.
+#[derive(Clone)]
+pub struct HubConnection {
+    /// e.g. `http://127.0.0.1:7443`.
+    pub endpoint: String,
+    /// The cluster's bearer token.
+    pub token: String,
+    pub agent_version: String,
+}
+
+impl std::fmt::Debug for HubConnection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("HubConnection")
+            .field("endpoint", &self.endpoint)
+            .field("token", &"<redacted>")
+            .field("agent_version", &self.agent_version)
+            .finish()
+    }
+}
+
+/// Why a session ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    #[error("invalid hub endpoint {0:?}")]
+    Endpoint(String),
+    #[error("the token cannot be sent as a header")]
+    Token,
+    #[error("cannot connect to the hub")]
+    Connect(#[source] tonic::transport::Error),
+    /// The hub refused or ended the session (auth, version, load, revoked).
+    #[error("the hub refused the session: {}", .0.message())]
+    Refused(tonic::Status),
+    #[error("the stream broke")]
+    Stream(#[source] tonic::Status),
+    #[error("no heartbeat from the hub")]
+    Silent,
+    #[error("the hub closed the stream")]
+    Closed,
+    #[error("recording desired state failed")]
+    Record(#[source] RecordError),
+}
+
+impl SessionError {
+    /// Errors that retrying cannot fix without operator action are still
+    /// retried (a token may be re-issued), but logged louder.
+    pub fn is_auth(&self) -> bool {
+        matches!(self, SessionError::Refused(s) if matches!(s.code(), tonic::Code::Unauthenticated | tonic::Code::PermissionDenied))
+    }
+}
+
+/// Per-resource status, as the agent reports it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ResourceReport {
+    pub api_version: String,
+    pub kind: String,
+    pub namespace: String,
+    pub name: String,
+    pub sync: pb::SyncState,
+    pub health: pb::Health,
+    pub message: String,
+    pub drifted_fields: Vec<String>,
+}
+
+/// A unit's status at one revision.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StatusUpdate {
+    pub unit: String,
+    pub revision: u64,
+    pub phase: pb::Phase,
+    pub message: String,
+    pub resources: Vec<ResourceReport>,
+}
+
+impl StatusUpdate {
+    fn to_pb(&self) -> pb::StatusReport {
+        pb::StatusReport {
+            unit: self.unit.clone(),
+            revision: self.revision,
+            phase: self.phase.into(),
+            message: self.message.clone(),
+            resources: self
+                .resources
+                .iter()
+                .map(|r| pb::ResourceStatus {
+                    api_version: r.api_version.clone(),
+                    kind: r.kind.clone(),
+                    namespace: r.namespace.clone(),
+                    name: r.name.clone(),
+                    sync: r.sync.into(),
+                    health: r.health.into(),
+                    message: r.message.clone(),
+                    drifted_fields: r.drifted_fields.clone(),
+                })
+                .collect(),
+            observed_at: Some(std::time::SystemTime::now().into()),
+        }
+    }
+}
+
+/// Latest status per unit not yet sent; survives reconnects, so status
+/// produced while the hub is away is delivered after (coalesced).
+#[derive(Default)]
+pub struct StatusQueue {
+    pending: Mutex<BTreeMap<String, StatusUpdate>>,
+    notify: Notify,
+}
+
+impl StatusQueue {
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StatusUpdate>> {
+        self.pending
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn push(&self, s: StatusUpdate) {
+        self.lock().insert(s.unit.clone(), s);
+        self.notify.notify_one();
+    }
+
+    fn take(&self) -> Vec<StatusUpdate> {
+        std::mem::take(&mut *self.lock()).into_values().collect()
+    }
+
+    /// Puts unsent reports back unless a newer one arrived meanwhile.
+    fn restore(&self, unsent: Vec<StatusUpdate>) {
+        let mut p = self.lock();
+        for s in unsent {
+            p.entry(s.unit.clone()).or_insert(s);
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// What the session learned from the hub.
+#[derive(Clone, Debug)]
+pub enum HubEvent {
+    Connected {
+        cluster: String,
+        environment: String,
+    },
+    /// A new desired revision or tombstone, already recorded and acked.
+    Desired(DesiredUnit),
+    Notice(String),
+}
+
+/// The agent's hub client: one at a time per agent.
+pub struct HubClient {
+    conn: HubConnection,
+    desired: Arc<dyn DesiredStore>,
+    statuses: Arc<StatusQueue>,
+    events: mpsc::UnboundedSender<HubEvent>,
+}
+
+/// Keepalive sent by the agent when the hub gives none.
+const DEFAULT_HEARTBEAT: Duration = Duration::from_secs(30);
+
+impl HubClient {
+    pub fn new(
+        conn: HubConnection,
+        desired: Arc<dyn DesiredStore>,
+        statuses: Arc<StatusQueue>,
+        events: mpsc::UnboundedSender<HubEvent>,
+    ) -> HubClient {
+        HubClient {
+            conn,
+            desired,
+            statuses,
+            events,
+        }
+    }
+
+    pub fn statuses(&self) -> &Arc<StatusQueue> {
+        &self.statuses
+    }
+
+    /// Keeps a session open until `shutdown`, reconnecting with backoff.
+    pub async fn run(&self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::default();
+        loop {
+            let started = Instant::now();
+            let result = tokio::select! {
+                r = self.session(&shutdown) => r,
+                () = shutdown.cancelled() => return,
+            };
+            if shutdown.is_cancelled() {
+                return;
+            }
+            // A session that stayed up for the cap resets the backoff.
+            if started.elapsed() >= backoff.policy().max {
+                backoff.reset();
+            }
+            let delay = backoff.next_delay();
+            match &result {
+                Err(e) if e.is_auth() => {
+                    tracing::error!(error = %e, retry_in = ?delay, "hub refused the agent's credential")
+                }
+                Err(e) => tracing::warn!(error = %Chain(e), retry_in = ?delay, "hub session ended"),
+                Ok(()) => {}
+            }
+            tokio::select! {
+                () = tokio::time::sleep(delay) => {}
+                () = shutdown.cancelled() => return,
+            }
+        }
+    }
+
+    async fn channel(&self) -> Result<Channel, SessionError> {
+        Endpoint::from_shared(self.conn.endpoint.clone())
+            .map_err(|_| SessionError::Endpoint(self.conn.endpoint.clone()))?
+            .connect_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(Duration::from_secs(30))
+            .keep_alive_timeout(Duration::from_secs(20))
+            .keep_alive_while_idle(true)
+            .tcp_nodelay(true)
+            .connect()
+            .await
+            .map_err(SessionError::Connect)
+    }
+
+    /// One session, until it breaks or `shutdown`.
+    pub async fn session(&self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+        let auth: MetadataValue<Ascii> = format!("Bearer {}", self.conn.token)
+            .parse()
+            .map_err(|_| SessionError::Token)?;
+        let channel = self.channel().await?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
+            .max_decoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES);
+
+        // Priority lane (hello, acks, heartbeats) and status lane, merged
+        // with a bias towards the priority lane.
+        let (prio_tx, prio_rx) = mpsc::channel::<pb::AgentMessage>(256);
+        let (status_tx, status_rx) = mpsc::channel::<pb::AgentMessage>(1);
+        let outbound = futures::stream::select_with_strategy(
+            tokio_stream::wrappers::ReceiverStream::new(prio_rx),
+            tokio_stream::wrappers::ReceiverStream::new(status_rx),
+            |(): &mut ()| futures::stream::PollNext::Left,
+        );
+
+        let held: Vec<pb::HeldUnit> = self
+            .desired
+            .load()
+            .into_iter()
+            .map(|u| pb::HeldUnit {
+                unit: u.unit,
+                revision: u.revision,
+                digest: u.digest,
+            })
+            .collect();
+        let hello = pb::AgentMessage {
+            msg: Some(AgentMsg::Hello(pb::Hello {
+                protocol_version: unitsync_proto::PROTOCOL_VERSION,
+                agent_version: self.conn.agent_version.clone(),
+                units: held,
+            })),
+        };
+        // The lane is empty: this cannot fail.
+        let _ = prio_tx.try_send(hello);
+
+        let mut request = tonic::Request::new(outbound);
+        request
+            .metadata_mut()
+            .insert(unitsync_proto::AUTHORIZATION, auth);
+        let mut inbound = client
+            .session(request)
+            .await
+            .map_err(SessionError::Refused)?
+            .into_inner();
+
+        let mut heartbeat = DEFAULT_HEARTBEAT;
+        let mut last_heard = Instant::now();
+        let mut ticker = tokio::time::interval(heartbeat);
+        ticker.tick().await;
+        let mut in_flight: Vec<StatusUpdate> = Vec::new();
+        let result = loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break Ok(()),
+                _ = ticker.tick() => {
+                    if last_heard.elapsed() > heartbeat * 3 {
+                        break Err(SessionError::Silent);
+                    }
+                    let hb = pb::AgentMessage { msg: Some(AgentMsg::Heartbeat(pb::Heartbeat { sent_at: Some(std::time::SystemTime::now().into()) })) };
+                    if prio_tx.send(hb).await.is_err() {
+                        break Err(SessionError::Closed);
+                    }
+                }
+                // Status reports go out one at a time when the lane is free.
+                permit = status_tx.reserve(), if !self.statuses.is_empty() || !in_flight.is_empty() => {
+                    let Ok(permit) = permit else { break Err(SessionError::Closed) };
+                    if in_flight.is_empty() {
+                        in_flight = self.statuses.take();
+                    }
+                    if let Some(s) = in_flight.pop() {
+                        permit.send(pb::AgentMessage { msg: Some(AgentMsg::Status(s.to_pb())) });
+                    }
+                }
+                () = self.statuses.notify.notified(), if in_flight.is_empty() => {}
+                msg = inbound.message() => {
+                    last_heard = Instant::now();
+                    let msg = match msg {
+                        Ok(Some(pb::HubMessage { msg: Some(m) })) => m,
+                        Ok(Some(_)) => continue,
+                        Ok(None) => break Err(SessionError::Closed),
+                        Err(s) => break Err(SessionError::Stream(s)),
+                    };
+                    match msg {
+                        HubMsg::Welcome(w) => {
+                            heartbeat = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
+                            ticker = tokio::time::interval(heartbeat);
+                            ticker.tick().await;
+                            let _ = self.events.send(HubEvent::Connected { cluster: w.cluster, environment: w.environment });
+                        }
+                        HubMsg::Update(u) => {
+                            let desired = DesiredUnit {
+                                unit: u.unit,
+                                environment: u.environment,
+                                revision: u.revision,
+                                digest: u.digest,
+                                tombstone: u.tombstone,
+                                manifests: u.manifests,
+                            };
+                            if let Err(e) = self.desired.record(desired.clone()) {
+                                // Not recorded: do not ack; the resync on the
+                                // next session sends it again.
+                                break Err(SessionError::Record(e));
+                            }
+                            let ack = pb::AgentMessage { msg: Some(AgentMsg::Ack(pb::Ack { unit: desired.unit.clone(), revision: desired.revision })) };
+                            if prio_tx.send(ack).await.is_err() {
+                                break Err(SessionError::Closed);
+                            }
+                            let _ = self.events.send(HubEvent::Desired(desired));
+                        }
+                        HubMsg::Heartbeat(_) => {}
+                        HubMsg::Notice(n) => {
+                            tracing::warn!(notice = %n.message, "hub notice");
+                            let _ = self.events.send(HubEvent::Notice(n.message));
+                        }
+                    }
+                }
+            }
+        };
+        self.statuses.restore(in_flight);
+        result
+    }
+}
+
+/// Displays an error with its source chain.
+struct Chain<'a>(&'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for Chain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,326 @@
+//! The operator CLI end to end: the real `unitsync` binary serving, and the
+//! real binary as client, with simulated agents reporting status.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+
+use tokio::io::AsyncBufReadExt;
+use unitsync_agent::hub_client::StatusUpdate;
+use unitsync_proto::v1 as pb;
+use unitsync_tests::{SimAgent, configmap, until, within};
+
+/// The `unitsync` binary built next to this test binary.
+fn unitsync_bin() -> PathBuf {
+    let exe = std::env::current_exe().unwrap();
+    let dir = exe.parent().unwrap().parent().unwrap();
+    let bin = dir.join("unitsync");
+    assert!(
+        bin.exists(),
+        "{} is missing: build the binaries first (cargo build --workspace --bins)",
+        bin.display()
+    );
+    bin
+}
+
+struct Served {
+    child: Child,
+    endpoint: String,
+    data_dir: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Served {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Starts `unitsync serve` on a free port and reads the address it logged.
+async fn serve() -> Served {
+    let dir = tempfile::tempdir().unwrap();
+    let data_dir = dir.path().join("data");
+    let mut child = Command::new(unitsync_bin())
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--no-http",
+            "--log-format",
+            "json",
+            "--heartbeat-seconds",
+            "2",
+        ])
+        .arg("--data-dir")
+        .arg(&data_dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = tokio::process::ChildStderr::from_std(child.stderr.take().unwrap()).unwrap();
+    let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let addr = within("hub logs its address", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
+            if let Some(a) = v["fields"]["grpc_addr"].as_str() {
+                return a.to_owned();
+            }
+        }
+        panic!("hub exited before listening");
+    })
+    .await;
+    // Keep draining the log so the hub never blocks on a full pipe.
+    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    Served {
+        child,
+        endpoint: format!("http://{addr}"),
+        data_dir,
+        _dir: dir,
+    }
+}
+
+impl Served {
+    fn cmd(&self) -> Command {
+        let mut c = Command::new(unitsync_bin());
+        c.env("UNITSYNC_HUB", &self.endpoint)
+            .env("UNITSYNC_DATA_DIR", &self.data_dir)
+            .env_remove("UNITSYNC_TOKEN");
+        c
+    }
+
+    async fn run(&self, args: &[&str]) -> Output {
+        let mut c = self.cmd();
+        c.args(args);
+        within(
+            &format!("unitsync {}", args.join(" ")),
+            tokio::task::spawn_blocking(move || c.output().unwrap()),
+        )
+        .await
+        .unwrap()
+    }
+
+    async fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args).await;
+        assert!(
+            out.status.success(),
+            "unitsync {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap()
+    }
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    let p = dir.join(name);
+    std::fs::write(&p, text).unwrap();
+    p.display().to_string()
+}
+
+#[tokio::test]
+async fn operator_cli_end_to_end() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    hub.ok(&["env", "create", "dev"]).await;
+    hub.ok(&["env", "create", "prod"]).await;
+    hub.ok(&["env", "create", "staging", "--after", "dev"])
+        .await;
+    let envs: serde_json::Value =
+        serde_json::from_str(&hub.ok(&["env", "list", "-o", "json"]).await).unwrap();
+    let order: Vec<&str> = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(order, ["dev", "staging", "prod"]);
+
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&[
+            "cluster",
+            "create",
+            "dev-1",
+            "--env",
+            "dev",
+            "--label",
+            "region=eu",
+            "-o",
+            "json",
+        ])
+        .await,
+    )
+    .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    assert!(token.starts_with("usk_agent_"));
+    let mut agent = SimAgent::new(&hub.endpoint, &token).auto_ready();
+    agent.start();
+
+    // create --wait returns once the cluster reports Ready.
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    hub.ok(&[
+        "unit",
+        "create",
+        "dev/web",
+        "-f",
+        &v1,
+        "-m",
+        "first",
+        "--wait",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
+    hub.ok(&[
+        "unit",
+        "update",
+        "dev/web",
+        "-f",
+        &v2,
+        "-m",
+        "second",
+        "--wait",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    assert_eq!(agent.held().get("web"), Some(&(2, false)));
+
+    let history: serde_json::Value =
+        serde_json::from_str(&hub.ok(&["unit", "history", "dev/web", "-o", "json"]).await).unwrap();
+    let msgs: Vec<&str> = history
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["message"].as_str().unwrap())
+        .collect();
+    assert_eq!(msgs, ["first", "second"]);
+    let yaml = hub.ok(&["unit", "history", "dev/web", "-o", "yaml"]).await;
+    assert!(yaml.contains("message: second"), "{yaml}");
+
+    let diff = hub.ok(&["unit", "diff", "dev/web"]).await;
+    assert!(
+        diff.contains("-  value: \"1\"") && diff.contains("+  value: \"2\""),
+        "{diff}"
+    );
+
+    let status = hub.ok(&["status"]).await;
+    let row = status
+        .lines()
+        .find(|l| l.starts_with("dev/web"))
+        .unwrap_or_default();
+    assert!(row.contains("2 Ready"), "{status}");
+    let table = hub.ok(&["cluster", "list"]).await;
+    assert!(
+        table.contains("dev-1") && table.contains("yes") && table.contains("region=eu"),
+        "{table}"
+    );
+
+    // Stdin works too, and a bad manifest fails with the document and field.
+    let mut c = hub.cmd();
+    c.args(["unit", "update", "dev/web", "-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    let out = within(
+        "stdin update",
+        tokio::task::spawn_blocking(move || {
+            use std::io::Write;
+            let mut child = c.spawn().unwrap();
+            child
+                .stdin
+                .take()
+                .unwrap()
+                .write_all(b"apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: Bad\n")
+                .unwrap();
+            child.wait_with_output().unwrap()
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unit dev/web, document 1 (line 1), field metadata.name"),
+        "{err}"
+    );
+
+    hub.ok(&["unit", "destroy", "dev/web", "--wait", "--timeout", "30"])
+        .await;
+    let audit = hub.ok(&["audit", "--target", "dev/web"]).await;
+    assert!(
+        audit.contains("unit.destroy") && audit.contains("operator:admin"),
+        "{audit}"
+    );
+    hub.ok(&["cluster", "delete", "dev-1"]).await;
+    let out = hub.run(&["cluster", "get", "dev-1"]).await;
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cluster dev-1 not found"));
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn wait_fails_with_the_failing_clusters_message() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    hub.ok(&["env", "create", "dev"]).await;
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    let mut agent = SimAgent::new(&hub.endpoint, created["token"].as_str().unwrap());
+    agent.start();
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    let mut cmd = hub.cmd();
+    cmd.args([
+        "unit",
+        "create",
+        "dev/web",
+        "-f",
+        &v1,
+        "--wait",
+        "--timeout",
+        "60",
+    ]);
+    let waiting = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    until("agent received web", || async {
+        agent.held().contains_key("web")
+    })
+    .await;
+    agent.report(StatusUpdate {
+        unit: "web".into(),
+        revision: 1,
+        phase: pb::Phase::Failed,
+        message: "Deployment web: ProgressDeadlineExceeded".into(),
+        resources: vec![],
+    });
+    let out = within("wait exits", waiting).await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dev-1: Failed Deployment web: ProgressDeadlineExceeded"),
+        "{err}"
+    );
+
+    // Timeout: nobody reports for revision 2.
+    agent.stop().await;
+    let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
+    let out = hub
+        .run(&[
+            "unit",
+            "update",
+            "dev/web",
+            "-f",
+            &v2,
+            "--wait",
+            "--timeout",
+            "1",
+        ])
+        .await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("timed out after 1s") && err.contains("dev-1: agent not connected"),
+        "{err}"
+    );
+}

@@ -1,0 +1,296 @@
+//! Delivery: resync by version vector, live updates, coalescing, restarts.
+
+use std::collections::BTreeMap;
+
+use unitsync_agent::desired::{DesiredStore, DesiredUnit};
+use unitsync_agent::hub_client::StatusUpdate;
+use unitsync_proto::v1 as pb;
+use unitsync_tests::{SimAgent, TestHub, configmap, until};
+
+async fn hub_with_cluster() -> (TestHub, String) {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    (hub, token)
+}
+
+fn latest(agent: &SimAgent) -> BTreeMap<String, (u64, bool)> {
+    agent.held()
+}
+
+#[tokio::test]
+async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
+    let (hub, token) = hub_with_cluster().await;
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    agent.start();
+    until("web@1 held", || async {
+        latest(&agent).get("web") == Some(&(1, false))
+    })
+    .await;
+
+    let rev = hub.put("dev/web", &configmap("web", "2")).await.unwrap();
+    assert_eq!(rev.number, 2);
+    until("web@2 held", || async {
+        latest(&agent).get("web") == Some(&(2, false))
+    })
+    .await;
+    let got = agent.received();
+    assert_eq!(got.last().unwrap().manifests, configmap("web", "2"));
+
+    // The ack is recorded by the hub.
+    until("ack recorded", || async {
+        hub.unit("dev/web")
+            .await
+            .unwrap()
+            .clusters
+            .first()
+            .is_some_and(|c| c.acked_revision == 2)
+    })
+    .await;
+
+    agent.report(StatusUpdate {
+        unit: "web".into(),
+        revision: 2,
+        phase: pb::Phase::Ready,
+        message: "all resources ready".into(),
+        resources: vec![],
+    });
+    until("status recorded", || async {
+        hub.unit("dev/web")
+            .await
+            .unwrap()
+            .clusters
+            .first()
+            .is_some_and(|c| {
+                c.revision == 2
+                    && c.phase == i32::from(pb::Phase::Ready)
+                    && c.message == "all resources ready"
+                    && c.connected
+            })
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn reconnect_without_loss_delivers_exactly_the_latest_revision_of_each_unit() {
+    let (hub, token) = hub_with_cluster().await;
+    let units = ["u1", "u2", "u3", "u4", "u5"];
+    for u in units {
+        hub.put(&format!("dev/{u}"), &configmap(u, "0"))
+            .await
+            .unwrap();
+    }
+    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    agent.start();
+    until("all five held at 1", || async {
+        latest(&agent)
+            .values()
+            .filter(|v| **v == (1, false))
+            .count()
+            == 5
+    })
+    .await;
+    agent.stop().await;
+    agent.clear_received();
+
+    // 50 revisions across 5 units while the agent is away.
+    for i in 1..=10 {
+        for u in units {
+            hub.put(&format!("dev/{u}"), &configmap(u, &i.to_string()))
+                .await
+                .unwrap();
+        }
+    }
+    agent.start();
+    until("all five held at 11", || async {
+        latest(&agent)
+            .values()
+            .filter(|v| **v == (11, false))
+            .count()
+            == 5
+    })
+    .await;
+
+    let mut got: Vec<(String, u64)> = agent
+        .received()
+        .into_iter()
+        .map(|u| (u.unit, u.revision))
+        .collect();
+    got.sort();
+    let want: Vec<(String, u64)> = units.iter().map(|u| ((*u).to_owned(), 11)).collect();
+    assert_eq!(
+        got, want,
+        "exactly the latest revision of each unit, nothing older, nothing missing"
+    );
+    for u in agent.received() {
+        assert_eq!(u.manifests, configmap(&u.unit, "10"));
+    }
+}
+
+#[tokio::test]
+async fn hub_restart_resyncs_keeps_acknowledged_state_and_delivers_tombstones() {
+    let (mut hub, token) = hub_with_cluster().await;
+    for u in ["a", "b", "c"] {
+        hub.put(&format!("dev/{u}"), &configmap(u, "0"))
+            .await
+            .unwrap();
+    }
+    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    agent.start();
+    until("a, b, c held", || async { latest(&agent).len() == 3 }).await;
+    until("acks recorded", || async {
+        hub.unit("dev/c")
+            .await
+            .unwrap()
+            .clusters
+            .first()
+            .is_some_and(|c| c.acked_revision == 1)
+    })
+    .await;
+    agent.stop().await;
+    agent.clear_received();
+
+    // Committed (and acknowledged to the operator) just before the restart.
+    hub.put("dev/a", &configmap("a", "1")).await.unwrap();
+    hub.destroy("dev/b").await.unwrap();
+    hub.restart().await;
+
+    // Acknowledged state survived.
+    let a = hub.unit("dev/a").await.unwrap();
+    assert_eq!(a.unit.as_ref().unwrap().head_revision, 2);
+    assert_eq!(a.clusters[0].acked_revision, 1);
+
+    agent.start();
+    until("a@2 and b's tombstone held", || async {
+        let h = latest(&agent);
+        h.get("a") == Some(&(2, false)) && h.get("b") == Some(&(2, true))
+    })
+    .await;
+    let resent: Vec<String> = agent.received().into_iter().map(|u| u.unit).collect();
+    assert!(
+        !resent.contains(&"c".to_owned()),
+        "an unchanged unit is not re-sent: {resent:?}"
+    );
+}
+
+#[tokio::test]
+async fn connected_agents_resync_after_the_hub_restarts() {
+    let (mut hub, token) = hub_with_cluster().await;
+    hub.put("dev/a", &configmap("a", "0")).await.unwrap();
+    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    agent.start();
+    until("a@1", || async {
+        latest(&agent).get("a") == Some(&(1, false))
+    })
+    .await;
+    hub.restart().await;
+    // The agent reconnects by itself (backoff from 1 s) and gets new commits.
+    until("agent reconnected", || async {
+        hub.admin()
+            .await
+            .get_cluster(pb::GetClusterRequest {
+                name: "dev-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .connected
+    })
+    .await;
+    hub.put("dev/a", &configmap("a", "1")).await.unwrap();
+    until("a@2 after restart", || async {
+        latest(&agent).get("a") == Some(&(2, false))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn units_not_assigned_any_more_are_tombstoned_on_connect() {
+    let (hub, token) = hub_with_cluster().await;
+    let agent = SimAgent::new(&hub.endpoint(), &token);
+    agent
+        .desired
+        .record(DesiredUnit {
+            unit: "ghost".into(),
+            environment: "dev".into(),
+            revision: 4,
+            digest: "00".into(),
+            tombstone: false,
+            manifests: configmap("ghost", "x"),
+        })
+        .unwrap();
+    let mut agent = agent;
+    agent.start();
+    until("ghost tombstoned", || async {
+        latest(&agent).get("ghost").is_some_and(|(_, t)| *t)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn agents_only_receive_their_environment() {
+    let (hub, dev_token) = hub_with_cluster().await;
+    hub.create_env("prod").await;
+    let prod_token = hub.create_cluster("prod-1", "prod").await;
+    hub.put("dev/web", &configmap("web", "dev")).await.unwrap();
+    hub.put("prod/web", &configmap("web", "prod"))
+        .await
+        .unwrap();
+    hub.put("prod/db", &configmap("db", "prod")).await.unwrap();
+    let mut dev = SimAgent::new(&hub.endpoint(), &dev_token);
+    let mut prod = SimAgent::new(&hub.endpoint(), &prod_token);
+    dev.start();
+    prod.start();
+    until("prod holds two", || async { latest(&prod).len() == 2 }).await;
+    until("dev holds one", || async { latest(&dev).len() == 1 }).await;
+    hub.put("prod/web", &configmap("web", "prod2"))
+        .await
+        .unwrap();
+    until("prod web@2", || async {
+        latest(&prod).get("web") == Some(&(2, false))
+    })
+    .await;
+    // Everything dev ever received is dev's.
+    assert!(
+        dev.received()
+            .iter()
+            .all(|u| u.environment == "dev" && u.manifests.contains("\"dev\""))
+    );
+    assert_eq!(latest(&dev).get("web"), Some(&(1, false)));
+}
+
+#[tokio::test]
+async fn metrics_count_sessions_commits_and_deliveries() {
+    let (hub, token) = hub_with_cluster().await;
+    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    agent.start();
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    until("web@1", || async {
+        latest(&agent).get("web") == Some(&(1, false))
+    })
+    .await;
+    let addr = hub.http_addr();
+    until("metrics show one delivery", || async {
+        let body = http_get(addr, "/metrics").await;
+        body.contains("unitsync_connected_agents 1")
+            && body.contains("unitsync_revisions_committed_total 1")
+            && body.contains("unitsync_deliveries_total 1")
+            && body.contains("unitsync_delivery_latency_seconds_count 1")
+    })
+    .await;
+    assert!(http_get(addr, "/healthz").await.ends_with("ok\n"));
+    assert!(http_get(addr, "/readyz").await.ends_with("ready\n"));
+}
+
+/// A minimal HTTP/1.1 GET (the endpoints are plain text).
+async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}

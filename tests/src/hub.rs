@@ -1,0 +1,186 @@
+//! An in-process hub with its own temporary data directory.
+
+use std::net::SocketAddr;
+
+use tempfile::TempDir;
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::Interceptor;
+use tonic::service::interceptor::InterceptedService;
+use tonic::transport::Channel;
+use unitsync_hub::control::Tuning;
+use unitsync_hub::{Config, RunningHub};
+use unitsync_proto::v1 as pb;
+use unitsync_proto::v1::hub_service_client::HubServiceClient;
+
+use crate::wait::within;
+
+/// Adds a bearer token to every call.
+#[derive(Clone)]
+pub struct BearerAuth(MetadataValue<Ascii>);
+
+impl Interceptor for BearerAuth {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        req.metadata_mut().insert("authorization", self.0.clone());
+        Ok(req)
+    }
+}
+
+pub type Admin = HubServiceClient<InterceptedService<Channel, BearerAuth>>;
+
+pub struct TestHub {
+    pub dir: TempDir,
+    pub addr: SocketAddr,
+    pub admin_token: String,
+    tuning: Tuning,
+    running: Option<RunningHub>,
+}
+
+impl TestHub {
+    pub async fn start() -> TestHub {
+        Self::start_with(Tuning::default()).await
+    }
+
+    pub async fn start_with(tuning: Tuning) -> TestHub {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let running = Self::launch(&dir, "127.0.0.1:0".parse().unwrap(), tuning.clone()).await;
+        TestHub {
+            addr: running.grpc_addr,
+            admin_token: running.admin_token.clone(),
+            dir,
+            tuning,
+            running: Some(running),
+        }
+    }
+
+    async fn launch(dir: &TempDir, listen: SocketAddr, tuning: Tuning) -> RunningHub {
+        let config = Config {
+            listen,
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            data_dir: dir.path().join("data"),
+            tuning,
+        };
+        within("hub start", unitsync_hub::start(config))
+            .await
+            .expect("hub starts")
+    }
+
+    pub fn endpoint(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    pub fn running(&self) -> &RunningHub {
+        self.running.as_ref().expect("hub is running")
+    }
+
+    pub fn http_addr(&self) -> SocketAddr {
+        self.running().http_addr.expect("http enabled")
+    }
+
+    pub fn db_path(&self) -> std::path::PathBuf {
+        self.dir.path().join("data").join("hub.db")
+    }
+
+    /// Stops the hub (sessions end, feedback is flushed).
+    pub async fn stop(&mut self) {
+        if let Some(r) = self.running.take() {
+            within("hub shutdown", r.shutdown())
+                .await
+                .expect("clean shutdown");
+        }
+    }
+
+    /// Stops and starts again on the same address and data directory.
+    pub async fn restart(&mut self) {
+        self.stop().await;
+        let r = Self::launch(&self.dir, self.addr, self.tuning.clone()).await;
+        assert_eq!(
+            r.admin_token, self.admin_token,
+            "the admin token survives restarts"
+        );
+        self.running = Some(r);
+    }
+
+    pub async fn client(&self, token: &str) -> Admin {
+        let channel = within(
+            "connect to hub",
+            Channel::from_shared(self.endpoint()).unwrap().connect(),
+        )
+        .await
+        .expect("connect");
+        let value = format!("Bearer {token}").parse().expect("ascii token");
+        HubServiceClient::with_interceptor(channel, BearerAuth(value))
+    }
+
+    pub async fn admin(&self) -> Admin {
+        self.client(&self.admin_token).await
+    }
+
+    pub async fn create_env(&self, name: &str) {
+        within(
+            "create env",
+            self.admin()
+                .await
+                .create_environment(pb::CreateEnvironmentRequest {
+                    name: name.into(),
+                    after: String::new(),
+                }),
+        )
+        .await
+        .expect("environment created");
+    }
+
+    /// Creates a cluster and returns its agent token.
+    pub async fn create_cluster(&self, name: &str, env: &str) -> String {
+        within(
+            "create cluster",
+            self.admin().await.create_cluster(pb::CreateClusterRequest {
+                name: name.into(),
+                environment: env.into(),
+                labels: Default::default(),
+            }),
+        )
+        .await
+        .expect("cluster created")
+        .into_inner()
+        .token
+    }
+
+    pub async fn put(&self, unit: &str, manifests: &str) -> Result<pb::Revision, tonic::Status> {
+        within(
+            "put unit",
+            self.admin().await.put_unit(pb::PutUnitRequest {
+                unit: unit.into(),
+                manifests: manifests.into(),
+                message: format!("test put of {unit}"),
+                mode: pb::PutMode::Unspecified.into(),
+                labels: Default::default(),
+            }),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    pub async fn destroy(&self, unit: &str) -> Result<pb::Revision, tonic::Status> {
+        within(
+            "destroy unit",
+            self.admin().await.destroy_unit(pb::DestroyUnitRequest {
+                unit: unit.into(),
+                message: "test destroy".into(),
+            }),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+
+    pub async fn unit(&self, unit: &str) -> Result<pb::UnitDetail, tonic::Status> {
+        within(
+            "get unit",
+            self.admin().await.get_unit(pb::GetUnitRequest {
+                unit: unit.into(),
+                include_manifests: true,
+            }),
+        )
+        .await
+        .map(tonic::Response::into_inner)
+    }
+}

@@ -1,0 +1,156 @@
+//! A simulated agent: the real session client ([`HubClient`]) with an
+//! in-memory desired-state record, optionally reporting `Ready` (or
+//! `Destroyed`) for every revision it receives, as a healthy cluster would.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use unitsync_agent::desired::{DesiredStore, DesiredUnit, MemoryStore};
+use unitsync_agent::hub_client::{
+    HubClient, HubConnection, HubEvent, SessionError, StatusQueue, StatusUpdate,
+};
+use unitsync_proto::v1 as pb;
+
+use crate::wait::within;
+
+pub struct SimAgent {
+    pub conn: HubConnection,
+    pub desired: Arc<MemoryStore>,
+    pub statuses: Arc<StatusQueue>,
+    /// Every update received, in order, across sessions.
+    received: Arc<Mutex<Vec<DesiredUnit>>>,
+    notices: Arc<Mutex<Vec<String>>>,
+    auto_ready: bool,
+    running: Option<(CancellationToken, JoinHandle<()>)>,
+}
+
+impl SimAgent {
+    pub fn new(endpoint: &str, token: &str) -> SimAgent {
+        SimAgent {
+            conn: HubConnection {
+                endpoint: endpoint.into(),
+                token: token.into(),
+                agent_version: "sim".into(),
+            },
+            desired: Arc::default(),
+            statuses: Arc::default(),
+            received: Arc::default(),
+            notices: Arc::default(),
+            auto_ready: false,
+            running: None,
+        }
+    }
+
+    /// Report `Ready` (or `Destroyed`) for every received revision.
+    #[must_use]
+    pub fn auto_ready(mut self) -> SimAgent {
+        self.auto_ready = true;
+        self
+    }
+
+    fn client(&self) -> (HubClient, tokio::sync::mpsc::UnboundedReceiver<HubEvent>) {
+        let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+        let client = HubClient::new(
+            self.conn.clone(),
+            self.desired.clone(),
+            self.statuses.clone(),
+            tx,
+        );
+        (client, rx)
+    }
+
+    /// Runs the reconnecting client in the background.
+    pub fn start(&mut self) {
+        assert!(self.running.is_none(), "already running");
+        let (client, mut events) = self.client();
+        let stop = CancellationToken::new();
+        let received = self.received.clone();
+        let notices = self.notices.clone();
+        let statuses = self.statuses.clone();
+        let desired = self.desired.clone();
+        let auto_ready = self.auto_ready;
+        let run_stop = stop.clone();
+        let task = tokio::spawn(async move {
+            let pump = async {
+                while let Some(e) = events.recv().await {
+                    match e {
+                        HubEvent::Desired(u) => {
+                            if auto_ready {
+                                statuses.push(StatusUpdate {
+                                    unit: u.unit.clone(),
+                                    revision: u.revision,
+                                    phase: if u.tombstone {
+                                        pb::Phase::Destroyed
+                                    } else {
+                                        pb::Phase::Ready
+                                    },
+                                    message: String::new(),
+                                    resources: Vec::new(),
+                                });
+                                if u.tombstone {
+                                    let _ = desired.forget(&u.unit);
+                                }
+                            }
+                            received.lock().unwrap().push(u);
+                        }
+                        HubEvent::Notice(n) => notices.lock().unwrap().push(n),
+                        HubEvent::Connected { .. } => {}
+                    }
+                }
+            };
+            // The client owns the event sender: dropping it ends the pump.
+            let run = async move { client.run(run_stop).await };
+            tokio::join!(run, pump);
+        });
+        self.running = Some((stop, task));
+    }
+
+    /// Stops the background client (the session ends).
+    pub async fn stop(&mut self) {
+        if let Some((stop, task)) = self.running.take() {
+            stop.cancel();
+            within("sim agent stop", task).await.expect("agent task");
+        }
+    }
+
+    /// One session attempt in the foreground, until it ends or `stop`.
+    pub async fn session_once(&self, stop: &CancellationToken) -> Result<(), SessionError> {
+        let (client, _events) = self.client();
+        client.session(stop).await
+    }
+
+    pub fn report(&self, status: StatusUpdate) {
+        self.statuses.push(status);
+    }
+
+    /// The recorded desired state: unit -> (revision, tombstone).
+    pub fn held(&self) -> BTreeMap<String, (u64, bool)> {
+        self.desired
+            .load()
+            .into_iter()
+            .map(|u| (u.unit, (u.revision, u.tombstone)))
+            .collect()
+    }
+
+    pub fn received(&self) -> Vec<DesiredUnit> {
+        self.received.lock().unwrap().clone()
+    }
+
+    pub fn clear_received(&self) {
+        self.received.lock().unwrap().clear();
+    }
+
+    pub fn notices(&self) -> Vec<String> {
+        self.notices.lock().unwrap().clone()
+    }
+}
+
+impl Drop for SimAgent {
+    fn drop(&mut self) {
+        if let Some((stop, _)) = &self.running {
+            stop.cancel();
+        }
+    }
+}
