@@ -125,7 +125,7 @@ async fn agent(
     endpoint: String,
     token: String,
     collector: Arc<Collector>,
-    ready: mpsc::Sender<()>,
+    ready: mpsc::Sender<Result<(), String>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
     let channel = tonic::transport::Endpoint::from_shared(endpoint)?
@@ -155,7 +155,7 @@ async fn agent(
                 match m?.msg {
                     Some(HubMsg::Welcome(_)) if !signalled => {
                         signalled = true;
-                        let _ = ready.send(()).await;
+                        let _ = ready.send(Ok(())).await;
                     }
                     Some(HubMsg::Update(u)) => {
                         let now = SystemTime::now();
@@ -191,22 +191,34 @@ async fn connect_fleet(name: &str, endpoint: &str, tokens: &[String]) -> anyhow:
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
     for (i, t) in tokens.iter().enumerate() {
-        tasks.push(tokio::spawn(agent(
+        let ready = ready_tx.clone();
+        let run = agent(
             endpoint.to_owned(),
             t.clone(),
             collector.clone(),
-            ready_tx.clone(),
+            ready.clone(),
             stop_rx.clone(),
-        )));
+        );
+        tasks.push(tokio::spawn(async move {
+            let r = run.await;
+            if let Err(e) = &r {
+                let _ = ready.send(Err(format!("{e:#}"))).await;
+            }
+            r
+        }));
         if i % 250 == 249 {
             // Pace connection set-up a little so the accept queue keeps up.
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
     }
+    drop(ready_tx);
     for _ in 0..tokens.len() {
-        tokio::time::timeout(Duration::from_secs(300), ready_rx.recv())
-            .await
-            .context("agents did not all connect within 300 s")?;
+        match tokio::time::timeout(Duration::from_secs(300), ready_rx.recv()).await {
+            Ok(Some(Ok(()))) => {}
+            Ok(Some(Err(e))) => bail!("an agent failed to connect: {e}"),
+            Ok(None) => bail!("agents ended before connecting"),
+            Err(_) => bail!("agents did not all connect within 300 s"),
+        }
     }
     eprintln!("{name}: {} agents connected", tokens.len());
     Ok(Fleet {
