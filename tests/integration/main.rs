@@ -4,5 +4,6 @@
 mod auth;
 mod cli;
 mod delivery;
+mod kube_sim;
 mod protocol;
 mod validation;

@@ -1,8 +1,10 @@
 //! Test fixtures for unitsync: in-process hubs on `127.0.0.1:0` with a
 //! fresh SQLite store each ([`hub`]), simulated agents built on the real
-//! agent session client ([`sim_agent`]), and condition waits ([`wait`]).
+//! agent session client ([`sim_agent`]), simulated Kubernetes clusters
+//! ([`kube_sim`]), and condition waits ([`wait`]).
 
 pub mod hub;
+pub mod kube_sim;
 pub mod sim_agent;
 pub mod wait;
 

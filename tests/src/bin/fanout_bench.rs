@@ -128,10 +128,20 @@ async fn agent(
     ready: mpsc::Sender<Result<(), String>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
-    let channel = tonic::transport::Endpoint::from_shared(endpoint)?
-        .tcp_nodelay(true)
-        .connect()
-        .await?;
+    // Like a real agent, retry a refused or reset connection with backoff.
+    let mut backoff = unitsync_proto::backoff::Backoff::default();
+    let mut attempt = 0;
+    let channel = loop {
+        let ep = tonic::transport::Endpoint::from_shared(endpoint.clone())?.tcp_nodelay(true);
+        match ep.connect().await {
+            Ok(c) => break c,
+            Err(e) if attempt >= 8 => return Err(e.into()),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    };
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
     tx.send(pb::AgentMessage {

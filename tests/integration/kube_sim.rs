@@ -1,0 +1,1252 @@
+//! kube-sim conformance: the real `kube` client (and `kubectl`) against
+//! kube-sim, asserting the documented behaviour of kube-apiserver 1.32 for
+//! everything the agent relies on, including the error cases.
+
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt};
+use kube::api::{
+    Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams, PostParams, WatchEvent,
+    WatchParams,
+};
+use kube::core::{ApiResource, GroupVersionKind};
+use kube::discovery::Discovery;
+use serde_json::{Value, json};
+use unitsync_tests::kube_sim::{FAIL_ANNOTATION, KubeSim, SimOptions};
+use unitsync_tests::{until, within};
+
+fn init() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+async fn sim() -> (KubeSim, kube::Client) {
+    init();
+    let sim = KubeSim::start(SimOptions::default())
+        .await
+        .expect("kube-sim starts");
+    let client = within("client", sim.client()).await.expect("client");
+    (sim, client)
+}
+
+fn api(
+    client: &kube::Client,
+    gvk: (&str, &str, &str),
+    plural: &str,
+    ns: Option<&str>,
+) -> Api<DynamicObject> {
+    let ar = ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk(gvk.0, gvk.1, gvk.2), plural);
+    match ns {
+        Some(ns) => Api::namespaced_with(client.clone(), ns, &ar),
+        None => Api::all_with(client.clone(), &ar),
+    }
+}
+
+fn cms(client: &kube::Client, ns: &str) -> Api<DynamicObject> {
+    api(client, ("", "v1", "ConfigMap"), "configmaps", Some(ns))
+}
+
+fn obj(v: Value) -> DynamicObject {
+    serde_json::from_value(v).expect("object")
+}
+
+async fn apply(
+    api: &Api<DynamicObject>,
+    manager: &str,
+    v: Value,
+    force: bool,
+) -> Result<DynamicObject, kube::Error> {
+    let name = v["metadata"]["name"].as_str().unwrap().to_owned();
+    let mut pp = PatchParams::apply(manager);
+    pp.force = force;
+    within("apply", api.patch(&name, &pp, &Patch::Apply(v))).await
+}
+
+async fn namespace(client: &kube::Client, name: &str) {
+    let nss = api(client, ("", "v1", "Namespace"), "namespaces", None);
+    apply(
+        &nss,
+        "test",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": name}}),
+        false,
+    )
+    .await
+    .unwrap();
+}
+
+fn api_err(e: kube::Error) -> kube::core::Status {
+    match e {
+        kube::Error::Api(s) => *s,
+        other => panic!("expected an API error, got {other:?}"),
+    }
+}
+
+fn cm(name: &str, data: Value) -> Value {
+    json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "apps"}, "data": data})
+}
+
+#[tokio::test]
+async fn discovery_lists_builtin_kinds_with_names_scopes_and_verbs() {
+    let (_sim, client) = sim().await;
+    let v = within("version", client.apiserver_version()).await.unwrap();
+    assert_eq!((v.major.as_str(), v.minor.as_str()), ("1", "32"));
+    let d = within("discovery", Discovery::new(client.clone()).run())
+        .await
+        .unwrap();
+    let find = |g: &str, k: &str| {
+        d.groups()
+            .flat_map(|g| g.recommended_resources())
+            .find(|(ar, _)| ar.group == g && ar.kind == k)
+    };
+    for (g, k, plural, namespaced) in [
+        ("", "Namespace", "namespaces", false),
+        ("", "ConfigMap", "configmaps", true),
+        ("apps", "Deployment", "deployments", true),
+        (
+            "rbac.authorization.k8s.io",
+            "ClusterRole",
+            "clusterroles",
+            false,
+        ),
+        (
+            "apiextensions.k8s.io",
+            "CustomResourceDefinition",
+            "customresourcedefinitions",
+            false,
+        ),
+        (
+            "autoscaling",
+            "HorizontalPodAutoscaler",
+            "horizontalpodautoscalers",
+            true,
+        ),
+        (
+            "policy",
+            "PodDisruptionBudget",
+            "poddisruptionbudgets",
+            true,
+        ),
+        (
+            "networking.k8s.io",
+            "NetworkPolicy",
+            "networkpolicies",
+            true,
+        ),
+    ] {
+        let (ar, caps) = find(g, k).unwrap_or_else(|| panic!("{g}/{k} discovered"));
+        assert_eq!(ar.plural, plural);
+        assert_eq!(
+            caps.scope == kube::discovery::Scope::Namespaced,
+            namespaced,
+            "{k}"
+        );
+        assert!(caps.supports_operation(kube::discovery::verbs::PATCH));
+        assert!(caps.supports_operation(kube::discovery::verbs::WATCH));
+    }
+    // The raw list carries short names and the status subresource.
+    let raw: Value = within(
+        "raw discovery",
+        client.request(
+            http::Request::get("/apis/apps/v1")
+                .body(Vec::new())
+                .unwrap(),
+        ),
+    )
+    .await
+    .unwrap();
+    let deploy = raw["resources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["name"] == "deployments")
+        .unwrap();
+    assert_eq!(deploy["shortNames"], json!(["deploy"]));
+    assert!(
+        raw["resources"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|r| r["name"] == "deployments/status")
+    );
+}
+
+#[tokio::test]
+async fn scope_rules_and_error_statuses() {
+    let (_sim, client) = sim().await;
+    // A namespaced object in a missing namespace: NotFound on the namespace.
+    let e = api_err(apply(&cms(&client, "nope"), "unitsync", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "a", "namespace": "nope"}}), false).await.unwrap_err());
+    assert_eq!(
+        (e.code, e.reason.as_str(), e.message.as_str()),
+        (404, "NotFound", "namespaces \"nope\" not found")
+    );
+    namespace(&client, "apps").await;
+    // Missing object.
+    let e = api_err(
+        within("get", cms(&client, "apps").get("missing"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.reason.as_str(), e.message.as_str()),
+        (404, "NotFound", "configmaps \"missing\" not found")
+    );
+    // Invalid name: 422 with the real message.
+    let e = api_err(
+        within(
+            "create",
+            cms(&client, "apps").create(&PostParams::default(), &obj(cm("Bad_Name", json!({})))),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (422, "Invalid"));
+    assert!(e.message.starts_with("ConfigMap \"Bad_Name\" is invalid: metadata.name: Invalid value: \"Bad_Name\": a lowercase RFC 1123 subdomain"), "{}", e.message);
+    // Already exists.
+    within(
+        "create",
+        cms(&client, "apps").create(&PostParams::default(), &obj(cm("a", json!({})))),
+    )
+    .await
+    .unwrap();
+    let e = api_err(
+        within(
+            "create again",
+            cms(&client, "apps").create(&PostParams::default(), &obj(cm("a", json!({})))),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.reason.as_str(), e.message.as_str()),
+        (409, "AlreadyExists", "configmaps \"a\" already exists")
+    );
+    // Cluster-scoped kinds have no namespaced path: plain 404 page.
+    let raw = within(
+        "raw",
+        client.request_text(
+            http::Request::get("/api/v1/namespaces/apps/namespaces/x")
+                .body(Vec::new())
+                .unwrap(),
+        ),
+    )
+    .await;
+    assert!(raw.is_err());
+    // Apply without fieldManager is 422 (kube-apiserver enforces it, not clients).
+    let req = http::Request::patch("/api/v1/namespaces/apps/configmaps/a")
+        .header("content-type", "application/apply-patch+yaml")
+        .body(serde_json::to_vec(&cm("a", json!({}))).unwrap())
+        .unwrap();
+    let e = api_err(
+        within("apply without manager", client.request::<Value>(req))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+    assert_eq!(
+        e.message,
+        "PatchOptions.meta.k8s.io \"\" is invalid: fieldManager: Required value: is required for apply patch"
+    );
+    // Deleting protected namespaces is forbidden.
+    let nss = api(&client, ("", "v1", "Namespace"), "namespaces", None);
+    let e = api_err(
+        within(
+            "delete default",
+            nss.delete("default", &DeleteParams::default()),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (403, "Forbidden"));
+}
+
+#[tokio::test]
+async fn metadata_generation_and_optimistic_concurrency() {
+    let (_sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    let a = apply(&cms, "unitsync", cm("a", json!({"k": "1"})), false)
+        .await
+        .unwrap();
+    let uid = a.metadata.uid.clone().unwrap();
+    assert_eq!(uid.len(), 36);
+    assert!(a.metadata.creation_timestamp.is_some());
+    assert_eq!(
+        a.metadata.generation, None,
+        "ConfigMaps do not track generation"
+    );
+    let rv1: u64 = a
+        .metadata
+        .resource_version
+        .clone()
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Re-applying the same configuration is a no-op: same resourceVersion.
+    let again = apply(&cms, "unitsync", cm("a", json!({"k": "1"})), false)
+        .await
+        .unwrap();
+    assert_eq!(again.metadata.resource_version, a.metadata.resource_version);
+    // Versions increase across objects (one cluster-wide counter).
+    let b = apply(&cms, "unitsync", cm("b", json!({})), false)
+        .await
+        .unwrap();
+    assert!(b.metadata.resource_version.unwrap().parse::<u64>().unwrap() > rv1);
+    // A PUT with a stale resourceVersion conflicts.
+    let mut stale = a.clone();
+    stale.data["data"] = json!({"k": "2"});
+    within("update", cms.replace("a", &PostParams::default(), &stale))
+        .await
+        .unwrap();
+    let e = api_err(
+        within(
+            "stale update",
+            cms.replace("a", &PostParams::default(), &stale),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(e.message.contains("the object has been modified; please apply your changes to the latest version and try again"));
+
+    // Deployments: generation 1, bumped once per spec change, not on a no-op.
+    let deps = api(
+        &client,
+        ("apps", "v1", "Deployment"),
+        "deployments",
+        Some("apps"),
+    );
+    let d = |image: &str| {
+        json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "apps"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "app", "image": image}]}}}})
+    };
+    assert_eq!(
+        apply(&deps, "unitsync", d("nginx:1"), false)
+            .await
+            .unwrap()
+            .metadata
+            .generation,
+        Some(1)
+    );
+    assert_eq!(
+        apply(&deps, "unitsync", d("nginx:1"), false)
+            .await
+            .unwrap()
+            .metadata
+            .generation,
+        Some(1)
+    );
+    assert_eq!(
+        apply(&deps, "unitsync", d("nginx:2"), false)
+            .await
+            .unwrap()
+            .metadata
+            .generation,
+        Some(2)
+    );
+}
+
+/// Server-side apply field ownership: "Conflicts" and "Merge strategy" of
+/// https://kubernetes.io/docs/reference/using-api/server-side-apply/ .
+#[tokio::test]
+async fn server_side_apply_ownership_removal_and_conflicts() {
+    let (_sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    let created = apply(
+        &cms,
+        "unitsync",
+        cm("a", json!({"x": "1", "y": "2"})),
+        false,
+    )
+    .await
+    .unwrap();
+    let mf = created.metadata.managed_fields.clone().unwrap();
+    assert_eq!(mf.len(), 1);
+    assert_eq!(
+        (mf[0].manager.as_deref(), mf[0].operation.as_deref()),
+        (Some("unitsync"), Some("Apply"))
+    );
+    let fields = serde_json::to_value(&mf[0].fields_v1).unwrap();
+    assert_eq!(fields, json!({"f:data": {"f:x": {}, "f:y": {}}}));
+
+    // "If a field is removed from the configuration by the only manager
+    // that owns it, the field is removed" (Merge strategy).
+    let a = apply(&cms, "unitsync", cm("a", json!({"x": "1"})), false)
+        .await
+        .unwrap();
+    assert_eq!(a.data["data"], json!({"x": "1"}));
+
+    // Another applier setting the same value shares ownership: no conflict.
+    apply(&cms, "other", cm("a", json!({"x": "1"})), false)
+        .await
+        .unwrap();
+    // Removing it from unitsync's config keeps it: "other" still owns it.
+    let a = apply(&cms, "unitsync", cm("a", json!({"z": "3"})), false)
+        .await
+        .unwrap();
+    assert_eq!(a.data["data"], json!({"x": "1", "z": "3"}));
+
+    // A different value owned by another manager is a 409 naming field and manager.
+    let e = api_err(
+        apply(
+            &cms,
+            "unitsync",
+            cm("a", json!({"x": "9", "z": "3"})),
+            false,
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert_eq!(
+        e.message,
+        "Apply failed with 1 conflict: conflict with \"other\": .data.x"
+    );
+    let causes = e.details.unwrap().causes;
+    assert_eq!(causes.len(), 1);
+    assert_eq!(
+        (causes[0].reason.as_str(), causes[0].field.as_str()),
+        ("FieldManagerConflict", ".data.x")
+    );
+
+    // An Update manager (kubectl edit, a controller) conflicts the same way.
+    let patch = Patch::Merge(json!({"data": {"z": "edited"}}));
+    within(
+        "merge patch",
+        cms.patch(
+            "a",
+            &PatchParams {
+                field_manager: Some("editor".into()),
+                ..PatchParams::default()
+            },
+            &patch,
+        ),
+    )
+    .await
+    .unwrap();
+    let e = api_err(
+        apply(&cms, "unitsync", cm("a", json!({"z": "3"})), false)
+            .await
+            .unwrap_err(),
+    );
+    assert!(
+        e.message
+            .contains("conflict with \"editor\" using v1: .data.z"),
+        "{}",
+        e.message
+    );
+
+    // force takes the fields over.
+    let a = apply(&cms, "unitsync", cm("a", json!({"x": "9", "z": "3"})), true)
+        .await
+        .unwrap();
+    assert_eq!(a.data["data"], json!({"x": "9", "z": "3"}));
+    let owners: Vec<(String, Value)> = a
+        .metadata
+        .managed_fields
+        .unwrap()
+        .into_iter()
+        .map(|m| {
+            (
+                m.manager.unwrap(),
+                serde_json::to_value(m.fields_v1).unwrap(),
+            )
+        })
+        .collect();
+    let unitsync = owners.iter().find(|(m, _)| m == "unitsync").unwrap();
+    assert_eq!(unitsync.1, json!({"f:data": {"f:x": {}, "f:z": {}}}));
+    assert!(
+        owners
+            .iter()
+            .all(|(m, f)| m == "unitsync" || f.pointer("/f:data/f:x").is_none()),
+        "{owners:?}"
+    );
+
+    // List-map merging: containers are keyed by name.
+    let deps = api(
+        &client,
+        ("apps", "v1", "Deployment"),
+        "deployments",
+        Some("apps"),
+    );
+    let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "apps"},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "app", "image": "nginx:1"}]}}}});
+    apply(&deps, "unitsync", d, false).await.unwrap();
+    let sidecar = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "apps"},
+        "spec": {"template": {"spec": {"containers": [{"name": "sidecar", "image": "envoy"}]}}}});
+    let merged = apply(&deps, "mesh", sidecar, false).await.unwrap();
+    let names: Vec<&str> = merged.data["spec"]["template"]["spec"]["containers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|c| c["name"].as_str().unwrap())
+        .collect();
+    assert_eq!(names.len(), 2, "{names:?}");
+    let conflict = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "apps"},
+        "spec": {"template": {"spec": {"containers": [{"name": "app", "image": "nginx:2"}]}}}});
+    let e = api_err(apply(&deps, "mesh", conflict, false).await.unwrap_err());
+    assert!(
+        e.message
+            .contains(".spec.template.spec.containers[name=\"app\"].image"),
+        "{}",
+        e.message
+    );
+
+    // dryRun=All stores nothing.
+    let before = within("get", cms.get("a")).await.unwrap();
+    let mut pp = PatchParams::apply("unitsync");
+    pp.dry_run = true;
+    let dry = within(
+        "dry run",
+        cms.patch(
+            "a",
+            &pp,
+            &Patch::Apply(cm("a", json!({"x": "9", "z": "3", "new": "v"}))),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(dry.data["data"]["new"], "v");
+    assert_eq!(
+        within("get", cms.get("a"))
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        before.metadata.resource_version
+    );
+}
+
+#[tokio::test]
+async fn json_patch_strategic_patch_and_finalizers() {
+    let (_sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    apply(&cms, "unitsync", cm("a", json!({"x": "1"})), false)
+        .await
+        .unwrap();
+    let req = http::Request::patch("/api/v1/namespaces/apps/configmaps/a")
+        .header("content-type", "application/json-patch+json")
+        .body(serde_json::to_vec(&json!([{"op": "add", "path": "/data/y", "value": "2"}, {"op": "remove", "path": "/data/x"}])).unwrap())
+        .unwrap();
+    let r: Value = within("json patch", client.request(req)).await.unwrap();
+    assert_eq!(r["data"], json!({"y": "2"}));
+    let r = within(
+        "strategic",
+        cms.patch(
+            "a",
+            &PatchParams::default(),
+            &Patch::Strategic(json!({"data": {"z": "3", "y": null}})),
+        ),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.data["data"], json!({"z": "3"}));
+
+    // Finalizers hold deletion: deletionTimestamp set, object still there.
+    apply(&cms, "unitsync", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "f", "namespace": "apps", "finalizers": ["example.com/hold"]}}), false).await.unwrap();
+    let d = within("delete", cms.delete("f", &DeleteParams::default()))
+        .await
+        .unwrap();
+    let held = d
+        .left()
+        .expect("the object comes back while finalizers remain");
+    assert!(held.metadata.deletion_timestamp.is_some());
+    assert!(within("get", cms.get_opt("f")).await.unwrap().is_some());
+    // New finalizers cannot be added while deleting.
+    let e = api_err(
+        within(
+            "add finalizer",
+            cms.patch(
+                "f",
+                &PatchParams::default(),
+                &Patch::Merge(json!({"metadata": {"finalizers": ["example.com/hold", "more"]}})),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(e.code, 422);
+    within(
+        "clear finalizers",
+        cms.patch(
+            "f",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        ),
+    )
+    .await
+    .unwrap();
+    assert!(within("get", cms.get_opt("f")).await.unwrap().is_none());
+}
+
+#[tokio::test]
+async fn deletion_propagation_and_garbage_collection() {
+    let (_sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    let owner_of = |name: &str, owner: &DynamicObject| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": name, "namespace": "apps", "ownerReferences": [{
+            "apiVersion": "v1", "kind": "ConfigMap", "name": owner.metadata.name, "uid": owner.metadata.uid, "blockOwnerDeletion": true}]}})
+    };
+    // Background: owner goes at once, dependents follow.
+    let o = apply(&cms, "t", cm("bg-owner", json!({})), false)
+        .await
+        .unwrap();
+    apply(&cms, "t", owner_of("bg-dep", &o), false)
+        .await
+        .unwrap();
+    within(
+        "delete",
+        cms.delete("bg-owner", &DeleteParams::background()),
+    )
+    .await
+    .unwrap();
+    until("background dependent collected", || async {
+        cms.get_opt("bg-dep").await.unwrap().is_none()
+    })
+    .await;
+
+    // Foreground: the owner waits with foregroundDeletion until dependents are gone.
+    let o = apply(&cms, "t", cm("fg-owner", json!({})), false)
+        .await
+        .unwrap();
+    apply(&cms, "t", owner_of("fg-dep", &o), false)
+        .await
+        .unwrap();
+    let d = within(
+        "delete",
+        cms.delete("fg-owner", &DeleteParams::foreground()),
+    )
+    .await
+    .unwrap();
+    let marked = d.left().expect("owner returned while deleting");
+    assert!(
+        marked
+            .metadata
+            .finalizers
+            .unwrap()
+            .contains(&"foregroundDeletion".to_owned())
+    );
+    until("foreground owner gone after dependents", || async {
+        cms.get_opt("fg-owner").await.unwrap().is_none()
+            && cms.get_opt("fg-dep").await.unwrap().is_none()
+    })
+    .await;
+
+    // Orphan: the dependent stays, without the owner reference.
+    let o = apply(&cms, "t", cm("or-owner", json!({})), false)
+        .await
+        .unwrap();
+    apply(&cms, "t", owner_of("or-dep", &o), false)
+        .await
+        .unwrap();
+    within("delete", cms.delete("or-owner", &DeleteParams::orphan()))
+        .await
+        .unwrap();
+    until("orphaned dependent kept", || async {
+        cms.get_opt("or-owner").await.unwrap().is_none()
+            && cms
+                .get_opt("or-dep")
+                .await
+                .unwrap()
+                .is_some_and(|d| d.metadata.owner_references.unwrap_or_default().is_empty())
+    })
+    .await;
+
+    // Deleting a namespace removes its content, then the namespace.
+    let nss = api(&client, ("", "v1", "Namespace"), "namespaces", None);
+    within("delete ns", nss.delete("apps", &DeleteParams::default()))
+        .await
+        .unwrap();
+    until("namespace and content gone", || async {
+        nss.get_opt("apps").await.unwrap().is_none()
+    })
+    .await;
+    assert!(
+        within("list", cms.list(&ListParams::default()))
+            .await
+            .unwrap()
+            .items
+            .is_empty()
+    );
+}
+
+#[tokio::test]
+async fn list_selectors_pagination_and_watch() {
+    let (sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    for (i, tier) in ["front", "back", "front", "db", "front"].iter().enumerate() {
+        let mut c = cm(&format!("c{i}"), json!({}));
+        c["metadata"]["labels"] = json!({"tier": tier, "n": i.to_string()});
+        apply(&cms, "t", c, false).await.unwrap();
+    }
+    let names = |l: kube::core::ObjectList<DynamicObject>| {
+        l.items
+            .into_iter()
+            .map(|o| o.metadata.name.unwrap())
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        names(
+            cms.list(&ListParams::default().labels("tier=front"))
+                .await
+                .unwrap()
+        ),
+        ["c0", "c2", "c4"]
+    );
+    assert_eq!(
+        names(
+            cms.list(&ListParams::default().labels("tier in (back,db)"))
+                .await
+                .unwrap()
+        ),
+        ["c1", "c3"]
+    );
+    assert_eq!(
+        names(
+            cms.list(&ListParams::default().labels("tier notin (front),n>2"))
+                .await
+                .unwrap()
+        ),
+        ["c3"]
+    );
+    assert_eq!(
+        names(
+            cms.list(&ListParams::default().fields("metadata.name=c2"))
+                .await
+                .unwrap()
+        ),
+        ["c2"]
+    );
+    let e = api_err(
+        cms.list(&ListParams::default().fields("data.x=1"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (400, "field label not supported: data.x")
+    );
+
+    // limit/continue.
+    let page1 = cms.list(&ListParams::default().limit(2)).await.unwrap();
+    let token = page1.metadata.continue_.clone().unwrap();
+    assert_eq!(names(page1), ["c0", "c1"]);
+    let page2 = cms
+        .list(&ListParams::default().limit(2).continue_token(&token))
+        .await
+        .unwrap();
+    assert_eq!(names(page2), ["c2", "c3"]);
+    let e = api_err(
+        cms.list(&ListParams::default().limit(2).continue_token("bogus!"))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!(e.code, 400);
+
+    // watch from a version: only later changes, in order.
+    let rv = cms
+        .list(&ListParams::default())
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    let mut stream = cms
+        .watch(&WatchParams::default().labels("tier=front"), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    apply(&cms, "t", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c0", "namespace": "apps", "labels": {"tier": "front"}}, "data": {"v": "2"}}), false).await.unwrap();
+    // Leaving the selector reads as DELETED for this watch.
+    within(
+        "relabel",
+        cms.patch(
+            "c2",
+            &PatchParams::default(),
+            &Patch::Merge(json!({"metadata": {"labels": {"tier": "back"}}})),
+        ),
+    )
+    .await
+    .unwrap();
+    let ev = within("event 1", stream.try_next()).await.unwrap().unwrap();
+    assert!(
+        matches!(&ev, WatchEvent::Modified(o) if o.metadata.name.as_deref() == Some("c0")),
+        "{ev:?}"
+    );
+    let ev = within("event 2", stream.try_next()).await.unwrap().unwrap();
+    assert!(
+        matches!(&ev, WatchEvent::Deleted(o) if o.metadata.name.as_deref() == Some("c2")),
+        "{ev:?}"
+    );
+
+    // A watch from a compacted version: a 200 stream with one ERROR 410.
+    sim.compact();
+    let mut stream = cms
+        .watch(&WatchParams::default(), &rv)
+        .await
+        .unwrap()
+        .boxed();
+    let ev = within("expired", stream.try_next()).await.unwrap().unwrap();
+    match ev {
+        WatchEvent::Error(e) => {
+            assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+            assert!(
+                e.message
+                    .starts_with(&format!("too old resource version: {rv} (")),
+                "{}",
+                e.message
+            );
+        }
+        other => panic!("expected ERROR 410, got {other:?}"),
+    }
+    // An old continue token is 410 too.
+    let e = api_err(
+        cms.list(&ListParams::default().limit(2).continue_token(&token))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (410, "Expired"));
+}
+
+#[tokio::test]
+async fn kube_runtime_watcher_recovers_from_410_and_dropped_watches() {
+    let (sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    let store = std::sync::Arc::new(std::sync::Mutex::new(std::collections::BTreeMap::<
+        String,
+        String,
+    >::new()));
+    let s = store.clone();
+    let w = kube::runtime::watcher(cms.clone(), kube::runtime::watcher::Config::default());
+    let task = tokio::spawn(async move {
+        let mut w = std::pin::pin!(w);
+        while let Some(ev) = w.next().await {
+            match ev {
+                Ok(
+                    kube::runtime::watcher::Event::Apply(o)
+                    | kube::runtime::watcher::Event::InitApply(o),
+                ) => {
+                    s.lock().unwrap().insert(
+                        o.metadata.name.clone().unwrap(),
+                        o.data["data"]["v"].as_str().unwrap_or("").to_owned(),
+                    );
+                }
+                Ok(kube::runtime::watcher::Event::Delete(o)) => {
+                    s.lock().unwrap().remove(&o.metadata.name.unwrap());
+                }
+                _ => {}
+            }
+        }
+    });
+    apply(&cms, "t", cm("a", json!({"v": "1"})), false)
+        .await
+        .unwrap();
+    until("watcher sees a=1", || async {
+        store.lock().unwrap().get("a").map(String::as_str) == Some("1")
+    })
+    .await;
+    sim.faults().drop_watches();
+    sim.compact();
+    apply(&cms, "t", cm("a", json!({"v": "2"})), false)
+        .await
+        .unwrap();
+    apply(&cms, "t", cm("b", json!({"v": "1"})), false)
+        .await
+        .unwrap();
+    until("watcher recovers and sees a=2, b=1", || async {
+        let s = store.lock().unwrap();
+        s.get("a").map(String::as_str) == Some("2") && s.get("b").map(String::as_str) == Some("1")
+    })
+    .await;
+    task.abort();
+}
+
+fn crd() -> Value {
+    json!({
+        "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+        "metadata": {"name": "tables.dynamodb.aws.upbound.io"},
+        "spec": {"group": "dynamodb.aws.upbound.io", "scope": "Cluster",
+            "names": {"kind": "Table", "plural": "tables", "singular": "table", "listKind": "TableList", "categories": ["crossplane", "managed"]},
+            "versions": [{"name": "v1beta1", "served": true, "storage": true, "subresources": {"status": {}},
+                "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+    })
+}
+
+#[tokio::test]
+async fn crds_register_after_established_and_custom_resources_get_conditions() {
+    let (_sim, client) = sim().await;
+    let crds = api(
+        &client,
+        ("apiextensions.k8s.io", "v1", "CustomResourceDefinition"),
+        "customresourcedefinitions",
+        None,
+    );
+    apply(&crds, "unitsync", crd(), false).await.unwrap();
+    until("CRD established", || async {
+        crds.get("tables.dynamodb.aws.upbound.io")
+            .await
+            .unwrap()
+            .data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Established" && c["status"] == "True")
+            })
+    })
+    .await;
+    let d = Discovery::new(client.clone()).run().await.unwrap();
+    assert!(
+        d.groups()
+            .flat_map(|g| g.recommended_resources())
+            .any(|(ar, _)| ar.kind == "Table" && ar.plural == "tables")
+    );
+
+    let tables = api(
+        &client,
+        ("dynamodb.aws.upbound.io", "v1beta1", "Table"),
+        "tables",
+        None,
+    );
+    let t = |name: &str, fail: Option<&str>| {
+        let mut v = json!({"apiVersion": "dynamodb.aws.upbound.io/v1beta1", "kind": "Table", "metadata": {"name": name}, "spec": {"forProvider": {"region": "us-east-1"}}});
+        if let Some(f) = fail {
+            v["metadata"]["annotations"] = json!({FAIL_ANNOTATION: f});
+        }
+        v
+    };
+    let created = apply(&tables, "unitsync", t("messages", None), false)
+        .await
+        .unwrap();
+    assert_eq!(created.metadata.generation, Some(1));
+    until("Synced and Ready", || async {
+        let o = tables.get("messages").await.unwrap();
+        let c = o.data["status"]["conditions"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default();
+        o.data["status"]["observedGeneration"] == 1
+            && c.iter()
+                .any(|c| c["type"] == "Ready" && c["status"] == "True")
+            && c.iter()
+                .any(|c| c["type"] == "Synced" && c["status"] == "True")
+    })
+    .await;
+    apply(
+        &tables,
+        "unitsync",
+        t("broken", Some("cannot create table: AccessDenied")),
+        false,
+    )
+    .await
+    .unwrap();
+    until("Ready=False with the reason", || async {
+        tables.get("broken").await.unwrap().data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| {
+                c.iter().any(|c| {
+                    c["type"] == "Ready"
+                        && c["status"] == "False"
+                        && c["message"] == "cannot create table: AccessDenied"
+                })
+            })
+    })
+    .await;
+    // Status on the main endpoint is ignored when a status subresource exists.
+    let mut with_status = t("messages", None);
+    with_status["status"] = json!({"conditions": []});
+    let o = apply(&tables, "unitsync", with_status, false)
+        .await
+        .unwrap();
+    assert!(
+        o.data["status"]["conditions"]
+            .as_array()
+            .is_some_and(|c| !c.is_empty())
+    );
+
+    // Deleting the CRD removes its objects and the resource.
+    within(
+        "delete crd",
+        crds.delete("tables.dynamodb.aws.upbound.io", &DeleteParams::default()),
+    )
+    .await
+    .unwrap();
+    until("CRD gone", || async {
+        crds.get_opt("tables.dynamodb.aws.upbound.io")
+            .await
+            .unwrap()
+            .is_none()
+    })
+    .await;
+    assert!(
+        tables.list(&ListParams::default()).await.is_err(),
+        "the resource is no longer served"
+    );
+}
+
+#[tokio::test]
+async fn simulated_controllers_roll_out_and_fail_like_real_ones() {
+    init();
+    let sim = KubeSim::start(SimOptions {
+        rollout_delay: Duration::from_millis(50),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = sim.client().await.unwrap();
+    namespace(&client, "apps").await;
+    let deps = api(
+        &client,
+        ("apps", "v1", "Deployment"),
+        "deployments",
+        Some("apps"),
+    );
+    let d = |name: &str, fail: Option<&str>, deadline: u32| {
+        let mut v = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"replicas": 2, "progressDeadlineSeconds": deadline, "selector": {"matchLabels": {"app": name}},
+                "template": {"metadata": {"labels": {"app": name}}, "spec": {"containers": [{"name": "app", "image": "example.com/app:1"}]}}}});
+        if let Some(f) = fail {
+            v["metadata"]["annotations"] = json!({FAIL_ANNOTATION: f});
+        }
+        v
+    };
+    apply(&deps, "unitsync", d("good", None, 600), false)
+        .await
+        .unwrap();
+    until("rolled out", || async {
+        let s = deps.get("good").await.unwrap().data["status"].clone();
+        s["observedGeneration"] == 1
+            && s["readyReplicas"] == 2
+            && s["availableReplicas"] == 2
+            && s["conditions"].as_array().is_some_and(|c| {
+                c.iter()
+                    .any(|c| c["type"] == "Progressing" && c["reason"] == "NewReplicaSetAvailable")
+            })
+    })
+    .await;
+    apply(
+        &deps,
+        "unitsync",
+        d("pull", Some("ImagePullBackOff"), 1),
+        false,
+    )
+    .await
+    .unwrap();
+    until(
+        "ImagePullBackOff pod, then ProgressDeadlineExceeded",
+        || async {
+            let s = deps.get("pull").await.unwrap().data["status"].clone();
+            s["conditions"].as_array().is_some_and(|c| {
+                c.iter().any(|c| {
+                    c["type"] == "Progressing"
+                        && c["status"] == "False"
+                        && c["reason"] == "ProgressDeadlineExceeded"
+                })
+            })
+        },
+    )
+    .await;
+    let pods = api(&client, ("", "v1", "Pod"), "pods", Some("apps"));
+    let pod = pods
+        .list(&ListParams::default().labels("app=pull"))
+        .await
+        .unwrap()
+        .items
+        .pop()
+        .unwrap();
+    assert_eq!(
+        pod.data["status"]["containerStatuses"][0]["state"]["waiting"]["reason"],
+        "ImagePullBackOff"
+    );
+
+    let jobs = api(&client, ("batch", "v1", "Job"), "jobs", Some("apps"));
+    let job = |name: &str, fail: Option<&str>| {
+        let mut v = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": name, "namespace": "apps"},
+            "spec": {"backoffLimit": 1, "template": {"spec": {"restartPolicy": "Never", "containers": [{"name": "c", "image": "busybox"}]}}}});
+        if let Some(f) = fail {
+            v["metadata"]["annotations"] = json!({FAIL_ANNOTATION: f});
+        }
+        v
+    };
+    apply(&jobs, "unitsync", job("ok", None), false)
+        .await
+        .unwrap();
+    apply(
+        &jobs,
+        "unitsync",
+        job("bad", Some("BackoffLimitExceeded")),
+        false,
+    )
+    .await
+    .unwrap();
+    until("jobs finish", || async {
+        has_condition(&jobs, "ok", "Complete").await && has_condition(&jobs, "bad", "Failed").await
+    })
+    .await;
+    let nss = api(&client, ("", "v1", "Namespace"), "namespaces", None);
+    assert_eq!(
+        nss.get("apps").await.unwrap().data["status"]["phase"],
+        "Active"
+    );
+}
+
+#[tokio::test]
+async fn tls_tokens_and_faults() {
+    init();
+    let sim = KubeSim::start(SimOptions {
+        token: Some("s3cret-token".into()),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = sim.client().await.unwrap();
+    namespace(&client, "apps").await;
+    // The same cluster with a wrong token: 401.
+    let mut kc: kube::config::Kubeconfig = serde_saphyr::from_str(&sim.kubeconfig("x")).unwrap();
+    kc.auth_infos[0].auth_info.as_mut().unwrap().token = Some("wrong".to_owned().into());
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    let bad = kube::Client::try_from(cfg).unwrap();
+    let e = api_err(
+        within(
+            "list with a bad token",
+            cms(&bad, "apps").list(&ListParams::default()),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (401, "Unauthorized"));
+
+    // Down: requests fail; back up: they work again.
+    sim.faults().set_down(true);
+    assert!(
+        within(
+            "list while down",
+            cms(&client, "apps").list(&ListParams::default())
+        )
+        .await
+        .is_err()
+    );
+    sim.faults().set_down(false);
+    until("API server back", || async {
+        cms(&client, "apps")
+            .list(&ListParams::default())
+            .await
+            .is_ok()
+    })
+    .await;
+    // Error rate 100 %: every answer is 503, which kube retries with
+    // backoff, so nothing succeeds; at 50 % the retries get through.
+    sim.faults().set_error_rate(1.0);
+    let r = tokio::time::timeout(
+        Duration::from_secs(2),
+        cms(&client, "apps").list(&ListParams::default()),
+    )
+    .await;
+    assert!(
+        !matches!(r, Ok(Ok(_))),
+        "nothing succeeds while every answer is 503"
+    );
+    sim.faults().set_error_rate(0.5);
+    within(
+        "list at 50 % errors",
+        cms(&client, "apps").list(&ListParams::default()),
+    )
+    .await
+    .unwrap();
+    sim.faults().set_error_rate(0.0);
+    sim.faults().set_latency(Duration::from_millis(30));
+    let t = std::time::Instant::now();
+    within(
+        "slow list",
+        cms(&client, "apps").list(&ListParams::default()),
+    )
+    .await
+    .unwrap();
+    assert!(t.elapsed() >= Duration::from_millis(30));
+}
+
+#[tokio::test]
+async fn kubectl_works_against_kube_sim() {
+    init();
+    let sim = KubeSim::start(SimOptions {
+        rollout_delay: Duration::from_millis(50),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kc = dir.path().join("kubeconfig");
+    std::fs::write(&kc, sim.kubeconfig("sim")).unwrap();
+    let manifests = dir.path().join("m.yaml");
+    std::fs::write(
+        &manifests,
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c1\n  namespace: apps\ndata:\n  a: \"1\"\n---\napiVersion: apps/v1\nkind: Deployment\nmetadata: {name: web, namespace: apps}\nspec:\n  selector: {matchLabels: {app: web}}\n  template:\n    metadata: {labels: {app: web}}\n    spec:\n      containers: [{name: app, image: nginx}]\n",
+    )
+    .unwrap();
+    let kubectl = |args: &[&str]| {
+        let mut c = std::process::Command::new("kubectl");
+        c.arg("--kubeconfig")
+            .arg(&kc)
+            .arg("--cache-dir")
+            .arg(dir.path().join("cache"))
+            .args(args);
+        async move {
+            let out = within(
+                "kubectl",
+                tokio::task::spawn_blocking(move || c.output().unwrap()),
+            )
+            .await
+            .unwrap();
+            (
+                out.status.success(),
+                String::from_utf8_lossy(&out.stdout).into_owned()
+                    + &String::from_utf8_lossy(&out.stderr),
+            )
+        }
+    };
+    let (ok, out) = kubectl(&[
+        "apply",
+        "--server-side",
+        "--validate=false",
+        "-f",
+        manifests.to_str().unwrap(),
+    ])
+    .await;
+    assert!(ok, "{out}");
+    assert!(out.contains("configmap/c1 serverside-applied"), "{out}");
+    let (ok, out) = kubectl(&["get", "configmap", "c1", "-n", "apps", "-o", "yaml"]).await;
+    assert!(
+        ok && out.contains("a: \"1\"") && out.contains("resourceVersion"),
+        "{out}"
+    );
+    let (ok, out) = kubectl(&["get", "configmaps", "-n", "apps"]).await;
+    assert!(ok && out.contains("c1"), "{out}");
+    let (ok, out) = kubectl(&[
+        "wait",
+        "--for=condition=Available",
+        "deployment/web",
+        "-n",
+        "apps",
+        "--timeout=20s",
+    ])
+    .await;
+    assert!(ok, "{out}");
+    let (ok, out) = kubectl(&["delete", "configmap", "c1", "-n", "apps"]).await;
+    assert!(ok && out.contains("deleted"), "{out}");
+    let (ok, out) = kubectl(&["get", "configmap", "c1", "-n", "apps"]).await;
+    assert!(!ok && out.contains("NotFound"), "{out}");
+    assert!(sim.object("v1", "configmaps", "apps", "c1").is_none());
+}
+
+async fn has_condition(api: &Api<DynamicObject>, name: &str, ty: &str) -> bool {
+    api.get(name).await.unwrap().data["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| c.iter().any(|c| c["type"] == ty && c["status"] == "True"))
+}
