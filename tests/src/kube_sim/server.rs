@@ -89,10 +89,8 @@ impl Faults {
     /// Refuse everything (connections are closed), as a dead API server.
     pub fn set_down(&self, down: bool) {
         self.down.store(down, Ordering::Relaxed);
-        if down {
-            if let Some(tx) = self.kill_connections.lock().unwrap().as_ref() {
-                let _ = tx.send(());
-            }
+        if down && let Some(tx) = self.kill_connections.lock().unwrap().as_ref() {
+            let _ = tx.send(());
         }
     }
 
@@ -193,12 +191,11 @@ impl KubeSim {
                         hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
                     let serve = async {
                         match acceptor {
-                            Some(a) => match a.accept(tcp).await {
-                                Ok(tls) => {
+                            Some(a) => {
+                                if let Ok(tls) = a.accept(tcp).await {
                                     let _ = builder.serve_connection(TokioIo::new(tls), svc).await;
                                 }
-                                Err(_) => {}
-                            },
+                            }
                             None => {
                                 let _ = builder.serve_connection(TokioIo::new(tcp), svc).await;
                             }
@@ -437,10 +434,10 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         .map(decode)
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    if req.method() == Method::GET {
-        if let Some(r) = discovery(&inner, &segs) {
-            return r;
-        }
+    if req.method() == Method::GET
+        && let Some(r) = discovery(&inner, &segs)
+    {
+        return r;
     }
     let (group, version, rest) = match segs.as_slice() {
         ["api", "v1", rest @ ..] if !rest.is_empty() => ("", "v1", rest),
@@ -681,7 +678,7 @@ fn resolve(state: &State, group: &str, version: &str, rest: &[&str]) -> Option<T
                 Some("finalize") => ty.kind == "Namespace",
                 _ => false,
             };
-            if !allowed || (ty.namespaced && tail.first().is_some()) {
+            if !allowed || (ty.namespaced && !tail.is_empty()) {
                 return None;
             }
             Some(Target {
@@ -755,7 +752,7 @@ fn groups(state: &State) -> Vec<(String, Vec<String>)> {
         }
     }
     for (_, vs) in &mut out {
-        vs.sort_by(|a, b| version_priority(b).cmp(&version_priority(a)));
+        vs.sort_by_key(|v| std::cmp::Reverse(version_priority(v)));
     }
     out
 }
@@ -832,19 +829,18 @@ fn list(inner: &Inner, target: &Target, q: &BTreeMap<String, String>) -> Respons
         .get("limit")
         .and_then(|l| l.parse::<usize>().ok())
         .filter(|l| *l > 0)
+        && items.len() > limit
     {
-        if items.len() > limit {
-            items.truncate(limit);
-            let last = items.last().expect("non-empty");
-            let start = format!(
-                "{}/{}",
-                last["metadata"]["namespace"].as_str().unwrap_or(""),
-                last["metadata"]["name"].as_str().unwrap_or("")
-            );
-            let token = base64::engine::general_purpose::STANDARD
-                .encode(json!({"rv": rv, "start": start}).to_string());
-            meta["continue"] = json!(token);
-        }
+        items.truncate(limit);
+        let last = items.last().expect("non-empty");
+        let start = format!(
+            "{}/{}",
+            last["metadata"]["namespace"].as_str().unwrap_or(""),
+            last["metadata"]["name"].as_str().unwrap_or("")
+        );
+        let token = base64::engine::general_purpose::STANDARD
+            .encode(json!({"rv": rv, "start": start}).to_string());
+        meta["continue"] = json!(token);
     }
     if ty.crd.is_none() {
         for i in &mut items {
@@ -906,7 +902,7 @@ async fn watch(inner: Arc<Inner>, target: Target, q: &BTreeMap<String, String>) 
                     initial.push(event_line("ADDED", &o));
                 }
             }
-            if send_initial || bookmarks && send_initial {
+            if send_initial {
                 initial.push(event_line(
                     "BOOKMARK",
                     &json!({"kind": ty.kind, "apiVersion": ty.api_version(), "metadata": {"resourceVersion": state.rv.to_string(), "annotations": {"k8s.io/initial-events-end": "true"}}}),
@@ -984,11 +980,8 @@ async fn watch(inner: Arc<Inner>, target: Target, q: &BTreeMap<String, String>) 
                     if tx.send(event_line("BOOKMARK", &b)).await.is_err() { break; }
                 }
                 ev = live.recv() => {
-                    let ev = match ev {
-                        Ok(ev) => ev,
-                        // Fell behind: end the stream; the client resumes.
-                        Err(_) => break,
-                    };
+                    // Fell behind: end the stream; the client resumes.
+                    let Ok(ev) = ev else { break };
                     if ev.rv <= last_rv || !matches_key(&ev) {
                         continue;
                     }

@@ -334,23 +334,22 @@ impl State {
                 ty.api_version()
             )));
         }
-        if let Some(url) = url_name {
-            if let Some(n) = body["metadata"]["name"].as_str() {
-                if n != url {
-                    return Err(ApiError::bad_request(format!(
-                        "the name of the object ({n}) does not match the name on the URL ({url})"
-                    )));
-                }
-            }
+        if let Some(url) = url_name
+            && let Some(n) = body["metadata"]["name"].as_str()
+            && n != url
+        {
+            return Err(ApiError::bad_request(format!(
+                "the name of the object ({n}) does not match the name on the URL ({url})"
+            )));
         }
-        if ty.namespaced {
-            if let Some(bns) = body["metadata"]["namespace"].as_str() {
-                if !bns.is_empty() && bns != ns {
-                    return Err(ApiError::bad_request(
-                        "the namespace of the provided object does not match the namespace sent on the request",
-                    ));
-                }
-            }
+        if ty.namespaced
+            && let Some(bns) = body["metadata"]["namespace"].as_str()
+            && !bns.is_empty()
+            && bns != ns
+        {
+            return Err(ApiError::bad_request(
+                "the namespace of the provided object does not match the namespace sent on the request",
+            ));
         }
         Ok(())
     }
@@ -369,10 +368,8 @@ impl State {
                     spec["revisionHistoryLimit"] = json!(10);
                 }
             }
-            ("apps", "StatefulSet") => {
-                if obj["spec"].get("replicas").is_none() {
-                    obj["spec"]["replicas"] = json!(1);
-                }
+            ("apps", "StatefulSet") if obj["spec"].get("replicas").is_none() => {
+                obj["spec"]["replicas"] = json!(1);
             }
             ("", "Service") => {
                 if obj["spec"].get("type").is_none() {
@@ -394,10 +391,8 @@ impl State {
                     obj["status"]["phase"] = json!("Active");
                 }
             }
-            ("", "PersistentVolumeClaim") => {
-                if obj["status"]["phase"].is_null() {
-                    obj["status"]["phase"] = json!("Pending");
-                }
+            ("", "PersistentVolumeClaim") if obj["status"]["phase"].is_null() => {
+                obj["status"]["phase"] = json!("Pending");
             }
             _ => {}
         }
@@ -422,14 +417,14 @@ impl State {
                 "resourceVersion should not be set on objects to be created",
             ));
         }
-        if body["metadata"]["name"].as_str().unwrap_or("").is_empty() {
-            if let Some(prefix) = body["metadata"]["generateName"].as_str() {
-                const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
-                let suffix: String = (0..5)
-                    .map(|_| ALPHABET[rand::random::<u8>() as usize % ALPHABET.len()] as char)
-                    .collect();
-                body["metadata"]["name"] = json!(format!("{prefix}{suffix}"));
-            }
+        if body["metadata"]["name"].as_str().unwrap_or("").is_empty()
+            && let Some(prefix) = body["metadata"]["generateName"].as_str()
+        {
+            const ALPHABET: &[u8] = b"bcdfghjklmnpqrstvwxz2456789";
+            let suffix: String = (0..5)
+                .map(|_| ALPHABET[rand::random::<u8>() as usize % ALPHABET.len()] as char)
+                .collect();
+            body["metadata"]["name"] = json!(format!("{prefix}{suffix}"));
         }
         let name = body["metadata"]["name"]
             .as_str()
@@ -505,10 +500,11 @@ impl State {
         if ty.tracks_generation {
             obj["metadata"]["generation"] = json!(1);
         }
-        if ty.status_subresource && ty.kind != "Namespace" {
-            if let Some(o) = obj.as_object_mut() {
-                o.remove("status");
-            }
+        if ty.status_subresource
+            && ty.kind != "Namespace"
+            && let Some(o) = obj.as_object_mut()
+        {
+            o.remove("status");
         }
         Self::defaults(ty, obj);
     }
@@ -692,20 +688,19 @@ impl State {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(&ty.plural, &ty.group, name))?;
-        if let Some(rv) = body["metadata"]["resourceVersion"].as_str() {
-            if !rv.is_empty()
-                && rv
-                    != old["metadata"]["resourceVersion"]
-                        .as_str()
-                        .unwrap_or_default()
-            {
-                return Err(ApiError::conflict(
-                    &ty.qualified(),
-                    "",
-                    name,
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                ));
-            }
+        if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
+            && !rv.is_empty()
+            && rv
+                != old["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default()
+        {
+            return Err(ApiError::conflict(
+                &ty.qualified(),
+                "",
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
         let mut new = body;
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
@@ -746,9 +741,7 @@ impl State {
                     return Err(ApiError::new(
                         415,
                         "UnsupportedMediaType",
-                        format!(
-                            "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml"
-                        ),
+                        "the body of the request was in an unknown format - accepted media types include: application/json-patch+json, application/merge-patch+json, application/apply-patch+yaml".to_string(),
                     ));
                 }
                 strategic_patch(&mut new, body, &mut vec![], "");
@@ -764,19 +757,18 @@ impl State {
                 ));
             }
         }
-        if let Some(rv) = body["metadata"]["resourceVersion"].as_str() {
-            if rv
+        if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
+            && rv
                 != old["metadata"]["resourceVersion"]
                     .as_str()
                     .unwrap_or_default()
-            {
-                return Err(ApiError::conflict(
-                    &ty.qualified(),
-                    "",
-                    name,
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                ));
-            }
+        {
+            return Err(ApiError::conflict(
+                &ty.qualified(),
+                "",
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
         Self::track_update(ty, &old, &mut new, opts);
         self.finish_update(ty, key, &old, new, opts)
@@ -861,19 +853,18 @@ impl State {
             let stored = self.store(key, obj);
             return Ok((self.at_version(&stored, ty), true));
         };
-        if let Some(rv) = config["metadata"]["resourceVersion"].as_str() {
-            if rv
+        if let Some(rv) = config["metadata"]["resourceVersion"].as_str()
+            && rv
                 != live["metadata"]["resourceVersion"]
                     .as_str()
                     .unwrap_or_default()
-            {
-                return Err(ApiError::conflict(
-                    &ty.qualified(),
-                    "",
-                    name,
-                    "the object has been modified; please apply your changes to the latest version and try again",
-                ));
-            }
+        {
+            return Err(ApiError::conflict(
+                &ty.qualified(),
+                "",
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ));
         }
         let mut entries = read_managed(&live);
         // Conflicts: fields another manager owns that this apply would set
@@ -905,13 +896,10 @@ impl State {
             return Err(conflict_error(&conflicts));
         }
         if opts.force {
+            let taken: FieldSet = conflicts.values().flatten().cloned().collect();
             for e in &mut entries {
                 if !(e.manager == opts.manager && e.operation == "Apply" && e.subresource == sub) {
-                    e.set.retain(|p| {
-                        !new_set.contains(p)
-                            || matches!(p.last(), Some(fields::Pe::Key(_))) && false
-                            || !conflicts.values().any(|v| v.contains(p))
-                    });
+                    e.set.retain(|p| !taken.contains(p));
                 }
             }
         }
@@ -1005,33 +993,33 @@ impl State {
             .with_details(json!({"name": name, "kind": "namespaces"})));
         }
         let pre = &options["preconditions"];
-        if let Some(uid) = pre["uid"].as_str() {
-            if Some(uid) != obj["metadata"]["uid"].as_str() {
-                return Err(ApiError::conflict(
-                    &ty.kind,
-                    "",
-                    name,
-                    &format!(
-                        "the UID in the precondition ({uid}) does not match the UID in record ({}). The object might have been deleted and then recreated",
-                        obj["metadata"]["uid"].as_str().unwrap_or_default()
-                    ),
-                ));
-            }
+        if let Some(uid) = pre["uid"].as_str()
+            && Some(uid) != obj["metadata"]["uid"].as_str()
+        {
+            return Err(ApiError::conflict(
+                &ty.kind,
+                "",
+                name,
+                &format!(
+                    "the UID in the precondition ({uid}) does not match the UID in record ({}). The object might have been deleted and then recreated",
+                    obj["metadata"]["uid"].as_str().unwrap_or_default()
+                ),
+            ));
         }
-        if let Some(rv) = pre["resourceVersion"].as_str() {
-            if Some(rv) != obj["metadata"]["resourceVersion"].as_str() {
-                return Err(ApiError::conflict(
-                    &ty.kind,
-                    "",
-                    name,
-                    &format!(
-                        "the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
-                        obj["metadata"]["resourceVersion"]
-                            .as_str()
-                            .unwrap_or_default()
-                    ),
-                ));
-            }
+        if let Some(rv) = pre["resourceVersion"].as_str()
+            && Some(rv) != obj["metadata"]["resourceVersion"].as_str()
+        {
+            return Err(ApiError::conflict(
+                &ty.kind,
+                "",
+                name,
+                &format!(
+                    "the ResourceVersion in the precondition ({rv}) does not match the ResourceVersion in record ({}). The object might have been modified",
+                    obj["metadata"]["resourceVersion"]
+                        .as_str()
+                        .unwrap_or_default()
+                ),
+            ));
         }
         if dry_run {
             return Ok(self.at_version(&obj, ty));
