@@ -1,8 +1,122 @@
 //! unitsync agent: keeps one cluster in the state the hub assigns to it.
 //!
-//! This crate currently holds the hub side of the agent: the durable
-//! desired-state record ([`desired`]) and the session client
-//! ([`hub_client`]). Applying to Kubernetes lands with the agent issue.
+//! - [`hub_client`]: the session with the hub (version vector, durable
+//!   record then ack, status back, reconnect with backoff);
+//! - [`desired`]: the durable record of desired state per unit;
+//! - [`reconcile`]: one worker per unit: apply, inventory, prune, health,
+//!   drift;
+//! - [`apply`], [`inventory`], [`health`], [`manifest`]: the pieces.
 
+pub mod apply;
+pub mod config;
 pub mod desired;
+pub mod health;
 pub mod hub_client;
+pub mod inventory;
+pub mod manifest;
+pub mod reconcile;
+
+use std::sync::Arc;
+
+use tokio_util::sync::CancellationToken;
+
+use crate::apply::Applier;
+use crate::config::{AgentConfig, KubeTarget};
+use crate::desired::{DesiredStore, FileStore};
+use crate::hub_client::{HubClient, HubEvent, StatusQueue};
+use crate::inventory::InventoryStore;
+use crate::reconcile::Reconciler;
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("invalid configuration")]
+    Config(#[from] config::ConfigError),
+    #[error("cannot build a Kubernetes client")]
+    Kube(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot open the desired-state record")]
+    Record(#[source] desired::RecordError),
+}
+
+pub async fn kube_client(target: &KubeTarget) -> Result<kube::Client, RunError> {
+    let boxed = |e: Box<dyn std::error::Error + Send + Sync>| RunError::Kube(e);
+    let config = match target {
+        KubeTarget::Infer => kube::Config::infer()
+            .await
+            .map_err(|e| boxed(Box::new(e)))?,
+        KubeTarget::Kubeconfig { path, context } => {
+            let kc = kube::config::Kubeconfig::read_from(path).map_err(|e| boxed(Box::new(e)))?;
+            let opts = kube::config::KubeConfigOptions {
+                context: context.clone(),
+                ..Default::default()
+            };
+            kube::Config::from_custom_kubeconfig(kc, &opts)
+                .await
+                .map_err(|e| boxed(Box::new(e)))?
+        }
+    };
+    kube::Client::try_from(config).map_err(|e| boxed(Box::new(e)))
+}
+
+/// Runs the agent until `shutdown`.
+pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
+    config.validate()?;
+    let client = kube_client(&config.kube).await?;
+    std::fs::create_dir_all(&config.state_dir).map_err(|e| {
+        RunError::Record(desired::RecordError::Write {
+            path: config.state_dir.display().to_string(),
+            source: e,
+        })
+    })?;
+    let desired: Arc<dyn DesiredStore> = Arc::new(
+        FileStore::open(&config.state_dir.join("desired.json")).map_err(RunError::Record)?,
+    );
+    // Discovery needs the API server; keep trying while it is down.
+    let applier = loop {
+        match Applier::new(client.clone(), config.crd_timeout).await {
+            Ok(a) => break Arc::new(a),
+            Err(e) => {
+                tracing::warn!(
+                    error = e.message(),
+                    "cannot reach the Kubernetes API; retrying"
+                );
+                tokio::select! {
+                    () = shutdown.cancelled() => return Ok(()),
+                    () = tokio::time::sleep(std::time::Duration::from_secs(2)) => {}
+                }
+            }
+        }
+    };
+    let statuses = Arc::new(StatusQueue::default());
+    let reconciler = Reconciler::new(
+        applier,
+        InventoryStore::new(client, &config.namespace),
+        desired.clone(),
+        statuses.clone(),
+        config.tuning.clone(),
+        shutdown.clone(),
+    );
+    // Keep enforcing what was recorded, whether or not the hub answers.
+    for unit in desired.load() {
+        reconciler.desired(unit);
+    }
+    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
+    let hub = HubClient::new(config.hub.clone(), desired, statuses, events_tx);
+    let pump = {
+        let reconciler = reconciler.clone();
+        async move {
+            while let Some(e) = events.recv().await {
+                match e {
+                    HubEvent::Desired(u) => reconciler.desired(u),
+                    HubEvent::Connected {
+                        cluster,
+                        environment,
+                    } => tracing::info!(%cluster, %environment, "connected to the hub"),
+                    HubEvent::Notice(n) => tracing::warn!(notice = %n, "hub notice"),
+                }
+            }
+        }
+    };
+    let run = async move { hub.run(shutdown).await };
+    tokio::join!(run, pump);
+    Ok(())
+}

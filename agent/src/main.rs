@@ -1,35 +1,65 @@
-//! `unitsync-agent`: connects to the hub and records this cluster's desired
-//! state. (Applying it to Kubernetes arrives with the agent issue; until
-//! then the agent reports nothing but acknowledgements.)
+//! `unitsync-agent`: keeps one cluster in the state the hub assigns to it.
 
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::Parser;
 use tokio_util::sync::CancellationToken;
-use unitsync_agent::desired::FileStore;
-use unitsync_agent::hub_client::{HubClient, HubConnection, HubEvent, StatusQueue};
+use unitsync_agent::config::{AgentConfig, KubeTarget};
+use unitsync_agent::hub_client::HubConnection;
+use unitsync_agent::reconcile::Tuning;
 
 #[derive(Parser, Debug)]
-#[command(name = "unitsync-agent", version, about = "unitsync agent")]
+#[command(
+    name = "unitsync-agent",
+    version,
+    about = "unitsync agent: applies this cluster's units and reports status"
+)]
 struct Args {
     /// Hub gRPC endpoint.
     #[arg(long, env = "UNITSYNC_HUB", default_value = "http://127.0.0.1:7443")]
     hub: String,
-    /// File holding this cluster's agent token.
+    /// File holding this cluster's agent token (e.g. a mounted Secret).
     #[arg(long, env = "UNITSYNC_AGENT_TOKEN_FILE")]
     token_file: PathBuf,
-    /// Directory for the agent's desired-state record.
+    /// Kubeconfig file (default: in-cluster config, then KUBECONFIG).
+    #[arg(long, env = "UNITSYNC_KUBECONFIG")]
+    kubeconfig: Option<PathBuf>,
+    /// Kubeconfig context.
+    #[arg(long)]
+    context: Option<String>,
+    /// The agent's namespace (inventories are kept there).
+    #[arg(
+        long,
+        env = "UNITSYNC_AGENT_NAMESPACE",
+        default_value = "unitsync-system"
+    )]
+    namespace: String,
+    /// Directory for the desired-state record.
     #[arg(
         long,
         env = "UNITSYNC_AGENT_STATE_DIR",
         default_value = "unitsync-agent-state"
     )]
     state_dir: PathBuf,
+    /// Units applied at the same time.
+    #[arg(long, default_value_t = 4)]
+    concurrency: usize,
+    /// Seconds between drift checks.
+    #[arg(long, default_value_t = 30)]
+    drift_interval: u64,
+    /// Milliseconds between health checks while a unit is not Ready.
+    #[arg(long, default_value_t = 2000)]
+    health_interval_ms: u64,
+    /// Largest share of a unit's objects one revision may prune.
+    #[arg(long, default_value_t = 0.5)]
+    max_prune_ratio: f64,
 }
 
 #[tokio::main]
-async fn main() -> anyhow::Result<()> {
+async fn main() -> ExitCode {
+    let _ = rustls::crypto::ring::default_provider().install_default();
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("UNITSYNC_LOG")
@@ -38,28 +68,44 @@ async fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let token = std::fs::read_to_string(&args.token_file)
-        .map_err(|e| {
-            anyhow::anyhow!(
-                "cannot read the token file {}: {e}",
+    let token = match std::fs::read_to_string(&args.token_file) {
+        Ok(t) => t.trim().to_owned(),
+        Err(e) => {
+            eprintln!(
+                "error: cannot read the token file {}: {e}",
                 args.token_file.display()
-            )
-        })?
-        .trim()
-        .to_owned();
-    std::fs::create_dir_all(&args.state_dir)?;
-    let desired = Arc::new(FileStore::open(&args.state_dir.join("desired.json"))?);
-    let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let client = HubClient::new(
-        HubConnection {
+            );
+            return ExitCode::from(64);
+        }
+    };
+    let config = AgentConfig {
+        hub: HubConnection {
             endpoint: args.hub,
             token,
             agent_version: env!("CARGO_PKG_VERSION").into(),
         },
-        desired,
-        Arc::new(StatusQueue::default()),
-        events_tx,
-    );
+        kube: match args.kubeconfig {
+            Some(path) => KubeTarget::Kubeconfig {
+                path,
+                context: args.context,
+            },
+            None => KubeTarget::Infer,
+        },
+        namespace: args.namespace,
+        state_dir: args.state_dir,
+        tuning: Tuning {
+            concurrency: args.concurrency,
+            drift_interval: Duration::from_secs(args.drift_interval.max(1)),
+            health_interval: Duration::from_millis(args.health_interval_ms.max(50)),
+            max_prune_ratio: args.max_prune_ratio,
+            ..Tuning::default()
+        },
+        crd_timeout: Duration::from_secs(60),
+    };
+    if let Err(e) = config.validate() {
+        eprintln!("error: {e}");
+        return ExitCode::from(64);
+    }
     let shutdown = CancellationToken::new();
     tokio::spawn({
         let shutdown = shutdown.clone();
@@ -68,22 +114,17 @@ async fn main() -> anyhow::Result<()> {
             shutdown.cancel();
         }
     });
-    tokio::spawn(async move {
-        while let Some(e) = events.recv().await {
-            match e {
-                HubEvent::Connected {
-                    cluster,
-                    environment,
-                } => {
-                    tracing::info!(%cluster, %environment, "connected to the hub");
-                }
-                HubEvent::Desired(u) => {
-                    tracing::info!(unit = %u.unit, revision = u.revision, tombstone = u.tombstone, "desired state recorded");
-                }
-                HubEvent::Notice(n) => tracing::warn!(notice = %n, "hub notice"),
+    match unitsync_agent::run(config, shutdown).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            let mut msg = e.to_string();
+            let mut src = std::error::Error::source(&e);
+            while let Some(s) = src {
+                msg.push_str(&format!(": {s}"));
+                src = s.source();
             }
+            eprintln!("error: {msg}");
+            ExitCode::FAILURE
         }
-    });
-    client.run(shutdown).await;
-    Ok(())
+    }
 }

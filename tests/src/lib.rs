@@ -3,6 +3,7 @@
 //! agent session client ([`sim_agent`]), simulated Kubernetes clusters
 //! ([`kube_sim`]), and condition waits ([`wait`]).
 
+pub mod cluster;
 pub mod hub;
 pub mod kube_sim;
 pub mod sim_agent;

@@ -1,0 +1,332 @@
+//! Health of applied objects, kstatus-style rules per kind plus a `Stuck`
+//! state for failures that will not fix themselves (image pulls, crash
+//! loops, progress deadlines), and the roll-up to a unit phase.
+
+use serde_json::Value;
+
+/// Health of one resource.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Health {
+    Ready,
+    InProgress,
+    Terminating,
+    Failed,
+    Stuck,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Ready => "Ready",
+            Health::InProgress => "InProgress",
+            Health::Terminating => "Terminating",
+            Health::Failed => "Failed",
+            Health::Stuck => "Stuck",
+        }
+    }
+}
+
+/// A resource's health and why.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Assessment {
+    pub health: Health,
+    pub message: String,
+}
+
+fn a(health: Health, message: impl Into<String>) -> Assessment {
+    Assessment {
+        health,
+        message: message.into(),
+    }
+}
+
+fn condition<'a>(obj: &'a Value, ty: &str) -> Option<&'a Value> {
+    obj["status"]["conditions"]
+        .as_array()?
+        .iter()
+        .find(|c| c["type"] == ty)
+}
+
+fn is_true(obj: &Value, ty: &str) -> bool {
+    condition(obj, ty).is_some_and(|c| c["status"] == "True")
+}
+
+fn int(v: &Value) -> i64 {
+    v.as_i64().unwrap_or(0)
+}
+
+/// Assesses one live object. `pods` are the pods selected by a workload
+/// (used to name image-pull and crash-loop failures).
+pub fn assess(obj: &Value, pods: &[Value]) -> Assessment {
+    if obj["metadata"]["deletionTimestamp"].is_string() {
+        return a(Health::Terminating, "being deleted");
+    }
+    let api_version = obj["apiVersion"].as_str().unwrap_or("");
+    let group = api_version.rsplit_once('/').map_or("", |(g, _)| g);
+    let kind = obj["kind"].as_str().unwrap_or("");
+    let generation = obj["metadata"]["generation"].as_i64();
+    let observed = obj["status"]["observedGeneration"].as_i64();
+    let spec_replicas = obj["spec"]["replicas"].as_i64().unwrap_or(1);
+    let status = &obj["status"];
+    match (group, kind) {
+        ("apps", "Deployment") => {
+            if let Some(c) = condition(obj, "Progressing") {
+                if c["reason"] == "ProgressDeadlineExceeded" {
+                    return a(
+                        Health::Stuck,
+                        format!(
+                            "ProgressDeadlineExceeded: {}",
+                            c["message"].as_str().unwrap_or("")
+                        ),
+                    );
+                }
+            }
+            if let Some(m) = stuck_pod(pods) {
+                return a(Health::Stuck, m);
+            }
+            if generation.is_some() && observed != generation {
+                return a(
+                    Health::InProgress,
+                    "waiting for the controller to observe the new generation",
+                );
+            }
+            let updated = int(&status["updatedReplicas"]);
+            let ready = int(&status["readyReplicas"]);
+            let available = int(&status["availableReplicas"]);
+            let replicas = int(&status["replicas"]);
+            if updated < spec_replicas
+                || ready < spec_replicas
+                || available < spec_replicas
+                || replicas > spec_replicas
+            {
+                return a(
+                    Health::InProgress,
+                    format!("{ready}/{spec_replicas} replicas ready, {updated} updated"),
+                );
+            }
+            if spec_replicas > 0 && !is_true(obj, "Available") {
+                return a(Health::InProgress, "not Available yet");
+            }
+            a(
+                Health::Ready,
+                format!("{ready}/{spec_replicas} replicas ready"),
+            )
+        }
+        ("apps", "StatefulSet") => {
+            if let Some(m) = stuck_pod(pods) {
+                return a(Health::Stuck, m);
+            }
+            if generation.is_some() && observed != generation {
+                return a(
+                    Health::InProgress,
+                    "waiting for the controller to observe the new generation",
+                );
+            }
+            let ready = int(&status["readyReplicas"]);
+            if ready < spec_replicas
+                || int(&status["currentReplicas"]) < spec_replicas
+                || status["currentRevision"] != status["updateRevision"]
+            {
+                return a(
+                    Health::InProgress,
+                    format!("{ready}/{spec_replicas} replicas ready"),
+                );
+            }
+            a(
+                Health::Ready,
+                format!("{ready}/{spec_replicas} replicas ready"),
+            )
+        }
+        ("apps", "DaemonSet") => {
+            if let Some(m) = stuck_pod(pods) {
+                return a(Health::Stuck, m);
+            }
+            if observed.is_none() || observed != generation {
+                return a(
+                    Health::InProgress,
+                    "waiting for the controller to observe the new generation",
+                );
+            }
+            let desired = status["desiredNumberScheduled"].as_i64();
+            match desired {
+                Some(d)
+                    if int(&status["numberAvailable"]) >= d
+                        && int(&status["numberReady"]) >= d
+                        && int(&status["updatedNumberScheduled"]) >= d =>
+                {
+                    a(Health::Ready, format!("{d} pods ready"))
+                }
+                _ => a(Health::InProgress, "pods not all ready"),
+            }
+        }
+        ("batch", "Job") => {
+            if is_true(obj, "Failed") {
+                let c = condition(obj, "Failed").cloned().unwrap_or_default();
+                return a(
+                    Health::Failed,
+                    format!(
+                        "{}: {}",
+                        c["reason"].as_str().unwrap_or("Failed"),
+                        c["message"].as_str().unwrap_or("")
+                    ),
+                );
+            }
+            if is_true(obj, "Complete") {
+                return a(Health::Ready, "complete");
+            }
+            a(Health::InProgress, "running")
+        }
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            if condition(obj, "NamesAccepted").is_some_and(|c| c["status"] == "False") {
+                return a(Health::Failed, "names not accepted");
+            }
+            if is_true(obj, "Established") {
+                return a(Health::Ready, "established");
+            }
+            a(Health::InProgress, "not established yet")
+        }
+        ("", "Namespace") => match status["phase"].as_str() {
+            Some("Active") => a(Health::Ready, "active"),
+            Some(p) => a(Health::InProgress, p),
+            None => a(Health::InProgress, "no phase yet"),
+        },
+        ("", "PersistentVolumeClaim") => match status["phase"].as_str() {
+            Some("Bound") => a(Health::Ready, "bound"),
+            Some("Lost") => a(Health::Failed, "volume lost"),
+            _ => a(Health::InProgress, "not bound yet"),
+        },
+        ("", "Service") => {
+            if obj["spec"]["type"] == "LoadBalancer"
+                && status["loadBalancer"]["ingress"]
+                    .as_array()
+                    .is_none_or(Vec::is_empty)
+            {
+                return a(Health::InProgress, "waiting for a load balancer address");
+            }
+            a(Health::Ready, "")
+        }
+        _ => generic(obj, generation, observed),
+    }
+}
+
+/// Custom resources (Crossplane and friends): observedGeneration, then
+/// `Stalled`, `Ready`/`Synced` conditions.
+fn generic(obj: &Value, generation: Option<i64>, observed: Option<i64>) -> Assessment {
+    let has_conditions = obj["status"]["conditions"]
+        .as_array()
+        .is_some_and(|c| !c.is_empty());
+    if let (Some(g), Some(o)) = (generation, observed) {
+        if g != o {
+            return a(
+                Health::InProgress,
+                "waiting for the controller to observe the new generation",
+            );
+        }
+    }
+    if is_true(obj, "Stalled") {
+        let c = condition(obj, "Stalled").cloned().unwrap_or_default();
+        return a(
+            Health::Stuck,
+            c["message"].as_str().unwrap_or("stalled").to_owned(),
+        );
+    }
+    for ty in ["Synced", "Ready"] {
+        if let Some(c) = condition(obj, ty) {
+            if c["status"] == "False" {
+                let reason = c["reason"].as_str().unwrap_or("");
+                let msg = format!(
+                    "{ty}=False {reason}: {}",
+                    c["message"].as_str().unwrap_or("")
+                );
+                let health = if reason.contains("Error") || reason.contains("Failed") {
+                    Health::Failed
+                } else {
+                    Health::InProgress
+                };
+                return a(health, msg);
+            }
+        }
+    }
+    let crd_like = obj["apiVersion"].as_str().is_some_and(|v| v.contains('.'));
+    if crd_like && generation.is_some() && !has_conditions {
+        // A custom resource whose controller has not reported yet.
+        return a(Health::InProgress, "no status reported yet");
+    }
+    if condition(obj, "Ready").is_some() && !is_true(obj, "Ready") {
+        return a(Health::InProgress, "Ready is not True yet");
+    }
+    a(Health::Ready, "")
+}
+
+fn stuck_pod(pods: &[Value]) -> Option<String> {
+    for p in pods {
+        for cs in p["status"]["containerStatuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+        {
+            let reason = cs["state"]["waiting"]["reason"].as_str().unwrap_or("");
+            if matches!(
+                reason,
+                "ImagePullBackOff"
+                    | "ErrImagePull"
+                    | "CrashLoopBackOff"
+                    | "CreateContainerConfigError"
+                    | "InvalidImageName"
+            ) {
+                return Some(format!(
+                    "pod {} container {}: {reason}: {}",
+                    p["metadata"]["name"].as_str().unwrap_or(""),
+                    cs["name"].as_str().unwrap_or(""),
+                    cs["state"]["waiting"]["message"].as_str().unwrap_or("")
+                ));
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn deployments() {
+        let d = |status: Value| json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"generation": 2}, "spec": {"replicas": 2}, "status": status});
+        assert_eq!(
+            assess(&d(json!({"observedGeneration": 1})), &[]).health,
+            Health::InProgress
+        );
+        let ready = json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2,
+            "conditions": [{"type": "Available", "status": "True"}, {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]});
+        assert_eq!(assess(&d(ready), &[]).health, Health::Ready);
+        let stuck = json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]});
+        let s = assess(&d(stuck), &[]);
+        assert_eq!(s.health, Health::Stuck);
+        assert!(s.message.contains("ProgressDeadlineExceeded"));
+        let pod = json!({"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "app", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image x"}}}]}});
+        let s = assess(&d(json!({"observedGeneration": 2})), &[pod]);
+        assert_eq!(s.health, Health::Stuck);
+        assert!(s.message.contains("ImagePullBackOff"));
+    }
+
+    #[test]
+    fn custom_resources_and_simple_kinds() {
+        let cr = |conds: Value| json!({"apiVersion": "s3.aws.upbound.io/v1beta1", "kind": "Bucket", "metadata": {"generation": 1}, "status": {"observedGeneration": 1, "conditions": conds}});
+        assert_eq!(assess(&cr(json!([{"type": "Ready", "status": "True"}, {"type": "Synced", "status": "True"}])), &[]).health, Health::Ready);
+        assert_eq!(assess(&cr(json!([{"type": "Synced", "status": "False", "reason": "ReconcileError", "message": "denied"}])), &[]).health, Health::Failed);
+        assert_eq!(assess(&cr(json!([])), &[]).health, Health::InProgress);
+        assert_eq!(
+            assess(
+                &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}),
+                &[]
+            )
+            .health,
+            Health::Ready
+        );
+        assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}, "status": {"phase": "Active"}}), &[]).health, Health::Ready);
+        assert_eq!(assess(&json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), &[]).health, Health::Failed);
+        assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"deletionTimestamp": "x"}}), &[]).health, Health::Terminating);
+    }
+}

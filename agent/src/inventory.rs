@@ -1,0 +1,134 @@
+//! Per-unit inventory: what the agent applied (GVK, namespace, name, uid),
+//! kept in a ConfigMap in the agent's namespace so it survives restarts.
+//! Prune works only from it: nothing outside an inventory is ever deleted.
+
+use std::collections::BTreeMap;
+
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, Patch, PatchParams};
+use serde::{Deserialize, Serialize};
+
+use crate::manifest::{LABEL_MANAGED_BY, LABEL_UNIT};
+
+/// One applied object.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct Entry {
+    pub group: String,
+    pub version: String,
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub namespace: String,
+    pub name: String,
+    #[serde(default)]
+    pub uid: String,
+}
+
+impl Entry {
+    /// Identity without version and uid.
+    pub fn key(&self) -> (String, String, String, String) {
+        (
+            self.group.clone(),
+            self.kind.clone(),
+            self.namespace.clone(),
+            self.name.clone(),
+        )
+    }
+
+    pub fn api_version(&self) -> String {
+        if self.group.is_empty() {
+            self.version.clone()
+        } else {
+            format!("{}/{}", self.group, self.version)
+        }
+    }
+
+    pub fn id(&self) -> String {
+        if self.namespace.is_empty() {
+            format!("{} {}", self.kind, self.name)
+        } else {
+            format!("{} {}/{}", self.kind, self.namespace, self.name)
+        }
+    }
+}
+
+/// The inventory record of one unit.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Inventory {
+    pub revision: u64,
+    pub entries: Vec<Entry>,
+}
+
+const FIELD_MANAGER: &str = "unitsync";
+
+pub struct InventoryStore {
+    api: Api<ConfigMap>,
+}
+
+fn cm_name(unit: &str) -> String {
+    format!("unitsync-inventory-{unit}")
+}
+
+impl InventoryStore {
+    pub fn new(client: kube::Client, namespace: &str) -> InventoryStore {
+        InventoryStore {
+            api: Api::namespaced(client, namespace),
+        }
+    }
+
+    pub async fn load(&self, unit: &str) -> Result<Option<Inventory>, kube::Error> {
+        let Some(cm) = self.api.get_opt(&cm_name(unit)).await? else {
+            return Ok(None);
+        };
+        let data = cm.data.unwrap_or_default();
+        let inv = data
+            .get("inventory")
+            .and_then(|s| serde_json::from_str(s).ok());
+        Ok(inv)
+    }
+
+    /// All units with an inventory (for tombstones after restarts).
+    pub async fn units(&self) -> Result<Vec<String>, kube::Error> {
+        let list = self
+            .api
+            .list(&kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync")))
+            .await?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter_map(|cm| cm.metadata.labels.and_then(|l| l.get(LABEL_UNIT).cloned()))
+            .collect())
+    }
+
+    pub async fn save(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
+        let mut data = BTreeMap::new();
+        data.insert(
+            "inventory".to_owned(),
+            serde_json::to_string(inv).unwrap_or_default(),
+        );
+        let cm = serde_json::json!({
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": cm_name(unit),
+                "labels": {LABEL_MANAGED_BY: "unitsync", LABEL_UNIT: unit},
+            },
+            "data": data,
+        });
+        self.api
+            .patch(
+                &cm_name(unit),
+                &PatchParams::apply(FIELD_MANAGER).force(),
+                &Patch::Apply(cm),
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn delete(&self, unit: &str) -> Result<(), kube::Error> {
+        match self.api.delete(&cm_name(unit), &Default::default()).await {
+            Ok(_) => Ok(()),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+}

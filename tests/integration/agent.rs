@@ -1,0 +1,490 @@
+//! The agent end to end: a real hub, kube-sim clusters and the real agent
+//! library, as `unitsync-agent` runs it.
+
+use serde_json::json;
+use unitsync_proto::v1 as pb;
+use unitsync_tests::cluster::TestCluster;
+use unitsync_tests::kube_sim::FAIL_ANNOTATION;
+use unitsync_tests::{TestHub, until, within};
+
+const CRDS: &str = include_str!("../../deploy/examples/messagewall/crds.yaml");
+const DYNAMODB: &str = include_str!("../../deploy/examples/messagewall/dynamodb.yaml");
+const WEB: &str = include_str!("../../deploy/examples/messagewall/web.yaml");
+
+async fn setup() -> (TestHub, TestCluster) {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), &token).await;
+    cluster.start_agent();
+    (hub, cluster)
+}
+
+/// The hub's record of `unit` in the cluster: (revision, phase, message).
+async fn status(hub: &TestHub, unit: &str) -> Option<(u64, pb::Phase, String)> {
+    let d = hub.unit(unit).await.ok()?;
+    let c = d.clusters.into_iter().next()?;
+    Some((
+        c.revision,
+        pb::Phase::try_from(c.phase).unwrap_or(pb::Phase::Unspecified),
+        c.message,
+    ))
+}
+
+async fn wait_phase(hub: &TestHub, unit: &str, revision: u64, phase: pb::Phase) -> String {
+    let mut last = None;
+    let waited = tokio::time::timeout(unitsync_tests::wait::DEADLINE, async {
+        loop {
+            let s = status(hub, unit).await;
+            if let Some((r, p, m)) = &s {
+                if *r == revision && *p == phase {
+                    return m.clone();
+                }
+            }
+            last = s;
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    match waited {
+        Ok(m) => m,
+        Err(_) => panic!("{unit}@{revision} never reached {phase:?}; last status {last:?}"),
+    }
+}
+
+#[tokio::test]
+async fn applies_a_multi_kind_unit_with_crds_and_reports_ready() {
+    let (hub, cluster) = setup().await;
+    let unit = format!("{CRDS}---\n{DYNAMODB}---\n{WEB}");
+    hub.put("dev/messagewall", &unit).await.unwrap();
+    wait_phase(&hub, "dev/messagewall", 1, pb::Phase::Ready).await;
+    let table = cluster
+        .object(
+            "dynamodb.aws.upbound.io/v1beta1",
+            "tables",
+            "",
+            "messagewall-messages",
+        )
+        .expect("table applied");
+    assert_eq!(
+        table["metadata"]["annotations"]["unitsync.dev/unit"],
+        "dev/messagewall"
+    );
+    assert_eq!(
+        table["metadata"]["annotations"]["unitsync.dev/environment"],
+        "dev"
+    );
+    assert_eq!(
+        table["metadata"]["annotations"]["unitsync.dev/revision"],
+        "1"
+    );
+    assert_eq!(
+        table["metadata"]["labels"]["app.kubernetes.io/managed-by"],
+        "unitsync"
+    );
+    let managers: Vec<&str> = table["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["manager"].as_str().unwrap())
+        .collect();
+    assert!(managers.contains(&"unitsync"));
+    let deploy = cluster
+        .object("apps/v1", "deployments", "messagewall", "web")
+        .expect("deployment applied");
+    assert_eq!(deploy["status"]["readyReplicas"], 2);
+    // Per-resource status reached the hub.
+    let d = hub.unit("dev/messagewall").await.unwrap();
+    let res = &d.clusters[0].resources;
+    assert!(
+        res.iter()
+            .any(|r| r.kind == "Table" && r.health == i32::from(pb::Health::Ready)),
+        "{res:?}"
+    );
+    assert_eq!(res.len(), 6 + 1 + 4);
+}
+
+#[tokio::test]
+async fn update_prunes_removed_objects_and_changes_others_in_place() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let before = cluster
+        .object("apps/v1", "deployments", "messagewall", "web")
+        .unwrap();
+    assert_eq!(before["metadata"]["generation"], 1);
+    let svc_uid = cluster
+        .object("v1", "services", "messagewall", "web")
+        .unwrap()["metadata"]["uid"]
+        .clone();
+    // Revision 2: the ConfigMap is gone, the Deployment's image changes.
+    let v2 = WEB
+        .replace("web:1.0.0", "web:1.1.0")
+        .split("---\n")
+        .filter(|d| !d.contains("kind: ConfigMap"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+        .replace(
+            "          envFrom:\n            - configMapRef:\n                name: web-config\n",
+            "",
+        );
+    hub.put("dev/web", &v2).await.unwrap();
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
+    assert!(
+        cluster
+            .object("v1", "configmaps", "messagewall", "web-config")
+            .is_none(),
+        "pruned"
+    );
+    let after = cluster
+        .object("apps/v1", "deployments", "messagewall", "web")
+        .unwrap();
+    assert_eq!(
+        after["metadata"]["uid"], before["metadata"]["uid"],
+        "updated in place"
+    );
+    assert_eq!(after["metadata"]["generation"], 2, "generation bumped once");
+    assert_eq!(
+        after["spec"]["template"]["spec"]["containers"][0]["image"],
+        "registry.example.com/messagewall/web:1.1.0"
+    );
+    // The unchanged Service was not rewritten.
+    let svc = cluster
+        .object("v1", "services", "messagewall", "web")
+        .unwrap();
+    assert_eq!(svc["metadata"]["uid"], svc_uid);
+    assert_eq!(
+        svc["metadata"]["annotations"]["unitsync.dev/revision"], "1",
+        "unchanged objects keep the revision that last changed them"
+    );
+}
+
+#[tokio::test]
+async fn destroy_deletes_everything_and_reports_destroyed() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    hub.destroy("dev/web").await.unwrap();
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Destroyed).await;
+    assert!(
+        cluster
+            .object("apps/v1", "deployments", "messagewall", "web")
+            .is_none()
+    );
+    assert!(
+        cluster
+            .object("v1", "namespaces", "", "messagewall")
+            .is_none()
+    );
+    assert!(
+        cluster
+            .object(
+                "v1",
+                "configmaps",
+                "unitsync-system",
+                "unitsync-inventory-web"
+            )
+            .is_none(),
+        "inventory removed"
+    );
+}
+
+#[tokio::test]
+async fn an_object_owned_by_another_unit_is_a_conflict_not_a_takeover() {
+    let (hub, cluster) = setup().await;
+    let cm = |v: &str| {
+        format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: shared\n  namespace: unitsync-system\ndata:\n  v: \"{v}\"\n"
+        )
+    };
+    hub.put("dev/first", &cm("first")).await.unwrap();
+    wait_phase(&hub, "dev/first", 1, pb::Phase::Ready).await;
+    hub.put("dev/second", &cm("second")).await.unwrap();
+    let msg = wait_phase(&hub, "dev/second", 1, pb::Phase::Failed).await;
+    assert!(
+        msg.contains("belongs to unit dev/first")
+            && msg.contains("unit dev/second will not take it over"),
+        "{msg}"
+    );
+    assert_eq!(
+        cluster
+            .object("v1", "configmaps", "unitsync-system", "shared")
+            .unwrap()["data"]["v"],
+        "first"
+    );
+}
+
+#[tokio::test]
+async fn field_manager_conflicts_are_reported_with_paths_and_not_forced() {
+    let (hub, cluster) = setup().await;
+    cluster
+        .apply_as("platform-team", json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "settings", "namespace": "unitsync-system"}, "data": {"level": "high"}}))
+        .await;
+    let unit = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: unitsync-system\ndata:\n  level: low\n";
+    hub.put("dev/settings", unit).await.unwrap();
+    let msg = wait_phase(&hub, "dev/settings", 1, pb::Phase::Failed).await;
+    assert!(
+        msg.contains("field manager conflict on .data.level (conflict with \"platform-team\")"),
+        "{msg}"
+    );
+    assert_eq!(
+        cluster
+            .object("v1", "configmaps", "unitsync-system", "settings")
+            .unwrap()["data"]["level"],
+        "high"
+    );
+    // Opting in takes the field.
+    let forced = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: settings\n  namespace: unitsync-system\n  annotations:\n    unitsync.dev/force: enabled\ndata:\n  level: low\n";
+    hub.put("dev/settings", forced).await.unwrap();
+    wait_phase(&hub, "dev/settings", 2, pb::Phase::Ready).await;
+    assert_eq!(
+        cluster
+            .object("v1", "configmaps", "unitsync-system", "settings")
+            .unwrap()["data"]["level"],
+        "low"
+    );
+}
+
+#[tokio::test]
+async fn drift_is_healed_or_reported_only() {
+    let (hub, cluster) = setup().await;
+    let unit = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: healed\n  namespace: apps\ndata:\n  v: \"1\"\n---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: watched\n  namespace: apps\n  annotations:\n    unitsync.dev/drift: report\ndata:\n  v: \"1\"\n";
+    hub.put("dev/cfg", unit).await.unwrap();
+    wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
+    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("apps"));
+    let edit = kube::api::Patch::Merge(json!({"data": {"v": "edited"}}));
+    within(
+        "edit",
+        cms.patch("healed", &kube::api::PatchParams::default(), &edit),
+    )
+    .await
+    .unwrap();
+    within(
+        "edit",
+        cms.patch("watched", &kube::api::PatchParams::default(), &edit),
+    )
+    .await
+    .unwrap();
+    until("healed restored", || async {
+        cluster
+            .object("v1", "configmaps", "apps", "healed")
+            .unwrap()["data"]["v"]
+            == "1"
+    })
+    .await;
+    until("drift reported with paths", || async {
+        hub.unit("dev/cfg").await.unwrap().clusters[0]
+            .resources
+            .iter()
+            .any(|r| r.name == "watched" && r.drifted_fields.contains(&"data.v".to_owned()))
+            || status(&hub, "dev/cfg").await.is_some_and(|(_, p, m)| {
+                p == pb::Phase::Drifted && m.contains("ConfigMap apps/watched drifted at data.v")
+            })
+    })
+    .await;
+    // Report-only: left as edited.
+    assert_eq!(
+        cluster
+            .object("v1", "configmaps", "apps", "watched")
+            .unwrap()["data"]["v"],
+        "edited"
+    );
+}
+
+#[tokio::test]
+async fn hpa_owned_replicas_are_left_to_the_autoscaler() {
+    let (hub, cluster) = setup().await;
+    let unit = format!(
+        "{WEB}---\napiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: web\n  namespace: messagewall\nspec:\n  scaleTargetRef: {{apiVersion: apps/v1, kind: Deployment, name: web}}\n  minReplicas: 2\n  maxReplicas: 10\n"
+    );
+    hub.put("dev/web", &unit).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    // The autoscaler scales up; the agent leaves it.
+    let deps = cluster.api("apps/v1", "Deployment", "deployments", Some("messagewall"));
+    let scale = kube::api::Patch::Merge(json!({"spec": {"replicas": 5}}));
+    within(
+        "scale",
+        deps.patch(
+            "web",
+            &kube::api::PatchParams {
+                field_manager: Some("hpa-controller".into()),
+                ..Default::default()
+            },
+            &scale,
+        ),
+    )
+    .await
+    .unwrap();
+    // Another revision and a few drift checks later, replicas stay at 5.
+    hub.put(
+        "dev/web",
+        &unit.replace("API_URL: https://api", "API_URL: https://v2.api"),
+    )
+    .await
+    .unwrap();
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(
+        cluster
+            .object("apps/v1", "deployments", "messagewall", "web")
+            .unwrap()["spec"]["replicas"],
+        5
+    );
+}
+
+#[tokio::test]
+async fn a_deployment_that_never_becomes_ready_is_stuck_with_the_reason() {
+    let (hub, _cluster) = setup().await;
+    let unit = WEB.replace("  name: web\n  namespace: messagewall\nspec:\n  replicas: 2", &format!("  name: web\n  namespace: messagewall\n  annotations:\n    {FAIL_ANNOTATION}: ImagePullBackOff\nspec:\n  replicas: 2\n  progressDeadlineSeconds: 1"));
+    assert!(unit.contains(FAIL_ANNOTATION));
+    hub.put("dev/web", &unit).await.unwrap();
+    let msg = wait_phase(&hub, "dev/web", 1, pb::Phase::Degraded).await;
+    assert!(
+        msg.contains("Deployment messagewall/web: Stuck")
+            && (msg.contains("ImagePullBackOff") || msg.contains("ProgressDeadlineExceeded")),
+        "{msg}"
+    );
+}
+
+#[tokio::test]
+async fn restart_resumes_without_rewriting_unchanged_objects() {
+    let (hub, mut cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let rv = |c: &TestCluster| {
+        c.object("apps/v1", "deployments", "messagewall", "web")
+            .unwrap()["metadata"]["resourceVersion"]
+            .clone()
+    };
+    let before = rv(&cluster);
+    cluster.stop_agent().await;
+    cluster.start_agent();
+    // The restarted agent resyncs (nothing to send) and re-checks: Ready again.
+    until("agent reconnected", || async {
+        hub.admin()
+            .await
+            .get_cluster(pb::GetClusterRequest {
+                name: "dev-1".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .connected
+    })
+    .await;
+    hub.put(
+        "dev/other",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: other\n  namespace: unitsync-system\n",
+    )
+    .await
+    .unwrap();
+    wait_phase(&hub, "dev/other", 1, pb::Phase::Ready).await;
+    assert_eq!(
+        rv(&cluster),
+        before,
+        "SSA no-op: the unchanged Deployment was not rewritten"
+    );
+}
+
+#[tokio::test]
+async fn hub_outage_leaves_the_cluster_alone_and_status_arrives_after() {
+    let (mut hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    hub.stop().await;
+    // While the hub is away the agent keeps enforcing: drift is healed.
+    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
+    within(
+        "edit",
+        cms.patch(
+            "web-config",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {"API_URL": "x"}})),
+        ),
+    )
+    .await
+    .unwrap();
+    until("healed during the outage", || async {
+        cluster
+            .object("v1", "configmaps", "messagewall", "web-config")
+            .unwrap()["data"]["API_URL"]
+            == "https://api.messagewall.example.com"
+    })
+    .await;
+    assert!(
+        cluster
+            .object("apps/v1", "deployments", "messagewall", "web")
+            .is_some(),
+        "nothing deleted because of the outage"
+    );
+    hub.restart().await;
+    until("agent back", || async {
+        hub.admin()
+            .await
+            .get_cluster(pb::GetClusterRequest {
+                name: "dev-1".into(),
+            })
+            .await
+            .is_ok_and(|c| c.into_inner().connected)
+    })
+    .await;
+    let rev = hub
+        .put("dev/web", &WEB.replace("replicas: 2", "replicas: 3"))
+        .await
+        .unwrap();
+    wait_phase(&hub, "dev/web", rev.number, pb::Phase::Ready).await;
+}
+
+#[tokio::test]
+async fn api_server_down_is_reported_and_recovered() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    cluster.sim.faults().set_down(true);
+    hub.put("dev/web", &WEB.replace("replicas: 2", "replicas: 3"))
+        .await
+        .unwrap();
+    let msg = wait_phase(&hub, "dev/web", 2, pb::Phase::Degraded).await;
+    assert!(msg.contains("unreachable"), "{msg}");
+    cluster.sim.faults().set_down(false);
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
+    assert_eq!(
+        cluster
+            .object("apps/v1", "deployments", "messagewall", "web")
+            .unwrap()["spec"]["replicas"],
+        3
+    );
+}
+
+#[tokio::test]
+async fn a_revision_that_would_prune_most_of_a_unit_is_refused() {
+    let (hub, cluster) = setup().await;
+    let cms: String = (0..6)
+        .map(|i| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c{i}\n  namespace: unitsync-system\n"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    hub.put("dev/many", &cms).await.unwrap();
+    wait_phase(&hub, "dev/many", 1, pb::Phase::Ready).await;
+    hub.put(
+        "dev/many",
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c0\n  namespace: unitsync-system\n",
+    )
+    .await
+    .unwrap();
+    let msg = wait_phase(&hub, "dev/many", 2, pb::Phase::Failed).await;
+    assert!(msg.contains("refusing to prune 5 of 6 objects"), "{msg}");
+    assert!(
+        cluster
+            .object("v1", "configmaps", "unitsync-system", "c5")
+            .is_some(),
+        "nothing pruned"
+    );
+    // An explicit destroy removes them all.
+    hub.destroy("dev/many").await.unwrap();
+    wait_phase(&hub, "dev/many", 3, pb::Phase::Destroyed).await;
+    assert!(
+        cluster
+            .object("v1", "configmaps", "unitsync-system", "c5")
+            .is_none()
+    );
+}
