@@ -193,23 +193,20 @@ impl Applier {
             .await?;
         let mut body = obj.body.clone();
         let namespaced = obj.namespace.is_some() && api.resource_url().contains("/namespaces/");
-        if !namespaced {
-            if let Some(m) = body["metadata"].as_object_mut() {
-                m.remove("namespace");
-            }
+        if !namespaced && let Some(m) = body["metadata"].as_object_mut() {
+            m.remove("namespace");
         }
         let live = api.get_opt(&obj.name).await.map_err(classify)?;
         if let Some(owner) = live
             .as_ref()
             .and_then(|l| l.metadata.annotations.as_ref())
             .and_then(|a| a.get(ANNOTATION_UNIT))
+            && owner != unit
         {
-            if owner != unit {
-                return Err(ApplyError::Rejected(format!(
-                    "{} belongs to unit {owner}; unit {unit} will not take it over",
-                    obj.id()
-                )));
-            }
+            return Err(ApplyError::Rejected(format!(
+                "{} belongs to unit {owner}; unit {unit} will not take it over",
+                obj.id()
+            )));
         }
         let mut pp = PatchParams::apply(FIELD_MANAGER);
         pp.force = force;

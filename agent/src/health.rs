@@ -70,16 +70,16 @@ pub fn assess(obj: &Value, pods: &[Value]) -> Assessment {
     let status = &obj["status"];
     match (group, kind) {
         ("apps", "Deployment") => {
-            if let Some(c) = condition(obj, "Progressing") {
-                if c["reason"] == "ProgressDeadlineExceeded" {
-                    return a(
-                        Health::Stuck,
-                        format!(
-                            "ProgressDeadlineExceeded: {}",
-                            c["message"].as_str().unwrap_or("")
-                        ),
-                    );
-                }
+            if let Some(c) = condition(obj, "Progressing")
+                && c["reason"] == "ProgressDeadlineExceeded"
+            {
+                return a(
+                    Health::Stuck,
+                    format!(
+                        "ProgressDeadlineExceeded: {}",
+                        c["message"].as_str().unwrap_or("")
+                    ),
+                );
             }
             if let Some(m) = stuck_pod(pods) {
                 return a(Health::Stuck, m);
@@ -215,13 +215,13 @@ fn generic(obj: &Value, generation: Option<i64>, observed: Option<i64>) -> Asses
     let has_conditions = obj["status"]["conditions"]
         .as_array()
         .is_some_and(|c| !c.is_empty());
-    if let (Some(g), Some(o)) = (generation, observed) {
-        if g != o {
-            return a(
-                Health::InProgress,
-                "waiting for the controller to observe the new generation",
-            );
-        }
+    if let (Some(g), Some(o)) = (generation, observed)
+        && g != o
+    {
+        return a(
+            Health::InProgress,
+            "waiting for the controller to observe the new generation",
+        );
     }
     if is_true(obj, "Stalled") {
         let c = condition(obj, "Stalled").cloned().unwrap_or_default();
@@ -231,20 +231,20 @@ fn generic(obj: &Value, generation: Option<i64>, observed: Option<i64>) -> Asses
         );
     }
     for ty in ["Synced", "Ready"] {
-        if let Some(c) = condition(obj, ty) {
-            if c["status"] == "False" {
-                let reason = c["reason"].as_str().unwrap_or("");
-                let msg = format!(
-                    "{ty}=False {reason}: {}",
-                    c["message"].as_str().unwrap_or("")
-                );
-                let health = if reason.contains("Error") || reason.contains("Failed") {
-                    Health::Failed
-                } else {
-                    Health::InProgress
-                };
-                return a(health, msg);
-            }
+        if let Some(c) = condition(obj, ty)
+            && c["status"] == "False"
+        {
+            let reason = c["reason"].as_str().unwrap_or("");
+            let msg = format!(
+                "{ty}=False {reason}: {}",
+                c["message"].as_str().unwrap_or("")
+            );
+            let health = if reason.contains("Error") || reason.contains("Failed") {
+                Health::Failed
+            } else {
+                Health::InProgress
+            };
+            return a(health, msg);
         }
     }
     let crd_like = obj["apiVersion"].as_str().is_some_and(|v| v.contains('.'));

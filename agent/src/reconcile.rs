@@ -127,10 +127,10 @@ impl Reconciler {
             .workers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(tx) = workers.get(&unit.unit) {
-            if tx.send(unit.clone()).is_ok() {
-                return;
-            }
+        if let Some(tx) = workers.get(&unit.unit)
+            && tx.send(unit.clone()).is_ok()
+        {
+            return;
         }
         let name = unit.unit.clone();
         let (tx, rx) = watch::channel(unit);
@@ -317,10 +317,9 @@ impl Reconciler {
                 "{}/{}",
                 o.namespace.clone().unwrap_or_default(),
                 o.name
-            )) {
-                if let Some(spec) = o.body["spec"].as_object_mut() {
-                    spec.remove("replicas");
-                }
+            )) && let Some(spec) = o.body["spec"].as_object_mut()
+            {
+                spec.remove("replicas");
             }
         }
     }
@@ -650,10 +649,10 @@ impl Reconciler {
                 name: o.name.clone(),
                 uid: String::new(),
             };
-            if let Ok(Some(live)) = self.applier.get(&entry).await {
-                if let Some(rev) = live["metadata"]["annotations"][ANNOTATION_REVISION].as_str() {
-                    o.body["metadata"]["annotations"][ANNOTATION_REVISION] = rev.into();
-                }
+            if let Ok(Some(live)) = self.applier.get(&entry).await
+                && let Some(rev) = live["metadata"]["annotations"][ANNOTATION_REVISION].as_str()
+            {
+                o.body["metadata"]["annotations"][ANNOTATION_REVISION] = rev.into();
             }
             let paths = match self.applier.drift(&o).await {
                 Ok(p) if p.is_empty() => continue,

@@ -36,10 +36,11 @@ async fn wait_phase(hub: &TestHub, unit: &str, revision: u64, phase: pb::Phase) 
     let waited = tokio::time::timeout(unitsync_tests::wait::DEADLINE, async {
         loop {
             let s = status(hub, unit).await;
-            if let Some((r, p, m)) = &s {
-                if *r == revision && *p == phase {
-                    return m.clone();
-                }
+            if let Some((r, p, m)) = &s
+                && *r == revision
+                && *p == phase
+            {
+                return m.clone();
             }
             last = s;
             tokio::time::sleep(std::time::Duration::from_millis(50)).await;
