@@ -57,6 +57,19 @@ pub async fn kube_client(target: &KubeTarget) -> Result<kube::Client, RunError> 
     kube::Client::try_from(config).map_err(|e| boxed(Box::new(e)))
 }
 
+/// Creates the agent's namespace if it is missing (best effort: a
+/// least-privilege install creates it up front).
+async fn ensure_namespace(client: &kube::Client, namespace: &str) {
+    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
+    if matches!(api.get_opt(namespace).await, Ok(Some(_))) {
+        return;
+    }
+    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
+    if let Err(e) = api.patch(namespace, &kube::api::PatchParams::apply(apply::FIELD_MANAGER), &kube::api::Patch::Apply(ns)).await {
+        tracing::warn!(%namespace, error = %e, "cannot create the agent namespace");
+    }
+}
+
 /// Runs the agent until `shutdown`.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
@@ -86,6 +99,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
         }
     };
+    ensure_namespace(&client, &config.namespace).await;
     let statuses = Arc::new(StatusQueue::default());
     let reconciler = Reconciler::new(
         applier,

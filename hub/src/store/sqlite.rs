@@ -302,8 +302,9 @@ impl Store for SqliteStore {
 
     async fn list_clusters(&self, env: Option<&EnvName>) -> StoreResult<Vec<Cluster>> {
         let rows = sqlx::query(
-            "SELECT name, environment, labels, created_at FROM clusters
-             WHERE ?1 IS NULL OR environment = ?1 ORDER BY environment, name",
+            "SELECT c.name, c.environment, c.labels, c.created_at
+             FROM clusters c JOIN environments e ON e.name = c.environment
+             WHERE ?1 IS NULL OR c.environment = ?1 ORDER BY e.position, c.name",
         )
         .bind(env.map(EnvName::as_str))
         .fetch_all(&self.readers)

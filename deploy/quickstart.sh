@@ -1,0 +1,81 @@
+#!/usr/bin/env bash
+# The main job end to end on embedded defaults: builds unitsync, starts a
+# hub (SQLite), three simulated clusters (kube-sim) with an agent each (dev,
+# staging, prod), publishes the messagewall example (Crossplane-style
+# resources with their CRDs, plus a Deployment) to dev, then to staging and
+# prod, waiting each time until every cluster reports Ready, and prints the
+# status matrix. Everything runs on 127.0.0.1 and is removed on exit
+# (KEEP=1 keeps it running until you press Ctrl-C).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+say "building"
+cargo build --bins --locked
+BIN="$(pwd)/target/debug"
+EXAMPLE="$(pwd)/deploy/examples/messagewall"
+
+WORK="$(mktemp -d -t unitsync-quickstart.XXXXXX)"
+PIDS=()
+cleanup() {
+  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  rm -rf "$WORK"
+}
+trap cleanup EXIT
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # file, what
+  for _ in $(seq 1 200); do [ -s "$1" ] && return 0; sleep 0.05; done
+  echo "timed out waiting for $2" >&2; exit 1
+}
+
+GRPC=$(free_port); HTTP=$(free_port)
+export UNITSYNC_HUB="http://127.0.0.1:$GRPC"
+export UNITSYNC_DATA_DIR="$WORK/hub"
+say "starting the hub on $UNITSYNC_HUB (data in $UNITSYNC_DATA_DIR)"
+"$BIN/unitsync" serve --listen "127.0.0.1:$GRPC" --http-listen "127.0.0.1:$HTTP" --data-dir "$UNITSYNC_DATA_DIR" \
+  >"$WORK/hub.log" 2>&1 &
+PIDS+=($!)
+wait_for "$UNITSYNC_DATA_DIR/admin.token" "the hub"
+for _ in $(seq 1 100); do "$BIN/unitsync" env list >/dev/null 2>&1 && break; sleep 0.1; done
+
+for env in dev staging prod; do
+  say "cluster $env-1: kube-sim and its agent"
+  "$BIN/kube-sim" --kubeconfig "$WORK/$env.kubeconfig" --name "$env-1" >"$WORK/$env-sim.log" 2>&1 &
+  PIDS+=($!)
+  wait_for "$WORK/$env.kubeconfig" "kube-sim ($env)"
+  "$BIN/unitsync" env create "$env"
+  "$BIN/unitsync" cluster create "$env-1" --env "$env" -o json \
+    | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$WORK/$env.token"
+  chmod 600 "$WORK/$env.token"
+  "$BIN/unitsync-agent" --hub "$UNITSYNC_HUB" --token-file "$WORK/$env.token" \
+    --kubeconfig "$WORK/$env.kubeconfig" --state-dir "$WORK/$env-agent" --drift-interval 10 --health-interval-ms 250 \
+    >"$WORK/$env-agent.log" 2>&1 &
+  PIDS+=($!)
+done
+
+UNITS="dynamodb eventbridge iam lambda function-url s3 web"
+publish() { # env
+  local env=$1
+  say "publishing messagewall to $env"
+  "$BIN/unitsync" unit create "$env/crds" -f "$EXAMPLE/crds.yaml" -m "CRDs for messagewall" --wait --timeout 120
+  for u in $UNITS; do
+    "$BIN/unitsync" unit create "$env/$u" -f "$EXAMPLE/$u.yaml" -m "messagewall $u" --wait --timeout 120
+  done
+}
+publish dev
+publish staging
+publish prod
+
+say "status"
+"$BIN/unitsync" status
+say "audit (latest)"
+"$BIN/unitsync" audit --limit 5
+
+if [ "${KEEP:-}" = "1" ]; then
+  say "running; UNITSYNC_HUB=$UNITSYNC_HUB UNITSYNC_DATA_DIR=$UNITSYNC_DATA_DIR; Ctrl-C stops and cleans up"
+  wait
+fi
+say "done: hub, clusters and agents stopped, $WORK removed"
