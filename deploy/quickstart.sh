@@ -2,9 +2,9 @@
 # The main job end to end on embedded defaults: builds unitsync, starts a
 # hub (SQLite), three simulated clusters (kube-sim) with an agent each (dev,
 # staging, prod), publishes the messagewall example (Crossplane-style
-# resources with their CRDs, plus a Deployment) to dev, then to staging and
-# prod, waiting each time until every cluster reports Ready, and prints the
-# status matrix. Everything runs on 127.0.0.1 and is removed on exit
+# resources with their CRDs, plus a Deployment) to dev, promotes it to
+# staging (with an override) and prod (after an approval), waiting each time
+# until every cluster reports Ready, and prints the status matrix. Everything runs on 127.0.0.1 and is removed on exit
 # (KEEP=1 keeps it running until you press Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -57,22 +57,38 @@ for env in dev staging prod; do
 done
 
 UNITS="dynamodb eventbridge iam lambda function-url s3 web"
-publish() { # env
-  local env=$1
-  say "publishing messagewall to $env"
-  "$BIN/unitsync" unit create "$env/crds" -f "$EXAMPLE/crds.yaml" -m "CRDs for messagewall" --wait --timeout 120
-  for u in $UNITS; do
-    "$BIN/unitsync" unit create "$env/$u" -f "$EXAMPLE/$u.yaml" -m "messagewall $u" --wait --timeout 120
-  done
-}
-publish dev
-publish staging
-publish prod
+say "publishing messagewall to dev"
+"$BIN/unitsync" unit create dev/crds -f "$EXAMPLE/crds.yaml" -m "CRDs for messagewall" --label app=messagewall --wait --timeout 120
+for u in $UNITS; do
+  "$BIN/unitsync" unit create "dev/$u" -f "$EXAMPLE/$u.yaml" -m "messagewall $u" --label app=messagewall --wait --timeout 120
+done
+
+say "staging: 2 replicas of web become 3 (an override kept across promotions)"
+"$BIN/unitsync" unit create staging/web --from dev/web
+cat >"$WORK/staging-overrides.yaml" <<'YAML'
+- kind: Deployment
+  name: web
+  namespace: messagewall
+  path: spec.replicas
+  value: 3
+YAML
+"$BIN/unitsync" unit override staging/web -f "$WORK/staging-overrides.yaml"
+"$BIN/unitsync" env policy prod --approvals 1
+
+say "promoting dev -> staging (gate: every dev cluster Ready)"
+"$BIN/unitsync" promote --from dev --to staging --selector app=messagewall --wait --timeout 120
+
+say "promoting staging -> prod (gates: Ready in staging, one approval)"
+"$BIN/unitsync" promote --from staging --to prod --all --dry-run >/dev/null 2>&1 || echo "(blocked as expected: prod needs an approval)"
+for u in crds $UNITS; do "$BIN/unitsync" approve "staging/$u" --for prod; done
+"$BIN/unitsync" promote --from staging --to prod --all --wait --timeout 120
 
 say "status"
 "$BIN/unitsync" status
+say "promotions"
+"$BIN/unitsync" promotion list
 say "audit (latest)"
-"$BIN/unitsync" audit --limit 5
+"$BIN/unitsync" audit --limit 6
 
 if [ "${KEEP:-}" = "1" ]; then
   say "running; UNITSYNC_HUB=$UNITSYNC_HUB UNITSYNC_DATA_DIR=$UNITSYNC_DATA_DIR; Ctrl-C stops and cleans up"

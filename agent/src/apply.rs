@@ -25,12 +25,15 @@ pub enum ApplyError {
     Unreachable(String),
     /// The object or cluster refused it (fix the unit).
     Rejected(String),
+    /// The cluster does not serve the object's type (yet): typically a CRD
+    /// another unit is still installing. Retried, reported as Progressing.
+    NotServed(String),
 }
 
 impl ApplyError {
     pub fn message(&self) -> &str {
         match self {
-            ApplyError::Unreachable(m) | ApplyError::Rejected(m) => m,
+            ApplyError::Unreachable(m) | ApplyError::Rejected(m) | ApplyError::NotServed(m) => m,
         }
     }
 }
@@ -145,8 +148,8 @@ impl Applier {
             .resolve_gvk(&gvk)
             .map(|(ar, caps)| (ar, caps.scope == Scope::Namespaced))
             .ok_or_else(|| {
-                ApplyError::Rejected(format!(
-                    "the cluster does not serve {kind} in {}",
+                ApplyError::NotServed(format!(
+                    "waiting for the cluster to serve {kind} in {}",
                     if group.is_empty() {
                         version.to_owned()
                     } else {
@@ -310,7 +313,7 @@ impl Applier {
         let api = match self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await {
             Ok(a) => a,
             // The type is gone (CRD deleted): so is the object.
-            Err(ApplyError::Rejected(_)) => return Ok(None),
+            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => return Ok(None),
             Err(u) => return Err(u),
         };
         let o = api.get_opt(&e.name).await.map_err(classify)?;

@@ -65,7 +65,14 @@ async fn ensure_namespace(client: &kube::Client, namespace: &str) {
         return;
     }
     let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
-    if let Err(e) = api.patch(namespace, &kube::api::PatchParams::apply(apply::FIELD_MANAGER), &kube::api::Patch::Apply(ns)).await {
+    if let Err(e) = api
+        .patch(
+            namespace,
+            &kube::api::PatchParams::apply(apply::FIELD_MANAGER),
+            &kube::api::Patch::Apply(ns),
+        )
+        .await
+    {
         tracing::warn!(%namespace, error = %e, "cannot create the agent namespace");
     }
 }

@@ -403,6 +403,7 @@ impl Reconciler {
                     if let Err(e) = self.applier.wait_established(&name).await {
                         return match e {
                             ApplyError::Unreachable(m) => unreachable(m),
+                            ApplyError::NotServed(m) => waiting(m),
                             ApplyError::Rejected(m) => Pass::Failed {
                                 phase: pb::Phase::Failed,
                                 message: m,
@@ -427,6 +428,7 @@ impl Reconciler {
                     entries.push(entry);
                 }
                 Err(ApplyError::Unreachable(m)) => return unreachable(m),
+                Err(ApplyError::NotServed(m)) => return waiting(m),
                 Err(ApplyError::Rejected(m)) => {
                     let e = Entry {
                         group: o.group().into(),
@@ -709,6 +711,15 @@ impl Drift {
     }
 }
 
+/// Not an error of the unit: something it depends on is on its way.
+fn waiting(message: String) -> Pass {
+    Pass::Failed {
+        phase: pb::Phase::Progressing,
+        message,
+        resources: vec![],
+    }
+}
+
 fn unreachable(message: String) -> Pass {
     Pass::Failed {
         phase: pb::Phase::Degraded,
@@ -720,6 +731,7 @@ fn unreachable(message: String) -> Pass {
 fn fail(e: ApplyError) -> Pass {
     match e {
         ApplyError::Unreachable(m) => unreachable(m),
+        ApplyError::NotServed(m) => waiting(m),
         ApplyError::Rejected(m) => Pass::Failed {
             phase: pb::Phase::Failed,
             message: m,

@@ -73,6 +73,25 @@ pub enum Command {
         #[arg(long)]
         env: Option<String>,
     },
+    /// Promote units from one environment to the next (gates apply).
+    Promote(PromoteArgs),
+    /// Approve a source revision for promotion into an environment.
+    Approve {
+        /// The source unit, ENV/NAME.
+        unit: String,
+        /// The environment the approval is for.
+        #[arg(long = "for")]
+        target: String,
+        /// Source revision (default: head).
+        #[arg(long)]
+        revision: Option<u64>,
+    },
+    /// Recorded promotions (release sets).
+    #[command(subcommand)]
+    Promotion(PromotionCommand),
+    /// Operator credentials.
+    #[command(subcommand)]
+    Operator(OperatorCommand),
     /// Show the audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -140,6 +159,19 @@ impl ServeArgs {
     }
 }
 
+#[derive(Args, Debug, Clone, Default)]
+pub struct PolicyArgs {
+    /// Approvals from distinct operators required to promote into it.
+    #[arg(long)]
+    pub approvals: Option<u32>,
+    /// Seconds the source revision must have been Ready everywhere.
+    #[arg(long)]
+    pub soak: Option<u64>,
+    /// Promote into it automatically once the gates pass.
+    #[arg(long)]
+    pub auto_promote: Option<bool>,
+}
+
 #[derive(Subcommand, Debug)]
 pub enum EnvCommand {
     /// Create an environment (appended to the pipeline unless --after).
@@ -147,9 +179,66 @@ pub enum EnvCommand {
         name: String,
         #[arg(long)]
         after: Option<String>,
+        #[command(flatten)]
+        policy: PolicyArgs,
+    },
+    /// Change an environment's promotion policy.
+    Policy {
+        name: String,
+        #[command(flatten)]
+        policy: PolicyArgs,
     },
     /// List environments in pipeline order.
     List,
+}
+
+#[derive(Args, Debug)]
+pub struct PromoteArgs {
+    #[arg(long)]
+    pub from: String,
+    #[arg(long)]
+    pub to: String,
+    /// Unit names (without environment).
+    pub units: Vec<String>,
+    /// Every unit of the source environment.
+    #[arg(long)]
+    pub all: bool,
+    /// Units whose labels match, `k=v[,k2=v2]`.
+    #[arg(long)]
+    pub selector: Option<String>,
+    /// Source revision (one unit only; default: head).
+    #[arg(long)]
+    pub revision: Option<u64>,
+    /// Show what would be committed and which gates block.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Override the gates (an emergency; audited). Needs --reason.
+    #[arg(long)]
+    pub force: bool,
+    #[arg(long, default_value = "")]
+    pub reason: String,
+    #[command(flatten)]
+    pub wait: WaitArgs,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum PromotionCommand {
+    List {
+        #[arg(long, default_value_t = 20)]
+        limit: u32,
+    },
+    /// Roll a release set back: each unit returns to its previous revision.
+    Rollback { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum OperatorCommand {
+    /// Create an operator token (shown once).
+    Create {
+        name: String,
+        #[arg(long, default_value = "admin")]
+        role: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -181,8 +270,11 @@ pub struct PutArgs {
     /// The unit, as ENV/NAME.
     pub unit: String,
     /// Manifest file (multi-document YAML); `-` reads standard input.
-    #[arg(short = 'f', long = "filename")]
-    pub file: PathBuf,
+    #[arg(short = 'f', long = "filename", required_unless_present = "from")]
+    pub file: Option<PathBuf>,
+    /// Create the unit linked to an upstream unit (ENV/NAME) instead.
+    #[arg(long, conflicts_with = "file")]
+    pub from: Option<String>,
     /// Change message recorded with the revision.
     #[arg(short = 'm', long, default_value = "")]
     pub message: String,
@@ -229,6 +321,25 @@ pub enum UnitCommand {
         from: Option<u64>,
         #[arg(long)]
         to: Option<u64>,
+    },
+    /// Commit a new revision with an older revision's content.
+    Rollback {
+        unit: String,
+        #[arg(long)]
+        to: u64,
+        #[arg(short = 'm', long, default_value = "")]
+        message: String,
+        #[command(flatten)]
+        wait: WaitArgs,
+    },
+    /// Set the unit's overrides (applied on top of every promotion) from a
+    /// YAML list of {kind, name, namespace?, path, value}; `--clear` removes them.
+    Override {
+        unit: String,
+        #[arg(short = 'f', long = "filename", required_unless_present = "clear")]
+        file: Option<PathBuf>,
+        #[arg(long)]
+        clear: bool,
     },
     /// Destroy a unit: agents delete its objects.
     Destroy {

@@ -26,6 +26,8 @@ pub struct Tuning {
     pub heartbeat: Duration,
     /// Agent sessions beyond this are refused with RESOURCE_EXHAUSTED.
     pub max_sessions: usize,
+    /// How often environments with automatic promotion are checked.
+    pub auto_promote_interval: Duration,
 }
 
 impl Default for Tuning {
@@ -34,6 +36,7 @@ impl Default for Tuning {
             limits: Limits::default(),
             heartbeat: Duration::from_secs(30),
             max_sessions: 20_000,
+            auto_promote_interval: Duration::from_secs(5),
         }
     }
 }
@@ -145,6 +148,8 @@ impl Hub {
             author: actor,
             message,
             origin: "cli".into(),
+            source_revision: crate::model::RevisionNum(0),
+            upstream: None,
         };
         self.commit(rev).await
     }
@@ -167,12 +172,20 @@ impl Hub {
             author: actor,
             message,
             origin: "cli".into(),
+            source_revision: crate::model::RevisionNum(0),
+            upstream: None,
         };
         self.commit(rev).await
     }
 
     async fn commit(&self, rev: NewRevision) -> Result<Revision> {
         let committed = self.store.commit_revision(rev).await?;
+        self.publish(&committed);
+        Ok(committed)
+    }
+
+    /// Offers a committed revision to connected agents.
+    pub fn publish(&self, committed: &Revision) {
         self.metrics.revisions_committed.inc();
         let delivery = Arc::new(Delivery {
             env: committed.unit.env.clone(),
@@ -196,10 +209,10 @@ impl Hub {
             unit = %committed.unit,
             revision = %committed.number,
             tombstone = committed.tombstone,
+            origin = %committed.origin,
             sessions = stats.sessions,
             "revision committed"
         );
-        Ok(committed)
     }
 
     fn lock_heads(&self) -> std::sync::MutexGuard<'_, HashMap<(EnvName, UnitName), Arc<Delivery>>> {

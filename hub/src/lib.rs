@@ -16,6 +16,7 @@ pub mod http;
 pub mod manifest;
 pub mod metrics;
 pub mod model;
+pub mod promote;
 pub mod server;
 pub mod store;
 

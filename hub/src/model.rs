@@ -267,11 +267,34 @@ impl Role {
 
 pub type Labels = BTreeMap<String, String>;
 
+/// What promotions into an environment require.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub struct EnvPolicy {
+    /// Approvals from distinct operators.
+    pub required_approvals: u32,
+    /// Seconds the source revision must have been Ready everywhere.
+    pub soak_seconds: u64,
+    pub auto_promote: bool,
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Environment {
     pub name: EnvName,
     pub position: u32,
     pub created_at: UnixMillis,
+    pub policy: EnvPolicy,
+}
+
+/// An environment-specific change applied on top of promoted content.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Override {
+    pub kind: String,
+    pub name: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub namespace: Option<String>,
+    /// Dot-separated field path (`spec.replicas`).
+    pub path: String,
+    pub value: serde_json::Value,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -290,6 +313,9 @@ pub struct Unit {
     pub destroyed: bool,
     pub created_at: UnixMillis,
     pub updated_at: UnixMillis,
+    /// The upstream unit this one is promoted from.
+    pub upstream: Option<UnitRef>,
+    pub overrides: Vec<Override>,
 }
 
 /// An immutable revision of a unit. `manifests` is empty for a tombstone and
@@ -306,6 +332,8 @@ pub struct Revision {
     pub message: String,
     pub origin: String,
     pub created_at: UnixMillis,
+    /// For a promoted revision: the upstream revision it came from (0: none).
+    pub source_revision: RevisionNum,
 }
 
 /// The head of a unit as the fan-out needs it: no content.
@@ -339,6 +367,9 @@ pub struct NewRevision {
     pub author: Actor,
     pub message: String,
     pub origin: String,
+    pub source_revision: RevisionNum,
+    /// Link set when this put creates the unit.
+    pub upstream: Option<UnitRef>,
 }
 
 /// What an agent reported about one of its units.
@@ -436,6 +467,8 @@ pub struct UnitStatus {
     pub message: String,
     pub resources: Vec<ResourceState>,
     pub updated_at: UnixMillis,
+    /// Since when `revision` has been continuously Ready (0: not Ready).
+    pub ready_since: UnixMillis,
 }
 
 /// One row of the status matrix.
@@ -454,6 +487,31 @@ pub struct AuditEntry {
     pub action: String,
     pub target: String,
     pub detail: String,
+}
+
+/// One unit of a promotion (release set).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct PromotedUnit {
+    pub source_unit: String,
+    pub source_revision: u64,
+    pub target_unit: String,
+    pub target_revision: u64,
+    /// The target's head before (what a rollback of the promotion restores).
+    pub previous_revision: u64,
+}
+
+/// A recorded promotion.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Promotion {
+    pub id: u64,
+    pub time: UnixMillis,
+    pub actor: String,
+    pub from: String,
+    pub to: String,
+    pub automatic: bool,
+    pub forced: bool,
+    pub reason: String,
+    pub items: Vec<PromotedUnit>,
 }
 
 /// An audit record about to be written.

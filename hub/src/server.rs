@@ -163,6 +163,11 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let feedback_stop = CancellationToken::new();
     let feedback = tokio::spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
 
+    tokio::spawn(
+        hub.clone()
+            .auto_promote_loop(config.tuning.auto_promote_interval, shutdown.clone()),
+    );
+
     if let Some(listener) = http_listener {
         let router = crate::http::router(hub.clone());
         let stop = shutdown.clone();

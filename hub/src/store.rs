@@ -9,8 +9,9 @@ pub mod sqlite;
 use async_trait::async_trait;
 
 use crate::model::{
-    AuditEntry, Cluster, ClusterName, EnvName, Environment, HeadRef, Labels, NewAudit, NewRevision,
-    Revision, RevisionNum, Role, StatusCell, StatusReport, Unit, UnitRef,
+    AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, Override, PromotedUnit, Promotion, Revision, RevisionNum, Role, StatusCell,
+    StatusReport, Unit, UnitRef,
 };
 
 pub use sqlite::SqliteStore;
@@ -41,6 +42,19 @@ pub enum StoreError {
 }
 
 pub type StoreResult<T> = Result<T, StoreError>;
+
+/// A promotion about to be recorded with its revisions.
+#[derive(Clone, Debug)]
+pub struct NewPromotion {
+    pub actor: crate::model::Actor,
+    pub from: EnvName,
+    pub to: EnvName,
+    pub automatic: bool,
+    pub forced: bool,
+    pub reason: String,
+    /// In the order of the revisions committed with it.
+    pub items: Vec<PromotedUnit>,
+}
 
 /// Where statuses and acks come from, batched by the hub.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -84,7 +98,18 @@ pub trait Store: Send + Sync + 'static {
     // --- units and revisions ---
     /// Commits a revision atomically (unit row, revision, head, audit).
     /// Fails with `Conflict` when the put mode does not fit the unit's state.
-    async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision>;
+    async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision> {
+        let (mut revs, _) = self.commit_release(vec![rev], None).await?;
+        revs.pop()
+            .ok_or_else(|| StoreError::Corrupt("no revision committed".into()))
+    }
+    /// Commits several revisions in one transaction (all or none), and the
+    /// promotion record when given (its items get the committed numbers).
+    async fn commit_release(
+        &self,
+        revs: Vec<NewRevision>,
+        promotion: Option<NewPromotion>,
+    ) -> StoreResult<(Vec<Revision>, Option<u64>)>;
     async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>>;
     async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>>;
     /// All revisions of a unit, oldest first, without content.
@@ -105,6 +130,39 @@ pub trait Store: Send + Sync + 'static {
         env: Option<&EnvName>,
         unit: Option<&UnitRef>,
     ) -> StoreResult<Vec<StatusCell>>;
+
+    // --- promotion ---
+    async fn set_environment_policy(
+        &self,
+        env: &EnvName,
+        policy: EnvPolicy,
+        audit: NewAudit,
+    ) -> StoreResult<Environment>;
+    async fn set_overrides(
+        &self,
+        unit: &UnitRef,
+        overrides: &[Override],
+        audit: NewAudit,
+    ) -> StoreResult<Unit>;
+    /// Records an approval; `AlreadyExists` when this approver already
+    /// approved. Returns the approvers so far.
+    async fn approve(
+        &self,
+        target: &EnvName,
+        unit: &UnitRef,
+        revision: RevisionNum,
+        approver: &str,
+        audit: NewAudit,
+    ) -> StoreResult<Vec<String>>;
+    async fn approvals(
+        &self,
+        target: &EnvName,
+        unit: &UnitRef,
+        revision: RevisionNum,
+    ) -> StoreResult<Vec<String>>;
+    /// Newest first.
+    async fn list_promotions(&self, limit: u32) -> StoreResult<Vec<Promotion>>;
+    async fn get_promotion(&self, id: u64) -> StoreResult<Option<Promotion>>;
 
     // --- audit ---
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;

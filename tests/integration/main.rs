@@ -6,5 +6,6 @@ mod auth;
 mod cli;
 mod delivery;
 mod kube_sim;
+mod promote;
 mod protocol;
 mod validation;

@@ -27,6 +27,19 @@ impl Interceptor for BearerAuth {
 
 pub type Admin = HubServiceClient<InterceptedService<Channel, BearerAuth>>;
 
+/// Logs warnings and errors into the test output (`UNITSYNC_LOG` overrides).
+pub fn init_logs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let filter = tracing_subscriber::EnvFilter::try_from_env("UNITSYNC_LOG")
+            .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn"));
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(filter)
+            .with_test_writer()
+            .try_init();
+    });
+}
+
 pub struct TestHub {
     pub dir: TempDir,
     pub addr: SocketAddr,
@@ -41,6 +54,7 @@ impl TestHub {
     }
 
     pub async fn start_with(tuning: Tuning) -> TestHub {
+        init_logs();
         let dir = tempfile::tempdir().expect("temp dir");
         let running = Self::launch(&dir, "127.0.0.1:0".parse().unwrap(), tuning.clone()).await;
         TestHub {

@@ -8,9 +8,13 @@ use unitsync_proto::v1 as pb;
 
 use super::client::{self, Client};
 use super::output::{
-    self, AuditView, CellView, ClusterView, EnvView, RevisionView, UnitView, structured, table,
+    self, AuditView, CellView, ClusterView, EnvView, PromotionView, RevisionView, UnitView,
+    structured, table,
 };
-use super::{ClusterCommand, Command, EnvCommand, Format, Global, PutArgs, UnitCommand, wait};
+use super::{
+    ClusterCommand, Command, EnvCommand, Format, Global, OperatorCommand, PolicyArgs, PromoteArgs,
+    PromotionCommand, PutArgs, UnitCommand, wait,
+};
 
 /// Runs one operator command; the caller maps errors to exit codes.
 pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()> {
@@ -23,6 +27,73 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
         Command::Unit(cmd) => unit(&mut c, f, cmd).await,
         Command::Status { env } => status(&mut c, f, env.unwrap_or_default()).await,
         Command::Audit { limit, target } => audit(&mut c, f, limit, target).await,
+        Command::Promote(args) => promote(&mut c, f, args).await,
+        Command::Approve {
+            unit,
+            target,
+            revision,
+        } => {
+            let r = api(c
+                .approve(pb::ApproveRequest {
+                    unit: unit.clone(),
+                    revision: revision.unwrap_or(0),
+                    target_environment: target.clone(),
+                })
+                .await)?;
+            print(&format!(
+                "{unit} approved for {target}: {} of {} approvals",
+                r.approvals, r.required
+            ));
+            Ok(())
+        }
+        Command::Promotion(PromotionCommand::List { limit }) => {
+            let r = api(c.list_promotions(pb::ListPromotionsRequest { limit }).await)?;
+            let views: Vec<PromotionView> = r.promotions.iter().map(PromotionView::from).collect();
+            print(&structured(f, &views).unwrap_or_else(|| {
+                table(
+                    &["id", "time", "actor", "from", "to", "kind", "units"],
+                    views
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.id.to_string(),
+                                p.time.clone(),
+                                p.actor.clone(),
+                                p.from.clone(),
+                                p.to.clone(),
+                                if p.forced {
+                                    format!("forced: {}", p.reason)
+                                } else if p.automatic {
+                                    "automatic".into()
+                                } else {
+                                    "manual".into()
+                                },
+                                p.units.join(", "),
+                            ]
+                        })
+                        .collect(),
+                )
+            }));
+            Ok(())
+        }
+        Command::Promotion(PromotionCommand::Rollback { id }) => {
+            let r = api(c
+                .rollback_promotion(pb::RollbackPromotionRequest { promotion_id: id })
+                .await)?;
+            print(&r.message);
+            Ok(())
+        }
+        Command::Operator(OperatorCommand::Create { name, role }) => {
+            let r = api(c
+                .create_operator(pb::CreateOperatorRequest {
+                    name: name.clone(),
+                    role,
+                })
+                .await)?;
+            eprintln!("operator {name} created; token (shown once):");
+            print(&r.token);
+            Ok(())
+        }
     }
 }
 
@@ -41,16 +112,144 @@ fn print(s: &str) {
     println!("{}", s.trim_end());
 }
 
+async fn set_policy(
+    c: &mut Client,
+    name: String,
+    mut p: pb::EnvironmentPolicy,
+    args: &PolicyArgs,
+) -> anyhow::Result<pb::Environment> {
+    if let Some(a) = args.approvals {
+        p.required_approvals = a;
+    }
+    if let Some(s) = args.soak {
+        p.soak_seconds = s;
+    }
+    if let Some(a) = args.auto_promote {
+        p.auto_promote = a;
+    }
+    api(c
+        .set_environment_policy(pb::SetEnvironmentPolicyRequest {
+            name,
+            policy: Some(p),
+        })
+        .await)
+}
+
+async fn promote(c: &mut Client, f: Format, args: PromoteArgs) -> anyhow::Result<()> {
+    let r = api(c
+        .promote(pb::PromoteRequest {
+            from: args.from.clone(),
+            to: args.to.clone(),
+            units: args.units.clone(),
+            all: args.all,
+            selector: args.selector.clone().unwrap_or_default(),
+            revision: args.revision.unwrap_or(0),
+            dry_run: args.dry_run,
+            force: args.force,
+            reason: args.reason.clone(),
+        })
+        .await)?;
+    #[derive(serde::Serialize)]
+    struct Item<'a> {
+        source: String,
+        target: &'a str,
+        target_revision: u64,
+        skipped: &'a str,
+        gates: Vec<String>,
+        diff: &'a str,
+    }
+    let items: Vec<Item<'_>> = r
+        .items
+        .iter()
+        .map(|i| Item {
+            source: format!("{}@{}", i.source_unit, i.source_revision),
+            target: &i.target_unit,
+            target_revision: i.target_revision,
+            skipped: &i.skipped,
+            gates: i
+                .gates
+                .iter()
+                .map(|g| {
+                    format!(
+                        "{} {}: {}",
+                        g.gate,
+                        if g.passed { "passed" } else { "FAILED" },
+                        g.detail
+                    )
+                })
+                .collect(),
+            diff: &i.diff,
+        })
+        .collect();
+    match structured(f, &items) {
+        Some(s) => print(&s),
+        None => {
+            if args.dry_run {
+                for i in &r.items {
+                    if !i.diff.is_empty() && i.skipped.is_empty() {
+                        print(&i.diff);
+                    }
+                    for g in &i.gates {
+                        print(&format!(
+                            "  gate {} {}: {}",
+                            g.gate,
+                            if g.passed { "passed" } else { "FAILED" },
+                            g.detail
+                        ));
+                    }
+                }
+            }
+            print(&r.message);
+            if r.promotion_id > 0 {
+                print(&format!("promotion {} recorded", r.promotion_id));
+            }
+        }
+    }
+    if r.blocked {
+        bail!("promotion from {} to {} blocked", args.from, args.to);
+    }
+    if args.wait.wait && !args.dry_run {
+        for i in r.items.iter().filter(|i| i.target_revision > 0) {
+            wait::until_ready(
+                c,
+                &i.target_unit,
+                i.target_revision,
+                false,
+                Duration::from_secs(args.wait.timeout),
+            )
+            .await?;
+        }
+    }
+    Ok(())
+}
+
 async fn env(c: &mut Client, f: Format, cmd: EnvCommand) -> anyhow::Result<()> {
     let envs = match cmd {
-        EnvCommand::Create { name, after } => {
+        EnvCommand::Create {
+            name,
+            after,
+            policy,
+        } => {
             let e = api(c
                 .create_environment(pb::CreateEnvironmentRequest {
-                    name,
+                    name: name.clone(),
                     after: after.unwrap_or_default(),
                 })
                 .await)?;
-            vec![e]
+            if policy.approvals.is_some() || policy.soak.is_some() || policy.auto_promote.is_some()
+            {
+                vec![set_policy(c, name, e.policy.unwrap_or_default(), &policy).await?]
+            } else {
+                vec![e]
+            }
+        }
+        EnvCommand::Policy { name, policy } => {
+            let current = api(c.list_environments(pb::ListEnvironmentsRequest {}).await)?
+                .environments
+                .into_iter()
+                .find(|e| e.name == name)
+                .with_context(|| format!("environment {name} not found"))?;
+            vec![set_policy(c, name, current.policy.unwrap_or_default(), &policy).await?]
         }
         EnvCommand::List => {
             api(c.list_environments(pb::ListEnvironmentsRequest {}).await)?.environments
@@ -158,7 +357,36 @@ fn read_manifests(path: &std::path::Path) -> anyhow::Result<String> {
 }
 
 async fn put(c: &mut Client, f: Format, args: PutArgs, mode: pb::PutMode) -> anyhow::Result<()> {
-    let manifests = read_manifests(&args.file)?;
+    if let Some(upstream) = &args.from {
+        let rev = api(c
+            .link_unit(pb::LinkUnitRequest {
+                unit: args.unit.clone(),
+                upstream: upstream.clone(),
+                message: args.message.clone(),
+            })
+            .await)?;
+        print(
+            &structured(f, &RevisionView::from(&rev)).unwrap_or_else(|| {
+                format!(
+                    "{} created from {upstream} as revision {}",
+                    args.unit, rev.number
+                )
+            }),
+        );
+        if args.wait.wait {
+            wait::until_ready(
+                c,
+                &args.unit,
+                rev.number,
+                false,
+                Duration::from_secs(args.wait.timeout),
+            )
+            .await?;
+        }
+        return Ok(());
+    }
+    let file = args.file.as_ref().context("-f FILE is required")?;
+    let manifests = read_manifests(file)?;
     let rev = api(c
         .put_unit(pb::PutUnitRequest {
             unit: args.unit.clone(),
@@ -344,6 +572,67 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
             } else {
                 print!("{out}");
             }
+        }
+        UnitCommand::Rollback {
+            unit,
+            to,
+            message,
+            wait,
+        } => {
+            let rev = api(c
+                .rollback_unit(pb::RollbackUnitRequest {
+                    unit: unit.clone(),
+                    to_revision: to,
+                    message,
+                })
+                .await)?;
+            print(
+                &structured(f, &RevisionView::from(&rev)).unwrap_or_else(|| {
+                    format!(
+                        "{unit} rolled back to revision {to}'s content as revision {}",
+                        rev.number
+                    )
+                }),
+            );
+            if wait.wait {
+                wait::until_ready(
+                    c,
+                    &unit,
+                    rev.number,
+                    false,
+                    Duration::from_secs(wait.timeout),
+                )
+                .await?;
+            }
+        }
+        UnitCommand::Override { unit, file, clear } => {
+            let overrides = if clear {
+                Vec::new()
+            } else {
+                let text = read_manifests(file.as_ref().context("-f FILE is required")?)?;
+                let list: Vec<serde_json::Value> = serde_saphyr::from_str(&text).context(
+                    "overrides must be a YAML list of {kind, name, namespace, path, value}",
+                )?;
+                list.into_iter()
+                    .map(|o| pb::Override {
+                        kind: o["kind"].as_str().unwrap_or_default().into(),
+                        name: o["name"].as_str().unwrap_or_default().into(),
+                        namespace: o["namespace"].as_str().unwrap_or_default().into(),
+                        path: o["path"].as_str().unwrap_or_default().into(),
+                        value_json: o["value"].to_string(),
+                    })
+                    .collect()
+            };
+            let u = api(c
+                .set_overrides(pb::SetOverridesRequest {
+                    unit: unit.clone(),
+                    overrides,
+                })
+                .await)?;
+            print(&format!(
+                "{unit}: {} override(s); they apply from the next promotion",
+                u.overrides.len()
+            ));
         }
         UnitCommand::Destroy {
             unit,

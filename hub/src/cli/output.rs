@@ -104,6 +104,16 @@ pub(super) struct UnitView {
     pub destroyed: bool,
     pub labels: BTreeMap<String, String>,
     pub updated: String,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub upstream: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub overrides: Vec<String>,
+    #[serde(skip_serializing_if = "is_zero")]
+    pub promoted_from_revision: u64,
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
 }
 
 impl From<&pb::Unit> for UnitView {
@@ -114,6 +124,13 @@ impl From<&pb::Unit> for UnitView {
             destroyed: u.destroyed,
             labels: u.labels.clone().into_iter().collect(),
             updated: time(u.updated_at.as_ref()),
+            upstream: u.upstream.clone(),
+            overrides: u
+                .overrides
+                .iter()
+                .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.value_json))
+                .collect(),
+            promoted_from_revision: u.promoted_from_revision,
         }
     }
 }
@@ -201,6 +218,44 @@ impl From<&pb::ClusterUnitStatus> for CellView {
                     health: health(r.health),
                     message: r.message.clone(),
                     drifted_fields: r.drifted_fields.clone(),
+                })
+                .collect(),
+        }
+    }
+}
+
+#[derive(Serialize)]
+pub(super) struct PromotionView {
+    pub id: u64,
+    pub time: String,
+    pub actor: String,
+    pub from: String,
+    pub to: String,
+    pub automatic: bool,
+    pub forced: bool,
+    pub reason: String,
+    pub units: Vec<String>,
+}
+
+impl From<&pb::Promotion> for PromotionView {
+    fn from(p: &pb::Promotion) -> Self {
+        Self {
+            id: p.id,
+            time: time(p.time.as_ref()),
+            actor: p.actor.clone(),
+            from: p.from.clone(),
+            to: p.to.clone(),
+            automatic: p.automatic,
+            forced: p.forced,
+            reason: p.reason.clone(),
+            units: p
+                .items
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}@{} -> {}@{}",
+                        i.source_unit, i.source_revision, i.target_unit, i.target_revision
+                    )
                 })
                 .collect(),
         }

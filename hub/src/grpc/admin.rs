@@ -7,10 +7,15 @@ use tonic::{Request, Response, Status};
 use unitsync_proto::v1 as pb;
 
 use super::convert::{self, parse};
+use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
 use crate::auth::{authenticate, require_operator};
 use crate::control::Hub;
 use crate::error::{HubError, Result};
-use crate::model::{Actor, ClusterName, EnvName, Labels, PutMode, RevisionNum, UnitRef};
+use crate::model::{
+    Actor, ClusterName, EnvName, EnvPolicy, Labels, NewAudit, PutMode, RevisionNum, Role, UnitRef,
+};
+use crate::promote::{PromoteRequest, Selection};
+use crate::store::Operator;
 
 pub struct AdminService {
     hub: Arc<Hub>,
@@ -214,8 +219,12 @@ impl pb::hub_service_server::HubService for AdminService {
                 h.manifests.clear();
             }
             let cells = store.statuses(Some(&unit.env), Some(&unit)).await?;
+            let mut pb_unit = convert::unit(&u);
+            if let Some(h) = store.get_revision(&unit, u.head).await? {
+                pb_unit.promoted_from_revision = h.source_revision.0;
+            }
             Ok(pb::UnitDetail {
-                unit: Some(convert::unit(&u)),
+                unit: Some(pb_unit),
                 head,
                 clusters: cells
                     .iter()
@@ -318,6 +327,300 @@ impl pb::hub_service_server::HubService for AdminService {
             let entries = self.hub.store.list_audit(limit, &r.target_prefix).await?;
             Ok(pb::ListAuditResponse {
                 entries: entries.iter().map(convert::audit).collect(),
+            })
+        }
+        .await)
+    }
+
+    async fn set_environment_policy(
+        &self,
+        req: Request<pb::SetEnvironmentPolicyRequest>,
+    ) -> Reply<pb::Environment> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let env: EnvName = parse(&r.name)?;
+            let p = r.policy.unwrap_or_default();
+            let policy = EnvPolicy {
+                required_approvals: p.required_approvals,
+                soak_seconds: p.soak_seconds,
+                auto_promote: p.auto_promote,
+            };
+            let audit = NewAudit {
+                actor,
+                action: "environment.policy",
+                target: format!("env/{env}"),
+                detail: format!(
+                    "approvals {} soak {}s auto-promote {}",
+                    policy.required_approvals, policy.soak_seconds, policy.auto_promote
+                ),
+            };
+            Ok(convert::environment(
+                &self
+                    .hub
+                    .store
+                    .set_environment_policy(&env, policy, audit)
+                    .await?,
+            ))
+        }
+        .await)
+    }
+
+    async fn link_unit(&self, req: Request<pb::LinkUnitRequest>) -> Reply<pb::Revision> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let unit: UnitRef = parse(&r.unit)?;
+            let upstream: UnitRef = parse(&r.upstream)?;
+            if unit.name != upstream.name {
+                return Err(HubError::InvalidArgument(format!(
+                    "a linked unit has its upstream's name: {}/{}",
+                    unit.env, upstream.name
+                )));
+            }
+            if self.hub.store.get_unit(&unit).await?.is_some() {
+                return Err(HubError::AlreadyExists(format!("unit {unit}")));
+            }
+            let out = self
+                .hub
+                .promote(PromoteRequest {
+                    actor,
+                    from: upstream.env.clone(),
+                    to: unit.env.clone(),
+                    selection: Selection::Units(vec![upstream.name.clone()]),
+                    revision: None,
+                    dry_run: false,
+                    force: None,
+                    automatic: false,
+                })
+                .await?;
+            let item = out
+                .items
+                .first()
+                .ok_or_else(|| HubError::NotFound(format!("unit {upstream}")))?;
+            if item.committed.0 == 0 {
+                return Err(HubError::FailedPrecondition(out.message));
+            }
+            let rev = self
+                .hub
+                .store
+                .get_revision(&unit, item.committed)
+                .await?
+                .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
+            let mut pb_rev = convert::revision(&rev);
+            pb_rev.manifests.clear();
+            Ok(pb_rev)
+        }
+        .await)
+    }
+
+    async fn set_overrides(&self, req: Request<pb::SetOverridesRequest>) -> Reply<pb::Unit> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let unit: UnitRef = parse(&r.unit)?;
+            let overrides = r
+                .overrides
+                .into_iter()
+                .map(convert::override_from_pb)
+                .collect::<Result<Vec<_>>>()?;
+            let detail = overrides
+                .iter()
+                .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.value))
+                .collect::<Vec<_>>()
+                .join(", ");
+            let audit = NewAudit {
+                actor,
+                action: "unit.overrides",
+                target: unit.to_string(),
+                detail,
+            };
+            Ok(convert::unit(
+                &self
+                    .hub
+                    .store
+                    .set_overrides(&unit, &overrides, audit)
+                    .await?,
+            ))
+        }
+        .await)
+    }
+
+    async fn promote(&self, req: Request<pb::PromoteRequest>) -> Reply<pb::PromoteResponse> {
+        ok(async {
+            let r = req.get_ref();
+            let actor = self.operator(&req, !r.dry_run).await?;
+            let r = req.into_inner();
+            let selection = if r.all {
+                Selection::All
+            } else if !r.selector.is_empty() {
+                Selection::Labels(
+                    r.selector
+                        .split(',')
+                        .map(|kv| {
+                            kv.split_once('=')
+                                .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
+                                .ok_or_else(|| {
+                                    HubError::InvalidArgument(format!(
+                                        "selector {kv:?} must be key=value"
+                                    ))
+                                })
+                        })
+                        .collect::<Result<_>>()?,
+                )
+            } else if !r.units.is_empty() {
+                Selection::Units(r.units.iter().map(|u| parse(u)).collect::<Result<_>>()?)
+            } else {
+                return Err(HubError::InvalidArgument(
+                    "name units, or use --all or --selector".into(),
+                ));
+            };
+            if r.force && r.reason.trim().is_empty() {
+                return Err(HubError::InvalidArgument(
+                    "overriding the gates needs a reason".into(),
+                ));
+            }
+            let out = self
+                .hub
+                .promote(PromoteRequest {
+                    actor,
+                    from: parse(&r.from)?,
+                    to: parse(&r.to)?,
+                    selection,
+                    revision: (r.revision > 0).then_some(RevisionNum(r.revision)),
+                    dry_run: r.dry_run,
+                    force: r.force.then_some(r.reason),
+                    automatic: false,
+                })
+                .await?;
+            Ok(pb::PromoteResponse {
+                promotion_id: out.promotion.unwrap_or(0),
+                items: out.items.iter().map(convert::promotion_item).collect(),
+                blocked: out.blocked,
+                message: out.message,
+            })
+        }
+        .await)
+    }
+
+    async fn approve(&self, req: Request<pb::ApproveRequest>) -> Reply<pb::ApproveResponse> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let (approvals, required) = self
+                .hub
+                .approve(
+                    actor,
+                    parse(&r.unit)?,
+                    (r.revision > 0).then_some(RevisionNum(r.revision)),
+                    parse(&r.target_environment)?,
+                )
+                .await?;
+            Ok(pb::ApproveResponse {
+                approvals,
+                required,
+            })
+        }
+        .await)
+    }
+
+    async fn rollback_unit(&self, req: Request<pb::RollbackUnitRequest>) -> Reply<pb::Revision> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let rev = self
+                .hub
+                .rollback(
+                    actor,
+                    parse(&r.unit)?,
+                    RevisionNum(r.to_revision),
+                    r.message,
+                )
+                .await?;
+            let mut out = convert::revision(&rev);
+            out.manifests.clear();
+            Ok(out)
+        }
+        .await)
+    }
+
+    async fn rollback_promotion(
+        &self,
+        req: Request<pb::RollbackPromotionRequest>,
+    ) -> Reply<pb::PromoteResponse> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let id = req.get_ref().promotion_id;
+            let revs = self.hub.rollback_promotion(actor, id).await?;
+            Ok(pb::PromoteResponse {
+                promotion_id: id,
+                items: revs
+                    .iter()
+                    .map(|r| pb::PromotionItem {
+                        target_unit: r.unit.to_string(),
+                        target_revision: r.number.0,
+                        ..Default::default()
+                    })
+                    .collect(),
+                blocked: false,
+                message: format!("promotion {id} rolled back: {} unit(s)", revs.len()),
+            })
+        }
+        .await)
+    }
+
+    async fn list_promotions(
+        &self,
+        req: Request<pb::ListPromotionsRequest>,
+    ) -> Reply<pb::ListPromotionsResponse> {
+        ok(async {
+            self.operator(&req, false).await?;
+            let limit = if req.get_ref().limit == 0 {
+                50
+            } else {
+                req.get_ref().limit.min(1000)
+            };
+            let ps = self.hub.store.list_promotions(limit).await?;
+            Ok(pb::ListPromotionsResponse {
+                promotions: ps.iter().map(convert::promotion).collect(),
+            })
+        }
+        .await)
+    }
+
+    async fn create_operator(
+        &self,
+        req: Request<pb::CreateOperatorRequest>,
+    ) -> Reply<pb::CreateOperatorResponse> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let role = Role::parse(&r.role).ok_or_else(|| {
+                HubError::InvalidArgument(format!("role {:?} is not admin or read-only", r.role))
+            })?;
+            let name: crate::model::ClusterName = parse(&r.name)?;
+            let token = Secret::generate(OPERATOR_TOKEN_PREFIX);
+            self.hub
+                .store
+                .put_operator(
+                    &Operator {
+                        name: name.to_string(),
+                        role,
+                    },
+                    &token.hash(),
+                )
+                .await?;
+            self.hub
+                .store
+                .append_audit(NewAudit {
+                    actor,
+                    action: "operator.create",
+                    target: format!("operator/{name}"),
+                    detail: format!("role {}", role.as_str()),
+                })
+                .await?;
+            Ok(pb::CreateOperatorResponse {
+                token: token.expose().to_owned(),
             })
         }
         .await)

@@ -6,6 +6,7 @@ use unitsync_proto::v1 as pb;
 
 use crate::error::{HubError, Result};
 use crate::fanout::{AgentConn, Delivery};
+use crate::model::Override;
 use crate::model::{
     AuditEntry, Cluster, Environment, Phase, ResourceState, Revision, StatusCell, Unit, UnitStatus,
     UnixMillis,
@@ -132,6 +133,11 @@ pub fn environment(e: &Environment) -> pb::Environment {
         name: e.name.to_string(),
         position: e.position,
         created_at: timestamp(e.created_at),
+        policy: Some(pb::EnvironmentPolicy {
+            required_approvals: e.policy.required_approvals,
+            soak_seconds: e.policy.soak_seconds,
+            auto_promote: e.policy.auto_promote,
+        }),
     }
 }
 
@@ -155,6 +161,88 @@ pub fn unit(u: &Unit) -> pb::Unit {
         destroyed: u.destroyed,
         created_at: timestamp(u.created_at),
         updated_at: timestamp(u.updated_at),
+        upstream: u
+            .upstream
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_default(),
+        overrides: u.overrides.iter().map(override_to_pb).collect(),
+        promoted_from_revision: 0,
+    }
+}
+
+pub fn override_to_pb(o: &Override) -> pb::Override {
+    pb::Override {
+        kind: o.kind.clone(),
+        name: o.name.clone(),
+        namespace: o.namespace.clone().unwrap_or_default(),
+        path: o.path.clone(),
+        value_json: o.value.to_string(),
+    }
+}
+
+pub fn override_from_pb(o: pb::Override) -> Result<Override> {
+    let value = serde_json::from_str(&o.value_json).map_err(|e| {
+        HubError::InvalidArgument(format!(
+            "override {} of {} {}: value is not JSON: {e}",
+            o.path, o.kind, o.name
+        ))
+    })?;
+    if o.kind.is_empty() || o.name.is_empty() || o.path.is_empty() {
+        return Err(HubError::InvalidArgument(
+            "an override needs kind, name and path".into(),
+        ));
+    }
+    Ok(Override {
+        kind: o.kind,
+        name: o.name,
+        namespace: (!o.namespace.is_empty()).then_some(o.namespace),
+        path: o.path,
+        value,
+    })
+}
+
+pub fn promotion_item(i: &crate::promote::PlanItem) -> pb::PromotionItem {
+    pb::PromotionItem {
+        source_unit: i.source.to_string(),
+        source_revision: i.source_revision.0,
+        target_unit: i.target.to_string(),
+        target_revision: i.committed.0,
+        diff: i.diff.clone(),
+        gates: i
+            .gates
+            .iter()
+            .map(|g| pb::GateResult {
+                gate: g.name.into(),
+                passed: g.passed,
+                detail: g.detail.clone(),
+            })
+            .collect(),
+        skipped: i.skipped.clone().unwrap_or_default(),
+    }
+}
+
+pub fn promotion(p: &crate::model::Promotion) -> pb::Promotion {
+    pb::Promotion {
+        id: p.id,
+        time: timestamp(p.time),
+        actor: p.actor.clone(),
+        from: p.from.clone(),
+        to: p.to.clone(),
+        automatic: p.automatic,
+        forced: p.forced,
+        reason: p.reason.clone(),
+        items: p
+            .items
+            .iter()
+            .map(|i| pb::PromotionItem {
+                source_unit: i.source_unit.clone(),
+                source_revision: i.source_revision,
+                target_unit: i.target_unit.clone(),
+                target_revision: i.target_revision,
+                ..Default::default()
+            })
+            .collect(),
     }
 }
 
@@ -181,6 +269,7 @@ pub fn status_cell(c: &StatusCell, connected: bool) -> pb::ClusterUnitStatus {
         message,
         resources,
         updated_at,
+        ready_since: _,
     } = &c.status;
     pb::ClusterUnitStatus {
         cluster: c.cluster.to_string(),

@@ -18,15 +18,19 @@ use sqlx::sqlite::{
 use sqlx::{Connection, Row};
 use tokio::sync::Mutex;
 
-use super::{Ack, Operator, Store, StoreError, StoreResult, TokenHash};
+use super::{Ack, NewPromotion, Operator, Store, StoreError, StoreResult, TokenHash};
 use crate::model::{
-    AuditEntry, Cluster, ClusterName, Digest, EnvName, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, Phase, PutMode, ResourceState, Revision, RevisionNum, Role, StatusCell,
-    StatusReport, Unit, UnitName, UnitRef, UnitStatus, UnixMillis,
+    AuditEntry, Cluster, ClusterName, Digest, EnvName, EnvPolicy, Environment, HeadRef, Labels,
+    NewAudit, NewRevision, Override, Phase, PromotedUnit, Promotion, PutMode, ResourceState,
+    Revision, RevisionNum, Role, StatusCell, StatusReport, Unit, UnitName, UnitRef, UnitStatus,
+    UnixMillis,
 };
 
 /// Embedded migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_initial.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_initial.sql"),
+    include_str!("../../migrations/0002_promotion.sql"),
+];
 
 pub struct SqliteStore {
     writer: Mutex<SqliteConnection>,
@@ -111,6 +115,150 @@ async fn insert_audit(conn: &mut SqliteConnection, a: &NewAudit) -> StoreResult<
     Ok(())
 }
 
+async fn commit_one(tx: &mut SqliteConnection, rev: NewRevision) -> StoreResult<Revision> {
+    let env_exists: Option<i64> = sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
+        .bind(rev.unit.env.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+    if env_exists.is_none() {
+        return Err(StoreError::NotFound(format!(
+            "environment {}",
+            rev.unit.env
+        )));
+    }
+    let existing =
+        sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = ? AND name = ?")
+            .bind(rev.unit.env.as_str())
+            .bind(rev.unit.name.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    let now = UnixMillis::now();
+    let (unit_id, number) = match existing {
+        None => {
+            if rev.tombstone || rev.mode == PutMode::Update {
+                return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+            }
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at, upstream)
+                 VALUES (?, ?, ?, 1, 0, ?, ?, ?) RETURNING id",
+            )
+            .bind(rev.unit.env.as_str())
+            .bind(rev.unit.name.as_str())
+            .bind(labels_json(&rev.labels.clone().unwrap_or_default()))
+            .bind(now.0)
+            .bind(now.0)
+            .bind(rev.upstream.as_ref().map(ToString::to_string))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            (id, RevisionNum::FIRST)
+        }
+        Some(row) => {
+            let id: i64 = get(&row, "id")?;
+            let head = num(get(&row, "head")?);
+            let destroyed = get::<i64>(&row, "destroyed")? != 0;
+            match (rev.mode, destroyed, rev.tombstone) {
+                (_, true, true) => {
+                    return Err(StoreError::Conflict(format!(
+                        "unit {} is already destroyed",
+                        rev.unit
+                    )));
+                }
+                (PutMode::Create, false, false) => {
+                    return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
+                }
+                (PutMode::Update, true, false) => {
+                    return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+                }
+                _ => {}
+            }
+            let number = head.next();
+            sqlx::query(
+                "UPDATE units SET head = ?, destroyed = ?, updated_at = ?,
+                 labels = COALESCE(?, labels) WHERE id = ?",
+            )
+            .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
+            .bind(i64::from(rev.tombstone))
+            .bind(now.0)
+            .bind(rev.labels.as_ref().map(labels_json))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            (id, number)
+        }
+    };
+    let author = rev.author.to_string();
+    sqlx::query(
+        "INSERT INTO revisions (unit_id, number, digest, tombstone, manifests, documents, author, message, origin, created_at, source_revision)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(unit_id)
+    .bind(number.0 as i64)
+    .bind(rev.digest.to_hex())
+    .bind(i64::from(rev.tombstone))
+    .bind(&*rev.manifests)
+    .bind(i64::from(rev.documents))
+    .bind(&author)
+    .bind(&rev.message)
+    .bind(&rev.origin)
+    .bind(now.0)
+    .bind(i64::try_from(rev.source_revision.0).unwrap_or(0))
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let action = if rev.tombstone {
+        "unit.destroy"
+    } else if number == RevisionNum::FIRST {
+        "unit.create"
+    } else {
+        "unit.update"
+    };
+    insert_audit(
+        tx,
+        &NewAudit {
+            actor: rev.author.clone(),
+            action,
+            target: rev.unit.to_string(),
+            detail: format!(
+                "revision {number} digest {} origin {:?} message {:?}",
+                rev.digest, rev.origin, rev.message
+            ),
+        },
+    )
+    .await?;
+    Ok(Revision {
+        unit: rev.unit,
+        number,
+        digest: rev.digest,
+        tombstone: rev.tombstone,
+        manifests: rev.manifests,
+        documents: rev.documents,
+        author,
+        message: rev.message,
+        origin: rev.origin,
+        created_at: now,
+        source_revision: rev.source_revision,
+    })
+}
+
+fn promotion_row(row: &SqliteRow) -> StoreResult<Promotion> {
+    Ok(Promotion {
+        id: u64::try_from(get::<i64>(row, "id")?).unwrap_or(0),
+        time: UnixMillis(get(row, "time")?),
+        actor: get(row, "actor")?,
+        from: get(row, "from_env")?,
+        to: get(row, "to_env")?,
+        automatic: get::<i64>(row, "automatic")? != 0,
+        forced: get::<i64>(row, "forced")? != 0,
+        reason: get(row, "reason")?,
+        items: serde_json::from_str(&get::<String>(row, "items")?)
+            .map_err(|e| corrupt(format!("promotion items: {e}")))?,
+    })
+}
+
 fn labels_json(l: &Labels) -> String {
     serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
 }
@@ -137,11 +285,19 @@ fn num(v: i64) -> RevisionNum {
     RevisionNum(u64::try_from(v).unwrap_or(0))
 }
 
+const ENV_COLUMNS: &str =
+    "name, position, created_at, required_approvals, soak_seconds, auto_promote";
+
 fn environment_row(row: &SqliteRow) -> StoreResult<Environment> {
     Ok(Environment {
         name: parse(&get::<String>(row, "name")?, "environment name")?,
         position: u32::try_from(get::<i64>(row, "position")?).unwrap_or(0),
         created_at: UnixMillis(get(row, "created_at")?),
+        policy: EnvPolicy {
+            required_approvals: u32::try_from(get::<i64>(row, "required_approvals")?).unwrap_or(0),
+            soak_seconds: u64::try_from(get::<i64>(row, "soak_seconds")?).unwrap_or(0),
+            auto_promote: get::<i64>(row, "auto_promote")? != 0,
+        },
     })
 }
 
@@ -165,6 +321,11 @@ fn unit_row(row: &SqliteRow) -> StoreResult<Unit> {
         destroyed: get::<i64>(row, "destroyed")? != 0,
         created_at: UnixMillis(get(row, "created_at")?),
         updated_at: UnixMillis(get(row, "updated_at")?),
+        upstream: get::<Option<String>>(row, "upstream")?
+            .map(|u| parse::<UnitRef>(&u, "upstream unit"))
+            .transpose()?,
+        overrides: serde_json::from_str(&get::<String>(row, "overrides")?)
+            .map_err(|e| corrupt(format!("overrides: {e}")))?,
     })
 }
 
@@ -185,6 +346,7 @@ fn revision_row(unit: &UnitRef, row: &SqliteRow, with_content: bool) -> StoreRes
         message: get(row, "message")?,
         origin: get(row, "origin")?,
         created_at: UnixMillis(get(row, "created_at")?),
+        source_revision: num(get(row, "source_revision")?),
     })
 }
 
@@ -241,15 +403,17 @@ impl Store for SqliteStore {
             name: name.clone(),
             position: u32::try_from(position).unwrap_or(0),
             created_at: now,
+            policy: EnvPolicy::default(),
         })
     }
 
     async fn list_environments(&self) -> StoreResult<Vec<Environment>> {
-        let rows =
-            sqlx::query("SELECT name, position, created_at FROM environments ORDER BY position")
-                .fetch_all(&self.readers)
-                .await
-                .map_err(db)?;
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENV_COLUMNS} FROM environments ORDER BY position"
+        )))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
         rows.iter().map(environment_row).collect()
     }
 
@@ -380,139 +544,86 @@ impl Store for SqliteStore {
         }))
     }
 
-    async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision> {
+    async fn commit_release(
+        &self,
+        revs: Vec<NewRevision>,
+        promotion: Option<NewPromotion>,
+    ) -> StoreResult<(Vec<Revision>, Option<u64>)> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(db)?;
-        let env_exists: Option<i64> =
-            sqlx::query_scalar("SELECT 1 FROM environments WHERE name = ?")
-                .bind(rev.unit.env.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-        if env_exists.is_none() {
-            return Err(StoreError::NotFound(format!(
-                "environment {}",
-                rev.unit.env
-            )));
+        let mut out = Vec::with_capacity(revs.len());
+        for rev in revs {
+            out.push(commit_one(&mut tx, rev).await?);
         }
-        let existing =
-            sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = ? AND name = ?")
-                .bind(rev.unit.env.as_str())
-                .bind(rev.unit.name.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-        let now = UnixMillis::now();
-        let (unit_id, number) = match existing {
-            None => {
-                if rev.tombstone || rev.mode == PutMode::Update {
-                    return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
-                }
-                let id: i64 = sqlx::query_scalar(
-                    "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at)
-                     VALUES (?, ?, ?, 1, 0, ?, ?) RETURNING id",
-                )
-                .bind(rev.unit.env.as_str())
-                .bind(rev.unit.name.as_str())
-                .bind(labels_json(&rev.labels.clone().unwrap_or_default()))
-                .bind(now.0)
-                .bind(now.0)
-                .fetch_one(&mut *tx)
-                .await
-                .map_err(db)?;
-                (id, RevisionNum::FIRST)
-            }
-            Some(row) => {
-                let id: i64 = get(&row, "id")?;
-                let head = num(get(&row, "head")?);
-                let destroyed = get::<i64>(&row, "destroyed")? != 0;
-                match (rev.mode, destroyed, rev.tombstone) {
-                    (_, true, true) => {
-                        return Err(StoreError::Conflict(format!(
-                            "unit {} is already destroyed",
-                            rev.unit
-                        )));
-                    }
-                    (PutMode::Create, false, false) => {
-                        return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
-                    }
-                    (PutMode::Update, true, false) => {
-                        return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
-                    }
-                    _ => {}
-                }
-                let number = head.next();
-                sqlx::query(
-                    "UPDATE units SET head = ?, destroyed = ?, updated_at = ?,
-                     labels = COALESCE(?, labels) WHERE id = ?",
-                )
-                .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
-                .bind(i64::from(rev.tombstone))
-                .bind(now.0)
-                .bind(rev.labels.as_ref().map(labels_json))
-                .bind(id)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-                (id, number)
-            }
-        };
-        let author = rev.author.to_string();
-        sqlx::query(
-            "INSERT INTO revisions (unit_id, number, digest, tombstone, manifests, documents, author, message, origin, created_at)
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(unit_id)
-        .bind(number.0 as i64)
-        .bind(rev.digest.to_hex())
-        .bind(i64::from(rev.tombstone))
-        .bind(&*rev.manifests)
-        .bind(i64::from(rev.documents))
-        .bind(&author)
-        .bind(&rev.message)
-        .bind(&rev.origin)
-        .bind(now.0)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        let action = if rev.tombstone {
-            "unit.destroy"
-        } else if number == RevisionNum::FIRST {
-            "unit.create"
-        } else {
-            "unit.update"
-        };
-        insert_audit(
-            &mut tx,
-            &NewAudit {
-                actor: rev.author.clone(),
-                action,
-                target: rev.unit.to_string(),
-                detail: format!(
-                    "revision {number} digest {} origin {:?} message {:?}",
-                    rev.digest, rev.origin, rev.message
-                ),
-            },
-        )
-        .await?;
+        let mut id = None;
+        if let Some(p) = promotion {
+            let items: Vec<PromotedUnit> = p
+                .items
+                .iter()
+                .zip(&out)
+                .map(|(i, r)| PromotedUnit {
+                    target_revision: r.number.0,
+                    ..i.clone()
+                })
+                .collect();
+            let items_json = serde_json::to_string(&items).map_err(corrupt)?;
+            let pid: i64 = sqlx::query_scalar(
+                "INSERT INTO promotions (time, actor, from_env, to_env, automatic, forced, reason, items)
+                 VALUES (?, ?, ?, ?, ?, ?, ?, ?) RETURNING id",
+            )
+            .bind(UnixMillis::now().0)
+            .bind(p.actor.to_string())
+            .bind(p.from.as_str())
+            .bind(p.to.as_str())
+            .bind(i64::from(p.automatic))
+            .bind(i64::from(p.forced))
+            .bind(&p.reason)
+            .bind(&items_json)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            let detail = items
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}@{} -> {}@{}",
+                        i.source_unit, i.source_revision, i.target_unit, i.target_revision
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            insert_audit(
+                &mut tx,
+                &NewAudit {
+                    actor: p.actor.clone(),
+                    action: if p.forced {
+                        "promotion.forced"
+                    } else if p.automatic {
+                        "promotion.auto"
+                    } else {
+                        "promotion"
+                    },
+                    target: format!("{}->{}", p.from, p.to),
+                    detail: format!(
+                        "promotion {pid}: {detail}{}",
+                        if p.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; reason {:?}", p.reason)
+                        }
+                    ),
+                },
+            )
+            .await?;
+            id = Some(u64::try_from(pid).unwrap_or(0));
+        }
         tx.commit().await.map_err(db)?;
-        Ok(Revision {
-            unit: rev.unit,
-            number,
-            digest: rev.digest,
-            tombstone: rev.tombstone,
-            manifests: rev.manifests,
-            documents: rev.documents,
-            author,
-            message: rev.message,
-            origin: rev.origin,
-            created_at: now,
-        })
+        Ok((out, id))
     }
 
     async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>> {
         let row = sqlx::query(
-            "SELECT environment, name, labels, head, destroyed, created_at, updated_at
+            "SELECT environment, name, labels, head, destroyed, created_at, updated_at, upstream, overrides
              FROM units WHERE environment = ? AND name = ?",
         )
         .bind(unit.env.as_str())
@@ -525,7 +636,7 @@ impl Store for SqliteStore {
 
     async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>> {
         let rows = sqlx::query(
-            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at
+            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides
              FROM units u JOIN environments e ON e.name = u.environment
              WHERE ?1 IS NULL OR u.environment = ?1 ORDER BY e.position, u.name",
         )
@@ -538,7 +649,7 @@ impl Store for SqliteStore {
 
     async fn history(&self, unit: &UnitRef) -> StoreResult<Vec<Revision>> {
         let rows = sqlx::query(
-            "SELECT r.number, r.digest, r.tombstone, r.documents, r.author, r.message, r.origin, r.created_at
+            "SELECT r.number, r.digest, r.tombstone, r.documents, r.author, r.message, r.origin, r.created_at, r.source_revision
              FROM revisions r JOIN units u ON u.id = r.unit_id
              WHERE u.environment = ? AND u.name = ? ORDER BY r.number",
         )
@@ -552,7 +663,7 @@ impl Store for SqliteStore {
 
     async fn get_revision(&self, unit: &UnitRef, n: RevisionNum) -> StoreResult<Option<Revision>> {
         let row = sqlx::query(
-            "SELECT r.number, r.digest, r.tombstone, r.manifests, r.documents, r.author, r.message, r.origin, r.created_at
+            "SELECT r.number, r.digest, r.tombstone, r.manifests, r.documents, r.author, r.message, r.origin, r.created_at, r.source_revision
              FROM revisions r JOIN units u ON u.id = r.unit_id
              WHERE u.environment = ? AND u.name = ? AND r.number = ?",
         )
@@ -624,10 +735,17 @@ impl Store for SqliteStore {
         for r in reports {
             let resources = serde_json::to_string(&r.resources).map_err(corrupt)?;
             sqlx::query(
-                "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at)
-                 SELECT c.name, u.id, ?1, ?2, ?3, ?4, ?5 FROM units u JOIN clusters c ON c.name = ?6
+                "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at, ready_since)
+                 SELECT c.name, u.id, ?1, ?2, ?3, ?4, ?5, CASE WHEN ?2 = 'Ready' THEN ?5 ELSE 0 END
+                 FROM units u JOIN clusters c ON c.name = ?6
                  WHERE u.environment = ?7 AND u.name = ?8
-                 ON CONFLICT(cluster, unit_id) DO UPDATE SET revision = excluded.revision,
+                 ON CONFLICT(cluster, unit_id) DO UPDATE SET
+                   ready_since = CASE
+                     WHEN excluded.phase != 'Ready' THEN 0
+                     WHEN unit_status.phase = 'Ready' AND unit_status.revision = excluded.revision
+                       AND unit_status.ready_since > 0 THEN unit_status.ready_since
+                     ELSE excluded.updated_at END,
+                   revision = excluded.revision,
                    phase = excluded.phase, message = excluded.message,
                    resources = excluded.resources, updated_at = excluded.updated_at",
             )
@@ -652,7 +770,7 @@ impl Store for SqliteStore {
         unit: Option<&UnitRef>,
     ) -> StoreResult<Vec<StatusCell>> {
         let rows = sqlx::query(
-            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at
+            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since
              FROM unit_status s JOIN units u ON u.id = s.unit_id
              WHERE (?1 IS NULL OR u.environment = ?1)
                AND (?2 IS NULL OR (u.environment = ?2 AND u.name = ?3))
@@ -682,10 +800,155 @@ impl Store for SqliteStore {
                         message: get(row, "message")?,
                         resources,
                         updated_at: UnixMillis(get(row, "updated_at")?),
+                        ready_since: UnixMillis(get(row, "ready_since")?),
                     },
                 })
             })
             .collect()
+    }
+
+    async fn set_environment_policy(
+        &self,
+        env: &EnvName,
+        policy: EnvPolicy,
+        audit: NewAudit,
+    ) -> StoreResult<Environment> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "UPDATE environments SET required_approvals = ?, soak_seconds = ?, auto_promote = ? WHERE name = ?",
+        )
+        .bind(i64::from(policy.required_approvals))
+        .bind(i64::try_from(policy.soak_seconds).unwrap_or(i64::MAX))
+        .bind(i64::from(policy.auto_promote))
+        .bind(env.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("environment {env}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENV_COLUMNS} FROM environments WHERE name = ?"
+        )))
+        .bind(env.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let out = environment_row(&row)?;
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
+    async fn set_overrides(
+        &self,
+        unit: &UnitRef,
+        overrides: &[Override],
+        audit: NewAudit,
+    ) -> StoreResult<Unit> {
+        {
+            let mut w = self.writer.lock().await;
+            let mut tx = w.begin().await.map_err(db)?;
+            let done =
+                sqlx::query("UPDATE units SET overrides = ? WHERE environment = ? AND name = ?")
+                    .bind(serde_json::to_string(overrides).map_err(corrupt)?)
+                    .bind(unit.env.as_str())
+                    .bind(unit.name.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound(format!("unit {unit}")));
+            }
+            insert_audit(&mut tx, &audit).await?;
+            tx.commit().await.map_err(db)?;
+        }
+        self.get_unit(unit)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("unit {unit}")))
+    }
+
+    async fn approve(
+        &self,
+        target: &EnvName,
+        unit: &UnitRef,
+        revision: RevisionNum,
+        approver: &str,
+        audit: NewAudit,
+    ) -> StoreResult<Vec<String>> {
+        {
+            let mut w = self.writer.lock().await;
+            let mut tx = w.begin().await.map_err(db)?;
+            let done = sqlx::query(
+                "INSERT INTO approvals (target_env, unit_id, revision, approver, time)
+                 SELECT ?1, u.id, ?2, ?3, ?4 FROM units u
+                 JOIN revisions r ON r.unit_id = u.id AND r.number = ?2
+                 WHERE u.environment = ?5 AND u.name = ?6",
+            )
+            .bind(target.as_str())
+            .bind(i64::try_from(revision.0).unwrap_or(i64::MAX))
+            .bind(approver)
+            .bind(UnixMillis::now().0)
+            .bind(unit.env.as_str())
+            .bind(unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists(format!(
+                        "an approval by {approver} of {unit}@{revision} for {target}"
+                    ))
+                } else {
+                    db(e)
+                }
+            })?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "unit {unit} revision {revision}"
+                )));
+            }
+            insert_audit(&mut tx, &audit).await?;
+            tx.commit().await.map_err(db)?;
+        }
+        self.approvals(target, unit, revision).await
+    }
+
+    async fn approvals(
+        &self,
+        target: &EnvName,
+        unit: &UnitRef,
+        revision: RevisionNum,
+    ) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT a.approver FROM approvals a JOIN units u ON u.id = a.unit_id
+             WHERE a.target_env = ? AND u.environment = ? AND u.name = ? AND a.revision = ? ORDER BY a.time",
+        )
+        .bind(target.as_str())
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .bind(i64::try_from(revision.0).unwrap_or(i64::MAX))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)
+    }
+
+    async fn list_promotions(&self, limit: u32) -> StoreResult<Vec<Promotion>> {
+        let rows = sqlx::query("SELECT * FROM promotions ORDER BY id DESC LIMIT ?")
+            .bind(i64::from(limit))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(db)?;
+        rows.iter().map(promotion_row).collect()
+    }
+
+    async fn get_promotion(&self, id: u64) -> StoreResult<Option<Promotion>> {
+        let row = sqlx::query("SELECT * FROM promotions WHERE id = ?")
+            .bind(i64::try_from(id).unwrap_or(i64::MAX))
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(promotion_row).transpose()
     }
 
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {

@@ -616,6 +616,60 @@ impl pb::hub_service_server::HubService for Bare {
     ) -> Result<Response<pb::ListAuditResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+    async fn set_environment_policy(
+        &self,
+        _: Request<pb::SetEnvironmentPolicyRequest>,
+    ) -> Result<Response<pb::Environment>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn link_unit(
+        &self,
+        _: Request<pb::LinkUnitRequest>,
+    ) -> Result<Response<pb::Revision>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn set_overrides(
+        &self,
+        _: Request<pb::SetOverridesRequest>,
+    ) -> Result<Response<pb::Unit>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn promote(
+        &self,
+        _: Request<pb::PromoteRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn approve(
+        &self,
+        _: Request<pb::ApproveRequest>,
+    ) -> Result<Response<pb::ApproveResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn rollback_unit(
+        &self,
+        _: Request<pb::RollbackUnitRequest>,
+    ) -> Result<Response<pb::Revision>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn rollback_promotion(
+        &self,
+        _: Request<pb::RollbackPromotionRequest>,
+    ) -> Result<Response<pb::PromoteResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_promotions(
+        &self,
+        _: Request<pb::ListPromotionsRequest>,
+    ) -> Result<Response<pb::ListPromotionsResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn create_operator(
+        &self,
+        _: Request<pb::CreateOperatorRequest>,
+    ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
 }
 
 async fn serve_baseline(addr: &str) -> anyhow::Result<()> {
