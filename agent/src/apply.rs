@@ -159,6 +159,14 @@ impl Applier {
             })
     }
 
+    /// The served resource of a kind (for watching it).
+    pub async fn resource(&self, group: &str, version: &str, kind: &str) -> Option<ApiResource> {
+        self.resolve(group, version, kind)
+            .await
+            .ok()
+            .map(|(ar, _)| ar)
+    }
+
     /// The API for an object, checking its scope.
     pub async fn api(
         &self,

@@ -10,6 +10,7 @@
 pub mod apply;
 pub mod config;
 pub mod desired;
+pub mod drift;
 pub mod health;
 pub mod hub_client;
 pub mod inventory;

@@ -15,6 +15,7 @@ use unitsync_proto::v1 as pb;
 
 use crate::apply::{Applier, ApplyError};
 use crate::desired::{DesiredStore, DesiredUnit};
+use crate::drift::DriftWatch;
 use crate::health::{self, Health};
 use crate::hub_client::{ResourceReport, StatusQueue, StatusUpdate};
 use crate::inventory::{Entry, Inventory, InventoryStore};
@@ -63,8 +64,13 @@ pub struct Reconciler {
     tuning: Tuning,
     permits: Arc<Semaphore>,
     workers: Mutex<HashMap<String, watch::Sender<DesiredUnit>>>,
+    drift: DriftWatch,
     shutdown: CancellationToken,
 }
+
+/// After a watch event, how long to let related changes settle before
+/// comparing.
+const DRIFT_SETTLE: Duration = Duration::from_millis(100);
 
 /// The outcome of one pass over a unit.
 enum Pass {
@@ -111,6 +117,7 @@ impl Reconciler {
     ) -> Arc<Reconciler> {
         Arc::new(Reconciler {
             permits: Arc::new(Semaphore::new(tuning.concurrency.max(1))),
+            drift: DriftWatch::new(applier.client().clone(), shutdown.clone()),
             applier,
             inventory,
             desired,
@@ -156,6 +163,7 @@ impl Reconciler {
 
     async fn worker(self: Arc<Self>, name: String, mut rx: watch::Receiver<DesiredUnit>) {
         let mut backoff = Backoff::new(self.tuning.retry);
+        let changed = self.drift.waker(&name);
         let mut last_report: Option<(pb::Phase, String)> = None;
         loop {
             let unit = rx.borrow_and_update().clone();
@@ -192,6 +200,7 @@ impl Reconciler {
                 Pass::Done if unit.tombstone => {
                     self.report(&unit, pb::Phase::Destroyed, "all objects deleted", vec![]);
                     let _ = self.desired.forget(&name);
+                    self.drift.forget(&name);
                     self.workers
                         .lock()
                         .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -264,6 +273,11 @@ impl Reconciler {
                     () = self.shutdown.cancelled() => return,
                     r = rx.changed() => { if r.is_err() { return } break; }
                     () = tokio::time::sleep(wait.min(self.tuning.drift_interval)) => {}
+                    // One of the unit's objects changed: compare now.
+                    () = changed.notified() => {
+                        tokio::time::sleep(DRIFT_SETTLE).await;
+                        next_drift = tokio::time::Instant::now();
+                    }
                 }
                 if tokio::time::Instant::now() >= next_drift {
                     next_drift = tokio::time::Instant::now() + self.tuning.drift_interval;
@@ -416,6 +430,9 @@ impl Reconciler {
             let force = o.annotation(ANNOTATION_FORCE) == Some("enabled");
             match self.applier.apply(o, &unit_ref, force).await {
                 Ok((_, entry)) => {
+                    if let Some(ar) = self.applier.resource(o.group(), o.version(), &o.kind).await {
+                        self.drift.watch(&ar);
+                    }
                     if o.is_crd() {
                         crds.push(o.name.clone());
                     }

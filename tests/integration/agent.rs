@@ -489,3 +489,44 @@ async fn a_revision_that_would_prune_most_of_a_unit_is_refused() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn drift_is_noticed_through_the_watch_without_waiting_for_the_periodic_check() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), &token).await;
+    // The periodic check would only come after an hour.
+    cluster.config.tuning.drift_interval = std::time::Duration::from_secs(3600);
+    cluster.start_agent();
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
+    within(
+        "edit",
+        cms.patch(
+            "web-config",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {"API_URL": "x"}})),
+        ),
+    )
+    .await
+    .unwrap();
+    until("healed via the watch", || async {
+        cluster
+            .object("v1", "configmaps", "messagewall", "web-config")
+            .unwrap()["data"]["API_URL"]
+            == "https://api.messagewall.example.com"
+    })
+    .await;
+    until("the heal is reported", || async {
+        status(&hub, "dev/web").await.is_some_and(|(r, p, m)| {
+            r == 1
+                && p == pb::Phase::Ready
+                && m.contains(
+                    "healed drift: ConfigMap messagewall/web-config drifted at data.API_URL",
+                )
+        })
+    })
+    .await;
+}

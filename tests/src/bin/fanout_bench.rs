@@ -120,28 +120,13 @@ impl Collector {
     }
 }
 
-/// One simulated agent: connect, hello, then receive and ack until `stop`.
-async fn agent(
-    endpoint: String,
-    token: String,
-    collector: Arc<Collector>,
-    ready: mpsc::Sender<Result<(), String>>,
-    mut stop: tokio::sync::watch::Receiver<bool>,
-) -> anyhow::Result<()> {
-    // Like a real agent, retry a refused or reset connection with backoff.
-    let mut backoff = unitsync_proto::backoff::Backoff::default();
-    let mut attempt = 0;
-    let channel = loop {
-        let ep = tonic::transport::Endpoint::from_shared(endpoint.clone())?.tcp_nodelay(true);
-        match ep.connect().await {
-            Ok(c) => break c,
-            Err(e) if attempt >= 8 => return Err(e.into()),
-            Err(_) => {
-                attempt += 1;
-                tokio::time::sleep(backoff.next_delay()).await;
-            }
-        }
-    };
+type Session = (mpsc::Sender<pb::AgentMessage>, Streaming<pb::HubMessage>);
+
+async fn open_session(endpoint: &str, token: &str) -> anyhow::Result<Session> {
+    let channel = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?
+        .tcp_nodelay(true)
+        .connect()
+        .await?;
     let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
     let (tx, rx) = mpsc::channel(64);
     tx.send(pb::AgentMessage {
@@ -155,7 +140,31 @@ async fn agent(
     let mut req = Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
     req.metadata_mut()
         .insert("authorization", format!("Bearer {token}").parse()?);
-    let mut inbound = client.session(req).await?.into_inner();
+    let inbound = client.session(req).await?.into_inner();
+    Ok((tx, inbound))
+}
+
+/// One simulated agent: connect, hello, then receive and ack until `stop`.
+async fn agent(
+    endpoint: String,
+    token: String,
+    collector: Arc<Collector>,
+    ready: mpsc::Sender<Result<(), String>>,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) -> anyhow::Result<()> {
+    // Like a real agent, retry a refused or reset connection with backoff.
+    let mut backoff = unitsync_proto::backoff::Backoff::default();
+    let mut attempt = 0;
+    let (tx, mut inbound) = loop {
+        match open_session(&endpoint, &token).await {
+            Ok(s) => break s,
+            Err(e) if attempt >= 8 => return Err(e),
+            Err(_) => {
+                attempt += 1;
+                tokio::time::sleep(backoff.next_delay()).await;
+            }
+        }
+    };
     let mut signalled = false;
     loop {
         tokio::select! {
