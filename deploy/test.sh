@@ -11,6 +11,13 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+if ! command -v kubernetes-validate >/dev/null 2>&1; then
+  say "installing kubernetes-validate (PyPI) for the manifest tests"
+  python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
+  hash -r
+fi
+command -v kubectl >/dev/null 2>&1 || echo "note: kubectl is missing; the kube-sim kubectl test will fail" >&2
+
 say "format"
 cargo fmt --all -- --check
 

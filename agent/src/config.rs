@@ -29,6 +29,11 @@ pub struct AgentConfig {
     pub tuning: Tuning,
     /// How long to wait for a new CRD to be established.
     pub crd_timeout: Duration,
+    /// Serve `/healthz` and `/readyz` here.
+    pub health_listen: Option<std::net::SocketAddr>,
+    /// When not empty, objects outside these namespaces (and cluster-scoped
+    /// ones) are refused: the agent runs with namespaced RBAC.
+    pub allowed_namespaces: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]

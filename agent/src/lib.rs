@@ -36,6 +36,8 @@ pub enum RunError {
     Kube(#[source] Box<dyn std::error::Error + Send + Sync>),
     #[error("cannot open the desired-state record")]
     Record(#[source] desired::RecordError),
+    #[error("cannot serve health endpoints on {0}")]
+    Health(std::net::SocketAddr, #[source] std::io::Error),
 }
 
 pub async fn kube_client(target: &KubeTarget) -> Result<kube::Client, RunError> {
@@ -56,6 +58,43 @@ pub async fn kube_client(target: &KubeTarget) -> Result<kube::Client, RunError> 
         }
     };
     kube::Client::try_from(config).map_err(|e| boxed(Box::new(e)))
+}
+
+/// `/healthz` (the process runs) and `/readyz` (the Kubernetes API answered
+/// discovery) for the Deployment's probes.
+async fn serve_health(
+    addr: std::net::SocketAddr,
+    ready: Arc<std::sync::atomic::AtomicBool>,
+    stop: CancellationToken,
+) -> Result<(), RunError> {
+    use axum::http::StatusCode;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| RunError::Health(addr, e))?;
+    let app = axum::Router::new()
+        .route("/healthz", axum::routing::get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            axum::routing::get(move || {
+                let ready = ready.clone();
+                async move {
+                    if ready.load(std::sync::atomic::Ordering::Relaxed) {
+                        (StatusCode::OK, "ready\n")
+                    } else {
+                        (
+                            StatusCode::SERVICE_UNAVAILABLE,
+                            "waiting for the Kubernetes API\n",
+                        )
+                    }
+                }
+            }),
+        );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(async move { stop.cancelled().await })
+            .await;
+    });
+    Ok(())
 }
 
 /// Creates the agent's namespace if it is missing (best effort: a
@@ -82,6 +121,10 @@ async fn ensure_namespace(client: &kube::Client, namespace: &str) {
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
     let client = kube_client(&config.kube).await?;
+    let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if let Some(addr) = config.health_listen {
+        serve_health(addr, ready.clone(), shutdown.clone()).await?;
+    }
     std::fs::create_dir_all(&config.state_dir).map_err(|e| {
         RunError::Record(desired::RecordError::Write {
             path: config.state_dir.display().to_string(),
@@ -108,6 +151,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         }
     };
     ensure_namespace(&client, &config.namespace).await;
+    ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let statuses = Arc::new(StatusQueue::default());
     let reconciler = Reconciler::new(
         applier,
@@ -115,6 +159,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         desired.clone(),
         statuses.clone(),
         config.tuning.clone(),
+        config.allowed_namespaces.clone(),
         shutdown.clone(),
     );
     // Keep enforcing what was recorded, whether or not the hub answers.

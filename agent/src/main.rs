@@ -55,6 +55,12 @@ struct Args {
     /// Largest share of a unit's objects one revision may prune.
     #[arg(long, default_value_t = 0.5)]
     max_prune_ratio: f64,
+    /// Serve /healthz and /readyz on this address (for probes).
+    #[arg(long, env = "UNITSYNC_AGENT_HEALTH_LISTEN")]
+    health_listen: Option<std::net::SocketAddr>,
+    /// Only apply objects in these namespaces (namespaced RBAC installs).
+    #[arg(long, value_delimiter = ',')]
+    allowed_namespaces: Vec<String>,
 }
 
 #[tokio::main]
@@ -101,6 +107,8 @@ async fn main() -> ExitCode {
             ..Tuning::default()
         },
         crd_timeout: Duration::from_secs(60),
+        health_listen: args.health_listen,
+        allowed_namespaces: args.allowed_namespaces,
     };
     if let Err(e) = config.validate() {
         eprintln!("error: {e}");

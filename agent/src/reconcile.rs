@@ -65,6 +65,7 @@ pub struct Reconciler {
     permits: Arc<Semaphore>,
     workers: Mutex<HashMap<String, watch::Sender<DesiredUnit>>>,
     drift: DriftWatch,
+    allowed_namespaces: Vec<String>,
     shutdown: CancellationToken,
 }
 
@@ -113,6 +114,7 @@ impl Reconciler {
         desired: Arc<dyn DesiredStore>,
         statuses: Arc<StatusQueue>,
         tuning: Tuning,
+        allowed_namespaces: Vec<String>,
         shutdown: CancellationToken,
     ) -> Arc<Reconciler> {
         Arc::new(Reconciler {
@@ -124,6 +126,7 @@ impl Reconciler {
             statuses,
             tuning,
             workers: Mutex::default(),
+            allowed_namespaces,
             shutdown,
         })
     }
@@ -428,7 +431,21 @@ impl Reconciler {
                 }
             }
             let force = o.annotation(ANNOTATION_FORCE) == Some("enabled");
-            match self.applier.apply(o, &unit_ref, force).await {
+            let outside = !self.allowed_namespaces.is_empty()
+                && !o
+                    .namespace
+                    .as_ref()
+                    .is_some_and(|ns| self.allowed_namespaces.contains(ns));
+            let result = if outside {
+                Err(ApplyError::Rejected(format!(
+                    "{} is outside the namespaces this agent may change ({})",
+                    o.id(),
+                    self.allowed_namespaces.join(", ")
+                )))
+            } else {
+                self.applier.apply(o, &unit_ref, force).await
+            };
+            match result {
                 Ok((_, entry)) => {
                     if let Some(ar) = self.applier.resource(o.group(), o.version(), &o.kind).await {
                         self.drift.watch(&ar);

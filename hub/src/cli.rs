@@ -3,6 +3,7 @@
 
 mod client;
 mod commands;
+mod install;
 mod output;
 mod wait;
 
@@ -92,6 +93,9 @@ pub enum Command {
     /// Operator credentials.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// Agent installation.
+    #[command(subcommand)]
+    Agent(AgentCommand),
     /// Show the audit log, newest first.
     Audit {
         #[arg(long, default_value_t = 50)]
@@ -229,6 +233,44 @@ pub enum PromotionCommand {
     },
     /// Roll a release set back: each unit returns to its previous revision.
     Rollback { id: u64 },
+}
+
+#[derive(Subcommand, Debug)]
+pub enum AgentCommand {
+    /// Print the manifests installing the agent for cluster NAME, for
+    /// `| kubectl apply -f -`.
+    Install(InstallArgs),
+}
+
+#[derive(Args, Debug)]
+pub struct InstallArgs {
+    /// The cluster (as registered with `unitsync cluster create`).
+    pub name: String,
+    /// Print the manifests (the only mode: pipe them into kubectl).
+    #[arg(long)]
+    pub export: bool,
+    /// Include the credential Secret (issues a new token; the old one stops working).
+    #[arg(long)]
+    pub include_secret: bool,
+    /// Print only the credential Secret (issues a new token).
+    #[arg(long, conflicts_with = "include_secret")]
+    pub export_secret_only: bool,
+    /// Namespace of the agent.
+    #[arg(long, default_value = "unitsync-system")]
+    pub namespace: String,
+    /// Permissions: `admin` (default: aggregated ClusterRole, not cluster-admin),
+    /// `namespaced` (RoleBindings in --namespaces only) or `cluster-admin`.
+    #[arg(long, default_value = "admin", value_parser = ["admin", "namespaced", "cluster-admin"])]
+    pub rbac: String,
+    /// With `--rbac namespaced`: the namespaces, comma-separated.
+    #[arg(long, value_delimiter = ',')]
+    pub namespaces: Vec<String>,
+    /// Agent image.
+    #[arg(long, default_value = concat!("ghcr.io/unitsync/unitsync-agent:", env!("CARGO_PKG_VERSION")))]
+    pub image: String,
+    /// The hub address the agent dials (default: --hub).
+    #[arg(long)]
+    pub hub_url: Option<String>,
 }
 
 #[derive(Subcommand, Debug)]

@@ -113,6 +113,31 @@ impl Hub {
         Ok((cluster, token))
     }
 
+    /// Issues a new agent token; the old one stops working at once.
+    pub async fn issue_cluster_token(
+        &self,
+        actor: Actor,
+        name: ClusterName,
+    ) -> Result<(Cluster, Secret)> {
+        let cluster = self
+            .store
+            .get_cluster(&name)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("cluster {name}")))?;
+        let token = Secret::generate(AGENT_TOKEN_PREFIX);
+        let audit = NewAudit {
+            actor,
+            action: "cluster.token",
+            target: format!("cluster/{name}"),
+            detail: "new agent token issued".into(),
+        };
+        self.store
+            .set_cluster_token(&name, &token.hash(), audit)
+            .await?;
+        self.fanout.disconnect(&name);
+        Ok((cluster, token))
+    }
+
     /// Deletes a cluster: its credential stops working and its live session ends.
     pub async fn delete_cluster(&self, actor: Actor, name: ClusterName) -> Result<()> {
         let audit = NewAudit {

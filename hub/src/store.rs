@@ -91,6 +91,13 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the cluster, its credential and its statuses.
     async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()>;
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>>;
+    /// Replaces a cluster's credential.
+    async fn set_cluster_token(
+        &self,
+        name: &ClusterName,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<()>;
     /// Creates or replaces an operator credential.
     async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()>;
     async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>>;

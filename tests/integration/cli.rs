@@ -324,3 +324,57 @@ async fn wait_fails_with_the_failing_clusters_message() {
         "{err}"
     );
 }
+
+#[tokio::test]
+async fn agent_install_with_secret_issues_a_fresh_per_cluster_token() {
+    let hub = serve().await;
+    hub.ok(&["env", "create", "dev"]).await;
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    let old = created["token"].as_str().unwrap().to_owned();
+    let yaml = hub
+        .ok(&["agent", "install", "dev-1", "--export", "--include-secret"])
+        .await;
+    let docs: Vec<serde_json::Value> = serde_saphyr::from_multiple(&yaml).unwrap();
+    let secret = docs
+        .iter()
+        .find(|d| d["kind"] == "Secret")
+        .expect("Secret included");
+    assert_eq!(secret["metadata"]["name"], "unitsync-agent-dev-1");
+    let new = secret["stringData"]["token"].as_str().unwrap().to_owned();
+    assert!(new.starts_with("usk_agent_") && new != old);
+    // The new token works, the old one no longer does.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let refused = within(
+        "old token",
+        SimAgent::new(&hub.endpoint, &old).session_once(&stop),
+    )
+    .await;
+    assert!(
+        matches!(refused, Err(unitsync_agent::hub_client::SessionError::Refused(s)) if s.code() == tonic::Code::Unauthenticated)
+    );
+    let mut agent = SimAgent::new(&hub.endpoint, &new);
+    agent.start();
+    until("connected with the new token", || async {
+        hub.ok(&["cluster", "get", "dev-1", "-o", "json"])
+            .await
+            .contains("\"connected\": true")
+    })
+    .await;
+    agent.stop().await;
+    // --export-secret-only prints just the Secret.
+    let only = hub
+        .ok(&["agent", "install", "dev-1", "--export-secret-only"])
+        .await;
+    let kinds: Vec<String> = serde_saphyr::from_multiple::<serde_json::Value>(&only)
+        .unwrap()
+        .iter()
+        .map(|d| d["kind"].as_str().unwrap_or("").to_owned())
+        .collect();
+    assert_eq!(kinds, ["Secret"]);
+    let audit = hub.ok(&["audit", "--target", "cluster/dev-1"]).await;
+    assert!(audit.contains("cluster.token"), "{audit}");
+}

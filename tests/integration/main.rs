@@ -5,6 +5,7 @@ mod agent;
 mod auth;
 mod cli;
 mod delivery;
+mod deploy;
 mod kube_sim;
 mod promote;
 mod protocol;

@@ -75,6 +75,8 @@ impl TestCluster {
                 state_dir: dir.path().join("state"),
                 tuning: fast_tuning(),
                 crd_timeout: Duration::from_secs(10),
+                health_listen: None,
+                allowed_namespaces: Vec::new(),
             },
             dir,
             agent: None,

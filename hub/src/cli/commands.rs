@@ -7,21 +7,25 @@ use anyhow::{Context, bail};
 use unitsync_proto::v1 as pb;
 
 use super::client::{self, Client};
+use super::install::{Install, Rbac, to_yaml};
 use super::output::{
     self, AuditView, CellView, ClusterView, EnvView, PromotionView, RevisionView, UnitView,
     structured, table,
 };
 use super::{
-    ClusterCommand, Command, EnvCommand, Format, Global, OperatorCommand, PolicyArgs, PromoteArgs,
-    PromotionCommand, PutArgs, UnitCommand, wait,
+    AgentCommand, ClusterCommand, Command, EnvCommand, Format, Global, InstallArgs,
+    OperatorCommand, PolicyArgs, PromoteArgs, PromotionCommand, PutArgs, UnitCommand, wait,
 };
 
 /// Runs one operator command; the caller maps errors to exit codes.
 pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()> {
+    if let Command::Agent(AgentCommand::Install(args)) = &command {
+        return agent_install(global, args).await;
+    }
     let mut c = client::connect(global).await?;
     let f = global.output;
     match command {
-        Command::Serve(_) => unreachable!("serve is not a client command"),
+        Command::Serve(_) | Command::Agent(_) => unreachable!("not a hub client command"),
         Command::Env(cmd) => env(&mut c, f, cmd).await,
         Command::Cluster(cmd) => cluster(&mut c, f, cmd).await,
         Command::Unit(cmd) => unit(&mut c, f, cmd).await,
@@ -95,6 +99,59 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
             Ok(())
         }
     }
+}
+
+async fn agent_install(global: &Global, args: &InstallArgs) -> anyhow::Result<()> {
+    if !args.export && !args.export_secret_only {
+        bail!(
+            "unitsync prints the manifests; use --export and pipe them into `kubectl apply -f -`"
+        );
+    }
+    let rbac = match args.rbac.as_str() {
+        "namespaced" if args.namespaces.is_empty() => {
+            bail!("--rbac namespaced needs --namespaces a,b")
+        }
+        "namespaced" => Rbac::Namespaced(args.namespaces.clone()),
+        "cluster-admin" => {
+            eprintln!(
+                "warning: --rbac cluster-admin gives the agent full control of the cluster; prefer the default"
+            );
+            Rbac::ClusterAdmin
+        }
+        _ => Rbac::Admin,
+    };
+    let token = if args.include_secret || args.export_secret_only {
+        let mut c = client::connect(global).await?;
+        let r = api(c
+            .issue_cluster_token(pb::IssueClusterTokenRequest {
+                name: args.name.clone(),
+            })
+            .await)?;
+        eprintln!(
+            "issued a new agent token for cluster {}; the previous one no longer works",
+            args.name
+        );
+        Some(r.token)
+    } else {
+        None
+    };
+    let install = Install {
+        cluster: args.name.clone(),
+        namespace: args.namespace.clone(),
+        rbac,
+        image: args.image.clone(),
+        hub: args.hub_url.clone().unwrap_or_else(|| global.hub.clone()),
+        token,
+        include_workload: !args.export_secret_only,
+    };
+    if !args.include_secret && !args.export_secret_only {
+        eprintln!(
+            "note: the Deployment reads its token from Secret unitsync-agent-{} (create it with --export-secret-only)",
+            args.name
+        );
+    }
+    print(&to_yaml(&install.documents()));
+    Ok(())
 }
 
 /// Turns a gRPC status into a plain error message.

@@ -161,6 +161,24 @@ impl pb::hub_service_server::HubService for AdminService {
         .await)
     }
 
+    async fn issue_cluster_token(
+        &self,
+        req: Request<pb::IssueClusterTokenRequest>,
+    ) -> Reply<pb::CreateClusterResponse> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let (cluster, token) = self
+                .hub
+                .issue_cluster_token(actor, parse(&req.get_ref().name)?)
+                .await?;
+            Ok(pb::CreateClusterResponse {
+                cluster: Some(convert::cluster(&cluster, None)),
+                token: token.expose().to_owned(),
+            })
+        }
+        .await)
+    }
+
     async fn put_unit(&self, req: Request<pb::PutUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
             let actor = self.operator(&req, true).await?;

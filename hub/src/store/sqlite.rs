@@ -514,6 +514,27 @@ impl Store for SqliteStore {
         row.as_ref().map(cluster_row).transpose()
     }
 
+    async fn set_cluster_token(
+        &self,
+        name: &ClusterName,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query("UPDATE clusters SET token_hash = ? WHERE name = ?")
+            .bind(&token.0)
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
     async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()> {
         let mut w = self.writer.lock().await;
         sqlx::query(

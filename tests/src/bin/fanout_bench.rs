@@ -679,6 +679,12 @@ impl pb::hub_service_server::HubService for Bare {
     ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+    async fn issue_cluster_token(
+        &self,
+        _: Request<pb::IssueClusterTokenRequest>,
+    ) -> Result<Response<pb::CreateClusterResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
 }
 
 async fn serve_baseline(addr: &str) -> anyhow::Result<()> {
