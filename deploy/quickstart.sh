@@ -32,9 +32,9 @@ wait_for() { # file, what
 }
 
 GRPC=$(free_port); HTTP=$(free_port)
-export UNITSYNC_HUB="http://127.0.0.1:$GRPC"
+export UNITSYNC_HUB="https://127.0.0.1:$GRPC"
 export UNITSYNC_DATA_DIR="$WORK/hub"
-say "starting the hub on $UNITSYNC_HUB (data in $UNITSYNC_DATA_DIR)"
+say "starting the hub on $UNITSYNC_HUB (TLS with its own CA; data in $UNITSYNC_DATA_DIR)"
 "$BIN/unitsync" serve --listen "127.0.0.1:$GRPC" --http-listen "127.0.0.1:$HTTP" --data-dir "$UNITSYNC_DATA_DIR" \
   >"$WORK/hub.log" 2>&1 &
 PIDS+=($!)
@@ -50,7 +50,7 @@ for env in dev staging prod; do
   "$BIN/unitsync" cluster create "$env-1" --env "$env" -o json \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$WORK/$env.token"
   chmod 600 "$WORK/$env.token"
-  "$BIN/unitsync-agent" --hub "$UNITSYNC_HUB" --token-file "$WORK/$env.token" \
+  "$BIN/unitsync-agent" --hub "$UNITSYNC_HUB" --ca-file "$UNITSYNC_DATA_DIR/ca.crt" --token-file "$WORK/$env.token" \
     --kubeconfig "$WORK/$env.kubeconfig" --state-dir "$WORK/$env-agent" --drift-interval 10 --health-interval-ms 250 \
     >"$WORK/$env-agent.log" 2>&1 &
   PIDS+=($!)

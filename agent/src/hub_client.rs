@@ -30,6 +30,9 @@ pub struct HubConnection {
     /// The cluster's bearer token.
     pub token: String,
     pub agent_version: String,
+    /// CA certificate (PEM) to trust for an `https://` hub; `None` uses the
+    /// public web PKI roots.
+    pub ca_pem: Option<String>,
 }
 
 impl std::fmt::Debug for HubConnection {
@@ -236,8 +239,17 @@ impl HubClient {
     }
 
     async fn channel(&self) -> Result<Channel, SessionError> {
-        Endpoint::from_shared(self.conn.endpoint.clone())
-            .map_err(|_| SessionError::Endpoint(self.conn.endpoint.clone()))?
+        let mut endpoint = Endpoint::from_shared(self.conn.endpoint.clone())
+            .map_err(|_| SessionError::Endpoint(self.conn.endpoint.clone()))?;
+        if self.conn.endpoint.starts_with("https://") {
+            let tls = match &self.conn.ca_pem {
+                Some(ca) => tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+                None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
+            };
+            endpoint = endpoint.tls_config(tls).map_err(SessionError::Connect)?;
+        }
+        endpoint
             .connect_timeout(Duration::from_secs(20))
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(20))

@@ -18,8 +18,11 @@ use unitsync_agent::reconcile::Tuning;
 )]
 struct Args {
     /// Hub gRPC endpoint.
-    #[arg(long, env = "UNITSYNC_HUB", default_value = "http://127.0.0.1:7443")]
+    #[arg(long, env = "UNITSYNC_HUB", default_value = "https://127.0.0.1:7443")]
     hub: String,
+    /// CA certificate (PEM) of the hub (default: the public web PKI roots).
+    #[arg(long, env = "UNITSYNC_HUB_CA_FILE")]
+    ca_file: Option<PathBuf>,
     /// File holding this cluster's agent token (e.g. a mounted Secret).
     #[arg(long, env = "UNITSYNC_AGENT_TOKEN_FILE")]
     token_file: PathBuf,
@@ -84,11 +87,22 @@ async fn main() -> ExitCode {
             return ExitCode::from(64);
         }
     };
+    let ca_pem = match &args.ca_file {
+        Some(p) => match std::fs::read_to_string(p) {
+            Ok(c) => Some(c),
+            Err(e) => {
+                eprintln!("error: cannot read the CA file {}: {e}", p.display());
+                return ExitCode::from(64);
+            }
+        },
+        None => None,
+    };
     let config = AgentConfig {
         hub: HubConnection {
             endpoint: args.hub,
             token,
             agent_version: env!("CARGO_PKG_VERSION").into(),
+            ca_pem,
         },
         kube: match args.kubeconfig {
             Some(path) => KubeTarget::Kubeconfig {

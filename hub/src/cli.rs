@@ -17,7 +17,7 @@ pub use commands::run_client;
 
 /// Default gRPC address of `unitsync serve` and of the CLI's `--hub`.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:7443";
-pub const DEFAULT_HUB: &str = "http://127.0.0.1:7443";
+pub const DEFAULT_HUB: &str = "https://127.0.0.1:7443";
 pub const DEFAULT_DATA_DIR: &str = "unitsync-data";
 
 #[derive(Parser, Debug)]
@@ -44,6 +44,10 @@ pub struct Global {
     /// File holding the operator token.
     #[arg(long, global = true, env = "UNITSYNC_TOKEN_FILE")]
     pub token_file: Option<PathBuf>,
+    /// CA certificate (PEM) to trust for the hub; default: `ca.crt` in the
+    /// data directory when present, else the public web PKI roots.
+    #[arg(long, global = true, env = "UNITSYNC_CA_FILE")]
+    pub ca_file: Option<PathBuf>,
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Format::Table)]
     pub output: Format,
@@ -138,6 +142,17 @@ pub struct ServeArgs {
     /// Log format.
     #[arg(long, value_enum, default_value_t = LogFormat::Text, env = "UNITSYNC_LOG_FORMAT")]
     pub log_format: LogFormat,
+    /// Names (DNS or IP) in the generated server certificate; repeatable.
+    #[arg(long = "tls-name", env = "UNITSYNC_TLS_NAMES", value_delimiter = ',', default_values_t = ["localhost".to_owned(), "127.0.0.1".to_owned()])]
+    pub tls_names: Vec<String>,
+    /// Serve with this certificate chain (PEM) instead of a generated one.
+    #[arg(long, requires = "tls_key", env = "UNITSYNC_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    #[arg(long, requires = "tls_cert", env = "UNITSYNC_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// Serve gRPC without TLS (development only; logged loudly).
+    #[arg(long, conflicts_with = "tls_cert")]
+    pub insecure_plaintext: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -154,10 +169,21 @@ impl ServeArgs {
         tuning.limits.max_depth = self.max_depth;
         tuning.heartbeat = Duration::from_secs(self.heartbeat_seconds);
         tuning.max_sessions = self.max_sessions;
+        let tls = match (&self.tls_cert, &self.tls_key) {
+            _ if self.insecure_plaintext => crate::tls::TlsMode::Plaintext,
+            (Some(cert), Some(key)) => crate::tls::TlsMode::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            },
+            _ => crate::tls::TlsMode::Generated {
+                names: self.tls_names.clone(),
+            },
+        };
         crate::Config {
             listen: self.listen,
             http_listen: (!self.no_http).then_some(self.http_listen),
             data_dir: self.data_dir.clone(),
+            tls,
             tuning,
         }
     }

@@ -21,6 +21,7 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Holds `hub.db` (SQLite) and `admin.token`.
     pub data_dir: PathBuf,
+    pub tls: crate::tls::TlsMode,
     pub tuning: Tuning,
 }
 

@@ -19,6 +19,7 @@ pub mod model;
 pub mod promote;
 pub mod server;
 pub mod store;
+pub mod tls;
 
 pub use config::Config;
 pub use server::{RunningHub, start};

@@ -43,6 +43,8 @@ pub enum StartError {
     },
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("cannot set up TLS")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A hub running in this process.
@@ -51,6 +53,8 @@ pub struct RunningHub {
     pub http_addr: Option<SocketAddr>,
     /// The admin operator token (as in `admin.token`).
     pub admin_token: String,
+    /// The CA clients trust (generated TLS), PEM.
+    pub ca_pem: Option<String>,
     pub hub: Arc<Hub>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), StartError>>,
@@ -124,6 +128,12 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             .map_err(StartError::Store)?,
     );
     let admin = admin_token(&config.admin_token_path())?;
+    let tls = crate::tls::prepare(&config.data_dir, &config.tls)?;
+    if tls.is_none() {
+        tracing::warn!(
+            "TLS IS OFF: --insecure-plaintext sends tokens and manifests in clear text; for development only"
+        );
+    }
     store
         .put_operator(
             &Operator {
@@ -191,8 +201,16 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let stop = shutdown.clone();
     let hub_for_task = hub.clone();
     let hub_for_stop = hub.clone();
+    let mut builder = Server::builder();
+    let ca_pem = tls.as_ref().and_then(|t| t.ca_pem.clone());
+    if let Some(t) = &tls {
+        let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
+        builder = builder
+            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
+            .map_err(StartError::Serve)?;
+    }
     let task = tokio::spawn(async move {
-        let served = Server::builder()
+        let served = builder
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(20)))
             .max_concurrent_streams(Some(256))
@@ -215,6 +233,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         grpc_addr,
         http_addr,
         admin_token: admin.expose().to_owned(),
+        ca_pem,
         hub,
         shutdown,
         task,

@@ -15,7 +15,7 @@ async fn setup() -> (TestHub, TestCluster) {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), &token).await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
     cluster.start_agent();
     (hub, cluster)
 }
@@ -495,7 +495,7 @@ async fn drift_is_noticed_through_the_watch_without_waiting_for_the_periodic_che
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), &token).await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
     // The periodic check would only come after an hour.
     cluster.config.tuning.drift_interval = std::time::Duration::from_secs(3600);
     cluster.start_agent();

@@ -38,7 +38,7 @@ async fn bad_unknown_and_deleted_credentials_are_refused_identically() {
         &deleted,
         &hub.admin_token,
     ] {
-        let agent = SimAgent::new(&hub.endpoint(), t);
+        let agent = SimAgent::new(&hub.endpoint(), hub.ca(), t);
         let s = refusal(within("session", agent.session_once(&stop)).await);
         messages.push((s.code(), s.message().to_owned()));
     }
@@ -89,7 +89,7 @@ async fn deleting_a_cluster_ends_its_live_session_and_refuses_it_afterwards() {
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
-    let agent = SimAgent::new(&hub.endpoint(), &token);
+    let agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     let stop = CancellationToken::new();
     let session = agent.session_once(&stop);
     tokio::pin!(session);
@@ -178,4 +178,37 @@ async fn the_admin_token_file_is_private_and_tokens_are_stored_hashed() {
         assert!(!db.windows(needle.len()).any(|w| w == needle));
         assert!(!wal.windows(needle.len()).any(|w| w == needle));
     }
+}
+
+#[tokio::test]
+async fn the_hub_speaks_tls_by_default_and_clients_verify_it() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let stop = CancellationToken::new();
+    // The hub's own CA: accepted.
+    let mut ok = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    ok.start();
+    // Without the CA (public roots only) the certificate is not trusted.
+    let untrusting = SimAgent::new(&hub.endpoint(), None, &token);
+    let r = within("untrusted", untrusting.session_once(&stop)).await;
+    assert!(matches!(r, Err(SessionError::Connect(_))), "{r:?}");
+    // Plaintext to the TLS port gets nowhere either.
+    let plain = SimAgent::new(&hub.endpoint().replace("https://", "http://"), None, &token);
+    assert!(
+        within("plaintext", plain.session_once(&stop))
+            .await
+            .is_err()
+    );
+    // Another CA: refused.
+    let other = TestHub::start().await;
+    let wrong = SimAgent::new(&hub.endpoint(), other.ca(), &token);
+    assert!(matches!(
+        within("other CA", wrong.session_once(&stop)).await,
+        Err(SessionError::Connect(_))
+    ));
+    ok.stop().await;
+    // The CA is stored with the data and reused after a restart.
+    let ca = std::fs::read_to_string(hub.dir.path().join("data").join("ca.crt")).unwrap();
+    assert_eq!(Some(ca.as_str()), hub.ca());
 }

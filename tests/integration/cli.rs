@@ -26,6 +26,8 @@ struct Served {
     child: Child,
     endpoint: String,
     data_dir: PathBuf,
+    /// The hub's generated CA (PEM).
+    ca: String,
     _dir: tempfile::TempDir,
 }
 
@@ -71,10 +73,12 @@ async fn serve() -> Served {
     .await;
     // Keep draining the log so the hub never blocks on a full pipe.
     tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let ca = std::fs::read_to_string(data_dir.join("ca.crt")).expect("the hub wrote its CA");
     Served {
         child,
-        endpoint: format!("http://{addr}"),
+        endpoint: format!("https://{addr}"),
         data_dir,
+        ca,
         _dir: dir,
     }
 }
@@ -151,7 +155,7 @@ async fn operator_cli_end_to_end() {
     .unwrap();
     let token = created["token"].as_str().unwrap().to_owned();
     assert!(token.starts_with("usk_agent_"));
-    let mut agent = SimAgent::new(&hub.endpoint, &token).auto_ready();
+    let mut agent = SimAgent::new(&hub.endpoint, Some(&hub.ca), &token).auto_ready();
     agent.start();
 
     // create --wait returns once the cluster reports Ready.
@@ -268,7 +272,11 @@ async fn wait_fails_with_the_failing_clusters_message() {
             .await,
     )
     .unwrap();
-    let mut agent = SimAgent::new(&hub.endpoint, created["token"].as_str().unwrap());
+    let mut agent = SimAgent::new(
+        &hub.endpoint,
+        Some(&hub.ca),
+        created["token"].as_str().unwrap(),
+    );
     agent.start();
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
     let mut cmd = hub.cmd();
@@ -350,13 +358,13 @@ async fn agent_install_with_secret_issues_a_fresh_per_cluster_token() {
     let stop = tokio_util::sync::CancellationToken::new();
     let refused = within(
         "old token",
-        SimAgent::new(&hub.endpoint, &old).session_once(&stop),
+        SimAgent::new(&hub.endpoint, Some(&hub.ca), &old).session_once(&stop),
     )
     .await;
     assert!(
         matches!(refused, Err(unitsync_agent::hub_client::SessionError::Refused(s)) if s.code() == tonic::Code::Unauthenticated)
     );
-    let mut agent = SimAgent::new(&hub.endpoint, &new);
+    let mut agent = SimAgent::new(&hub.endpoint, Some(&hub.ca), &new);
     agent.start();
     until("connected with the new token", || async {
         hub.ok(&["cluster", "get", "dev-1", "-o", "json"])

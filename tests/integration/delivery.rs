@@ -22,7 +22,7 @@ fn latest(agent: &SimAgent) -> BTreeMap<String, (u64, bool)> {
 async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
     let (hub, token) = hub_with_cluster().await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
-    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
     until("web@1 held", || async {
         latest(&agent).get("web") == Some(&(1, false))
@@ -81,7 +81,7 @@ async fn reconnect_without_loss_delivers_exactly_the_latest_revision_of_each_uni
             .await
             .unwrap();
     }
-    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
     until("all five held at 1", || async {
         latest(&agent)
@@ -136,7 +136,7 @@ async fn hub_restart_resyncs_keeps_acknowledged_state_and_delivers_tombstones() 
             .await
             .unwrap();
     }
-    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
     until("a, b, c held", || async { latest(&agent).len() == 3 }).await;
     until("acks recorded", || async {
@@ -178,7 +178,7 @@ async fn hub_restart_resyncs_keeps_acknowledged_state_and_delivers_tombstones() 
 async fn connected_agents_resync_after_the_hub_restarts() {
     let (mut hub, token) = hub_with_cluster().await;
     hub.put("dev/a", &configmap("a", "0")).await.unwrap();
-    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
     until("a@1", || async {
         latest(&agent).get("a") == Some(&(1, false))
@@ -208,7 +208,7 @@ async fn connected_agents_resync_after_the_hub_restarts() {
 #[tokio::test]
 async fn units_not_assigned_any_more_are_tombstoned_on_connect() {
     let (hub, token) = hub_with_cluster().await;
-    let agent = SimAgent::new(&hub.endpoint(), &token);
+    let agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent
         .desired
         .record(DesiredUnit {
@@ -238,8 +238,8 @@ async fn agents_only_receive_their_environment() {
         .await
         .unwrap();
     hub.put("prod/db", &configmap("db", "prod")).await.unwrap();
-    let mut dev = SimAgent::new(&hub.endpoint(), &dev_token);
-    let mut prod = SimAgent::new(&hub.endpoint(), &prod_token);
+    let mut dev = SimAgent::new(&hub.endpoint(), hub.ca(), &dev_token);
+    let mut prod = SimAgent::new(&hub.endpoint(), hub.ca(), &prod_token);
     dev.start();
     prod.start();
     until("prod holds two", || async { latest(&prod).len() == 2 }).await;
@@ -263,7 +263,7 @@ async fn agents_only_receive_their_environment() {
 #[tokio::test]
 async fn metrics_count_sessions_commits_and_deliveries() {
     let (hub, token) = hub_with_cluster().await;
-    let mut agent = SimAgent::new(&hub.endpoint(), &token);
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
     until("web@1", || async {

@@ -57,7 +57,7 @@ async fn full_flow_with_real_agents_dev_staging_prod() {
     let mut clusters = Vec::new();
     for env in ["dev", "staging", "prod"] {
         let token = hub.create_cluster(&format!("{env}-1"), env).await;
-        let mut c = TestCluster::new(&hub.endpoint(), &token).await;
+        let mut c = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
         c.start_agent();
         clusters.push(c);
     }
@@ -141,7 +141,7 @@ async fn full_flow_with_real_agents_dev_staging_prod() {
 /// A dev cluster whose agent reports Ready for everything it receives.
 async fn healthy_dev(hub: &TestHub) -> SimAgent {
     let token = hub.create_cluster("dev-1", "dev").await;
-    let mut agent = SimAgent::new(&hub.endpoint(), &token).auto_ready();
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token).auto_ready();
     agent.start();
     agent
 }
@@ -242,7 +242,7 @@ async fn each_gate_blocks_then_passes() {
         .await
         .unwrap();
     let token = hub.create_cluster("dev-1", "dev").await;
-    let mut dev = SimAgent::new(&hub.endpoint(), &token);
+    let mut dev = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     dev.start();
     hub.put("dev/web", &web("web:1", 2)).await.unwrap();
     until("dev received web", || async {

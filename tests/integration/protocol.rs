@@ -16,12 +16,7 @@ pub(crate) async fn raw_session(
     token: &str,
     first: pb::AgentMessage,
 ) -> Result<(Outbound, tonic::Streaming<pb::HubMessage>), tonic::Status> {
-    let mut client = within(
-        "connect",
-        pb::agent_service_client::AgentServiceClient::connect(hub.endpoint()),
-    )
-    .await
-    .unwrap();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(hub.channel().await);
     let (tx, rx) = tokio::sync::mpsc::channel(16);
     tx.send(first).await.unwrap();
     let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));

@@ -44,7 +44,7 @@ pub fn fast_tuning() -> Tuning {
 impl TestCluster {
     /// A kube-sim cluster with the agent namespace, and an agent config for
     /// `hub_endpoint` with `token` (not started).
-    pub async fn new(hub_endpoint: &str, token: &str) -> TestCluster {
+    pub async fn new(hub_endpoint: &str, hub_ca: Option<&str>, token: &str) -> TestCluster {
         init_crypto();
         let sim = KubeSim::start(SimOptions {
             rollout_delay: Duration::from_millis(50),
@@ -66,6 +66,7 @@ impl TestCluster {
                     endpoint: hub_endpoint.into(),
                     token: token.into(),
                     agent_version: "test".into(),
+                    ca_pem: hub_ca.map(str::to_owned),
                 },
                 kube: KubeTarget::Kubeconfig {
                     path: kubeconfig,

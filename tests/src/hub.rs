@@ -55,6 +55,7 @@ impl TestHub {
 
     pub async fn start_with(tuning: Tuning) -> TestHub {
         init_logs();
+        crate::cluster::init_crypto();
         let dir = tempfile::tempdir().expect("temp dir");
         let running = Self::launch(&dir, "127.0.0.1:0".parse().unwrap(), tuning.clone()).await;
         TestHub {
@@ -71,6 +72,9 @@ impl TestHub {
             listen,
             http_listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: dir.path().join("data"),
+            tls: unitsync_hub::tls::TlsMode::Generated {
+                names: vec!["localhost".into(), "127.0.0.1".into()],
+            },
             tuning,
         };
         within("hub start", unitsync_hub::start(config))
@@ -79,7 +83,24 @@ impl TestHub {
     }
 
     pub fn endpoint(&self) -> String {
-        format!("http://{}", self.addr)
+        format!("https://{}", self.addr)
+    }
+
+    /// The hub's CA certificate (PEM).
+    pub fn ca(&self) -> Option<&str> {
+        self.running().ca_pem.as_deref()
+    }
+
+    /// A TLS channel to the hub.
+    pub async fn channel(&self) -> Channel {
+        let ca = tonic::transport::Certificate::from_pem(self.ca().expect("TLS is on"));
+        let endpoint = Channel::from_shared(self.endpoint())
+            .unwrap()
+            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))
+            .unwrap();
+        within("connect to hub", endpoint.connect())
+            .await
+            .expect("connect")
     }
 
     pub fn running(&self) -> &RunningHub {
@@ -115,12 +136,7 @@ impl TestHub {
     }
 
     pub async fn client(&self, token: &str) -> Admin {
-        let channel = within(
-            "connect to hub",
-            Channel::from_shared(self.endpoint()).unwrap().connect(),
-        )
-        .await
-        .expect("connect");
+        let channel = self.channel().await;
         let value = format!("Bearer {token}").parse().expect("ascii token");
         HubServiceClient::with_interceptor(channel, BearerAuth(value))
     }

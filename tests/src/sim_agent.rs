@@ -27,12 +27,13 @@ pub struct SimAgent {
 }
 
 impl SimAgent {
-    pub fn new(endpoint: &str, token: &str) -> SimAgent {
+    pub fn new(endpoint: &str, ca: Option<&str>, token: &str) -> SimAgent {
         SimAgent {
             conn: HubConnection {
                 endpoint: endpoint.into(),
                 token: token.into(),
                 agent_version: "sim".into(),
+                ca_pem: ca.map(str::to_owned),
             },
             desired: Arc::default(),
             statuses: Arc::default(),

@@ -7,7 +7,7 @@ use anyhow::{Context, bail};
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 use unitsync_proto::v1::hub_service_client::HubServiceClient;
 
 use super::{DEFAULT_DATA_DIR, Global};
@@ -32,6 +32,28 @@ fn read_token(path: &Path) -> anyhow::Result<String> {
     Ok(s.trim().to_owned())
 }
 
+fn data_dir() -> std::path::PathBuf {
+    std::env::var_os(crate::config::ENV_DATA_DIR)
+        .map_or_else(|| DEFAULT_DATA_DIR.into(), std::path::PathBuf::from)
+}
+
+/// The CA to trust: `--ca-file`, else `ca.crt` in the data directory.
+pub(super) fn ca_pem(g: &Global) -> anyhow::Result<Option<String>> {
+    let path = match &g.ca_file {
+        Some(p) => p.clone(),
+        None => {
+            let p = data_dir().join("ca.crt");
+            if !p.exists() {
+                return Ok(None);
+            }
+            p
+        }
+    };
+    Ok(Some(std::fs::read_to_string(&path).with_context(|| {
+        format!("cannot read the CA file {}", path.display())
+    })?))
+}
+
 /// The operator token: `--token`, then `--token-file`, then
 /// `$UNITSYNC_DATA_DIR/admin.token` (or `./unitsync-data/admin.token`).
 fn token(g: &Global) -> anyhow::Result<String> {
@@ -41,9 +63,7 @@ fn token(g: &Global) -> anyhow::Result<String> {
     if let Some(p) = &g.token_file {
         return read_token(p);
     }
-    let dir = std::env::var_os(crate::config::ENV_DATA_DIR)
-        .map_or_else(|| DEFAULT_DATA_DIR.into(), std::path::PathBuf::from);
-    let path = dir.join("admin.token");
+    let path = data_dir().join("admin.token");
     if path.exists() {
         return read_token(&path);
     }
@@ -57,10 +77,17 @@ pub(super) async fn connect(g: &Global) -> anyhow::Result<Client> {
     let value: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .context("the operator token contains characters that cannot be sent")?;
-    let endpoint = Endpoint::from_shared(g.hub.clone())
+    let mut endpoint = Endpoint::from_shared(g.hub.clone())
         .with_context(|| format!("invalid hub address {:?}", g.hub))?
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60));
+    if g.hub.starts_with("https://") {
+        let tls = match ca_pem(g)? {
+            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
+            None => ClientTlsConfig::new().with_webpki_roots(),
+        };
+        endpoint = endpoint.tls_config(tls).context("invalid TLS settings")?;
+    }
     let channel = endpoint
         .connect()
         .await

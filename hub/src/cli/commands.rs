@@ -142,6 +142,11 @@ async fn agent_install(global: &Global, args: &InstallArgs) -> anyhow::Result<()
         image: args.image.clone(),
         hub: args.hub_url.clone().unwrap_or_else(|| global.hub.clone()),
         token,
+        ca_pem: if args.export_secret_only {
+            None
+        } else {
+            client::ca_pem(global)?
+        },
         include_workload: !args.export_secret_only,
     };
     if !args.include_secret && !args.export_secret_only {

@@ -28,6 +28,8 @@ pub(super) struct Install {
     pub hub: String,
     /// The agent token, when the Secret is exported.
     pub token: Option<String>,
+    /// The hub's CA (PEM), shipped in a ConfigMap when known.
+    pub ca_pem: Option<String>,
     pub include_workload: bool,
 }
 
@@ -117,6 +119,13 @@ impl Install {
                 "unitsync-agent-inventory",
             ));
             docs.extend(self.rbac_documents());
+            if let Some(ca) = &self.ca_pem {
+                docs.push(json!({
+                    "apiVersion": "v1", "kind": "ConfigMap",
+                    "metadata": {"name": "unitsync-hub-ca", "namespace": ns, "labels": self.labels()},
+                    "data": {"ca.crt": ca}
+                }));
+            }
         }
         if let Some(s) = self.secret() {
             docs.push(s);
@@ -196,6 +205,20 @@ impl Install {
         if let Rbac::Namespaced(ns) = &self.rbac {
             args.push(format!("--allowed-namespaces={}", ns.join(",")));
         }
+        let mut mounts = vec![
+            json!({"name": "credential", "mountPath": "/etc/unitsync", "readOnly": true}),
+            json!({"name": "state", "mountPath": "/var/lib/unitsync-agent"}),
+        ];
+        let mut volumes = vec![
+            json!({"name": "credential", "secret": {"secretName": self.secret_name(), "defaultMode": 0o400}}),
+            json!({"name": "state", "emptyDir": {}}),
+        ];
+        if self.ca_pem.is_some() {
+            args.push("--ca-file=/etc/unitsync-ca/ca.crt".to_owned());
+            mounts
+                .push(json!({"name": "hub-ca", "mountPath": "/etc/unitsync-ca", "readOnly": true}));
+            volumes.push(json!({"name": "hub-ca", "configMap": {"name": "unitsync-hub-ca"}}));
+        }
         let probe = |path: &str| json!({"httpGet": {"path": path, "port": "health"}, "periodSeconds": 10, "timeoutSeconds": 2, "failureThreshold": 3});
         json!({
             "apiVersion": "apps/v1", "kind": "Deployment",
@@ -225,15 +248,9 @@ impl Install {
                                 "allowPrivilegeEscalation": false, "readOnlyRootFilesystem": true, "runAsNonRoot": true,
                                 "capabilities": {"drop": ["ALL"]}, "seccompProfile": {"type": "RuntimeDefault"}
                             },
-                            "volumeMounts": [
-                                {"name": "credential", "mountPath": "/etc/unitsync", "readOnly": true},
-                                {"name": "state", "mountPath": "/var/lib/unitsync-agent"}
-                            ]
+                            "volumeMounts": mounts
                         }],
-                        "volumes": [
-                            {"name": "credential", "secret": {"secretName": self.secret_name(), "defaultMode": 0o400}},
-                            {"name": "state", "emptyDir": {}}
-                        ]
+                        "volumes": volumes
                     }
                 }
             }
@@ -261,6 +278,7 @@ mod tests {
             image: "ghcr.io/unitsync/agent:0.1.0".into(),
             hub: "https://hub.example.com:7443".into(),
             token: token.map(str::to_owned),
+            ca_pem: Some("-----BEGIN CERTIFICATE-----\n...\n-----END CERTIFICATE-----\n".into()),
             include_workload: true,
         }
     }

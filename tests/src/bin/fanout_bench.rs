@@ -410,7 +410,15 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
     let addr = free_addr()?;
     let child = Child(
         std::process::Command::new(sibling_binary("unitsync")?)
-            .args(["serve", "--no-http", "--listen", &addr.to_string()])
+            // Plaintext, like the bare baseline: the comparison is about
+            // the hub's logic, not TLS.
+            .args([
+                "serve",
+                "--no-http",
+                "--insecure-plaintext",
+                "--listen",
+                &addr.to_string(),
+            ])
             .arg("--max-sessions")
             .arg((args.agents + 100).to_string())
             .arg("--data-dir")
