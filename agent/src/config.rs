@@ -42,8 +42,10 @@ pub struct ConfigError(pub String);
 
 impl AgentConfig {
     pub fn validate(&self) -> Result<(), ConfigError> {
-        if self.hub.token.trim().is_empty() {
-            return Err(ConfigError("the agent token is empty".into()));
+        if self.hub.token.trim().is_empty() && self.hub.identity.is_none() {
+            return Err(ConfigError(
+                "the agent needs a token or a client certificate".into(),
+            ));
         }
         if !(0.0..=1.0).contains(&self.tuning.max_prune_ratio) {
             return Err(ConfigError(

@@ -33,6 +33,9 @@ pub struct HubConnection {
     /// CA certificate (PEM) to trust for an `https://` hub; `None` uses the
     /// public web PKI roots.
     pub ca_pem: Option<String>,
+    /// Client certificate and key (PEM) for mutual TLS; with it the token
+    /// may be empty.
+    pub identity: Option<(String, String)>,
 }
 
 impl std::fmt::Debug for HubConnection {
@@ -41,6 +44,10 @@ impl std::fmt::Debug for HubConnection {
             .field("endpoint", &self.endpoint)
             .field("token", &"<redacted>")
             .field("agent_version", &self.agent_version)
+            .field(
+                "identity",
+                &self.identity.as_ref().map(|_| "<client certificate>"),
+            )
             .finish()
     }
 }
@@ -242,11 +249,14 @@ impl HubClient {
         let mut endpoint = Endpoint::from_shared(self.conn.endpoint.clone())
             .map_err(|_| SessionError::Endpoint(self.conn.endpoint.clone()))?;
         if self.conn.endpoint.starts_with("https://") {
-            let tls = match &self.conn.ca_pem {
+            let mut tls = match &self.conn.ca_pem {
                 Some(ca) => tonic::transport::ClientTlsConfig::new()
                     .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
                 None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
             };
+            if let Some((cert, key)) = &self.conn.identity {
+                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
+            }
             endpoint = endpoint.tls_config(tls).map_err(SessionError::Connect)?;
         }
         endpoint
@@ -262,9 +272,15 @@ impl HubClient {
 
     /// One session, until it breaks or `shutdown`.
     pub async fn session(&self, shutdown: &CancellationToken) -> Result<(), SessionError> {
-        let auth: MetadataValue<Ascii> = format!("Bearer {}", self.conn.token)
-            .parse()
-            .map_err(|_| SessionError::Token)?;
+        let auth: Option<MetadataValue<Ascii>> = if self.conn.token.is_empty() {
+            None
+        } else {
+            Some(
+                format!("Bearer {}", self.conn.token)
+                    .parse()
+                    .map_err(|_| SessionError::Token)?,
+            )
+        };
         let channel = self.channel().await?;
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel)
             .max_decoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES)
@@ -301,9 +317,11 @@ impl HubClient {
         let _ = prio_tx.try_send(hello);
 
         let mut request = tonic::Request::new(outbound);
-        request
-            .metadata_mut()
-            .insert(unitsync_proto::AUTHORIZATION, auth);
+        if let Some(auth) = auth {
+            request
+                .metadata_mut()
+                .insert(unitsync_proto::AUTHORIZATION, auth);
+        }
         let mut inbound = client
             .session(request)
             .await

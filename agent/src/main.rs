@@ -24,8 +24,18 @@ struct Args {
     #[arg(long, env = "UNITSYNC_HUB_CA_FILE")]
     ca_file: Option<PathBuf>,
     /// File holding this cluster's agent token (e.g. a mounted Secret).
-    #[arg(long, env = "UNITSYNC_AGENT_TOKEN_FILE")]
-    token_file: PathBuf,
+    #[arg(
+        long,
+        env = "UNITSYNC_AGENT_TOKEN_FILE",
+        required_unless_present = "cert_file"
+    )]
+    token_file: Option<PathBuf>,
+    /// Client certificate (PEM) for mutual TLS, from `unitsync cluster certificate`.
+    #[arg(long, env = "UNITSYNC_AGENT_CERT_FILE", requires = "key_file")]
+    cert_file: Option<PathBuf>,
+    /// Its private key (PEM).
+    #[arg(long, env = "UNITSYNC_AGENT_KEY_FILE", requires = "cert_file")]
+    key_file: Option<PathBuf>,
     /// Kubeconfig file (default: in-cluster config, then KUBECONFIG).
     #[arg(long, env = "UNITSYNC_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -77,15 +87,29 @@ async fn main() -> ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let token = match std::fs::read_to_string(&args.token_file) {
-        Ok(t) => t.trim().to_owned(),
-        Err(e) => {
-            eprintln!(
-                "error: cannot read the token file {}: {e}",
-                args.token_file.display()
-            );
-            return ExitCode::from(64);
-        }
+    let read = |p: &PathBuf, what: &str| {
+        std::fs::read_to_string(p)
+            .map_err(|e| format!("cannot read the {what} file {}: {e}", p.display()))
+    };
+    let token = match &args.token_file {
+        Some(p) => match read(p, "token") {
+            Ok(t) => t.trim().to_owned(),
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(64);
+            }
+        },
+        None => String::new(),
+    };
+    let identity = match (&args.cert_file, &args.key_file) {
+        (Some(c), Some(k)) => match (read(c, "certificate"), read(k, "key")) {
+            (Ok(c), Ok(k)) => Some((c, k)),
+            (Err(e), _) | (_, Err(e)) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(64);
+            }
+        },
+        _ => None,
     };
     let ca_pem = match &args.ca_file {
         Some(p) => match std::fs::read_to_string(p) {
@@ -103,6 +127,7 @@ async fn main() -> ExitCode {
             token,
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ca_pem,
+            identity,
         },
         kube: match args.kubeconfig {
             Some(path) => KubeTarget::Kubeconfig {

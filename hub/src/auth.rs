@@ -77,6 +77,26 @@ fn bearer(md: &MetadataMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
+/// Resolves the caller: a verified client certificate from the hub CA
+/// names its cluster (by fingerprint); otherwise the bearer token decides.
+pub async fn authenticate_request<T>(
+    store: &dyn Store,
+    req: &tonic::Request<T>,
+) -> Result<Principal> {
+    if let Some(leaf) = req
+        .peer_certs()
+        .as_ref()
+        .and_then(|certs| certs.first().cloned())
+    {
+        let fp = crate::tls::fingerprint(leaf.as_ref());
+        return match store.cluster_by_cert(&fp).await? {
+            Some(c) => Ok(Principal::Agent(c)),
+            None => Err(HubError::Unauthenticated),
+        };
+    }
+    authenticate(store, req.metadata()).await
+}
+
 /// Resolves the caller from its bearer token.
 pub async fn authenticate(store: &dyn Store, md: &MetadataMap) -> Result<Principal> {
     let token = bearer(md).ok_or(HubError::Unauthenticated)?;

@@ -331,6 +331,20 @@ pub enum ClusterCommand {
     Delete {
         name: String,
     },
+    /// Issue a client certificate (mutual TLS) for the cluster's agent:
+    /// writes tls.crt, tls.key (0600) and ca.crt into --out.
+    Certificate {
+        name: String,
+        #[arg(long)]
+        out: PathBuf,
+        /// Validity in days.
+        #[arg(long, default_value_t = 30)]
+        days: u64,
+    },
+    /// Revoke every credential of the cluster for good; its agent is cut off.
+    Revoke {
+        name: String,
+    },
 }
 
 #[derive(Args, Debug)]

@@ -51,10 +51,12 @@ pub struct Hub {
     /// Head revision content per unit, shared by every session that needs it.
     heads: Mutex<HashMap<(EnvName, UnitName), Arc<Delivery>>>,
     next_session: AtomicU64,
+    /// Where the CA lives (client certificates).
+    data_dir: std::path::PathBuf,
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, tuning: Tuning) -> Hub {
+    pub fn new(store: Arc<dyn Store>, tuning: Tuning, data_dir: std::path::PathBuf) -> Hub {
         Hub {
             store,
             fanout: Fanout::default(),
@@ -63,7 +65,13 @@ impl Hub {
             tuning,
             heads: Mutex::default(),
             next_session: AtomicU64::new(1),
+            data_dir,
         }
+    }
+
+    /// The hub CA certificate file (generated TLS).
+    pub fn ca_path(&self) -> std::path::PathBuf {
+        self.data_dir.join("ca.crt")
     }
 
     pub fn next_session_id(&self) -> u64 {
@@ -136,6 +144,62 @@ impl Hub {
             .await?;
         self.fanout.disconnect(&name);
         Ok((cluster, token))
+    }
+
+    /// Issues a client certificate for a cluster (mutual TLS identity).
+    pub async fn issue_cluster_cert(
+        &self,
+        actor: Actor,
+        name: ClusterName,
+        validity: Duration,
+    ) -> Result<crate::tls::ClientCert> {
+        if self.store.get_cluster(&name).await?.is_none() {
+            return Err(HubError::NotFound(format!("cluster {name}")));
+        }
+        let cert = crate::tls::issue_client_cert(
+            &self.data_dir,
+            name.as_str(),
+            std::time::SystemTime::now() - Duration::from_secs(60),
+            validity,
+        )
+        .map_err(|e| {
+            HubError::FailedPrecondition(format!(
+                "cannot issue a certificate: {}",
+                crate::error::ErrorChain(&e)
+            ))
+        })?;
+        let not_after = crate::model::UnixMillis(
+            i64::try_from(
+                cert.not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX),
+        );
+        let audit = NewAudit {
+            actor,
+            action: "cluster.certificate",
+            target: format!("cluster/{name}"),
+            detail: format!("sha256 {} valid {}s", cert.fingerprint, validity.as_secs()),
+        };
+        self.store
+            .add_cluster_cert(&name, &cert.fingerprint, not_after, audit)
+            .await?;
+        Ok(cert)
+    }
+
+    /// Revokes a cluster's credentials for good and ends its live session.
+    pub async fn revoke_cluster(&self, actor: Actor, name: ClusterName) -> Result<()> {
+        let audit = NewAudit {
+            actor,
+            action: "cluster.revoke",
+            target: format!("cluster/{name}"),
+            detail: "all credentials revoked".into(),
+        };
+        self.store.revoke_cluster(&name, audit).await?;
+        self.fanout.disconnect(&name);
+        Ok(())
     }
 
     /// Deletes a cluster: its credential stops working and its live session ends.

@@ -168,7 +168,11 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let hub = Arc::new(Hub::new(store.clone(), config.tuning.clone()));
+    let hub = Arc::new(Hub::new(
+        store.clone(),
+        config.tuning.clone(),
+        config.data_dir.clone(),
+    ));
     let shutdown = CancellationToken::new();
     let feedback_stop = CancellationToken::new();
     let feedback = tokio::spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
@@ -205,9 +209,15 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let ca_pem = tls.as_ref().and_then(|t| t.ca_pem.clone());
     if let Some(t) = &tls {
         let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
-        builder = builder
-            .tls_config(tonic::transport::ServerTlsConfig::new().identity(identity))
-            .map_err(StartError::Serve)?;
+        let mut tls_config = tonic::transport::ServerTlsConfig::new().identity(identity);
+        if let Some(ca) = &t.ca_pem {
+            // Agents may present a client certificate from the hub CA
+            // (mutual TLS) or a bearer token.
+            tls_config = tls_config
+                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
+                .client_auth_optional(true);
+        }
+        builder = builder.tls_config(tls_config).map_err(StartError::Serve)?;
     }
     let task = tokio::spawn(async move {
         let served = builder

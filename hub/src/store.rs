@@ -91,6 +91,18 @@ pub trait Store: Send + Sync + 'static {
     /// Deletes the cluster, its credential and its statuses.
     async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()>;
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>>;
+    /// Registers a client certificate (by SHA-256 fingerprint) for a cluster.
+    async fn add_cluster_cert(
+        &self,
+        name: &ClusterName,
+        fingerprint: &str,
+        not_after: crate::model::UnixMillis,
+        audit: NewAudit,
+    ) -> StoreResult<()>;
+    /// The cluster a client certificate belongs to (not revoked).
+    async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>>;
+    /// Revokes every credential of a cluster, for good (kept for the audit trail).
+    async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()>;
     /// Replaces a cluster's credential.
     async fn set_cluster_token(
         &self,

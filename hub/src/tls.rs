@@ -139,6 +139,65 @@ pub fn prepare(data_dir: &Path, mode: &TlsMode) -> Result<Option<ServerTls>, Tls
     }
 }
 
+/// A client certificate for an agent: PEM certificate and key, the
+/// SHA-256 fingerprint of the certificate (hex) and its expiry.
+pub struct ClientCert {
+    pub cert_pem: String,
+    pub key_pem: String,
+    pub fingerprint: String,
+    pub not_after: std::time::SystemTime,
+}
+
+/// Issues a client certificate for `cluster`, signed by the hub CA, valid
+/// from `not_before` for `validity`.
+pub fn issue_client_cert(
+    data_dir: &Path,
+    cluster: &str,
+    not_before: std::time::SystemTime,
+    validity: std::time::Duration,
+) -> Result<ClientCert, TlsError> {
+    use sha2::Digest as _;
+    let key_path = data_dir.join("ca.key");
+    if !key_path.exists() {
+        return Err(TlsError::Io {
+            path: key_path.display().to_string(),
+            source: std::io::Error::new(
+                std::io::ErrorKind::NotFound,
+                "client certificates need the hub's generated CA",
+            ),
+        });
+    }
+    let (_, ca_key) = ca(data_dir)?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Certificate)?;
+    params.distinguished_name.push(DnType::CommonName, cluster);
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://unitsync/cluster/{cluster}")
+            .try_into()
+            .map_err(TlsError::Certificate)?,
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let not_after = not_before + validity;
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    let key = KeyPair::generate().map_err(TlsError::Certificate)?;
+    let cert = params
+        .signed_by(&key, &issuer)
+        .map_err(TlsError::Certificate)?;
+    Ok(ClientCert {
+        fingerprint: hex::encode(sha2::Sha256::digest(cert.der())),
+        cert_pem: cert.pem(),
+        key_pem: key.serialize_pem(),
+        not_after,
+    })
+}
+
+/// SHA-256 fingerprint (hex) of a DER certificate.
+pub fn fingerprint(der: &[u8]) -> String {
+    use sha2::Digest as _;
+    hex::encode(sha2::Sha256::digest(der))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -212,3 +212,195 @@ async fn the_hub_speaks_tls_by_default_and_clients_verify_it() {
     let ca = std::fs::read_to_string(hub.dir.path().join("data").join("ca.crt")).unwrap();
     assert_eq!(Some(ca.as_str()), hub.ca());
 }
+
+/// Refused at the TLS layer (the connection fails), not by the hub's
+/// credential check (which answers Unauthenticated over a working stream).
+fn rejected_by_tls(r: &Result<(), SessionError>) -> bool {
+    match r {
+        Err(SessionError::Connect(_) | SessionError::Stream(_)) => true,
+        Err(SessionError::Refused(s)) => {
+            matches!(s.code(), Code::Unavailable | Code::Unknown | Code::Internal)
+        }
+        _ => false,
+    }
+}
+
+async fn issue_cert(hub: &TestHub, cluster: &str) -> pb::ClusterCertificate {
+    within(
+        "issue certificate",
+        hub.admin()
+            .await
+            .issue_cluster_certificate(pb::IssueClusterCertificateRequest {
+                name: cluster.into(),
+                validity_seconds: 3600,
+            }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn mutual_tls_identity_comes_from_the_certificate_alone() {
+    let hub = TestHub::start().await;
+    hub.create_env("prod").await;
+    hub.create_env("eu").await;
+    let _ = hub.create_cluster("prod", "prod").await;
+    let eu_token = hub.create_cluster("prod-eu", "eu").await;
+    hub.put("prod/web", &configmap("web", "prod"))
+        .await
+        .unwrap();
+    hub.put("eu/secret-app", &configmap("secret-app", "eu"))
+        .await
+        .unwrap();
+    let cert = issue_cert(&hub, "prod").await;
+    assert_eq!(cert.ca_pem.as_str(), hub.ca().unwrap());
+    // The certificate alone authenticates; even with another cluster's token
+    // beside it, the certificate decides.
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &eu_token)
+        .with_identity(&cert.certificate_pem, &cert.private_key_pem);
+    agent.start();
+    unitsync_tests::until("prod's unit", || async { agent.held().contains_key("web") }).await;
+    assert!(
+        !agent.held().contains_key("secret-app"),
+        "never another cluster's units"
+    );
+    agent.stop().await;
+    // Without a token, the certificate is enough.
+    let mut only_cert = SimAgent::new(&hub.endpoint(), hub.ca(), "")
+        .with_identity(&cert.certificate_pem, &cert.private_key_pem);
+    only_cert.start();
+    unitsync_tests::until("connected by certificate", || async {
+        only_cert.held().contains_key("web")
+    })
+    .await;
+    only_cert.stop().await;
+}
+
+#[tokio::test]
+async fn handshakes_without_a_valid_client_certificate_are_refused() {
+    let hub = TestHub::start().await;
+    hub.create_env("prod").await;
+    let _ = hub.create_cluster("prod", "prod").await;
+    let stop = CancellationToken::new();
+    // No certificate and no token.
+    let s = refusal(
+        within(
+            "nothing",
+            SimAgent::new(&hub.endpoint(), hub.ca(), "").session_once(&stop),
+        )
+        .await,
+    );
+    assert_eq!(s.code(), Code::Unauthenticated);
+    // A certificate from another hub's CA: the TLS handshake fails.
+    let other = TestHub::start().await;
+    other.create_env("prod").await;
+    let _ = other.create_cluster("prod", "prod").await;
+    let foreign = issue_cert(&other, "prod").await;
+    let r = within(
+        "foreign CA",
+        SimAgent::new(&hub.endpoint(), hub.ca(), "")
+            .with_identity(&foreign.certificate_pem, &foreign.private_key_pem)
+            .session_once(&stop),
+    )
+    .await;
+    assert!(rejected_by_tls(&r), "{r:?}");
+    // An expired certificate from the right CA: refused in the handshake.
+    let data = hub.dir.path().join("data");
+    let expired = unitsync_hub::tls::issue_client_cert(
+        &data,
+        "prod",
+        std::time::SystemTime::now() - Duration::from_secs(7200),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let r = within(
+        "expired",
+        SimAgent::new(&hub.endpoint(), hub.ca(), "")
+            .with_identity(&expired.cert_pem, &expired.key_pem)
+            .session_once(&stop),
+    )
+    .await;
+    assert!(rejected_by_tls(&r), "{r:?}");
+    // A valid certificate from the right CA that the hub never issued to a cluster.
+    let stray = unitsync_hub::tls::issue_client_cert(
+        &data,
+        "prod",
+        std::time::SystemTime::now(),
+        Duration::from_secs(3600),
+    )
+    .unwrap();
+    let s = refusal(
+        within(
+            "unregistered",
+            SimAgent::new(&hub.endpoint(), hub.ca(), "")
+                .with_identity(&stray.cert_pem, &stray.key_pem)
+                .session_once(&stop),
+        )
+        .await,
+    );
+    assert_eq!(
+        (s.code(), s.message()),
+        (Code::Unauthenticated, "authentication failed")
+    );
+}
+
+#[tokio::test]
+async fn a_revoked_cluster_is_cut_off_within_seconds_and_stays_refused_after_a_restart() {
+    let mut hub = TestHub::start().await;
+    hub.create_env("prod").await;
+    let token = hub.create_cluster("prod", "prod").await;
+    hub.put("prod/web", &configmap("web", "1")).await.unwrap();
+    let cert = issue_cert(&hub, "prod").await;
+    let agent = SimAgent::new(&hub.endpoint(), hub.ca(), "")
+        .with_identity(&cert.certificate_pem, &cert.private_key_pem);
+    let stop = CancellationToken::new();
+    let session = agent.session_once(&stop);
+    tokio::pin!(session);
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::select! {
+                r = &mut session => panic!("session ended early: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => if agent.held().contains_key("web") { return; },
+            }
+        }
+    })
+    .await;
+    assert!(connected.is_ok());
+    hub.admin()
+        .await
+        .revoke_cluster(pb::RevokeClusterRequest {
+            name: "prod".into(),
+        })
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), &mut session).await;
+    assert!(
+        ended.is_ok(),
+        "the live session ends within 5 s of the revocation"
+    );
+    hub.restart().await;
+    let by_cert = SimAgent::new(&hub.endpoint(), hub.ca(), "")
+        .with_identity(&cert.certificate_pem, &cert.private_key_pem);
+    assert_eq!(
+        refusal(within("cert after restart", by_cert.session_once(&stop)).await).code(),
+        Code::Unauthenticated
+    );
+    let by_token = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    assert_eq!(
+        refusal(within("token after restart", by_token.session_once(&stop)).await).code(),
+        Code::Unauthenticated
+    );
+    let audit = hub
+        .admin()
+        .await
+        .list_audit(pb::ListAuditRequest {
+            limit: 10,
+            target_prefix: "cluster/prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    assert!(audit.iter().any(|e| e.action == "cluster.revoke"));
+}

@@ -67,6 +67,7 @@ impl TestCluster {
                     token: token.into(),
                     agent_version: "test".into(),
                     ca_pem: hub_ca.map(str::to_owned),
+                    identity: None,
                 },
                 kube: KubeTarget::Kubeconfig {
                     path: kubeconfig,

@@ -34,6 +34,7 @@ impl SimAgent {
                 token: token.into(),
                 agent_version: "sim".into(),
                 ca_pem: ca.map(str::to_owned),
+                identity: None,
             },
             desired: Arc::default(),
             statuses: Arc::default(),
@@ -42,6 +43,13 @@ impl SimAgent {
             auto_ready: false,
             running: None,
         }
+    }
+
+    /// Authenticate with a client certificate (mutual TLS).
+    #[must_use]
+    pub fn with_identity(mut self, cert_pem: &str, key_pem: &str) -> SimAgent {
+        self.conn.identity = Some((cert_pem.to_owned(), key_pem.to_owned()));
+        self
     }
 
     /// Report `Ready` (or `Destroyed`) for every received revision.

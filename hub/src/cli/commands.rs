@@ -397,6 +397,31 @@ async fn cluster(c: &mut Client, f: Format, cmd: ClusterCommand) -> anyhow::Resu
                 &structured(f, &view).unwrap_or_else(|| cluster_table(std::slice::from_ref(&view))),
             );
         }
+        ClusterCommand::Certificate { name, out, days } => {
+            let r = api(c
+                .issue_cluster_certificate(pb::IssueClusterCertificateRequest {
+                    name: name.clone(),
+                    validity_seconds: days * 24 * 3600,
+                })
+                .await)?;
+            std::fs::create_dir_all(&out)
+                .with_context(|| format!("cannot create {}", out.display()))?;
+            write_file(&out.join("tls.crt"), &r.certificate_pem, 0o644)?;
+            write_file(&out.join("tls.key"), &r.private_key_pem, 0o600)?;
+            write_file(&out.join("ca.crt"), &r.ca_pem, 0o644)?;
+            eprintln!(
+                "certificate for cluster {name} (sha256 {}) written to {}; valid until {}",
+                r.fingerprint,
+                out.display(),
+                output::time(r.not_after.as_ref())
+            );
+        }
+        ClusterCommand::Revoke { name } => {
+            api(c
+                .revoke_cluster(pb::RevokeClusterRequest { name: name.clone() })
+                .await)?;
+            eprintln!("cluster {name} revoked: its tokens and certificates no longer work");
+        }
         ClusterCommand::Delete { name } => {
             api(c
                 .delete_cluster(pb::DeleteClusterRequest { name: name.clone() })
@@ -405,6 +430,20 @@ async fn cluster(c: &mut Client, f: Format, cmd: ClusterCommand) -> anyhow::Resu
         }
     }
     Ok(())
+}
+
+fn write_file(path: &std::path::Path, text: &str, mode: u32) -> anyhow::Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .with_context(|| format!("cannot write {}", path.display()))?;
+    f.write_all(text.as_bytes())
+        .with_context(|| format!("cannot write {}", path.display()))
 }
 
 fn read_manifests(path: &std::path::Path) -> anyhow::Result<String> {

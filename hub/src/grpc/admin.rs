@@ -8,7 +8,7 @@ use unitsync_proto::v1 as pb;
 
 use super::convert::{self, parse};
 use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
-use crate::auth::{authenticate, require_operator};
+use crate::auth::{authenticate_request, require_operator};
 use crate::control::Hub;
 use crate::error::{HubError, Result};
 use crate::model::{
@@ -27,7 +27,7 @@ impl AdminService {
     }
 
     async fn operator<T>(&self, req: &Request<T>, write: bool) -> Result<Actor> {
-        let p = authenticate(self.hub.store.as_ref(), req.metadata()).await?;
+        let p = authenticate_request(self.hub.store.as_ref(), req).await?;
         require_operator(&p, write)
     }
 }
@@ -175,6 +175,48 @@ impl pb::hub_service_server::HubService for AdminService {
                 cluster: Some(convert::cluster(&cluster, None)),
                 token: token.expose().to_owned(),
             })
+        }
+        .await)
+    }
+
+    async fn issue_cluster_certificate(
+        &self,
+        req: Request<pb::IssueClusterCertificateRequest>,
+    ) -> Reply<pb::ClusterCertificate> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let validity = std::time::Duration::from_secs(if r.validity_seconds == 0 {
+                30 * 24 * 3600
+            } else {
+                r.validity_seconds
+            });
+            let cert = self
+                .hub
+                .issue_cluster_cert(actor, parse(&r.name)?, validity)
+                .await?;
+            let ca = std::fs::read_to_string(self.hub.ca_path()).unwrap_or_default();
+            Ok(pb::ClusterCertificate {
+                certificate_pem: cert.cert_pem,
+                private_key_pem: cert.key_pem,
+                ca_pem: ca,
+                not_after: Some(cert.not_after.into()),
+                fingerprint: cert.fingerprint,
+            })
+        }
+        .await)
+    }
+
+    async fn revoke_cluster(
+        &self,
+        req: Request<pb::RevokeClusterRequest>,
+    ) -> Reply<pb::RevokeClusterResponse> {
+        ok(async {
+            let actor = self.operator(&req, true).await?;
+            self.hub
+                .revoke_cluster(actor, parse(&req.get_ref().name)?)
+                .await?;
+            Ok(pb::RevokeClusterResponse {})
         }
         .await)
     }

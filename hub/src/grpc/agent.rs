@@ -25,7 +25,7 @@ use unitsync_proto::v1::hub_message::Msg as HubMsg;
 use unitsync_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use super::convert;
-use crate::auth::{Principal, authenticate};
+use crate::auth::{Principal, authenticate_request};
 use crate::control::Hub;
 use crate::error::HubError;
 use crate::fanout::{AgentConn, Delivery, Mailbox};
@@ -61,7 +61,7 @@ impl pb::agent_service_server::AgentService for AgentService {
             hub.metrics.sessions_refused.inc();
             Status::from(e)
         };
-        let cluster = match authenticate(hub.store.as_ref(), request.metadata()).await {
+        let cluster = match authenticate_request(hub.store.as_ref(), &request).await {
             Ok(Principal::Agent(c)) => c,
             Ok(Principal::Operator { .. }) => return Err(refused(HubError::PermissionDenied)),
             Err(e) => return Err(refused(e)),

@@ -30,6 +30,7 @@ use crate::model::{
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_promotion.sql"),
+    include_str!("../../migrations/0003_cluster_certificates.sql"),
 ];
 
 pub struct SqliteStore {
@@ -505,7 +506,7 @@ impl Store for SqliteStore {
 
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>> {
         let row = sqlx::query(
-            "SELECT name, environment, labels, created_at FROM clusters WHERE token_hash = ?",
+            "SELECT name, environment, labels, created_at FROM clusters WHERE token_hash = ? AND revoked = 0",
         )
         .bind(&token.0)
         .fetch_optional(&self.readers)
@@ -524,6 +525,60 @@ impl Store for SqliteStore {
         let mut tx = w.begin().await.map_err(db)?;
         let done = sqlx::query("UPDATE clusters SET token_hash = ? WHERE name = ?")
             .bind(&token.0)
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn add_cluster_cert(
+        &self,
+        name: &ClusterName,
+        fingerprint: &str,
+        not_after: UnixMillis,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "INSERT INTO cluster_certs (fingerprint, cluster, not_after, created_at)
+             SELECT ?1, name, ?2, ?3 FROM clusters WHERE name = ?4 AND revoked = 0",
+        )
+        .bind(fingerprint)
+        .bind(not_after.0)
+        .bind(UnixMillis::now().0)
+        .bind(name.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>> {
+        let row = sqlx::query(
+            "SELECT c.name, c.environment, c.labels, c.created_at FROM cluster_certs k
+             JOIN clusters c ON c.name = k.cluster WHERE k.fingerprint = ? AND c.revoked = 0",
+        )
+        .bind(fingerprint)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(cluster_row).transpose()
+    }
+
+    async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query("UPDATE clusters SET revoked = 1 WHERE name = ?")
             .bind(name.as_str())
             .execute(&mut *tx)
             .await

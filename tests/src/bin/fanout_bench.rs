@@ -693,6 +693,18 @@ impl pb::hub_service_server::HubService for Bare {
     ) -> Result<Response<pb::CreateClusterResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+    async fn issue_cluster_certificate(
+        &self,
+        _: Request<pb::IssueClusterCertificateRequest>,
+    ) -> Result<Response<pb::ClusterCertificate>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn revoke_cluster(
+        &self,
+        _: Request<pb::RevokeClusterRequest>,
+    ) -> Result<Response<pb::RevokeClusterResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
 }
 
 async fn serve_baseline(addr: &str) -> anyhow::Result<()> {
