@@ -332,12 +332,15 @@ fn depth_of(v: &Value) -> usize {
     max
 }
 
+/// The parser's message without the source excerpt it appends: manifests
+/// may hold secret values, and errors must never echo them.
 fn one_line(s: &str) -> String {
-    s.lines()
+    let first = s
+        .lines()
         .map(str::trim)
-        .filter(|l| !l.is_empty())
-        .collect::<Vec<_>>()
-        .join(" ")
+        .find(|l| !l.is_empty())
+        .unwrap_or("");
+    first.strip_prefix("error: ").unwrap_or(first).to_owned()
 }
 
 #[cfg(test)]
@@ -415,6 +418,10 @@ mod tests {
         assert!(e.problem.contains("found a sequence"), "{e}");
         let e = check("apiVersion: v1\nkind: [unclosed\n").unwrap_err();
         assert!(e.problem.starts_with("not valid YAML"), "{e}");
+        // The message never quotes the document (it may hold secrets).
+        let e = check("apiVersion: v1\nkind: Secret\nstringData:\n  password: s3cr3t-canary [\n")
+            .unwrap_err();
+        assert!(!e.to_string().contains("s3cr3t-canary"), "{e}");
         let e = check("# nothing\n").unwrap_err();
         assert!(e.problem.starts_with("no documents"), "{e}");
     }

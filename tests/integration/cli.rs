@@ -3,6 +3,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncBufReadExt;
 use unitsync_agent::hub_client::StatusUpdate;
@@ -28,6 +29,8 @@ struct Served {
     data_dir: PathBuf,
     /// The hub's generated CA (PEM).
     ca: String,
+    /// Every line the hub logged.
+    logs: Arc<Mutex<Vec<String>>>,
     _dir: tempfile::TempDir,
 }
 
@@ -40,6 +43,11 @@ impl Drop for Served {
 
 /// Starts `unitsync serve` on a free port and reads the address it logged.
 async fn serve() -> Served {
+    serve_with_log("info").await
+}
+
+/// Same, with a log filter; every log line is kept in `Served::logs`.
+async fn serve_with_log(filter: &str) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
     let mut child = Command::new(unitsync_bin())
@@ -55,14 +63,17 @@ async fn serve() -> Served {
         ])
         .arg("--data-dir")
         .arg(&data_dir)
+        .env("UNITSYNC_LOG", filter)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
     let stderr = tokio::process::ChildStderr::from_std(child.stderr.take().unwrap()).unwrap();
     let mut lines = tokio::io::BufReader::new(stderr).lines();
+    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
     let addr = within("hub logs its address", async {
         while let Some(line) = lines.next_line().await.unwrap() {
+            logs.lock().unwrap().push(line.clone());
             let v: serde_json::Value = serde_json::from_str(&line).expect("JSON log line");
             if let Some(a) = v["fields"]["grpc_addr"].as_str() {
                 return a.to_owned();
@@ -72,13 +83,19 @@ async fn serve() -> Served {
     })
     .await;
     // Keep draining the log so the hub never blocks on a full pipe.
-    tokio::spawn(async move { while let Ok(Some(_)) = lines.next_line().await {} });
+    let kept = logs.clone();
+    tokio::spawn(async move {
+        while let Ok(Some(line)) = lines.next_line().await {
+            kept.lock().unwrap().push(line);
+        }
+    });
     let ca = std::fs::read_to_string(data_dir.join("ca.crt")).expect("the hub wrote its CA");
     Served {
         child,
         endpoint: format!("https://{addr}"),
         data_dir,
         ca,
+        logs,
         _dir: dir,
     }
 }
@@ -385,4 +402,148 @@ async fn agent_install_with_secret_issues_a_fresh_per_cluster_token() {
     assert_eq!(kinds, ["Secret"]);
     let audit = hub.ok(&["audit", "--target", "cluster/dev-1"]).await;
     assert!(audit.contains("cluster.token"), "{audit}");
+}
+
+/// No secret value (tokens, keys, Secret data in units) appears in any log
+/// line at any level, error message or status: a canary runs through the
+/// real hub and agent binaries at TRACE level.
+#[tokio::test]
+async fn secrets_never_reach_logs_errors_or_status() {
+    const CANARY: &str = "canary-7f3a9c1e5b";
+    let hub = serve_with_log("trace").await;
+    let files = tempfile::tempdir().unwrap();
+    hub.ok(&["env", "create", "dev"]).await;
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    let token = created["token"].as_str().unwrap().to_owned();
+    let token_file = write(files.path(), "token", &token);
+    let cert_dir = files.path().join("cert");
+    hub.ok(&[
+        "cluster",
+        "certificate",
+        "dev-1",
+        "--out",
+        cert_dir.to_str().unwrap(),
+    ])
+    .await;
+    let cert_key = std::fs::read_to_string(cert_dir.join("tls.key")).unwrap();
+    let key_line = cert_key.lines().nth(1).unwrap().to_owned();
+
+    // A real cluster and the real agent binary at TRACE.
+    unitsync_tests::cluster::init_crypto();
+    let sim =
+        unitsync_tests::kube_sim::KubeSim::start(unitsync_tests::kube_sim::SimOptions::default())
+            .await
+            .unwrap();
+    let kubeconfig = write(files.path(), "kubeconfig", &sim.kubeconfig("sim"));
+    let agent_bin = unitsync_bin().with_file_name("unitsync-agent");
+    let agent_log = files.path().join("agent.log");
+    let mut agent = Command::new(agent_bin)
+        .args([
+            "--hub",
+            &hub.endpoint,
+            "--token-file",
+            &token_file,
+            "--kubeconfig",
+            &kubeconfig,
+        ])
+        .arg("--ca-file")
+        .arg(hub.data_dir.join("ca.crt"))
+        .arg("--state-dir")
+        .arg(files.path().join("state"))
+        .env("UNITSYNC_LOG", "trace")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&agent_log).unwrap())
+        .spawn()
+        .unwrap();
+
+    let secret = format!(
+        "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: apps\nstringData:\n  password: {CANARY}\n"
+    );
+    let unit = write(files.path(), "unit.yaml", &secret);
+    let out = hub
+        .run(&[
+            "unit",
+            "create",
+            "dev/db",
+            "-f",
+            &unit,
+            "--wait",
+            "--timeout",
+            "60",
+        ])
+        .await;
+    // A rejected manifest holding the canary, and a failing apply.
+    let bad = write(
+        files.path(),
+        "bad.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: x\nstringData:\n  password: [{CANARY}, \n"
+        ),
+    );
+    let rejected = hub.run(&["unit", "update", "dev/db", "-f", &bad]).await;
+    assert!(!rejected.status.success());
+    let unnamespaced = write(
+        files.path(),
+        "nons.yaml",
+        &format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: loose\nstringData:\n  password: {CANARY}\n"
+        ),
+    );
+    hub.ok(&["unit", "create", "dev/loose", "-f", &unnamespaced])
+        .await;
+    until("the failing unit reports", || async {
+        hub.ok(&["unit", "get", "dev/loose", "-o", "json"])
+            .await
+            .contains("Failed")
+    })
+    .await;
+    let status = hub.ok(&["status", "-o", "json"]).await
+        + &hub.ok(&["unit", "get", "dev/db", "-o", "yaml"]).await
+        + &hub.ok(&["unit", "get", "dev/loose", "-o", "yaml"]).await;
+    let audit = hub.ok(&["audit", "-o", "json"]).await;
+    let _ = agent.kill();
+    let _ = agent.wait();
+
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let hub_logs = hub.logs.lock().unwrap().join("\n");
+    let agent_logs = std::fs::read_to_string(&agent_log).unwrap();
+    assert!(
+        hub_logs.lines().count() > 20 && agent_logs.lines().count() > 20,
+        "trace logs were captured"
+    );
+    let admin = std::fs::read_to_string(hub.data_dir.join("admin.token"))
+        .unwrap()
+        .trim()
+        .to_owned();
+    let places = [
+        ("hub log", hub_logs.as_str()),
+        ("agent log", agent_logs.as_str()),
+        ("status", status.as_str()),
+        ("audit", audit.as_str()),
+        ("rejection", &String::from_utf8_lossy(&rejected.stderr)),
+        ("create output", &String::from_utf8_lossy(&out.stdout)),
+    ];
+    for (what, text) in places {
+        for (secret, name) in [
+            (CANARY, "Secret data"),
+            (token.as_str(), "agent token"),
+            (admin.as_str(), "admin token"),
+            (key_line.as_str(), "client key"),
+        ] {
+            assert!(!text.contains(secret), "{name} leaked into the {what}");
+        }
+    }
+    // The data did reach the cluster.
+    assert_eq!(
+        sim.object("v1", "secrets", "apps", "db").unwrap()["stringData"]["password"],
+        CANARY
+    );
 }
