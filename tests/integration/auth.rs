@@ -404,3 +404,68 @@ async fn a_revoked_cluster_is_cut_off_within_seconds_and_stays_refused_after_a_r
         .entries;
     assert!(audit.iter().any(|e| e.action == "cluster.revoke"));
 }
+
+#[tokio::test]
+async fn read_only_operators_can_look_but_not_change() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    let token = hub
+        .admin()
+        .await
+        .create_operator(pb::CreateOperatorRequest {
+            name: "viewer".into(),
+            role: "read-only".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .token;
+    let mut viewer = hub.client(&token).await;
+    assert_eq!(
+        viewer
+            .list_units(pb::ListUnitsRequest::default())
+            .await
+            .unwrap()
+            .into_inner()
+            .units
+            .len(),
+        1
+    );
+    assert!(
+        viewer
+            .get_status(pb::GetStatusRequest::default())
+            .await
+            .is_ok()
+    );
+    let e = viewer
+        .put_unit(pb::PutUnitRequest {
+            unit: "dev/web".into(),
+            manifests: configmap("web", "2"),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::PermissionDenied, "permission denied")
+    );
+    let e = viewer
+        .create_operator(pb::CreateOperatorRequest {
+            name: "x".into(),
+            role: "admin".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+    let e = viewer
+        .promote(pb::PromoteRequest {
+            from: "dev".into(),
+            to: "dev".into(),
+            all: true,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::PermissionDenied);
+}
