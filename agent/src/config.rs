@@ -29,6 +29,9 @@ pub struct AgentConfig {
     pub tuning: Tuning,
     /// How long to wait for a new CRD to be established.
     pub crd_timeout: Duration,
+    /// Validity asked for when renewing the client certificate (zero: the
+    /// hub's default, 30 days).
+    pub cert_validity: Duration,
     /// Serve `/healthz` and `/readyz` here.
     pub health_listen: Option<std::net::SocketAddr>,
     /// When not empty, objects outside these namespaces (and cluster-scoped

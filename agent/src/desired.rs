@@ -52,6 +52,26 @@ pub trait DesiredStore: Send + Sync + 'static {
     fn forget(&self, unit: &str) -> Result<(), RecordError>;
 }
 
+/// Writes a file readable by its owner only (atomically, fsynced).
+pub fn write_private(path: &Path, text: &str) -> Result<(), RecordError> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| RecordError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(err)?;
+    f.write_all(text.as_bytes()).map_err(err)?;
+    f.sync_all().map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}
+
 /// In-memory record (tests, simulations).
 #[derive(Default)]
 pub struct MemoryStore {

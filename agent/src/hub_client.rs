@@ -72,6 +72,8 @@ pub enum SessionError {
     Closed,
     #[error("recording desired state failed")]
     Record(#[source] RecordError),
+    #[error("certificate renewal failed: {0}")]
+    Renew(String),
 }
 
 impl SessionError {
@@ -187,6 +189,12 @@ pub enum HubEvent {
 /// The agent's hub client: one at a time per agent.
 pub struct HubClient {
     conn: HubConnection,
+    /// The client certificate in use (renewed before expiry).
+    identity: std::sync::RwLock<Option<(String, String)>>,
+    /// Validity to ask for when renewing (zero: the hub's default).
+    renew_validity: Duration,
+    /// Where renewed certificates are written (`tls.crt`, `tls.key`).
+    persist: Option<std::path::PathBuf>,
     desired: Arc<dyn DesiredStore>,
     statuses: Arc<StatusQueue>,
     events: mpsc::UnboundedSender<HubEvent>,
@@ -203,6 +211,9 @@ impl HubClient {
         events: mpsc::UnboundedSender<HubEvent>,
     ) -> HubClient {
         HubClient {
+            identity: std::sync::RwLock::new(conn.identity.clone()),
+            renew_validity: Duration::ZERO,
+            persist: None,
             conn,
             desired,
             statuses,
@@ -210,17 +221,120 @@ impl HubClient {
         }
     }
 
+    /// Renew the client certificate with this validity, keeping renewed
+    /// certificates in `persist` (a directory) when given.
+    #[must_use]
+    pub fn with_renewal(
+        mut self,
+        validity: Duration,
+        persist: Option<std::path::PathBuf>,
+    ) -> HubClient {
+        self.renew_validity = validity;
+        self.persist = persist;
+        self
+    }
+
+    fn identity(&self) -> Option<(String, String)> {
+        self.identity
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Renews the client certificate from a fresh key and CSR; returns the
+    /// new certificate's expiry.
+    pub async fn renew_certificate(&self) -> Result<std::time::SystemTime, SessionError> {
+        let key = rcgen::KeyPair::generate().map_err(|e| SessionError::Renew(e.to_string()))?;
+        let csr = rcgen::CertificateParams::new(Vec::<String>::new())
+            .and_then(|p| p.serialize_request(&key))
+            .and_then(|c| c.pem())
+            .map_err(|e| SessionError::Renew(e.to_string()))?;
+        let channel = self.channel().await?;
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let mut request = tonic::Request::new(pb::RenewCertificateRequest {
+            csr_pem: csr,
+            validity_seconds: self.renew_validity.as_secs(),
+        });
+        if !self.conn.token.is_empty() {
+            let auth: MetadataValue<Ascii> = format!("Bearer {}", self.conn.token)
+                .parse()
+                .map_err(|_| SessionError::Token)?;
+            request
+                .metadata_mut()
+                .insert(unitsync_proto::AUTHORIZATION, auth);
+        }
+        let r = client
+            .renew_certificate(request)
+            .await
+            .map_err(SessionError::Refused)?
+            .into_inner();
+        let not_after = r
+            .not_after
+            .and_then(|t| std::time::SystemTime::try_from(t).ok())
+            .ok_or_else(|| SessionError::Renew("the hub sent no expiry".into()))?;
+        let key_pem = key.serialize_pem();
+        if let Some(dir) = &self.persist {
+            crate::desired::write_private(&dir.join("tls.key"), &key_pem)
+                .map_err(SessionError::Record)?;
+            crate::desired::write_private(&dir.join("tls.crt"), &r.certificate_pem)
+                .map_err(SessionError::Record)?;
+        }
+        *self
+            .identity
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) =
+            Some((r.certificate_pem, key_pem));
+        Ok(not_after)
+    }
+
+    /// Keeps the client certificate fresh: renews at start (the installed
+    /// certificate's expiry is unknown) and then when a third of the
+    /// validity is left. A live session is not interrupted.
+    async fn renew_loop(&self, shutdown: &CancellationToken) {
+        if self.identity().is_none() {
+            return;
+        }
+        let mut backoff = Backoff::default();
+        let mut next = tokio::time::Instant::now();
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => return,
+                () = tokio::time::sleep_until(next) => {}
+            }
+            match self.renew_certificate().await {
+                Ok(not_after) => {
+                    backoff.reset();
+                    let left = not_after
+                        .duration_since(std::time::SystemTime::now())
+                        .unwrap_or_default();
+                    next = tokio::time::Instant::now() + left * 2 / 3;
+                    tracing::info!(renew_in = ?(left * 2 / 3), "client certificate renewed");
+                }
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    tracing::warn!(error = %Chain(&e), retry_in = ?delay, "certificate renewal failed");
+                    next = tokio::time::Instant::now() + delay;
+                }
+            }
+        }
+    }
+
     pub fn statuses(&self) -> &Arc<StatusQueue> {
         &self.statuses
     }
 
-    /// Keeps a session open until `shutdown`, reconnecting with backoff.
+    /// Keeps a session open until `shutdown`, reconnecting with backoff,
+    /// and the client certificate (if any) renewed.
     pub async fn run(&self, shutdown: CancellationToken) {
+        tokio::join!(self.session_loop(&shutdown), self.renew_loop(&shutdown));
+    }
+
+    async fn session_loop(&self, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
         loop {
             let started = Instant::now();
             let result = tokio::select! {
-                r = self.session(&shutdown) => r,
+                r = self.session(shutdown) => r,
                 () = shutdown.cancelled() => return,
             };
             if shutdown.is_cancelled() {
@@ -254,7 +368,7 @@ impl HubClient {
                     .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
                 None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
             };
-            if let Some((cert, key)) = &self.conn.identity {
+            if let Some((cert, key)) = self.identity() {
                 tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
             }
             endpoint = endpoint.tls_config(tls).map_err(SessionError::Connect)?;

@@ -167,7 +167,19 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         reconciler.desired(unit);
     }
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
-    let hub = HubClient::new(config.hub.clone(), desired, statuses, events_tx);
+    let mut conn = config.hub.clone();
+    // A certificate renewed by an earlier run is newer than the installed one.
+    let (crt, key) = (
+        config.state_dir.join("tls.crt"),
+        config.state_dir.join("tls.key"),
+    );
+    if conn.identity.is_some()
+        && let (Ok(c), Ok(k)) = (std::fs::read_to_string(&crt), std::fs::read_to_string(&key))
+    {
+        conn.identity = Some((c, k));
+    }
+    let hub = HubClient::new(conn, desired, statuses, events_tx)
+        .with_renewal(config.cert_validity, Some(config.state_dir.clone()));
     let pump = {
         let reconciler = reconciler.clone();
         async move {

@@ -36,6 +36,9 @@ struct Args {
     /// Its private key (PEM).
     #[arg(long, env = "UNITSYNC_AGENT_KEY_FILE", requires = "cert_file")]
     key_file: Option<PathBuf>,
+    /// Validity (seconds) of renewed client certificates; 0 = the hub's default.
+    #[arg(long, default_value_t = 0)]
+    cert_validity: u64,
     /// Kubeconfig file (default: in-cluster config, then KUBECONFIG).
     #[arg(long, env = "UNITSYNC_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
@@ -146,6 +149,7 @@ async fn main() -> ExitCode {
             ..Tuning::default()
         },
         crd_timeout: Duration::from_secs(60),
+        cert_validity: Duration::from_secs(args.cert_validity),
         health_listen: args.health_listen,
         allowed_namespaces: args.allowed_namespaces,
     };

@@ -160,7 +160,7 @@ impl Hub {
             &self.data_dir,
             name.as_str(),
             std::time::SystemTime::now() - Duration::from_secs(60),
-            validity,
+            validity + Duration::from_secs(60),
         )
         .map_err(|e| {
             HubError::FailedPrecondition(format!(
@@ -187,6 +187,43 @@ impl Hub {
             .add_cluster_cert(&name, &cert.fingerprint, not_after, audit)
             .await?;
         Ok(cert)
+    }
+
+    /// Signs a renewed client certificate for an authenticated cluster.
+    pub async fn renew_cluster_cert(
+        &self,
+        cluster: &ClusterName,
+        csr_pem: &str,
+        validity: Duration,
+    ) -> Result<(String, std::time::SystemTime)> {
+        let (cert, fingerprint, not_after) =
+            crate::tls::sign_csr(&self.data_dir, cluster.as_str(), csr_pem, validity).map_err(
+                |e| {
+                    HubError::InvalidArgument(format!(
+                        "cannot sign the certificate request: {}",
+                        crate::error::ErrorChain(&e)
+                    ))
+                },
+            )?;
+        let millis = crate::model::UnixMillis(
+            i64::try_from(
+                not_after
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap_or_default()
+                    .as_millis(),
+            )
+            .unwrap_or(i64::MAX),
+        );
+        let audit = NewAudit {
+            actor: Actor::Agent(cluster.clone()),
+            action: "cluster.certificate.renew",
+            target: format!("cluster/{cluster}"),
+            detail: format!("sha256 {fingerprint} valid {}s", validity.as_secs()),
+        };
+        self.store
+            .add_cluster_cert(cluster, &fingerprint, millis, audit)
+            .await?;
+        Ok((cert, not_after))
     }
 
     /// Revokes a cluster's credentials for good and ends its live session.

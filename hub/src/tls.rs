@@ -192,6 +192,40 @@ pub fn issue_client_cert(
     })
 }
 
+/// Signs a CSR for `cluster`: the subject, names, usage and validity are
+/// the hub's, only the public key comes from the request.
+pub fn sign_csr(
+    data_dir: &Path,
+    cluster: &str,
+    csr_pem: &str,
+    validity: std::time::Duration,
+) -> Result<(String, String, std::time::SystemTime), TlsError> {
+    use sha2::Digest as _;
+    let (_, ca_key) = ca(data_dir)?;
+    let issuer = Issuer::new(ca_params()?, ca_key);
+    let mut csr =
+        rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(TlsError::Certificate)?;
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Certificate)?;
+    params.distinguished_name.push(DnType::CommonName, cluster);
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://unitsync/cluster/{cluster}")
+            .try_into()
+            .map_err(TlsError::Certificate)?,
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    let now = std::time::SystemTime::now();
+    let not_after = now + validity;
+    params.not_before = (now - std::time::Duration::from_secs(60)).into();
+    params.not_after = not_after.into();
+    csr.params = params;
+    let cert = csr.signed_by(&issuer).map_err(TlsError::Certificate)?;
+    Ok((
+        cert.pem(),
+        hex::encode(sha2::Sha256::digest(cert.der())),
+        not_after,
+    ))
+}
+
 /// SHA-256 fingerprint (hex) of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest as _;

@@ -469,3 +469,64 @@ async fn read_only_operators_can_look_but_not_change() {
         .unwrap_err();
     assert_eq!(e.code(), Code::PermissionDenied);
 }
+
+#[tokio::test]
+async fn certificates_rotate_before_expiry_without_losing_an_update() {
+    let mut hub = TestHub::start().await;
+    hub.create_env("prod").await;
+    let _ = hub.create_cluster("prod", "prod").await;
+    // A certificate that expires in 3 s; renewals of 3 s each.
+    let cert = within(
+        "short certificate",
+        hub.admin()
+            .await
+            .issue_cluster_certificate(pb::IssueClusterCertificateRequest {
+                name: "prod".into(),
+                validity_seconds: 3,
+            }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), "")
+        .with_identity(&cert.certificate_pem, &cert.private_key_pem)
+        .with_renewal(Duration::from_secs(5));
+    agent.start();
+    // Updates keep flowing across several renewals.
+    for i in 1..=12u64 {
+        hub.put("prod/web", &configmap("web", &i.to_string()))
+            .await
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    unitsync_tests::until("every update delivered", || async {
+        agent.held().get("web") == Some(&(12, false))
+    })
+    .await;
+    // The installed certificate has expired: a new connection only works
+    // with a renewed one.
+    hub.restart().await;
+    hub.put("prod/web", &configmap("web", "13")).await.unwrap();
+    unitsync_tests::until(
+        "delivered after reconnecting with a renewed certificate",
+        || async { agent.held().get("web") == Some(&(13, false)) },
+    )
+    .await;
+    agent.stop().await;
+    let audit = hub
+        .admin()
+        .await
+        .list_audit(pb::ListAuditRequest {
+            limit: 100,
+            target_prefix: "cluster/prod".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .entries;
+    let renewals = audit
+        .iter()
+        .filter(|e| e.action == "cluster.certificate.renew" && e.actor == "agent:prod")
+        .count();
+    assert!(renewals >= 2, "{renewals} renewals");
+}

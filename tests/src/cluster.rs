@@ -77,6 +77,7 @@ impl TestCluster {
                 state_dir: dir.path().join("state"),
                 tuning: fast_tuning(),
                 crd_timeout: Duration::from_secs(10),
+                cert_validity: Duration::ZERO,
                 health_listen: None,
                 allowed_namespaces: Vec::new(),
             },

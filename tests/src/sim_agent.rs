@@ -23,6 +23,7 @@ pub struct SimAgent {
     received: Arc<Mutex<Vec<DesiredUnit>>>,
     notices: Arc<Mutex<Vec<String>>>,
     auto_ready: bool,
+    renew_validity: std::time::Duration,
     running: Option<(CancellationToken, JoinHandle<()>)>,
 }
 
@@ -41,6 +42,7 @@ impl SimAgent {
             received: Arc::default(),
             notices: Arc::default(),
             auto_ready: false,
+            renew_validity: std::time::Duration::ZERO,
             running: None,
         }
     }
@@ -49,6 +51,13 @@ impl SimAgent {
     #[must_use]
     pub fn with_identity(mut self, cert_pem: &str, key_pem: &str) -> SimAgent {
         self.conn.identity = Some((cert_pem.to_owned(), key_pem.to_owned()));
+        self
+    }
+
+    /// Ask for renewed client certificates of this validity.
+    #[must_use]
+    pub fn with_renewal(mut self, validity: std::time::Duration) -> SimAgent {
+        self.renew_validity = validity;
         self
     }
 
@@ -66,7 +75,8 @@ impl SimAgent {
             self.desired.clone(),
             self.statuses.clone(),
             tx,
-        );
+        )
+        .with_renewal(self.renew_validity, None);
         (client, rx)
     }
 

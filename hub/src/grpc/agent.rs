@@ -48,9 +48,38 @@ impl AgentService {
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
 
+/// Longest validity a renewed client certificate gets.
+const MAX_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentService {
     type SessionStream = SessionStream;
+
+    async fn renew_certificate(
+        &self,
+        request: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        let cluster = match authenticate_request(self.hub.store.as_ref(), &request).await {
+            Ok(Principal::Agent(c)) => c,
+            Ok(Principal::Operator { .. }) => return Err(HubError::PermissionDenied.into()),
+            Err(e) => return Err(e.into()),
+        };
+        let r = request.into_inner();
+        let validity = match r.validity_seconds {
+            0 => DEFAULT_CERT_VALIDITY,
+            s => Duration::from_secs(s).clamp(Duration::from_secs(5), MAX_CERT_VALIDITY),
+        };
+        let (cert, not_after) = self
+            .hub
+            .renew_cluster_cert(&cluster.name, &r.csr_pem, validity)
+            .await?;
+        tracing::info!(cluster = %cluster.name, valid_seconds = validity.as_secs(), "client certificate renewed");
+        Ok(Response::new(pb::RenewCertificateResponse {
+            certificate_pem: cert,
+            not_after: Some(not_after.into()),
+        }))
+    }
 
     async fn session(
         &self,

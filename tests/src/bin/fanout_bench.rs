@@ -505,6 +505,13 @@ type Out = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
 
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for Bare {
+    async fn renew_certificate(
+        &self,
+        _: Request<pb::RenewCertificateRequest>,
+    ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+
     type SessionStream = Out;
 
     async fn session(
