@@ -167,6 +167,17 @@ impl Applier {
             .map(|(ar, _)| ar)
     }
 
+    async fn api_for(&self, obj: &Object) -> Result<Api<DynamicObject>, ApplyError> {
+        self.api(
+            obj.group(),
+            obj.version(),
+            &obj.kind,
+            obj.namespace.as_deref(),
+            &obj.id(),
+        )
+        .await
+    }
+
     /// The API for an object, checking its scope.
     pub async fn api(
         &self,
@@ -193,15 +204,7 @@ impl Applier {
         unit: &str,
         force: bool,
     ) -> Result<(bool, Entry), ApplyError> {
-        let api = self
-            .api(
-                obj.group(),
-                obj.version(),
-                &obj.kind,
-                obj.namespace.as_deref(),
-                &obj.id(),
-            )
-            .await?;
+        let api = self.api_for(obj).await?;
         let mut body = obj.body.clone();
         let namespaced = obj.namespace.is_some() && api.resource_url().contains("/namespaces/");
         if !namespaced && let Some(m) = body["metadata"].as_object_mut() {
@@ -256,15 +259,7 @@ impl Applier {
     /// Paths where the live object differs from what applying `obj` would
     /// make it (empty: no drift). `obj` is stamped with the live revision.
     pub async fn drift(&self, obj: &Object) -> Result<Vec<String>, ApplyError> {
-        let api = self
-            .api(
-                obj.group(),
-                obj.version(),
-                &obj.kind,
-                obj.namespace.as_deref(),
-                &obj.id(),
-            )
-            .await?;
+        let api = self.api_for(obj).await?;
         let Some(live) = api.get_opt(&obj.name).await.map_err(classify)? else {
             return Ok(vec!["(object missing)".into()]);
         };

@@ -24,6 +24,18 @@ pub struct Entry {
 }
 
 impl Entry {
+    /// The entry of an object of a unit (uid unknown yet).
+    pub fn of(obj: &crate::manifest::Object) -> Entry {
+        Entry {
+            group: obj.group().into(),
+            version: obj.version().into(),
+            kind: obj.kind.clone(),
+            namespace: obj.namespace.clone().unwrap_or_default(),
+            name: obj.name.clone(),
+            uid: String::new(),
+        }
+    }
+
     /// Identity without version and uid.
     pub fn key(&self) -> (String, String, String, String) {
         (

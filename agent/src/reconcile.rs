@@ -464,14 +464,7 @@ impl Reconciler {
                 Err(ApplyError::Unreachable(m)) => return unreachable(m),
                 Err(ApplyError::NotServed(m)) => return waiting(m),
                 Err(ApplyError::Rejected(m)) => {
-                    let e = Entry {
-                        group: o.group().into(),
-                        version: o.version().into(),
-                        kind: o.kind.clone(),
-                        namespace: o.namespace.clone().unwrap_or_default(),
-                        name: o.name.clone(),
-                        uid: String::new(),
-                    };
+                    let e = Entry::of(o);
                     resources.push(resource(
                         &e,
                         pb::SyncState::Failed,
@@ -677,14 +670,7 @@ impl Reconciler {
         let mut healed = 0;
         for mut o in objs {
             // Compare with the revision that last changed the object.
-            let entry = Entry {
-                group: o.group().into(),
-                version: o.version().into(),
-                kind: o.kind.clone(),
-                namespace: o.namespace.clone().unwrap_or_default(),
-                name: o.name.clone(),
-                uid: String::new(),
-            };
+            let entry = Entry::of(&o);
             if let Ok(Some(live)) = self.applier.get(&entry).await
                 && let Some(rev) = live["metadata"]["annotations"][ANNOTATION_REVISION].as_str()
             {

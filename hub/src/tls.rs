@@ -139,6 +139,26 @@ pub fn prepare(data_dir: &Path, mode: &TlsMode) -> Result<Option<ServerTls>, Tls
     }
 }
 
+/// What every client certificate says: the cluster (CN and a SPIFFE-style
+/// URI), client-auth usage, and its validity.
+fn client_params(
+    cluster: &str,
+    not_before: std::time::SystemTime,
+    not_after: std::time::SystemTime,
+) -> Result<CertificateParams, TlsError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Certificate)?;
+    params.distinguished_name.push(DnType::CommonName, cluster);
+    params.subject_alt_names = vec![SanType::URI(
+        format!("spiffe://unitsync/cluster/{cluster}")
+            .try_into()
+            .map_err(TlsError::Certificate)?,
+    )];
+    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
+    params.not_before = not_before.into();
+    params.not_after = not_after.into();
+    Ok(params)
+}
+
 /// A client certificate for an agent: PEM certificate and key, the
 /// SHA-256 fingerprint of the certificate (hex) and its expiry.
 pub struct ClientCert {
@@ -169,17 +189,8 @@ pub fn issue_client_cert(
     }
     let (_, ca_key) = ca(data_dir)?;
     let issuer = Issuer::new(ca_params()?, ca_key);
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Certificate)?;
-    params.distinguished_name.push(DnType::CommonName, cluster);
-    params.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://unitsync/cluster/{cluster}")
-            .try_into()
-            .map_err(TlsError::Certificate)?,
-    )];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let not_after = not_before + validity;
-    params.not_before = not_before.into();
-    params.not_after = not_after.into();
+    let params = client_params(cluster, not_before, not_after)?;
     let key = KeyPair::generate().map_err(TlsError::Certificate)?;
     let cert = params
         .signed_by(&key, &issuer)
@@ -205,18 +216,9 @@ pub fn sign_csr(
     let issuer = Issuer::new(ca_params()?, ca_key);
     let mut csr =
         rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(TlsError::Certificate)?;
-    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Certificate)?;
-    params.distinguished_name.push(DnType::CommonName, cluster);
-    params.subject_alt_names = vec![SanType::URI(
-        format!("spiffe://unitsync/cluster/{cluster}")
-            .try_into()
-            .map_err(TlsError::Certificate)?,
-    )];
-    params.extended_key_usages = vec![rcgen::ExtendedKeyUsagePurpose::ClientAuth];
     let now = std::time::SystemTime::now();
     let not_after = now + validity;
-    params.not_before = (now - std::time::Duration::from_secs(60)).into();
-    params.not_after = not_after.into();
+    let params = client_params(cluster, now - std::time::Duration::from_secs(60), not_after)?;
     csr.params = params;
     let cert = csr.signed_by(&issuer).map_err(TlsError::Certificate)?;
     Ok((

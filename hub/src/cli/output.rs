@@ -19,39 +19,15 @@ pub(super) fn time(t: Option<&prost_types::Timestamp>) -> String {
 }
 
 pub(super) fn phase(v: i32) -> &'static str {
-    match pb::Phase::try_from(v).unwrap_or(pb::Phase::Unspecified) {
-        pb::Phase::Unspecified => "Unknown",
-        pb::Phase::Applying => "Applying",
-        pb::Phase::Applied => "Applied",
-        pb::Phase::Progressing => "Progressing",
-        pb::Phase::Ready => "Ready",
-        pb::Phase::Degraded => "Degraded",
-        pb::Phase::Failed => "Failed",
-        pb::Phase::Drifted => "Drifted",
-        pb::Phase::Destroyed => "Destroyed",
-        pb::Phase::Superseded => "Superseded",
-    }
+    crate::grpc::convert::phase_from_pb(v).as_str()
 }
 
 fn sync(v: i32) -> &'static str {
-    match pb::SyncState::try_from(v).unwrap_or(pb::SyncState::Unspecified) {
-        pb::SyncState::Unspecified => "Unknown",
-        pb::SyncState::Synced => "Synced",
-        pb::SyncState::OutOfSync => "OutOfSync",
-        pb::SyncState::Failed => "Failed",
-        pb::SyncState::Pruned => "Pruned",
-    }
+    crate::grpc::convert::sync_name(v)
 }
 
 fn health(v: i32) -> &'static str {
-    match pb::Health::try_from(v).unwrap_or(pb::Health::Unspecified) {
-        pb::Health::Unspecified => "Unknown",
-        pb::Health::Ready => "Ready",
-        pb::Health::InProgress => "InProgress",
-        pb::Health::Failed => "Failed",
-        pb::Health::Stuck => "Stuck",
-        pb::Health::Terminating => "Terminating",
-    }
+    crate::grpc::convert::health_name(v)
 }
 
 #[derive(Serialize)]

@@ -58,7 +58,7 @@ pub fn phase_from_pb(v: i32) -> Phase {
     }
 }
 
-fn sync_name(v: i32) -> &'static str {
+pub fn sync_name(v: i32) -> &'static str {
     match pb::SyncState::try_from(v).unwrap_or(pb::SyncState::Unspecified) {
         pb::SyncState::Unspecified => "Unknown",
         pb::SyncState::Synced => "Synced",
@@ -79,7 +79,7 @@ fn sync_value(s: &str) -> i32 {
     .into()
 }
 
-fn health_name(v: i32) -> &'static str {
+pub fn health_name(v: i32) -> &'static str {
     match pb::Health::try_from(v).unwrap_or(pb::Health::Unspecified) {
         pb::Health::Unspecified => "Unknown",
         pb::Health::Ready => "Ready",
