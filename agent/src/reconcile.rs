@@ -170,12 +170,16 @@ impl Reconciler {
         let mut last_report: Option<(pb::Phase, String)> = None;
         loop {
             let unit = rx.borrow_and_update().clone();
+            if self.shutdown.is_cancelled() {
+                return;
+            }
             let pass = if unit.tombstone {
                 self.destroy(&unit, &rx).await
             } else {
                 self.apply(&unit, &rx).await
             };
             match pass {
+                Pass::Superseded if self.shutdown.is_cancelled() => return,
                 Pass::Superseded => {
                     self.report(
                         &unit,
@@ -411,7 +415,7 @@ impl Reconciler {
         let mut failures = Vec::new();
         let mut crds: Vec<String> = Vec::new();
         for o in &objs {
-            if rx.has_changed().unwrap_or(false) {
+            if rx.has_changed().unwrap_or(false) || self.shutdown.is_cancelled() {
                 return Pass::Superseded;
             }
             // CRDs first; wait for them before anything that may use them.

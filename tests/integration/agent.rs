@@ -530,3 +530,60 @@ async fn drift_is_noticed_through_the_watch_without_waiting_for_the_periodic_che
     })
     .await;
 }
+
+#[tokio::test]
+async fn restart_mid_apply_finishes_the_unit_without_rewriting_what_was_applied() {
+    let (hub, mut cluster) = setup().await;
+    // A slow API server, so the restart lands in the middle of the apply.
+    cluster
+        .sim
+        .faults()
+        .set_latency(std::time::Duration::from_millis(40));
+    let unit: String = (0..20)
+        .map(|i| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c{i:02}\n  namespace: unitsync-system\ndata:\n  v: \"{i}\"\n"))
+        .collect::<Vec<_>>()
+        .join("---\n");
+    hub.put("dev/many", &unit).await.unwrap();
+    until("part of the unit applied", || async {
+        (0..20)
+            .filter(|i| {
+                cluster
+                    .object("v1", "configmaps", "unitsync-system", &format!("c{i:02}"))
+                    .is_some()
+            })
+            .count()
+            >= 3
+    })
+    .await;
+    cluster.stop_agent().await;
+    let applied: Vec<(String, serde_json::Value)> = (0..20)
+        .filter_map(|i| {
+            let name = format!("c{i:02}");
+            cluster
+                .object("v1", "configmaps", "unitsync-system", &name)
+                .map(|o| (name, o["metadata"]["resourceVersion"].clone()))
+        })
+        .collect();
+    assert!(
+        applied.len() < 20,
+        "the restart came before the end of the apply"
+    );
+    cluster.sim.faults().set_latency(std::time::Duration::ZERO);
+    cluster.start_agent();
+    wait_phase(&hub, "dev/many", 1, pb::Phase::Ready).await;
+    for i in 0..20 {
+        assert!(
+            cluster
+                .object("v1", "configmaps", "unitsync-system", &format!("c{i:02}"))
+                .is_some(),
+            "c{i:02} applied"
+        );
+    }
+    for (name, rv) in applied {
+        let now = cluster
+            .object("v1", "configmaps", "unitsync-system", &name)
+            .unwrap()["metadata"]["resourceVersion"]
+            .clone();
+        assert_eq!(now, rv, "{name} was not rewritten after the restart");
+    }
+}
