@@ -316,6 +316,8 @@ pub struct Unit {
     /// The upstream unit this one is promoted from.
     pub upstream: Option<UnitRef>,
     pub overrides: Vec<Override>,
+    /// The upstream revision the head came from (0: not promoted).
+    pub head_source: RevisionNum,
 }
 
 /// An immutable revision of a unit. `manifests` is empty for a tombstone and

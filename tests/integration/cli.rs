@@ -547,3 +547,137 @@ async fn secrets_never_reach_logs_errors_or_status() {
         CANARY
     );
 }
+
+#[tokio::test]
+async fn promotion_through_the_cli() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    hub.ok(&["env", "create", "dev"]).await;
+    hub.ok(&["env", "create", "staging", "--approvals", "1"])
+        .await;
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    let mut agent = SimAgent::new(
+        &hub.endpoint,
+        Some(&hub.ca),
+        created["token"].as_str().unwrap(),
+    )
+    .auto_ready();
+    agent.start();
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    hub.ok(&[
+        "unit",
+        "create",
+        "dev/web",
+        "-f",
+        &v1,
+        "--wait",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    // Linking needs the gates too: one approval.
+    let out = hub
+        .run(&["unit", "create", "staging/web", "--from", "dev/web"])
+        .await;
+    assert!(
+        !out.status.success()
+            && String::from_utf8_lossy(&out.stderr)
+                .contains("gate approvals failed: 0 of 1 approvals"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    hub.ok(&["approve", "dev/web", "--for", "staging"]).await;
+    hub.ok(&["unit", "create", "staging/web", "--from", "dev/web"])
+        .await;
+    let status = hub.ok(&["status"]).await;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("staging/web") && l.contains("= dev/web@1")),
+        "{status}"
+    );
+
+    let overrides = write(
+        files.path(),
+        "o.yaml",
+        "- kind: ConfigMap\n  name: web\n  namespace: apps\n  path: data.value\n  value: staging\n",
+    );
+    hub.ok(&["unit", "override", "staging/web", "-f", &overrides])
+        .await;
+    let v2 = write(
+        files.path(),
+        "v2.yaml",
+        &configmap("web", "1").replace("apps\n", "apps\n  labels: {tier: web}\n"),
+    );
+    hub.ok(&[
+        "unit",
+        "update",
+        "dev/web",
+        "-f",
+        &v2,
+        "--wait",
+        "--timeout",
+        "30",
+    ])
+    .await;
+    let status = hub.ok(&["status"]).await;
+    assert!(
+        status
+            .lines()
+            .any(|l| l.starts_with("staging/web") && l.contains("pending dev/web@2 (has @1)")),
+        "{status}"
+    );
+    // The dry run shows the diff and the blocking gate.
+    let out = hub
+        .run(&[
+            "promote",
+            "--from",
+            "dev",
+            "--to",
+            "staging",
+            "web",
+            "--dry-run",
+        ])
+        .await;
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success()
+            && text.contains("+    tier: web")
+            && text.contains("gate approvals FAILED: 0 of 1 approvals"),
+        "{text}"
+    );
+    hub.ok(&["approve", "dev/web", "--for", "staging"]).await;
+    let out = hub
+        .ok(&["promote", "--from", "dev", "--to", "staging", "--all"])
+        .await;
+    assert!(
+        out.contains("dev/web@2 -> staging/web: promoted as revision 2"),
+        "{out}"
+    );
+    let head = hub.ok(&["unit", "get", "staging/web", "--manifests"]).await;
+    assert!(
+        head.contains("value: staging") && head.contains("tier: web"),
+        "override kept: {head}"
+    );
+    let promotions = hub.ok(&["promotion", "list", "-o", "json"]).await;
+    let list: serde_json::Value = serde_json::from_str(&promotions).unwrap();
+    let id = list[0]["id"].as_u64().unwrap();
+    hub.ok(&["promotion", "rollback", &id.to_string()]).await;
+    hub.ok(&["unit", "rollback", "dev/web", "--to", "1"]).await;
+    let history = hub.ok(&["unit", "history", "dev/web", "-o", "json"]).await;
+    assert!(history.contains("rollback to 1"), "{history}");
+    let audit = hub.ok(&["audit"]).await;
+    for action in [
+        "promotion.approve",
+        "unit.overrides",
+        "promotion.rollback",
+        "environment.policy",
+    ] {
+        assert!(audit.contains(action), "{action} audited: {audit}");
+    }
+    agent.stop().await;
+}

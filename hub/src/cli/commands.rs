@@ -248,7 +248,7 @@ async fn promote(c: &mut Client, f: Format, args: PromoteArgs) -> anyhow::Result
         None => {
             if args.dry_run {
                 for i in &r.items {
-                    if !i.diff.is_empty() && i.skipped.is_empty() {
+                    if !i.diff.is_empty() && i.skipped != "up to date" {
                         print(&i.diff);
                     }
                     for g in &i.gates {
@@ -805,6 +805,7 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
     let clusters: Vec<&pb::Cluster> = m.clusters.iter().collect();
     let mut header: Vec<String> = vec!["unit".into(), "head".into()];
     header.extend(clusters.iter().map(|c| c.name.clone()));
+    header.push("promotion".into());
     let rows = m
         .units
         .iter()
@@ -836,12 +837,32 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
                 };
                 row.push(cell);
             }
+            row.push(promotion_state(u, &m.units));
             row
         })
         .collect();
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     print(&table(&header_refs, rows));
     Ok(())
+}
+
+/// Whether a linked unit runs its upstream's head or a promotion is pending
+/// (`unitsync promote --dry-run` tells what blocks it).
+fn promotion_state(u: &pb::Unit, units: &[pb::Unit]) -> String {
+    if u.upstream.is_empty() {
+        return String::new();
+    }
+    match units.iter().find(|x| x.unit == u.upstream) {
+        Some(up) if up.destroyed => format!("{} destroyed", u.upstream),
+        Some(up) if up.head_revision != u.promoted_from_revision => {
+            format!(
+                "pending {}@{} (has @{})",
+                u.upstream, up.head_revision, u.promoted_from_revision
+            )
+        }
+        Some(_) => format!("= {}@{}", u.upstream, u.promoted_from_revision),
+        None => format!("from {}@{}", u.upstream, u.promoted_from_revision),
+    }
 }
 
 async fn audit(c: &mut Client, f: Format, limit: u32, target: String) -> anyhow::Result<()> {

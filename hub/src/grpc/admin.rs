@@ -279,10 +279,7 @@ impl pb::hub_service_server::HubService for AdminService {
                 h.manifests.clear();
             }
             let cells = store.statuses(Some(&unit.env), Some(&unit)).await?;
-            let mut pb_unit = convert::unit(&u);
-            if let Some(h) = store.get_revision(&unit, u.head).await? {
-                pb_unit.promoted_from_revision = h.source_revision.0;
-            }
+            let pb_unit = convert::unit(&u);
             Ok(pb::UnitDetail {
                 unit: Some(pb_unit),
                 head,

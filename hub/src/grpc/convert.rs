@@ -167,7 +167,7 @@ pub fn unit(u: &Unit) -> pb::Unit {
             .map(ToString::to_string)
             .unwrap_or_default(),
         overrides: u.overrides.iter().map(override_to_pb).collect(),
-        promoted_from_revision: 0,
+        promoted_from_revision: u.head_source.0,
     }
 }
 

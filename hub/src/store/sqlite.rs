@@ -327,6 +327,7 @@ fn unit_row(row: &SqliteRow) -> StoreResult<Unit> {
             .transpose()?,
         overrides: serde_json::from_str(&get::<String>(row, "overrides")?)
             .map_err(|e| corrupt(format!("overrides: {e}")))?,
+        head_source: num(get(row, "head_source")?),
     })
 }
 
@@ -699,8 +700,10 @@ impl Store for SqliteStore {
 
     async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>> {
         let row = sqlx::query(
-            "SELECT environment, name, labels, head, destroyed, created_at, updated_at, upstream, overrides
-             FROM units WHERE environment = ? AND name = ?",
+            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
+                    COALESCE(r.source_revision, 0) AS head_source
+             FROM units u LEFT JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
+             WHERE u.environment = ? AND u.name = ?",
         )
         .bind(unit.env.as_str())
         .bind(unit.name.as_str())
@@ -712,8 +715,10 @@ impl Store for SqliteStore {
 
     async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>> {
         let rows = sqlx::query(
-            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides
+            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
+                    COALESCE(r.source_revision, 0) AS head_source
              FROM units u JOIN environments e ON e.name = u.environment
+             LEFT JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
              WHERE ?1 IS NULL OR u.environment = ?1 ORDER BY e.position, u.name",
         )
         .bind(env.map(EnvName::as_str))
