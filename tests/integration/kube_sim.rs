@@ -1250,3 +1250,116 @@ async fn has_condition(api: &Api<DynamicObject>, name: &str, ty: &str) -> bool {
         .as_array()
         .is_some_and(|c| c.iter().any(|c| c["type"] == ty && c["status"] == "True"))
 }
+
+#[tokio::test]
+async fn watch_bookmarks_and_initial_events() {
+    init();
+    let sim = KubeSim::start(SimOptions {
+        bookmark_interval: Duration::from_millis(100),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = sim.client().await.unwrap();
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    apply(&cms, "t", cm("a", json!({})), false).await.unwrap();
+    let rv = within("list", cms.list(&ListParams::default()))
+        .await
+        .unwrap()
+        .metadata
+        .resource_version
+        .unwrap();
+    // Bookmarks only when asked for, carrying the current version.
+    let wp = WatchParams {
+        bookmarks: true,
+        ..WatchParams::default()
+    };
+    let mut stream = within("watch", cms.watch(&wp, &rv)).await.unwrap().boxed();
+    let ev = within("bookmark", stream.try_next())
+        .await
+        .unwrap()
+        .unwrap();
+    match ev {
+        WatchEvent::Bookmark(b) => assert!(
+            b.metadata.resource_version.parse::<u64>().unwrap() >= rv.parse::<u64>().unwrap()
+        ),
+        other => panic!("expected a bookmark, got {other:?}"),
+    }
+    // sendInitialEvents: ADDED for every object, then the end-of-initial-events bookmark.
+    let wp = WatchParams::streaming_lists();
+    let mut stream = within("watch list", cms.watch(&wp, "0"))
+        .await
+        .unwrap()
+        .boxed();
+    let first = within("initial", stream.try_next()).await.unwrap().unwrap();
+    assert!(
+        matches!(&first, WatchEvent::Added(o) if o.metadata.name.as_deref() == Some("a")),
+        "{first:?}"
+    );
+    let second = within("end", stream.try_next()).await.unwrap().unwrap();
+    match second {
+        WatchEvent::Bookmark(b) => assert_eq!(
+            b.metadata
+                .annotations
+                .get("k8s.io/initial-events-end")
+                .map(String::as_str),
+            Some("true")
+        ),
+        other => panic!("expected the initial-events-end bookmark, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn statefulsets_daemonsets_and_pvcs_report_progress() {
+    init();
+    let sim = KubeSim::start(SimOptions {
+        rollout_delay: Duration::from_millis(50),
+        ..SimOptions::default()
+    })
+    .await
+    .unwrap();
+    let client = sim.client().await.unwrap();
+    namespace(&client, "apps").await;
+    let pod = json!({"metadata": {"labels": {"app": "x"}}, "spec": {"containers": [{"name": "c", "image": "busybox"}]}});
+    let sts = api(
+        &client,
+        ("apps", "v1", "StatefulSet"),
+        "statefulsets",
+        Some("apps"),
+    );
+    apply(&sts, "t", json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"name": "db", "namespace": "apps"},
+        "spec": {"replicas": 3, "serviceName": "db", "selector": {"matchLabels": {"app": "x"}}, "template": pod}}), false).await.unwrap();
+    let ds = api(
+        &client,
+        ("apps", "v1", "DaemonSet"),
+        "daemonsets",
+        Some("apps"),
+    );
+    apply(&ds, "t", json!({"apiVersion": "apps/v1", "kind": "DaemonSet", "metadata": {"name": "agent", "namespace": "apps"},
+        "spec": {"selector": {"matchLabels": {"app": "x"}}, "template": pod}}), false).await.unwrap();
+    let pvcs = api(
+        &client,
+        ("", "v1", "PersistentVolumeClaim"),
+        "persistentvolumeclaims",
+        Some("apps"),
+    );
+    apply(&pvcs, "t", json!({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "data", "namespace": "apps"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}), false).await.unwrap();
+    until("StatefulSet rolled out", || async {
+        let s = sts.get("db").await.unwrap().data["status"].clone();
+        s["observedGeneration"] == 1
+            && s["readyReplicas"] == 3
+            && s["currentRevision"] == s["updateRevision"]
+    })
+    .await;
+    until("DaemonSet rolled out", || async {
+        let s = ds.get("agent").await.unwrap().data["status"].clone();
+        s["observedGeneration"] == 1 && s["numberReady"] == s["desiredNumberScheduled"]
+    })
+    .await;
+    until("PVC bound", || async {
+        pvcs.get("data").await.unwrap().data["status"]["phase"] == "Bound"
+    })
+    .await;
+}
