@@ -145,6 +145,30 @@ async fn discovery_lists_builtin_kinds_with_names_scopes_and_verbs() {
         assert!(caps.supports_operation(kube::discovery::verbs::PATCH));
         assert!(caps.supports_operation(kube::discovery::verbs::WATCH));
     }
+    // Aggregated discovery (apidiscovery.k8s.io/v2) gives the same picture.
+    let agg = within(
+        "aggregated discovery",
+        Discovery::new(client.clone()).run_aggregated(),
+    )
+    .await
+    .unwrap();
+    let (ar, caps) = agg
+        .groups()
+        .flat_map(|g| g.recommended_resources())
+        .find(|(ar, _)| ar.group == "apps" && ar.kind == "Deployment")
+        .expect("deployments in aggregated discovery");
+    assert_eq!(
+        (
+            ar.plural.as_str(),
+            caps.scope == kube::discovery::Scope::Namespaced
+        ),
+        ("deployments", true)
+    );
+    assert!(
+        agg.groups()
+            .flat_map(|g| g.recommended_resources())
+            .any(|(ar, _)| ar.group.is_empty() && ar.kind == "ConfigMap")
+    );
     // The raw list carries short names and the status subresource.
     let raw: Value = within(
         "raw discovery",

@@ -165,3 +165,20 @@ async fn acks_and_statuses_for_units_that_are_not_yours_read_like_missing_ones()
     let detail = hub.unit("prod/secret-app").await.unwrap();
     assert!(detail.clusters.is_empty());
 }
+
+#[tokio::test]
+async fn sessions_beyond_the_limit_are_shed_with_resource_exhausted() {
+    let hub = TestHub::start_with(unitsync_hub::control::Tuning {
+        max_sessions: 1,
+        ..Default::default()
+    })
+    .await;
+    hub.create_env("dev").await;
+    let a = hub.create_cluster("dev-1", "dev").await;
+    let b = hub.create_cluster("dev-2", "dev").await;
+    let (_tx, mut first) = raw_session(&hub, &a, hello(1)).await.unwrap();
+    assert!(matches!(next(&mut first).await, HubMsg::Welcome(_)));
+    let e = raw_session(&hub, &b, hello(1)).await.unwrap_err();
+    assert_eq!(e.code(), Code::ResourceExhausted);
+    assert!(e.message().contains("session limit"), "{}", e.message());
+}

@@ -79,6 +79,28 @@ impl ResourceType {
         ]
     }
 
+    /// The entry of an aggregated discovery document (apidiscovery.k8s.io/v2).
+    pub(crate) fn aggregated(&self) -> Value {
+        let kind = json!({"group": self.group, "version": self.version, "kind": self.kind});
+        let mut r = json!({
+            "resource": self.plural,
+            "singularResource": self.singular,
+            "responseKind": kind,
+            "scope": if self.namespaced { "Namespaced" } else { "Cluster" },
+            "verbs": self.verbs(),
+        });
+        if !self.short_names.is_empty() {
+            r["shortNames"] = json!(self.short_names);
+        }
+        if !self.categories.is_empty() {
+            r["categories"] = json!(self.categories);
+        }
+        if self.status_subresource {
+            r["subresources"] = json!([{"subresource": "status", "responseKind": kind, "verbs": ["get", "patch", "update"]}]);
+        }
+        r
+    }
+
     /// Entries of an `APIResourceList` for this type (and its subresources).
     pub(crate) fn discovery(&self) -> Vec<Value> {
         let mut main = json!({

@@ -434,10 +434,27 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         .map(decode)
         .collect();
     let segs: Vec<&str> = segs.iter().map(String::as_str).collect();
-    if req.method() == Method::GET
-        && let Some(r) = discovery(&inner, &segs)
-    {
-        return r;
+    if req.method() == Method::GET {
+        let aggregated = req
+            .headers()
+            .get(header::ACCEPT)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|accept| {
+                accept.split(',').any(|t| {
+                    let params: Vec<&str> = t.split(';').map(str::trim).collect();
+                    params.contains(&"g=apidiscovery.k8s.io")
+                        && params.contains(&"as=APIGroupDiscoveryList")
+                        && (params.contains(&"v=v2") || params.contains(&"v=v2beta1"))
+                })
+            });
+        let doc = if aggregated {
+            aggregated_discovery(&inner, &segs)
+        } else {
+            None
+        };
+        if let Some(r) = doc.or_else(|| discovery(&inner, &segs)) {
+            return r;
+        }
     }
     let (group, version, rest) = match segs.as_slice() {
         ["api", "v1", rest @ ..] if !rest.is_empty() => ("", "v1", rest),
@@ -737,6 +754,48 @@ fn discovery(inner: &Inner, segs: &[&str]) -> Option<Response<Body>> {
         _ => return None,
     };
     Some(json_response(200, &v))
+}
+
+/// Aggregated discovery (`/api`, `/apis` with the apidiscovery Accept type),
+/// as kubectl 1.32 and `Discovery::run_aggregated` ask for it.
+fn aggregated_discovery(inner: &Inner, segs: &[&str]) -> Option<Response<Body>> {
+    let state = inner.state.lock().unwrap();
+    let group_items = |names: Vec<(String, Vec<String>)>| -> Vec<Value> {
+        names
+            .into_iter()
+            .map(|(g, versions)| {
+                let versions: Vec<Value> = versions
+                    .iter()
+                    .map(|v| {
+                        let resources: Vec<Value> = state
+                            .types
+                            .iter()
+                            .filter(|t| t.group == g && t.version == *v)
+                            .map(ResourceType::aggregated)
+                            .collect();
+                        json!({"version": v, "freshness": "Current", "resources": resources})
+                    })
+                    .collect();
+                json!({"metadata": {"name": g}, "versions": versions})
+            })
+            .collect()
+    };
+    let items = match segs {
+        ["api"] => group_items(vec![(String::new(), vec!["v1".to_owned()])]),
+        ["apis"] => group_items(groups(&state)),
+        _ => return None,
+    };
+    let body = json!({"kind": "APIGroupDiscoveryList", "apiVersion": "apidiscovery.k8s.io/v2", "metadata": {}, "items": items});
+    let mut r = json_response(200, &body);
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        http::HeaderValue::from_static(
+            "application/json;g=apidiscovery.k8s.io;v=v2;as=APIGroupDiscoveryList",
+        ),
+    );
+    r.headers_mut()
+        .insert(header::VARY, http::HeaderValue::from_static("Accept"));
+    Some(r)
 }
 
 fn groups(state: &State) -> Vec<(String, Vec<String>)> {
