@@ -324,6 +324,8 @@ async fn hpa_owned_replicas_are_left_to_the_autoscaler() {
     .await
     .unwrap();
     wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
+    // Nothing to wait on here: the point is that nothing happens. Give the
+    // agent several drift checks (400 ms apart) and watch events to act.
     tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
     assert_eq!(
         cluster

@@ -142,18 +142,21 @@ impl TestCluster {
     }
 
     pub async fn apply_as(&self, manager: &str, v: Value) {
-        let api_version = v["apiVersion"].as_str().unwrap().to_owned();
-        let kind = v["kind"].as_str().unwrap().to_owned();
-        let plural = format!("{}s", kind.to_lowercase())
-            .replace("ys", "ies")
-            .replace("sss", "sses");
-        let plural = match kind.as_str() {
-            "HorizontalPodAutoscaler" => "horizontalpodautoscalers".to_owned(),
-            _ => plural,
+        let api_version = v["apiVersion"].as_str().expect("apiVersion");
+        let (group, version) = api_version.rsplit_once('/').unwrap_or(("", api_version));
+        let gvk = GroupVersionKind::gvk(group, version, v["kind"].as_str().expect("kind"));
+        let discovery = within(
+            "discovery",
+            kube::discovery::Discovery::new(self.client.clone()).run(),
+        )
+        .await
+        .expect("discovery");
+        let (ar, _) = discovery.resolve_gvk(&gvk).expect("a served kind");
+        let name = v["metadata"]["name"].as_str().expect("name").to_owned();
+        let api: Api<DynamicObject> = match v["metadata"]["namespace"].as_str() {
+            Some(ns) => Api::namespaced_with(self.client.clone(), ns, &ar),
+            None => Api::all_with(self.client.clone(), &ar),
         };
-        let ns = v["metadata"]["namespace"].as_str().map(str::to_owned);
-        let name = v["metadata"]["name"].as_str().unwrap().to_owned();
-        let api = self.api(&api_version, &kind, &plural, ns.as_deref());
         within(
             "apply",
             api.patch(
