@@ -75,6 +75,35 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// One statement on one cluster's row (`value`, if any, binds first,
+    /// then the name) with its audit entry; `NotFound` when no row matched.
+    async fn cluster_write(
+        &self,
+        sql: &'static str,
+        name: &ClusterName,
+        value: Option<&str>,
+        audit: &NewAudit,
+    ) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let mut q = sqlx::query(sql);
+        if let Some(v) = value {
+            q = q.bind(v.to_owned());
+        }
+        let done = q
+            .bind(name.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+}
+
 async fn migrate(conn: &mut SqliteConnection) -> StoreResult<()> {
     let version: i64 = sqlx::query_scalar("PRAGMA user_version")
         .fetch_one(&mut *conn)
@@ -491,18 +520,8 @@ impl Store for SqliteStore {
     }
 
     async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
-        let done = sqlx::query("DELETE FROM clusters WHERE name = ?")
-            .bind(name.as_str())
-            .execute(&mut *tx)
+        self.cluster_write("DELETE FROM clusters WHERE name = ?", name, None, &audit)
             .await
-            .map_err(db)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("cluster {name}")));
-        }
-        insert_audit(&mut tx, &audit).await?;
-        tx.commit().await.map_err(db)
     }
 
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>> {
@@ -522,19 +541,13 @@ impl Store for SqliteStore {
         token: &TokenHash,
         audit: NewAudit,
     ) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
-        let done = sqlx::query("UPDATE clusters SET token_hash = ? WHERE name = ?")
-            .bind(&token.0)
-            .bind(name.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("cluster {name}")));
-        }
-        insert_audit(&mut tx, &audit).await?;
-        tx.commit().await.map_err(db)
+        self.cluster_write(
+            "UPDATE clusters SET token_hash = ? WHERE name = ?",
+            name,
+            Some(&token.0),
+            &audit,
+        )
+        .await
     }
 
     async fn add_cluster_cert(
@@ -577,18 +590,13 @@ impl Store for SqliteStore {
     }
 
     async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
-        let done = sqlx::query("UPDATE clusters SET revoked = 1 WHERE name = ?")
-            .bind(name.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        if done.rows_affected() == 0 {
-            return Err(StoreError::NotFound(format!("cluster {name}")));
-        }
-        insert_audit(&mut tx, &audit).await?;
-        tx.commit().await.map_err(db)
+        self.cluster_write(
+            "UPDATE clusters SET revoked = 1 WHERE name = ?",
+            name,
+            None,
+            &audit,
+        )
+        .await
     }
 
     async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()> {
