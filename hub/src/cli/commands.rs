@@ -1,7 +1,6 @@
 //! Execution of the operator commands against a running hub.
 
 use std::io::Read;
-use std::time::Duration;
 
 use anyhow::{Context, bail};
 use unitsync_proto::v1 as pb;
@@ -14,7 +13,7 @@ use super::output::{
 };
 use super::{
     AgentCommand, ClusterCommand, Command, EnvCommand, Format, Global, InstallArgs,
-    OperatorCommand, PolicyArgs, PromoteArgs, PromotionCommand, PutArgs, UnitCommand, wait,
+    OperatorCommand, PolicyArgs, PromoteArgs, PromotionCommand, PutArgs, UnitCommand,
 };
 
 /// Runs one operator command; the caller maps errors to exit codes.
@@ -270,16 +269,11 @@ async fn promote(c: &mut Client, f: Format, args: PromoteArgs) -> anyhow::Result
     if r.blocked {
         bail!("promotion from {} to {} blocked", args.from, args.to);
     }
-    if args.wait.wait && !args.dry_run {
+    if !args.dry_run {
         for i in r.items.iter().filter(|i| i.target_revision > 0) {
-            wait::until_ready(
-                c,
-                &i.target_unit,
-                i.target_revision,
-                false,
-                Duration::from_secs(args.wait.timeout),
-            )
-            .await?;
+            args.wait
+                .run(c, &i.target_unit, i.target_revision, false)
+                .await?;
         }
     }
     Ok(())
@@ -474,16 +468,7 @@ async fn put(c: &mut Client, f: Format, args: PutArgs, mode: pb::PutMode) -> any
                 )
             }),
         );
-        if args.wait.wait {
-            wait::until_ready(
-                c,
-                &args.unit,
-                rev.number,
-                false,
-                Duration::from_secs(args.wait.timeout),
-            )
-            .await?;
-        }
+        args.wait.run(c, &args.unit, rev.number, false).await?;
         return Ok(());
     }
     let file = args.file.as_ref().context("-f FILE is required")?;
@@ -507,16 +492,7 @@ async fn put(c: &mut Client, f: Format, args: PutArgs, mode: pb::PutMode) -> any
             &view.digest[..12]
         )
     }));
-    if args.wait.wait {
-        wait::until_ready(
-            c,
-            &args.unit,
-            rev.number,
-            false,
-            Duration::from_secs(args.wait.timeout),
-        )
-        .await?;
-    }
+    args.wait.run(c, &args.unit, rev.number, false).await?;
     Ok(())
 }
 
@@ -695,16 +671,7 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                     )
                 }),
             );
-            if wait.wait {
-                wait::until_ready(
-                    c,
-                    &unit,
-                    rev.number,
-                    false,
-                    Duration::from_secs(wait.timeout),
-                )
-                .await?;
-            }
+            wait.run(c, &unit, rev.number, false).await?;
         }
         UnitCommand::Override { unit, file, clear } => {
             let overrides = if clear {
@@ -751,16 +718,7 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                 &structured(f, &view)
                     .unwrap_or_else(|| format!("{unit} destroyed (revision {})", rev.number)),
             );
-            if wait.wait {
-                wait::until_ready(
-                    c,
-                    &unit,
-                    rev.number,
-                    true,
-                    Duration::from_secs(wait.timeout),
-                )
-                .await?;
-            }
+            wait.run(c, &unit, rev.number, true).await?;
         }
     }
     Ok(())

@@ -14,6 +14,29 @@ use super::output::phase;
 /// How often the CLI asks the hub for status while waiting.
 const POLL: Duration = Duration::from_millis(250);
 
+impl super::WaitArgs {
+    /// Waits as asked on the command line (nothing without `--wait`).
+    pub(super) async fn run(
+        &self,
+        client: &mut Client,
+        unit: &str,
+        revision: u64,
+        tombstone: bool,
+    ) -> anyhow::Result<()> {
+        if !self.wait {
+            return Ok(());
+        }
+        until_ready(
+            client,
+            unit,
+            revision,
+            tombstone,
+            Duration::from_secs(self.timeout),
+        )
+        .await
+    }
+}
+
 pub(super) async fn until_ready(
     client: &mut Client,
     unit: &str,
