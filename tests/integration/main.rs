@@ -9,4 +9,5 @@ mod deploy;
 mod kube_sim;
 mod promote;
 mod protocol;
+mod store;
 mod validation;

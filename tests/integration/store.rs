@@ -1,0 +1,371 @@
+//! The `Store` contract, written once against the trait so every
+//! implementation (SQLite today, PostgreSQL next) runs the same checks.
+
+use std::sync::Arc;
+
+use unitsync_hub::model::{
+    Actor, Digest, EnvName, EnvPolicy, NewAudit, NewRevision, Phase, PromotedUnit, PutMode,
+    RevisionNum, StatusReport, UnitRef, UnixMillis,
+};
+use unitsync_hub::store::{Ack, NewPromotion, SqliteStore, Store, StoreError, TokenHash};
+
+fn audit(action: &'static str, target: &str) -> NewAudit {
+    NewAudit {
+        actor: Actor::Operator("tester".into()),
+        action,
+        target: target.into(),
+        detail: String::new(),
+    }
+}
+
+fn rev(unit: &str, text: &str, mode: PutMode) -> NewRevision {
+    NewRevision {
+        unit: unit.parse().unwrap(),
+        mode,
+        labels: None,
+        tombstone: false,
+        manifests: Arc::from(text),
+        documents: 1,
+        digest: Digest::of(text.as_bytes()),
+        author: Actor::Operator("tester".into()),
+        message: String::new(),
+        origin: "test".into(),
+        source_revision: RevisionNum(0),
+        upstream: None,
+    }
+}
+
+fn env(s: &str) -> EnvName {
+    s.parse().unwrap()
+}
+
+/// Runs the whole contract against a fresh store.
+async fn contract(store: Arc<dyn Store>) {
+    // Environments keep their order, inserts included.
+    store
+        .create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+        .await
+        .unwrap();
+    store
+        .create_environment(&env("prod"), None, audit("environment.create", "env/prod"))
+        .await
+        .unwrap();
+    store
+        .create_environment(
+            &env("staging"),
+            Some(&env("dev")),
+            audit("environment.create", "env/staging"),
+        )
+        .await
+        .unwrap();
+    let order: Vec<String> = store
+        .list_environments()
+        .await
+        .unwrap()
+        .iter()
+        .map(|e| e.name.to_string())
+        .collect();
+    assert_eq!(order, ["dev", "staging", "prod"]);
+    assert!(matches!(
+        store
+            .create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let policy = EnvPolicy {
+        required_approvals: 2,
+        soak_seconds: 60,
+        auto_promote: true,
+    };
+    assert_eq!(
+        store
+            .set_environment_policy(
+                &env("prod"),
+                policy,
+                audit("environment.policy", "env/prod")
+            )
+            .await
+            .unwrap()
+            .policy,
+        policy
+    );
+
+    // Revisions are numbered per unit; modes are enforced.
+    let r1 = store
+        .commit_revision(rev("dev/web", "a", PutMode::Create))
+        .await
+        .unwrap();
+    let r2 = store
+        .commit_revision(rev("dev/web", "b", PutMode::Update))
+        .await
+        .unwrap();
+    assert_eq!((r1.number, r2.number), (RevisionNum(1), RevisionNum(2)));
+    assert!(matches!(
+        store
+            .commit_revision(rev("dev/web", "c", PutMode::Create))
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    assert!(matches!(
+        store
+            .commit_revision(rev("dev/nope", "c", PutMode::Update))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+    assert_eq!(
+        &*store
+            .get_revision(&"dev/web".parse().unwrap(), RevisionNum(1))
+            .await
+            .unwrap()
+            .unwrap()
+            .manifests,
+        "a"
+    );
+
+    // A release set is atomic: a failing member commits nothing.
+    let before = store.list_units(None).await.unwrap().len();
+    let set = vec![
+        rev("staging/a", "x", PutMode::Create),
+        rev("staging/b", "y", PutMode::Update),
+    ];
+    assert!(store.commit_release(set, None).await.is_err());
+    assert_eq!(
+        store.list_units(None).await.unwrap().len(),
+        before,
+        "nothing of the failed set was committed"
+    );
+    let promotion = NewPromotion {
+        actor: Actor::Operator("tester".into()),
+        from: env("dev"),
+        to: env("staging"),
+        automatic: false,
+        forced: false,
+        reason: String::new(),
+        items: vec![PromotedUnit {
+            source_unit: "dev/web".into(),
+            source_revision: 2,
+            target_unit: "staging/web".into(),
+            target_revision: 0,
+            previous_revision: 0,
+        }],
+    };
+    let mut promoted = rev("staging/web", "b", PutMode::CreateOrUpdate);
+    promoted.source_revision = RevisionNum(2);
+    promoted.upstream = Some("dev/web".parse().unwrap());
+    let (revs, id) = store
+        .commit_release(vec![promoted], Some(promotion))
+        .await
+        .unwrap();
+    let p = store.get_promotion(id.unwrap()).await.unwrap().unwrap();
+    assert_eq!(
+        (p.items[0].target_revision, revs[0].source_revision),
+        (1, RevisionNum(2))
+    );
+    let staging: UnitRef = "staging/web".parse().unwrap();
+    let unit = store.get_unit(&staging).await.unwrap().unwrap();
+    assert_eq!(
+        (unit.upstream.map(|u| u.to_string()), unit.head_source),
+        (Some("dev/web".to_owned()), RevisionNum(2))
+    );
+
+    // Clusters and credentials.
+    let c = "dev-1".parse().unwrap();
+    store
+        .create_cluster(
+            &c,
+            &env("dev"),
+            &Default::default(),
+            &TokenHash("h1".into()),
+            audit("cluster.create", "cluster/dev-1"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .cluster_by_token(&TokenHash("h1".into()))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    store
+        .set_cluster_token(
+            &c,
+            &TokenHash("h2".into()),
+            audit("cluster.token", "cluster/dev-1"),
+        )
+        .await
+        .unwrap();
+    assert!(
+        store
+            .cluster_by_token(&TokenHash("h1".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .add_cluster_cert(
+            &c,
+            "fp",
+            UnixMillis(i64::MAX),
+            audit("cluster.certificate", "cluster/dev-1"),
+        )
+        .await
+        .unwrap();
+    assert!(store.cluster_by_cert("fp").await.unwrap().is_some());
+
+    // Acks never go backwards; Ready keeps its start time while it lasts.
+    let web: UnitRef = "dev/web".parse().unwrap();
+    store
+        .record_acks(&[Ack {
+            cluster: c.clone(),
+            unit: web.clone(),
+            revision: RevisionNum(2),
+        }])
+        .await
+        .unwrap();
+    store
+        .record_acks(&[Ack {
+            cluster: c.clone(),
+            unit: web.clone(),
+            revision: RevisionNum(1),
+        }])
+        .await
+        .unwrap();
+    let report = |phase, at| StatusReport {
+        cluster: c.clone(),
+        unit: web.clone(),
+        revision: RevisionNum(2),
+        phase,
+        message: String::new(),
+        resources: vec![],
+        observed_at: UnixMillis(at),
+    };
+    store
+        .record_statuses(&[report(Phase::Ready, 1_000)])
+        .await
+        .unwrap();
+    store
+        .record_statuses(&[report(Phase::Ready, 2_000)])
+        .await
+        .unwrap();
+    let cell = store
+        .statuses(Some(&env("dev")), Some(&web))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        (cell.status.acked, cell.status.ready_since),
+        (RevisionNum(2), UnixMillis(1_000))
+    );
+    store
+        .record_statuses(&[report(Phase::Progressing, 3_000)])
+        .await
+        .unwrap();
+    store
+        .record_statuses(&[report(Phase::Ready, 4_000)])
+        .await
+        .unwrap();
+    let cell = store
+        .statuses(Some(&env("dev")), Some(&web))
+        .await
+        .unwrap()
+        .pop()
+        .unwrap();
+    assert_eq!(
+        cell.status.ready_since,
+        UnixMillis(4_000),
+        "Ready again starts the soak over"
+    );
+
+    // Approvals: one per operator.
+    let n = store
+        .approve(
+            &env("prod"),
+            &web,
+            RevisionNum(2),
+            "alice",
+            audit("promotion.approve", "dev/web"),
+        )
+        .await
+        .unwrap();
+    assert_eq!(n, ["alice"]);
+    assert!(matches!(
+        store
+            .approve(
+                &env("prod"),
+                &web,
+                RevisionNum(2),
+                "alice",
+                audit("promotion.approve", "dev/web")
+            )
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+
+    // Revocation and deletion.
+    store
+        .revoke_cluster(&c, audit("cluster.revoke", "cluster/dev-1"))
+        .await
+        .unwrap();
+    assert!(store.cluster_by_cert("fp").await.unwrap().is_none());
+    assert!(
+        store
+            .cluster_by_token(&TokenHash("h2".into()))
+            .await
+            .unwrap()
+            .is_none()
+    );
+    store
+        .delete_cluster(&c, audit("cluster.delete", "cluster/dev-1"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .delete_cluster(&c, audit("cluster.delete", "cluster/dev-1"))
+            .await,
+        Err(StoreError::NotFound(_))
+    ));
+
+    // Every mutation above is in the audit log, newest first.
+    let actions: Vec<String> = store
+        .list_audit(100, "")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.action)
+        .collect();
+    for a in [
+        "cluster.delete",
+        "cluster.revoke",
+        "promotion.approve",
+        "promotion",
+        "unit.create",
+        "environment.policy",
+    ] {
+        assert!(actions.contains(&a.to_owned()), "{a} audited");
+    }
+    assert_eq!(actions[0], "cluster.delete");
+}
+
+#[tokio::test]
+async fn sqlite_store_meets_the_contract() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+    unitsync_tests::within("store contract", contract(Arc::new(store))).await;
+}
+
+#[tokio::test]
+async fn sqlite_refuses_a_database_from_a_newer_hub() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(SqliteStore::open(&path).await.unwrap());
+    // Pretend a newer hub migrated this file.
+    let conn = std::process::Command::new("python3")
+        .args(["-c", &format!("import sqlite3; c=sqlite3.connect({:?}); c.execute('PRAGMA user_version = 999'); c.commit()", path.display().to_string())])
+        .status()
+        .unwrap();
+    assert!(conn.success());
+    let e = SqliteStore::open(&path).await.err().expect("refused");
+    assert!(e.to_string().contains("newer than this hub"), "{e}");
+}
