@@ -77,6 +77,40 @@ fn bearer(md: &MetadataMap) -> Option<&str> {
     (!token.is_empty()).then_some(token)
 }
 
+/// The credential a session was opened with, re-checked while it lives.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Credential {
+    Token(TokenHash),
+    /// SHA-256 fingerprint of the client certificate.
+    Certificate(String),
+}
+
+impl Credential {
+    pub fn of<T>(req: &tonic::Request<T>) -> Option<Credential> {
+        if let Some(leaf) = req.peer_certs().as_ref().and_then(|c| c.first().cloned()) {
+            return Some(Credential::Certificate(crate::tls::fingerprint(
+                leaf.as_ref(),
+            )));
+        }
+        bearer(req.metadata()).map(|t| Credential::Token(hash_token(t)))
+    }
+
+    /// Whether the credential still names this cluster (not revoked,
+    /// rotated away or deleted) — a revocation made by another hub replica
+    /// or directly in the store ends a live session this way.
+    pub async fn still_names(
+        &self,
+        store: &dyn Store,
+        cluster: &crate::model::ClusterName,
+    ) -> Result<bool> {
+        let found = match self {
+            Credential::Token(h) => store.cluster_by_token(h).await?,
+            Credential::Certificate(fp) => store.cluster_by_cert(fp).await?,
+        };
+        Ok(found.is_some_and(|c| c.name == *cluster))
+    }
+}
+
 /// Resolves the caller: a verified client certificate from the hub CA
 /// names its cluster (by fingerprint); otherwise the bearer token decides.
 pub async fn authenticate_request<T>(

@@ -28,6 +28,8 @@ pub struct Tuning {
     pub max_sessions: usize,
     /// How often environments with automatic promotion are checked.
     pub auto_promote_interval: Duration,
+    /// How often a live agent session re-checks its credential.
+    pub credential_recheck: Duration,
 }
 
 impl Default for Tuning {
@@ -37,6 +39,7 @@ impl Default for Tuning {
             heartbeat: Duration::from_secs(30),
             max_sessions: 20_000,
             auto_promote_interval: Duration::from_secs(5),
+            credential_recheck: Duration::from_secs(30),
         }
     }
 }

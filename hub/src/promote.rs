@@ -419,14 +419,14 @@ impl Hub {
             .map(|c| (c.cluster.as_str(), c))
             .collect();
         let mut not_ready = Vec::new();
-        let mut oldest_ready: Option<UnixMillis> = None;
+        let mut last_ready: Option<UnixMillis> = None;
         for c in clusters {
             match mine.get(c.name.as_str()) {
                 Some(cell)
                     if cell.status.revision == revision && cell.status.phase == Phase::Ready =>
                 {
                     let since = cell.status.ready_since;
-                    oldest_ready = Some(oldest_ready.map_or(since, |o: UnixMillis| o.max(since)));
+                    last_ready = Some(last_ready.map_or(since, |o: UnixMillis| o.max(since)));
                 }
                 Some(cell) if cell.status.revision == revision => {
                     not_ready.push(
@@ -464,7 +464,7 @@ impl Hub {
         });
         if to.policy.soak_seconds > 0 {
             let need = Duration::from_secs(to.policy.soak_seconds);
-            let soaked = oldest_ready.filter(|_| not_ready.is_empty()).map(|since| {
+            let soaked = last_ready.filter(|_| not_ready.is_empty()).map(|since| {
                 Duration::from_millis(u64::try_from(UnixMillis::now().0 - since.0).unwrap_or(0))
             });
             gates.push(Gate {

@@ -530,3 +530,45 @@ async fn certificates_rotate_before_expiry_without_losing_an_update() {
         .count();
     assert!(renewals >= 2, "{renewals} renewals");
 }
+
+#[tokio::test]
+async fn live_sessions_recheck_their_credential() {
+    // A revocation recorded by another hub replica (here: straight in the
+    // store, without this hub's disconnect) still ends the session.
+    let hub = TestHub::start_with(unitsync_hub::control::Tuning {
+        credential_recheck: Duration::from_millis(200),
+        ..Default::default()
+    })
+    .await;
+    hub.create_env("prod").await;
+    let token = hub.create_cluster("prod", "prod").await;
+    hub.put("prod/web", &configmap("web", "1")).await.unwrap();
+    let agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    let stop = CancellationToken::new();
+    let session = agent.session_once(&stop);
+    tokio::pin!(session);
+    let connected = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            tokio::select! {
+                r = &mut session => panic!("session ended early: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => if agent.held().contains_key("web") { return; },
+            }
+        }
+    })
+    .await;
+    assert!(connected.is_ok());
+    let audit = unitsync_hub::model::NewAudit {
+        actor: unitsync_hub::model::Actor::Hub,
+        action: "cluster.revoke",
+        target: "cluster/prod".into(),
+        detail: "by another replica".into(),
+    };
+    hub.running()
+        .hub
+        .store
+        .revoke_cluster(&"prod".parse().unwrap(), audit)
+        .await
+        .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), &mut session).await;
+    assert!(ended.is_ok(), "the session noticed the revocation");
+}

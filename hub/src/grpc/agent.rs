@@ -25,7 +25,7 @@ use unitsync_proto::v1::hub_message::Msg as HubMsg;
 use unitsync_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use super::convert;
-use crate::auth::{Principal, authenticate_request};
+use crate::auth::{Credential, Principal, authenticate_request};
 use crate::control::Hub;
 use crate::error::HubError;
 use crate::fanout::{AgentConn, Delivery, Mailbox};
@@ -90,6 +90,7 @@ impl pb::agent_service_server::AgentService for AgentService {
             hub.metrics.sessions_refused.inc();
             Status::from(e)
         };
+        let credential = Credential::of(&request);
         let cluster = match authenticate_request(hub.store.as_ref(), &request).await {
             Ok(Principal::Agent(c)) => c,
             Ok(Principal::Operator { .. }) => return Err(refused(HubError::PermissionDenied)),
@@ -171,7 +172,14 @@ impl pb::agent_service_server::AgentService for AgentService {
         // The channel is fresh; this cannot block or fail.
         let _ = tx.try_send(Ok(welcome));
         tokio::spawn(send_loop(hub.clone(), conn.clone(), tx.clone()));
-        tokio::spawn(receive_loop(hub.clone(), conn, cluster, inbound, tx));
+        tokio::spawn(receive_loop(
+            hub.clone(),
+            conn,
+            cluster,
+            credential,
+            inbound,
+            tx,
+        ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
 }
@@ -290,13 +298,27 @@ async fn receive_loop(
     hub: Arc<Hub>,
     conn: Arc<AgentConn>,
     cluster: Cluster,
+    credential: Option<Credential>,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) {
     let silence = hub.tuning.heartbeat * 3;
+    let mut recheck = tokio::time::interval(hub.tuning.credential_recheck);
+    recheck.tick().await;
     let end = loop {
         let next = tokio::select! {
             () = conn.kick.cancelled() => break "ended by the hub",
+            _ = recheck.tick() => {
+                let valid = match &credential {
+                    Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await.unwrap_or(true),
+                    None => false,
+                };
+                if !valid {
+                    let _ = tx.try_send(Err(Status::unauthenticated("authentication failed")));
+                    break "credential no longer valid";
+                }
+                continue;
+            }
             r = tokio::time::timeout(silence, inbound.message()) => r,
         };
         let msg = match next {
