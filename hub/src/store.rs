@@ -4,6 +4,7 @@
 //! Every mutation writes its audit entry in the same transaction, and a
 //! failed call leaves the store unchanged.
 
+mod rows;
 pub mod sqlite;
 
 use async_trait::async_trait;

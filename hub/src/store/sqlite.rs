@@ -6,24 +6,22 @@
 //! transactions never fail on lock upgrades; reads use a pool.
 
 use std::path::Path;
-use std::str::FromStr;
-use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
-    SqliteRow, SqliteSynchronous,
+    SqliteSynchronous,
 };
-use sqlx::{Connection, Row};
+use sqlx::Connection;
 use tokio::sync::Mutex;
 
+use super::rows::{self, Columns, ENV_COLUMNS, corrupt, db, is_unique_violation, labels_json, num};
 use super::{Ack, NewPromotion, Operator, Store, StoreError, StoreResult, TokenHash};
 use crate::model::{
-    AuditEntry, Cluster, ClusterName, Digest, EnvName, EnvPolicy, Environment, HeadRef, Labels,
-    NewAudit, NewRevision, Override, Phase, PromotedUnit, Promotion, PutMode, ResourceState,
-    Revision, RevisionNum, Role, StatusCell, StatusReport, Unit, UnitName, UnitRef, UnitStatus,
-    UnixMillis,
+    AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum, StatusCell,
+    StatusReport, Unit, UnitRef, UnixMillis,
 };
 
 /// Embedded migrations, applied in order; the index + 1 is the schema version.
@@ -36,19 +34,6 @@ const MIGRATIONS: &[&str] = &[
 pub struct SqliteStore {
     writer: Mutex<SqliteConnection>,
     readers: SqlitePool,
-}
-
-fn db(e: sqlx::Error) -> StoreError {
-    StoreError::Database(Box::new(e))
-}
-
-fn is_unique_violation(e: &sqlx::Error) -> bool {
-    e.as_database_error()
-        .is_some_and(|d| d.is_unique_violation())
-}
-
-fn corrupt(what: impl std::fmt::Display) -> StoreError {
-    StoreError::Corrupt(what.to_string())
 }
 
 impl SqliteStore {
@@ -186,9 +171,9 @@ async fn commit_one(tx: &mut SqliteConnection, rev: NewRevision) -> StoreResult<
             (id, RevisionNum::FIRST)
         }
         Some(row) => {
-            let id: i64 = get(&row, "id")?;
-            let head = num(get(&row, "head")?);
-            let destroyed = get::<i64>(&row, "destroyed")? != 0;
+            let id = row.int("id")?;
+            let head = num(row.int("head")?);
+            let destroyed = row.int("destroyed")? != 0;
             match (rev.mode, destroyed, rev.tombstone) {
                 (_, true, true) => {
                     return Err(StoreError::Conflict(format!(
@@ -274,113 +259,6 @@ async fn commit_one(tx: &mut SqliteConnection, rev: NewRevision) -> StoreResult<
     })
 }
 
-fn promotion_row(row: &SqliteRow) -> StoreResult<Promotion> {
-    Ok(Promotion {
-        id: u64::try_from(get::<i64>(row, "id")?).unwrap_or(0),
-        time: UnixMillis(get(row, "time")?),
-        actor: get(row, "actor")?,
-        from: get(row, "from_env")?,
-        to: get(row, "to_env")?,
-        automatic: get::<i64>(row, "automatic")? != 0,
-        forced: get::<i64>(row, "forced")? != 0,
-        reason: get(row, "reason")?,
-        items: serde_json::from_str(&get::<String>(row, "items")?)
-            .map_err(|e| corrupt(format!("promotion items: {e}")))?,
-    })
-}
-
-fn labels_json(l: &Labels) -> String {
-    serde_json::to_string(l).unwrap_or_else(|_| "{}".into())
-}
-
-fn parse_labels(s: &str) -> StoreResult<Labels> {
-    serde_json::from_str(s).map_err(|e| corrupt(format!("labels: {e}")))
-}
-
-fn parse<T: FromStr>(s: &str, what: &str) -> StoreResult<T>
-where
-    T::Err: std::fmt::Display,
-{
-    s.parse().map_err(|e| corrupt(format!("{what}: {e}")))
-}
-
-fn get<'r, T>(row: &'r SqliteRow, col: &str) -> StoreResult<T>
-where
-    T: sqlx::Decode<'r, sqlx::Sqlite> + sqlx::Type<sqlx::Sqlite>,
-{
-    row.try_get(col).map_err(db)
-}
-
-fn num(v: i64) -> RevisionNum {
-    RevisionNum(u64::try_from(v).unwrap_or(0))
-}
-
-const ENV_COLUMNS: &str =
-    "name, position, created_at, required_approvals, soak_seconds, auto_promote";
-
-fn environment_row(row: &SqliteRow) -> StoreResult<Environment> {
-    Ok(Environment {
-        name: parse(&get::<String>(row, "name")?, "environment name")?,
-        position: u32::try_from(get::<i64>(row, "position")?).unwrap_or(0),
-        created_at: UnixMillis(get(row, "created_at")?),
-        policy: EnvPolicy {
-            required_approvals: u32::try_from(get::<i64>(row, "required_approvals")?).unwrap_or(0),
-            soak_seconds: u64::try_from(get::<i64>(row, "soak_seconds")?).unwrap_or(0),
-            auto_promote: get::<i64>(row, "auto_promote")? != 0,
-        },
-    })
-}
-
-fn cluster_row(row: &SqliteRow) -> StoreResult<Cluster> {
-    Ok(Cluster {
-        name: parse(&get::<String>(row, "name")?, "cluster name")?,
-        environment: parse(&get::<String>(row, "environment")?, "environment name")?,
-        labels: parse_labels(&get::<String>(row, "labels")?)?,
-        created_at: UnixMillis(get(row, "created_at")?),
-    })
-}
-
-fn unit_row(row: &SqliteRow) -> StoreResult<Unit> {
-    Ok(Unit {
-        unit: UnitRef {
-            env: parse(&get::<String>(row, "environment")?, "environment name")?,
-            name: parse(&get::<String>(row, "name")?, "unit name")?,
-        },
-        labels: parse_labels(&get::<String>(row, "labels")?)?,
-        head: num(get(row, "head")?),
-        destroyed: get::<i64>(row, "destroyed")? != 0,
-        created_at: UnixMillis(get(row, "created_at")?),
-        updated_at: UnixMillis(get(row, "updated_at")?),
-        upstream: get::<Option<String>>(row, "upstream")?
-            .map(|u| parse::<UnitRef>(&u, "upstream unit"))
-            .transpose()?,
-        overrides: serde_json::from_str(&get::<String>(row, "overrides")?)
-            .map_err(|e| corrupt(format!("overrides: {e}")))?,
-        head_source: num(get(row, "head_source")?),
-    })
-}
-
-fn revision_row(unit: &UnitRef, row: &SqliteRow, with_content: bool) -> StoreResult<Revision> {
-    let digest: String = get(row, "digest")?;
-    Ok(Revision {
-        unit: unit.clone(),
-        number: num(get(row, "number")?),
-        digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("revision digest"))?,
-        tombstone: get::<i64>(row, "tombstone")? != 0,
-        manifests: if with_content {
-            Arc::from(get::<String>(row, "manifests")?)
-        } else {
-            Arc::from("")
-        },
-        documents: u32::try_from(get::<i64>(row, "documents")?).unwrap_or(0),
-        author: get(row, "author")?,
-        message: get(row, "message")?,
-        origin: get(row, "origin")?,
-        created_at: UnixMillis(get(row, "created_at")?),
-        source_revision: num(get(row, "source_revision")?),
-    })
-}
-
 #[async_trait]
 impl Store for SqliteStore {
     async fn create_environment(
@@ -445,7 +323,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter().map(environment_row).collect()
+        rows.iter().map(rows::environment).collect()
     }
 
     async fn create_cluster(
@@ -505,7 +383,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter().map(cluster_row).collect()
+        rows.iter().map(rows::cluster).collect()
     }
 
     async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>> {
@@ -516,7 +394,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.readers)
         .await
         .map_err(db)?;
-        row.as_ref().map(cluster_row).transpose()
+        row.as_ref().map(rows::cluster).transpose()
     }
 
     async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
@@ -532,7 +410,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.readers)
         .await
         .map_err(db)?;
-        row.as_ref().map(cluster_row).transpose()
+        row.as_ref().map(rows::cluster).transpose()
     }
 
     async fn set_cluster_token(
@@ -586,7 +464,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.readers)
         .await
         .map_err(db)?;
-        row.as_ref().map(cluster_row).transpose()
+        row.as_ref().map(rows::cluster).transpose()
     }
 
     async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
@@ -621,12 +499,7 @@ impl Store for SqliteStore {
             .fetch_optional(&self.readers)
             .await
             .map_err(db)?;
-        let Some(row) = row else { return Ok(None) };
-        let role: String = get(&row, "role")?;
-        Ok(Some(Operator {
-            name: get(&row, "name")?,
-            role: Role::parse(&role).ok_or_else(|| corrupt("operator role"))?,
-        }))
+        row.as_ref().map(rows::operator).transpose()
     }
 
     async fn commit_release(
@@ -718,7 +591,7 @@ impl Store for SqliteStore {
         .fetch_optional(&self.readers)
         .await
         .map_err(db)?;
-        row.as_ref().map(unit_row).transpose()
+        row.as_ref().map(rows::unit).transpose()
     }
 
     async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>> {
@@ -733,7 +606,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter().map(unit_row).collect()
+        rows.iter().map(rows::unit).collect()
     }
 
     async fn history(&self, unit: &UnitRef) -> StoreResult<Vec<Revision>> {
@@ -747,7 +620,9 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter().map(|r| revision_row(unit, r, false)).collect()
+        rows.iter()
+            .map(|r| rows::revision(unit, r, false))
+            .collect()
     }
 
     async fn get_revision(&self, unit: &UnitRef, n: RevisionNum) -> StoreResult<Option<Revision>> {
@@ -763,7 +638,7 @@ impl Store for SqliteStore {
         .await
         .map_err(db)?;
         row.as_ref()
-            .map(|r| revision_row(unit, r, true))
+            .map(|r| rows::revision(unit, r, true))
             .transpose()
     }
 
@@ -777,17 +652,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter()
-            .map(|row| {
-                let digest: String = get(row, "digest")?;
-                Ok(HeadRef {
-                    unit: parse::<UnitName>(&get::<String>(row, "name")?, "unit name")?,
-                    number: num(get(row, "number")?),
-                    digest: Digest::from_hex(&digest).ok_or_else(|| corrupt("revision digest"))?,
-                    tombstone: get::<i64>(row, "tombstone")? != 0,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::head).collect()
     }
 
     async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()> {
@@ -871,29 +736,7 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter()
-            .map(|row| {
-                let resources: String = get(row, "resources")?;
-                let resources: Vec<ResourceState> = serde_json::from_str(&resources)
-                    .map_err(|e| corrupt(format!("resources: {e}")))?;
-                Ok(StatusCell {
-                    cluster: parse(&get::<String>(row, "cluster")?, "cluster name")?,
-                    unit: UnitRef {
-                        env: parse(&get::<String>(row, "environment")?, "environment name")?,
-                        name: parse(&get::<String>(row, "name")?, "unit name")?,
-                    },
-                    status: UnitStatus {
-                        acked: num(get(row, "acked")?),
-                        revision: num(get(row, "revision")?),
-                        phase: Phase::parse(&get::<String>(row, "phase")?),
-                        message: get(row, "message")?,
-                        resources,
-                        updated_at: UnixMillis(get(row, "updated_at")?),
-                        ready_since: UnixMillis(get(row, "ready_since")?),
-                    },
-                })
-            })
-            .collect()
+        rows.iter().map(rows::status_cell).collect()
     }
 
     async fn set_environment_policy(
@@ -925,7 +768,7 @@ impl Store for SqliteStore {
         .fetch_one(&mut *tx)
         .await
         .map_err(db)?;
-        let out = environment_row(&row)?;
+        let out = rows::environment(&row)?;
         tx.commit().await.map_err(db)?;
         Ok(out)
     }
@@ -1028,7 +871,7 @@ impl Store for SqliteStore {
             .fetch_all(&self.readers)
             .await
             .map_err(db)?;
-        rows.iter().map(promotion_row).collect()
+        rows.iter().map(rows::promotion).collect()
     }
 
     async fn get_promotion(&self, id: u64) -> StoreResult<Option<Promotion>> {
@@ -1037,7 +880,7 @@ impl Store for SqliteStore {
             .fetch_optional(&self.readers)
             .await
             .map_err(db)?;
-        row.as_ref().map(promotion_row).transpose()
+        row.as_ref().map(rows::promotion).transpose()
     }
 
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {
@@ -1055,17 +898,6 @@ impl Store for SqliteStore {
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
-        rows.iter()
-            .map(|row| {
-                Ok(AuditEntry {
-                    id: u64::try_from(get::<i64>(row, "id")?).unwrap_or(0),
-                    time: UnixMillis(get(row, "time")?),
-                    actor: get(row, "actor")?,
-                    action: get(row, "action")?,
-                    target: get(row, "target")?,
-                    detail: get(row, "detail")?,
-                })
-            })
-            .collect()
+        rows.iter().map(rows::audit).collect()
     }
 }
