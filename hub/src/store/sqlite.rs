@@ -9,11 +9,11 @@ use std::path::Path;
 use std::time::Duration;
 
 use async_trait::async_trait;
+use sqlx::Connection;
 use sqlx::sqlite::{
     SqliteConnectOptions, SqliteConnection, SqliteJournalMode, SqlitePool, SqlitePoolOptions,
     SqliteSynchronous,
 };
-use sqlx::Connection;
 use tokio::sync::Mutex;
 
 use super::rows::{self, Columns, ENV_COLUMNS, corrupt, db, is_unique_violation, labels_json, num};
