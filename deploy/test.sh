@@ -18,6 +18,33 @@ if ! command -v kubernetes-validate >/dev/null 2>&1; then
 fi
 command -v kubectl >/dev/null 2>&1 || echo "note: kubectl is missing; the kube-sim kubectl test will fail" >&2
 
+# PostgreSQL for the shared-store tests (the SQLite tests need nothing).
+postgres() {
+  if [ -n "${UNITSYNC_TEST_POSTGRES_URL:-}" ]; then return 0; fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "note: not root and UNITSYNC_TEST_POSTGRES_URL unset: the PostgreSQL tests are skipped" >&2
+    return 1
+  fi
+  if ! command -v pg_lsclusters >/dev/null 2>&1; then
+    say "installing PostgreSQL (Debian) for the shared-store tests"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq postgresql >/dev/null
+  fi
+  local line ver name port
+  line=$(pg_lsclusters -h | head -n 1)
+  if [ -z "$line" ]; then
+    ver=$(ls /usr/lib/postgresql | sort -V | tail -n 1)
+    pg_createcluster "$ver" main >/dev/null
+    line=$(pg_lsclusters -h | head -n 1)
+  fi
+  read -r ver name port _ <<<"$line"
+  pg_ctlcluster "$ver" "$name" start 2>/dev/null || true
+  su postgres -c "psql -q -p $port -c \"DO \\\$\\\$ BEGIN IF NOT EXISTS (SELECT FROM pg_roles WHERE rolname = 'unitsync') THEN CREATE ROLE unitsync LOGIN CREATEDB PASSWORD 'unitsync'; END IF; END \\\$\\\$;\"" >/dev/null
+  export UNITSYNC_TEST_POSTGRES_URL="postgres://unitsync:unitsync@127.0.0.1:$port/postgres"
+}
+RUN_IGNORED=()
+if postgres; then RUN_IGNORED=(--run-ignored all); fi
+
 say "format"
 cargo fmt --all -- --check
 
@@ -35,4 +62,4 @@ say "build (the CLI tests run the real binaries)"
 cargo build --workspace --bins --locked
 
 say "tests"
-cargo nextest run --workspace --locked --no-fail-fast
+cargo nextest run --workspace --locked --no-fail-fast "${RUN_IGNORED[@]}"

@@ -124,6 +124,9 @@ pub struct ServeArgs {
     /// Directory for the SQLite store and the admin token.
     #[arg(long, env = crate::config::ENV_DATA_DIR, default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
+    /// PostgreSQL database shared by hub replicas (`postgres://…`); default: SQLite in --data-dir.
+    #[arg(long, env = "UNITSYNC_DATABASE_URL", hide_env_values = true)]
+    pub database_url: Option<String>,
     /// Largest accepted unit, in bytes.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_unit_bytes: usize,
@@ -183,6 +186,7 @@ impl ServeArgs {
             listen: self.listen,
             http_listen: (!self.no_http).then_some(self.http_listen),
             data_dir: self.data_dir.clone(),
+            database_url: self.database_url.clone(),
             tls,
             tuning,
         }

@@ -21,6 +21,9 @@ pub struct Config {
     pub http_listen: Option<SocketAddr>,
     /// Holds `hub.db` (SQLite) and `admin.token`.
     pub data_dir: PathBuf,
+    /// `postgres://…` to share a PostgreSQL database between hub replicas;
+    /// `None` keeps the SQLite file in `data_dir`. Never logged.
+    pub database_url: Option<String>,
     pub tls: crate::tls::TlsMode,
     pub tuning: Tuning,
 }

@@ -316,6 +316,12 @@ impl Hub {
     /// Offers a committed revision to connected agents.
     pub fn publish(&self, committed: &Revision) {
         self.metrics.revisions_committed.inc();
+        self.offer(committed);
+    }
+
+    /// Offers a revision (committed here or by another hub sharing the
+    /// store) to connected agents; offering one twice changes nothing.
+    pub fn offer(&self, committed: &Revision) {
         let delivery = Arc::new(Delivery {
             env: committed.unit.env.clone(),
             unit: committed.unit.name.clone(),

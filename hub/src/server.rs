@@ -21,7 +21,7 @@ use crate::control::Hub;
 use crate::grpc::admin::AdminService;
 use crate::grpc::agent::AgentService;
 use crate::model::Role;
-use crate::store::{Operator, SqliteStore, Store, StoreError};
+use crate::store::{Operator, PgStore, SqliteStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -122,11 +122,14 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             .create(&config.data_dir)
             .map_err(io_err(&config.data_dir))?;
     }
-    let store: Arc<dyn Store> = Arc::new(
-        SqliteStore::open(&config.database_path())
-            .await
-            .map_err(StartError::Store)?,
-    );
+    let store: Arc<dyn Store> = match &config.database_url {
+        Some(url) => Arc::new(PgStore::connect(url).await.map_err(StartError::Store)?),
+        None => Arc::new(
+            SqliteStore::open(&config.database_path())
+                .await
+                .map_err(StartError::Store)?,
+        ),
+    };
     let admin = admin_token(&config.admin_token_path())?;
     let tls = crate::tls::prepare(&config.data_dir, &config.tls)?;
     if tls.is_none() {
@@ -181,6 +184,28 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub.clone()
             .auto_promote_loop(config.tuning.auto_promote_interval, shutdown.clone()),
     );
+    // Revisions committed by other hubs sharing the store reach our agents too.
+    if let Some(mut revisions) = hub.store.subscribe().await.map_err(StartError::Store)? {
+        let hub = hub.clone();
+        let stop = shutdown.clone();
+        tokio::spawn(async move {
+            loop {
+                let next = tokio::select! {
+                    () = stop.cancelled() => return,
+                    n = futures::StreamExt::next(&mut revisions) => n,
+                };
+                let Some((unit, number)) = next else { return };
+                match hub.store.get_revision(&unit, number).await {
+                    Ok(Some(r)) => hub.offer(&r),
+                    Ok(None) => {}
+                    Err(e) => tracing::warn!(
+                        error = %crate::error::ErrorChain(&e),
+                        "loading an announced revision failed"
+                    ),
+                }
+            }
+        });
+    }
 
     if let Some(listener) = http_listener {
         let router = crate::http::router(hub.clone());

@@ -4,6 +4,7 @@
 //! Every mutation writes its audit entry in the same transaction, and a
 //! failed call leaves the store unchanged.
 
+pub mod postgres;
 mod rows;
 pub mod sqlite;
 
@@ -15,7 +16,12 @@ use crate::model::{
     StatusReport, Unit, UnitRef,
 };
 
+pub use postgres::PgStore;
 pub use sqlite::SqliteStore;
+
+/// Revisions committed elsewhere (by another hub sharing the store).
+pub type RevisionStream =
+    std::pin::Pin<Box<dyn futures::Stream<Item = (UnitRef, RevisionNum)> + Send>>;
 
 /// SHA-256 of a bearer token, the only form in which tokens are stored.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -183,6 +189,13 @@ pub trait Store: Send + Sync + 'static {
     /// Newest first.
     async fn list_promotions(&self, limit: u32) -> StoreResult<Vec<Promotion>>;
     async fn get_promotion(&self, id: u64) -> StoreResult<Option<Promotion>>;
+
+    // --- replicas ---
+    /// Revisions committed by any hub sharing this store, as they commit
+    /// (`None`: the store is this hub's alone).
+    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
+        Ok(None)
+    }
 
     // --- audit ---
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;

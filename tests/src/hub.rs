@@ -45,7 +45,26 @@ pub struct TestHub {
     pub addr: SocketAddr,
     pub admin_token: String,
     tuning: Tuning,
+    database_url: Option<String>,
     running: Option<RunningHub>,
+}
+
+/// A fresh PostgreSQL database for one test, on the server named by
+/// `UNITSYNC_TEST_POSTGRES_URL` (deploy/test.sh starts one).
+pub async fn postgres_database() -> String {
+    use sqlx::Connection;
+    let admin = std::env::var("UNITSYNC_TEST_POSTGRES_URL")
+        .expect("UNITSYNC_TEST_POSTGRES_URL names a PostgreSQL server (deploy/test.sh sets it)");
+    let name = format!("unitsync_test_{:016x}", rand::random::<u64>());
+    let mut conn = within("connect to PostgreSQL", sqlx::PgConnection::connect(&admin))
+        .await
+        .expect("PostgreSQL reachable");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(format!("CREATE DATABASE {name}")))
+        .execute(&mut conn)
+        .await
+        .expect("create database");
+    let base = admin.rsplit_once('/').map_or(admin.as_str(), |(b, _)| b);
+    format!("{base}/{name}")
 }
 
 impl TestHub {
@@ -54,24 +73,58 @@ impl TestHub {
     }
 
     pub async fn start_with(tuning: Tuning) -> TestHub {
+        Self::start_full(tuning, None, None).await
+    }
+
+    /// A hub on a PostgreSQL database; `replica_of` shares another hub's
+    /// admin token and CA (as replicas do through a shared Secret).
+    pub async fn start_on_postgres(url: &str, replica_of: Option<&TestHub>) -> TestHub {
+        Self::start_full(Tuning::default(), Some(url.to_owned()), replica_of).await
+    }
+
+    async fn start_full(
+        tuning: Tuning,
+        database_url: Option<String>,
+        replica_of: Option<&TestHub>,
+    ) -> TestHub {
         init_logs();
         crate::cluster::init_crypto();
         let dir = tempfile::tempdir().expect("temp dir");
-        let running = Self::launch(&dir, "127.0.0.1:0".parse().unwrap(), tuning.clone()).await;
+        if let Some(other) = replica_of {
+            let data = dir.path().join("data");
+            std::fs::create_dir_all(&data).unwrap();
+            for f in ["admin.token", "ca.crt", "ca.key"] {
+                std::fs::copy(other.dir.path().join("data").join(f), data.join(f)).unwrap();
+            }
+        }
+        let running = Self::launch(
+            &dir,
+            "127.0.0.1:0".parse().unwrap(),
+            tuning.clone(),
+            database_url.clone(),
+        )
+        .await;
         TestHub {
             addr: running.grpc_addr,
             admin_token: running.admin_token.clone(),
             dir,
             tuning,
+            database_url,
             running: Some(running),
         }
     }
 
-    async fn launch(dir: &TempDir, listen: SocketAddr, tuning: Tuning) -> RunningHub {
+    async fn launch(
+        dir: &TempDir,
+        listen: SocketAddr,
+        tuning: Tuning,
+        database_url: Option<String>,
+    ) -> RunningHub {
         let config = Config {
             listen,
             http_listen: Some("127.0.0.1:0".parse().unwrap()),
             data_dir: dir.path().join("data"),
+            database_url,
             tls: unitsync_hub::tls::TlsMode::Generated {
                 names: vec!["localhost".into(), "127.0.0.1".into()],
             },
@@ -127,7 +180,13 @@ impl TestHub {
     /// Stops and starts again on the same address and data directory.
     pub async fn restart(&mut self) {
         self.stop().await;
-        let r = Self::launch(&self.dir, self.addr, self.tuning.clone()).await;
+        let r = Self::launch(
+            &self.dir,
+            self.addr,
+            self.tuning.clone(),
+            self.database_url.clone(),
+        )
+        .await;
         assert_eq!(
             r.admin_token, self.admin_token,
             "the admin token survives restarts"

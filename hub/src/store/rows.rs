@@ -11,8 +11,7 @@ use crate::model::{
     UnixMillis,
 };
 
-/// Typed column access, implemented for each database's row type (SQLite
-/// today; a PostgreSQL store adds `columns_for!(sqlx::postgres::PgRow)`).
+/// Typed column access, implemented for each database's row type.
 pub(super) trait Columns {
     fn int(&self, col: &str) -> StoreResult<i64>;
     fn text(&self, col: &str) -> StoreResult<String>;
@@ -49,6 +48,7 @@ macro_rules! columns_for {
 }
 
 columns_for!(sqlx::sqlite::SqliteRow);
+columns_for!(sqlx::postgres::PgRow);
 
 pub(super) fn labels_json(l: &Labels) -> String {
     serde_json::to_string(l).unwrap_or_else(|_| "{}".into())

@@ -1,0 +1,930 @@
+//! PostgreSQL implementation of [`Store`], for hubs that share one
+//! database (several replicas behind one address). Same model and contract
+//! as the SQLite store; migrations are tracked in `schema_version`. Every
+//! committed revision is announced with `NOTIFY unitsync_revisions`, so each
+//! hub replica offers it to the agents connected to it ([`Store::subscribe`]).
+//!
+//! Writes of one hub go through one connection (as with SQLite); replicas
+//! racing on the same unit are kept apart by the revisions' primary key (the
+//! loser's commit fails and changes nothing).
+
+use async_trait::async_trait;
+use futures::StreamExt;
+use sqlx::Connection;
+use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
+use tokio::sync::Mutex;
+
+use super::rows::{self, Columns, ENV_COLUMNS, corrupt, db, is_unique_violation, labels_json, num};
+use super::{
+    Ack, NewPromotion, Operator, RevisionStream, Store, StoreError, StoreResult, TokenHash,
+};
+use crate::model::{
+    AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum, StatusCell,
+    StatusReport, Unit, UnitRef, UnixMillis,
+};
+
+/// Embedded migrations, applied in order; the index + 1 is the schema version.
+const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_schema.sql")];
+
+/// The channel revisions are announced on.
+const CHANNEL: &str = "unitsync_revisions";
+
+pub struct PgStore {
+    url: String,
+    writer: Mutex<PgConnection>,
+    readers: PgPool,
+}
+
+impl PgStore {
+    /// Connects (`postgres://user:password@host/db`) and applies migrations.
+    pub async fn connect(url: &str) -> StoreResult<PgStore> {
+        let mut writer = PgConnection::connect(url).await.map_err(db)?;
+        migrate(&mut writer).await?;
+        let readers = PgPoolOptions::new()
+            .max_connections(8)
+            .connect(url)
+            .await
+            .map_err(db)?;
+        Ok(PgStore {
+            url: url.to_owned(),
+            writer: Mutex::new(writer),
+            readers,
+        })
+    }
+
+    /// One statement on one cluster's row (`value`, if any, binds first,
+    /// then the name) with its audit entry; `NotFound` when no row matched.
+    async fn cluster_write(
+        &self,
+        sql: &'static str,
+        name: &ClusterName,
+        value: Option<&str>,
+        audit: &NewAudit,
+    ) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let mut q = sqlx::query(sql);
+        if let Some(v) = value {
+            q = q.bind(v.to_owned());
+        }
+        let done = q
+            .bind(name.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+}
+
+async fn migrate(conn: &mut PgConnection) -> StoreResult<()> {
+    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
+        .execute(&mut *conn)
+        .await
+        .map_err(db)?;
+    let mut tx = conn.begin().await.map_err(db)?;
+    // One hub migrates at a time.
+    sqlx::raw_sql("LOCK TABLE schema_version IN EXCLUSIVE MODE")
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+    let version: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+    let known = MIGRATIONS.len() as i64;
+    if version > known {
+        return Err(corrupt(format!(
+            "database schema version {version} is newer than this hub ({known}); upgrade the hub"
+        )));
+    }
+    for (i, sql) in MIGRATIONS
+        .iter()
+        .enumerate()
+        .skip(usize::try_from(version).unwrap_or(0))
+    {
+        sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
+            .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+    }
+    tx.commit().await.map_err(db)
+}
+
+async fn insert_audit(conn: &mut PgConnection, a: &NewAudit) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO audit (time, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
+    )
+    .bind(UnixMillis::now().0)
+    .bind(a.actor.to_string())
+    .bind(a.action)
+    .bind(&a.target)
+    .bind(&a.detail)
+    .execute(conn)
+    .await
+    .map_err(db)?;
+    Ok(())
+}
+
+async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revision> {
+    let env_exists: Option<i64> =
+        sqlx::query_scalar("SELECT 1::BIGINT FROM environments WHERE name = $1")
+            .bind(rev.unit.env.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    if env_exists.is_none() {
+        return Err(StoreError::NotFound(format!(
+            "environment {}",
+            rev.unit.env
+        )));
+    }
+    let existing =
+        sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = $1 AND name = $2")
+            .bind(rev.unit.env.as_str())
+            .bind(rev.unit.name.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+    let now = UnixMillis::now();
+    let (unit_id, number) = match existing {
+        None => {
+            if rev.tombstone || rev.mode == PutMode::Update {
+                return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+            }
+            let id: i64 = sqlx::query_scalar(
+                "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at, upstream)
+                 VALUES ($1, $2, $3, 1, 0, $4, $5, $6) RETURNING id",
+            )
+            .bind(rev.unit.env.as_str())
+            .bind(rev.unit.name.as_str())
+            .bind(labels_json(&rev.labels.clone().unwrap_or_default()))
+            .bind(now.0)
+            .bind(now.0)
+            .bind(rev.upstream.as_ref().map(ToString::to_string))
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            (id, RevisionNum::FIRST)
+        }
+        Some(row) => {
+            let id = row.int("id")?;
+            let head = num(row.int("head")?);
+            let destroyed = row.int("destroyed")? != 0;
+            match (rev.mode, destroyed, rev.tombstone) {
+                (_, true, true) => {
+                    return Err(StoreError::Conflict(format!(
+                        "unit {} is already destroyed",
+                        rev.unit
+                    )));
+                }
+                (PutMode::Create, false, false) => {
+                    return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
+                }
+                (PutMode::Update, true, false) => {
+                    return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+                }
+                _ => {}
+            }
+            let number = head.next();
+            sqlx::query(
+                "UPDATE units SET head = $1, destroyed = $2, updated_at = $3,
+                 labels = COALESCE($4, labels) WHERE id = $5",
+            )
+            .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
+            .bind(i64::from(rev.tombstone))
+            .bind(now.0)
+            .bind(rev.labels.as_ref().map(labels_json))
+            .bind(id)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+            (id, number)
+        }
+    };
+    let author = rev.author.to_string();
+    sqlx::query(
+        "INSERT INTO revisions (unit_id, number, digest, tombstone, manifests, documents, author, message, origin, created_at, source_revision)
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
+    )
+    .bind(unit_id)
+    .bind(number.0 as i64)
+    .bind(rev.digest.to_hex())
+    .bind(i64::from(rev.tombstone))
+    .bind(&*rev.manifests)
+    .bind(i64::from(rev.documents))
+    .bind(&author)
+    .bind(&rev.message)
+    .bind(&rev.origin)
+    .bind(now.0)
+    .bind(i64::try_from(rev.source_revision.0).unwrap_or(0))
+    .execute(&mut *tx)
+    .await
+    .map_err(db)?;
+    let action = if rev.tombstone {
+        "unit.destroy"
+    } else if number == RevisionNum::FIRST {
+        "unit.create"
+    } else {
+        "unit.update"
+    };
+    insert_audit(
+        tx,
+        &NewAudit {
+            actor: rev.author.clone(),
+            action,
+            target: rev.unit.to_string(),
+            detail: format!(
+                "revision {number} digest {} origin {:?} message {:?}",
+                rev.digest, rev.origin, rev.message
+            ),
+        },
+    )
+    .await?;
+    Ok(Revision {
+        unit: rev.unit,
+        number,
+        digest: rev.digest,
+        tombstone: rev.tombstone,
+        manifests: rev.manifests,
+        documents: rev.documents,
+        author,
+        message: rev.message,
+        origin: rev.origin,
+        created_at: now,
+        source_revision: rev.source_revision,
+    })
+}
+
+#[async_trait]
+impl Store for PgStore {
+    async fn create_environment(
+        &self,
+        name: &EnvName,
+        after: Option<&EnvName>,
+        audit: NewAudit,
+    ) -> StoreResult<Environment> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let position: i64 = match after {
+            Some(after) => {
+                let p: Option<i64> =
+                    sqlx::query_scalar("SELECT position FROM environments WHERE name = $1")
+                        .bind(after.as_str())
+                        .fetch_optional(&mut *tx)
+                        .await
+                        .map_err(db)?;
+                let p = p.ok_or_else(|| StoreError::NotFound(format!("environment {after}")))?;
+                // Shift in two steps: positions are not constrained unique,
+                // but keep the order dense.
+                sqlx::query("UPDATE environments SET position = position + 1 WHERE position > $1")
+                    .bind(p)
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+                p + 1
+            }
+            None => sqlx::query_scalar("SELECT COALESCE(MAX(position) + 1, 0) FROM environments")
+                .fetch_one(&mut *tx)
+                .await
+                .map_err(db)?,
+        };
+        let now = UnixMillis::now();
+        sqlx::query("INSERT INTO environments (name, position, created_at) VALUES ($1, $2, $3)")
+            .bind(name.as_str())
+            .bind(position)
+            .bind(now.0)
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists(format!("environment {name}"))
+                } else {
+                    db(e)
+                }
+            })?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Environment {
+            name: name.clone(),
+            position: u32::try_from(position).unwrap_or(0),
+            created_at: now,
+            policy: EnvPolicy::default(),
+        })
+    }
+
+    async fn list_environments(&self) -> StoreResult<Vec<Environment>> {
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENV_COLUMNS} FROM environments ORDER BY position"
+        )))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::environment).collect()
+    }
+
+    async fn create_cluster(
+        &self,
+        name: &ClusterName,
+        env: &EnvName,
+        labels: &Labels,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<Cluster> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let env_exists: Option<i64> =
+            sqlx::query_scalar("SELECT 1::BIGINT FROM environments WHERE name = $1")
+                .bind(env.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        if env_exists.is_none() {
+            return Err(StoreError::NotFound(format!("environment {env}")));
+        }
+        let now = UnixMillis::now();
+        sqlx::query(
+            "INSERT INTO clusters (name, environment, labels, token_hash, created_at) VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(name.as_str())
+        .bind(env.as_str())
+        .bind(labels_json(labels))
+        .bind(&token.0)
+        .bind(now.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!("cluster {name}"))
+            } else {
+                db(e)
+            }
+        })?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(Cluster {
+            name: name.clone(),
+            environment: env.clone(),
+            labels: labels.clone(),
+            created_at: now,
+        })
+    }
+
+    async fn list_clusters(&self, env: Option<&EnvName>) -> StoreResult<Vec<Cluster>> {
+        let rows = sqlx::query(
+            "SELECT c.name, c.environment, c.labels, c.created_at
+             FROM clusters c JOIN environments e ON e.name = c.environment
+             WHERE $1 IS NULL OR c.environment = $1 ORDER BY e.position, c.name",
+        )
+        .bind(env.map(EnvName::as_str))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::cluster).collect()
+    }
+
+    async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>> {
+        let row = sqlx::query(
+            "SELECT name, environment, labels, created_at FROM clusters WHERE name = $1",
+        )
+        .bind(name.as_str())
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(rows::cluster).transpose()
+    }
+
+    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
+        self.cluster_write("DELETE FROM clusters WHERE name = $1", name, None, &audit)
+            .await
+    }
+
+    async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>> {
+        let row = sqlx::query(
+            "SELECT name, environment, labels, created_at FROM clusters WHERE token_hash = $1 AND revoked = 0",
+        )
+        .bind(&token.0)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(rows::cluster).transpose()
+    }
+
+    async fn set_cluster_token(
+        &self,
+        name: &ClusterName,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        self.cluster_write(
+            "UPDATE clusters SET token_hash = $1 WHERE name = $2",
+            name,
+            Some(&token.0),
+            &audit,
+        )
+        .await
+    }
+
+    async fn add_cluster_cert(
+        &self,
+        name: &ClusterName,
+        fingerprint: &str,
+        not_after: UnixMillis,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "INSERT INTO cluster_certs (fingerprint, cluster, not_after, created_at)
+             SELECT $1, name, $2, $3 FROM clusters WHERE name = $4 AND revoked = 0",
+        )
+        .bind(fingerprint)
+        .bind(not_after.0)
+        .bind(UnixMillis::now().0)
+        .bind(name.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>> {
+        let row = sqlx::query(
+            "SELECT c.name, c.environment, c.labels, c.created_at FROM cluster_certs k
+             JOIN clusters c ON c.name = k.cluster WHERE k.fingerprint = $1 AND c.revoked = 0",
+        )
+        .bind(fingerprint)
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(rows::cluster).transpose()
+    }
+
+    async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
+        self.cluster_write(
+            "UPDATE clusters SET revoked = 1 WHERE name = $1",
+            name,
+            None,
+            &audit,
+        )
+        .await
+    }
+
+    async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        sqlx::query(
+            "INSERT INTO operators (name, role, token_hash, created_at) VALUES ($1, $2, $3, $4)
+             ON CONFLICT(name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash",
+        )
+        .bind(&op.name)
+        .bind(op.role.as_str())
+        .bind(&token.0)
+        .bind(UnixMillis::now().0)
+        .execute(&mut *w)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>> {
+        let row = sqlx::query("SELECT name, role FROM operators WHERE token_hash = $1")
+            .bind(&token.0)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(rows::operator).transpose()
+    }
+
+    async fn commit_release(
+        &self,
+        revs: Vec<NewRevision>,
+        promotion: Option<NewPromotion>,
+    ) -> StoreResult<(Vec<Revision>, Option<u64>)> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let mut out = Vec::with_capacity(revs.len());
+        for rev in revs {
+            let r = commit_one(&mut tx, rev).await?;
+            sqlx::query("SELECT pg_notify($1, $2)")
+                .bind(CHANNEL)
+                .bind(format!("{}:{}", r.unit, r.number))
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+            out.push(r);
+        }
+        let mut id = None;
+        if let Some(p) = promotion {
+            let items: Vec<PromotedUnit> = p
+                .items
+                .iter()
+                .zip(&out)
+                .map(|(i, r)| PromotedUnit {
+                    target_revision: r.number.0,
+                    ..i.clone()
+                })
+                .collect();
+            let items_json = serde_json::to_string(&items).map_err(corrupt)?;
+            let pid: i64 = sqlx::query_scalar(
+                "INSERT INTO promotions (time, actor, from_env, to_env, automatic, forced, reason, items)
+                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
+            )
+            .bind(UnixMillis::now().0)
+            .bind(p.actor.to_string())
+            .bind(p.from.as_str())
+            .bind(p.to.as_str())
+            .bind(i64::from(p.automatic))
+            .bind(i64::from(p.forced))
+            .bind(&p.reason)
+            .bind(&items_json)
+            .fetch_one(&mut *tx)
+            .await
+            .map_err(db)?;
+            let detail = items
+                .iter()
+                .map(|i| {
+                    format!(
+                        "{}@{} -> {}@{}",
+                        i.source_unit, i.source_revision, i.target_unit, i.target_revision
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join(", ");
+            insert_audit(
+                &mut tx,
+                &NewAudit {
+                    actor: p.actor.clone(),
+                    action: if p.forced {
+                        "promotion.forced"
+                    } else if p.automatic {
+                        "promotion.auto"
+                    } else {
+                        "promotion"
+                    },
+                    target: format!("{}->{}", p.from, p.to),
+                    detail: format!(
+                        "promotion {pid}: {detail}{}",
+                        if p.reason.is_empty() {
+                            String::new()
+                        } else {
+                            format!("; reason {:?}", p.reason)
+                        }
+                    ),
+                },
+            )
+            .await?;
+            id = Some(u64::try_from(pid).unwrap_or(0));
+        }
+        tx.commit().await.map_err(db)?;
+        Ok((out, id))
+    }
+
+    async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>> {
+        let row = sqlx::query(
+            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
+                    COALESCE(r.source_revision, 0) AS head_source
+             FROM units u LEFT JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
+             WHERE u.environment = $1 AND u.name = $2",
+        )
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref().map(rows::unit).transpose()
+    }
+
+    async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>> {
+        let rows = sqlx::query(
+            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
+                    COALESCE(r.source_revision, 0) AS head_source
+             FROM units u JOIN environments e ON e.name = u.environment
+             LEFT JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
+             WHERE $1 IS NULL OR u.environment = $1 ORDER BY e.position, u.name",
+        )
+        .bind(env.map(EnvName::as_str))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::unit).collect()
+    }
+
+    async fn history(&self, unit: &UnitRef) -> StoreResult<Vec<Revision>> {
+        let rows = sqlx::query(
+            "SELECT r.number, r.digest, r.tombstone, r.documents, r.author, r.message, r.origin, r.created_at, r.source_revision
+             FROM revisions r JOIN units u ON u.id = r.unit_id
+             WHERE u.environment = $1 AND u.name = $2 ORDER BY r.number",
+        )
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter()
+            .map(|r| rows::revision(unit, r, false))
+            .collect()
+    }
+
+    async fn get_revision(&self, unit: &UnitRef, n: RevisionNum) -> StoreResult<Option<Revision>> {
+        let row = sqlx::query(
+            "SELECT r.number, r.digest, r.tombstone, r.manifests, r.documents, r.author, r.message, r.origin, r.created_at, r.source_revision
+             FROM revisions r JOIN units u ON u.id = r.unit_id
+             WHERE u.environment = $1 AND u.name = $2 AND r.number = $3",
+        )
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .bind(i64::try_from(n.0).unwrap_or(i64::MAX))
+        .fetch_optional(&self.readers)
+        .await
+        .map_err(db)?;
+        row.as_ref()
+            .map(|r| rows::revision(unit, r, true))
+            .transpose()
+    }
+
+    async fn heads(&self, env: &EnvName) -> StoreResult<Vec<HeadRef>> {
+        let rows = sqlx::query(
+            "SELECT u.name, r.number, r.digest, r.tombstone
+             FROM units u JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
+             WHERE u.environment = $1 ORDER BY u.name",
+        )
+        .bind(env.as_str())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::head).collect()
+    }
+
+    async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()> {
+        if acks.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        for a in acks {
+            // Joins make this a no-op for a cluster deleted meanwhile.
+            sqlx::query(
+                "INSERT INTO unit_status (cluster, unit_id, acked)
+                 SELECT c.name, u.id, $1 FROM units u JOIN clusters c ON c.name = $2
+                 WHERE u.environment = $3 AND u.name = $4
+                 ON CONFLICT(cluster, unit_id) DO UPDATE SET acked = GREATEST(unit_status.acked, excluded.acked)",
+            )
+            .bind(a.revision.0 as i64)
+            .bind(a.cluster.as_str())
+            .bind(a.unit.env.as_str())
+            .bind(a.unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()> {
+        if reports.is_empty() {
+            return Ok(());
+        }
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        for r in reports {
+            let resources = serde_json::to_string(&r.resources).map_err(corrupt)?;
+            sqlx::query(
+                "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at, ready_since)
+                 SELECT c.name, u.id, $1, $2, $3, $4, $5, CASE WHEN $2 = 'Ready' THEN $5 ELSE 0 END
+                 FROM units u JOIN clusters c ON c.name = $6
+                 WHERE u.environment = $7 AND u.name = $8
+                 ON CONFLICT(cluster, unit_id) DO UPDATE SET
+                   ready_since = CASE
+                     WHEN excluded.phase != 'Ready' THEN 0
+                     WHEN unit_status.phase = 'Ready' AND unit_status.revision = excluded.revision
+                       AND unit_status.ready_since > 0 THEN unit_status.ready_since
+                     ELSE excluded.updated_at END,
+                   revision = excluded.revision,
+                   phase = excluded.phase, message = excluded.message,
+                   resources = excluded.resources, updated_at = excluded.updated_at",
+            )
+            .bind(r.revision.0 as i64)
+            .bind(r.phase.as_str())
+            .bind(&r.message)
+            .bind(resources)
+            .bind(r.observed_at.0)
+            .bind(r.cluster.as_str())
+            .bind(r.unit.env.as_str())
+            .bind(r.unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn statuses(
+        &self,
+        env: Option<&EnvName>,
+        unit: Option<&UnitRef>,
+    ) -> StoreResult<Vec<StatusCell>> {
+        let rows = sqlx::query(
+            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since
+             FROM unit_status s JOIN units u ON u.id = s.unit_id
+             WHERE ($1 IS NULL OR u.environment = $1)
+               AND ($2 IS NULL OR (u.environment = $2 AND u.name = $3))
+             ORDER BY u.environment, u.name, s.cluster",
+        )
+        .bind(env.map(EnvName::as_str))
+        .bind(unit.map(|u| u.env.as_str()))
+        .bind(unit.map(|u| u.name.as_str()))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::status_cell).collect()
+    }
+
+    async fn set_environment_policy(
+        &self,
+        env: &EnvName,
+        policy: EnvPolicy,
+        audit: NewAudit,
+    ) -> StoreResult<Environment> {
+        let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "UPDATE environments SET required_approvals = $1, soak_seconds = $2, auto_promote = $3 WHERE name = $4",
+        )
+        .bind(i64::from(policy.required_approvals))
+        .bind(i64::try_from(policy.soak_seconds).unwrap_or(i64::MAX))
+        .bind(i64::from(policy.auto_promote))
+        .bind(env.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("environment {env}")));
+        }
+        insert_audit(&mut tx, &audit).await?;
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {ENV_COLUMNS} FROM environments WHERE name = $1"
+        )))
+        .bind(env.as_str())
+        .fetch_one(&mut *tx)
+        .await
+        .map_err(db)?;
+        let out = rows::environment(&row)?;
+        tx.commit().await.map_err(db)?;
+        Ok(out)
+    }
+
+    async fn set_overrides(
+        &self,
+        unit: &UnitRef,
+        overrides: &[Override],
+        audit: NewAudit,
+    ) -> StoreResult<Unit> {
+        {
+            let mut w = self.writer.lock().await;
+            let mut tx = w.begin().await.map_err(db)?;
+            let done =
+                sqlx::query("UPDATE units SET overrides = $1 WHERE environment = $2 AND name = $3")
+                    .bind(serde_json::to_string(overrides).map_err(corrupt)?)
+                    .bind(unit.env.as_str())
+                    .bind(unit.name.as_str())
+                    .execute(&mut *tx)
+                    .await
+                    .map_err(db)?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound(format!("unit {unit}")));
+            }
+            insert_audit(&mut tx, &audit).await?;
+            tx.commit().await.map_err(db)?;
+        }
+        self.get_unit(unit)
+            .await?
+            .ok_or_else(|| StoreError::NotFound(format!("unit {unit}")))
+    }
+
+    async fn approve(
+        &self,
+        target: &EnvName,
+        unit: &UnitRef,
+        revision: RevisionNum,
+        approver: &str,
+        audit: NewAudit,
+    ) -> StoreResult<Vec<String>> {
+        {
+            let mut w = self.writer.lock().await;
+            let mut tx = w.begin().await.map_err(db)?;
+            let done = sqlx::query(
+                "INSERT INTO approvals (target_env, unit_id, revision, approver, time)
+                 SELECT $1, u.id, $2, $3, $4 FROM units u
+                 JOIN revisions r ON r.unit_id = u.id AND r.number = $2
+                 WHERE u.environment = $5 AND u.name = $6",
+            )
+            .bind(target.as_str())
+            .bind(i64::try_from(revision.0).unwrap_or(i64::MAX))
+            .bind(approver)
+            .bind(UnixMillis::now().0)
+            .bind(unit.env.as_str())
+            .bind(unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(|e| {
+                if is_unique_violation(&e) {
+                    StoreError::AlreadyExists(format!(
+                        "an approval by {approver} of {unit}@{revision} for {target}"
+                    ))
+                } else {
+                    db(e)
+                }
+            })?;
+            if done.rows_affected() == 0 {
+                return Err(StoreError::NotFound(format!(
+                    "unit {unit} revision {revision}"
+                )));
+            }
+            insert_audit(&mut tx, &audit).await?;
+            tx.commit().await.map_err(db)?;
+        }
+        self.approvals(target, unit, revision).await
+    }
+
+    async fn approvals(
+        &self,
+        target: &EnvName,
+        unit: &UnitRef,
+        revision: RevisionNum,
+    ) -> StoreResult<Vec<String>> {
+        sqlx::query_scalar(
+            "SELECT a.approver FROM approvals a JOIN units u ON u.id = a.unit_id
+             WHERE a.target_env = $1 AND u.environment = $2 AND u.name = $3 AND a.revision = $4 ORDER BY a.time",
+        )
+        .bind(target.as_str())
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .bind(i64::try_from(revision.0).unwrap_or(i64::MAX))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)
+    }
+
+    async fn list_promotions(&self, limit: u32) -> StoreResult<Vec<Promotion>> {
+        let rows = sqlx::query("SELECT * FROM promotions ORDER BY id DESC LIMIT $1")
+            .bind(i64::from(limit))
+            .fetch_all(&self.readers)
+            .await
+            .map_err(db)?;
+        rows.iter().map(rows::promotion).collect()
+    }
+
+    async fn get_promotion(&self, id: u64) -> StoreResult<Option<Promotion>> {
+        let row = sqlx::query("SELECT * FROM promotions WHERE id = $1")
+            .bind(i64::try_from(id).unwrap_or(i64::MAX))
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(rows::promotion).transpose()
+    }
+
+    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
+        let mut listener = PgListener::connect(&self.url).await.map_err(db)?;
+        listener.listen(CHANNEL).await.map_err(db)?;
+        let stream = listener.into_stream().filter_map(|n| async move {
+            let n = n.ok()?;
+            let (unit, number) = n.payload().rsplit_once(':')?;
+            Some((
+                unit.parse::<UnitRef>().ok()?,
+                RevisionNum(number.parse().ok()?),
+            ))
+        });
+        Ok(Some(Box::pin(stream)))
+    }
+
+    async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {
+        let mut w = self.writer.lock().await;
+        insert_audit(&mut w, &entry).await
+    }
+
+    async fn list_audit(&self, limit: u32, target_prefix: &str) -> StoreResult<Vec<AuditEntry>> {
+        let rows = sqlx::query(
+            "SELECT id, time, actor, action, target, detail FROM audit
+             WHERE substr(target, 1, length($1)) = $1 ORDER BY id DESC LIMIT $2",
+        )
+        .bind(target_prefix)
+        .bind(i64::from(limit))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::audit).collect()
+    }
+}
