@@ -688,6 +688,10 @@ impl Hub {
                 () = stop.cancelled() => return,
                 () = tokio::time::sleep(interval) => {}
             }
+            // With a shared store, one replica promotes.
+            if !self.store.is_leader().await.unwrap_or(false) {
+                continue;
+            }
             if let Err(e) = self.auto_promote_once().await {
                 tracing::warn!(error = %ErrorChain(&e), "automatic promotion failed");
             }

@@ -197,6 +197,13 @@ pub trait Store: Send + Sync + 'static {
         Ok(None)
     }
 
+    /// Whether this hub runs the store's singleton tasks (automatic
+    /// promotion): always for a store of its own; for a shared store, the
+    /// replica holding the leader lock.
+    async fn is_leader(&self) -> StoreResult<bool> {
+        Ok(true)
+    }
+
     // --- audit ---
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;
     /// Newest first.

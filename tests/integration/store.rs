@@ -421,3 +421,19 @@ async fn hub_replicas_on_postgres_deliver_each_others_commits() {
     .await;
     agent.stop().await;
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
+async fn one_replica_leads_on_a_shared_store() {
+    let url = unitsync_tests::hub::postgres_database().await;
+    let a = unitsync_hub::store::PgStore::connect(&url).await.unwrap();
+    let b = unitsync_hub::store::PgStore::connect(&url).await.unwrap();
+    assert!(a.is_leader().await.unwrap());
+    assert!(a.is_leader().await.unwrap(), "the leader stays leader");
+    assert!(!b.is_leader().await.unwrap());
+    drop(a);
+    unitsync_tests::until("b takes over when a goes", || async {
+        b.is_leader().await.unwrap()
+    })
+    .await;
+}

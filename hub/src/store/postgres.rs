@@ -896,6 +896,16 @@ impl Store for PgStore {
         row.as_ref().map(rows::promotion).transpose()
     }
 
+    async fn is_leader(&self) -> StoreResult<bool> {
+        // A session-level advisory lock on the writer connection: held for
+        // as long as this replica's connection lives, re-entrant for it.
+        let mut w = self.writer.lock().await;
+        sqlx::query_scalar("SELECT pg_try_advisory_lock(7274757)")
+            .fetch_one(&mut *w)
+            .await
+            .map_err(db)
+    }
+
     async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
         let mut listener = PgListener::connect(&self.url).await.map_err(db)?;
         listener.listen(CHANNEL).await.map_err(db)?;
