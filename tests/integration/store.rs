@@ -437,3 +437,71 @@ async fn one_replica_leads_on_a_shared_store() {
     })
     .await;
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
+async fn replicas_racing_on_one_unit_both_commit() {
+    let url = unitsync_tests::hub::postgres_database().await;
+    let a: Arc<dyn Store> = Arc::new(unitsync_hub::store::PgStore::connect(&url).await.unwrap());
+    let b: Arc<dyn Store> = Arc::new(unitsync_hub::store::PgStore::connect(&url).await.unwrap());
+    a.create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+        .await
+        .unwrap();
+    // Both replicas create and then update the same unit at the same time.
+    let writer = |store: Arc<dyn Store>, who: &'static str| async move {
+        for i in 0..15 {
+            let text = format!("{who}-{i}");
+            store
+                .commit_revision(rev("dev/web", &text, PutMode::CreateOrUpdate))
+                .await
+                .unwrap_or_else(|e| panic!("{who} commit {i}: {e}"));
+        }
+    };
+    unitsync_tests::within("racing commits", async {
+        tokio::join!(writer(a.clone(), "a"), writer(b.clone(), "b"))
+    })
+    .await;
+    let unit: UnitRef = "dev/web".parse().unwrap();
+    let history = a.history(&unit).await.unwrap();
+    let mut numbers: Vec<u64> = history.iter().map(|r| r.number.0).collect();
+    numbers.sort_unstable();
+    assert_eq!(
+        numbers,
+        (1..=30).collect::<Vec<u64>>(),
+        "no revision lost or reused"
+    );
+    assert_eq!(
+        a.get_unit(&unit).await.unwrap().unwrap().head,
+        RevisionNum(30)
+    );
+
+    // Release sets over the same two units, listed in opposite orders.
+    let sets = |store: Arc<dyn Store>, first: &'static str, second: &'static str| async move {
+        for i in 0..10 {
+            let set = vec![
+                rev(first, &format!("{first}-{i}"), PutMode::CreateOrUpdate),
+                rev(second, &format!("{second}-{i}"), PutMode::CreateOrUpdate),
+            ];
+            store
+                .commit_release(set, None)
+                .await
+                .unwrap_or_else(|e| panic!("set {first},{second} #{i}: {e:?}"));
+        }
+    };
+    unitsync_tests::within("racing release sets", async {
+        tokio::join!(
+            sets(a.clone(), "dev/web", "dev/api"),
+            sets(b.clone(), "dev/api", "dev/web")
+        )
+    })
+    .await;
+    let api: UnitRef = "dev/api".parse().unwrap();
+    assert_eq!(
+        a.get_unit(&unit).await.unwrap().unwrap().head,
+        RevisionNum(50)
+    );
+    assert_eq!(
+        a.get_unit(&api).await.unwrap().unwrap().head,
+        RevisionNum(20)
+    );
+}

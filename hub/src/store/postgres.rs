@@ -19,9 +19,9 @@ use super::{
     Ack, NewPromotion, Operator, RevisionStream, Store, StoreError, StoreResult, TokenHash,
 };
 use crate::model::{
-    AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum, StatusCell,
-    StatusReport, Unit, UnitRef, UnixMillis,
+    AuditEntry, Cluster, ClusterName, Digest, EnvName, EnvPolicy, Environment, HeadRef, Labels,
+    NewAudit, NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum,
+    StatusCell, StatusReport, Unit, UnitRef, UnixMillis,
 };
 
 /// Embedded migrations, applied in order; the index + 1 is the schema version.
@@ -135,6 +135,36 @@ async fn insert_audit(conn: &mut PgConnection, a: &NewAudit) -> StoreResult<()> 
     Ok(())
 }
 
+/// Advisory-lock class of unit locks (the leader lock uses the single-key
+/// space, which never meets the two-key one).
+const UNIT_LOCK_CLASS: i32 = 0x756e_6974;
+
+/// Takes a transaction-scoped lock per unit, in one global order, so that
+/// replicas committing overlapping units wait for each other (no lost
+/// revision number, no deadlock); missing units are covered too.
+async fn lock_units<'a>(
+    tx: &mut PgConnection,
+    units: impl Iterator<Item = &'a UnitRef>,
+) -> StoreResult<()> {
+    let mut keys: Vec<i32> = units
+        .map(|u| {
+            let d = Digest::of(u.to_string().as_bytes());
+            i32::from_be_bytes([d.0[0], d.0[1], d.0[2], d.0[3]])
+        })
+        .collect();
+    keys.sort_unstable();
+    keys.dedup();
+    for key in keys {
+        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
+            .bind(UNIT_LOCK_CLASS)
+            .bind(key)
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+    }
+    Ok(())
+}
+
 async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revision> {
     let env_exists: Option<i64> =
         sqlx::query_scalar("SELECT 1::BIGINT FROM environments WHERE name = $1")
@@ -148,22 +178,26 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
             rev.unit.env
         )));
     }
-    let existing =
-        sqlx::query("SELECT id, head, destroyed FROM units WHERE environment = $1 AND name = $2")
-            .bind(rev.unit.env.as_str())
-            .bind(rev.unit.name.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
     let now = UnixMillis::now();
-    let (unit_id, number) = match existing {
-        None => {
+    let (unit_id, number) = loop {
+        // `lock_units` already orders replicas; the row lock and the
+        // conflict-tolerant insert keep this correct on their own.
+        let existing = sqlx::query(
+            "SELECT id, head, destroyed FROM units WHERE environment = $1 AND name = $2 FOR UPDATE",
+        )
+        .bind(rev.unit.env.as_str())
+        .bind(rev.unit.name.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+        let Some(row) = existing else {
             if rev.tombstone || rev.mode == PutMode::Update {
                 return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
             }
-            let id: i64 = sqlx::query_scalar(
+            let id: Option<i64> = sqlx::query_scalar(
                 "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at, upstream)
-                 VALUES ($1, $2, $3, 1, 0, $4, $5, $6) RETURNING id",
+                 VALUES ($1, $2, $3, 1, 0, $4, $5, $6)
+                 ON CONFLICT (environment, name) DO NOTHING RETURNING id",
             )
             .bind(rev.unit.env.as_str())
             .bind(rev.unit.name.as_str())
@@ -171,45 +205,47 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
             .bind(now.0)
             .bind(now.0)
             .bind(rev.upstream.as_ref().map(ToString::to_string))
-            .fetch_one(&mut *tx)
+            .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
-            (id, RevisionNum::FIRST)
-        }
-        Some(row) => {
-            let id = row.int("id")?;
-            let head = num(row.int("head")?);
-            let destroyed = row.int("destroyed")? != 0;
-            match (rev.mode, destroyed, rev.tombstone) {
-                (_, true, true) => {
-                    return Err(StoreError::Conflict(format!(
-                        "unit {} is already destroyed",
-                        rev.unit
-                    )));
-                }
-                (PutMode::Create, false, false) => {
-                    return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
-                }
-                (PutMode::Update, true, false) => {
-                    return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
-                }
-                _ => {}
+            match id {
+                Some(id) => break (id, RevisionNum::FIRST),
+                // Another replica created it meanwhile: lock its row instead.
+                None => continue,
             }
-            let number = head.next();
-            sqlx::query(
-                "UPDATE units SET head = $1, destroyed = $2, updated_at = $3,
-                 labels = COALESCE($4, labels) WHERE id = $5",
-            )
-            .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
-            .bind(i64::from(rev.tombstone))
-            .bind(now.0)
-            .bind(rev.labels.as_ref().map(labels_json))
-            .bind(id)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-            (id, number)
+        };
+        let id = row.int("id")?;
+        let head = num(row.int("head")?);
+        let destroyed = row.int("destroyed")? != 0;
+        match (rev.mode, destroyed, rev.tombstone) {
+            (_, true, true) => {
+                return Err(StoreError::Conflict(format!(
+                    "unit {} is already destroyed",
+                    rev.unit
+                )));
+            }
+            (PutMode::Create, false, false) => {
+                return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
+            }
+            (PutMode::Update, true, false) => {
+                return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
+            }
+            _ => {}
         }
+        let number = head.next();
+        sqlx::query(
+            "UPDATE units SET head = $1, destroyed = $2, updated_at = $3,
+             labels = COALESCE($4, labels) WHERE id = $5",
+        )
+        .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
+        .bind(i64::from(rev.tombstone))
+        .bind(now.0)
+        .bind(rev.labels.as_ref().map(labels_json))
+        .bind(id)
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        break (id, number);
     };
     let author = rev.author.to_string();
     sqlx::query(
@@ -515,6 +551,7 @@ impl Store for PgStore {
     ) -> StoreResult<(Vec<Revision>, Option<u64>)> {
         let mut w = self.writer.lock().await;
         let mut tx = w.begin().await.map_err(db)?;
+        lock_units(&mut tx, revs.iter().map(|r| &r.unit)).await?;
         let mut out = Vec::with_capacity(revs.len());
         for rev in revs {
             let r = commit_one(&mut tx, rev).await?;
