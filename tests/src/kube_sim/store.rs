@@ -688,20 +688,11 @@ impl State {
             .get(&key)
             .cloned()
             .ok_or_else(|| ApiError::not_found(&ty.plural, &ty.group, name))?;
-        if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
-            && !rv.is_empty()
-            && rv
-                != old["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &ty.qualified(),
-                "",
-                name,
-                "the object has been modified; please apply your changes to the latest version and try again",
-            ));
-        }
+        // An empty resourceVersion on PUT means an unconditional update.
+        let wanted = body["metadata"]["resourceVersion"]
+            .as_str()
+            .filter(|rv| !rv.is_empty());
+        check_resource_version(ty, name, wanted, &old)?;
         let mut new = body;
         new["metadata"]["resourceVersion"] = old["metadata"]["resourceVersion"].clone();
         Self::track_update(ty, &old, &mut new, opts);
@@ -757,19 +748,7 @@ impl State {
                 ));
             }
         }
-        if let Some(rv) = body["metadata"]["resourceVersion"].as_str()
-            && rv
-                != old["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &ty.qualified(),
-                "",
-                name,
-                "the object has been modified; please apply your changes to the latest version and try again",
-            ));
-        }
+        check_resource_version(ty, name, body["metadata"]["resourceVersion"].as_str(), &old)?;
         Self::track_update(ty, &old, &mut new, opts);
         self.finish_update(ty, key, &old, new, opts)
     }
@@ -853,19 +832,12 @@ impl State {
             let stored = self.store(key, obj);
             return Ok((self.at_version(&stored, ty), true));
         };
-        if let Some(rv) = config["metadata"]["resourceVersion"].as_str()
-            && rv
-                != live["metadata"]["resourceVersion"]
-                    .as_str()
-                    .unwrap_or_default()
-        {
-            return Err(ApiError::conflict(
-                &ty.qualified(),
-                "",
-                name,
-                "the object has been modified; please apply your changes to the latest version and try again",
-            ));
-        }
+        check_resource_version(
+            ty,
+            name,
+            config["metadata"]["resourceVersion"].as_str(),
+            &live,
+        )?;
         let mut entries = read_managed(&live);
         // Conflicts: fields another manager owns that this apply would set
         // to a different value.
@@ -1106,6 +1078,32 @@ impl State {
             })
             .map(|(_, v)| self.at_version(v, ty))
             .collect()
+    }
+}
+
+/// The optimistic-concurrency precondition: a write naming a
+/// resourceVersion succeeds only against that version (409 otherwise).
+fn check_resource_version(
+    ty: &ResourceType,
+    name: &str,
+    wanted: Option<&str>,
+    live: &Value,
+) -> Result<(), ApiError> {
+    match wanted {
+        Some(rv)
+            if rv
+                != live["metadata"]["resourceVersion"]
+                    .as_str()
+                    .unwrap_or_default() =>
+        {
+            Err(ApiError::conflict(
+                &ty.qualified(),
+                "",
+                name,
+                "the object has been modified; please apply your changes to the latest version and try again",
+            ))
+        }
+        _ => Ok(()),
     }
 }
 
