@@ -53,6 +53,32 @@ async fn wait_phase(hub: &TestHub, unit: &str, revision: u64, phase: pb::Phase) 
     }
 }
 
+/// Edits the messagewall example's ConfigMap behind the agent's back.
+async fn drift_web_config(cluster: &TestCluster) {
+    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
+    within(
+        "edit",
+        cms.patch(
+            "web-config",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"data": {"API_URL": "x"}})),
+        ),
+    )
+    .await
+    .unwrap();
+}
+
+/// Waits until the agent has restored the ConfigMap `drift_web_config` edits.
+async fn until_web_config_healed(cluster: &TestCluster, what: &str) {
+    until(what, || async {
+        cluster
+            .object("v1", "configmaps", "messagewall", "web-config")
+            .unwrap()["data"]["API_URL"]
+            == "https://api.messagewall.example.com"
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn applies_a_multi_kind_unit_with_crds_and_reports_ready() {
     let (hub, cluster) = setup().await;
@@ -396,24 +422,8 @@ async fn hub_outage_leaves_the_cluster_alone_and_status_arrives_after() {
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     hub.stop().await;
     // While the hub is away the agent keeps enforcing: drift is healed.
-    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
-    within(
-        "edit",
-        cms.patch(
-            "web-config",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"data": {"API_URL": "x"}})),
-        ),
-    )
-    .await
-    .unwrap();
-    until("healed during the outage", || async {
-        cluster
-            .object("v1", "configmaps", "messagewall", "web-config")
-            .unwrap()["data"]["API_URL"]
-            == "https://api.messagewall.example.com"
-    })
-    .await;
+    drift_web_config(&cluster).await;
+    until_web_config_healed(&cluster, "healed during the outage").await;
     assert!(
         cluster
             .object("apps/v1", "deployments", "messagewall", "web")
@@ -503,24 +513,8 @@ async fn drift_is_noticed_through_the_watch_without_waiting_for_the_periodic_che
     cluster.start_agent();
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
-    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
-    within(
-        "edit",
-        cms.patch(
-            "web-config",
-            &kube::api::PatchParams::default(),
-            &kube::api::Patch::Merge(json!({"data": {"API_URL": "x"}})),
-        ),
-    )
-    .await
-    .unwrap();
-    until("healed via the watch", || async {
-        cluster
-            .object("v1", "configmaps", "messagewall", "web-config")
-            .unwrap()["data"]["API_URL"]
-            == "https://api.messagewall.example.com"
-    })
-    .await;
+    drift_web_config(&cluster).await;
+    until_web_config_healed(&cluster, "healed via the watch").await;
     until("the heal is reported", || async {
         status(&hub, "dev/web").await.is_some_and(|(r, p, m)| {
             r == 1

@@ -94,18 +94,7 @@ async fn deleting_a_cluster_ends_its_live_session_and_refuses_it_afterwards() {
     let session = agent.session_once(&stop);
     tokio::pin!(session);
     // Connected and holding the unit.
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            tokio::select! {
-                r = &mut session => panic!("session ended early: {r:?}"),
-                () = tokio::time::sleep(Duration::from_millis(20)) => {
-                    if agent.held().contains_key("web") { return; }
-                }
-            }
-        }
-    })
-    .await;
-    assert!(connected.is_ok(), "agent received its unit");
+    until_holding(session.as_mut(), &agent, "web").await;
     hub.admin()
         .await
         .delete_cluster(pb::DeleteClusterRequest {
@@ -357,16 +346,7 @@ async fn a_revoked_cluster_is_cut_off_within_seconds_and_stays_refused_after_a_r
     let stop = CancellationToken::new();
     let session = agent.session_once(&stop);
     tokio::pin!(session);
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            tokio::select! {
-                r = &mut session => panic!("session ended early: {r:?}"),
-                () = tokio::time::sleep(Duration::from_millis(20)) => if agent.held().contains_key("web") { return; },
-            }
-        }
-    })
-    .await;
-    assert!(connected.is_ok());
+    until_holding(session.as_mut(), &agent, "web").await;
     hub.admin()
         .await
         .revoke_cluster(pb::RevokeClusterRequest {
@@ -547,16 +527,7 @@ async fn live_sessions_recheck_their_credential() {
     let stop = CancellationToken::new();
     let session = agent.session_once(&stop);
     tokio::pin!(session);
-    let connected = tokio::time::timeout(Duration::from_secs(10), async {
-        loop {
-            tokio::select! {
-                r = &mut session => panic!("session ended early: {r:?}"),
-                () = tokio::time::sleep(Duration::from_millis(20)) => if agent.held().contains_key("web") { return; },
-            }
-        }
-    })
-    .await;
-    assert!(connected.is_ok());
+    until_holding(session.as_mut(), &agent, "web").await;
     let audit = unitsync_hub::model::NewAudit {
         actor: unitsync_hub::model::Actor::Hub,
         action: "cluster.revoke",
@@ -571,4 +542,25 @@ async fn live_sessions_recheck_their_credential() {
         .unwrap();
     let ended = tokio::time::timeout(Duration::from_secs(5), &mut session).await;
     assert!(ended.is_ok(), "the session noticed the revocation");
+}
+
+/// Drives a live session until the agent holds `unit`; fails if the session
+/// ends first.
+async fn until_holding<F>(mut session: std::pin::Pin<&mut F>, agent: &SimAgent, unit: &str)
+where
+    F: Future<Output = Result<(), SessionError>>,
+{
+    within("the agent receives its unit", async {
+        loop {
+            tokio::select! {
+                r = session.as_mut() => panic!("session ended early: {r:?}"),
+                () = tokio::time::sleep(Duration::from_millis(20)) => {
+                    if agent.held().contains_key(unit) {
+                        return;
+                    }
+                }
+            }
+        }
+    })
+    .await;
 }

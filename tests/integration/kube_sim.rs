@@ -345,30 +345,23 @@ async fn metadata_generation_and_optimistic_concurrency() {
         json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": "web", "namespace": "apps"},
         "spec": {"selector": {"matchLabels": {"app": "web"}}, "template": {"metadata": {"labels": {"app": "web"}}, "spec": {"containers": [{"name": "app", "image": image}]}}}})
     };
+    let generation = |image: &'static str| {
+        let deps = &deps;
+        async move {
+            apply(deps, "unitsync", d(image), false)
+                .await
+                .unwrap()
+                .metadata
+                .generation
+        }
+    };
+    assert_eq!(generation("nginx:1").await, Some(1));
     assert_eq!(
-        apply(&deps, "unitsync", d("nginx:1"), false)
-            .await
-            .unwrap()
-            .metadata
-            .generation,
-        Some(1)
+        generation("nginx:1").await,
+        Some(1),
+        "no change, same generation"
     );
-    assert_eq!(
-        apply(&deps, "unitsync", d("nginx:1"), false)
-            .await
-            .unwrap()
-            .metadata
-            .generation,
-        Some(1)
-    );
-    assert_eq!(
-        apply(&deps, "unitsync", d("nginx:2"), false)
-            .await
-            .unwrap()
-            .metadata
-            .generation,
-        Some(2)
-    );
+    assert_eq!(generation("nginx:2").await, Some(2));
 }
 
 /// Server-side apply field ownership: "Conflicts" and "Merge strategy" of

@@ -240,38 +240,28 @@ async fn contract(store: Arc<dyn Store>) {
         resources: vec![],
         observed_at: UnixMillis(at),
     };
-    store
-        .record_statuses(&[report(Phase::Ready, 1_000)])
-        .await
-        .unwrap();
-    store
-        .record_statuses(&[report(Phase::Ready, 2_000)])
-        .await
-        .unwrap();
-    let cell = store
-        .statuses(Some(&env("dev")), Some(&web))
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    let record = |phase, at| {
+        let (store, r) = (&store, report(phase, at));
+        async move { store.record_statuses(&[r]).await.unwrap() }
+    };
+    let read_cell = || async {
+        store
+            .statuses(Some(&env("dev")), Some(&web))
+            .await
+            .unwrap()
+            .pop()
+            .unwrap()
+    };
+    record(Phase::Ready, 1_000).await;
+    record(Phase::Ready, 2_000).await;
+    let cell = read_cell().await;
     assert_eq!(
         (cell.status.acked, cell.status.ready_since),
         (RevisionNum(2), UnixMillis(1_000))
     );
-    store
-        .record_statuses(&[report(Phase::Progressing, 3_000)])
-        .await
-        .unwrap();
-    store
-        .record_statuses(&[report(Phase::Ready, 4_000)])
-        .await
-        .unwrap();
-    let cell = store
-        .statuses(Some(&env("dev")), Some(&web))
-        .await
-        .unwrap()
-        .pop()
-        .unwrap();
+    record(Phase::Progressing, 3_000).await;
+    record(Phase::Ready, 4_000).await;
+    let cell = read_cell().await;
     assert_eq!(
         cell.status.ready_since,
         UnixMillis(4_000),
