@@ -380,18 +380,21 @@ impl Reconciler {
                 )
             })
             .collect();
+        // An entry without a namespace is cluster-scoped: a document naming
+        // one anyway (which apply drops) still wants it.
+        let by_name: BTreeSet<(String, String, String)> = objs
+            .iter()
+            .map(|o| (o.group().to_owned(), o.kind.clone(), o.name.clone()))
+            .collect();
+        let still_wanted = |e: &Entry| {
+            wanted.contains(&e.key())
+                || (e.namespace.is_empty()
+                    && by_name.contains(&(e.group.clone(), e.kind.clone(), e.name.clone())))
+        };
         let leaving: Vec<&Entry> = previous
             .entries
             .iter()
-            .filter(|e| {
-                !wanted.contains(&e.key())
-                    && !wanted.contains(&(
-                        e.group.clone(),
-                        e.kind.clone(),
-                        String::new(),
-                        e.name.clone(),
-                    ))
-            })
+            .filter(|e| !still_wanted(e))
             .collect();
         if !previous.entries.is_empty()
             && leaving.len() >= 2
@@ -496,7 +499,7 @@ impl Reconciler {
         };
         if !failures.is_empty() {
             for e in &previous.entries {
-                if !inv.entries.iter().any(|x| x.key() == e.key()) && wanted.contains(&e.key()) {
+                if !inv.entries.iter().any(|x| x.key() == e.key()) && still_wanted(e) {
                     inv.entries.push(e.clone());
                 }
             }

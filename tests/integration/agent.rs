@@ -583,3 +583,32 @@ async fn restart_mid_apply_finishes_the_unit_without_rewriting_what_was_applied(
         assert_eq!(now, rv, "{name} was not rewritten after the restart");
     }
 }
+
+#[tokio::test]
+async fn a_cluster_scoped_object_naming_a_namespace_is_applied_and_kept() {
+    let (hub, cluster) = setup().await;
+    let role = |verb: &str| {
+        format!(
+            "apiVersion: rbac.authorization.k8s.io/v1\nkind: ClusterRole\nmetadata:\n  name: reader\n  namespace: stray\nrules:\n- apiGroups: [\"\"]\n  resources: [\"configmaps\"]\n  verbs: [\"{verb}\"]\n"
+        )
+    };
+    let rules = || {
+        cluster
+            .object("rbac.authorization.k8s.io/v1", "clusterroles", "", "reader")
+            .map(|o| o["rules"][0]["verbs"][0].clone())
+    };
+    hub.put("dev/rbac", &role("get")).await.unwrap();
+    wait_phase(&hub, "dev/rbac", 1, pb::Phase::Ready).await;
+    assert_eq!(
+        rules(),
+        Some(json!("get")),
+        "applied and not pruned as leaving"
+    );
+    hub.put("dev/rbac", &role("list")).await.unwrap();
+    wait_phase(&hub, "dev/rbac", 2, pb::Phase::Ready).await;
+    assert_eq!(
+        rules(),
+        Some(json!("list")),
+        "updated in place, still there"
+    );
+}
