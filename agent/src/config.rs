@@ -9,7 +9,8 @@ use crate::reconcile::Tuning;
 /// Where the cluster is.
 #[derive(Clone, Debug)]
 pub enum KubeTarget {
-    /// In-cluster service account, or `KUBECONFIG`/`~/.kube/config`.
+    /// `KUBECONFIG` or `~/.kube/config` when present, else the in-cluster
+    /// service account.
     Infer,
     /// A kubeconfig file and optional context.
     Kubeconfig {

@@ -52,8 +52,9 @@ pub trait DesiredStore: Send + Sync + 'static {
     fn forget(&self, unit: &str) -> Result<(), RecordError>;
 }
 
-/// Writes a file readable by its owner only (atomically, fsynced).
-pub fn write_private(path: &Path, text: &str) -> Result<(), RecordError> {
+/// Writes a file readable by its owner only (atomically; the file and its
+/// directory fsynced).
+pub fn write_private(path: &Path, bytes: impl AsRef<[u8]>) -> Result<(), RecordError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| RecordError::Write {
         path: path.display().to_string(),
@@ -67,9 +68,13 @@ pub fn write_private(path: &Path, text: &str) -> Result<(), RecordError> {
         .mode(0o600)
         .open(&tmp)
         .map_err(err)?;
-    f.write_all(text.as_bytes()).map_err(err)?;
+    f.write_all(bytes.as_ref()).map_err(err)?;
     f.sync_all().map_err(err)?;
-    std::fs::rename(&tmp, path).map_err(err)
+    std::fs::rename(&tmp, path).map_err(err)?;
+    if let Some(d) = path.parent().and_then(|dir| std::fs::File::open(dir).ok()) {
+        d.sync_all().map_err(err)?;
+    }
+    Ok(())
 }
 
 /// In-memory record (tests, simulations).
@@ -129,25 +134,13 @@ impl FileStore {
         })
     }
 
+    /// Manifests may hold Secrets: the record is private to the agent.
     fn persist(&self, units: &BTreeMap<String, DesiredUnit>) -> Result<(), RecordError> {
-        let err = |source| RecordError::Write {
+        let bytes = serde_json::to_vec(units).map_err(|e| RecordError::Write {
             path: self.path.display().to_string(),
-            source,
-        };
-        let tmp = self.path.with_extension("tmp");
-        let mut f = std::fs::File::create(&tmp).map_err(err)?;
-        let bytes = serde_json::to_vec(units).map_err(|e| err(std::io::Error::other(e)))?;
-        f.write_all(&bytes).map_err(err)?;
-        f.sync_all().map_err(err)?;
-        std::fs::rename(&tmp, &self.path).map_err(err)?;
-        if let Some(d) = self
-            .path
-            .parent()
-            .and_then(|dir| std::fs::File::open(dir).ok())
-        {
-            d.sync_all().map_err(err)?;
-        }
-        Ok(())
+            source: std::io::Error::other(e),
+        })?;
+        write_private(&self.path, bytes)
     }
 
     fn update(
@@ -216,6 +209,9 @@ mod tests {
         drop(s);
         let s = FileStore::open(&path).unwrap();
         assert_eq!(s.load(), vec![unit("a", 2)]);
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "manifests may hold Secrets");
     }
 
     #[test]

@@ -5,7 +5,8 @@
 //! (acks and heartbeats travel on a priority lane, never behind status
 //! reports), hands it to the applier, and sends status reports from a
 //! coalescing queue. [`HubClient::run`] reconnects with the shared backoff
-//! policy; the desired state survives any number of reconnects.
+//! policy; the desired state survives any number of reconnects. With a
+//! client certificate it renews it from a locally signed CSR before expiry.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -317,10 +318,6 @@ impl HubClient {
                 }
             }
         }
-    }
-
-    pub fn statuses(&self) -> &Arc<StatusQueue> {
-        &self.statuses
     }
 
     /// Keeps a session open until `shutdown`, reconnecting with backoff,

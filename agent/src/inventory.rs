@@ -70,7 +70,6 @@ pub struct Inventory {
     pub entries: Vec<Entry>,
 }
 
-const FIELD_MANAGER: &str = "unitsync";
 
 pub struct InventoryStore {
     api: Api<ConfigMap>,
@@ -98,19 +97,6 @@ impl InventoryStore {
         Ok(inv)
     }
 
-    /// All units with an inventory (for tombstones after restarts).
-    pub async fn units(&self) -> Result<Vec<String>, kube::Error> {
-        let list = self
-            .api
-            .list(&kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync")))
-            .await?;
-        Ok(list
-            .items
-            .into_iter()
-            .filter_map(|cm| cm.metadata.labels.and_then(|l| l.get(LABEL_UNIT).cloned()))
-            .collect())
-    }
-
     pub async fn save(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
         let mut data = BTreeMap::new();
         data.insert(
@@ -129,7 +115,7 @@ impl InventoryStore {
         self.api
             .patch(
                 &cm_name(unit),
-                &PatchParams::apply(FIELD_MANAGER).force(),
+                &PatchParams::apply(crate::apply::FIELD_MANAGER).force(),
                 &Patch::Apply(cm),
             )
             .await?;

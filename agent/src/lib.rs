@@ -5,7 +5,8 @@
 //! - [`desired`]: the durable record of desired state per unit;
 //! - [`reconcile`]: one worker per unit: apply, inventory, prune, health,
 //!   drift;
-//! - [`apply`], [`inventory`], [`health`], [`manifest`]: the pieces.
+//! - [`apply`], [`inventory`], [`health`], [`manifest`], [`drift`] (watchers
+//!   that wake a unit's worker): the pieces.
 
 pub mod apply;
 pub mod config;

@@ -39,11 +39,12 @@ struct Args {
     /// Validity (seconds) of renewed client certificates; 0 = the hub's default.
     #[arg(long, default_value_t = 0)]
     cert_validity: u64,
-    /// Kubeconfig file (default: in-cluster config, then KUBECONFIG).
+    /// Kubeconfig file (default: KUBECONFIG or ~/.kube/config, else the
+    /// in-cluster service account).
     #[arg(long, env = "UNITSYNC_KUBECONFIG")]
     kubeconfig: Option<PathBuf>,
-    /// Kubeconfig context.
-    #[arg(long)]
+    /// Kubeconfig context (with --kubeconfig).
+    #[arg(long, requires = "kubeconfig")]
     context: Option<String>,
     /// The agent's namespace (inventories are kept there).
     #[arg(

@@ -1,4 +1,5 @@
-//! Credentials: bearer tokens for operators and agents. Tokens are 256-bit
+//! Credentials: bearer tokens for operators and agents, and agents' client
+//! certificates (identified by their SHA-256 fingerprint). Tokens are 256-bit
 //! random values shown once; the store keeps only their SHA-256. Every
 //! failure answers the same `authentication failed`.
 

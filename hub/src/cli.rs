@@ -341,7 +341,7 @@ pub enum ClusterCommand {
         name: String,
         #[arg(long)]
         out: PathBuf,
-        /// Validity in days.
+        /// Validity in days (at most 90; the agent renews before expiry).
         #[arg(long, default_value_t = 30)]
         days: u64,
     },

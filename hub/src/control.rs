@@ -19,6 +19,12 @@ use crate::model::{
 };
 use crate::store::Store;
 
+/// Longest validity of a client certificate (agents renew theirs well
+/// before expiry, so long-lived ones only widen the window of a leaked key).
+pub const MAX_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Validity of a client certificate when none is asked for.
+pub const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
+
 /// Tuning of a running hub (addresses and paths live in `Config`).
 #[derive(Clone, Debug)]
 pub struct Tuning {

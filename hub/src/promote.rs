@@ -625,6 +625,11 @@ impl Hub {
             });
         }
         let (committed, _) = self.store.commit_release(revs, None).await?;
+        // Committed revisions reach agents whatever happens to the summary
+        // entry (each revision's own audit entry is already in the commit).
+        for r in &committed {
+            self.publish(r);
+        }
         self.store
             .append_audit(NewAudit {
                 actor,
@@ -633,9 +638,6 @@ impl Hub {
                 detail: format!("promotion {id}: {} unit(s)", committed.len()),
             })
             .await?;
-        for r in &committed {
-            self.publish(r);
-        }
         Ok(committed)
     }
 
@@ -649,18 +651,18 @@ impl Hub {
             if !to.policy.auto_promote {
                 continue;
             }
+            let sources: BTreeMap<UnitRef, Unit> = self
+                .store
+                .list_units(Some(&from.name))
+                .await?
+                .into_iter()
+                .map(|u| (u.unit.clone(), u))
+                .collect();
             for t in self.store.list_units(Some(&to.name)).await? {
-                let Some(up) = t.upstream.as_ref().filter(|u| u.env == from.name) else {
+                let Some(src) = t.upstream.as_ref().and_then(|up| sources.get(up)) else {
                     continue;
                 };
-                let Some(src) = self.store.get_unit(up).await? else {
-                    continue;
-                };
-                if src.destroyed {
-                    continue;
-                }
-                let head = self.store.get_revision(&t.unit, t.head).await?;
-                if head.is_some_and(|h| h.source_revision == src.head) {
+                if src.destroyed || t.head_source == src.head {
                     continue;
                 }
                 let out = self
@@ -668,7 +670,7 @@ impl Hub {
                         actor: Actor::Hub,
                         from: from.name.clone(),
                         to: to.name.clone(),
-                        selection: Selection::Units(vec![up.name.clone()]),
+                        selection: Selection::Units(vec![src.unit.name.clone()]),
                         revision: None,
                         dry_run: false,
                         force: None,

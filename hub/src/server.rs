@@ -1,5 +1,7 @@
-//! Starting and stopping a hub: store, admin credential, gRPC and HTTP
-//! listeners, the feedback writer. Used by `unitsync serve` and by tests.
+//! Starting and stopping a hub: store, admin credential, TLS, gRPC and HTTP
+//! listeners, the feedback writer, the automatic-promotion loop and, on a
+//! shared store, the subscription to other replicas' commits. Used by
+//! `unitsync serve` and by tests.
 
 use std::net::SocketAddr;
 use std::path::Path;
@@ -144,6 +146,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
                 role: Role::Admin,
             },
             &admin.hash(),
+            None,
         )
         .await
         .map_err(StartError::Store)?;

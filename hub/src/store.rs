@@ -63,7 +63,8 @@ pub struct NewPromotion {
     pub items: Vec<PromotedUnit>,
 }
 
-/// Where statuses and acks come from, batched by the hub.
+/// One acknowledged receipt: the cluster's agent recorded this revision
+/// durably (batched by the hub's feedback writer).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Ack {
     pub cluster: ClusterName,
@@ -117,8 +118,14 @@ pub trait Store: Send + Sync + 'static {
         token: &TokenHash,
         audit: NewAudit,
     ) -> StoreResult<()>;
-    /// Creates or replaces an operator credential.
-    async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()>;
+    /// Creates or replaces an operator credential (with its audit entry,
+    /// when given, in the same transaction).
+    async fn put_operator(
+        &self,
+        op: &Operator,
+        token: &TokenHash,
+        audit: Option<NewAudit>,
+    ) -> StoreResult<()>;
     async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>>;
 
     // --- units and revisions ---

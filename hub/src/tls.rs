@@ -1,7 +1,8 @@
 //! TLS for the hub, on by default: on first start the hub creates its own
 //! CA (`ca.crt`, `ca.key`) in the data directory and, at every start, a
 //! server certificate signed by it for the configured names; or it uses a
-//! certificate and key it is given. Clients trust `ca.crt`.
+//! certificate and key it is given. Clients trust `ca.crt`. The CA also
+//! issues agents' client certificates and signs their renewal CSRs.
 
 use std::path::{Path, PathBuf};
 

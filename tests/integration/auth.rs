@@ -244,6 +244,20 @@ async fn mutual_tls_identity_comes_from_the_certificate_alone() {
         .unwrap();
     let cert = issue_cert(&hub, "prod").await;
     assert_eq!(cert.ca_pem.as_str(), hub.ca().unwrap());
+    // Client certificates are short-lived: a year is refused, not shortened.
+    let e = within(
+        "year-long certificate",
+        hub.admin()
+            .await
+            .issue_cluster_certificate(pb::IssueClusterCertificateRequest {
+                name: "prod".into(),
+                validity_seconds: 365 * 24 * 3600,
+            }),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(e.message().contains("at most 90 days"), "{}", e.message());
     // The certificate alone authenticates; even with another cluster's token
     // beside it, the certificate decides.
     let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &eu_token)

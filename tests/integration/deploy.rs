@@ -225,19 +225,33 @@ fn every_agent_install_variant_validates_and_is_least_privilege() {
 
 #[test]
 fn example_environment_files_name_only_known_settings() {
-    let known = [
-        "UNITSYNC_LISTEN",
-        "UNITSYNC_HTTP_LISTEN",
-        "UNITSYNC_DATA_DIR",
-        "UNITSYNC_LOG_FORMAT",
-        "UNITSYNC_LOG",
-        "UNITSYNC_HUB",
-        "UNITSYNC_AGENT_TOKEN_FILE",
-        "UNITSYNC_KUBECONFIG",
-        "UNITSYNC_AGENT_NAMESPACE",
-        "UNITSYNC_AGENT_STATE_DIR",
-        "UNITSYNC_AGENT_HEALTH_LISTEN",
-    ];
+    // The settings the binaries read: what their --help lists as `[env: …]`,
+    // plus the log filter (read by the tracing set-up, not by clap).
+    let mut known = vec!["UNITSYNC_LOG".to_owned()];
+    for (bin, args) in [
+        (unitsync_bin(), &["serve", "--help"][..]),
+        (
+            unitsync_bin().with_file_name("unitsync-agent"),
+            &["--help"][..],
+        ),
+    ] {
+        let out = Command::new(&bin)
+            .args(args)
+            .output()
+            .expect("the binaries are built (cargo build --workspace --bins)");
+        let help = String::from_utf8(out.stdout).unwrap();
+        known.extend(
+            help.split("[env: ")
+                .skip(1)
+                .filter_map(|rest| rest.split(['=', ']']).next())
+                .map(str::to_owned),
+        );
+    }
+    assert!(
+        known.iter().any(|k| k == "UNITSYNC_AGENT_TOKEN_FILE"),
+        "{known:?}"
+    );
+    let known: Vec<&str> = known.iter().map(String::as_str).collect();
     for file in ["deploy/config/hub.env", "deploy/config/agent.env"] {
         let text = std::fs::read_to_string(root().join(file)).unwrap();
         for line in text

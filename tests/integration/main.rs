@@ -1,5 +1,6 @@
-//! unitsync integration tests: one test binary, one module per area. Every
-//! test starts its own hub on `127.0.0.1:0` with a fresh SQLite store.
+//! unitsync integration tests: one test binary, one module per area. Hub
+//! tests start their own hub on `127.0.0.1:0` with a fresh store (SQLite, or a
+//! fresh PostgreSQL database for the shared-store tests).
 
 mod agent;
 mod auth;

@@ -1,5 +1,6 @@
 //! The `Store` contract, written once against the trait so every
-//! implementation (SQLite today, PostgreSQL next) runs the same checks.
+//! implementation (SQLite, and PostgreSQL when `UNITSYNC_TEST_POSTGRES_URL` is
+//! set) runs the same checks.
 
 use std::sync::Arc;
 

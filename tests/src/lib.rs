@@ -1,5 +1,5 @@
 //! Test fixtures for unitsync: in-process hubs on `127.0.0.1:0` with a
-//! fresh SQLite store each ([`hub`]), simulated agents built on the real
+//! fresh SQLite store or PostgreSQL database each ([`hub`]), simulated agents built on the real
 //! agent session client ([`sim_agent`]), simulated Kubernetes clusters
 //! ([`kube_sim`]), and condition waits ([`wait`]).
 

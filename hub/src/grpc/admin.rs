@@ -9,7 +9,7 @@ use unitsync_proto::v1 as pb;
 use super::convert::{self, parse};
 use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
 use crate::auth::{authenticate_request, require_operator};
-use crate::control::Hub;
+use crate::control::{DEFAULT_CERT_VALIDITY, Hub, MAX_CERT_VALIDITY};
 use crate::error::{HubError, Result};
 use crate::model::{
     Actor, ClusterName, EnvName, EnvPolicy, Labels, NewAudit, PutMode, RevisionNum, Role, UnitRef,
@@ -186,11 +186,16 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             let actor = self.operator(&req, true).await?;
             let r = req.into_inner();
-            let validity = std::time::Duration::from_secs(if r.validity_seconds == 0 {
-                30 * 24 * 3600
-            } else {
-                r.validity_seconds
-            });
+            let validity = match r.validity_seconds {
+                0 => DEFAULT_CERT_VALIDITY,
+                s if s > MAX_CERT_VALIDITY.as_secs() => {
+                    return Err(HubError::InvalidArgument(format!(
+                        "certificate validity is at most {} days",
+                        MAX_CERT_VALIDITY.as_secs() / 86_400
+                    )));
+                }
+                s => std::time::Duration::from_secs(s),
+            };
             let cert = self
                 .hub
                 .issue_cluster_cert(actor, parse(&r.name)?, validity)
@@ -665,16 +670,13 @@ impl pb::hub_service_server::HubService for AdminService {
                         role,
                     },
                     &token.hash(),
+                    Some(NewAudit {
+                        actor,
+                        action: "operator.create",
+                        target: format!("operator/{name}"),
+                        detail: format!("role {}", role.as_str()),
+                    }),
                 )
-                .await?;
-            self.hub
-                .store
-                .append_audit(NewAudit {
-                    actor,
-                    action: "operator.create",
-                    target: format!("operator/{name}"),
-                    detail: format!("role {}", role.as_str()),
-                })
                 .await?;
             Ok(pb::CreateOperatorResponse {
                 token: token.expose().to_owned(),

@@ -1,4 +1,5 @@
-//! `AgentService.Session`: the long-lived stream of one agent.
+//! `AgentService`: `Session`, the long-lived stream of one agent, and
+//! `RenewCertificate`.
 //!
 //! 1. Authenticate (the cluster comes from the credential), read `Hello`,
 //!    refuse an unsupported protocol version.
@@ -26,7 +27,7 @@ use unitsync_proto::{MIN_PROTOCOL_VERSION, PROTOCOL_VERSION};
 
 use super::convert;
 use crate::auth::{Credential, Principal, authenticate_request};
-use crate::control::Hub;
+use crate::control::{DEFAULT_CERT_VALIDITY, Hub, MAX_CERT_VALIDITY};
 use crate::error::HubError;
 use crate::fanout::{AgentConn, Delivery, Mailbox};
 use crate::model::{Cluster, Digest, RevisionNum, StatusReport, UnitName, UnitRef, UnixMillis};
@@ -47,10 +48,6 @@ impl AgentService {
 }
 
 type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
-
-/// Longest validity a renewed client certificate gets.
-const MAX_CERT_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
-const DEFAULT_CERT_VALIDITY: Duration = Duration::from_secs(30 * 24 * 3600);
 
 #[tonic::async_trait]
 impl pb::agent_service_server::AgentService for AgentService {
@@ -113,9 +110,10 @@ impl pb::agent_service_server::AgentService for AgentService {
             }
             Ok(Err(status)) => return Err(status),
             Err(_) => {
-                return Err(refused(HubError::InvalidArgument(
-                    "no Hello within 30 s".into(),
-                )));
+                return Err(refused(HubError::InvalidArgument(format!(
+                    "no Hello within {} s",
+                    HELLO_TIMEOUT.as_secs()
+                ))));
             }
         };
         if !(MIN_PROTOCOL_VERSION..=PROTOCOL_VERSION).contains(&hello.protocol_version) {

@@ -5,8 +5,9 @@
 //! hub replica offers it to the agents connected to it ([`Store::subscribe`]).
 //!
 //! Writes of one hub go through one connection (as with SQLite); replicas
-//! racing on the same unit are kept apart by the revisions' primary key (the
-//! loser's commit fails and changes nothing).
+//! committing to the same units are serialized by per-unit advisory locks
+//! taken in key order, then the unit row lock, so the second commit reads the
+//! first one's head and takes the next revision number.
 
 use async_trait::async_trait;
 use futures::StreamExt;
@@ -519,8 +520,14 @@ impl Store for PgStore {
         .await
     }
 
-    async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()> {
+    async fn put_operator(
+        &self,
+        op: &Operator,
+        token: &TokenHash,
+        audit: Option<NewAudit>,
+    ) -> StoreResult<()> {
         let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
         sqlx::query(
             "INSERT INTO operators (name, role, token_hash, created_at) VALUES ($1, $2, $3, $4)
              ON CONFLICT(name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash",
@@ -529,10 +536,13 @@ impl Store for PgStore {
         .bind(op.role.as_str())
         .bind(&token.0)
         .bind(UnixMillis::now().0)
-        .execute(&mut *w)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
-        Ok(())
+        if let Some(a) = &audit {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(db)
     }
 
     async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>> {

@@ -477,8 +477,14 @@ impl Store for SqliteStore {
         .await
     }
 
-    async fn put_operator(&self, op: &Operator, token: &TokenHash) -> StoreResult<()> {
+    async fn put_operator(
+        &self,
+        op: &Operator,
+        token: &TokenHash,
+        audit: Option<NewAudit>,
+    ) -> StoreResult<()> {
         let mut w = self.writer.lock().await;
+        let mut tx = w.begin().await.map_err(db)?;
         sqlx::query(
             "INSERT INTO operators (name, role, token_hash, created_at) VALUES (?, ?, ?, ?)
              ON CONFLICT(name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash",
@@ -487,10 +493,13 @@ impl Store for SqliteStore {
         .bind(op.role.as_str())
         .bind(&token.0)
         .bind(UnixMillis::now().0)
-        .execute(&mut *w)
+        .execute(&mut *tx)
         .await
         .map_err(db)?;
-        Ok(())
+        if let Some(a) = &audit {
+            insert_audit(&mut tx, a).await?;
+        }
+        tx.commit().await.map_err(db)
     }
 
     async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>> {
