@@ -70,7 +70,6 @@ pub struct Inventory {
     pub entries: Vec<Entry>,
 }
 
-
 pub struct InventoryStore {
     api: Api<ConfigMap>,
 }

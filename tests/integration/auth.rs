@@ -53,12 +53,7 @@ async fn bad_unknown_and_deleted_credentials_are_refused_identically() {
         messages[4],
         (Code::PermissionDenied, "permission denied".to_owned())
     );
-    // The token itself never appears in an error.
-    assert!(
-        messages
-            .iter()
-            .all(|(_, m)| !m.contains(&token) && !m.contains(&deleted))
-    );
+    // (The exact messages above also mean no credential is ever echoed.)
 
     // The operator API refuses agent tokens and unknown tokens alike.
     let e = hub
@@ -171,13 +166,18 @@ async fn the_admin_token_file_is_private_and_tokens_are_stored_hashed() {
 
 #[tokio::test]
 async fn the_hub_speaks_tls_by_default_and_clients_verify_it() {
-    let hub = TestHub::start().await;
+    let mut hub = TestHub::start().await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
     let stop = CancellationToken::new();
     // The hub's own CA: accepted.
     let mut ok = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     ok.start();
+    unitsync_tests::until("the trusting agent holds its unit", || async {
+        ok.held().contains_key("web")
+    })
+    .await;
     // Without the CA (public roots only) the certificate is not trusted.
     let untrusting = SimAgent::new(&hub.endpoint(), None, &token);
     let r = within("untrusted", untrusting.session_once(&stop)).await;
@@ -197,9 +197,18 @@ async fn the_hub_speaks_tls_by_default_and_clients_verify_it() {
         Err(SessionError::Connect(_))
     ));
     ok.stop().await;
-    // The CA is stored with the data and reused after a restart.
-    let ca = std::fs::read_to_string(hub.dir.path().join("data").join("ca.crt")).unwrap();
-    assert_eq!(Some(ca.as_str()), hub.ca());
+    // The CA is stored with the data and reused after a restart, so agents
+    // keep trusting the hub.
+    let before = hub.ca().unwrap().to_owned();
+    hub.restart().await;
+    assert_eq!(hub.ca(), Some(before.as_str()));
+    let mut again = SimAgent::new(&hub.endpoint(), Some(&before), &token);
+    again.start();
+    unitsync_tests::until("the same CA verifies the restarted hub", || async {
+        again.held().contains_key("web")
+    })
+    .await;
+    again.stop().await;
 }
 
 /// Refused at the TLS layer (the connection fails), not by the hub's
@@ -486,17 +495,19 @@ async fn certificates_rotate_before_expiry_without_losing_an_update() {
         .with_identity(&cert.certificate_pem, &cert.private_key_pem)
         .with_renewal(Duration::from_secs(5));
     agent.start();
-    // Updates keep flowing across several renewals.
+    // Updates keep flowing across several renewals: each one arrives before
+    // the next, and the 500 ms pauses make the run outlast several 3 s
+    // certificates.
     for i in 1..=12u64 {
         hub.put("prod/web", &configmap("web", &i.to_string()))
             .await
             .unwrap();
+        unitsync_tests::until(&format!("update {i} delivered"), || async {
+            agent.held().get("web") == Some(&(i, false))
+        })
+        .await;
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
-    unitsync_tests::until("every update delivered", || async {
-        agent.held().get("web") == Some(&(12, false))
-    })
-    .await;
     // The installed certificate has expired: a new connection only works
     // with a renewed one.
     hub.restart().await;

@@ -24,7 +24,7 @@ fn unitsync_bin() -> PathBuf {
 }
 
 struct Served {
-    child: Child,
+    _child: KillOnDrop,
     endpoint: String,
     data_dir: PathBuf,
     /// The hub's generated CA (PEM).
@@ -34,10 +34,13 @@ struct Served {
     _dir: tempfile::TempDir,
 }
 
-impl Drop for Served {
+/// A child process killed (and reaped) when the test ends, passed or not.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let _ = self.0.kill();
+        let _ = self.0.wait();
     }
 }
 
@@ -91,7 +94,7 @@ async fn serve_with_log(filter: &str) -> Served {
     });
     let ca = std::fs::read_to_string(data_dir.join("ca.crt")).expect("the hub wrote its CA");
     Served {
-        child,
+        _child: KillOnDrop(child),
         endpoint: format!("https://{addr}"),
         data_dir,
         ca,
@@ -441,7 +444,7 @@ async fn secrets_never_reach_logs_errors_or_status() {
     let kubeconfig = write(files.path(), "kubeconfig", &sim.kubeconfig("sim"));
     let agent_bin = unitsync_bin().with_file_name("unitsync-agent");
     let agent_log = files.path().join("agent.log");
-    let mut agent = Command::new(agent_bin)
+    let agent = Command::new(agent_bin)
         .args([
             "--hub",
             &hub.endpoint,
@@ -459,6 +462,7 @@ async fn secrets_never_reach_logs_errors_or_status() {
         .stderr(std::fs::File::create(&agent_log).unwrap())
         .spawn()
         .unwrap();
+    let agent = KillOnDrop(agent);
 
     let secret = format!(
         "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: apps\n---\napiVersion: v1\nkind: Secret\nmetadata:\n  name: db\n  namespace: apps\nstringData:\n  password: {CANARY}\n"
@@ -505,8 +509,7 @@ async fn secrets_never_reach_logs_errors_or_status() {
         + &hub.ok(&["unit", "get", "dev/db", "-o", "yaml"]).await
         + &hub.ok(&["unit", "get", "dev/loose", "-o", "yaml"]).await;
     let audit = hub.ok(&["audit", "-o", "json"]).await;
-    let _ = agent.kill();
-    let _ = agent.wait();
+    drop(agent);
 
     assert!(
         out.status.success(),

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use unitsync_agent::desired::{DesiredStore, DesiredUnit};
 use unitsync_agent::hub_client::StatusUpdate;
 use unitsync_proto::v1 as pb;
-use unitsync_tests::{SimAgent, TestHub, configmap, until};
+use unitsync_tests::{SimAgent, TestHub, configmap, until, within};
 
 async fn hub_with_cluster() -> (TestHub, String) {
     let hub = TestHub::start().await;
@@ -286,11 +286,16 @@ async fn metrics_count_sessions_commits_and_deliveries() {
 /// A minimal HTTP/1.1 GET (the endpoints are plain text).
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
+    within(&format!("GET {path}"), async {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
+        )
         .await
         .unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).await.unwrap();
-    out
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    })
+    .await
 }
