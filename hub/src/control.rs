@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::auth::{AGENT_TOKEN_PREFIX, Secret};
 use crate::error::{HubError, Result};
@@ -328,20 +328,8 @@ impl Hub {
     /// Offers a revision (committed here or by another hub sharing the
     /// store) to connected agents; offering one twice changes nothing.
     pub fn offer(&self, committed: &Revision) {
-        let delivery = Arc::new(Delivery {
-            env: committed.unit.env.clone(),
-            unit: committed.unit.name.clone(),
-            revision: committed.number,
-            digest: Some(committed.digest),
-            tombstone: committed.tombstone,
-            manifests: committed.manifests.clone(),
-            committed_at: std::time::SystemTime::now(),
-            committed: Instant::now(),
-        });
-        self.lock_heads().insert(
-            (committed.unit.env.clone(), committed.unit.name.clone()),
-            delivery.clone(),
-        );
+        let delivery = Delivery::of(committed, std::time::SystemTime::now());
+        self.cache_head(&delivery);
         let stats = self.fanout.publish(&delivery);
         self.metrics
             .coalesced_updates
@@ -354,6 +342,18 @@ impl Hub {
             sessions = stats.sessions,
             "revision committed"
         );
+    }
+
+    /// Keeps the newest delivery per unit (a late or repeated offer never
+    /// replaces a newer head).
+    fn cache_head(&self, d: &Arc<Delivery>) {
+        let mut heads = self.lock_heads();
+        let entry = heads
+            .entry((d.env.clone(), d.unit.clone()))
+            .or_insert_with(|| d.clone());
+        if entry.revision < d.revision {
+            *entry = d.clone();
+        }
     }
 
     fn lock_heads(&self) -> std::sync::MutexGuard<'_, HashMap<(EnvName, UnitName), Arc<Delivery>>> {
@@ -379,22 +379,12 @@ impl Hub {
             .get_revision(&unit, head.number)
             .await?
             .ok_or_else(|| HubError::NotFound(format!("unit {unit} revision {}", head.number)))?;
-        let d = Arc::new(Delivery {
-            env: env.clone(),
-            unit: head.unit.clone(),
-            revision: rev.number,
-            digest: Some(rev.digest),
-            tombstone: rev.tombstone,
-            manifests: rev.manifests,
-            committed_at: std::time::UNIX_EPOCH
+        let d = Delivery::of(
+            &rev,
+            std::time::UNIX_EPOCH
                 + Duration::from_millis(u64::try_from(rev.created_at.0).unwrap_or(0)),
-            committed: Instant::now(),
-        });
-        let mut heads = self.lock_heads();
-        let entry = heads.entry(key).or_insert_with(|| d.clone());
-        if entry.revision < d.revision {
-            *entry = d.clone();
-        }
+        );
+        self.cache_head(&d);
         Ok(d)
     }
 }

@@ -14,7 +14,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
-use crate::model::{ClusterName, Digest, EnvName, RevisionNum, UnitName, UnixMillis};
+use crate::model::{ClusterName, Digest, EnvName, Revision, RevisionNum, UnitName, UnixMillis};
 
 /// One revision (or tombstone) on its way to agents; shared by all of them.
 #[derive(Debug)]
@@ -30,6 +30,22 @@ pub struct Delivery {
     pub committed_at: std::time::SystemTime,
     /// When this hub committed it (or loaded it for a resync).
     pub committed: Instant,
+}
+
+impl Delivery {
+    /// The delivery of a committed revision.
+    pub fn of(rev: &Revision, committed_at: std::time::SystemTime) -> Arc<Delivery> {
+        Arc::new(Delivery {
+            env: rev.unit.env.clone(),
+            unit: rev.unit.name.clone(),
+            revision: rev.number,
+            digest: Some(rev.digest),
+            tombstone: rev.tombstone,
+            manifests: rev.manifests.clone(),
+            committed_at,
+            committed: Instant::now(),
+        })
+    }
 }
 
 /// What [`Mailbox::offer`] did.
