@@ -258,11 +258,20 @@ impl Applier {
 
     /// Paths where the live object differs from what applying `obj` would
     /// make it (empty: no drift). `obj` is stamped with the live revision.
-    pub async fn drift(&self, obj: &Object) -> Result<Vec<String>, ApplyError> {
+    pub async fn drift(&self, obj: &mut Object) -> Result<Vec<String>, ApplyError> {
         let api = self.api_for(obj).await?;
         let Some(live) = api.get_opt(&obj.name).await.map_err(classify)? else {
             return Ok(vec!["(object missing)".into()]);
         };
+        // Compare with (and heal to) the revision that last changed it.
+        if let Some(rev) = live
+            .metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get(ANNOTATION_REVISION))
+        {
+            obj.body["metadata"]["annotations"][ANNOTATION_REVISION] = rev.as_str().into();
+        }
         let mut pp = PatchParams::apply(FIELD_MANAGER);
         pp.dry_run = true;
         pp.force = true;
@@ -327,13 +336,15 @@ impl Applier {
     }
 
     /// Deletes an inventory entry (foreground), only if it is still the
-    /// object that was applied (same uid).
+    /// object that was applied: the uid precondition makes the API server
+    /// refuse (409) a replacement; gone already (404, or its type) is done.
     pub async fn delete(&self, e: &Entry) -> Result<(), ApplyError> {
-        if self.get(e).await?.is_none() {
-            return Ok(());
-        }
         let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
-        let api = self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await?;
+        let api = match self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await {
+            Ok(a) => a,
+            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => return Ok(()),
+            Err(other) => return Err(other),
+        };
         let mut dp = DeleteParams::foreground();
         if !e.uid.is_empty() {
             dp.preconditions = Some(kube::api::Preconditions {

@@ -19,9 +19,7 @@ use crate::drift::DriftWatch;
 use crate::health::{self, Health};
 use crate::hub_client::{ResourceReport, StatusQueue, StatusUpdate};
 use crate::inventory::{Entry, Inventory, InventoryStore};
-use crate::manifest::{
-    self, ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE, ANNOTATION_REVISION, Object,
-};
+use crate::manifest::{self, ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE, Object};
 
 /// Tuning of the reconcile loop.
 #[derive(Clone, Debug)]
@@ -676,14 +674,8 @@ impl Reconciler {
         let mut messages = Vec::new();
         let mut healed = 0;
         for mut o in objs {
-            // Compare with the revision that last changed the object.
             let entry = Entry::of(&o);
-            if let Ok(Some(live)) = self.applier.get(&entry).await
-                && let Some(rev) = live["metadata"]["annotations"][ANNOTATION_REVISION].as_str()
-            {
-                o.body["metadata"]["annotations"][ANNOTATION_REVISION] = rev.into();
-            }
-            let paths = match self.applier.drift(&o).await {
+            let paths = match self.applier.drift(&mut o).await {
                 Ok(p) if p.is_empty() => continue,
                 Ok(p) => p,
                 Err(_) => continue,

@@ -1380,3 +1380,54 @@ async fn statefulsets_daemonsets_and_pvcs_report_progress() {
     })
     .await;
 }
+
+/// DELETE with a uid precondition (what the agent's prune sends): a
+/// recreated object of the same name is refused with 409 and kept.
+#[tokio::test]
+async fn delete_preconditions_protect_a_recreated_object() {
+    let (_sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let cms = cms(&client, "apps");
+    let old = apply(&cms, "unitsync", cm("a", json!({"k": "1"})), false)
+        .await
+        .unwrap();
+    within("delete", cms.delete("a", &DeleteParams::default()))
+        .await
+        .unwrap();
+    let new = apply(&cms, "someone-else", cm("a", json!({"k": "2"})), false)
+        .await
+        .unwrap();
+    assert_ne!(old.metadata.uid, new.metadata.uid);
+    let mut dp = DeleteParams::foreground();
+    dp.preconditions = Some(kube::api::Preconditions {
+        uid: old.metadata.uid.clone(),
+        resource_version: None,
+    });
+    let e = match within("stale delete", cms.delete("a", &dp)).await {
+        Err(kube::Error::Api(s)) => s,
+        other => panic!("expected a refusal, got {other:?}"),
+    };
+    assert_eq!((e.code, e.reason.as_str()), (409, "Conflict"));
+    assert!(
+        e.message.contains("does not match the UID in record"),
+        "{}",
+        e.message
+    );
+    assert!(
+        within("still there", cms.get_opt("a"))
+            .await
+            .unwrap()
+            .is_some()
+    );
+    dp.preconditions = Some(kube::api::Preconditions {
+        uid: new.metadata.uid.clone(),
+        resource_version: None,
+    });
+    within("current delete", cms.delete("a", &dp))
+        .await
+        .unwrap();
+    until("gone", || async {
+        cms.get_opt("a").await.unwrap().is_none()
+    })
+    .await;
+}
