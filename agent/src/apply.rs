@@ -4,6 +4,7 @@
 //! a changed Deployment's generation moves once), report field-manager
 //! conflicts with their paths, and detect drift by the same comparison.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -47,7 +48,8 @@ fn classify(e: kube::Error) -> ApplyError {
 
 pub struct Applier {
     client: kube::Client,
-    discovery: RwLock<Discovery>,
+    /// Served kinds resolved so far: resource and whether namespaced.
+    kinds: RwLock<HashMap<GroupVersionKind, (ApiResource, bool)>>,
     pub crd_timeout: Duration,
 }
 
@@ -105,15 +107,33 @@ pub fn differences(a: &Value, b: &Value) -> Vec<String> {
     out
 }
 
+fn not_served(gvk: &GroupVersionKind) -> ApplyError {
+    ApplyError::NotServed(format!(
+        "waiting for the cluster to serve {} in {}",
+        gvk.kind,
+        gvk.api_version()
+    ))
+}
+
 impl Applier {
+    /// Reads the served kinds once (which also proves the API reachable).
     pub async fn new(client: kube::Client, crd_timeout: Duration) -> Result<Applier, ApplyError> {
         let discovery = Discovery::new(client.clone())
             .run()
             .await
             .map_err(classify)?;
+        let mut kinds = HashMap::new();
+        for group in discovery.groups() {
+            for version in group.versions() {
+                for (ar, caps) in group.versioned_resources(version) {
+                    let gvk = GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind);
+                    kinds.insert(gvk, (ar, caps.scope == Scope::Namespaced));
+                }
+            }
+        }
         Ok(Applier {
             client,
-            discovery: RwLock::new(discovery),
+            kinds: RwLock::new(kinds),
             crd_timeout,
         })
     }
@@ -122,15 +142,8 @@ impl Applier {
         &self.client
     }
 
-    pub async fn refresh(&self) -> Result<(), ApplyError> {
-        let d = Discovery::new(self.client.clone())
-            .run()
-            .await
-            .map_err(classify)?;
-        *self.discovery.write().await = d;
-        Ok(())
-    }
-
+    /// The served resource of a kind and whether it is namespaced; a kind
+    /// not seen yet (a new CRD) costs one request for its group version.
     async fn resolve(
         &self,
         group: &str,
@@ -138,25 +151,19 @@ impl Applier {
         kind: &str,
     ) -> Result<(ApiResource, bool), ApplyError> {
         let gvk = GroupVersionKind::gvk(group, version, kind);
-        if let Some((ar, caps)) = self.discovery.read().await.resolve_gvk(&gvk) {
-            return Ok((ar, caps.scope == Scope::Namespaced));
+        if let Some(found) = self.kinds.read().await.get(&gvk) {
+            return Ok(found.clone());
         }
-        self.refresh().await?;
-        self.discovery
-            .read()
-            .await
-            .resolve_gvk(&gvk)
-            .map(|(ar, caps)| (ar, caps.scope == Scope::Namespaced))
-            .ok_or_else(|| {
-                ApplyError::NotServed(format!(
-                    "waiting for the cluster to serve {kind} in {}",
-                    if group.is_empty() {
-                        version.to_owned()
-                    } else {
-                        format!("{group}/{version}")
-                    }
-                ))
-            })
+        match kube::discovery::pinned_kind(&self.client, &gvk).await {
+            Ok((ar, caps)) => {
+                let found = (ar, caps.scope == Scope::Namespaced);
+                self.kinds.write().await.insert(gvk, found.clone());
+                Ok(found)
+            }
+            Err(kube::Error::Api(s)) if s.code == 404 => Err(not_served(&gvk)),
+            Err(kube::Error::Discovery(_)) => Err(not_served(&gvk)),
+            Err(other) => Err(classify(other)),
+        }
     }
 
     /// The served resource of a kind (for watching it).
@@ -306,7 +313,7 @@ impl Applier {
                         .any(|c| c["type"] == "Established" && c["status"] == "True")
                 });
             if established {
-                return self.refresh().await;
+                return Ok(());
             }
             if tokio::time::Instant::now() >= deadline {
                 return Err(ApplyError::Rejected(format!(
