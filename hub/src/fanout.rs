@@ -261,6 +261,15 @@ impl Fanout {
             .find_map(|env| env.get(cluster).cloned())
     }
 
+    /// The clusters with a live session, read once (for views that check
+    /// many cells).
+    pub fn connected(&self) -> HashSet<ClusterName> {
+        self.read()
+            .values()
+            .flat_map(|env| env.keys().cloned())
+            .collect()
+    }
+
     pub fn count(&self) -> usize {
         self.read().values().map(HashMap::len).sum()
     }

@@ -284,13 +284,14 @@ impl pb::hub_service_server::HubService for AdminService {
                 h.manifests.clear();
             }
             let cells = store.statuses(Some(&unit.env), Some(&unit)).await?;
+            let live = self.hub.fanout.connected();
             let pb_unit = convert::unit(&u);
             Ok(pb::UnitDetail {
                 unit: Some(pb_unit),
                 head,
                 clusters: cells
                     .iter()
-                    .map(|c| convert::status_cell(c, self.hub.fanout.session(&c.cluster).is_some()))
+                    .map(|c| convert::status_cell(c, live.contains(&c.cluster)))
                     .collect(),
             })
         }
@@ -362,6 +363,7 @@ impl pb::hub_service_server::HubService for AdminService {
             let clusters = store.list_clusters(env.as_ref()).await?;
             let cells = store.statuses(env.as_ref(), None).await?;
             let fanout = &self.hub.fanout;
+            let live = fanout.connected();
             Ok(pb::StatusMatrix {
                 units: units.iter().map(convert::unit).collect(),
                 clusters: clusters
@@ -370,7 +372,7 @@ impl pb::hub_service_server::HubService for AdminService {
                     .collect(),
                 cells: cells
                     .iter()
-                    .map(|c| convert::status_cell(c, fanout.session(&c.cluster).is_some()))
+                    .map(|c| convert::status_cell(c, live.contains(&c.cluster)))
                     .collect(),
             })
         }
