@@ -63,3 +63,6 @@ cargo build --workspace --bins --locked
 
 say "tests"
 cargo nextest run --workspace --locked --no-fail-fast "${RUN_IGNORED[@]}"
+
+say "fault suite (real processes, injected faults, history checker)"
+./target/debug/fault-suite

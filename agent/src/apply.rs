@@ -5,6 +5,7 @@
 //! conflicts with their paths, and detect drift by the same comparison.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::Duration;
 
 use kube::api::{Api, DeleteParams, DynamicObject, ListParams, Patch, PatchParams};
@@ -14,7 +15,7 @@ use serde_json::Value;
 use tokio::sync::RwLock;
 
 use crate::inventory::Entry;
-use crate::manifest::{ANNOTATION_REVISION, ANNOTATION_UNIT, Object};
+use crate::manifest::{ANNOTATION_REVISION, ANNOTATION_UNIT, LABEL_MANAGED_BY, Object};
 
 /// The field manager the agent applies with.
 pub const FIELD_MANAGER: &str = "unitsync";
@@ -50,8 +51,21 @@ pub struct Applier {
     client: kube::Client,
     /// Served kinds resolved so far: resource and whether namespaced.
     kinds: RwLock<HashMap<GroupVersionKind, (ApiResource, bool)>>,
+    /// One listable version per served group and kind, for recovering a
+    /// unit's membership from labels.
+    scan_types: RwLock<HashMap<(String, String), (ApiResource, bool)>>,
+    /// The last membership scan and when it started, shared by units that
+    /// lost (or never had) an inventory at about the same time.
+    scanned: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Membership>)>>,
     pub crd_timeout: Duration,
 }
+
+/// Objects carrying `unitsync.dev/unit` annotations, by that annotation
+/// (`ENV/UNIT`).
+pub type Membership = HashMap<String, Vec<Entry>>;
+
+/// How long a membership scan is reused.
+const SCAN_REUSE: Duration = Duration::from_secs(5);
 
 /// Strips what the server maintains, for comparing intent with reality.
 fn comparable(v: &Value) -> Value {
@@ -123,6 +137,7 @@ impl Applier {
             .await
             .map_err(classify)?;
         let mut kinds = HashMap::new();
+        let mut scan_types = HashMap::new();
         for group in discovery.groups() {
             for version in group.versions() {
                 for (ar, caps) in group.versioned_resources(version) {
@@ -130,12 +145,82 @@ impl Applier {
                     kinds.insert(gvk, (ar, caps.scope == Scope::Namespaced));
                 }
             }
+            for (ar, caps) in group.recommended_resources() {
+                if caps.supports_operation(kube::discovery::verbs::LIST) {
+                    scan_types.insert(
+                        (ar.group.clone(), ar.kind.clone()),
+                        (ar, caps.scope == Scope::Namespaced),
+                    );
+                }
+            }
         }
         Ok(Applier {
             client,
             kinds: RwLock::new(kinds),
+            scan_types: RwLock::new(scan_types),
+            scanned: tokio::sync::Mutex::new(None),
             crd_timeout,
         })
+    }
+
+    /// Every object carrying a unit annotation, by unit (`ENV/UNIT`),
+    /// across all served listable types: how a unit whose inventory is
+    /// missing finds its objects. A scan that started after `not_before`
+    /// (and a few seconds ago at most) is reused, so units created together
+    /// share one scan; pass the time the caller last wrote the unit's
+    /// objects, so a scan older than them never hides them. Types the agent
+    /// may not list (403) cannot hold objects it created and are skipped;
+    /// any other failure fails the scan (an incomplete membership must not
+    /// look complete).
+    pub async fn membership(
+        &self,
+        not_before: Option<tokio::time::Instant>,
+    ) -> Result<Arc<Membership>, ApplyError> {
+        let mut cached = self.scanned.lock().await;
+        if let Some((started, m)) = cached.as_ref()
+            && started.elapsed() < SCAN_REUSE
+            && not_before.is_none_or(|t| *started > t)
+        {
+            return Ok(m.clone());
+        }
+        let started = tokio::time::Instant::now();
+        let types: Vec<(ApiResource, bool)> =
+            self.scan_types.read().await.values().cloned().collect();
+        let mut out = Membership::new();
+        let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
+        for (ar, namespaced) in types {
+            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+            let list = match api.list(&lp).await {
+                Ok(l) => l,
+                Err(kube::Error::Api(s)) if (403..=405).contains(&s.code) => continue,
+                Err(e) => return Err(classify(e)),
+            };
+            for o in list.items {
+                let Some(unit) = o
+                    .metadata
+                    .annotations
+                    .as_ref()
+                    .and_then(|a| a.get(ANNOTATION_UNIT))
+                else {
+                    continue;
+                };
+                out.entry(unit.clone()).or_default().push(Entry {
+                    group: ar.group.clone(),
+                    version: ar.version.clone(),
+                    kind: ar.kind.clone(),
+                    namespace: if namespaced {
+                        o.metadata.namespace.clone().unwrap_or_default()
+                    } else {
+                        String::new()
+                    },
+                    name: o.metadata.name.clone().unwrap_or_default(),
+                    uid: o.metadata.uid.clone().unwrap_or_default(),
+                });
+            }
+        }
+        let m = Arc::new(out);
+        *cached = Some((started, m.clone()));
+        Ok(m)
     }
 
     pub fn client(&self) -> &kube::Client {
@@ -157,6 +242,13 @@ impl Applier {
         match kube::discovery::pinned_kind(&self.client, &gvk).await {
             Ok((ar, caps)) => {
                 let found = (ar, caps.scope == Scope::Namespaced);
+                if caps.supports_operation(kube::discovery::verbs::LIST) {
+                    self.scan_types
+                        .write()
+                        .await
+                        .entry((found.0.group.clone(), found.0.kind.clone()))
+                        .or_insert_with(|| found.clone());
+                }
                 self.kinds.write().await.insert(gvk, found.clone());
                 Ok(found)
             }
@@ -277,7 +369,7 @@ impl Applier {
             .as_ref()
             .and_then(|a| a.get(ANNOTATION_REVISION))
         {
-            obj.body["metadata"]["annotations"][ANNOTATION_REVISION] = rev.as_str().into();
+            crate::manifest::set_revision(obj, rev);
         }
         let mut pp = PatchParams::apply(FIELD_MANAGER);
         pp.dry_run = true;
@@ -342,10 +434,33 @@ impl Applier {
         )
     }
 
+    /// The live object of an entry written ahead of its apply (no uid
+    /// known), if it exists and belongs to `unit` (`ENV/UNIT`): only then
+    /// may it be pruned.
+    pub async fn owned(&self, e: &Entry, unit: &str) -> Result<Option<Entry>, ApplyError> {
+        let Some(live) = self.get(e).await? else {
+            return Ok(None);
+        };
+        if live["metadata"]["annotations"][ANNOTATION_UNIT] != unit {
+            return Ok(None);
+        }
+        Ok(Some(Entry {
+            uid: live["metadata"]["uid"]
+                .as_str()
+                .unwrap_or_default()
+                .to_owned(),
+            ..e.clone()
+        }))
+    }
+
     /// Deletes an inventory entry (foreground), only if it is still the
     /// object that was applied: the uid precondition makes the API server
     /// refuse (409) a replacement; gone already (404, or its type) is done.
+    /// An entry without a uid is never deleted (see [`Applier::owned`]).
     pub async fn delete(&self, e: &Entry) -> Result<(), ApplyError> {
+        if e.uid.is_empty() {
+            return Ok(());
+        }
         let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
         let api = match self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await {
             Ok(a) => a,
@@ -353,12 +468,10 @@ impl Applier {
             Err(other) => return Err(other),
         };
         let mut dp = DeleteParams::foreground();
-        if !e.uid.is_empty() {
-            dp.preconditions = Some(kube::api::Preconditions {
-                uid: Some(e.uid.clone()),
-                resource_version: None,
-            });
-        }
+        dp.preconditions = Some(kube::api::Preconditions {
+            uid: Some(e.uid.clone()),
+            resource_version: None,
+        });
         match api.delete(&e.name, &dp).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
@@ -396,7 +509,8 @@ impl Applier {
     }
 
     /// Deployments (by namespace/name) that a HorizontalPodAutoscaler scales.
-    pub async fn hpa_targets(&self, namespace: &str) -> Vec<String> {
+    /// A failed list is an error: guessing "no autoscaler" would fight one.
+    pub async fn hpa_targets(&self, namespace: &str) -> Result<Vec<String>, ApplyError> {
         let hpas: Api<DynamicObject> = Api::namespaced_with(
             self.client.clone(),
             namespace,
@@ -418,7 +532,16 @@ impl Applier {
                     })
                     .collect()
             })
-            .unwrap_or_default()
+            .or_else(|e| match e {
+                // No autoscaling API at all: nothing can scale Deployments.
+                kube::Error::Api(s) if s.code == 404 => Ok(vec![]),
+                e => Err(match classify(e) {
+                    ApplyError::Rejected(m) => ApplyError::Unreachable(format!(
+                        "cannot list HorizontalPodAutoscalers in {namespace}: {m}"
+                    )),
+                    other => other,
+                }),
+            })
     }
 }
 

@@ -37,6 +37,16 @@ pub struct HubConnection {
     /// Client certificate and key (PEM) for mutual TLS; with it the token
     /// may be empty.
     pub identity: Option<(String, String)>,
+    /// HTTP/2 ping interval, and how long an unanswered ping may take before
+    /// the connection counts as dead (a silent partition is noticed within
+    /// twice this).
+    pub keepalive: Duration,
+}
+
+impl HubConnection {
+    /// Pings every 10 s, dead after 10 s more: well within the hub's
+    /// default 30 s heartbeat window.
+    pub const DEFAULT_KEEPALIVE: Duration = Duration::from_secs(10);
 }
 
 impl std::fmt::Debug for HubConnection {
@@ -49,6 +59,7 @@ impl std::fmt::Debug for HubConnection {
                 "identity",
                 &self.identity.as_ref().map(|_| "<client certificate>"),
             )
+            .field("keepalive", &self.keepalive)
             .finish()
     }
 }
@@ -329,16 +340,18 @@ impl HubClient {
     async fn session_loop(&self, shutdown: &CancellationToken) {
         let mut backoff = Backoff::default();
         loop {
-            let started = Instant::now();
+            let mut welcomed = false;
             let result = tokio::select! {
-                r = self.session(shutdown) => r,
+                r = self.session(shutdown, &mut welcomed) => r,
                 () = shutdown.cancelled() => return,
             };
             if shutdown.is_cancelled() {
                 return;
             }
-            // A session that stayed up for the cap resets the backoff.
-            if started.elapsed() >= backoff.policy().max {
+            // A session the hub welcomed was healthy: the next outage starts
+            // from the short first window again (a hub restart costs
+            // milliseconds, not seconds).
+            if welcomed {
                 backoff.reset();
             }
             let delay = backoff.next_delay();
@@ -372,8 +385,8 @@ impl HubClient {
         }
         endpoint
             .connect_timeout(Duration::from_secs(20))
-            .http2_keep_alive_interval(Duration::from_secs(30))
-            .keep_alive_timeout(Duration::from_secs(20))
+            .http2_keep_alive_interval(self.conn.keepalive)
+            .keep_alive_timeout(self.conn.keepalive)
             .keep_alive_while_idle(true)
             .tcp_nodelay(true)
             .connect()
@@ -381,8 +394,13 @@ impl HubClient {
             .map_err(SessionError::Connect)
     }
 
-    /// One session, until it breaks or `shutdown`.
-    pub async fn session(&self, shutdown: &CancellationToken) -> Result<(), SessionError> {
+    /// One session, until it breaks or `shutdown`; `welcomed` is set once
+    /// the hub answered the Hello.
+    pub async fn session(
+        &self,
+        shutdown: &CancellationToken,
+        welcomed: &mut bool,
+    ) -> Result<(), SessionError> {
         let auth: Option<MetadataValue<Ascii>> = if self.conn.token.is_empty() {
             None
         } else {
@@ -477,30 +495,16 @@ impl HubClient {
                     };
                     match msg {
                         HubMsg::Welcome(w) => {
+                            *welcomed = true;
                             heartbeat = Duration::from_secs(u64::from(w.heartbeat_interval_seconds.max(1)));
                             ticker = tokio::time::interval(heartbeat);
                             ticker.tick().await;
                             let _ = self.events.send(HubEvent::Connected { cluster: w.cluster, environment: w.environment });
                         }
                         HubMsg::Update(u) => {
-                            let desired = DesiredUnit {
-                                unit: u.unit,
-                                environment: u.environment,
-                                revision: u.revision,
-                                digest: u.digest,
-                                tombstone: u.tombstone,
-                                manifests: u.manifests,
-                            };
-                            if let Err(e) = self.desired.record(desired.clone()) {
-                                // Not recorded: do not ack; the resync on the
-                                // next session sends it again.
-                                break Err(SessionError::Record(e));
+                            if let Err(e) = self.on_update(u, &prio_tx).await {
+                                break Err(e);
                             }
-                            let ack = pb::AgentMessage { msg: Some(AgentMsg::Ack(pb::Ack { unit: desired.unit.clone(), revision: desired.revision })) };
-                            if prio_tx.send(ack).await.is_err() {
-                                break Err(SessionError::Closed);
-                            }
-                            let _ = self.events.send(HubEvent::Desired(desired));
                         }
                         HubMsg::Heartbeat(_) => {}
                         HubMsg::Notice(n) => {
@@ -516,6 +520,42 @@ impl HubClient {
     }
 }
 
+impl HubClient {
+    /// One update from the hub: record it durably, hand it to the applier,
+    /// then acknowledge it. Recorded means it will be applied, whatever
+    /// happens to the session next, so the hand-over comes before the ack
+    /// (which fails when the session just died).
+    async fn on_update(
+        &self,
+        u: pb::UnitUpdate,
+        prio: &mpsc::Sender<pb::AgentMessage>,
+    ) -> Result<(), SessionError> {
+        let desired = DesiredUnit {
+            unit: u.unit,
+            environment: u.environment,
+            revision: u.revision,
+            digest: u.digest,
+            tombstone: u.tombstone,
+            manifests: u.manifests,
+        };
+        // Not recorded: no ack; the resync of the next session sends it again.
+        self.desired
+            .record(desired.clone())
+            .await
+            .map_err(SessionError::Record)?;
+        let ack = pb::Ack {
+            unit: desired.unit.clone(),
+            revision: desired.revision,
+        };
+        let _ = self.events.send(HubEvent::Desired(desired));
+        prio.send(pb::AgentMessage {
+            msg: Some(AgentMsg::Ack(ack)),
+        })
+        .await
+        .map_err(|_| SessionError::Closed)
+    }
+}
+
 /// Displays an error with its source chain.
 struct Chain<'a>(&'a (dyn std::error::Error + 'static));
 
@@ -528,5 +568,52 @@ impl std::fmt::Display for Chain<'_> {
             cur = e.source();
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::desired::MemoryStore;
+
+    /// The session died between recording an update and acknowledging it
+    /// (a hub killed right after a commit): the revision is still handed to
+    /// the applier. Before the fix the update was recorded, listed in the
+    /// next Hello (so never offered again) and never applied.
+    #[tokio::test]
+    async fn a_recorded_update_is_applied_even_when_its_ack_cannot_be_sent() {
+        let desired = Arc::new(MemoryStore::default());
+        let (events, mut rx) = mpsc::unbounded_channel();
+        let client = HubClient::new(
+            HubConnection {
+                endpoint: "http://127.0.0.1:1".into(),
+                token: "t".into(),
+                agent_version: "test".into(),
+                ca_pem: None,
+                identity: None,
+                keepalive: HubConnection::DEFAULT_KEEPALIVE,
+            },
+            desired.clone(),
+            Arc::default(),
+            events,
+        );
+        // The session's outbound stream is gone.
+        let (prio, closed) = mpsc::channel(1);
+        drop(closed);
+        let update = pb::UnitUpdate {
+            unit: "web".into(),
+            revision: 7,
+            digest: "d".into(),
+            environment: "dev".into(),
+            manifests: "kind: ConfigMap".into(),
+            ..Default::default()
+        };
+        let r = client.on_update(update, &prio).await;
+        assert!(matches!(r, Err(SessionError::Closed)), "{r:?}");
+        assert_eq!(desired.load()[0].revision, 7, "recorded");
+        match rx.try_recv() {
+            Ok(HubEvent::Desired(u)) => assert_eq!(u.revision, 7),
+            other => panic!("the recorded revision was not handed to the applier: {other:?}"),
+        }
     }
 }

@@ -1,6 +1,12 @@
 //! Per-unit inventory: what the agent applied (GVK, namespace, name, uid),
 //! kept in a ConfigMap in the agent's namespace so it survives restarts.
 //! Prune works only from it: nothing outside an inventory is ever deleted.
+//!
+//! The inventory is written ahead of an apply (the union of what was there
+//! and what is about to be applied; entries not applied yet have no uid)
+//! and shrunk after prune, so an interrupted apply leaves no object outside
+//! every inventory. A missing agent namespace is re-created on save; an
+//! unreadable inventory is an error, never an empty one.
 
 use std::collections::BTreeMap;
 
@@ -34,6 +40,16 @@ impl Entry {
             name: obj.name.clone(),
             uid: String::new(),
         }
+    }
+
+    /// Whether `applied` (an entry with its uid, as applied) is the object
+    /// this entry names: same key, or a cluster-scoped object whose
+    /// document named a namespace anyway.
+    pub fn names(&self, applied: &Entry) -> bool {
+        self.group == applied.group
+            && self.kind == applied.kind
+            && self.name == applied.name
+            && (self.namespace == applied.namespace || applied.namespace.is_empty())
     }
 
     /// Identity without version and uid.
@@ -70,8 +86,43 @@ pub struct Inventory {
     pub entries: Vec<Entry>,
 }
 
+impl Inventory {
+    /// Adds `e` unless an entry names the same object (an entry with a uid
+    /// wins over one without).
+    pub fn merge(&mut self, e: Entry) {
+        match self.entries.iter_mut().find(|x| x.key() == e.key()) {
+            Some(x) if x.uid.is_empty() => *x = e,
+            Some(_) => {}
+            None => self.entries.push(e),
+        }
+    }
+}
+
+/// Why an inventory could not be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum InventoryError {
+    #[error("Kubernetes API unreachable: {0}")]
+    Unreachable(#[source] kube::Error),
+    /// The ConfigMap exists but does not hold an inventory: nothing of the
+    /// unit may be pruned until it is repaired or deleted (then membership
+    /// is recovered from the objects' labels).
+    #[error(
+        "the inventory ConfigMap {namespace}/{name} is corrupt ({problem}); nothing of the unit is applied or pruned until it is repaired, or deleted (the agent then recovers membership from the objects' labels)"
+    )]
+    Corrupt {
+        namespace: String,
+        name: String,
+        problem: String,
+    },
+}
+
 pub struct InventoryStore {
     api: Api<ConfigMap>,
+    namespaces: Api<k8s_openapi::api::core::v1::Namespace>,
+    namespace: String,
+    /// When this process last wrote each unit's inventory (its objects are
+    /// written after it).
+    written: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
 }
 
 fn cm_name(unit: &str) -> String {
@@ -81,22 +132,82 @@ fn cm_name(unit: &str) -> String {
 impl InventoryStore {
     pub fn new(client: kube::Client, namespace: &str) -> InventoryStore {
         InventoryStore {
-            api: Api::namespaced(client, namespace),
+            api: Api::namespaced(client.clone(), namespace),
+            namespaces: Api::all(client),
+            namespace: namespace.to_owned(),
+            written: Default::default(),
         }
     }
 
-    pub async fn load(&self, unit: &str) -> Result<Option<Inventory>, kube::Error> {
-        let Some(cm) = self.api.get_opt(&cm_name(unit)).await? else {
-            return Ok(None);
-        };
-        let data = cm.data.unwrap_or_default();
-        let inv = data
-            .get("inventory")
-            .and_then(|s| serde_json::from_str(s).ok());
-        Ok(inv)
+    /// When this process last wrote the unit's inventory, if it did.
+    pub fn last_written(&self, unit: &str) -> Option<tokio::time::Instant> {
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(unit)
+            .copied()
     }
 
-    pub async fn save(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
+    /// The unit's inventory; `None` when it has none (a new unit, or one
+    /// whose inventory was lost).
+    pub async fn load(&self, unit: &str) -> Result<Option<Inventory>, InventoryError> {
+        let name = cm_name(unit);
+        let Some(cm) = self
+            .api
+            .get_opt(&name)
+            .await
+            .map_err(InventoryError::Unreachable)?
+        else {
+            return Ok(None);
+        };
+        let corrupt = |problem: String| InventoryError::Corrupt {
+            namespace: self.namespace.clone(),
+            name: name.clone(),
+            problem,
+        };
+        let data = cm.data.unwrap_or_default();
+        let text = data
+            .get("inventory")
+            .ok_or_else(|| corrupt("no inventory key".into()))?;
+        serde_json::from_str(text)
+            .map(Some)
+            .map_err(|e| corrupt(e.to_string()))
+    }
+
+    /// Writes the unit's inventory, re-creating the agent namespace when it
+    /// was deleted (a restored cluster, an accident).
+    pub async fn save(&self, unit: &str, inv: &Inventory) -> Result<(), InventoryError> {
+        match self.write(unit, inv).await {
+            Err(kube::Error::Api(s)) if s.code == 404 => {
+                tracing::warn!(namespace = %self.namespace, "the agent namespace is gone; re-creating it");
+                self.ensure_namespace().await?;
+                self.write(unit, inv)
+                    .await
+                    .map_err(InventoryError::Unreachable)
+            }
+            other => other.map_err(InventoryError::Unreachable),
+        }
+    }
+
+    /// Creates the agent namespace if it is missing.
+    pub async fn ensure_namespace(&self) -> Result<(), InventoryError> {
+        let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}});
+        self.namespaces
+            .patch(
+                &self.namespace,
+                &PatchParams::apply(crate::apply::FIELD_MANAGER),
+                &Patch::Apply(ns),
+            )
+            .await
+            .map(|_| ())
+            .map_err(InventoryError::Unreachable)
+    }
+
+    async fn write(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
+        self.written
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .insert(unit.to_owned(), tokio::time::Instant::now());
         let mut data = BTreeMap::new();
         data.insert(
             "inventory".to_owned(),
@@ -121,11 +232,42 @@ impl InventoryStore {
         Ok(())
     }
 
-    pub async fn delete(&self, unit: &str) -> Result<(), kube::Error> {
+    pub async fn delete(&self, unit: &str) -> Result<(), InventoryError> {
         match self.api.delete(&cm_name(unit), &Default::default()).await {
             Ok(_) => Ok(()),
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(e),
+            Err(e) => Err(InventoryError::Unreachable(e)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn entry(ns: &str, name: &str, uid: &str) -> Entry {
+        Entry {
+            group: String::new(),
+            version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: ns.into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    #[test]
+    fn merging_keeps_one_entry_per_object_and_prefers_known_uids() {
+        let mut inv = Inventory::default();
+        inv.merge(entry("a", "x", ""));
+        inv.merge(entry("a", "x", "u1"));
+        inv.merge(entry("a", "x", ""));
+        inv.merge(entry("a", "y", ""));
+        assert_eq!(
+            inv.entries,
+            vec![entry("a", "x", "u1"), entry("a", "y", "")]
+        );
+        assert!(entry("stray", "x", "").names(&entry("", "x", "u")));
+        assert!(!entry("a", "x", "").names(&entry("b", "x", "u")));
     }
 }

@@ -58,7 +58,24 @@ pub async fn kube_client(target: &KubeTarget) -> Result<kube::Client, RunError> 
                 .map_err(|e| boxed(Box::new(e)))?
         }
     };
-    kube::Client::try_from(config).map_err(|e| boxed(Box::new(e)))
+    // kube's default retries a 503 fifteen times over minutes, which would
+    // stall a unit's worker; the agent has its own backoff, so transient
+    // 429/503/504 answers get three quick retries here and then count as
+    // failures the worker reports and retries.
+    let mut config = config;
+    config.default_retry = false;
+    let policy = kube::client::retry::RetryPolicy::new(
+        std::time::Duration::from_millis(50),
+        std::time::Duration::from_secs(1),
+        3,
+        true,
+    )
+    .map_err(|e| boxed(Box::new(e)))?;
+    Ok(kube::client::ClientBuilder::try_from(config)
+        .map_err(|e| boxed(Box::new(e)))?
+        .with_layer(&tower::buffer::BufferLayer::new(1024))
+        .with_layer(&tower::retry::RetryLayer::new(policy))
+        .build())
 }
 
 /// `/healthz` (the process runs) and `/readyz` (the Kubernetes API answered
@@ -98,26 +115,6 @@ async fn serve_health(
     Ok(())
 }
 
-/// Creates the agent's namespace if it is missing (best effort: a
-/// least-privilege install creates it up front).
-async fn ensure_namespace(client: &kube::Client, namespace: &str) {
-    let api: kube::Api<k8s_openapi::api::core::v1::Namespace> = kube::Api::all(client.clone());
-    if matches!(api.get_opt(namespace).await, Ok(Some(_))) {
-        return;
-    }
-    let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": namespace}});
-    if let Err(e) = api
-        .patch(
-            namespace,
-            &kube::api::PatchParams::apply(apply::FIELD_MANAGER),
-            &kube::api::Patch::Apply(ns),
-        )
-        .await
-    {
-        tracing::warn!(%namespace, error = %e, "cannot create the agent namespace");
-    }
-}
-
 /// Runs the agent until `shutdown`.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
@@ -132,9 +129,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             source: e,
         })
     })?;
-    let desired: Arc<dyn DesiredStore> = Arc::new(
-        FileStore::open(&config.state_dir.join("desired.json")).map_err(RunError::Record)?,
-    );
+    let desired: Arc<dyn DesiredStore> =
+        Arc::new(FileStore::open(&config.state_dir.join("desired")).map_err(RunError::Record)?);
     // Discovery needs the API server; keep trying while it is down.
     let applier = loop {
         match Applier::new(client.clone(), config.crd_timeout).await {
@@ -151,12 +147,17 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
         }
     };
-    ensure_namespace(&client, &config.namespace).await;
+    let inventory = InventoryStore::new(client, &config.namespace);
+    // Best effort: a least-privilege install creates it up front, and every
+    // inventory write re-creates it if it goes missing.
+    if let Err(e) = inventory.ensure_namespace().await {
+        tracing::warn!(namespace = %config.namespace, error = %e, "cannot create the agent namespace");
+    }
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let statuses = Arc::new(StatusQueue::default());
     let reconciler = Reconciler::new(
         applier,
-        InventoryStore::new(client, &config.namespace),
+        inventory,
         desired.clone(),
         statuses.clone(),
         config.tuning.clone(),
@@ -164,9 +165,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         shutdown.clone(),
     );
     // Keep enforcing what was recorded, whether or not the hub answers.
-    for unit in desired.load() {
-        reconciler.desired(unit);
-    }
+    reconciler.sync_with_record();
     let (events_tx, mut events) = tokio::sync::mpsc::unbounded_channel();
     let mut conn = config.hub.clone();
     // A certificate renewed by an earlier run is newer than the installed one.
@@ -190,8 +189,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                     HubEvent::Connected {
                         cluster,
                         environment,
-                    } => tracing::info!(%cluster, %environment, "connected to the hub"),
-                    HubEvent::Notice(n) => tracing::warn!(notice = %n, "hub notice"),
+                    } => {
+                        tracing::info!(%cluster, %environment, "connected to the hub");
+                        // Whatever a previous session recorded is applied.
+                        reconciler.sync_with_record();
+                    }
+                    // hub_client logs notices.
+                    HubEvent::Notice(_) => {}
                 }
             }
         }

@@ -75,9 +75,30 @@ struct Args {
     /// Serve /healthz and /readyz on this address (for probes).
     #[arg(long, env = "UNITSYNC_AGENT_HEALTH_LISTEN")]
     health_listen: Option<std::net::SocketAddr>,
+    /// Seconds between HTTP/2 pings to the hub; a connection whose ping goes
+    /// unanswered this long again is dead (a silent partition is noticed
+    /// within twice this).
+    #[arg(long, default_value_t = 10)]
+    hub_keepalive_seconds: u64,
     /// Only apply objects in these namespaces (namespaced RBAC installs).
     #[arg(long, value_delimiter = ',')]
     allowed_namespaces: Vec<String>,
+}
+
+/// SIGTERM (how Kubernetes stops a pod) or Ctrl-C.
+async fn stop_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    match signal(SignalKind::terminate()) {
+        Ok(mut term) => {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        }
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+        }
+    }
 }
 
 #[tokio::main]
@@ -132,6 +153,7 @@ async fn main() -> ExitCode {
             agent_version: env!("CARGO_PKG_VERSION").into(),
             ca_pem,
             identity,
+            keepalive: Duration::from_secs(args.hub_keepalive_seconds.max(1)),
         },
         kube: match args.kubeconfig {
             Some(path) => KubeTarget::Kubeconfig {
@@ -162,7 +184,8 @@ async fn main() -> ExitCode {
     tokio::spawn({
         let shutdown = shutdown.clone();
         async move {
-            let _ = tokio::signal::ctrl_c().await;
+            stop_signal().await;
+            tracing::info!("shutting down");
             shutdown.cancel();
         }
     });

@@ -94,6 +94,24 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ParseError> {
             .as_str()
             .ok_or_else(|| err("kind is missing"))?
             .to_owned();
+        if !body.is_object() {
+            return Err(err("not a mapping"));
+        }
+        if !body["metadata"].is_object() {
+            return Err(err("metadata is not a mapping"));
+        }
+        for field in ["labels", "annotations"] {
+            match &body["metadata"][field] {
+                Value::Null => {}
+                Value::Object(m) if m.values().all(Value::is_string) => {}
+                _ => {
+                    return Err(ParseError {
+                        document: i + 1,
+                        problem: format!("metadata.{field} must map strings to strings"),
+                    });
+                }
+            }
+        }
         let name = body["metadata"]["name"]
             .as_str()
             .ok_or_else(|| err("metadata.name is missing"))?
@@ -114,14 +132,50 @@ pub fn parse(text: &str) -> Result<Vec<Object>, ParseError> {
     Ok(out)
 }
 
-/// Adds the unit's labels and annotations to an object.
-pub fn stamp(obj: &mut Object, unit: &str, environment: &str, revision: u64) {
-    let meta = &mut obj.body["metadata"];
-    meta["labels"][LABEL_MANAGED_BY] = Value::from("unitsync");
-    meta["labels"][LABEL_UNIT] = Value::from(unit);
-    meta["annotations"][ANNOTATION_UNIT] = Value::from(format!("{environment}/{unit}"));
-    meta["annotations"][ANNOTATION_ENVIRONMENT] = Value::from(environment);
-    meta["annotations"][ANNOTATION_REVISION] = Value::from(revision.to_string());
+/// The string map at `metadata.<field>`, created when absent; `None` when
+/// the object or the field is not a mapping.
+fn string_map<'a>(
+    body: &'a mut Value,
+    field: &str,
+) -> Option<&'a mut serde_json::Map<String, Value>> {
+    let meta = body.as_object_mut()?.get_mut("metadata")?.as_object_mut()?;
+    let v = meta
+        .entry(field.to_owned())
+        .or_insert_with(|| Value::Object(Default::default()));
+    if v.is_null() {
+        *v = Value::Object(Default::default());
+    }
+    v.as_object_mut()
+}
+
+/// Adds the unit's labels and annotations to an object (from [`parse`],
+/// which checked their shape).
+pub fn stamp(obj: &mut Object, unit: &str, environment: &str, revision: u64) -> Result<(), String> {
+    let id = obj.id();
+    let labels = string_map(&mut obj.body, "labels")
+        .ok_or_else(|| format!("{id}: metadata.labels is not a mapping"))?;
+    labels.insert(LABEL_MANAGED_BY.into(), Value::from("unitsync"));
+    labels.insert(LABEL_UNIT.into(), Value::from(unit));
+    let annotations = string_map(&mut obj.body, "annotations")
+        .ok_or_else(|| format!("{id}: metadata.annotations is not a mapping"))?;
+    annotations.insert(
+        ANNOTATION_UNIT.into(),
+        Value::from(format!("{environment}/{unit}")),
+    );
+    annotations.insert(ANNOTATION_ENVIRONMENT.into(), Value::from(environment));
+    annotations.insert(
+        ANNOTATION_REVISION.into(),
+        Value::from(revision.to_string()),
+    );
+    Ok(())
+}
+
+/// Sets the revision annotation (drift compares with the revision that
+/// last changed the live object).
+pub fn set_revision(obj: &mut Object, revision: &str) {
+    if let Some(a) = string_map(&mut obj.body, "annotations") {
+        a.insert(ANNOTATION_REVISION.into(), Value::from(revision));
+    }
 }
 
 #[cfg(test)]
@@ -137,9 +191,24 @@ mod tests {
             kinds,
             ["CustomResourceDefinition", "Namespace", "ConfigMap"]
         );
-        stamp(&mut objs[2], "web", "dev", 3);
+        stamp(&mut objs[2], "web", "dev", 3).unwrap();
         assert_eq!(objs[2].annotation(ANNOTATION_UNIT), Some("dev/web"));
         assert_eq!(objs[2].body["metadata"]["labels"][LABEL_UNIT], "web");
         assert_eq!(objs[2].id(), "ConfigMap x/a");
+    }
+
+    #[test]
+    fn labels_and_annotations_that_are_not_string_maps_are_refused() {
+        for bad in [
+            "metadata: {name: a, labels: x}",
+            "metadata: {name: a, labels: [1]}",
+            "metadata: {name: a, labels: {k: 1}}",
+            "metadata: {name: a, annotations: x}",
+            "metadata: x",
+        ] {
+            let text = format!("apiVersion: v1\nkind: ConfigMap\n{bad}\n");
+            let e = parse(&text).unwrap_err();
+            assert_eq!(e.document, 1, "{bad}");
+        }
     }
 }

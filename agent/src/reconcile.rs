@@ -1,14 +1,24 @@
 //! One worker per unit keeps its cluster in the unit's desired state:
 //! apply (bounded concurrency across units; one unit's revisions in order,
-//! a newer revision superseding an in-flight one), record the inventory,
-//! prune what left the unit, assess health, and watch for drift. It works
-//! from the desired-state record alone, so a hub outage changes nothing.
+//! a newer revision superseding an in-flight one), record the inventory
+//! (written ahead of the apply, shrunk after prune), prune what left the
+//! unit, assess health, and watch for drift. It works from the
+//! desired-state record alone, so a hub outage changes nothing.
+//!
+//! Failure is never silent and never unsafe: an object that cannot be
+//! applied is reported with its reason while the rest of the unit is
+//! applied (and its drift healed); a type the cluster does not serve is
+//! waited for a bounded time, then reported Failed; anything the agent
+//! cannot check (a failed read, an unreachable API server, a corrupt
+//! inventory) keeps objects rather than deleting them, and reads Unknown or
+//! Failed, never Ready.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
 use unitsync_proto::v1 as pb;
@@ -18,7 +28,7 @@ use crate::desired::{DesiredStore, DesiredUnit};
 use crate::drift::DriftWatch;
 use crate::health::{self, Health};
 use crate::hub_client::{ResourceReport, StatusQueue, StatusUpdate};
-use crate::inventory::{Entry, Inventory, InventoryStore};
+use crate::inventory::{Entry, Inventory, InventoryError, InventoryStore};
 use crate::manifest::{self, ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE, Object};
 
 /// Tuning of the reconcile loop.
@@ -26,7 +36,8 @@ use crate::manifest::{self, ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE
 pub struct Tuning {
     /// Units applied at the same time.
     pub concurrency: usize,
-    /// How often health is re-assessed while a unit is not Ready.
+    /// How often health is re-assessed while a unit is not Ready, and how
+    /// often the API server's reachability is probed.
     pub health_interval: Duration,
     /// How often applied objects are checked for drift.
     pub drift_interval: Duration,
@@ -45,6 +56,7 @@ impl Default for Tuning {
             drift_interval: Duration::from_secs(30),
             max_prune_ratio: 0.5,
             retry: BackoffPolicy {
+                first_window: Duration::ZERO,
                 initial: Duration::from_secs(1),
                 multiplier: 1.6,
                 jitter: 0.2,
@@ -63,6 +75,8 @@ pub struct Reconciler {
     permits: Arc<Semaphore>,
     workers: Mutex<HashMap<String, watch::Sender<DesiredUnit>>>,
     drift: DriftWatch,
+    /// `Some(reason)` while the API server does not answer.
+    api_down: watch::Receiver<Option<String>>,
     allowed_namespaces: Vec<String>,
     shutdown: CancellationToken,
 }
@@ -73,13 +87,72 @@ const DRIFT_SETTLE: Duration = Duration::from_millis(100);
 
 /// The outcome of one pass over a unit.
 enum Pass {
-    Done,
+    /// Every object applied and everything that left the unit pruned.
+    Done {
+        healable: BTreeSet<Key>,
+    },
     Superseded,
     Failed {
         phase: pb::Phase,
         message: String,
         resources: Vec<ResourceReport>,
+        /// Objects applied in this pass: their drift may still be healed.
+        healable: BTreeSet<Key>,
+        /// Retry at the health interval (waiting for something on its
+        /// way) instead of backing off.
+        soon: bool,
     },
+}
+
+impl Pass {
+    fn failed(phase: pb::Phase, message: impl Into<String>) -> Pass {
+        Pass::Failed {
+            phase,
+            message: message.into(),
+            resources: vec![],
+            healable: BTreeSet::new(),
+            soon: false,
+        }
+    }
+
+    /// The API server could not be reached: the unit's state is unknown.
+    fn unknown(message: impl Into<String>) -> Pass {
+        Self::failed(pb::Phase::Unknown, message)
+    }
+
+    fn of(e: ApplyError) -> Pass {
+        match e {
+            ApplyError::Unreachable(m) => Self::unknown(m),
+            ApplyError::NotServed(m) | ApplyError::Rejected(m) => {
+                Self::failed(pb::Phase::Failed, m)
+            }
+        }
+    }
+
+    fn inventory(e: InventoryError) -> Pass {
+        match e {
+            InventoryError::Unreachable(_) => Self::unknown(e.to_string()),
+            InventoryError::Corrupt { .. } => Self::failed(pb::Phase::Failed, e.to_string()),
+        }
+    }
+}
+
+/// Identity of an object within a unit (group, kind, namespace, name).
+type Key = (String, String, String, String);
+
+/// What the watch phase after a pass ended with.
+enum Watched {
+    NewRevision,
+    /// Apply again (retry time reached, or the inventory was lost).
+    Reapply,
+    Stop,
+}
+
+/// What an assessment found.
+enum Assessed {
+    Status(pb::Phase, String, Vec<ResourceReport>),
+    /// The inventory is gone: re-apply (which recovers membership).
+    Lost,
 }
 
 fn resource(e: &Entry, sync: pb::SyncState, health: pb::Health, message: String) -> ResourceReport {
@@ -105,6 +178,102 @@ fn health_pb(h: Health) -> pb::Health {
     }
 }
 
+fn key_of(o: &Object) -> Key {
+    (
+        o.group().to_owned(),
+        o.kind.clone(),
+        o.namespace.clone().unwrap_or_default(),
+        o.name.clone(),
+    )
+}
+
+/// Apply order rank of an entry: CRDs, Namespaces, the rest.
+fn rank(e: &Entry) -> u8 {
+    match (e.group.as_str(), e.kind.as_str()) {
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => 0,
+        ("", "Namespace") => 1,
+        _ => 2,
+    }
+}
+
+/// The objects of a revision, stamped, in apply order, and what applying
+/// them means for the unit's inventory: a pure step (no cluster access), so
+/// it can be checked against arbitrary input.
+#[derive(Debug)]
+pub struct Plan {
+    pub objects: Vec<Object>,
+    /// Inventory entries no longer wanted (to prune).
+    pub leaving: Vec<Entry>,
+    /// The inventory to write before applying: what was there plus what
+    /// is about to be applied (uid unknown yet).
+    pub ahead: Inventory,
+}
+
+/// Plans a revision against the previous inventory; refuses what the
+/// manifests cannot carry and a mass prune.
+pub fn plan(
+    unit: &DesiredUnit,
+    previous: &Inventory,
+    max_prune_ratio: f64,
+) -> Result<Plan, String> {
+    let mut objects = manifest::parse(&unit.manifests)
+        .map_err(|e| format!("unit {} revision {}: {e}", unit.unit, unit.revision))?;
+    for o in &mut objects {
+        manifest::stamp(o, &unit.unit, &unit.environment, unit.revision)
+            .map_err(|e| format!("unit {} revision {}: {e}", unit.unit, unit.revision))?;
+    }
+    let wanted: BTreeSet<Key> = objects.iter().map(key_of).collect();
+    // An entry without a namespace is cluster-scoped: a document naming
+    // one anyway (which apply drops) still wants it.
+    let by_name: BTreeSet<(String, String, String)> = objects
+        .iter()
+        .map(|o| (o.group().to_owned(), o.kind.clone(), o.name.clone()))
+        .collect();
+    let leaving: Vec<Entry> = previous
+        .entries
+        .iter()
+        .filter(|e| {
+            !(wanted.contains(&e.key())
+                || (e.namespace.is_empty()
+                    && by_name.contains(&(e.group.clone(), e.kind.clone(), e.name.clone()))))
+        })
+        .cloned()
+        .collect();
+    // The guard counts objects known to exist (entries with a uid); entries
+    // written ahead of an interrupted apply may never have been created,
+    // and cleaning them up is not a mass prune.
+    let total = previous
+        .entries
+        .iter()
+        .filter(|e| !e.uid.is_empty())
+        .count();
+    let pruned = leaving.iter().filter(|e| !e.uid.is_empty()).count();
+    if total > 0 && pruned >= 2 && pruned as f64 > total as f64 * max_prune_ratio {
+        return Err(format!(
+            "refusing to prune {pruned} of {total} objects (more than {:.0} %) without an explicit destroy",
+            max_prune_ratio * 100.0
+        ));
+    }
+    let mut ahead = Inventory {
+        revision: unit.revision,
+        entries: previous.entries.clone(),
+    };
+    for o in &objects {
+        if !ahead
+            .entries
+            .iter()
+            .any(|e| e.names(&Entry::of(o)) || Entry::of(o).names(e))
+        {
+            ahead.merge(Entry::of(o));
+        }
+    }
+    Ok(Plan {
+        objects,
+        leaving,
+        ahead,
+    })
+}
+
 impl Reconciler {
     pub fn new(
         applier: Arc<Applier>,
@@ -115,6 +284,13 @@ impl Reconciler {
         allowed_namespaces: Vec<String>,
         shutdown: CancellationToken,
     ) -> Arc<Reconciler> {
+        let (down_tx, api_down) = watch::channel(None);
+        tokio::spawn(probe_api(
+            applier.client().clone(),
+            tuning.health_interval,
+            down_tx,
+            shutdown.clone(),
+        ));
         Arc::new(Reconciler {
             permits: Arc::new(Semaphore::new(tuning.concurrency.max(1))),
             drift: DriftWatch::new(applier.client().clone(), shutdown.clone()),
@@ -124,26 +300,39 @@ impl Reconciler {
             statuses,
             tuning,
             workers: Mutex::default(),
+            api_down,
             allowed_namespaces,
             shutdown,
         })
     }
 
-    /// Hands a unit's (new) desired state to its worker, starting one.
+    /// Hands a unit's (new) desired state to its worker, starting one. The
+    /// revision a worker already has is not handed again.
     pub fn desired(self: &Arc<Self>, unit: DesiredUnit) {
         let mut workers = self
             .workers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        if let Some(tx) = workers.get(&unit.unit)
-            && tx.send(unit.clone()).is_ok()
-        {
-            return;
+        if let Some(tx) = workers.get(&unit.unit) {
+            if tx.borrow().same_revision(&unit) {
+                return;
+            }
+            if tx.send(unit.clone()).is_ok() {
+                return;
+            }
         }
         let name = unit.unit.clone();
         let (tx, rx) = watch::channel(unit);
         workers.insert(name.clone(), tx);
         tokio::spawn(self.clone().worker(name, rx));
+    }
+
+    /// Makes the workers match the durable record (on every hub session:
+    /// nothing recorded is left unapplied, whatever happened to a session).
+    pub fn sync_with_record(self: &Arc<Self>) {
+        for unit in self.desired.load() {
+            self.desired(unit);
+        }
     }
 
     fn report(
@@ -165,18 +354,20 @@ impl Reconciler {
     async fn worker(self: Arc<Self>, name: String, mut rx: watch::Receiver<DesiredUnit>) {
         let mut backoff = Backoff::new(self.tuning.retry);
         let changed = self.drift.waker(&name);
-        let mut last_report: Option<(pb::Phase, String)> = None;
+        // Since when this revision has been waiting for a type to be served.
+        let mut waiting_since: Option<(u64, Instant)> = None;
         loop {
             let unit = rx.borrow_and_update().clone();
             if self.shutdown.is_cancelled() {
                 return;
             }
+            tracing::debug!(unit = %unit.unit, revision = unit.revision, tombstone = unit.tombstone, "pass");
             let pass = if unit.tombstone {
                 self.destroy(&unit, &rx).await
             } else {
-                self.apply(&unit, &rx).await
+                self.apply(&unit, &rx, &mut waiting_since).await
             };
-            match pass {
+            let (healable, retry_at) = match pass {
                 Pass::Superseded if self.shutdown.is_cancelled() => return,
                 Pass::Superseded => {
                     self.report(
@@ -187,24 +378,11 @@ impl Reconciler {
                     );
                     continue;
                 }
-                Pass::Failed {
-                    phase,
-                    message,
-                    resources,
-                } => {
-                    tracing::warn!(unit = %unit.unit, revision = unit.revision, %message, "unit not applied");
-                    self.report(&unit, phase, message, resources);
-                    let delay = backoff.next_delay();
-                    tokio::select! {
-                        () = self.shutdown.cancelled() => return,
-                        r = rx.changed() => if r.is_err() { return },
-                        () = tokio::time::sleep(delay) => {}
-                    }
-                    continue;
-                }
-                Pass::Done if unit.tombstone => {
+                Pass::Done { .. } if unit.tombstone => {
                     self.report(&unit, pb::Phase::Destroyed, "all objects deleted", vec![]);
-                    let _ = self.desired.forget(&name);
+                    if let Err(e) = self.desired.forget(&name, unit.revision).await {
+                        tracing::warn!(unit = %name, error = %e, "cannot forget a destroyed unit");
+                    }
                     self.drift.forget(&name);
                     self.workers
                         .lock()
@@ -220,16 +398,81 @@ impl Reconciler {
                     }
                     return;
                 }
-                Pass::Done => backoff.reset(),
+                Pass::Done { healable } => {
+                    backoff.reset();
+                    (healable, None)
+                }
+                Pass::Failed {
+                    phase,
+                    message,
+                    resources,
+                    healable,
+                    soon,
+                } => {
+                    tracing::warn!(unit = %unit.unit, revision = unit.revision, %message, "unit not applied");
+                    self.report(&unit, phase, message, resources);
+                    let delay = if soon {
+                        self.tuning.health_interval
+                    } else {
+                        backoff.next_delay()
+                    };
+                    (healable, Some(Instant::now() + delay))
+                }
+            };
+            if unit.tombstone {
+                // A failed destroy: retry it, or serve a new revision.
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    r = rx.changed() => if r.is_err() { return },
+                    () = tokio::time::sleep_until(retry_at.unwrap_or_else(Instant::now)) => {}
+                }
+                continue;
             }
-            // Watch health and drift until a new revision arrives. Drift on
-            // report-only objects keeps the unit Drifted until it goes away;
-            // healed drift is noted in the message.
-            let mut next_drift = tokio::time::Instant::now() + self.tuning.drift_interval;
-            let mut drift = Drift::default();
-            let mut healed_note = String::new();
-            loop {
-                let (mut phase, mut message, mut resources) = self.assess(&unit).await;
+            match self
+                .watch(&unit, &mut rx, &changed, &healable, retry_at)
+                .await
+            {
+                Watched::NewRevision | Watched::Reapply => {}
+                Watched::Stop => return,
+            }
+        }
+    }
+
+    /// After a pass: re-assess health (while the pass succeeded) and heal
+    /// drift of the objects applied, until a new revision arrives or it is
+    /// time to apply again.
+    async fn watch(
+        &self,
+        unit: &DesiredUnit,
+        rx: &mut watch::Receiver<DesiredUnit>,
+        changed: &tokio::sync::Notify,
+        healable: &BTreeSet<Key>,
+        retry_at: Option<Instant>,
+    ) -> Watched {
+        let failed = retry_at.is_some();
+        let mut api_down = self.api_down.clone();
+        let mut next_drift = Instant::now() + self.tuning.drift_interval;
+        let mut drift = Drift::default();
+        let mut healed_note = String::new();
+        let mut last_report: Option<(pb::Phase, String)> = None;
+        loop {
+            let down = api_down.borrow_and_update().clone();
+            tracing::trace!(unit = %unit.unit, revision = unit.revision, failed, api_down = down.is_some(), "watching");
+            let mut phase = pb::Phase::Unknown;
+            if let Some(reason) = &down {
+                // Nothing can be checked: say so rather than keep a stale
+                // verdict (Unknown is not Ready).
+                let key = (pb::Phase::Unknown, reason.clone());
+                if last_report.as_ref() != Some(&key) {
+                    self.report(unit, pb::Phase::Unknown, reason.clone(), vec![]);
+                    last_report = Some(key);
+                }
+            } else if !failed {
+                let (p, mut message, mut resources) = match self.assess(unit).await {
+                    Assessed::Lost => return Watched::Reapply,
+                    Assessed::Status(p, m, r) => (p, m, r),
+                };
+                phase = p;
                 let outstanding = drift.report_only();
                 if !outstanding.is_empty() && phase == pb::Phase::Ready {
                     phase = pb::Phase::Drifted;
@@ -266,49 +509,45 @@ impl Reconciler {
                 }
                 let key = (phase, message.clone());
                 if last_report.as_ref() != Some(&key) {
-                    self.report(&unit, phase, message, resources);
+                    self.report(unit, phase, message, resources);
                     last_report = Some(key);
                 }
-                let wait = if phase == pb::Phase::Ready {
-                    self.tuning.drift_interval
-                } else {
-                    self.tuning.health_interval
-                };
-                tokio::select! {
-                    () = self.shutdown.cancelled() => return,
-                    r = rx.changed() => { if r.is_err() { return } break; }
-                    () = tokio::time::sleep(wait.min(self.tuning.drift_interval)) => {}
-                    // One of the unit's objects changed: compare now.
-                    () = changed.notified() => {
-                        tokio::time::sleep(DRIFT_SETTLE).await;
-                        next_drift = tokio::time::Instant::now();
-                    }
-                }
-                if tokio::time::Instant::now() >= next_drift {
-                    next_drift = tokio::time::Instant::now() + self.tuning.drift_interval;
-                    drift = self.check_drift(&unit).await;
-                    if drift.healed > 0 {
-                        healed_note = format!("healed drift: {}", drift.messages.join("; "));
-                    }
+            }
+            let wait = match retry_at {
+                Some(at) => at.saturating_duration_since(Instant::now()),
+                None if phase == pb::Phase::Ready => self.tuning.drift_interval,
+                None => self.tuning.health_interval,
+            }
+            .min(self.tuning.drift_interval);
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Watched::Stop,
+                r = rx.changed() => return if r.is_err() { Watched::Stop } else { Watched::NewRevision },
+                () = tokio::time::sleep(wait) => {}
+                r = api_down.changed() => if r.is_err() { return Watched::Stop },
+                // One of the unit's objects changed: compare now.
+                () = changed.notified() => {
+                    tokio::time::sleep(DRIFT_SETTLE).await;
+                    next_drift = Instant::now();
                 }
             }
-            last_report = None;
+            if retry_at.is_some_and(|at| Instant::now() >= at) {
+                return Watched::Reapply;
+            }
+            if Instant::now() >= next_drift && api_down.borrow().is_none() {
+                next_drift = Instant::now() + self.tuning.drift_interval;
+                drift = self.check_drift(unit, healable).await;
+                if drift.healed > 0 {
+                    healed_note = format!("healed drift: {}", drift.messages.join("; "));
+                }
+            }
         }
-    }
-
-    fn objects(&self, unit: &DesiredUnit) -> Result<Vec<Object>, String> {
-        let mut objs = manifest::parse(&unit.manifests)
-            .map_err(|e| format!("unit {} revision {}: {e}", unit.unit, unit.revision))?;
-        for o in &mut objs {
-            manifest::stamp(o, &unit.unit, &unit.environment, unit.revision);
-        }
-        Ok(objs)
     }
 
     /// HPA-owned replicas: a Deployment that a HorizontalPodAutoscaler (in
     /// the cluster or in the unit itself) scales is applied without
-    /// `spec.replicas`, leaving the field to the autoscaler.
-    async fn leave_replicas_to_autoscalers(&self, objs: &mut [Object]) {
+    /// `spec.replicas`, leaving the field to the autoscaler. When the
+    /// autoscalers cannot be listed this is an error, not "none".
+    async fn leave_replicas_to_autoscalers(&self, objs: &mut [Object]) -> Result<(), ApplyError> {
         let mut scaled: BTreeSet<String> = objs
             .iter()
             .filter(|o| {
@@ -329,109 +568,104 @@ impl Reconciler {
             .filter_map(|o| o.namespace.clone())
             .collect();
         for ns in namespaces {
-            scaled.extend(self.applier.hpa_targets(&ns).await);
+            scaled.extend(self.applier.hpa_targets(&ns).await?);
         }
         for o in objs.iter_mut().filter(|o| o.kind == "Deployment") {
             if scaled.contains(&format!(
                 "{}/{}",
                 o.namespace.clone().unwrap_or_default(),
                 o.name
-            )) && let Some(spec) = o.body["spec"].as_object_mut()
+            )) && let Some(spec) = o.body.get_mut("spec").and_then(|s| s.as_object_mut())
             {
                 spec.remove("replicas");
             }
         }
+        Ok(())
     }
 
     fn unit_ref(unit: &DesiredUnit) -> String {
         format!("{}/{}", unit.environment, unit.unit)
     }
 
-    async fn apply(&self, unit: &DesiredUnit, rx: &watch::Receiver<DesiredUnit>) -> Pass {
+    /// The unit's inventory; a missing one is recovered from the labels and
+    /// annotations the agent stamps on every object (a new unit has none).
+    async fn load_inventory(&self, unit: &DesiredUnit) -> Result<Inventory, Pass> {
+        match self.inventory.load(&unit.unit).await {
+            Ok(Some(inv)) => Ok(inv),
+            Ok(None) => {
+                let found = self
+                    .applier
+                    .membership(self.inventory.last_written(&unit.unit))
+                    .await
+                    .map_err(Pass::of)?
+                    .get(&Self::unit_ref(unit))
+                    .cloned()
+                    .unwrap_or_default();
+                if !found.is_empty() {
+                    tracing::warn!(
+                        unit = %unit.unit,
+                        objects = found.len(),
+                        "inventory missing; recovered membership from the objects' labels"
+                    );
+                }
+                Ok(Inventory {
+                    revision: 0,
+                    entries: found,
+                })
+            }
+            Err(e) => Err(Pass::inventory(e)),
+        }
+    }
+
+    async fn apply(
+        &self,
+        unit: &DesiredUnit,
+        rx: &watch::Receiver<DesiredUnit>,
+        waiting_since: &mut Option<(u64, Instant)>,
+    ) -> Pass {
         let Ok(_permit) = self.permits.clone().acquire_owned().await else {
-            return Pass::Done;
+            return Pass::Superseded;
         };
         self.report(unit, pb::Phase::Applying, "", vec![]);
-        let mut objs = match self.objects(unit) {
-            Ok(o) => o,
-            Err(message) => {
-                return Pass::Failed {
-                    phase: pb::Phase::Failed,
-                    message,
-                    resources: vec![],
-                };
-            }
+        let previous = match self.load_inventory(unit).await {
+            Ok(p) => p,
+            Err(pass) => return pass,
         };
-        let previous = match self.inventory.load(&unit.unit).await {
-            Ok(p) => p.unwrap_or_default(),
-            Err(e) => return unreachable(format!("Kubernetes API unreachable: {e}")),
+        let Plan {
+            mut objects,
+            leaving,
+            ahead,
+        } = match plan(unit, &previous, self.tuning.max_prune_ratio) {
+            Ok(p) => p,
+            Err(message) => return Pass::failed(pb::Phase::Failed, message),
         };
-        // Mass-prune guard.
-        let wanted: BTreeSet<(String, String, String, String)> = objs
-            .iter()
-            .map(|o| {
-                (
-                    o.group().to_owned(),
-                    o.kind.clone(),
-                    o.namespace.clone().unwrap_or_default(),
-                    o.name.clone(),
-                )
-            })
-            .collect();
-        // An entry without a namespace is cluster-scoped: a document naming
-        // one anyway (which apply drops) still wants it.
-        let by_name: BTreeSet<(String, String, String)> = objs
-            .iter()
-            .map(|o| (o.group().to_owned(), o.kind.clone(), o.name.clone()))
-            .collect();
-        let still_wanted = |e: &Entry| {
-            wanted.contains(&e.key())
-                || (e.namespace.is_empty()
-                    && by_name.contains(&(e.group.clone(), e.kind.clone(), e.name.clone())))
-        };
-        let leaving: Vec<&Entry> = previous
-            .entries
-            .iter()
-            .filter(|e| !still_wanted(e))
-            .collect();
-        if !previous.entries.is_empty()
-            && leaving.len() >= 2
-            && leaving.len() as f64 > previous.entries.len() as f64 * self.tuning.max_prune_ratio
-        {
-            return Pass::Failed {
-                phase: pb::Phase::Failed,
-                message: format!(
-                    "refusing to prune {} of {} objects (more than {:.0} %) without an explicit destroy",
-                    leaving.len(),
-                    previous.entries.len(),
-                    self.tuning.max_prune_ratio * 100.0
-                ),
-                resources: vec![],
-            };
+        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
+            return Pass::of(e);
         }
-        self.leave_replicas_to_autoscalers(&mut objs).await;
+        // Write-ahead: every object this pass may create is in the
+        // inventory before it exists.
+        if (ahead.entries != previous.entries || previous.revision == 0)
+            && let Err(e) = self.inventory.save(&unit.unit, &ahead).await
+        {
+            return Pass::inventory(e);
+        }
         let unit_ref = Self::unit_ref(unit);
-        let mut entries = Vec::new();
+        let mut applied: Vec<Entry> = Vec::new();
         let mut resources = Vec::new();
         let mut failures = Vec::new();
+        let mut not_served = Vec::new();
         let mut crds: Vec<String> = Vec::new();
-        for o in &objs {
+        for o in &objects {
             if rx.has_changed().unwrap_or(false) || self.shutdown.is_cancelled() {
                 return Pass::Superseded;
             }
             // CRDs first; wait for them before anything that may use them.
             if !o.is_crd() && !crds.is_empty() {
                 for name in std::mem::take(&mut crds) {
-                    if let Err(e) = self.applier.wait_established(&name).await {
-                        return match e {
-                            ApplyError::Unreachable(m) => unreachable(m),
-                            ApplyError::NotServed(m) => waiting(m),
-                            ApplyError::Rejected(m) => Pass::Failed {
-                                phase: pb::Phase::Failed,
-                                message: m,
-                                resources,
-                            },
-                        };
+                    match self.applier.wait_established(&name).await {
+                        Ok(()) => {}
+                        Err(ApplyError::Unreachable(m)) => return Pass::unknown(m),
+                        Err(e) => failures.push(e.message().to_owned()),
                     }
                 }
             }
@@ -464,126 +698,210 @@ impl Reconciler {
                         pb::Health::Unspecified,
                         String::new(),
                     ));
-                    entries.push(entry);
+                    applied.push(entry);
                 }
-                Err(ApplyError::Unreachable(m)) => return unreachable(m),
-                Err(ApplyError::NotServed(m)) => return waiting(m),
-                Err(ApplyError::Rejected(m)) => {
-                    let e = Entry::of(o);
+                // The write-ahead inventory covers what was created so far.
+                Err(ApplyError::Unreachable(m)) => return Pass::unknown(m),
+                Err(e) => {
                     resources.push(resource(
-                        &e,
+                        &Entry::of(o),
                         pb::SyncState::Failed,
                         pb::Health::Unspecified,
-                        m.clone(),
+                        e.message().to_owned(),
                     ));
-                    failures.push(m);
+                    match e {
+                        ApplyError::NotServed(m) => not_served.push(m),
+                        other => failures.push(other.message().to_owned()),
+                    }
                 }
             }
         }
         for name in crds {
-            if let Err(e) = self.applier.wait_established(&name).await {
-                return Pass::Failed {
-                    phase: pb::Phase::Failed,
-                    message: e.message().to_owned(),
-                    resources,
-                };
+            match self.applier.wait_established(&name).await {
+                Ok(()) => {}
+                Err(ApplyError::Unreachable(m)) => return Pass::unknown(m),
+                Err(e) => failures.push(e.message().to_owned()),
             }
         }
-        // Record what exists now (including objects kept from before when
-        // this revision failed to apply them), then prune what left.
-        let mut inv = Inventory {
-            revision: unit.revision,
-            entries: entries.clone(),
-        };
-        if !failures.is_empty() {
-            for e in &previous.entries {
-                if !inv.entries.iter().any(|x| x.key() == e.key()) && still_wanted(e) {
-                    inv.entries.push(e.clone());
+        // Prune what left the unit; what cannot be checked is kept.
+        let mut gone: Vec<Entry> = Vec::new();
+        for e in &leaving {
+            let target = if e.uid.is_empty() {
+                // Written ahead by an interrupted pass: prune it only if it
+                // exists and is this unit's.
+                match self.applier.owned(e, &unit_ref).await {
+                    Ok(Some(t)) => t,
+                    Ok(None) => {
+                        gone.push(e.clone());
+                        continue;
+                    }
+                    Err(err) => {
+                        failures.push(format!("not pruning {}: {}", e.id(), err.message()));
+                        continue;
+                    }
+                }
+            } else {
+                e.clone()
+            };
+            match self.applier.get(&target).await {
+                Ok(Some(live))
+                    if live["metadata"]["annotations"][ANNOTATION_PRUNE] == "disabled" =>
+                {
+                    tracing::info!(unit = %unit.unit, object = %e.id(), "prune-protected; kept and no longer managed");
+                    gone.push(e.clone());
+                    continue;
+                }
+                Ok(Some(_)) => {}
+                Ok(None) => {
+                    gone.push(e.clone());
+                    continue;
+                }
+                Err(err) => {
+                    failures.push(format!(
+                        "not pruning {}: cannot check whether it is prune-protected: {}",
+                        e.id(),
+                        err.message()
+                    ));
+                    continue;
                 }
             }
+            match self.applier.delete(&target).await {
+                Ok(()) => {
+                    gone.push(e.clone());
+                    resources.push(resource(
+                        e,
+                        pb::SyncState::Pruned,
+                        pb::Health::Unspecified,
+                        String::new(),
+                    ));
+                }
+                Err(err) => failures.push(format!("pruning {}: {}", e.id(), err.message())),
+            }
         }
-        for e in &leaving {
-            let protected = match self.applier.get(e).await {
-                Ok(Some(live)) => live["metadata"]["annotations"][ANNOTATION_PRUNE] == "disabled",
-                Ok(None) => false,
-                Err(ApplyError::Unreachable(m)) => return unreachable(m),
-                Err(_) => false,
-            };
-            if protected {
-                tracing::info!(unit = %unit.unit, object = %e.id(), "prune-protected; kept");
+        // Shrink the inventory to what exists: applied objects with their
+        // uids, nothing that was pruned; the rest of the write-ahead stays
+        // until a pass settles it.
+        let mut inv = Inventory {
+            revision: unit.revision,
+            entries: Vec::new(),
+        };
+        for e in &ahead.entries {
+            if gone.iter().any(|g| g == e) {
                 continue;
             }
-            if let Err(err) = self.applier.delete(e).await {
-                inv.entries.push((*e).clone());
-                failures.push(format!("pruning {}: {}", e.id(), err.message()));
-            } else {
-                resources.push(resource(
-                    e,
-                    pb::SyncState::Pruned,
-                    pb::Health::Unspecified,
-                    String::new(),
-                ));
+            match applied.iter().find(|a| e.names(a)) {
+                Some(a) => inv.merge(a.clone()),
+                None => inv.merge(e.clone()),
             }
         }
-        if let Err(e) = self.inventory.save(&unit.unit, &inv).await {
-            return unreachable(format!("saving the inventory: {e}"));
+        for a in &applied {
+            inv.merge(a.clone());
+        }
+        if inv != ahead
+            && let Err(e) = self.inventory.save(&unit.unit, &inv).await
+        {
+            return Pass::inventory(e);
+        }
+        let healable: BTreeSet<Key> = objects
+            .iter()
+            .filter(|o| applied.iter().any(|a| Entry::of(o).names(a)))
+            .map(key_of)
+            .collect();
+        if !not_served.is_empty() {
+            let since = match waiting_since {
+                Some((rev, at)) if *rev == unit.revision => *at,
+                _ => {
+                    let now = Instant::now();
+                    *waiting_since = Some((unit.revision, now));
+                    now
+                }
+            };
+            let waited = since.elapsed();
+            if failures.is_empty() && waited < self.applier.crd_timeout {
+                return Pass::Failed {
+                    phase: pb::Phase::Progressing,
+                    message: not_served.join("; "),
+                    resources,
+                    healable,
+                    soon: true,
+                };
+            }
+            failures.extend(not_served.iter().map(|m| {
+                format!(
+                    "{} (not served after {}s)",
+                    m.replace(
+                        "waiting for the cluster to serve",
+                        "the cluster does not serve"
+                    ),
+                    waited.as_secs()
+                )
+            }));
         }
         if !failures.is_empty() {
             return Pass::Failed {
                 phase: pb::Phase::Failed,
                 message: failures.join("; "),
                 resources,
+                healable,
+                soon: false,
             };
         }
+        *waiting_since = None;
         self.report(
             unit,
             pb::Phase::Applied,
-            format!("{} objects applied", entries.len()),
+            format!("{} objects applied", applied.len()),
             resources,
         );
-        Pass::Done
+        Pass::Done { healable }
     }
 
-    /// Deletes every object of the unit's inventory and waits until they are gone.
+    /// Deletes every object of the unit (its inventory, plus anything the
+    /// labels say is the unit's) and waits until they are gone.
     async fn destroy(&self, unit: &DesiredUnit, rx: &watch::Receiver<DesiredUnit>) -> Pass {
-        let inv = match self.inventory.load(&unit.unit).await {
+        let unit_ref = Self::unit_ref(unit);
+        let mut inv = match self.inventory.load(&unit.unit).await {
             Ok(i) => i.unwrap_or_default(),
-            Err(e) => return unreachable(format!("Kubernetes API unreachable: {e}")),
+            Err(e) => return Pass::inventory(e),
         };
-        // Delete in reverse apply order: workloads before namespaces and CRDs.
-        let mut entries = inv.entries.clone();
-        entries.reverse();
-        for e in &entries {
-            match self.applier.get(e).await {
-                Ok(Some(live))
-                    if live["metadata"]["annotations"][ANNOTATION_PRUNE] == "disabled" =>
-                {
-                    continue;
-                }
-                Ok(Some(_)) => {
-                    if let Err(err) = self.applier.delete(e).await {
-                        return fail(err);
+        loop {
+            // Whatever the inventory says, labelled objects of the unit
+            // count: a lost or partial inventory must not read Destroyed.
+            match self.applier.membership(Some(Instant::now())).await {
+                Ok(m) => {
+                    for e in m.get(&unit_ref).cloned().unwrap_or_default() {
+                        inv.merge(e);
                     }
                 }
-                Ok(None) => {}
-                Err(err) => return fail(err),
+                Err(e) => return Pass::of(e),
             }
-        }
-        // Destroyed only when the objects are gone.
-        loop {
-            if rx.has_changed().unwrap_or(false) {
-                return Pass::Superseded;
-            }
+            let mut entries = inv.entries.clone();
+            // Reverse apply order: workloads before namespaces and CRDs.
+            entries.sort_by_key(|e| std::cmp::Reverse(rank(e)));
             let mut remaining = Vec::new();
             for e in &entries {
-                match self.applier.get(e).await {
-                    Ok(Some(live))
-                        if live["metadata"]["annotations"][ANNOTATION_PRUNE] != "disabled" =>
-                    {
-                        remaining.push(e.id())
+                let target = if e.uid.is_empty() {
+                    match self.applier.owned(e, &unit_ref).await {
+                        Ok(Some(t)) => t,
+                        Ok(None) => continue,
+                        Err(err) => return Pass::of(err),
                     }
-                    Ok(_) => {}
-                    Err(err) => return fail(err),
+                } else {
+                    e.clone()
+                };
+                match self.applier.get(&target).await {
+                    Ok(Some(live))
+                        if live["metadata"]["annotations"][ANNOTATION_PRUNE] == "disabled" => {}
+                    Ok(Some(live)) => {
+                        if live["metadata"]["deletionTimestamp"].is_null()
+                            && let Err(err) = self.applier.delete(&target).await
+                        {
+                            return Pass::of(err);
+                        }
+                        remaining.push(e.id());
+                    }
+                    Ok(None) => {}
+                    Err(err) => return Pass::of(err),
                 }
             }
             if remaining.is_empty() {
@@ -599,24 +917,30 @@ impl Reconciler {
                 () = self.shutdown.cancelled() => return Pass::Superseded,
                 () = tokio::time::sleep(self.tuning.health_interval) => {}
             }
+            if rx.has_changed().unwrap_or(false) {
+                return Pass::Superseded;
+            }
         }
         if let Err(e) = self.inventory.delete(&unit.unit).await {
-            return unreachable(format!("deleting the inventory: {e}"));
+            return Pass::inventory(e);
         }
-        Pass::Done
+        Pass::Done {
+            healable: BTreeSet::new(),
+        }
     }
 
     /// Health of every inventory object, rolled up to a unit phase.
-    async fn assess(&self, unit: &DesiredUnit) -> (pb::Phase, String, Vec<ResourceReport>) {
+    async fn assess(&self, unit: &DesiredUnit) -> Assessed {
         let inv = match self.inventory.load(&unit.unit).await {
-            Ok(i) => i.unwrap_or_default(),
-            Err(e) => {
-                return (
-                    pb::Phase::Degraded,
-                    format!("Kubernetes API unreachable: {e}"),
-                    vec![],
-                );
+            Ok(Some(i)) => i,
+            Ok(None) => {
+                tracing::warn!(unit = %unit.unit, "inventory missing; applying again");
+                return Assessed::Lost;
             }
+            Err(e @ InventoryError::Unreachable(_)) => {
+                return Assessed::Status(pb::Phase::Unknown, e.to_string(), vec![]);
+            }
+            Err(e) => return Assessed::Status(pb::Phase::Failed, e.to_string(), vec![]),
         };
         let mut resources = Vec::new();
         let mut worst = Health::Ready;
@@ -624,7 +948,13 @@ impl Reconciler {
         for e in &inv.entries {
             let live = match self.applier.get(e).await {
                 Ok(l) => l,
-                Err(err) => return (pb::Phase::Degraded, err.message().to_owned(), resources),
+                Err(err) => {
+                    return Assessed::Status(
+                        pb::Phase::Unknown,
+                        err.message().to_owned(),
+                        resources,
+                    );
+                }
             };
             let Some(live) = live else {
                 resources.push(resource(
@@ -659,21 +989,26 @@ impl Reconciler {
             Health::InProgress | Health::Terminating => pb::Phase::Progressing,
             Health::Failed | Health::Stuck => pb::Phase::Degraded,
         };
-        (phase, problems.join("; "), resources)
+        Assessed::Status(phase, problems.join("; "), resources)
     }
 
-    /// Compares live objects with the unit; heals drift unless an object
-    /// is report-only. Returns the drift message when there was drift.
-    async fn check_drift(&self, unit: &DesiredUnit) -> Drift {
-        let Ok(mut objs) = self.objects(unit) else {
+    /// Compares live objects with the unit; heals drift of the objects
+    /// applied in the last pass unless an object is report-only.
+    async fn check_drift(&self, unit: &DesiredUnit, healable: &BTreeSet<Key>) -> Drift {
+        let Ok(Plan { mut objects, .. }) = plan(unit, &Inventory::default(), 1.0) else {
             return Drift::default();
         };
-        self.leave_replicas_to_autoscalers(&mut objs).await;
+        objects.retain(|o| healable.contains(&key_of(o)));
+        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
+            // Healing a Deployment now could fight its autoscaler.
+            tracing::warn!(unit = %unit.unit, error = e.message(), "not healing Deployments: autoscalers unknown");
+            objects.retain(|o| o.kind != "Deployment");
+        }
         let unit_ref = Self::unit_ref(unit);
         let mut reports = Vec::new();
         let mut messages = Vec::new();
         let mut healed = 0;
-        for mut o in objs {
+        for mut o in objects {
             let entry = Entry::of(&o);
             let paths = match self.applier.drift(&mut o).await {
                 Ok(p) if p.is_empty() => continue,
@@ -694,8 +1029,8 @@ impl Reconciler {
             );
             r.drifted_fields = paths;
             reports.push(r);
-            // Drift checks run only after a successful apply, when every
-            // field of the unit was ours: whoever changed one since took it
+            // Only objects applied in the last pass are healed: every field
+            // of theirs was ours then, so whoever changed one since took it
             // from us, and healing takes it back.
             if !report_only && self.applier.apply(&o, &unit_ref, true).await.is_ok() {
                 healed += 1;
@@ -708,6 +1043,39 @@ impl Reconciler {
             messages,
             reports,
             healed,
+        }
+    }
+}
+
+/// Probes the API server every `interval`; publishes `Some(reason)` while
+/// it does not answer.
+async fn probe_api(
+    client: kube::Client,
+    interval: Duration,
+    down: watch::Sender<Option<String>>,
+    shutdown: CancellationToken,
+) {
+    let timeout = interval.max(Duration::from_secs(1));
+    loop {
+        let state = match tokio::time::timeout(timeout, client.apiserver_version()).await {
+            Ok(Ok(_)) => None,
+            Ok(Err(e)) => Some(format!("Kubernetes API unreachable: {e}")),
+            Err(_) => Some(format!(
+                "Kubernetes API unreachable: no answer within {}s",
+                timeout.as_secs()
+            )),
+        };
+        down.send_if_modified(|cur| {
+            // The first failure's reason stands until it answers again.
+            let changed = cur.is_some() != state.is_some();
+            if changed {
+                cur.clone_from(&state);
+            }
+            changed
+        });
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tokio::time::sleep(interval) => {}
         }
     }
 }
@@ -730,31 +1098,159 @@ impl Drift {
     }
 }
 
-/// Not an error of the unit: something it depends on is on its way.
-fn waiting(message: String) -> Pass {
-    Pass::Failed {
-        phase: pb::Phase::Progressing,
-        message,
-        resources: vec![],
-    }
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-fn unreachable(message: String) -> Pass {
-    Pass::Failed {
-        phase: pb::Phase::Degraded,
-        message,
-        resources: vec![],
+    fn unit(manifests: &str) -> DesiredUnit {
+        DesiredUnit {
+            unit: "web".into(),
+            environment: "dev".into(),
+            revision: 2,
+            digest: String::new(),
+            tombstone: false,
+            manifests: manifests.into(),
+        }
     }
-}
 
-fn fail(e: ApplyError) -> Pass {
-    match e {
-        ApplyError::Unreachable(m) => unreachable(m),
-        ApplyError::NotServed(m) => waiting(m),
-        ApplyError::Rejected(m) => Pass::Failed {
-            phase: pb::Phase::Failed,
-            message: m,
-            resources: vec![],
-        },
+    fn entry(name: &str, uid: &str) -> Entry {
+        Entry {
+            group: String::new(),
+            version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: "a".into(),
+            name: name.into(),
+            uid: uid.into(),
+        }
+    }
+
+    fn cms(names: &[&str]) -> String {
+        names
+            .iter()
+            .map(|n| {
+                format!("apiVersion: v1\nkind: ConfigMap\nmetadata: {{name: {n}, namespace: a}}\n")
+            })
+            .collect::<Vec<_>>()
+            .join("---\n")
+    }
+
+    #[test]
+    fn the_plan_writes_ahead_the_union_and_prunes_what_left() {
+        let previous = Inventory {
+            revision: 1,
+            entries: vec![entry("x", "u1"), entry("y", "u2")],
+        };
+        let p = plan(&unit(&cms(&["x", "z"])), &previous, 0.5).unwrap();
+        assert_eq!(p.leaving, vec![entry("y", "u2")]);
+        assert_eq!(
+            p.ahead.entries,
+            vec![entry("x", "u1"), entry("y", "u2"), entry("z", "")]
+        );
+        assert_eq!(p.objects[0].annotation("unitsync.dev/revision"), Some("2"));
+    }
+
+    #[test]
+    fn the_plan_refuses_a_mass_prune() {
+        let previous = Inventory {
+            revision: 1,
+            entries: ["a", "b", "c", "d"].iter().map(|n| entry(n, "u")).collect(),
+        };
+        let e = plan(&unit(&cms(&["a"])), &previous, 0.5).unwrap_err();
+        assert!(e.contains("refusing to prune 3 of 4 objects"), "{e}");
+    }
+
+    #[test]
+    fn a_manifest_the_agent_cannot_stamp_is_an_error_naming_the_document() {
+        let e = plan(
+            &unit(
+                "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: a, namespace: a, labels: x}\n",
+            ),
+            &Inventory::default(),
+            0.5,
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("document 1") && e.contains("metadata.labels"),
+            "{e}"
+        );
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::Value;
+
+        use super::*;
+
+        fn key() -> impl Strategy<Value = String> {
+            prop_oneof![
+                Just("apiVersion".to_owned()),
+                Just("kind".to_owned()),
+                Just("metadata".to_owned()),
+                Just("name".to_owned()),
+                Just("namespace".to_owned()),
+                Just("labels".to_owned()),
+                Just("annotations".to_owned()),
+                Just("spec".to_owned()),
+                Just("replicas".to_owned()),
+                "[a-z./-]{0,8}",
+            ]
+        }
+
+        fn json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::from),
+                any::<i64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                "[a-zA-Z0-9 ./:-]{0,12}".prop_map(Value::from),
+            ];
+            leaf.prop_recursive(4, 48, 6, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::from),
+                    prop::collection::btree_map(key(), inner, 0..6)
+                        .prop_map(|m| Value::Object(m.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A document that looks like a Kubernetes object more often than not.
+        fn document() -> impl Strategy<Value = Value> {
+            (json(), json(), json(), any::<bool>()).prop_map(|(meta, spec, other, shaped)| {
+                if shaped {
+                    serde_json::json!({
+                        "apiVersion": "v1", "kind": "ConfigMap",
+                        "metadata": meta, "spec": spec, "data": other,
+                    })
+                } else {
+                    other
+                }
+            })
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// The agent never panics on a manifest: parse, stamp and plan
+            /// either succeed or name the problem.
+            #[test]
+            fn planning_never_panics(docs in prop::collection::vec(document(), 0..5)) {
+                let text = docs
+                    .iter()
+                    .map(|d| serde_saphyr::to_string(d).unwrap_or_default())
+                    .collect::<Vec<_>>()
+                    .join("---\n");
+                let previous = Inventory { revision: 1, entries: vec![entry("x", "u")] };
+                if let Ok(p) = plan(&unit(&text), &previous, 0.5) {
+                    for o in &p.objects {
+                        prop_assert_eq!(o.annotation("unitsync.dev/unit"), Some("dev/web"));
+                    }
+                }
+            }
+
+            #[test]
+            fn planning_arbitrary_text_never_panics(text in "\\PC{0,200}") {
+                let _ = plan(&unit(&text), &Inventory::default(), 0.5);
+            }
+        }
     }
 }

@@ -270,6 +270,29 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
                 ));
             }
         };
+        // Labels and annotations map strings to strings (Kubernetes
+        // refuses anything else, and agents stamp their own into them).
+        for field in ["labels", "annotations"] {
+            match meta.get(field) {
+                None | Some(Value::Null) => {}
+                Some(Value::Object(m)) => {
+                    if let Some((k, v)) = m.iter().find(|(_, v)| !v.is_string()) {
+                        return Err(err(
+                            at,
+                            Some(&format!("metadata.{field}.{}", prefix(k))),
+                            format!("expected a string value, found {}", kind_of(v)),
+                        ));
+                    }
+                }
+                Some(other) => {
+                    return Err(err(
+                        at,
+                        Some(&format!("metadata.{field}")),
+                        format!("expected a mapping of strings, found {}", kind_of(other)),
+                    ));
+                }
+            }
+        }
         let id = ObjectId {
             api_version,
             kind,
@@ -303,6 +326,16 @@ fn required_string(v: Option<&Value>) -> Result<String, String> {
         Some(Value::String(s)) if s.is_empty() => Err("required value is empty".into()),
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(format!("expected a string, found {}", kind_of(other))),
+    }
+}
+
+/// At most the first 40 characters of a value, for error messages (a
+/// rejected value may be huge, or a secret).
+pub fn prefix(s: &str) -> String {
+    const MAX: usize = 40;
+    match s.char_indices().nth(MAX) {
+        None => s.to_owned(),
+        Some((cut, _)) => format!("{}…", &s[..cut]),
     }
 }
 
@@ -495,5 +528,32 @@ mod tests {
         // Content on the marker line.
         let text = "--- {apiVersion: v1, kind: ConfigMap, metadata: {name: a}}\n--- {apiVersion: v1, kind: ConfigMap, metadata: {name: b}}\n";
         assert_eq!(check(text).unwrap().objects.len(), 2);
+    }
+
+    #[test]
+    fn labels_and_annotations_must_map_strings_to_strings() {
+        let unit: UnitRef = "dev/web".parse().unwrap();
+        for (doc, field) in [
+            ("metadata:\n  name: a\n  labels: x\n", "metadata.labels"),
+            ("metadata:\n  name: a\n  labels: [a]\n", "metadata.labels"),
+            (
+                "metadata:\n  name: a\n  labels:\n    k: 1\n",
+                "metadata.labels.k",
+            ),
+            (
+                "metadata:\n  name: a\n  annotations: x\n",
+                "metadata.annotations",
+            ),
+            (
+                "metadata:\n  name: a\n  annotations:\n    k: {a: b}\n",
+                "metadata.annotations.k",
+            ),
+        ] {
+            let text = format!("{CM}---\napiVersion: v1\nkind: ConfigMap\n{doc}");
+            let e = validate(&unit, &text, &Limits::default()).unwrap_err();
+            assert_eq!(e.document, Some(2), "{doc}");
+            assert_eq!(e.field.as_deref(), Some(field), "{doc}");
+            assert!(e.to_string().starts_with("unit dev/web, document 2"), "{e}");
+        }
     }
 }

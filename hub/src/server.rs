@@ -247,10 +247,13 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         }
         builder = builder.tls_config(tls_config).map_err(StartError::Serve)?;
     }
+    // HTTP/2 pings every third of a heartbeat, dead after another third:
+    // a silent partition ends the session within the heartbeat window.
+    let keepalive = (config.tuning.heartbeat / 3).max(Duration::from_millis(500));
     let task = tokio::spawn(async move {
         let served = builder
-            .http2_keepalive_interval(Some(Duration::from_secs(30)))
-            .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+            .http2_keepalive_interval(Some(keepalive))
+            .http2_keepalive_timeout(Some(keepalive))
             .max_concurrent_streams(Some(256))
             .add_service(agent)
             .add_service(admin_svc)

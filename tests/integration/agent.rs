@@ -181,6 +181,11 @@ async fn update_prunes_removed_objects_and_changes_others_in_place() {
         .unwrap();
     assert_eq!(svc["metadata"]["uid"], svc_uid);
     assert_eq!(
+        cluster.sim.writes("v1", "services", "messagewall", "web"),
+        1,
+        "the unchanged Service was written once, at creation"
+    );
+    assert_eq!(
         svc["metadata"]["annotations"]["unitsync.dev/revision"], "1",
         "unchanged objects keep the revision that last changed them"
     );
@@ -380,12 +385,9 @@ async fn restart_resumes_without_rewriting_unchanged_objects() {
     let (hub, mut cluster) = setup().await;
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
-    let rv = |c: &TestCluster| {
-        c.object("apps/v1", "deployments", "messagewall", "web")
-            .unwrap()["metadata"]["resourceVersion"]
-            .clone()
-    };
-    let before = rv(&cluster);
+    let writes = |c: &TestCluster| c.sim.writes("apps/v1", "deployments", "messagewall", "web");
+    let before = writes(&cluster);
+    assert_eq!(before, 1, "created once");
     cluster.stop_agent().await;
     cluster.start_agent();
     // The restarted agent resyncs (nothing to send) and re-checks: Ready again.
@@ -409,9 +411,9 @@ async fn restart_resumes_without_rewriting_unchanged_objects() {
     .unwrap();
     wait_phase(&hub, "dev/other", 1, pb::Phase::Ready).await;
     assert_eq!(
-        rv(&cluster),
+        writes(&cluster),
         before,
-        "SSA no-op: the unchanged Deployment was not rewritten"
+        "the unchanged Deployment was not written again (not even a no-op apply)"
     );
 }
 
@@ -449,15 +451,18 @@ async fn hub_outage_leaves_the_cluster_alone_and_status_arrives_after() {
 }
 
 #[tokio::test]
-async fn api_server_down_is_reported_and_recovered() {
+async fn api_server_down_reads_unknown_never_ready_and_recovers() {
     let (hub, cluster) = setup().await;
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     cluster.sim.faults().set_down(true);
+    // Without any new revision, a Ready unit stops reading Ready.
+    let msg = wait_phase(&hub, "dev/web", 1, pb::Phase::Unknown).await;
+    assert!(msg.contains("unreachable"), "{msg}");
     hub.put("dev/web", &WEB.replace("replicas: 2", "replicas: 3"))
         .await
         .unwrap();
-    let msg = wait_phase(&hub, "dev/web", 2, pb::Phase::Degraded).await;
+    let msg = wait_phase(&hub, "dev/web", 2, pb::Phase::Unknown).await;
     assert!(msg.contains("unreachable"), "{msg}");
     cluster.sim.faults().set_down(false);
     wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
@@ -552,12 +557,17 @@ async fn restart_mid_apply_finishes_the_unit_without_rewriting_what_was_applied(
     })
     .await;
     cluster.stop_agent().await;
-    let applied: Vec<(String, serde_json::Value)> = (0..20)
+    let applied: Vec<(String, u64)> = (0..20)
         .filter_map(|i| {
             let name = format!("c{i:02}");
             cluster
                 .object("v1", "configmaps", "unitsync-system", &name)
-                .map(|o| (name, o["metadata"]["resourceVersion"].clone()))
+                .map(|_| {
+                    let w = cluster
+                        .sim
+                        .writes("v1", "configmaps", "unitsync-system", &name);
+                    (name, w)
+                })
         })
         .collect();
     assert!(
@@ -575,12 +585,15 @@ async fn restart_mid_apply_finishes_the_unit_without_rewriting_what_was_applied(
             "c{i:02} applied"
         );
     }
-    for (name, rv) in applied {
-        let now = cluster
-            .object("v1", "configmaps", "unitsync-system", &name)
-            .unwrap()["metadata"]["resourceVersion"]
-            .clone();
-        assert_eq!(now, rv, "{name} was not rewritten after the restart");
+    for (name, writes) in applied {
+        assert_eq!(writes, 1, "{name} written once before the restart");
+        assert_eq!(
+            cluster
+                .sim
+                .writes("v1", "configmaps", "unitsync-system", &name),
+            writes,
+            "{name} was not written again after the restart"
+        );
     }
 }
 

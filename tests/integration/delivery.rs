@@ -219,6 +219,7 @@ async fn units_not_assigned_any_more_are_tombstoned_on_connect() {
             tombstone: false,
             manifests: configmap("ghost", "x"),
         })
+        .await
         .unwrap();
     let mut agent = agent;
     agent.start();

@@ -1431,3 +1431,54 @@ async fn delete_preconditions_protect_a_recreated_object() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn the_binary_takes_faults_from_flags_and_from_its_control_endpoint() {
+    use unitsync_tests::processes::SimProcess;
+    let dir = tempfile::tempdir().unwrap();
+    let sim = within(
+        "kube-sim starts",
+        SimProcess::start(dir.path(), "flaky", &["--error-rate", "1.0"]),
+    )
+    .await
+    .unwrap();
+    let client = within("client", sim.client()).await.unwrap();
+    let cms: Api<DynamicObject> = Api::namespaced_with(
+        client.clone(),
+        "default",
+        &ApiResource::from_gvk_with_plural(
+            &GroupVersionKind::gvk("", "v1", "ConfigMap"),
+            "configmaps",
+        ),
+    );
+    match within("a failing request", cms.get_opt("x")).await {
+        Err(kube::Error::Api(s)) => assert_eq!(s.code, 503),
+        other => panic!("expected 503 ServiceUnavailable, got {other:?}"),
+    }
+    // Clear the faults; then fail only reads of one object.
+    sim.faults(json!({"fail": [{"method": "GET", "path": "/configmaps/x"}]}))
+        .await
+        .unwrap();
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "x", "namespace": "default"}});
+    within(
+        "create",
+        cms.patch("x", &PatchParams::apply("test"), &Patch::Apply(cm)),
+    )
+    .await
+    .unwrap();
+    assert!(within("a failing read", cms.get_opt("x")).await.is_err());
+    sim.faults(json!({})).await.unwrap();
+    assert!(within("read", cms.get_opt("x")).await.unwrap().is_some());
+    assert_eq!(
+        sim.writes().await.unwrap().get("v1/configmaps/default/x"),
+        Some(&1),
+        "one write counted"
+    );
+    sim.reset().await.unwrap();
+    assert!(
+        within("read after reset", cms.get_opt("x"))
+            .await
+            .unwrap()
+            .is_none()
+    );
+}

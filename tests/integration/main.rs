@@ -3,6 +3,7 @@
 //! fresh PostgreSQL database for the shared-store tests).
 
 mod agent;
+mod agent_faults;
 mod auth;
 mod cli;
 mod delivery;

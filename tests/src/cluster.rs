@@ -68,6 +68,7 @@ impl TestCluster {
                     agent_version: "test".into(),
                     ca_pem: hub_ca.map(str::to_owned),
                     identity: None,
+                    keepalive: HubConnection::DEFAULT_KEEPALIVE,
                 },
                 kube: KubeTarget::Kubeconfig {
                     path: kubeconfig,

@@ -18,6 +18,13 @@ use crate::wait::within;
 #[derive(Clone)]
 pub struct BearerAuth(MetadataValue<Ascii>);
 
+impl BearerAuth {
+    /// `Authorization: Bearer <token>`.
+    pub fn new(token: &str) -> anyhow::Result<BearerAuth> {
+        Ok(BearerAuth(format!("Bearer {}", token.trim()).parse()?))
+    }
+}
+
 impl Interceptor for BearerAuth {
     fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
         req.metadata_mut().insert("authorization", self.0.clone());

@@ -36,6 +36,7 @@ impl SimAgent {
                 agent_version: "sim".into(),
                 ca_pem: ca.map(str::to_owned),
                 identity: None,
+                keepalive: HubConnection::DEFAULT_KEEPALIVE,
             },
             desired: Arc::default(),
             statuses: Arc::default(),
@@ -109,7 +110,7 @@ impl SimAgent {
                                     resources: Vec::new(),
                                 });
                                 if u.tombstone {
-                                    let _ = desired.forget(&u.unit);
+                                    let _ = desired.forget(&u.unit, u.revision).await;
                                 }
                             }
                             received.lock().unwrap().push(u);
@@ -137,7 +138,7 @@ impl SimAgent {
     /// One session attempt in the foreground, until it ends or `stop`.
     pub async fn session_once(&self, stop: &CancellationToken) -> Result<(), SessionError> {
         let (client, _events) = self.client();
-        client.session(stop).await
+        client.session(stop, &mut false).await
     }
 
     pub fn report(&self, status: StatusUpdate) {

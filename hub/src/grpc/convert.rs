@@ -29,7 +29,7 @@ pub fn parse<T: std::str::FromStr<Err = crate::model::NameError>>(s: &str) -> Re
 
 pub fn phase_to_pb(p: Phase) -> pb::Phase {
     match p {
-        Phase::Unknown => pb::Phase::Unspecified,
+        Phase::Unknown => pb::Phase::Unknown,
         Phase::Applying => pb::Phase::Applying,
         Phase::Applied => pb::Phase::Applied,
         Phase::Progressing => pb::Phase::Progressing,
@@ -45,7 +45,7 @@ pub fn phase_to_pb(p: Phase) -> pb::Phase {
 /// Unknown enum values (from a newer agent) read as `Unknown`.
 pub fn phase_from_pb(v: i32) -> Phase {
     match pb::Phase::try_from(v).unwrap_or(pb::Phase::Unspecified) {
-        pb::Phase::Unspecified => Phase::Unknown,
+        pb::Phase::Unspecified | pb::Phase::Unknown => Phase::Unknown,
         pb::Phase::Applying => Phase::Applying,
         pb::Phase::Applied => Phase::Applied,
         pb::Phase::Progressing => Phase::Progressing,

@@ -1,5 +1,10 @@
 //! `kube-sim`: runs a simulated Kubernetes API server and writes a
-//! kubeconfig for it, for the quick start and for poking at it with kubectl.
+//! kubeconfig for it, for the quick start, the fault suite and for poking
+//! at it with kubectl. Faults can be set at start (`--latency-ms`,
+//! `--error-rate`) and changed while it runs through the control endpoint
+//! (`--control ADDR`: `GET`/`PUT /faults`, `POST /drop-watches`, `POST
+//! /reset`, `GET /writes`). On start it prints one JSON line to standard
+//! output: `{"url", "kubeconfig", "control"}`.
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +42,15 @@ struct Args {
     /// Milliseconds before new CRDs are Established.
     #[arg(long, default_value_t = 200)]
     crd_delay_ms: u64,
+    /// Latency added to every request, in milliseconds.
+    #[arg(long, default_value_t = 0)]
+    latency_ms: u64,
+    /// Share of requests (0.0 to 1.0) answered 503 ServiceUnavailable.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    /// Serve the control endpoint (plain HTTP) on this address.
+    #[arg(long)]
+    control: Option<std::net::SocketAddr>,
 }
 
 #[tokio::main]
@@ -55,6 +69,13 @@ async fn main() -> anyhow::Result<()> {
         },
     )
     .await?;
+    sim.faults()
+        .set_latency(Duration::from_millis(args.latency_ms));
+    sim.faults().set_error_rate(args.error_rate);
+    let control = match args.control {
+        Some(addr) => Some(format!("http://{}", sim.serve_control(addr).await?)),
+        None => None,
+    };
     let tmp = args.kubeconfig.with_extension("tmp");
     std::fs::write(&tmp, sim.kubeconfig(&args.name))?;
     std::fs::rename(&tmp, &args.kubeconfig)?;
@@ -63,6 +84,17 @@ async fn main() -> anyhow::Result<()> {
         sim.url(),
         args.kubeconfig.display()
     );
-    tokio::signal::ctrl_c().await?;
+    let ready = serde_json::json!({
+        "url": sim.url(),
+        "kubeconfig": args.kubeconfig,
+        "control": control,
+    });
+    println!("{ready}");
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        r = tokio::signal::ctrl_c() => r?,
+        _ = term.recv() => {}
+    }
     Ok(())
 }

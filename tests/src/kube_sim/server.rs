@@ -63,18 +63,80 @@ impl Default for SimOptions {
     }
 }
 
-/// Faults to inject, changeable while the simulator runs.
+/// Faults to inject, changeable while the simulator runs (from tests, or
+/// through the binary's control endpoint).
 #[derive(Default)]
 pub struct Faults {
     latency_ms: AtomicU64,
     /// Per-mille of requests answered 503.
     error_per_mille: AtomicU64,
     down: AtomicBool,
+    /// Requests answered 503 by rule: (method, path substring).
+    failing: Mutex<Vec<FailRule>>,
     drop_watches: Mutex<Option<broadcast::Sender<()>>>,
     kill_connections: Mutex<Option<broadcast::Sender<()>>>,
 }
 
+/// Requests with this method (any when empty) whose path and query contain
+/// `path` fail with 503 ServiceUnavailable.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct FailRule {
+    #[serde(default)]
+    pub method: String,
+    pub path: String,
+}
+
+/// The fault settings as the control endpoint reads and writes them.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct FaultSettings {
+    #[serde(default)]
+    pub latency_ms: u64,
+    #[serde(default)]
+    pub error_rate: f64,
+    #[serde(default)]
+    pub down: bool,
+    #[serde(default)]
+    pub fail: Vec<FailRule>,
+}
+
 impl Faults {
+    /// Makes matching requests fail with 503 (see [`FailRule`]).
+    pub fn fail(&self, method: &str, path: &str) {
+        self.failing.lock().unwrap().push(FailRule {
+            method: method.into(),
+            path: path.into(),
+        });
+    }
+
+    pub fn clear_failures(&self) {
+        self.failing.lock().unwrap().clear();
+    }
+
+    fn fails(&self, method: &Method, path_and_query: &str) -> bool {
+        self.failing.lock().unwrap().iter().any(|r| {
+            (r.method.is_empty() || r.method.eq_ignore_ascii_case(method.as_str()))
+                && path_and_query.contains(&r.path)
+        })
+    }
+
+    /// The current settings.
+    pub fn settings(&self) -> FaultSettings {
+        FaultSettings {
+            latency_ms: self.latency_ms.load(Ordering::Relaxed),
+            error_rate: self.error_per_mille.load(Ordering::Relaxed) as f64 / 1000.0,
+            down: self.is_down(),
+            fail: self.failing.lock().unwrap().clone(),
+        }
+    }
+
+    /// Replaces every setting at once.
+    pub fn apply(&self, s: &FaultSettings) {
+        self.set_latency(Duration::from_millis(s.latency_ms));
+        self.set_error_rate(s.error_rate);
+        *self.failing.lock().unwrap() = s.fail.clone();
+        self.set_down(s.down);
+    }
+
     pub fn set_latency(&self, d: Duration) {
         self.latency_ms
             .store(d.as_millis() as u64, Ordering::Relaxed);
@@ -112,6 +174,31 @@ pub(crate) struct Inner {
     pub faults: Arc<Faults>,
     pub addr: SocketAddr,
     drop_watches: broadcast::Sender<()>,
+    /// Non-dry-run writes (create, update, patch, apply, delete) per
+    /// object: `apiVersion/plural/namespace/name`.
+    writes: Mutex<BTreeMap<String, u64>>,
+}
+
+/// A fresh store with the namespaces every cluster has.
+fn seeded_state(history: usize) -> State {
+    let mut state = State::new(history);
+    for ns in ["default", "kube-system", "kube-public"] {
+        let ty = state.find_type("", "v1", "namespaces").expect("namespaces");
+        let _ = state.create(
+            &ty,
+            "",
+            json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+            &WriteOpts {
+                manager: "kube-apiserver".into(),
+                ..WriteOpts::default()
+            },
+        );
+    }
+    state
+}
+
+fn write_key(api_version: &str, plural: &str, namespace: &str, name: &str) -> String {
+    format!("{api_version}/{plural}/{namespace}/{name}")
 }
 
 /// A running simulated cluster.
@@ -135,19 +222,7 @@ impl KubeSim {
         } else {
             None
         };
-        let mut state = State::new(options.history);
-        for ns in ["default", "kube-system", "kube-public"] {
-            let ty = state.find_type("", "v1", "namespaces").expect("namespaces");
-            let _ = state.create(
-                &ty,
-                "",
-                json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
-                &WriteOpts {
-                    manager: "kube-apiserver".into(),
-                    ..WriteOpts::default()
-                },
-            );
-        }
+        let state = seeded_state(options.history);
         let (drop_watches, _) = broadcast::channel(4);
         let (kill, _) = broadcast::channel(4);
         let faults = Arc::new(Faults::default());
@@ -159,6 +234,7 @@ impl KubeSim {
             faults,
             addr,
             drop_watches,
+            writes: Mutex::default(),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(controllers::run(inner.clone(), shutdown.clone()));
@@ -279,6 +355,47 @@ impl KubeSim {
         self.with_state(State::compact);
     }
 
+    /// The cluster as restored empty (a new control plane, or a restore of
+    /// an old backup): every object gone, the built-in namespaces back,
+    /// watches ended (resource versions keep growing, older ones get 410).
+    pub fn reset(&self) {
+        reset(&self.inner);
+    }
+
+    /// Non-dry-run writes the simulator served for one object (by
+    /// apiVersion, plural, namespace (empty for cluster-scoped) and name).
+    pub fn writes(&self, api_version: &str, plural: &str, namespace: &str, name: &str) -> u64 {
+        self.inner
+            .writes
+            .lock()
+            .unwrap()
+            .get(&write_key(api_version, plural, namespace, name))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Non-dry-run writes served in all.
+    pub fn total_writes(&self) -> u64 {
+        self.inner.writes.lock().unwrap().values().sum()
+    }
+
+    /// Serves the control endpoint (plain HTTP) on `addr`: `GET`/`PUT
+    /// /faults` ([`FaultSettings`] as JSON), `POST /drop-watches`, `POST
+    /// /reset`, `GET /writes`. Returns the bound address.
+    pub async fn serve_control(&self, addr: SocketAddr) -> anyhow::Result<SocketAddr> {
+        let listener = TcpListener::bind(addr).await?;
+        let bound = listener.local_addr()?;
+        let inner = self.inner.clone();
+        let stop = self.shutdown.clone();
+        let app = control_router(inner);
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async move { stop.cancelled().await })
+                .await;
+        });
+        Ok(bound)
+    }
+
     /// The current cluster-wide resourceVersion.
     pub fn resource_version(&self) -> u64 {
         self.with_state(|s| s.rv)
@@ -309,6 +426,67 @@ impl Drop for KubeSim {
     fn drop(&mut self) {
         self.shutdown.cancel();
     }
+}
+
+fn reset(inner: &Inner) {
+    {
+        let mut state = inner.state.lock().unwrap();
+        let rv = state.rv;
+        *state = seeded_state(inner.options.history);
+        state.rv = state.rv.max(rv + 1);
+        state.compacted = rv;
+    }
+    let _ = inner.drop_watches.send(());
+}
+
+fn control_router(inner: Arc<Inner>) -> axum::Router {
+    use axum::routing::{get, post};
+    let faults = inner.faults.clone();
+    let put_faults = inner.faults.clone();
+    let drop = inner.clone();
+    let writes = inner.clone();
+    axum::Router::new()
+        .route(
+            "/faults",
+            get(move || {
+                let f = faults.clone();
+                async move { axum::Json(f.settings()) }
+            })
+            .put(move |axum::Json(s): axum::Json<FaultSettings>| {
+                let f = put_faults.clone();
+                async move {
+                    f.apply(&s);
+                    axum::Json(f.settings())
+                }
+            }),
+        )
+        .route(
+            "/drop-watches",
+            post(move || {
+                let i = drop.clone();
+                async move {
+                    i.faults.drop_watches();
+                    "ok\n"
+                }
+            }),
+        )
+        .route(
+            "/reset",
+            post(move || {
+                let i = inner.clone();
+                async move {
+                    reset(&i);
+                    "ok\n"
+                }
+            }),
+        )
+        .route(
+            "/writes",
+            get(move || {
+                let i = writes.clone();
+                async move { axum::Json(i.writes.lock().unwrap().clone()) }
+            }),
+        )
 }
 
 fn full(status: StatusCode, content_type: &str, body: Vec<u8>) -> Response<Body> {
@@ -409,7 +587,14 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
         ));
     }
     let rate = f.error_per_mille.load(Ordering::Relaxed);
-    if rate > 0 && u64::from(rand::random::<u16>() % 1000) < rate {
+    let path_and_query = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_default();
+    if (rate > 0 && u64::from(rand::random::<u16>() % 1000) < rate)
+        || f.fails(req.method(), &path_and_query)
+    {
         return error(&ApiError::new(
             503,
             "ServiceUnavailable",
@@ -532,137 +717,172 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
     };
     let ty = &target.ty;
     let ns = target.namespace.as_str();
-    match (method, target.name.as_deref()) {
-        (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
-            watch(inner, target, &q).await
-        }
-        (Method::GET, None) => list(&inner, &target, &q),
-        (Method::GET, Some(name)) => {
-            let s = inner.state.lock().unwrap();
-            match s.get(ty, ns, name) {
-                Ok(o) => json_response(200, &o),
-                Err(e) => error(&e),
+    let write = matches!(
+        method,
+        Method::POST | Method::PUT | Method::PATCH | Method::DELETE
+    ) && !dry_run;
+    let created_name = body_name(&body);
+    let name_for_count = target.name.clone().or(created_name);
+    let api_version = if ty.group.is_empty() {
+        ty.version.clone()
+    } else {
+        format!("{}/{}", ty.group, ty.version)
+    };
+    let (plural, count_ns) = (ty.plural.clone(), ns.to_owned());
+    let response = 'resp: {
+        match (method, target.name.as_deref()) {
+            (Method::GET, None) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+                watch(inner.clone(), target, &q).await
             }
-        }
-        (Method::POST, None) => {
-            let body = match parse_body(&body) {
-                Ok(b) => b,
-                Err(e) => return error(&e),
-            };
-            let r = inner
-                .state
-                .lock()
-                .unwrap()
-                .create(ty, ns, body, &opts(update_manager));
-            match r {
-                Ok(o) => json_response(201, &o),
-                Err(e) => error(&e),
-            }
-        }
-        (Method::PUT, Some(name)) => {
-            let body = match parse_body(&body) {
-                Ok(b) => b,
-                Err(e) => return error(&e),
-            };
-            if target.sub.as_deref() == Some("finalize") {
-                // Namespace finalize: replace spec.finalizers.
-                let mut s = inner.state.lock().unwrap();
-                let r = s.get(ty, ns, name).and_then(|mut live| {
-                    live["spec"]["finalizers"] = body["spec"]["finalizers"].clone();
-                    let o = WriteOpts {
-                        manager: update_manager.clone(),
-                        dry_run,
-                        force: false,
-                        subresource: None,
-                    };
-                    s.replace(ty, ns, name, live, &o)
-                });
-                return match r {
+            (Method::GET, None) => list(&inner, &target, &q),
+            (Method::GET, Some(name)) => {
+                let s = inner.state.lock().unwrap();
+                match s.get(ty, ns, name) {
                     Ok(o) => json_response(200, &o),
                     Err(e) => error(&e),
+                }
+            }
+            (Method::POST, None) => {
+                let body = match parse_body(&body) {
+                    Ok(b) => b,
+                    Err(e) => break 'resp error(&e),
                 };
-            }
-            let r = inner
-                .state
-                .lock()
-                .unwrap()
-                .replace(ty, ns, name, body, &opts(update_manager));
-            match r {
-                Ok(o) => json_response(200, &o),
-                Err(e) => error(&e),
-            }
-        }
-        (Method::PATCH, Some(name)) => {
-            let parsed = match parse_body(&body) {
-                Ok(b) => b,
-                Err(e) => return error(&e),
-            };
-            if content_type == "application/apply-patch+yaml" {
                 let r = inner
                     .state
                     .lock()
                     .unwrap()
-                    .apply(ty, ns, name, parsed, &opts(manager));
-                return match r {
-                    Ok((o, created)) => json_response(if created { 201 } else { 200 }, &o),
+                    .create(ty, ns, body, &opts(update_manager));
+                match r {
+                    Ok(o) => json_response(201, &o),
                     Err(e) => error(&e),
+                }
+            }
+            (Method::PUT, Some(name)) => {
+                let body = match parse_body(&body) {
+                    Ok(b) => b,
+                    Err(e) => break 'resp error(&e),
                 };
+                if target.sub.as_deref() == Some("finalize") {
+                    // Namespace finalize: replace spec.finalizers.
+                    let mut s = inner.state.lock().unwrap();
+                    let r = s.get(ty, ns, name).and_then(|mut live| {
+                        live["spec"]["finalizers"] = body["spec"]["finalizers"].clone();
+                        let o = WriteOpts {
+                            manager: update_manager.clone(),
+                            dry_run,
+                            force: false,
+                            subresource: None,
+                        };
+                        s.replace(ty, ns, name, live, &o)
+                    });
+                    break 'resp match r {
+                        Ok(o) => json_response(200, &o),
+                        Err(e) => error(&e),
+                    };
+                }
+                let r =
+                    inner
+                        .state
+                        .lock()
+                        .unwrap()
+                        .replace(ty, ns, name, body, &opts(update_manager));
+                match r {
+                    Ok(o) => json_response(200, &o),
+                    Err(e) => error(&e),
+                }
             }
-            let r = inner.state.lock().unwrap().patch(
-                ty,
-                ns,
-                name,
-                &content_type,
-                &parsed,
-                &opts(update_manager),
-            );
-            match r {
-                Ok(o) => json_response(200, &o),
-                Err(e) => error(&e),
+            (Method::PATCH, Some(name)) => {
+                let parsed = match parse_body(&body) {
+                    Ok(b) => b,
+                    Err(e) => break 'resp error(&e),
+                };
+                if content_type == "application/apply-patch+yaml" {
+                    let r = inner
+                        .state
+                        .lock()
+                        .unwrap()
+                        .apply(ty, ns, name, parsed, &opts(manager));
+                    break 'resp match r {
+                        Ok((o, created)) => json_response(if created { 201 } else { 200 }, &o),
+                        Err(e) => error(&e),
+                    };
+                }
+                let r = inner.state.lock().unwrap().patch(
+                    ty,
+                    ns,
+                    name,
+                    &content_type,
+                    &parsed,
+                    &opts(update_manager),
+                );
+                match r {
+                    Ok(o) => json_response(200, &o),
+                    Err(e) => error(&e),
+                }
             }
+            (Method::DELETE, Some(name)) => {
+                let mut options = parse_body(&body).unwrap_or_else(|_| json!({}));
+                if let Some(p) = q.get("propagationPolicy") {
+                    options["propagationPolicy"] = json!(p);
+                }
+                let r = inner
+                    .state
+                    .lock()
+                    .unwrap()
+                    .delete(ty, ns, name, &options, dry_run);
+                match r {
+                    Ok(o) => json_response(200, &o),
+                    Err(e) => error(&e),
+                }
+            }
+            (Method::DELETE, None) => {
+                let sel =
+                    match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str)) {
+                        Ok(s) => s,
+                        Err(e) => break 'resp error(&e),
+                    };
+                let mut s = inner.state.lock().unwrap();
+                let names: Vec<String> = s
+                    .list(ty, ty.namespaced.then_some(ns))
+                    .into_iter()
+                    .filter(|o| sel.matches(o["metadata"]["labels"].as_object()))
+                    .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned))
+                    .collect();
+                for n in &names {
+                    let _ = s.delete(ty, ns, n, &json!({}), dry_run);
+                }
+                json_response(
+                    200,
+                    &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
+                )
+            }
+            _ => error(&ApiError::new(
+                405,
+                "MethodNotAllowed",
+                "the server does not allow this method on the requested resource",
+            )),
         }
-        (Method::DELETE, Some(name)) => {
-            let mut options = parse_body(&body).unwrap_or_else(|_| json!({}));
-            if let Some(p) = q.get("propagationPolicy") {
-                options["propagationPolicy"] = json!(p);
-            }
-            let r = inner
-                .state
-                .lock()
-                .unwrap()
-                .delete(ty, ns, name, &options, dry_run);
-            match r {
-                Ok(o) => json_response(200, &o),
-                Err(e) => error(&e),
-            }
-        }
-        (Method::DELETE, None) => {
-            let sel = match LabelSelector::parse(q.get("labelSelector").map_or("", String::as_str))
-            {
-                Ok(s) => s,
-                Err(e) => return error(&e),
-            };
-            let mut s = inner.state.lock().unwrap();
-            let names: Vec<String> = s
-                .list(ty, ty.namespaced.then_some(ns))
-                .into_iter()
-                .filter(|o| sel.matches(o["metadata"]["labels"].as_object()))
-                .filter_map(|o| o["metadata"]["name"].as_str().map(str::to_owned))
-                .collect();
-            for n in &names {
-                let _ = s.delete(ty, ns, n, &json!({}), dry_run);
-            }
-            json_response(
-                200,
-                &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Success"}),
-            )
-        }
-        _ => error(&ApiError::new(
-            405,
-            "MethodNotAllowed",
-            "the server does not allow this method on the requested resource",
-        )),
+    };
+    if write
+        && response.status().is_success()
+        && let Some(name) = name_for_count
+    {
+        *inner
+            .writes
+            .lock()
+            .unwrap()
+            .entry(write_key(&api_version, &plural, &count_ns, &name))
+            .or_default() += 1;
     }
+    response
+}
+
+/// `metadata.name` of a request body (JSON or YAML), if any.
+fn body_name(body: &Bytes) -> Option<String> {
+    let v: Value = serde_json::from_slice(body)
+        .ok()
+        .or_else(|| serde_saphyr::from_str(std::str::from_utf8(body).ok()?).ok())?;
+    v["metadata"]["name"].as_str().map(str::to_owned)
 }
 
 fn resolve(state: &State, group: &str, version: &str, rest: &[&str]) -> Option<Target> {
