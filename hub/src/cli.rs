@@ -305,12 +305,15 @@ pub struct InstallArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum OperatorCommand {
-    /// Create an operator token (shown once).
+    /// Create an operator token (shown once); an existing name is refused.
     Create {
         name: String,
         #[arg(long, default_value = "admin")]
         role: String,
     },
+    /// Issue a new token for an operator (shown once); the old one stops
+    /// working at once.
+    Rotate { name: String },
 }
 
 #[derive(Subcommand, Debug)]

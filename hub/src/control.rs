@@ -1,23 +1,27 @@
-//! The hub's operations: what the operator API and the agent sessions call.
-//! Validation happens here, before the store is touched; commits are
-//! published to connected agents after they are durable.
+//! The hub's operations: what the operator API, the agent sessions and the
+//! sources call; the only way into the store from the edges. Validation
+//! happens here (on blocking threads: a unit may be megabytes), before the
+//! store is touched; commits are published to connected agents after they
+//! are durable; readers without the admin role never see Secret values.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::auth::{AGENT_TOKEN_PREFIX, Secret};
+use crate::auth::{AGENT_TOKEN_PREFIX, OPERATOR_TOKEN_PREFIX, Secret};
 use crate::error::{HubError, Result};
-use crate::fanout::{Delivery, Fanout};
+use crate::fanout::{AgentConn, Delivery, Fanout};
 use crate::feedback::Feedback;
-use crate::manifest::{self, Limits};
+use crate::manifest::{self, Limits, Validated};
 use crate::metrics::Metrics;
 use crate::model::{
-    Actor, Cluster, ClusterName, Digest, EnvName, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, PutMode, Revision, UnitName, UnitRef,
+    Actor, AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels,
+    NewAudit, NewRevision, Override, Promotion, PutMode, Revision, RevisionNum, Role, StatusCell,
+    Unit, UnitName, UnitRef, UnixMillis,
 };
-use crate::store::Store;
+use crate::store::{Operator, Page, Store};
+use crate::tls::HubCa;
 
 /// Longest validity of a client certificate (agents renew theirs well
 /// before expiry, so long-lived ones only widen the window of a leaked key).
@@ -60,12 +64,52 @@ pub struct Hub {
     /// Head revision content per unit, shared by every session that needs it.
     heads: Mutex<HashMap<(EnvName, UnitName), Arc<Delivery>>>,
     next_session: AtomicU64,
-    /// Where the CA lives (client certificates).
-    data_dir: std::path::PathBuf,
+    /// The hub CA (client certificates), loaded once at start.
+    ca: Option<Arc<HubCa>>,
+}
+
+/// A unit as an operator reads it.
+#[derive(Clone, Debug)]
+pub struct UnitView {
+    pub unit: Unit,
+    /// The head revision (content only when asked for).
+    pub head: Option<Revision>,
+    /// Per-cluster status, a page of it.
+    pub cells: Vec<StatusCell>,
+    pub connected: HashSet<ClusterName>,
+    /// Where the next page starts (`None`: this was the last).
+    pub next: Option<Page>,
+}
+
+/// The units × clusters matrix, a page of cells at a time (units and
+/// clusters come with the first page).
+#[derive(Clone, Debug, Default)]
+pub struct StatusView {
+    pub units: Vec<Unit>,
+    pub clusters: Vec<(Cluster, Option<Arc<AgentConn>>)>,
+    pub cells: Vec<StatusCell>,
+    pub connected: HashSet<ClusterName>,
+    pub next: Option<Page>,
+}
+
+/// The page after `cells`, if `cells` filled `page`.
+fn next_page(page: &Page, cells: &[StatusCell]) -> Option<Page> {
+    let last = cells.last()?;
+    (page.limit > 0 && cells.len() as u32 >= page.limit).then(|| Page {
+        after: Some((last.unit.clone(), last.cluster.clone())),
+        limit: page.limit,
+    })
+}
+
+/// Runs CPU-bound work (validation, signing) on the blocking pool.
+pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| HubError::Internal(format!("a blocking task failed: {e}")))
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, tuning: Tuning, data_dir: std::path::PathBuf) -> Hub {
+    pub fn new(store: Arc<dyn Store>, tuning: Tuning, ca: Option<HubCa>) -> Hub {
         Hub {
             store,
             fanout: Fanout::default(),
@@ -74,18 +118,49 @@ impl Hub {
             tuning,
             heads: Mutex::default(),
             next_session: AtomicU64::new(1),
-            data_dir,
+            ca: ca.map(Arc::new),
         }
     }
 
-    /// The hub CA certificate file (generated TLS).
-    pub fn ca_path(&self) -> std::path::PathBuf {
-        self.data_dir.join("ca.crt")
+    /// The hub CA certificate (PEM), when the hub has a CA.
+    pub fn ca_pem(&self) -> Option<&str> {
+        self.ca.as_deref().map(HubCa::cert_pem)
+    }
+
+    fn ca(&self) -> Result<Arc<HubCa>> {
+        self.ca.clone().ok_or_else(|| {
+            HubError::FailedPrecondition(
+                "client certificates need the hub's CA (ca.crt and ca.key in its data directory)"
+                    .into(),
+            )
+        })
     }
 
     pub fn next_session_id(&self) -> u64 {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
+
+    /// Manifests for a reader: admins see them as stored; read-only
+    /// operators see Secret values masked.
+    pub fn reveal(role: Role, text: &str) -> String {
+        match role {
+            Role::Admin => text.to_owned(),
+            Role::ReadOnly => manifest::mask_secrets(text),
+        }
+    }
+
+    /// Validates a unit's manifests on the blocking pool.
+    pub async fn validate(&self, unit: &UnitRef, manifests: String) -> Result<(Validated, String)> {
+        let (unit, limits) = (unit.clone(), self.tuning.limits.clone());
+        let (valid, text) = blocking(move || {
+            let v = manifest::validate(&unit, &manifests, &limits);
+            (v, manifests)
+        })
+        .await?;
+        Ok((valid?, text))
+    }
+
+    // --- environments ---
 
     pub async fn create_environment(
         &self,
@@ -107,6 +182,33 @@ impl Hub {
             .create_environment(&name, after.as_ref(), audit)
             .await?)
     }
+
+    pub async fn list_environments(&self) -> Result<Vec<Environment>> {
+        Ok(self.store.list_environments().await?)
+    }
+
+    pub async fn set_environment_policy(
+        &self,
+        actor: Actor,
+        env: EnvName,
+        policy: EnvPolicy,
+    ) -> Result<Environment> {
+        let audit = NewAudit {
+            actor,
+            action: "environment.policy",
+            target: format!("env/{env}"),
+            detail: format!(
+                "approvals {} soak {}s auto-promote {}",
+                policy.required_approvals, policy.soak_seconds, policy.auto_promote
+            ),
+        };
+        Ok(self
+            .store
+            .set_environment_policy(&env, policy, audit)
+            .await?)
+    }
+
+    // --- clusters and credentials ---
 
     /// Creates a cluster and its agent token (returned once, stored hashed).
     pub async fn create_cluster(
@@ -130,17 +232,40 @@ impl Hub {
         Ok((cluster, token))
     }
 
+    /// Clusters (of one environment, or all) with their live sessions.
+    pub async fn list_clusters(
+        &self,
+        env: Option<&EnvName>,
+    ) -> Result<Vec<(Cluster, Option<Arc<AgentConn>>)>> {
+        let clusters = self.store.list_clusters(env).await?;
+        Ok(clusters
+            .into_iter()
+            .map(|c| {
+                let s = self.fanout.session(&c.name);
+                (c, s)
+            })
+            .collect())
+    }
+
+    pub async fn get_cluster(
+        &self,
+        name: &ClusterName,
+    ) -> Result<(Cluster, Option<Arc<AgentConn>>)> {
+        let c = self
+            .store
+            .get_cluster(name)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("cluster {name}")))?;
+        Ok((c, self.fanout.session(name)))
+    }
+
     /// Issues a new agent token; the old one stops working at once.
     pub async fn issue_cluster_token(
         &self,
         actor: Actor,
         name: ClusterName,
     ) -> Result<(Cluster, Secret)> {
-        let cluster = self
-            .store
-            .get_cluster(&name)
-            .await?
-            .ok_or_else(|| HubError::NotFound(format!("cluster {name}")))?;
+        let (cluster, _) = self.get_cluster(&name).await?;
         let token = Secret::generate(AGENT_TOKEN_PREFIX);
         let audit = NewAudit {
             actor,
@@ -162,30 +287,23 @@ impl Hub {
         name: ClusterName,
         validity: Duration,
     ) -> Result<crate::tls::ClientCert> {
-        if self.store.get_cluster(&name).await?.is_none() {
-            return Err(HubError::NotFound(format!("cluster {name}")));
-        }
-        let cert = crate::tls::issue_client_cert(
-            &self.data_dir,
-            name.as_str(),
-            std::time::SystemTime::now() - Duration::from_secs(60),
-            validity + Duration::from_secs(60),
-        )
+        self.get_cluster(&name).await?;
+        let ca = self.ca()?;
+        let cluster = name.to_string();
+        let cert = blocking(move || {
+            ca.issue_client_cert(
+                &cluster,
+                std::time::SystemTime::now() - Duration::from_secs(60),
+                validity + Duration::from_secs(60),
+            )
+        })
+        .await?
         .map_err(|e| {
             HubError::FailedPrecondition(format!(
                 "cannot issue a certificate: {}",
                 crate::error::ErrorChain(&e)
             ))
         })?;
-        let not_after = crate::model::UnixMillis(
-            i64::try_from(
-                cert.not_after
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis(),
-            )
-            .unwrap_or(i64::MAX),
-        );
         let audit = NewAudit {
             actor,
             action: "cluster.certificate",
@@ -193,36 +311,35 @@ impl Hub {
             detail: format!("sha256 {} valid {}s", cert.fingerprint, validity.as_secs()),
         };
         self.store
-            .add_cluster_cert(&name, &cert.fingerprint, not_after, audit)
+            .add_cluster_cert(
+                &name,
+                &cert.fingerprint,
+                UnixMillis::of(cert.not_after),
+                audit,
+            )
             .await?;
         Ok(cert)
     }
 
-    /// Signs a renewed client certificate for an authenticated cluster.
+    /// Signs a renewed client certificate for a cluster authenticated by
+    /// its current client certificate.
     pub async fn renew_cluster_cert(
         &self,
         cluster: &ClusterName,
-        csr_pem: &str,
+        csr_pem: String,
         validity: Duration,
     ) -> Result<(String, std::time::SystemTime)> {
+        let ca = self.ca()?;
+        let name = cluster.to_string();
         let (cert, fingerprint, not_after) =
-            crate::tls::sign_csr(&self.data_dir, cluster.as_str(), csr_pem, validity).map_err(
-                |e| {
+            blocking(move || ca.sign_csr(&name, &csr_pem, validity))
+                .await?
+                .map_err(|e| {
                     HubError::InvalidArgument(format!(
                         "cannot sign the certificate request: {}",
                         crate::error::ErrorChain(&e)
                     ))
-                },
-            )?;
-        let millis = crate::model::UnixMillis(
-            i64::try_from(
-                not_after
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .unwrap_or_default()
-                    .as_millis(),
-            )
-            .unwrap_or(i64::MAX),
-        );
+                })?;
         let audit = NewAudit {
             actor: Actor::Agent(cluster.clone()),
             action: "cluster.certificate.renew",
@@ -230,7 +347,7 @@ impl Hub {
             detail: format!("sha256 {fingerprint} valid {}s", validity.as_secs()),
         };
         self.store
-            .add_cluster_cert(cluster, &fingerprint, millis, audit)
+            .add_cluster_cert(cluster, &fingerprint, UnixMillis::of(not_after), audit)
             .await?;
         Ok((cert, not_after))
     }
@@ -261,6 +378,42 @@ impl Hub {
         Ok(())
     }
 
+    // --- operators ---
+
+    /// Creates an operator and its token (shown once); an existing name is
+    /// refused (rotation is [`Hub::rotate_operator`]).
+    pub async fn create_operator(&self, actor: Actor, name: String, role: Role) -> Result<Secret> {
+        let token = Secret::generate(OPERATOR_TOKEN_PREFIX);
+        let audit = NewAudit {
+            actor,
+            action: "operator.create",
+            target: format!("operator/{name}"),
+            detail: format!("role {}", role.as_str()),
+        };
+        self.store
+            .create_operator(&Operator { name, role }, &token.hash(), audit)
+            .await?;
+        Ok(token)
+    }
+
+    /// Issues a new token for an operator; the old one stops working at once.
+    pub async fn rotate_operator(&self, actor: Actor, name: String) -> Result<(Operator, Secret)> {
+        let token = Secret::generate(OPERATOR_TOKEN_PREFIX);
+        let audit = NewAudit {
+            actor,
+            action: "operator.rotate",
+            target: format!("operator/{name}"),
+            detail: "new token issued".into(),
+        };
+        let op = self
+            .store
+            .rotate_operator(&name, &token.hash(), audit)
+            .await?;
+        Ok((op, token))
+    }
+
+    // --- units ---
+
     /// Validates and commits a new revision, then publishes it.
     pub async fn put_unit(
         &self,
@@ -271,20 +424,19 @@ impl Hub {
         mode: PutMode,
         labels: Option<Labels>,
     ) -> Result<Revision> {
-        let valid = manifest::validate(&unit, &manifests, &self.tuning.limits)?;
+        let (valid, text) = self.validate(&unit, manifests).await?;
         let rev = NewRevision {
-            unit,
             mode,
             labels,
-            tombstone: false,
-            documents: u32::try_from(valid.objects.len()).unwrap_or(u32::MAX),
-            manifests: Arc::from(manifests),
-            digest: valid.digest,
-            author: actor,
-            message,
-            origin: "cli".into(),
-            source_revision: crate::model::RevisionNum(0),
-            upstream: None,
+            ..NewRevision::content(
+                unit,
+                Arc::from(text),
+                valid.documents(),
+                valid.digest,
+                actor,
+                "cli",
+                message,
+            )
         };
         self.commit(rev).await
     }
@@ -296,28 +448,139 @@ impl Hub {
         unit: UnitRef,
         message: String,
     ) -> Result<Revision> {
-        let rev = NewRevision {
-            unit,
-            mode: PutMode::Update,
-            labels: None,
-            tombstone: true,
-            documents: 0,
-            manifests: Arc::from(""),
-            digest: Digest::of(b""),
-            author: actor,
-            message,
-            origin: "cli".into(),
-            source_revision: crate::model::RevisionNum(0),
-            upstream: None,
-        };
-        self.commit(rev).await
+        self.commit(NewRevision::tombstone(unit, actor, "cli", message))
+            .await
     }
 
-    async fn commit(&self, rev: NewRevision) -> Result<Revision> {
+    /// Commits one revision and publishes it.
+    pub async fn commit(&self, rev: NewRevision) -> Result<Revision> {
         let committed = self.store.commit_revision(rev).await?;
         self.publish(&committed);
         Ok(committed)
     }
+
+    /// A unit with its head and a page of per-cluster status.
+    pub async fn get_unit(
+        &self,
+        unit: &UnitRef,
+        include_manifests: bool,
+        role: Role,
+        page: &Page,
+    ) -> Result<UnitView> {
+        let u = self
+            .store
+            .get_unit(unit)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
+        let mut head = self.store.get_revision(unit, u.head).await?;
+        if let Some(h) = head.as_mut() {
+            h.manifests = if include_manifests {
+                Arc::from(Self::reveal(role, &h.manifests))
+            } else {
+                Arc::from("")
+            };
+        }
+        let cells = self
+            .store
+            .statuses(Some(&unit.env), Some(unit), page)
+            .await?;
+        Ok(UnitView {
+            next: next_page(page, &cells),
+            unit: u,
+            head,
+            cells,
+            connected: self.fanout.connected(),
+        })
+    }
+
+    pub async fn list_units(&self, env: Option<&EnvName>) -> Result<Vec<Unit>> {
+        Ok(self.store.list_units(env).await?)
+    }
+
+    /// All revisions of a unit, oldest first, without content.
+    pub async fn unit_history(&self, unit: &UnitRef) -> Result<Vec<Revision>> {
+        let revs = self.store.history(unit).await?;
+        if revs.is_empty() {
+            return Err(HubError::NotFound(format!("unit {unit}")));
+        }
+        Ok(revs)
+    }
+
+    /// One revision with its content (0: the head).
+    pub async fn get_revision(
+        &self,
+        unit: &UnitRef,
+        number: RevisionNum,
+        role: Role,
+    ) -> Result<Revision> {
+        let number = if number.0 == 0 {
+            self.store
+                .get_unit(unit)
+                .await?
+                .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?
+                .head
+        } else {
+            number
+        };
+        let mut rev = self
+            .store
+            .get_revision(unit, number)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("unit {unit} revision {number}")))?;
+        rev.manifests = Arc::from(Self::reveal(role, &rev.manifests));
+        Ok(rev)
+    }
+
+    /// The status matrix (of one environment, or all), a page of cells.
+    pub async fn status(&self, env: Option<&EnvName>, page: &Page) -> Result<StatusView> {
+        let first = page.after.is_none();
+        let cells = self.store.statuses(env, None, page).await?;
+        Ok(StatusView {
+            units: if first {
+                self.store.list_units(env).await?
+            } else {
+                vec![]
+            },
+            clusters: if first {
+                self.list_clusters(env).await?
+            } else {
+                vec![]
+            },
+            next: next_page(page, &cells),
+            cells,
+            connected: self.fanout.connected(),
+        })
+    }
+
+    pub async fn list_audit(&self, limit: u32, target_prefix: &str) -> Result<Vec<AuditEntry>> {
+        Ok(self.store.list_audit(limit, target_prefix).await?)
+    }
+
+    pub async fn set_overrides(
+        &self,
+        actor: Actor,
+        unit: UnitRef,
+        overrides: Vec<Override>,
+    ) -> Result<Unit> {
+        let detail = overrides
+            .iter()
+            .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.value))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let audit = NewAudit {
+            actor,
+            action: "unit.overrides",
+            target: unit.to_string(),
+            detail,
+        };
+        Ok(self.store.set_overrides(&unit, &overrides, audit).await?)
+    }
+
+    pub async fn list_promotions(&self, limit: u32) -> Result<Vec<Promotion>> {
+        Ok(self.store.list_promotions(limit).await?)
+    }
+
+    // --- publishing ---
 
     /// Offers a committed revision to connected agents.
     pub fn publish(&self, committed: &Revision) {
@@ -342,6 +605,20 @@ impl Hub {
             sessions = stats.sessions,
             "revision committed"
         );
+    }
+
+    /// Offers every head of every environment with connected agents again
+    /// (after announcements from other replicas may have been missed).
+    pub async fn reoffer_heads(&self) -> Result<usize> {
+        let mut offered = 0;
+        for env in self.fanout.environments() {
+            for head in self.store.heads(&env).await? {
+                let d = self.head_delivery(&env, &head).await?;
+                self.fanout.publish(&d);
+                offered += 1;
+            }
+        }
+        Ok(offered)
     }
 
     /// Keeps the newest delivery per unit (a late or repeated offer never
@@ -379,11 +656,7 @@ impl Hub {
             .get_revision(&unit, head.number)
             .await?
             .ok_or_else(|| HubError::NotFound(format!("unit {unit} revision {}", head.number)))?;
-        let d = Delivery::of(
-            &rev,
-            std::time::UNIX_EPOCH
-                + Duration::from_millis(u64::try_from(rev.created_at.0).unwrap_or(0)),
-        );
+        let d = Delivery::of(&rev, rev.created_at.to_system_time());
         self.cache_head(&d);
         Ok(d)
     }

@@ -34,6 +34,9 @@ pub enum HubError {
     ResourceExhausted(String),
     #[error("store operation failed")]
     Store(#[source] StoreError),
+    /// A bug or a failed runtime task; details go to the log only.
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl From<StoreError> for HubError {
@@ -59,14 +62,29 @@ impl From<HubError> for Status {
             HubError::Unauthenticated => Code::Unauthenticated,
             HubError::PermissionDenied => Code::PermissionDenied,
             HubError::ResourceExhausted(_) => Code::ResourceExhausted,
-            HubError::Store(_) => Code::Internal,
+            HubError::Store(_) | HubError::Internal(_) => Code::Internal,
         };
         if code == Code::Internal {
             tracing::error!(error = %ErrorChain(&e), "request failed");
             return Status::internal("internal error; see the hub log");
         }
-        Status::new(code, e.to_string())
+        Status::new(code, bounded(&e.to_string()))
     }
+}
+
+/// gRPC carries messages in HTTP/2 trailers: a long one (a huge rejected
+/// value) would break the stream instead of reaching the caller.
+const MAX_STATUS_MESSAGE: usize = 2048;
+
+fn bounded(message: &str) -> String {
+    if message.len() <= MAX_STATUS_MESSAGE {
+        return message.to_owned();
+    }
+    let mut cut = MAX_STATUS_MESSAGE;
+    while !message.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… (message cut)", &message[..cut])
 }
 
 /// Displays an error with its whole `source()` chain, for logs.

@@ -159,6 +159,19 @@ impl Mailbox {
     }
 }
 
+/// Why the hub ended a session (the agent is told).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EndReason {
+    /// The credential was revoked, rotated or its cluster deleted.
+    CredentialRevoked,
+    /// A newer session of the same cluster replaced it.
+    Replaced,
+    /// The hub is shutting down.
+    Shutdown,
+    /// The agent broke the protocol (the decode error, say).
+    Protocol(String),
+}
+
 /// One connected agent session.
 pub struct AgentConn {
     pub cluster: ClusterName,
@@ -167,8 +180,55 @@ pub struct AgentConn {
     pub agent_version: String,
     pub connected_at: UnixMillis,
     pub mailbox: Mailbox,
-    /// Cancelled to end the session (revocation, replacement, shutdown).
+    /// Cancelled to end the session (see [`AgentConn::end`]).
     pub kick: CancellationToken,
+    ended: Mutex<Option<EndReason>>,
+}
+
+impl std::fmt::Debug for AgentConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentConn")
+            .field("cluster", &self.cluster)
+            .field("env", &self.env)
+            .field("session", &self.session)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentConn {
+    pub fn new(
+        cluster: ClusterName,
+        env: EnvName,
+        session: u64,
+        agent_version: String,
+    ) -> AgentConn {
+        AgentConn {
+            cluster,
+            env,
+            session,
+            agent_version,
+            connected_at: UnixMillis::now(),
+            mailbox: Mailbox::default(),
+            kick: CancellationToken::new(),
+            ended: Mutex::default(),
+        }
+    }
+
+    /// Ends the session; the first reason given is the one the agent hears.
+    pub fn end(&self, why: EndReason) {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get_or_insert(why);
+        self.kick.cancel();
+    }
+
+    pub fn end_reason(&self) -> Option<EndReason> {
+        self.ended
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
 }
 
 /// Registry of connected sessions by environment and cluster.
@@ -212,7 +272,7 @@ impl Fanout {
             .or_default()
             .insert(conn.cluster.clone(), conn);
         if let Some(old) = old {
-            old.kick.cancel();
+            old.end(EndReason::Replaced);
         }
     }
 
@@ -242,17 +302,27 @@ impl Fanout {
         stats
     }
 
-    /// Ends a cluster's live session, if any.
+    /// Ends a cluster's live session, if any: its credential no longer
+    /// holds (revoked, rotated, deleted).
     pub fn disconnect(&self, cluster: &ClusterName) -> bool {
         let all = self.read();
         let mut found = false;
         for env in all.values() {
             if let Some(c) = env.get(cluster) {
-                c.kick.cancel();
+                c.end(EndReason::CredentialRevoked);
                 found = true;
             }
         }
         found
+    }
+
+    /// Environments with at least one live session.
+    pub fn environments(&self) -> Vec<EnvName> {
+        self.read()
+            .iter()
+            .filter(|(_, sessions)| !sessions.is_empty())
+            .map(|(env, _)| env.clone())
+            .collect()
     }
 
     pub fn session(&self, cluster: &ClusterName) -> Option<Arc<AgentConn>> {
@@ -278,7 +348,7 @@ impl Fanout {
     pub fn disconnect_all(&self) {
         for env in self.read().values() {
             for c in env.values() {
-                c.kick.cancel();
+                c.end(EndReason::Shutdown);
             }
         }
     }

@@ -1,5 +1,5 @@
 //! Plain-HTTP endpoints for probes and scraping: `/healthz` (process is
-//! up), `/readyz` (store answers), `/metrics` (Prometheus text format).
+//! up), `/readyz` (the store takes writes), `/metrics` (Prometheus text format).
 //! Nothing else answers without credentials.
 
 use std::sync::Arc;
@@ -20,9 +20,11 @@ pub fn router(hub: Arc<Hub>) -> Router {
         .with_state(hub)
 }
 
+/// Ready while the store takes writes (a hub whose database is gone must
+/// not receive traffic).
 async fn ready(State(hub): State<Arc<Hub>>) -> impl IntoResponse {
-    match hub.store.list_environments().await {
-        Ok(_) => (StatusCode::OK, "ready\n"),
+    match hub.store.ping().await {
+        Ok(()) => (StatusCode::OK, "ready\n"),
         Err(_) => (StatusCode::SERVICE_UNAVAILABLE, "store unavailable\n"),
     }
 }

@@ -69,6 +69,13 @@ pub struct Validated {
     pub objects: Vec<ObjectId>,
 }
 
+impl Validated {
+    /// How many documents (objects) the unit has.
+    pub fn documents(&self) -> u32 {
+        u32::try_from(self.objects.len()).unwrap_or(u32::MAX)
+    }
+}
+
 /// The identity of one object in a unit.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub struct ObjectId {
@@ -247,7 +254,7 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
             err(
                 at,
                 Some("metadata.name"),
-                format!("invalid value {name:?}: {why}"),
+                format!("invalid value {:?}: {why}", prefix(&name)),
             )
         })?;
         let namespace = match meta.get("namespace") {
@@ -257,7 +264,7 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
                     err(
                         at,
                         Some("metadata.namespace"),
-                        format!("invalid value {ns:?}: {why}"),
+                        format!("invalid value {:?}: {why}", prefix(ns)),
                     )
                 })?;
                 Some(ns.clone())
@@ -327,6 +334,38 @@ fn required_string(v: Option<&Value>) -> Result<String, String> {
         Some(Value::String(s)) => Ok(s.clone()),
         Some(other) => Err(format!("expected a string, found {}", kind_of(other))),
     }
+}
+
+/// What a reader without the admin role sees of a unit: Secret `data` and
+/// `stringData` values replaced by `"***"` (keys kept, so a diff still says
+/// which key changed); every other document exactly as stored.
+pub fn mask_secrets(text: &str) -> String {
+    let docs = split_documents(text);
+    if docs.is_empty() {
+        return text.to_owned();
+    }
+    let mut out = Vec::with_capacity(docs.len());
+    for doc in docs {
+        let parsed: Option<Value> = serde_saphyr::from_str(doc.text).ok();
+        match parsed {
+            Some(mut v) if v["kind"] == "Secret" => {
+                for field in ["data", "stringData"] {
+                    if let Some(m) = v.get_mut(field).and_then(Value::as_object_mut) {
+                        for val in m.values_mut() {
+                            *val = Value::from("***");
+                        }
+                    } else if v.get(field).is_some_and(|x| !x.is_null()) {
+                        v[field] = Value::from("***");
+                    }
+                }
+                out.push(serde_saphyr::to_string(&v).unwrap_or_default());
+            }
+            // A Secret-looking document that does not parse is withheld.
+            None if doc.text.contains("Secret") => out.push("# (document withheld)\n".into()),
+            _ => out.push(doc.text.trim_start_matches('\n').to_owned()),
+        }
+    }
+    out.join("---\n")
 }
 
 /// At most the first 40 characters of a value, for error messages (a

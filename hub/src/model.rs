@@ -83,7 +83,7 @@ macro_rules! label_newtype {
             fn from_str(s: &str) -> Result<Self, NameError> {
                 check_dns1123_label(s).map_err(|why| NameError {
                     what: $what,
-                    value: s.to_owned(),
+                    value: crate::manifest::prefix(s),
                     why,
                 })?;
                 Ok(Self(Arc::from(s)))
@@ -140,7 +140,7 @@ impl FromStr for UnitRef {
         let Some((env, name)) = s.split_once('/') else {
             return Err(NameError {
                 what: "unit",
-                value: s.to_owned(),
+                value: crate::manifest::prefix(s),
                 why: "must be written ENV/NAME",
             });
         };
@@ -213,10 +213,17 @@ pub struct UnixMillis(pub i64);
 
 impl UnixMillis {
     pub fn now() -> UnixMillis {
-        let d = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .unwrap_or_default();
+        Self::of(SystemTime::now())
+    }
+
+    /// A wall-clock time (before the epoch: 0; far future: saturated).
+    pub fn of(t: SystemTime) -> UnixMillis {
+        let d = t.duration_since(UNIX_EPOCH).unwrap_or_default();
         UnixMillis(i64::try_from(d.as_millis()).unwrap_or(i64::MAX))
+    }
+
+    pub fn to_system_time(self) -> SystemTime {
+        UNIX_EPOCH + std::time::Duration::from_millis(u64::try_from(self.0).unwrap_or(0))
     }
 }
 
@@ -372,6 +379,61 @@ pub struct NewRevision {
     pub source_revision: RevisionNum,
     /// Link set when this put creates the unit.
     pub upstream: Option<UnitRef>,
+    /// The unit's head this revision was planned against (0: the unit does
+    /// not exist yet); checked under the commit's lock, so a concurrent
+    /// change is a conflict instead of being silently superseded.
+    pub expected_head: Option<RevisionNum>,
+}
+
+impl NewRevision {
+    /// A revision with (validated) content, created or updated as needed.
+    pub fn content(
+        unit: UnitRef,
+        manifests: Arc<str>,
+        documents: u32,
+        digest: Digest,
+        author: Actor,
+        origin: impl Into<String>,
+        message: impl Into<String>,
+    ) -> NewRevision {
+        NewRevision {
+            unit,
+            mode: PutMode::CreateOrUpdate,
+            labels: None,
+            tombstone: false,
+            manifests,
+            documents,
+            digest,
+            author,
+            message: message.into(),
+            origin: origin.into(),
+            source_revision: RevisionNum(0),
+            upstream: None,
+            expected_head: None,
+        }
+    }
+
+    /// A tombstone: agents delete what they applied for the unit.
+    pub fn tombstone(
+        unit: UnitRef,
+        author: Actor,
+        origin: impl Into<String>,
+        message: impl Into<String>,
+    ) -> NewRevision {
+        NewRevision {
+            mode: PutMode::Update,
+            tombstone: true,
+            ..NewRevision::content(
+                unit,
+                Arc::from(""),
+                0,
+                Digest::of(b""),
+                author,
+                origin,
+                message,
+            )
+        }
+    }
 }
 
 /// What an agent reported about one of its units.

@@ -13,12 +13,12 @@ use tokio_util::sync::CancellationToken;
 
 use crate::control::Hub;
 use crate::error::{ErrorChain, HubError, Result};
-use crate::manifest;
+
 use crate::model::{
-    Actor, Digest, EnvName, Environment, NewAudit, NewRevision, Override, Phase, PromotedUnit,
-    PutMode, Revision, RevisionNum, Unit, UnitName, UnitRef, UnixMillis,
+    Actor, EnvName, Environment, NewAudit, NewRevision, Override, Phase, PromotedUnit, PutMode,
+    Revision, RevisionNum, Role, Unit, UnitName, UnitRef, UnixMillis,
 };
-use crate::store::NewPromotion;
+use crate::store::{NewPromotion, Page};
 
 /// Which source units a promotion takes.
 #[derive(Clone, Debug)]
@@ -40,6 +40,8 @@ pub struct PromoteRequest {
     /// Bypass the gates, with this reason (audited).
     pub force: Option<String>,
     pub automatic: bool,
+    /// Who reads the diffs (read-only operators see Secret values masked).
+    pub reader: Role,
 }
 
 /// One gate's verdict.
@@ -64,7 +66,7 @@ pub struct PlanItem {
     pub skipped: Option<String>,
     /// A skip that blocks the release set (gate, conflict, bad link).
     pub blocking: bool,
-    content: Option<(String, u32, Digest)>,
+    content: Option<(String, crate::manifest::Validated)>,
     create: bool,
 }
 
@@ -227,7 +229,10 @@ impl Hub {
             ));
         }
         let clusters = self.store.list_clusters(Some(&from.name)).await?;
-        let cells = self.store.statuses(Some(&from.name), None).await?;
+        let cells = self
+            .store
+            .statuses(Some(&from.name), None, &Page::ALL)
+            .await?;
         let mut items = Vec::new();
         for s in &sources {
             let rev_no = req.revision.unwrap_or(s.head);
@@ -297,19 +302,22 @@ impl Hub {
                 }
             }
             let content = apply_overrides(&target, &src.manifests, &overrides)?;
-            let valid = manifest::validate(&target, &content, &self.tuning.limits)?;
+            let (valid, content) = self.validate(&target, content).await?;
             let old_text = head
                 .as_ref()
                 .filter(|h| !h.tombstone)
                 .map(|h| h.manifests.to_string())
                 .unwrap_or_default();
-            item.diff = similar::TextDiff::from_lines(&old_text, &content)
-                .unified_diff()
-                .header(
-                    &format!("{target}@{}", item.previous),
-                    &format!("{target} (from {}@{rev_no})", s.unit),
-                )
-                .to_string();
+            item.diff = similar::TextDiff::from_lines(
+                &Hub::reveal(req.reader, &old_text),
+                &Hub::reveal(req.reader, &content),
+            )
+            .unified_diff()
+            .header(
+                &format!("{target}@{}", item.previous),
+                &format!("{target} (from {}@{rev_no})", s.unit),
+            )
+            .to_string();
             if head
                 .as_ref()
                 .is_some_and(|h| !h.tombstone && h.digest == valid.digest)
@@ -324,11 +332,7 @@ impl Hub {
                 item.skipped = Some("blocked by gates".into());
                 item.blocking = true;
             }
-            item.content = Some((
-                content,
-                u32::try_from(valid.objects.len()).unwrap_or(u32::MAX),
-                valid.digest,
-            ));
+            item.content = Some((content, valid));
             items.push(item);
         }
         let blocked = items.iter().any(|i| i.blocking);
@@ -350,20 +354,23 @@ impl Hub {
         let mut revs = Vec::new();
         let mut promoted = Vec::new();
         for i in items.iter().filter(|i| i.skipped.is_none()) {
-            let (content, documents, digest) = i.content.clone().expect("planned content");
+            let (content, valid) = i.content.clone().expect("planned content");
+            let origin = format!("promotion from {}@{}", i.source, i.source_revision);
             revs.push(NewRevision {
-                unit: i.target.clone(),
-                mode: PutMode::CreateOrUpdate,
-                labels: None,
-                tombstone: false,
-                manifests: Arc::from(content),
-                documents,
-                digest,
-                author: req.actor.clone(),
-                message: format!("promotion from {}@{}", i.source, i.source_revision),
-                origin: format!("promotion from {}@{}", i.source, i.source_revision),
                 source_revision: i.source_revision,
                 upstream: i.create.then(|| i.source.clone()),
+                // The plan read the target at this head: a change since
+                // (another operator, another replica) is a conflict.
+                expected_head: Some(i.previous),
+                ..NewRevision::content(
+                    i.target.clone(),
+                    Arc::from(content),
+                    valid.documents(),
+                    valid.digest,
+                    req.actor.clone(),
+                    origin.clone(),
+                    origin,
+                )
             });
             promoted.push(PromotedUnit {
                 source_unit: i.source.to_string(),
@@ -496,6 +503,50 @@ impl Hub {
         Ok(gates)
     }
 
+    /// Creates a downstream unit linked to `upstream` (same name, a later
+    /// environment): revision 1 is the upstream head with the (still empty)
+    /// overrides, under the target environment's gates.
+    pub async fn link_unit(
+        &self,
+        actor: Actor,
+        unit: UnitRef,
+        upstream: UnitRef,
+    ) -> Result<Revision> {
+        if unit.name != upstream.name {
+            return Err(HubError::InvalidArgument(format!(
+                "a linked unit has its upstream's name: {}/{}",
+                unit.env, upstream.name
+            )));
+        }
+        if self.store.get_unit(&unit).await?.is_some() {
+            return Err(HubError::AlreadyExists(format!("unit {unit}")));
+        }
+        let out = self
+            .promote(PromoteRequest {
+                actor,
+                from: upstream.env.clone(),
+                to: unit.env.clone(),
+                selection: Selection::Units(vec![upstream.name.clone()]),
+                revision: None,
+                dry_run: false,
+                force: None,
+                automatic: false,
+                reader: Role::Admin,
+            })
+            .await?;
+        let item = out
+            .items
+            .first()
+            .ok_or_else(|| HubError::NotFound(format!("unit {upstream}")))?;
+        if item.committed.0 == 0 {
+            return Err(HubError::FailedPrecondition(out.message));
+        }
+        self.store
+            .get_revision(&unit, item.committed)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))
+    }
+
     /// Records an operator's approval of a source revision for an environment.
     pub async fn approve(
         &self,
@@ -548,23 +599,26 @@ impl Hub {
                 "{unit}@{to} is a destroy; roll back to a revision with content"
             )));
         }
+        let head = self
+            .store
+            .get_unit(&unit)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?
+            .head;
+        let origin = format!("rollback to {to}");
         let rev = NewRevision {
-            unit: unit.clone(),
             mode: PutMode::Update,
-            labels: None,
-            tombstone: false,
-            manifests: old.manifests.clone(),
-            documents: old.documents,
-            digest: old.digest,
-            author: actor,
-            message: if message.is_empty() {
-                format!("rollback to {to}")
-            } else {
-                message
-            },
-            origin: format!("rollback to {to}"),
             source_revision: old.source_revision,
-            upstream: None,
+            expected_head: Some(head),
+            ..NewRevision::content(
+                unit.clone(),
+                old.manifests.clone(),
+                old.documents,
+                old.digest,
+                actor,
+                origin.clone(),
+                if message.is_empty() { origin } else { message },
+            )
         };
         let (mut revs, _) = self.store.commit_release(vec![rev], None).await?;
         let r = revs
@@ -583,22 +637,16 @@ impl Hub {
             .await?
             .ok_or_else(|| HubError::NotFound(format!("promotion {id}")))?;
         let mut revs = Vec::new();
+        let origin = format!("rollback of promotion {id}");
         for i in &p.items {
             let unit: UnitRef = i.target_unit.parse()?;
+            // Only while the promoted revision is still the head: a later
+            // change would be dropped silently otherwise.
+            let expected_head = Some(RevisionNum(i.target_revision));
             if i.previous_revision == 0 {
                 revs.push(NewRevision {
-                    unit,
-                    mode: PutMode::Update,
-                    labels: None,
-                    tombstone: true,
-                    manifests: Arc::from(""),
-                    documents: 0,
-                    digest: Digest::of(b""),
-                    author: actor.clone(),
-                    message: format!("rollback of promotion {id}"),
-                    origin: format!("rollback of promotion {id}"),
-                    source_revision: RevisionNum(0),
-                    upstream: None,
+                    expected_head,
+                    ..NewRevision::tombstone(unit, actor.clone(), origin.clone(), origin.clone())
                 });
                 continue;
             }
@@ -610,18 +658,19 @@ impl Hub {
                     HubError::NotFound(format!("unit {unit} revision {}", i.previous_revision))
                 })?;
             revs.push(NewRevision {
-                unit,
                 mode: PutMode::Update,
-                labels: None,
                 tombstone: old.tombstone,
-                manifests: old.manifests.clone(),
-                documents: old.documents,
-                digest: old.digest,
-                author: actor.clone(),
-                message: format!("rollback of promotion {id}"),
-                origin: format!("rollback of promotion {id}"),
                 source_revision: old.source_revision,
-                upstream: None,
+                expected_head,
+                ..NewRevision::content(
+                    unit,
+                    old.manifests.clone(),
+                    old.documents,
+                    old.digest,
+                    actor.clone(),
+                    origin.clone(),
+                    origin.clone(),
+                )
             });
         }
         let (committed, _) = self.store.commit_release(revs, None).await?;
@@ -675,9 +724,18 @@ impl Hub {
                         dry_run: false,
                         force: None,
                         automatic: true,
+                        reader: Role::Admin,
                     })
-                    .await?;
-                promoted += usize::from(out.promotion.is_some());
+                    .await;
+                // One unit's problem blocks that unit only.
+                match out {
+                    Ok(out) => promoted += usize::from(out.promotion.is_some()),
+                    Err(e) => tracing::warn!(
+                        unit = %t.unit,
+                        error = %ErrorChain(&e),
+                        "automatic promotion of this unit failed"
+                    ),
+                }
             }
         }
         Ok(promoted)

@@ -22,8 +22,7 @@ use crate::config::{Config, ConfigError};
 use crate::control::Hub;
 use crate::grpc::admin::AdminService;
 use crate::grpc::agent::AgentService;
-use crate::model::Role;
-use crate::store::{Operator, PgStore, SqliteStore, Store, StoreError};
+use crate::store::{Announcement, SqlStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -125,29 +124,22 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             .map_err(io_err(&config.data_dir))?;
     }
     let store: Arc<dyn Store> = match &config.database_url {
-        Some(url) => Arc::new(PgStore::connect(url).await.map_err(StartError::Store)?),
+        Some(url) => Arc::new(SqlStore::postgres(url).await.map_err(StartError::Store)?),
         None => Arc::new(
-            SqliteStore::open(&config.database_path())
+            SqlStore::sqlite(&config.database_path())
                 .await
                 .map_err(StartError::Store)?,
         ),
     };
     let admin = admin_token(&config.admin_token_path())?;
-    let tls = crate::tls::prepare(&config.data_dir, &config.tls)?;
+    let (tls, ca) = crate::tls::prepare(&config.data_dir, &config.tls)?;
     if tls.is_none() {
         tracing::warn!(
             "TLS IS OFF: --insecure-plaintext sends tokens and manifests in clear text; for development only"
         );
     }
     store
-        .put_operator(
-            &Operator {
-                name: "admin".into(),
-                role: Role::Admin,
-            },
-            &admin.hash(),
-            None,
-        )
+        .install_admin_token(&admin.hash())
         .await
         .map_err(StartError::Store)?;
 
@@ -174,11 +166,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let hub = Arc::new(Hub::new(
-        store.clone(),
-        config.tuning.clone(),
-        config.data_dir.clone(),
-    ));
+    let hub = Arc::new(Hub::new(store.clone(), config.tuning.clone(), ca));
     let shutdown = CancellationToken::new();
     let feedback_stop = CancellationToken::new();
     let feedback = tokio::spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
@@ -197,14 +185,29 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
                     () = stop.cancelled() => return,
                     n = futures::StreamExt::next(&mut revisions) => n,
                 };
-                let Some((unit, number)) = next else { return };
-                match hub.store.get_revision(&unit, number).await {
-                    Ok(Some(r)) => hub.offer(&r),
-                    Ok(None) => {}
-                    Err(e) => tracing::warn!(
-                        error = %crate::error::ErrorChain(&e),
-                        "loading an announced revision failed"
-                    ),
+                match next {
+                    None => return,
+                    Some(Announcement::Revision(unit, number)) => {
+                        match hub.store.get_revision(&unit, number).await {
+                            Ok(Some(r)) => hub.offer(&r),
+                            Ok(None) => {}
+                            Err(e) => tracing::warn!(
+                                error = %crate::error::ErrorChain(&e),
+                                "loading an announced revision failed"
+                            ),
+                        }
+                    }
+                    // Announcements may have been missed: offer every head
+                    // again (offering one twice changes nothing).
+                    Some(Announcement::Resync) => match hub.reoffer_heads().await {
+                        Ok(n) => {
+                            tracing::info!(heads = n, "re-offered heads after missed announcements")
+                        }
+                        Err(e) => tracing::warn!(
+                            error = %crate::error::ErrorChain(&e),
+                            "re-offering heads failed"
+                        ),
+                    },
                 }
             }
         });
@@ -238,7 +241,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     if let Some(t) = &tls {
         let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
         let mut tls_config = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = &t.ca_pem {
+        if let Some(ca) = hub.ca_pem() {
             // Agents may present a client certificate from the hub CA
             // (mutual TLS) or a bearer token.
             tls_config = tls_config

@@ -1,12 +1,14 @@
-//! The hub's durable state behind one trait, so that the SQLite default and
-//! a PostgreSQL implementation serve the same callers.
+//! The hub's durable state behind one trait. One implementation,
+//! [`SqlStore`], serves both backends: SQLite (the embedded default) and
+//! PostgreSQL (shared by hub replicas); `tests/integration/store.rs` states
+//! the contract once and runs it on both.
 //!
 //! Every mutation writes its audit entry in the same transaction, and a
 //! failed call leaves the store unchanged.
 
-pub mod postgres;
+mod backend;
 mod rows;
-pub mod sqlite;
+mod sql;
 
 use async_trait::async_trait;
 
@@ -16,12 +18,20 @@ use crate::model::{
     StatusReport, Unit, UnitRef,
 };
 
-pub use postgres::PgStore;
-pub use sqlite::SqliteStore;
+pub use sql::SqlStore;
 
-/// Revisions committed elsewhere (by another hub sharing the store).
-pub type RevisionStream =
-    std::pin::Pin<Box<dyn futures::Stream<Item = (UnitRef, RevisionNum)> + Send>>;
+/// What a store sharing replicas announces.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Announcement {
+    /// A revision committed (by any replica).
+    Revision(UnitRef, RevisionNum),
+    /// Announcements may have been missed (the listener reconnected):
+    /// re-offer every head to connected agents.
+    Resync,
+}
+
+/// Announcements from other hubs sharing the store.
+pub type RevisionStream = std::pin::Pin<Box<dyn futures::Stream<Item = Announcement> + Send>>;
 
 /// SHA-256 of a bearer token, the only form in which tokens are stored.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -61,6 +71,22 @@ pub struct NewPromotion {
     pub reason: String,
     /// In the order of the revisions committed with it.
     pub items: Vec<PromotedUnit>,
+}
+
+/// A page of a listing: rows after `after` (the last row of the previous
+/// page), at most `limit` (0: all).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Page {
+    pub after: Option<(UnitRef, ClusterName)>,
+    pub limit: u32,
+}
+
+impl Page {
+    /// Everything.
+    pub const ALL: Page = Page {
+        after: None,
+        limit: 0,
+    };
 }
 
 /// One acknowledged receipt: the cluster's agent recorded this revision
@@ -118,19 +144,30 @@ pub trait Store: Send + Sync + 'static {
         token: &TokenHash,
         audit: NewAudit,
     ) -> StoreResult<()>;
-    /// Creates or replaces an operator credential (with its audit entry,
-    /// when given, in the same transaction).
-    async fn put_operator(
+    /// Creates an operator credential; `AlreadyExists` when the name is taken.
+    async fn create_operator(
         &self,
         op: &Operator,
         token: &TokenHash,
-        audit: Option<NewAudit>,
+        audit: NewAudit,
     ) -> StoreResult<()>;
+    /// Replaces an operator's token (the old one stops working at once);
+    /// `NotFound` for an unknown name.
+    async fn rotate_operator(
+        &self,
+        name: &str,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<Operator>;
+    /// Sets the `admin` operator's token to the data directory's
+    /// `admin.token` (at start-up: the file is the truth).
+    async fn install_admin_token(&self, token: &TokenHash) -> StoreResult<()>;
     async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>>;
 
     // --- units and revisions ---
     /// Commits a revision atomically (unit row, revision, head, audit).
-    /// Fails with `Conflict` when the put mode does not fit the unit's state.
+    /// Fails with `Conflict` when the put mode does not fit the unit's state,
+    /// or the unit's head is not the revision's `expected_head`.
     async fn commit_revision(&self, rev: NewRevision) -> StoreResult<Revision> {
         let (mut revs, _) = self.commit_release(vec![rev], None).await?;
         revs.pop()
@@ -157,11 +194,13 @@ pub trait Store: Send + Sync + 'static {
     async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()>;
     /// Records the latest status per (cluster, unit).
     async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()>;
-    /// Status rows for an environment (all when `None`), optionally one unit.
+    /// Status rows for an environment (all when `None`), optionally one
+    /// unit, ordered by environment, unit and cluster; a page of them.
     async fn statuses(
         &self,
         env: Option<&EnvName>,
         unit: Option<&UnitRef>,
+        page: &Page,
     ) -> StoreResult<Vec<StatusCell>>;
 
     // --- promotion ---
@@ -200,16 +239,15 @@ pub trait Store: Send + Sync + 'static {
     // --- replicas ---
     /// Revisions committed by any hub sharing this store, as they commit
     /// (`None`: the store is this hub's alone).
-    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
-        Ok(None)
-    }
+    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>>;
 
     /// Whether this hub runs the store's singleton tasks (automatic
     /// promotion): always for a store of its own; for a shared store, the
     /// replica holding the leader lock.
-    async fn is_leader(&self) -> StoreResult<bool> {
-        Ok(true)
-    }
+    async fn is_leader(&self) -> StoreResult<bool>;
+
+    /// Whether the store takes writes now (readiness).
+    async fn ping(&self) -> StoreResult<()>;
 
     // --- audit ---
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;

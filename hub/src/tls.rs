@@ -49,18 +49,28 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {
     }
 }
 
-fn write_private(path: &Path, text: &str) -> Result<(), TlsError> {
+/// Writes a file atomically (a temporary file, fsynced, renamed over the
+/// target) with `mode`, so a crash never leaves half a key or certificate.
+fn write_atomic(path: &Path, text: &str, mode: u32) -> Result<(), TlsError> {
     use std::io::Write;
     use std::os::unix::fs::OpenOptionsExt;
+    let tmp = path.with_extension("tmp");
     let mut f = std::fs::OpenOptions::new()
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(0o600)
-        .open(path)
-        .map_err(io(path))?;
-    f.write_all(text.as_bytes()).map_err(io(path))?;
-    f.sync_all().map_err(io(path))
+        .mode(mode)
+        .open(&tmp)
+        .map_err(io(&tmp))?;
+    f.write_all(text.as_bytes()).map_err(io(&tmp))?;
+    f.sync_all().map_err(io(&tmp))?;
+    std::fs::rename(&tmp, path).map_err(io(path))?;
+    if let Some(dir) = path.parent()
+        && let Ok(d) = std::fs::File::open(dir)
+    {
+        d.sync_all().map_err(io(dir))?;
+    }
+    Ok(())
 }
 
 /// The CA's parameters; rebuilding them with the stored key gives the same
@@ -80,40 +90,122 @@ fn ca_params() -> Result<CertificateParams, TlsError> {
     Ok(params)
 }
 
-/// Loads or creates the hub CA.
-fn ca(data_dir: &Path) -> Result<(String, KeyPair), TlsError> {
-    let cert_path = data_dir.join("ca.crt");
-    let key_path = data_dir.join("ca.key");
-    if cert_path.exists() && key_path.exists() {
-        let cert = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
-        let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
-        return Ok((
-            cert,
-            KeyPair::from_pem(&key).map_err(TlsError::Certificate)?,
-        ));
-    }
-    let key = KeyPair::generate().map_err(TlsError::Certificate)?;
-    let cert = ca_params()?
-        .self_signed(&key)
-        .map_err(TlsError::Certificate)?;
-    write_private(&key_path, &key.serialize_pem())?;
-    std::fs::write(&cert_path, cert.pem()).map_err(io(&cert_path))?;
-    tracing::info!(path = %cert_path.display(), "created the hub CA");
-    Ok((cert.pem(), key))
+/// The hub CA, loaded once at start: it signs the server certificate
+/// (generated mode), agents' client certificates and their renewals.
+pub struct HubCa {
+    cert_pem: String,
+    issuer: Issuer<'static, KeyPair>,
 }
 
-/// Prepares the server's TLS material (`None` for plaintext).
-pub fn prepare(data_dir: &Path, mode: &TlsMode) -> Result<Option<ServerTls>, TlsError> {
+impl std::fmt::Debug for HubCa {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("HubCa(<key redacted>)")
+    }
+}
+
+impl HubCa {
+    /// The CA in `data_dir`, if both files are there (never creates one: a
+    /// missing or unreadable CA must not be silently replaced).
+    pub fn load(data_dir: &Path) -> Result<Option<HubCa>, TlsError> {
+        let cert_path = data_dir.join("ca.crt");
+        let key_path = data_dir.join("ca.key");
+        if !cert_path.exists() && !key_path.exists() {
+            return Ok(None);
+        }
+        let cert_pem = std::fs::read_to_string(&cert_path).map_err(io(&cert_path))?;
+        let key = std::fs::read_to_string(&key_path).map_err(io(&key_path))?;
+        let key = KeyPair::from_pem(&key).map_err(TlsError::Certificate)?;
+        Ok(Some(HubCa {
+            cert_pem,
+            issuer: Issuer::new(ca_params()?, key),
+        }))
+    }
+
+    /// The CA in `data_dir`, created on first start (key 0600; both files
+    /// written atomically).
+    pub fn load_or_create(data_dir: &Path) -> Result<HubCa, TlsError> {
+        if let Some(ca) = Self::load(data_dir)? {
+            return Ok(ca);
+        }
+        let key = KeyPair::generate().map_err(TlsError::Certificate)?;
+        let cert = ca_params()?
+            .self_signed(&key)
+            .map_err(TlsError::Certificate)?;
+        let (cert_path, key_path) = (data_dir.join("ca.crt"), data_dir.join("ca.key"));
+        write_atomic(&key_path, &key.serialize_pem(), 0o600)?;
+        write_atomic(&cert_path, &cert.pem(), 0o644)?;
+        tracing::info!(path = %cert_path.display(), "created the hub CA");
+        Ok(HubCa {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(ca_params()?, key),
+        })
+    }
+
+    /// The CA certificate clients trust (PEM).
+    pub fn cert_pem(&self) -> &str {
+        &self.cert_pem
+    }
+
+    /// Issues a client certificate for `cluster`, valid from `not_before`
+    /// for `validity` (CPU-bound: call off the async threads).
+    pub fn issue_client_cert(
+        &self,
+        cluster: &str,
+        not_before: std::time::SystemTime,
+        validity: std::time::Duration,
+    ) -> Result<ClientCert, TlsError> {
+        let not_after = not_before + validity;
+        let params = client_params(cluster, not_before, not_after)?;
+        let key = KeyPair::generate().map_err(TlsError::Certificate)?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(TlsError::Certificate)?;
+        Ok(ClientCert {
+            fingerprint: fingerprint(cert.der()),
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+            not_after,
+        })
+    }
+
+    /// Signs a CSR for `cluster`: the subject, names, usage and validity
+    /// are the hub's, only the public key comes from the request. Returns
+    /// the certificate, its fingerprint and expiry.
+    pub fn sign_csr(
+        &self,
+        cluster: &str,
+        csr_pem: &str,
+        validity: std::time::Duration,
+    ) -> Result<(String, String, std::time::SystemTime), TlsError> {
+        let mut csr = rcgen::CertificateSigningRequestParams::from_pem(csr_pem)
+            .map_err(TlsError::Certificate)?;
+        let now = std::time::SystemTime::now();
+        let not_after = now + validity;
+        csr.params = client_params(cluster, now - std::time::Duration::from_secs(60), not_after)?;
+        let cert = csr.signed_by(&self.issuer).map_err(TlsError::Certificate)?;
+        Ok((cert.pem(), fingerprint(cert.der()), not_after))
+    }
+}
+
+/// Prepares the server's TLS material (`None` for plaintext) and the hub CA
+/// (created in generated mode; otherwise used when the data directory has
+/// one).
+pub fn prepare(
+    data_dir: &Path,
+    mode: &TlsMode,
+) -> Result<(Option<ServerTls>, Option<HubCa>), TlsError> {
     match mode {
-        TlsMode::Plaintext => Ok(None),
-        TlsMode::Files { cert, key } => Ok(Some(ServerTls {
-            cert_pem: std::fs::read_to_string(cert).map_err(io(cert))?,
-            key_pem: std::fs::read_to_string(key).map_err(io(key))?,
-            ca_pem: None,
-        })),
+        TlsMode::Plaintext => Ok((None, HubCa::load(data_dir)?)),
+        TlsMode::Files { cert, key } => Ok((
+            Some(ServerTls {
+                cert_pem: std::fs::read_to_string(cert).map_err(io(cert))?,
+                key_pem: std::fs::read_to_string(key).map_err(io(key))?,
+                ca_pem: None,
+            }),
+            HubCa::load(data_dir)?,
+        )),
         TlsMode::Generated { names } => {
-            let (ca_pem, ca_key) = ca(data_dir)?;
-            let issuer = Issuer::new(ca_params()?, ca_key);
+            let ca = HubCa::load_or_create(data_dir)?;
             let mut params =
                 CertificateParams::new(Vec::<String>::new()).map_err(TlsError::Certificate)?;
             params
@@ -129,13 +221,16 @@ pub fn prepare(data_dir: &Path, mode: &TlsMode) -> Result<Option<ServerTls>, Tls
                 .map_err(TlsError::Certificate)?;
             let key = KeyPair::generate().map_err(TlsError::Certificate)?;
             let cert = params
-                .signed_by(&key, &issuer)
+                .signed_by(&key, &ca.issuer)
                 .map_err(TlsError::Certificate)?;
-            Ok(Some(ServerTls {
-                cert_pem: cert.pem(),
-                key_pem: key.serialize_pem(),
-                ca_pem: Some(ca_pem),
-            }))
+            Ok((
+                Some(ServerTls {
+                    cert_pem: cert.pem(),
+                    key_pem: key.serialize_pem(),
+                    ca_pem: Some(ca.cert_pem.clone()),
+                }),
+                Some(ca),
+            ))
         }
     }
 }
@@ -169,66 +264,6 @@ pub struct ClientCert {
     pub not_after: std::time::SystemTime,
 }
 
-/// Issues a client certificate for `cluster`, signed by the hub CA, valid
-/// from `not_before` for `validity`.
-pub fn issue_client_cert(
-    data_dir: &Path,
-    cluster: &str,
-    not_before: std::time::SystemTime,
-    validity: std::time::Duration,
-) -> Result<ClientCert, TlsError> {
-    use sha2::Digest as _;
-    let key_path = data_dir.join("ca.key");
-    if !key_path.exists() {
-        return Err(TlsError::Io {
-            path: key_path.display().to_string(),
-            source: std::io::Error::new(
-                std::io::ErrorKind::NotFound,
-                "client certificates need the hub's generated CA",
-            ),
-        });
-    }
-    let (_, ca_key) = ca(data_dir)?;
-    let issuer = Issuer::new(ca_params()?, ca_key);
-    let not_after = not_before + validity;
-    let params = client_params(cluster, not_before, not_after)?;
-    let key = KeyPair::generate().map_err(TlsError::Certificate)?;
-    let cert = params
-        .signed_by(&key, &issuer)
-        .map_err(TlsError::Certificate)?;
-    Ok(ClientCert {
-        fingerprint: hex::encode(sha2::Sha256::digest(cert.der())),
-        cert_pem: cert.pem(),
-        key_pem: key.serialize_pem(),
-        not_after,
-    })
-}
-
-/// Signs a CSR for `cluster`: the subject, names, usage and validity are
-/// the hub's, only the public key comes from the request.
-pub fn sign_csr(
-    data_dir: &Path,
-    cluster: &str,
-    csr_pem: &str,
-    validity: std::time::Duration,
-) -> Result<(String, String, std::time::SystemTime), TlsError> {
-    use sha2::Digest as _;
-    let (_, ca_key) = ca(data_dir)?;
-    let issuer = Issuer::new(ca_params()?, ca_key);
-    let mut csr =
-        rcgen::CertificateSigningRequestParams::from_pem(csr_pem).map_err(TlsError::Certificate)?;
-    let now = std::time::SystemTime::now();
-    let not_after = now + validity;
-    let params = client_params(cluster, now - std::time::Duration::from_secs(60), not_after)?;
-    csr.params = params;
-    let cert = csr.signed_by(&issuer).map_err(TlsError::Certificate)?;
-    Ok((
-        cert.pem(),
-        hex::encode(sha2::Sha256::digest(cert.der())),
-        not_after,
-    ))
-}
-
 /// SHA-256 fingerprint (hex) of a DER certificate.
 pub fn fingerprint(der: &[u8]) -> String {
     use sha2::Digest as _;
@@ -245,8 +280,8 @@ mod tests {
         let mode = TlsMode::Generated {
             names: vec!["localhost".into(), "127.0.0.1".into()],
         };
-        let first = prepare(dir.path(), &mode).unwrap().unwrap();
-        let second = prepare(dir.path(), &mode).unwrap().unwrap();
+        let first = prepare(dir.path(), &mode).unwrap().0.unwrap();
+        let second = prepare(dir.path(), &mode).unwrap().0.unwrap();
         assert_eq!(first.ca_pem, second.ca_pem);
         assert_ne!(
             first.key_pem, second.key_pem,
@@ -259,6 +294,33 @@ mod tests {
             .mode()
             & 0o777;
         assert_eq!(mode, 0o600);
-        assert!(prepare(dir.path(), &TlsMode::Plaintext).unwrap().is_none());
+        assert!(
+            prepare(dir.path(), &TlsMode::Plaintext)
+                .unwrap()
+                .0
+                .is_none()
+        );
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .filter(|e| e.path().extension().is_some_and(|x| x == "tmp"))
+            .collect();
+        assert!(
+            leftovers.is_empty(),
+            "atomic writes leave no temporary files"
+        );
+    }
+
+    #[test]
+    fn a_missing_ca_is_never_replaced_behind_the_operators_back() {
+        let dir = tempfile::tempdir().unwrap();
+        assert!(HubCa::load(dir.path()).unwrap().is_none());
+        assert!(!dir.path().join("ca.key").exists(), "load never creates");
+        HubCa::load_or_create(dir.path()).unwrap();
+        std::fs::remove_file(dir.path().join("ca.key")).unwrap();
+        assert!(
+            HubCa::load(dir.path()).is_err(),
+            "half a CA is an error, not a new CA"
+        );
     }
 }

@@ -319,13 +319,14 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
     assert!(rejected_by_tls(&r), "{r:?}");
     // An expired certificate from the right CA: refused in the handshake.
     let data = hub.dir.path().join("data");
-    let expired = unitsync_hub::tls::issue_client_cert(
-        &data,
-        "prod",
-        std::time::SystemTime::now() - Duration::from_secs(7200),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
+    let ca = unitsync_hub::tls::HubCa::load(&data).unwrap().unwrap();
+    let expired = ca
+        .issue_client_cert(
+            "prod",
+            std::time::SystemTime::now() - Duration::from_secs(7200),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
     let r = within(
         "expired",
         SimAgent::new(&hub.endpoint(), hub.ca(), "")
@@ -335,13 +336,13 @@ async fn handshakes_without_a_valid_client_certificate_are_refused() {
     .await;
     assert!(rejected_by_tls(&r), "{r:?}");
     // A valid certificate from the right CA that the hub never issued to a cluster.
-    let stray = unitsync_hub::tls::issue_client_cert(
-        &data,
-        "prod",
-        std::time::SystemTime::now(),
-        Duration::from_secs(3600),
-    )
-    .unwrap();
+    let stray = ca
+        .issue_client_cert(
+            "prod",
+            std::time::SystemTime::now(),
+            Duration::from_secs(3600),
+        )
+        .unwrap();
     let s = refusal(
         within(
             "unregistered",

@@ -8,7 +8,7 @@ use unitsync_hub::model::{
     Actor, Digest, EnvName, EnvPolicy, NewAudit, NewRevision, Phase, PromotedUnit, PutMode,
     RevisionNum, StatusReport, UnitRef, UnixMillis,
 };
-use unitsync_hub::store::{Ack, NewPromotion, SqliteStore, Store, StoreError, TokenHash};
+use unitsync_hub::store::{Ack, NewPromotion, Page, SqlStore, Store, StoreError, TokenHash};
 
 fn audit(action: &'static str, target: &str) -> NewAudit {
     NewAudit {
@@ -21,18 +21,16 @@ fn audit(action: &'static str, target: &str) -> NewAudit {
 
 fn rev(unit: &str, text: &str, mode: PutMode) -> NewRevision {
     NewRevision {
-        unit: unit.parse().unwrap(),
         mode,
-        labels: None,
-        tombstone: false,
-        manifests: Arc::from(text),
-        documents: 1,
-        digest: Digest::of(text.as_bytes()),
-        author: Actor::Operator("tester".into()),
-        message: String::new(),
-        origin: "test".into(),
-        source_revision: RevisionNum(0),
-        upstream: None,
+        ..NewRevision::content(
+            unit.parse().unwrap(),
+            Arc::from(text),
+            1,
+            Digest::of(text.as_bytes()),
+            Actor::Operator("tester".into()),
+            "test",
+            "",
+        )
     }
 }
 
@@ -247,7 +245,7 @@ async fn contract(store: Arc<dyn Store>) {
     };
     let read_cell = || async {
         store
-            .statuses(Some(&env("dev")), Some(&web))
+            .statuses(Some(&env("dev")), Some(&web), &Page::ALL)
             .await
             .unwrap()
             .pop()
@@ -342,7 +340,7 @@ async fn contract(store: Arc<dyn Store>) {
 #[tokio::test]
 async fn sqlite_store_meets_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(&dir.path().join("hub.db")).await.unwrap();
+    let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
     unitsync_tests::within("store contract", contract(Arc::new(store))).await;
 }
 
@@ -350,14 +348,14 @@ async fn sqlite_store_meets_the_contract() {
 async fn sqlite_refuses_a_database_from_a_newer_hub() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("hub.db");
-    drop(SqliteStore::open(&path).await.unwrap());
+    drop(SqlStore::sqlite(&path).await.unwrap());
     // Pretend a newer hub migrated this file.
     let conn = std::process::Command::new("python3")
         .args(["-c", &format!("import sqlite3; c=sqlite3.connect({:?}); c.execute('PRAGMA user_version = 999'); c.commit()", path.display().to_string())])
         .status()
         .unwrap();
     assert!(conn.success());
-    let e = SqliteStore::open(&path).await.err().expect("refused");
+    let e = SqlStore::sqlite(&path).await.expect_err("refused");
     assert!(e.to_string().contains("newer than this hub"), "{e}");
 }
 
@@ -365,10 +363,10 @@ async fn sqlite_refuses_a_database_from_a_newer_hub() {
 #[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
 async fn postgres_store_meets_the_contract() {
     let url = unitsync_tests::hub::postgres_database().await;
-    let store = unitsync_hub::store::PgStore::connect(&url).await.unwrap();
+    let store = SqlStore::postgres(&url).await.unwrap();
     unitsync_tests::within("store contract", contract(Arc::new(store))).await;
     // A second connection sees the schema as current and migrates nothing.
-    let again = unitsync_hub::store::PgStore::connect(&url).await.unwrap();
+    let again = SqlStore::postgres(&url).await.unwrap();
     assert_eq!(again.list_environments().await.unwrap().len(), 3);
 }
 
@@ -417,8 +415,8 @@ async fn hub_replicas_on_postgres_deliver_each_others_commits() {
 #[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
 async fn one_replica_leads_on_a_shared_store() {
     let url = unitsync_tests::hub::postgres_database().await;
-    let a = unitsync_hub::store::PgStore::connect(&url).await.unwrap();
-    let b = unitsync_hub::store::PgStore::connect(&url).await.unwrap();
+    let a = SqlStore::postgres(&url).await.unwrap();
+    let b = SqlStore::postgres(&url).await.unwrap();
     assert!(a.is_leader().await.unwrap());
     assert!(a.is_leader().await.unwrap(), "the leader stays leader");
     assert!(!b.is_leader().await.unwrap());
@@ -433,8 +431,8 @@ async fn one_replica_leads_on_a_shared_store() {
 #[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
 async fn replicas_racing_on_one_unit_both_commit() {
     let url = unitsync_tests::hub::postgres_database().await;
-    let a: Arc<dyn Store> = Arc::new(unitsync_hub::store::PgStore::connect(&url).await.unwrap());
-    let b: Arc<dyn Store> = Arc::new(unitsync_hub::store::PgStore::connect(&url).await.unwrap());
+    let a: Arc<dyn Store> = Arc::new(SqlStore::postgres(&url).await.unwrap());
+    let b: Arc<dyn Store> = Arc::new(SqlStore::postgres(&url).await.unwrap());
     a.create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
         .await
         .unwrap();

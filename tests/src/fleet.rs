@@ -210,6 +210,7 @@ impl Fleet {
                 .get_unit(pb::GetUnitRequest {
                     unit: unit.clone(),
                     include_manifests: true,
+                    ..Default::default()
                 })
                 .await?
                 .into_inner();

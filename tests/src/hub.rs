@@ -274,6 +274,7 @@ impl TestHub {
             self.admin().await.get_unit(pb::GetUnitRequest {
                 unit: unit.into(),
                 include_manifests: true,
+                ..Default::default()
             }),
         )
         .await

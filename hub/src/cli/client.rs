@@ -96,3 +96,61 @@ pub(super) async fn connect(g: &Global) -> anyhow::Result<Client> {
         .max_decoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES)
         .max_encoding_message_size(unitsync_proto::MAX_MESSAGE_BYTES))
 }
+
+/// A unit with the status of every cluster (all pages).
+pub(super) async fn unit_detail(
+    c: &mut Client,
+    unit: &str,
+    include_manifests: bool,
+) -> Result<tonic::Response<unitsync_proto::v1::UnitDetail>, tonic::Status> {
+    use unitsync_proto::v1 as pb;
+    let mut detail = c
+        .get_unit(pb::GetUnitRequest {
+            unit: unit.to_owned(),
+            include_manifests,
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while !detail.next_page_token.is_empty() {
+        let more = c
+            .get_unit(pb::GetUnitRequest {
+                unit: unit.to_owned(),
+                page_token: std::mem::take(&mut detail.next_page_token),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        detail.clusters.extend(more.clusters);
+        detail.next_page_token = more.next_page_token;
+    }
+    Ok(tonic::Response::new(detail))
+}
+
+/// The whole status matrix (all pages).
+pub(super) async fn status_matrix(
+    c: &mut Client,
+    environment: &str,
+) -> Result<tonic::Response<unitsync_proto::v1::StatusMatrix>, tonic::Status> {
+    use unitsync_proto::v1 as pb;
+    let mut m = c
+        .get_status(pb::GetStatusRequest {
+            environment: environment.to_owned(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    while !m.next_page_token.is_empty() {
+        let more = c
+            .get_status(pb::GetStatusRequest {
+                environment: environment.to_owned(),
+                page_token: std::mem::take(&mut m.next_page_token),
+                ..Default::default()
+            })
+            .await?
+            .into_inner();
+        m.cells.extend(more.cells);
+        m.next_page_token = more.next_page_token;
+    }
+    Ok(tonic::Response::new(m))
+}

@@ -93,9 +93,13 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
                     role,
                 })
                 .await)?;
-            eprintln!("operator {name} created; token (shown once):");
-            print(&r.token);
-            Ok(())
+            operator_token(f, &r, "created")
+        }
+        Command::Operator(OperatorCommand::Rotate { name }) => {
+            let r = api(c
+                .rotate_operator_token(pb::RotateOperatorTokenRequest { name })
+                .await)?;
+            operator_token(f, &r, "has a new token (the old one no longer works)")
         }
     }
 }
@@ -451,6 +455,35 @@ fn read_manifests(path: &std::path::Path) -> anyhow::Result<String> {
     std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))
 }
 
+/// An operator's new token, shown once (JSON/YAML: name, role and token).
+fn operator_token(f: Format, r: &pb::CreateOperatorResponse, what: &str) -> anyhow::Result<()> {
+    #[derive(serde::Serialize)]
+    struct View<'a> {
+        name: &'a str,
+        role: &'a str,
+        token: &'a str,
+    }
+    let view = View {
+        name: &r.name,
+        role: &r.role,
+        token: &r.token,
+    };
+    match structured(f, &view) {
+        Some(s) => print(&s),
+        None => {
+            eprintln!(
+                "operator {} ({}) {what}; token (shown once):",
+                r.name, r.role
+            );
+            print(&r.token);
+        }
+    }
+    Ok(())
+}
+
+/// The largest manifests the hub accepts in one message.
+const MAX_MANIFEST_BYTES: usize = unitsync_proto::MAX_MESSAGE_BYTES - 64 * 1024;
+
 async fn put(c: &mut Client, f: Format, args: PutArgs, mode: pb::PutMode) -> anyhow::Result<()> {
     if let Some(upstream) = &args.from {
         let rev = api(c
@@ -473,6 +506,14 @@ async fn put(c: &mut Client, f: Format, args: PutArgs, mode: pb::PutMode) -> any
     }
     let file = args.file.as_ref().context("-f FILE is required")?;
     let manifests = read_manifests(file)?;
+    if manifests.len() > MAX_MANIFEST_BYTES {
+        bail!(
+            "unit {}: the manifests are {} bytes; a unit holds at most {} bytes (split it into several units)",
+            args.unit,
+            manifests.len(),
+            MAX_MANIFEST_BYTES
+        );
+    }
     let rev = api(c
         .put_unit(pb::PutUnitRequest {
             unit: args.unit.clone(),
@@ -532,12 +573,7 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
         UnitCommand::Create(args) => put(c, f, args, pb::PutMode::Create).await?,
         UnitCommand::Update(args) => put(c, f, args, pb::PutMode::Update).await?,
         UnitCommand::Get { unit, manifests } => {
-            let d = api(c
-                .get_unit(pb::GetUnitRequest {
-                    unit,
-                    include_manifests: manifests,
-                })
-                .await)?;
+            let d = api(client::unit_detail(c, &unit, manifests).await)?;
             let u = UnitView::from(&d.unit.unwrap_or_default());
             let head = d.head.as_ref().map(RevisionView::from);
             let cells: Vec<CellView> = d.clusters.iter().map(CellView::from).collect();
@@ -614,7 +650,8 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                 None => api(c
                     .get_unit(pb::GetUnitRequest {
                         unit: unit.clone(),
-                        include_manifests: false,
+                        page_size: 1,
+                        ..Default::default()
                     })
                     .await)?
                 .unit
@@ -751,9 +788,7 @@ fn status_cells(cells: &[CellView]) -> String {
 }
 
 async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
-    let m = api(c
-        .get_status(pb::GetStatusRequest { environment: env })
-        .await)?;
+    let m = api(client::status_matrix(c, &env).await)?;
     let cells: Vec<CellView> = m.cells.iter().map(CellView::from).collect();
     if let Some(s) = structured(f, &cells) {
         print(&s);
@@ -761,6 +796,11 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
     }
     // Matrix: one row per unit, one column per cluster of the unit's environment.
     let clusters: Vec<&pb::Cluster> = m.clusters.iter().collect();
+    let by_cell: std::collections::HashMap<(&str, &str), &pb::ClusterUnitStatus> = m
+        .cells
+        .iter()
+        .map(|s| ((s.cluster.as_str(), s.unit.as_str()), s))
+        .collect();
     let mut header: Vec<String> = vec!["unit".into(), "head".into()];
     header.extend(clusters.iter().map(|c| c.name.clone()));
     header.push("promotion".into());
@@ -781,11 +821,7 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
                 let cell = if cl.environment != env {
                     String::new()
                 } else {
-                    match m
-                        .cells
-                        .iter()
-                        .find(|s| s.cluster == cl.name && s.unit == u.unit)
-                    {
+                    match by_cell.get(&(cl.name.as_str(), u.unit.as_str())) {
                         Some(s) if s.revision > 0 => {
                             format!("{} {}", s.revision, output::phase(s.phase))
                         }

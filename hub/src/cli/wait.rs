@@ -64,11 +64,7 @@ pub(super) async fn until_ready(
             eprintln!("environment {env} has no clusters; nothing to wait for");
             return Ok(());
         }
-        let detail = client
-            .get_unit(pb::GetUnitRequest {
-                unit: unit.to_owned(),
-                include_manifests: false,
-            })
+        let detail = super::client::unit_detail(client, unit, false)
             .await?
             .into_inner();
         let cells: BTreeMap<&str, &pb::ClusterUnitStatus> = detail

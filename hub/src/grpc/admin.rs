@@ -1,5 +1,7 @@
 //! `HubService`: the operator API behind the `unitsync` CLI. Every call is
-//! authenticated; writes need the admin role and are audited with the actor.
+//! authenticated; writes need the admin role and are audited with the
+//! actor. Every call goes through a [`Hub`] operation (none touches the
+//! store), and what it reads is masked for read-only operators.
 
 use std::sync::Arc;
 
@@ -7,15 +9,19 @@ use tonic::{Request, Response, Status};
 use unitsync_proto::v1 as pb;
 
 use super::convert::{self, parse};
-use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
-use crate::auth::{authenticate_request, require_operator};
+use crate::auth::{Principal, authenticate_request, require_operator};
 use crate::control::{DEFAULT_CERT_VALIDITY, Hub, MAX_CERT_VALIDITY};
 use crate::error::{HubError, Result};
 use crate::model::{
-    Actor, ClusterName, EnvName, EnvPolicy, Labels, NewAudit, PutMode, RevisionNum, Role, UnitRef,
+    Actor, ClusterName, EnvName, EnvPolicy, Labels, PutMode, RevisionNum, Role, UnitRef,
 };
 use crate::promote::{PromoteRequest, Selection};
-use crate::store::Operator;
+use crate::store::Page;
+
+/// Cells per page when the caller does not say.
+const DEFAULT_PAGE: u32 = 1_000;
+/// The most cells one page carries.
+const MAX_PAGE: u32 = 5_000;
 
 pub struct AdminService {
     hub: Arc<Hub>,
@@ -26,9 +32,15 @@ impl AdminService {
         Self { hub }
     }
 
-    async fn operator<T>(&self, req: &Request<T>, write: bool) -> Result<Actor> {
+    /// The calling operator and its role; `write` requires the admin role.
+    async fn operator<T>(&self, req: &Request<T>, write: bool) -> Result<(Actor, Role)> {
         let p = authenticate_request(self.hub.store.as_ref(), req).await?;
-        require_operator(&p, write)
+        let actor = require_operator(&p, write)?;
+        let role = match p {
+            Principal::Operator { role, .. } => role,
+            Principal::Agent(_) => return Err(HubError::PermissionDenied),
+        };
+        Ok((actor, role))
     }
 }
 
@@ -43,10 +55,40 @@ fn optional_env(s: &str) -> Result<Option<EnvName>> {
 fn labels(map: std::collections::HashMap<String, String>) -> Result<Labels> {
     for (k, v) in &map {
         if k.is_empty() || k.len() > 317 || v.len() > 63 {
-            return Err(HubError::InvalidArgument(format!("invalid label {k}={v}")));
+            return Err(HubError::InvalidArgument(format!(
+                "invalid label {}={}",
+                crate::manifest::prefix(k),
+                crate::manifest::prefix(v)
+            )));
         }
     }
     Ok(map.into_iter().collect())
+}
+
+/// A page request from the wire: size (clamped) and the opaque token of
+/// the previous answer (`ENV/UNIT CLUSTER`).
+fn page(size: u32, token: &str) -> Result<Page> {
+    let limit = match size {
+        0 => DEFAULT_PAGE,
+        n => n.min(MAX_PAGE),
+    };
+    let after = if token.is_empty() {
+        None
+    } else {
+        let bad = || HubError::InvalidArgument("invalid page token".into());
+        let (unit, cluster) = token.split_once(' ').ok_or_else(bad)?;
+        Some((
+            unit.parse::<UnitRef>().map_err(|_| bad())?,
+            cluster.parse::<ClusterName>().map_err(|_| bad())?,
+        ))
+    };
+    Ok(Page { after, limit })
+}
+
+fn page_token(next: Option<&Page>) -> String {
+    next.and_then(|p| p.after.as_ref())
+        .map(|(u, c)| format!("{u} {c}"))
+        .unwrap_or_default()
 }
 
 type Reply<T> = std::result::Result<Response<T>, Status>;
@@ -62,7 +104,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::CreateEnvironmentRequest>,
     ) -> Reply<pb::Environment> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let env = self
                 .hub
@@ -79,7 +121,7 @@ impl pb::hub_service_server::HubService for AdminService {
     ) -> Reply<pb::ListEnvironmentsResponse> {
         ok(async {
             self.operator(&req, false).await?;
-            let envs = self.hub.store.list_environments().await?;
+            let envs = self.hub.list_environments().await?;
             Ok(pb::ListEnvironmentsResponse {
                 environments: envs.iter().map(convert::environment).collect(),
             })
@@ -92,7 +134,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::CreateClusterRequest>,
     ) -> Reply<pb::CreateClusterResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let (cluster, token) = self
                 .hub
@@ -118,11 +160,11 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             self.operator(&req, false).await?;
             let env = optional_env(&req.get_ref().environment)?;
-            let clusters = self.hub.store.list_clusters(env.as_ref()).await?;
+            let clusters = self.hub.list_clusters(env.as_ref()).await?;
             Ok(pb::ListClustersResponse {
                 clusters: clusters
                     .iter()
-                    .map(|c| convert::cluster(c, self.hub.fanout.session(&c.name).as_deref()))
+                    .map(|(c, s)| convert::cluster(c, s.as_deref()))
                     .collect(),
             })
         }
@@ -132,17 +174,8 @@ impl pb::hub_service_server::HubService for AdminService {
     async fn get_cluster(&self, req: Request<pb::GetClusterRequest>) -> Reply<pb::Cluster> {
         ok(async {
             self.operator(&req, false).await?;
-            let name: ClusterName = parse(&req.get_ref().name)?;
-            let c = self
-                .hub
-                .store
-                .get_cluster(&name)
-                .await?
-                .ok_or_else(|| HubError::NotFound(format!("cluster {name}")))?;
-            Ok(convert::cluster(
-                &c,
-                self.hub.fanout.session(&name).as_deref(),
-            ))
+            let (c, s) = self.hub.get_cluster(&parse(&req.get_ref().name)?).await?;
+            Ok(convert::cluster(&c, s.as_deref()))
         }
         .await)
     }
@@ -152,7 +185,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::DeleteClusterRequest>,
     ) -> Reply<pb::DeleteClusterResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             self.hub
                 .delete_cluster(actor, parse(&req.get_ref().name)?)
                 .await?;
@@ -166,7 +199,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::IssueClusterTokenRequest>,
     ) -> Reply<pb::CreateClusterResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let (cluster, token) = self
                 .hub
                 .issue_cluster_token(actor, parse(&req.get_ref().name)?)
@@ -184,7 +217,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::IssueClusterCertificateRequest>,
     ) -> Reply<pb::ClusterCertificate> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let validity = match r.validity_seconds {
                 0 => DEFAULT_CERT_VALIDITY,
@@ -200,11 +233,10 @@ impl pb::hub_service_server::HubService for AdminService {
                 .hub
                 .issue_cluster_cert(actor, parse(&r.name)?, validity)
                 .await?;
-            let ca = std::fs::read_to_string(self.hub.ca_path()).unwrap_or_default();
             Ok(pb::ClusterCertificate {
                 certificate_pem: cert.cert_pem,
                 private_key_pem: cert.key_pem,
-                ca_pem: ca,
+                ca_pem: self.hub.ca_pem().unwrap_or_default().to_owned(),
                 not_after: Some(cert.not_after.into()),
                 fingerprint: cert.fingerprint,
             })
@@ -217,7 +249,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::RevokeClusterRequest>,
     ) -> Reply<pb::RevokeClusterResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             self.hub
                 .revoke_cluster(actor, parse(&req.get_ref().name)?)
                 .await?;
@@ -228,7 +260,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn put_unit(&self, req: Request<pb::PutUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let mode = match pb::PutMode::try_from(r.mode).unwrap_or(pb::PutMode::Unspecified) {
                 pb::PutMode::Unspecified => PutMode::CreateOrUpdate,
@@ -253,7 +285,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn destroy_unit(&self, req: Request<pb::DestroyUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let rev = self
                 .hub
@@ -266,33 +298,27 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_unit(&self, req: Request<pb::GetUnitRequest>) -> Reply<pb::UnitDetail> {
         ok(async {
-            self.operator(&req, false).await?;
+            let (_, role) = self.operator(&req, false).await?;
             let r = req.get_ref();
             let unit: UnitRef = parse(&r.unit)?;
-            let store = &self.hub.store;
-            let u = store
-                .get_unit(&unit)
-                .await?
-                .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
-            let mut head = store
-                .get_revision(&unit, u.head)
-                .await?
-                .map(|h| convert::revision(&h));
-            if !r.include_manifests
-                && let Some(h) = head.as_mut()
-            {
-                h.manifests.clear();
-            }
-            let cells = store.statuses(Some(&unit.env), Some(&unit)).await?;
-            let live = self.hub.fanout.connected();
-            let pb_unit = convert::unit(&u);
+            let v = self
+                .hub
+                .get_unit(
+                    &unit,
+                    r.include_manifests,
+                    role,
+                    &page(r.page_size, &r.page_token)?,
+                )
+                .await?;
             Ok(pb::UnitDetail {
-                unit: Some(pb_unit),
-                head,
-                clusters: cells
+                unit: Some(convert::unit(&v.unit)),
+                head: v.head.as_ref().map(convert::revision),
+                clusters: v
+                    .cells
                     .iter()
-                    .map(|c| convert::status_cell(c, live.contains(&c.cluster)))
+                    .map(|c| convert::status_cell(c, v.connected.contains(&c.cluster)))
                     .collect(),
+                next_page_token: page_token(v.next.as_ref()),
             })
         }
         .await)
@@ -302,7 +328,7 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             self.operator(&req, false).await?;
             let env = optional_env(&req.get_ref().environment)?;
-            let units = self.hub.store.list_units(env.as_ref()).await?;
+            let units = self.hub.list_units(env.as_ref()).await?;
             Ok(pb::ListUnitsResponse {
                 units: units.iter().map(convert::unit).collect(),
             })
@@ -316,11 +342,7 @@ impl pb::hub_service_server::HubService for AdminService {
     ) -> Reply<pb::UnitHistoryResponse> {
         ok(async {
             self.operator(&req, false).await?;
-            let unit: UnitRef = parse(&req.get_ref().unit)?;
-            let revs = self.hub.store.history(&unit).await?;
-            if revs.is_empty() {
-                return Err(HubError::NotFound(format!("unit {unit}")));
-            }
+            let revs = self.hub.unit_history(&parse(&req.get_ref().unit)?).await?;
             Ok(pb::UnitHistoryResponse {
                 revisions: revs.iter().map(convert::revision).collect(),
             })
@@ -330,25 +352,12 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_revision(&self, req: Request<pb::GetRevisionRequest>) -> Reply<pb::Revision> {
         ok(async {
-            self.operator(&req, false).await?;
+            let (_, role) = self.operator(&req, false).await?;
             let r = req.get_ref();
-            let unit: UnitRef = parse(&r.unit)?;
-            let number = if r.number == 0 {
-                self.hub
-                    .store
-                    .get_unit(&unit)
-                    .await?
-                    .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?
-                    .head
-            } else {
-                RevisionNum(r.number)
-            };
             let rev = self
                 .hub
-                .store
-                .get_revision(&unit, number)
-                .await?
-                .ok_or_else(|| HubError::NotFound(format!("unit {unit} revision {number}")))?;
+                .get_revision(&parse(&r.unit)?, RevisionNum(r.number), role)
+                .await?;
             Ok(convert::revision(&rev))
         }
         .await)
@@ -357,23 +366,25 @@ impl pb::hub_service_server::HubService for AdminService {
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Reply<pb::StatusMatrix> {
         ok(async {
             self.operator(&req, false).await?;
-            let env = optional_env(&req.get_ref().environment)?;
-            let store = &self.hub.store;
-            let units = store.list_units(env.as_ref()).await?;
-            let clusters = store.list_clusters(env.as_ref()).await?;
-            let cells = store.statuses(env.as_ref(), None).await?;
-            let fanout = &self.hub.fanout;
-            let live = fanout.connected();
+            let r = req.get_ref();
+            let env = optional_env(&r.environment)?;
+            let v = self
+                .hub
+                .status(env.as_ref(), &page(r.page_size, &r.page_token)?)
+                .await?;
             Ok(pb::StatusMatrix {
-                units: units.iter().map(convert::unit).collect(),
-                clusters: clusters
+                units: v.units.iter().map(convert::unit).collect(),
+                clusters: v
+                    .clusters
                     .iter()
-                    .map(|c| convert::cluster(c, fanout.session(&c.name).as_deref()))
+                    .map(|(c, s)| convert::cluster(c, s.as_deref()))
                     .collect(),
-                cells: cells
+                cells: v
+                    .cells
                     .iter()
-                    .map(|c| convert::status_cell(c, live.contains(&c.cluster)))
+                    .map(|c| convert::status_cell(c, v.connected.contains(&c.cluster)))
                     .collect(),
+                next_page_token: page_token(v.next.as_ref()),
             })
         }
         .await)
@@ -388,7 +399,7 @@ impl pb::hub_service_server::HubService for AdminService {
             } else {
                 r.limit.min(10_000)
             };
-            let entries = self.hub.store.list_audit(limit, &r.target_prefix).await?;
+            let entries = self.hub.list_audit(limit, &r.target_prefix).await?;
             Ok(pb::ListAuditResponse {
                 entries: entries.iter().map(convert::audit).collect(),
             })
@@ -401,29 +412,18 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::SetEnvironmentPolicyRequest>,
     ) -> Reply<pb::Environment> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
-            let env: EnvName = parse(&r.name)?;
             let p = r.policy.unwrap_or_default();
             let policy = EnvPolicy {
                 required_approvals: p.required_approvals,
                 soak_seconds: p.soak_seconds,
                 auto_promote: p.auto_promote,
             };
-            let audit = NewAudit {
-                actor,
-                action: "environment.policy",
-                target: format!("env/{env}"),
-                detail: format!(
-                    "approvals {} soak {}s auto-promote {}",
-                    policy.required_approvals, policy.soak_seconds, policy.auto_promote
-                ),
-            };
             Ok(convert::environment(
                 &self
                     .hub
-                    .store
-                    .set_environment_policy(&env, policy, audit)
+                    .set_environment_policy(actor, parse(&r.name)?, policy)
                     .await?,
             ))
         }
@@ -432,45 +432,12 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn link_unit(&self, req: Request<pb::LinkUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
-            let unit: UnitRef = parse(&r.unit)?;
-            let upstream: UnitRef = parse(&r.upstream)?;
-            if unit.name != upstream.name {
-                return Err(HubError::InvalidArgument(format!(
-                    "a linked unit has its upstream's name: {}/{}",
-                    unit.env, upstream.name
-                )));
-            }
-            if self.hub.store.get_unit(&unit).await?.is_some() {
-                return Err(HubError::AlreadyExists(format!("unit {unit}")));
-            }
-            let out = self
-                .hub
-                .promote(PromoteRequest {
-                    actor,
-                    from: upstream.env.clone(),
-                    to: unit.env.clone(),
-                    selection: Selection::Units(vec![upstream.name.clone()]),
-                    revision: None,
-                    dry_run: false,
-                    force: None,
-                    automatic: false,
-                })
-                .await?;
-            let item = out
-                .items
-                .first()
-                .ok_or_else(|| HubError::NotFound(format!("unit {upstream}")))?;
-            if item.committed.0 == 0 {
-                return Err(HubError::FailedPrecondition(out.message));
-            }
             let rev = self
                 .hub
-                .store
-                .get_revision(&unit, item.committed)
-                .await?
-                .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
+                .link_unit(actor, parse(&r.unit)?, parse(&r.upstream)?)
+                .await?;
             let mut pb_rev = convert::revision(&rev);
             pb_rev.manifests.clear();
             Ok(pb_rev)
@@ -480,30 +447,17 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn set_overrides(&self, req: Request<pb::SetOverridesRequest>) -> Reply<pb::Unit> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
-            let unit: UnitRef = parse(&r.unit)?;
             let overrides = r
                 .overrides
                 .into_iter()
                 .map(convert::override_from_pb)
                 .collect::<Result<Vec<_>>>()?;
-            let detail = overrides
-                .iter()
-                .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.value))
-                .collect::<Vec<_>>()
-                .join(", ");
-            let audit = NewAudit {
-                actor,
-                action: "unit.overrides",
-                target: unit.to_string(),
-                detail,
-            };
             Ok(convert::unit(
                 &self
                     .hub
-                    .store
-                    .set_overrides(&unit, &overrides, audit)
+                    .set_overrides(actor, parse(&r.unit)?, overrides)
                     .await?,
             ))
         }
@@ -513,7 +467,7 @@ impl pb::hub_service_server::HubService for AdminService {
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> Reply<pb::PromoteResponse> {
         ok(async {
             let r = req.get_ref();
-            let actor = self.operator(&req, !r.dry_run).await?;
+            let (actor, role) = self.operator(&req, !r.dry_run).await?;
             let r = req.into_inner();
             let selection = if r.all {
                 Selection::All
@@ -526,7 +480,8 @@ impl pb::hub_service_server::HubService for AdminService {
                                 .map(|(k, v)| (k.trim().to_owned(), v.trim().to_owned()))
                                 .ok_or_else(|| {
                                     HubError::InvalidArgument(format!(
-                                        "selector {kv:?} must be key=value"
+                                        "selector {:?} must be key=value",
+                                        crate::manifest::prefix(kv)
                                     ))
                                 })
                         })
@@ -555,6 +510,7 @@ impl pb::hub_service_server::HubService for AdminService {
                     dry_run: r.dry_run,
                     force: r.force.then_some(r.reason),
                     automatic: false,
+                    reader: role,
                 })
                 .await?;
             Ok(pb::PromoteResponse {
@@ -569,7 +525,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Reply<pb::ApproveResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let (approvals, required) = self
                 .hub
@@ -590,7 +546,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn rollback_unit(&self, req: Request<pb::RollbackUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let rev = self
                 .hub
@@ -613,7 +569,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::RollbackPromotionRequest>,
     ) -> Reply<pb::PromoteResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let id = req.get_ref().promotion_id;
             let revs = self.hub.rollback_promotion(actor, id).await?;
             Ok(pb::PromoteResponse {
@@ -644,7 +600,7 @@ impl pb::hub_service_server::HubService for AdminService {
             } else {
                 req.get_ref().limit.min(1000)
             };
-            let ps = self.hub.store.list_promotions(limit).await?;
+            let ps = self.hub.list_promotions(limit).await?;
             Ok(pb::ListPromotionsResponse {
                 promotions: ps.iter().map(convert::promotion).collect(),
             })
@@ -657,31 +613,41 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::CreateOperatorRequest>,
     ) -> Reply<pb::CreateOperatorResponse> {
         ok(async {
-            let actor = self.operator(&req, true).await?;
+            let (actor, _) = self.operator(&req, true).await?;
             let r = req.into_inner();
             let role = Role::parse(&r.role).ok_or_else(|| {
-                HubError::InvalidArgument(format!("role {:?} is not admin or read-only", r.role))
+                HubError::InvalidArgument(format!(
+                    "role {:?} is not admin or read-only",
+                    crate::manifest::prefix(&r.role)
+                ))
             })?;
-            let name: crate::model::ClusterName = parse(&r.name)?;
-            let token = Secret::generate(OPERATOR_TOKEN_PREFIX);
-            self.hub
-                .store
-                .put_operator(
-                    &Operator {
-                        name: name.to_string(),
-                        role,
-                    },
-                    &token.hash(),
-                    Some(NewAudit {
-                        actor,
-                        action: "operator.create",
-                        target: format!("operator/{name}"),
-                        detail: format!("role {}", role.as_str()),
-                    }),
-                )
+            // Operator names follow the same rule as other names.
+            let name: ClusterName = parse(&r.name)?;
+            let token = self
+                .hub
+                .create_operator(actor, name.to_string(), role)
                 .await?;
             Ok(pb::CreateOperatorResponse {
                 token: token.expose().to_owned(),
+                name: name.to_string(),
+                role: role.as_str().into(),
+            })
+        }
+        .await)
+    }
+
+    async fn rotate_operator_token(
+        &self,
+        req: Request<pb::RotateOperatorTokenRequest>,
+    ) -> Reply<pb::CreateOperatorResponse> {
+        ok(async {
+            let (actor, _) = self.operator(&req, true).await?;
+            let name: ClusterName = parse(&req.get_ref().name)?;
+            let (op, token) = self.hub.rotate_operator(actor, name.to_string()).await?;
+            Ok(pb::CreateOperatorResponse {
+                token: token.expose().to_owned(),
+                name: op.name,
+                role: op.role.as_str().into(),
             })
         }
         .await)

@@ -18,7 +18,6 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use unitsync_proto::v1 as pb;
 use unitsync_proto::v1::agent_message::Msg as AgentMsg;
@@ -29,7 +28,7 @@ use super::convert;
 use crate::auth::{Credential, Principal, authenticate_request};
 use crate::control::{DEFAULT_CERT_VALIDITY, Hub, MAX_CERT_VALIDITY};
 use crate::error::HubError;
-use crate::fanout::{AgentConn, Delivery, Mailbox};
+use crate::fanout::{AgentConn, Delivery, EndReason, Mailbox};
 use crate::model::{Cluster, Digest, RevisionNum, StatusReport, UnitName, UnitRef, UnixMillis};
 
 /// How long a new stream may take to send `Hello`.
@@ -57,6 +56,13 @@ impl pb::agent_service_server::AgentService for AgentService {
         &self,
         request: Request<pb::RenewCertificateRequest>,
     ) -> Result<Response<pb::RenewCertificateResponse>, Status> {
+        // Only a valid client certificate renews itself: a bearer token
+        // must not mint certificates that would outlive its rotation.
+        if !matches!(Credential::of(&request), Some(Credential::Certificate(_))) {
+            return Err(Status::permission_denied(
+                "certificate renewal needs the current client certificate (mutual TLS); issue a first one with `unitsync cluster certificate`",
+            ));
+        }
         let cluster = match authenticate_request(self.hub.store.as_ref(), &request).await {
             Ok(Principal::Agent(c)) => c,
             Ok(Principal::Operator { .. }) => return Err(HubError::PermissionDenied.into()),
@@ -69,7 +75,7 @@ impl pb::agent_service_server::AgentService for AgentService {
         };
         let (cert, not_after) = self
             .hub
-            .renew_cluster_cert(&cluster.name, &r.csr_pem, validity)
+            .renew_cluster_cert(&cluster.name, r.csr_pem, validity)
             .await?;
         tracing::info!(cluster = %cluster.name, valid_seconds = validity.as_secs(), "client certificate renewed");
         Ok(Response::new(pb::RenewCertificateResponse {
@@ -93,7 +99,10 @@ impl pb::agent_service_server::AgentService for AgentService {
             Ok(Principal::Operator { .. }) => return Err(refused(HubError::PermissionDenied)),
             Err(e) => return Err(refused(e)),
         };
-        if hub.fanout.count() >= hub.tuning.max_sessions {
+        // A cluster reconnecting replaces its own session: never refused.
+        if hub.fanout.count() >= hub.tuning.max_sessions
+            && hub.fanout.session(&cluster.name).is_none()
+        {
             return Err(refused(HubError::ResourceExhausted(
                 "hub is at its session limit; retry later".into(),
             )));
@@ -128,15 +137,12 @@ impl pb::agent_service_server::AgentService for AgentService {
             ))));
         }
 
-        let conn = Arc::new(AgentConn {
-            cluster: cluster.name.clone(),
-            env: cluster.environment.clone(),
-            session: hub.next_session_id(),
-            agent_version: hello.agent_version.clone(),
-            connected_at: UnixMillis::now(),
-            mailbox: Mailbox::default(),
-            kick: CancellationToken::new(),
-        });
+        let conn = Arc::new(AgentConn::new(
+            cluster.name.clone(),
+            cluster.environment.clone(),
+            hub.next_session_id(),
+            hello.agent_version.clone(),
+        ));
         hub.fanout.register(conn.clone());
         let resync = match resync(hub, &cluster, &conn.mailbox, &hello.units).await {
             Ok(n) => n,
@@ -252,8 +258,8 @@ async fn send_loop(
     loop {
         tokio::select! {
             () = conn.kick.cancelled() => {
-                // Best effort: tell the agent why (revoked or replaced).
-                let _ = tx.try_send(Err(Status::unavailable("session ended by the hub; reconnect")));
+                // Best effort: tell the agent why.
+                let _ = tx.try_send(Err(end_status(conn.end_reason())));
                 break;
             }
             _ = ticker.tick() => {
@@ -284,6 +290,19 @@ async fn send_loop(
     }
 }
 
+/// What the agent hears when the hub ends its session.
+fn end_status(why: Option<EndReason>) -> Status {
+    match why {
+        Some(EndReason::CredentialRevoked) => Status::unauthenticated("authentication failed"),
+        Some(EndReason::Replaced) => {
+            Status::aborted("a newer session of this cluster replaced this one")
+        }
+        Some(EndReason::Protocol(m)) => Status::invalid_argument(m),
+        Some(EndReason::Shutdown) => Status::unavailable("the hub ended the session; reconnect"),
+        None => Status::unavailable("session ended; reconnect"),
+    }
+}
+
 fn notice(message: String) -> pb::HubMessage {
     pb::HubMessage {
         msg: Some(HubMsg::Notice(pb::SessionNotice { message })),
@@ -305,24 +324,39 @@ async fn receive_loop(
     recheck.tick().await;
     let end = loop {
         let next = tokio::select! {
-            () = conn.kick.cancelled() => break "ended by the hub",
+            () = conn.kick.cancelled() => break "ended by the hub".to_owned(),
             _ = recheck.tick() => {
                 let valid = match &credential {
-                    Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await.unwrap_or(true),
-                    None => false,
+                    Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await,
+                    None => Ok(false),
                 };
-                if !valid {
-                    let _ = tx.try_send(Err(Status::unauthenticated("authentication failed")));
-                    break "credential no longer valid";
+                match valid {
+                    Ok(true) => continue,
+                    Ok(false) => {
+                        conn.end(EndReason::CredentialRevoked);
+                        break "credential no longer valid".to_owned();
+                    }
+                    // Unknown is not valid: a revoked credential must not
+                    // ride out a database outage. The agent reconnects and
+                    // is checked afresh.
+                    Err(e) => {
+                        tracing::warn!(cluster = %cluster.name, error = %crate::error::ErrorChain(&e), "cannot re-check the session's credential; ending the session");
+                        conn.end(EndReason::Shutdown);
+                        break "credential re-check failed".to_owned();
+                    }
                 }
-                continue;
             }
             r = tokio::time::timeout(silence, inbound.message()) => r,
         };
         let msg = match next {
-            Err(_) => break "no heartbeat from the agent",
-            Ok(Err(_)) => break "stream error",
-            Ok(Ok(None)) => break "closed by the agent",
+            Err(_) => break "no heartbeat from the agent".to_owned(),
+            Ok(Err(status)) => {
+                // A decode error (an oversized message, say): the agent hears
+                // the cause, not "reconnect".
+                conn.end(EndReason::Protocol(status.message().to_owned()));
+                break format!("stream error: {}", status.message());
+            }
+            Ok(Ok(None)) => break "closed by the agent".to_owned(),
             Ok(Ok(Some(pb::AgentMessage { msg: Some(m) }))) => m,
             // An empty or unknown message kind from a newer agent: ignore.
             Ok(Ok(Some(_))) => continue,
@@ -341,7 +375,7 @@ async fn receive_loop(
     conn.kick.cancel();
     hub.fanout.unregister(&conn);
     hub.metrics.connected_agents.dec();
-    tracing::info!(cluster = %cluster.name, reason = end, "agent session closed");
+    tracing::info!(cluster = %cluster.name, reason = %end, "agent session closed");
 }
 
 /// "Not yours" and "does not exist" must read the same.
@@ -417,7 +451,9 @@ fn on_status(
             .into_iter()
             .map(convert::resource_from_pb)
             .collect(),
-        observed_at: convert::millis(s.observed_at.as_ref()),
+        // The hub's clock, not the agent's: soak time must not depend on
+        // how well an agent keeps time.
+        observed_at: UnixMillis::now(),
     };
     hub.feedback.status(report);
 }

@@ -17,12 +17,6 @@ pub fn timestamp(t: UnixMillis) -> Option<prost_types::Timestamp> {
     Some(t.into())
 }
 
-pub fn millis(t: Option<&prost_types::Timestamp>) -> UnixMillis {
-    t.map_or(UnixMillis::now(), |t| {
-        UnixMillis(t.seconds * 1000 + i64::from(t.nanos / 1_000_000))
-    })
-}
-
 pub fn parse<T: std::str::FromStr<Err = crate::model::NameError>>(s: &str) -> Result<T> {
     s.parse().map_err(HubError::from)
 }

@@ -1,5 +1,5 @@
-//! Row mapping shared by the SQL stores: each database's row type exposes
-//! typed columns through [`Columns`], and the records are built once here.
+//! Row mapping of the SQL store: rows expose typed columns through
+//! [`Columns`], and the records are built once here.
 
 use std::str::FromStr;
 use std::sync::Arc;
@@ -47,8 +47,7 @@ macro_rules! columns_for {
     };
 }
 
-columns_for!(sqlx::sqlite::SqliteRow);
-columns_for!(sqlx::postgres::PgRow);
+columns_for!(sqlx::any::AnyRow);
 
 pub(super) fn labels_json(l: &Labels) -> String {
     serde_json::to_string(l).unwrap_or_else(|_| "{}".into())

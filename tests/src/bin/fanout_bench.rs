@@ -694,6 +694,12 @@ impl pb::hub_service_server::HubService for Bare {
     ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+    async fn rotate_operator_token(
+        &self,
+        _: Request<pb::RotateOperatorTokenRequest>,
+    ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
     async fn issue_cluster_token(
         &self,
         _: Request<pb::IssueClusterTokenRequest>,

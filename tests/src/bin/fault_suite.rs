@@ -236,6 +236,7 @@ async fn cluster_restored_empty() -> anyhow::Result<Outcome> {
             .get_unit(pb::GetUnitRequest {
                 unit: c.unit.clone(),
                 include_manifests: false,
+                ..Default::default()
             })
             .await?
             .into_inner();

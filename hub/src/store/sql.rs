@@ -1,61 +1,87 @@
-//! PostgreSQL implementation of [`Store`], for hubs that share one
-//! database (several replicas behind one address). Same model and contract
-//! as the SQLite store; migrations are tracked in `schema_version`. Every
-//! committed revision is announced with `NOTIFY unitsync_revisions`, so each
-//! hub replica offers it to the agents connected to it ([`Store::subscribe`]).
+//! [`SqlStore`]: the one implementation of [`Store`], for SQLite (one file
+//! in the data directory) and PostgreSQL (shared by hub replicas), written
+//! once against sqlx's `Any` driver with `$N` placeholders (both databases
+//! accept them). What differs lives in [`backend`](super::backend).
 //!
-//! Writes of one hub go through one connection (as with SQLite); replicas
-//! committing to the same units are serialized by per-unit advisory locks
-//! taken in key order, then the unit row lock, so the second commit reads the
-//! first one's head and takes the next revision number.
+//! Writes go through the writer pool (one connection on SQLite; on
+//! PostgreSQL a few, serialized per unit by advisory and row locks, and
+//! re-established after the server restarts). On PostgreSQL every commit is
+//! announced with `NOTIFY`, and [`Store::subscribe`] follows the
+//! announcements, reconnecting and asking for a resync when it may have
+//! missed some.
+
+use std::path::Path;
+use std::time::Duration;
 
 use async_trait::async_trait;
-use futures::StreamExt;
-use sqlx::Connection;
-use sqlx::postgres::{PgConnection, PgListener, PgPool, PgPoolOptions};
-use tokio::sync::Mutex;
+use sqlx::{AnyConnection, AnyPool};
 
+use super::backend::{self, Backend, CHANNEL, LEADER_LOCK};
 use super::rows::{self, Columns, ENV_COLUMNS, corrupt, db, is_unique_violation, labels_json, num};
 use super::{
-    Ack, NewPromotion, Operator, RevisionStream, Store, StoreError, StoreResult, TokenHash,
+    Ack, Announcement, NewPromotion, Operator, Page, RevisionStream, Store, StoreError,
+    StoreResult, TokenHash,
 };
 use crate::model::{
-    AuditEntry, Cluster, ClusterName, Digest, EnvName, EnvPolicy, Environment, HeadRef, Labels,
-    NewAudit, NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum,
-    StatusCell, StatusReport, Unit, UnitRef, UnixMillis,
+    AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
+    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum, StatusCell,
+    StatusReport, Unit, UnitRef, UnixMillis,
 };
 
-/// Embedded migrations, applied in order; the index + 1 is the schema version.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_schema.sql")];
-
-/// The channel revisions are announced on.
-const CHANNEL: &str = "unitsync_revisions";
-
-pub struct PgStore {
-    url: String,
-    writer: Mutex<PgConnection>,
-    readers: PgPool,
+pub struct SqlStore {
+    backend: Backend,
+    writer: AnyPool,
+    readers: AnyPool,
+    /// PostgreSQL: where to listen for announcements. Never logged (it may
+    /// hold a password).
+    url: Option<String>,
+    /// PostgreSQL: the connection holding the leader lock, while it lives.
+    leader: tokio::sync::Mutex<Option<AnyConnection>>,
 }
 
-impl PgStore {
-    /// Connects (`postgres://user:password@host/db`) and applies migrations.
-    pub async fn connect(url: &str) -> StoreResult<PgStore> {
-        let mut writer = PgConnection::connect(url).await.map_err(db)?;
-        migrate(&mut writer).await?;
-        let readers = PgPoolOptions::new()
-            .max_connections(8)
-            .connect(url)
-            .await
-            .map_err(db)?;
-        Ok(PgStore {
-            url: url.to_owned(),
-            writer: Mutex::new(writer),
+impl std::fmt::Debug for SqlStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SqlStore")
+            .field("backend", &self.backend)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SqlStore {
+    /// Opens (creating if needed) a SQLite database file and migrates it.
+    pub async fn sqlite(path: &Path) -> StoreResult<SqlStore> {
+        let (writer, readers) = backend::sqlite(path).await?;
+        Self::ready(Backend::Sqlite, writer, readers, None).await
+    }
+
+    /// Connects to PostgreSQL (`postgres://user:password@host/db`) and
+    /// migrates the database.
+    pub async fn postgres(url: &str) -> StoreResult<SqlStore> {
+        let (writer, readers) = backend::postgres(url).await?;
+        Self::ready(Backend::Postgres, writer, readers, Some(url.to_owned())).await
+    }
+
+    async fn ready(
+        backend: Backend,
+        writer: AnyPool,
+        readers: AnyPool,
+        url: Option<String>,
+    ) -> StoreResult<SqlStore> {
+        let mut conn = writer.acquire().await.map_err(db)?;
+        backend.migrate(&mut conn).await?;
+        drop(conn);
+        Ok(SqlStore {
+            backend,
+            writer,
             readers,
+            url,
+            leader: tokio::sync::Mutex::new(None),
         })
     }
 
-    /// One statement on one cluster's row (`value`, if any, binds first,
-    /// then the name) with its audit entry; `NotFound` when no row matched.
+    /// One statement on one cluster's row (`value`, if any, binds first as
+    /// `$1`, then the name) with its audit entry; `NotFound` when no row
+    /// matched.
     async fn cluster_write(
         &self,
         sql: &'static str,
@@ -63,8 +89,7 @@ impl PgStore {
         value: Option<&str>,
         audit: &NewAudit,
     ) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         let mut q = sqlx::query(sql);
         if let Some(v) = value {
             q = q.bind(v.to_owned());
@@ -82,46 +107,7 @@ impl PgStore {
     }
 }
 
-async fn migrate(conn: &mut PgConnection) -> StoreResult<()> {
-    sqlx::raw_sql("CREATE TABLE IF NOT EXISTS schema_version (version BIGINT NOT NULL)")
-        .execute(&mut *conn)
-        .await
-        .map_err(db)?;
-    let mut tx = conn.begin().await.map_err(db)?;
-    // One hub migrates at a time.
-    sqlx::raw_sql("LOCK TABLE schema_version IN EXCLUSIVE MODE")
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-    let version: i64 = sqlx::query_scalar("SELECT COALESCE(MAX(version), 0) FROM schema_version")
-        .fetch_one(&mut *tx)
-        .await
-        .map_err(db)?;
-    let known = MIGRATIONS.len() as i64;
-    if version > known {
-        return Err(corrupt(format!(
-            "database schema version {version} is newer than this hub ({known}); upgrade the hub"
-        )));
-    }
-    for (i, sql) in MIGRATIONS
-        .iter()
-        .enumerate()
-        .skip(usize::try_from(version).unwrap_or(0))
-    {
-        sqlx::raw_sql(sqlx::AssertSqlSafe(*sql))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-        sqlx::query("INSERT INTO schema_version (version) VALUES ($1)")
-            .bind(i64::try_from(i + 1).unwrap_or(i64::MAX))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-    }
-    tx.commit().await.map_err(db)
-}
-
-async fn insert_audit(conn: &mut PgConnection, a: &NewAudit) -> StoreResult<()> {
+async fn insert_audit(conn: &mut AnyConnection, a: &NewAudit) -> StoreResult<()> {
     sqlx::query(
         "INSERT INTO audit (time, actor, action, target, detail) VALUES ($1, $2, $3, $4, $5)",
     )
@@ -136,62 +122,46 @@ async fn insert_audit(conn: &mut PgConnection, a: &NewAudit) -> StoreResult<()> 
     Ok(())
 }
 
-/// Advisory-lock class of unit locks (the leader lock uses the single-key
-/// space, which never meets the two-key one).
-const UNIT_LOCK_CLASS: i32 = 0x756e_6974;
-
-/// Takes a transaction-scoped lock per unit, in one global order, so that
-/// replicas committing overlapping units wait for each other (no lost
-/// revision number, no deadlock); missing units are covered too.
-async fn lock_units<'a>(
-    tx: &mut PgConnection,
-    units: impl Iterator<Item = &'a UnitRef>,
-) -> StoreResult<()> {
-    let mut keys: Vec<i32> = units
-        .map(|u| {
-            let d = Digest::of(u.to_string().as_bytes());
-            i32::from_be_bytes([d.0[0], d.0[1], d.0[2], d.0[3]])
-        })
-        .collect();
-    keys.sort_unstable();
-    keys.dedup();
-    for key in keys {
-        sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-            .bind(UNIT_LOCK_CLASS)
-            .bind(key)
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
-    }
-    Ok(())
+fn int(n: u64) -> StoreResult<i64> {
+    i64::try_from(n).map_err(|_| corrupt("number out of range"))
 }
 
-async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revision> {
-    let env_exists: Option<i64> =
-        sqlx::query_scalar("SELECT 1::BIGINT FROM environments WHERE name = $1")
-            .bind(rev.unit.env.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-    if env_exists.is_none() {
+async fn environment_exists(tx: &mut AnyConnection, env: &EnvName) -> StoreResult<bool> {
+    let found: Option<String> = sqlx::query_scalar("SELECT name FROM environments WHERE name = $1")
+        .bind(env.as_str())
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?;
+    Ok(found.is_some())
+}
+
+async fn commit_one(
+    backend: Backend,
+    tx: &mut AnyConnection,
+    rev: NewRevision,
+) -> StoreResult<Revision> {
+    if !environment_exists(tx, &rev.unit.env).await? {
         return Err(StoreError::NotFound(format!(
             "environment {}",
             rev.unit.env
         )));
     }
     let now = UnixMillis::now();
+    let select = format!(
+        "SELECT id, head, destroyed FROM units WHERE environment = $1 AND name = $2{}",
+        backend.for_update()
+    );
     let (unit_id, number) = loop {
-        // `lock_units` already orders replicas; the row lock and the
-        // conflict-tolerant insert keep this correct on their own.
-        let existing = sqlx::query(
-            "SELECT id, head, destroyed FROM units WHERE environment = $1 AND name = $2 FOR UPDATE",
-        )
-        .bind(rev.unit.env.as_str())
-        .bind(rev.unit.name.as_str())
-        .fetch_optional(&mut *tx)
-        .await
-        .map_err(db)?;
+        let existing = sqlx::query(sqlx::AssertSqlSafe(select.clone()))
+            .bind(rev.unit.env.as_str())
+            .bind(rev.unit.name.as_str())
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
         let Some(row) = existing else {
+            if let Some(expected) = rev.expected_head.filter(|h| h.0 > 0) {
+                return Err(changed(&rev.unit, expected, RevisionNum(0)));
+            }
             if rev.tombstone || rev.mode == PutMode::Update {
                 return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
             }
@@ -218,6 +188,11 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
         let id = row.int("id")?;
         let head = num(row.int("head")?);
         let destroyed = row.int("destroyed")? != 0;
+        if let Some(expected) = rev.expected_head
+            && expected != head
+        {
+            return Err(changed(&rev.unit, expected, head));
+        }
         match (rev.mode, destroyed, rev.tombstone) {
             (_, true, true) => {
                 return Err(StoreError::Conflict(format!(
@@ -238,7 +213,7 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
             "UPDATE units SET head = $1, destroyed = $2, updated_at = $3,
              labels = COALESCE($4, labels) WHERE id = $5",
         )
-        .bind(i64::try_from(number.0).map_err(|_| corrupt("revision overflow"))?)
+        .bind(int(number.0)?)
         .bind(i64::from(rev.tombstone))
         .bind(now.0)
         .bind(rev.labels.as_ref().map(labels_json))
@@ -254,7 +229,7 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
          VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
     )
     .bind(unit_id)
-    .bind(number.0 as i64)
+    .bind(int(number.0)?)
     .bind(rev.digest.to_hex())
     .bind(i64::from(rev.tombstone))
     .bind(&*rev.manifests)
@@ -263,7 +238,7 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
     .bind(&rev.message)
     .bind(&rev.origin)
     .bind(now.0)
-    .bind(i64::try_from(rev.source_revision.0).unwrap_or(0))
+    .bind(int(rev.source_revision.0)?)
     .execute(&mut *tx)
     .await
     .map_err(db)?;
@@ -287,6 +262,7 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
         },
     )
     .await?;
+    backend.announce(tx, &rev.unit, number).await?;
     Ok(Revision {
         unit: rev.unit,
         number,
@@ -302,16 +278,35 @@ async fn commit_one(tx: &mut PgConnection, rev: NewRevision) -> StoreResult<Revi
     })
 }
 
+/// A unit changed between planning and committing.
+fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreError {
+    let now = if head.0 == 0 {
+        "it does not exist".to_owned()
+    } else {
+        format!("its head is revision {head}")
+    };
+    let then = if expected.0 == 0 {
+        "it did not exist".to_owned()
+    } else {
+        format!("revision {expected}")
+    };
+    StoreError::Conflict(format!(
+        "unit {unit} changed concurrently: planned against {then}, but {now}; nothing was committed, retry"
+    ))
+}
+
+const UNIT_COLUMNS: &str = "u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
+                    COALESCE(r.source_revision, 0) AS head_source";
+
 #[async_trait]
-impl Store for PgStore {
+impl Store for SqlStore {
     async fn create_environment(
         &self,
         name: &EnvName,
         after: Option<&EnvName>,
         audit: NewAudit,
     ) -> StoreResult<Environment> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         let position: i64 = match after {
             Some(after) => {
                 let p: Option<i64> =
@@ -321,8 +316,7 @@ impl Store for PgStore {
                         .await
                         .map_err(db)?;
                 let p = p.ok_or_else(|| StoreError::NotFound(format!("environment {after}")))?;
-                // Shift in two steps: positions are not constrained unique,
-                // but keep the order dense.
+                // Positions are not constrained unique; keep the order dense.
                 sqlx::query("UPDATE environments SET position = position + 1 WHERE position > $1")
                     .bind(p)
                     .execute(&mut *tx)
@@ -377,15 +371,8 @@ impl Store for PgStore {
         token: &TokenHash,
         audit: NewAudit,
     ) -> StoreResult<Cluster> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
-        let env_exists: Option<i64> =
-            sqlx::query_scalar("SELECT 1::BIGINT FROM environments WHERE name = $1")
-                .bind(env.as_str())
-                .fetch_optional(&mut *tx)
-                .await
-                .map_err(db)?;
-        if env_exists.is_none() {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        if !environment_exists(&mut tx, env).await? {
             return Err(StoreError::NotFound(format!("environment {env}")));
         }
         let now = UnixMillis::now();
@@ -478,8 +465,7 @@ impl Store for PgStore {
         not_after: UnixMillis,
         audit: NewAudit,
     ) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         let done = sqlx::query(
             "INSERT INTO cluster_certs (fingerprint, cluster, not_after, created_at)
              SELECT $1, name, $2, $3 FROM clusters WHERE name = $4 AND revoked = 0",
@@ -520,17 +506,15 @@ impl Store for PgStore {
         .await
     }
 
-    async fn put_operator(
+    async fn create_operator(
         &self,
         op: &Operator,
         token: &TokenHash,
-        audit: Option<NewAudit>,
+        audit: NewAudit,
     ) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         sqlx::query(
-            "INSERT INTO operators (name, role, token_hash, created_at) VALUES ($1, $2, $3, $4)
-             ON CONFLICT(name) DO UPDATE SET role = excluded.role, token_hash = excluded.token_hash",
+            "INSERT INTO operators (name, role, token_hash, created_at) VALUES ($1, $2, $3, $4)",
         )
         .bind(&op.name)
         .bind(op.role.as_str())
@@ -538,11 +522,50 @@ impl Store for PgStore {
         .bind(UnixMillis::now().0)
         .execute(&mut *tx)
         .await
-        .map_err(db)?;
-        if let Some(a) = &audit {
-            insert_audit(&mut tx, a).await?;
-        }
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!("operator {}", op.name))
+            } else {
+                db(e)
+            }
+        })?;
+        insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db)
+    }
+
+    async fn rotate_operator(
+        &self,
+        name: &str,
+        token: &TokenHash,
+        audit: NewAudit,
+    ) -> StoreResult<Operator> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let row = sqlx::query(
+            "UPDATE operators SET token_hash = $1 WHERE name = $2 RETURNING name, role",
+        )
+        .bind(&token.0)
+        .bind(name)
+        .fetch_optional(&mut *tx)
+        .await
+        .map_err(db)?
+        .ok_or_else(|| StoreError::NotFound(format!("operator {name}")))?;
+        let op = rows::operator(&row)?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(op)
+    }
+
+    async fn install_admin_token(&self, token: &TokenHash) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO operators (name, role, token_hash, created_at) VALUES ('admin', 'admin', $1, $2)
+             ON CONFLICT (name) DO UPDATE SET role = 'admin', token_hash = excluded.token_hash",
+        )
+        .bind(&token.0)
+        .bind(UnixMillis::now().0)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn operator_by_token(&self, token: &TokenHash) -> StoreResult<Option<Operator>> {
@@ -559,19 +582,13 @@ impl Store for PgStore {
         revs: Vec<NewRevision>,
         promotion: Option<NewPromotion>,
     ) -> StoreResult<(Vec<Revision>, Option<u64>)> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
-        lock_units(&mut tx, revs.iter().map(|r| &r.unit)).await?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        self.backend
+            .lock_units(&mut tx, revs.iter().map(|r| &r.unit))
+            .await?;
         let mut out = Vec::with_capacity(revs.len());
         for rev in revs {
-            let r = commit_one(&mut tx, rev).await?;
-            sqlx::query("SELECT pg_notify($1, $2)")
-                .bind(CHANNEL)
-                .bind(format!("{}:{}", r.unit, r.number))
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
-            out.push(r);
+            out.push(commit_one(self.backend, &mut tx, rev).await?);
         }
         let mut id = None;
         if let Some(p) = promotion {
@@ -640,12 +657,11 @@ impl Store for PgStore {
     }
 
     async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>> {
-        let row = sqlx::query(
-            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
-                    COALESCE(r.source_revision, 0) AS head_source
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {UNIT_COLUMNS}
              FROM units u LEFT JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
-             WHERE u.environment = $1 AND u.name = $2",
-        )
+             WHERE u.environment = $1 AND u.name = $2"
+        )))
         .bind(unit.env.as_str())
         .bind(unit.name.as_str())
         .fetch_optional(&self.readers)
@@ -655,13 +671,12 @@ impl Store for PgStore {
     }
 
     async fn list_units(&self, env: Option<&EnvName>) -> StoreResult<Vec<Unit>> {
-        let rows = sqlx::query(
-            "SELECT u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
-                    COALESCE(r.source_revision, 0) AS head_source
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {UNIT_COLUMNS}
              FROM units u JOIN environments e ON e.name = u.environment
              LEFT JOIN revisions r ON r.unit_id = u.id AND r.number = u.head
-             WHERE $1 IS NULL OR u.environment = $1 ORDER BY e.position, u.name",
-        )
+             WHERE $1 IS NULL OR u.environment = $1 ORDER BY e.position, u.name"
+        )))
         .bind(env.map(EnvName::as_str))
         .fetch_all(&self.readers)
         .await
@@ -719,17 +734,18 @@ impl Store for PgStore {
         if acks.is_empty() {
             return Ok(());
         }
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         for a in acks {
             // Joins make this a no-op for a cluster deleted meanwhile.
             sqlx::query(
                 "INSERT INTO unit_status (cluster, unit_id, acked)
                  SELECT c.name, u.id, $1 FROM units u JOIN clusters c ON c.name = $2
                  WHERE u.environment = $3 AND u.name = $4
-                 ON CONFLICT(cluster, unit_id) DO UPDATE SET acked = GREATEST(unit_status.acked, excluded.acked)",
+                 ON CONFLICT (cluster, unit_id) DO UPDATE SET acked = CASE
+                   WHEN excluded.acked > unit_status.acked THEN excluded.acked
+                   ELSE unit_status.acked END",
             )
-            .bind(a.revision.0 as i64)
+            .bind(int(a.revision.0)?)
             .bind(a.cluster.as_str())
             .bind(a.unit.env.as_str())
             .bind(a.unit.name.as_str())
@@ -744,8 +760,7 @@ impl Store for PgStore {
         if reports.is_empty() {
             return Ok(());
         }
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         for r in reports {
             let resources = serde_json::to_string(&r.resources).map_err(corrupt)?;
             sqlx::query(
@@ -753,7 +768,7 @@ impl Store for PgStore {
                  SELECT c.name, u.id, $1, $2, $3, $4, $5, CASE WHEN $2 = 'Ready' THEN $5 ELSE 0 END
                  FROM units u JOIN clusters c ON c.name = $6
                  WHERE u.environment = $7 AND u.name = $8
-                 ON CONFLICT(cluster, unit_id) DO UPDATE SET
+                 ON CONFLICT (cluster, unit_id) DO UPDATE SET
                    ready_since = CASE
                      WHEN excluded.phase != 'Ready' THEN 0
                      WHEN unit_status.phase = 'Ready' AND unit_status.revision = excluded.revision
@@ -763,7 +778,7 @@ impl Store for PgStore {
                    phase = excluded.phase, message = excluded.message,
                    resources = excluded.resources, updated_at = excluded.updated_at",
             )
-            .bind(r.revision.0 as i64)
+            .bind(int(r.revision.0)?)
             .bind(r.phase.as_str())
             .bind(&r.message)
             .bind(resources)
@@ -782,17 +797,29 @@ impl Store for PgStore {
         &self,
         env: Option<&EnvName>,
         unit: Option<&UnitRef>,
+        page: &Page,
     ) -> StoreResult<Vec<StatusCell>> {
-        let rows = sqlx::query(
+        let limit = if page.limit > 0 {
+            format!(" LIMIT {}", page.limit)
+        } else {
+            String::new()
+        };
+        let after = page.after.as_ref();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since
              FROM unit_status s JOIN units u ON u.id = s.unit_id
              WHERE ($1 IS NULL OR u.environment = $1)
                AND ($2 IS NULL OR (u.environment = $2 AND u.name = $3))
-             ORDER BY u.environment, u.name, s.cluster",
-        )
+               AND ($4 IS NULL OR u.environment > $4
+                    OR (u.environment = $4 AND (u.name > $5 OR (u.name = $5 AND s.cluster > $6))))
+             ORDER BY u.environment, u.name, s.cluster{limit}"
+        )))
         .bind(env.map(EnvName::as_str))
         .bind(unit.map(|u| u.env.as_str()))
         .bind(unit.map(|u| u.name.as_str()))
+        .bind(after.map(|(u, _)| u.env.as_str()))
+        .bind(after.map(|(u, _)| u.name.as_str()))
+        .bind(after.map(|(_, c)| c.as_str()))
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;
@@ -805,8 +832,7 @@ impl Store for PgStore {
         policy: EnvPolicy,
         audit: NewAudit,
     ) -> StoreResult<Environment> {
-        let mut w = self.writer.lock().await;
-        let mut tx = w.begin().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
         let done = sqlx::query(
             "UPDATE environments SET required_approvals = $1, soak_seconds = $2, auto_promote = $3 WHERE name = $4",
         )
@@ -839,23 +865,20 @@ impl Store for PgStore {
         overrides: &[Override],
         audit: NewAudit,
     ) -> StoreResult<Unit> {
-        {
-            let mut w = self.writer.lock().await;
-            let mut tx = w.begin().await.map_err(db)?;
-            let done =
-                sqlx::query("UPDATE units SET overrides = $1 WHERE environment = $2 AND name = $3")
-                    .bind(serde_json::to_string(overrides).map_err(corrupt)?)
-                    .bind(unit.env.as_str())
-                    .bind(unit.name.as_str())
-                    .execute(&mut *tx)
-                    .await
-                    .map_err(db)?;
-            if done.rows_affected() == 0 {
-                return Err(StoreError::NotFound(format!("unit {unit}")));
-            }
-            insert_audit(&mut tx, &audit).await?;
-            tx.commit().await.map_err(db)?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let done =
+            sqlx::query("UPDATE units SET overrides = $1 WHERE environment = $2 AND name = $3")
+                .bind(serde_json::to_string(overrides).map_err(corrupt)?)
+                .bind(unit.env.as_str())
+                .bind(unit.name.as_str())
+                .execute(&mut *tx)
+                .await
+                .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("unit {unit}")));
         }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
         self.get_unit(unit)
             .await?
             .ok_or_else(|| StoreError::NotFound(format!("unit {unit}")))
@@ -869,40 +892,37 @@ impl Store for PgStore {
         approver: &str,
         audit: NewAudit,
     ) -> StoreResult<Vec<String>> {
-        {
-            let mut w = self.writer.lock().await;
-            let mut tx = w.begin().await.map_err(db)?;
-            let done = sqlx::query(
-                "INSERT INTO approvals (target_env, unit_id, revision, approver, time)
-                 SELECT $1, u.id, $2, $3, $4 FROM units u
-                 JOIN revisions r ON r.unit_id = u.id AND r.number = $2
-                 WHERE u.environment = $5 AND u.name = $6",
-            )
-            .bind(target.as_str())
-            .bind(i64::try_from(revision.0).unwrap_or(i64::MAX))
-            .bind(approver)
-            .bind(UnixMillis::now().0)
-            .bind(unit.env.as_str())
-            .bind(unit.name.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::AlreadyExists(format!(
-                        "an approval by {approver} of {unit}@{revision} for {target}"
-                    ))
-                } else {
-                    db(e)
-                }
-            })?;
-            if done.rows_affected() == 0 {
-                return Err(StoreError::NotFound(format!(
-                    "unit {unit} revision {revision}"
-                )));
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "INSERT INTO approvals (target_env, unit_id, revision, approver, time)
+             SELECT $1, u.id, $2, $3, $4 FROM units u
+             JOIN revisions r ON r.unit_id = u.id AND r.number = $2
+             WHERE u.environment = $5 AND u.name = $6",
+        )
+        .bind(target.as_str())
+        .bind(i64::try_from(revision.0).unwrap_or(i64::MAX))
+        .bind(approver)
+        .bind(UnixMillis::now().0)
+        .bind(unit.env.as_str())
+        .bind(unit.name.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!(
+                    "an approval by {approver} of {unit}@{revision} for {target}"
+                ))
+            } else {
+                db(e)
             }
-            insert_audit(&mut tx, &audit).await?;
-            tx.commit().await.map_err(db)?;
+        })?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!(
+                "unit {unit} revision {revision}"
+            )));
         }
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)?;
         self.approvals(target, unit, revision).await
     }
 
@@ -943,33 +963,57 @@ impl Store for PgStore {
         row.as_ref().map(rows::promotion).transpose()
     }
 
-    async fn is_leader(&self) -> StoreResult<bool> {
-        // A session-level advisory lock on the writer connection: held for
-        // as long as this replica's connection lives, re-entrant for it.
-        let mut w = self.writer.lock().await;
-        sqlx::query_scalar("SELECT pg_try_advisory_lock(7274757)")
-            .fetch_one(&mut *w)
+    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
+        let Some(url) = self.url.clone() else {
+            return Ok(None);
+        };
+        // Fails at start-up when the database does not take listeners.
+        let listener = sqlx::postgres::PgListener::connect(&url)
             .await
+            .map_err(db)?;
+        let (tx, rx) = tokio::sync::mpsc::channel(4096);
+        tokio::spawn(follow_announcements(url, listener, tx));
+        Ok(Some(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
+            rx,
+        ))))
+    }
+
+    async fn is_leader(&self) -> StoreResult<bool> {
+        if self.backend == Backend::Sqlite {
+            return Ok(true);
+        }
+        // A session-level advisory lock on a connection of its own, held
+        // for as long as that connection lives (re-entrant for it); a lost
+        // connection loses the lock, and another replica takes over.
+        let mut leader = self.leader.lock().await;
+        if leader.is_none() {
+            *leader = Some(self.writer.acquire().await.map_err(db)?.detach());
+        }
+        let conn = leader.as_mut().expect("a leader connection");
+        match sqlx::query_scalar("SELECT pg_try_advisory_lock($1)")
+            .bind(LEADER_LOCK)
+            .fetch_one(conn)
+            .await
+        {
+            Ok(held) => Ok(held),
+            Err(e) => {
+                *leader = None;
+                Err(db(e))
+            }
+        }
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1")
+            .execute(&self.writer)
+            .await
+            .map(|_| ())
             .map_err(db)
     }
 
-    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
-        let mut listener = PgListener::connect(&self.url).await.map_err(db)?;
-        listener.listen(CHANNEL).await.map_err(db)?;
-        let stream = listener.into_stream().filter_map(|n| async move {
-            let n = n.ok()?;
-            let (unit, number) = n.payload().rsplit_once(':')?;
-            Some((
-                unit.parse::<UnitRef>().ok()?,
-                RevisionNum(number.parse().ok()?),
-            ))
-        });
-        Ok(Some(Box::pin(stream)))
-    }
-
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {
-        let mut w = self.writer.lock().await;
-        insert_audit(&mut w, &entry).await
+        let mut conn = self.writer.acquire().await.map_err(db)?;
+        insert_audit(&mut conn, &entry).await
     }
 
     async fn list_audit(&self, limit: u32, target_prefix: &str) -> StoreResult<Vec<AuditEntry>> {
@@ -983,5 +1027,73 @@ impl Store for PgStore {
         .await
         .map_err(db)?;
         rows.iter().map(rows::audit).collect()
+    }
+}
+
+/// Forwards PostgreSQL announcements until the receiver goes away. A lost
+/// connection is re-established (with backoff, never giving up), and a
+/// `Resync` follows every reconnect: announcements sent meanwhile are lost.
+async fn follow_announcements(
+    url: String,
+    mut listener: sqlx::postgres::PgListener,
+    tx: tokio::sync::mpsc::Sender<Announcement>,
+) {
+    let mut retry = Duration::from_millis(100);
+    'connected: loop {
+        if let Err(e) = listener.listen(CHANNEL).await {
+            tracing::warn!(error = %e, "cannot listen for announcements; retrying");
+        } else {
+            retry = Duration::from_millis(100);
+            loop {
+                let next = tokio::select! {
+                    () = tx.closed() => return,
+                    n = listener.try_recv() => n,
+                };
+                match next {
+                    Ok(Some(n)) => {
+                        let parsed = n.payload().rsplit_once(':').and_then(|(unit, number)| {
+                            Some(Announcement::Revision(
+                                unit.parse().ok()?,
+                                RevisionNum(number.parse().ok()?),
+                            ))
+                        });
+                        if let Some(a) = parsed
+                            && tx.send(a).await.is_err()
+                        {
+                            return;
+                        }
+                    }
+                    // The connection was lost (the listener reconnects on
+                    // the next call): what was announced meanwhile is gone.
+                    Ok(None) => {
+                        tracing::warn!("announcement listener lost its connection; resyncing");
+                        if tx.send(Announcement::Resync).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "announcement listener failed; reconnecting");
+                        break;
+                    }
+                }
+            }
+        }
+        loop {
+            tokio::select! {
+                () = tx.closed() => return,
+                () = tokio::time::sleep(retry) => {}
+            }
+            retry = (retry * 2).min(Duration::from_secs(5));
+            match sqlx::postgres::PgListener::connect(&url).await {
+                Ok(l) => {
+                    listener = l;
+                    if tx.send(Announcement::Resync).await.is_err() {
+                        return;
+                    }
+                    continue 'connected;
+                }
+                Err(e) => tracing::warn!(error = %e, "cannot reconnect the announcement listener"),
+            }
+        }
     }
 }
