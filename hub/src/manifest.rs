@@ -595,4 +595,50 @@ mod tests {
             assert!(e.to_string().starts_with("unit dev/web, document 2"), "{e}");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+
+        fn yamlish() -> impl Strategy<Value = String> {
+            let line = prop_oneof![
+                Just("---".to_owned()),
+                Just("apiVersion: v1".to_owned()),
+                Just("kind: ConfigMap".to_owned()),
+                Just("kind: Secret".to_owned()),
+                Just("metadata:".to_owned()),
+                Just("  name: a".to_owned()),
+                Just("  namespace: b".to_owned()),
+                Just("  labels: x".to_owned()),
+                Just("  annotations: {k: 1}".to_owned()),
+                Just("data: {x: &a [1, *a]}".to_owned()),
+                "[ -~]{0,30}",
+            ];
+            prop::collection::vec(line, 0..30).prop_map(|l| l.join("\n"))
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(512))]
+
+            /// Validation never panics; a rejection names the unit; masking
+            /// never panics either.
+            #[test]
+            fn validation_never_panics(text in yamlish()) {
+                let unit: UnitRef = "dev/web".parse().unwrap();
+                match validate(&unit, &text, &Limits::default()) {
+                    Ok(v) => prop_assert!(!v.objects.is_empty()),
+                    Err(e) => prop_assert!(e.to_string().starts_with("unit dev/web")),
+                }
+                let _ = mask_secrets(&text);
+            }
+
+            #[test]
+            fn arbitrary_text_never_panics(text in "\\PC{0,300}") {
+                let unit: UnitRef = "dev/web".parse().unwrap();
+                let _ = validate(&unit, &text, &Limits::default());
+                let _ = mask_secrets(&text);
+            }
+        }
+    }
 }

@@ -684,3 +684,49 @@ async fn promotion_through_the_cli() {
     }
     agent.stop().await;
 }
+
+#[tokio::test]
+async fn operator_tokens_print_as_json_and_oversized_units_are_refused_before_sending() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&[
+            "operator",
+            "create",
+            "alice",
+            "--role",
+            "read-only",
+            "-o",
+            "json",
+        ])
+        .await,
+    )
+    .expect("JSON output");
+    assert_eq!(created["name"], "alice");
+    assert_eq!(created["role"], "read-only");
+    assert!(created["token"].as_str().unwrap().starts_with("usk_op_"));
+    let again = hub.run(&["operator", "create", "alice"]).await;
+    assert!(!again.status.success());
+    assert!(
+        String::from_utf8_lossy(&again.stderr).contains("operator alice already exists"),
+        "{}",
+        String::from_utf8_lossy(&again.stderr)
+    );
+    let rotated: serde_json::Value =
+        serde_json::from_str(&hub.ok(&["operator", "rotate", "alice", "-o", "json"]).await)
+            .unwrap();
+    assert_ne!(rotated["token"], created["token"]);
+    hub.ok(&["env", "create", "dev"]).await;
+    let big = format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\n  namespace: apps\ndata:\n  x: \"{}\"\n",
+        "x".repeat(5 * 1024 * 1024)
+    );
+    let path = write(files.path(), "big.yaml", &big);
+    let out = hub.run(&["unit", "create", "dev/big", "-f", &path]).await;
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("unit dev/big: the manifests are") && err.contains("a unit holds at most"),
+        "{err}"
+    );
+}

@@ -8,6 +8,7 @@ mod auth;
 mod cli;
 mod delivery;
 mod deploy;
+mod hub_faults;
 mod kube_sim;
 mod promote;
 mod protocol;

@@ -494,3 +494,57 @@ async fn replicas_racing_on_one_unit_both_commit() {
         RevisionNum(20)
     );
 }
+
+/// The schema each backend's migrations produce: (table, column, type),
+/// with the database's types mapped to one vocabulary.
+type Schema = std::collections::BTreeSet<(String, String, &'static str)>;
+
+fn type_of(declared: &str) -> &'static str {
+    match declared.to_ascii_lowercase().as_str() {
+        "integer" | "bigint" | "bigserial" => "integer",
+        "text" => "text",
+        _ => "other",
+    }
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
+async fn the_two_migration_sets_make_the_same_schema() {
+    use sqlx::Connection;
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("hub.db");
+    drop(SqlStore::sqlite(&path).await.unwrap());
+    let mut lite = sqlx::SqliteConnection::connect(&format!("sqlite://{}", path.display()))
+        .await
+        .unwrap();
+    let sqlite: Schema = sqlx::query_as::<_, (String, String, String)>(
+        "SELECT m.name, p.name, p.type FROM sqlite_master m JOIN pragma_table_info(m.name) p
+         WHERE m.type = 'table' AND m.name NOT LIKE 'sqlite_%'",
+    )
+    .fetch_all(&mut lite)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(t, c, ty)| (t, c, type_of(&ty)))
+    .collect();
+    let url = unitsync_tests::hub::postgres_database().await;
+    drop(SqlStore::postgres(&url).await.unwrap());
+    let mut pg = sqlx::PgConnection::connect(&url).await.unwrap();
+    let postgres: Schema = sqlx::query_as::<_, (String, String, String)>(
+        "SELECT table_name::TEXT, column_name::TEXT, data_type::TEXT FROM information_schema.columns
+         WHERE table_schema = 'public' AND table_name <> 'schema_version'",
+    )
+    .fetch_all(&mut pg)
+    .await
+    .unwrap()
+    .into_iter()
+    .map(|(t, c, ty)| (t, c, type_of(&ty)))
+    .collect();
+    let only_sqlite: Vec<_> = sqlite.difference(&postgres).collect();
+    let only_postgres: Vec<_> = postgres.difference(&sqlite).collect();
+    assert!(
+        only_sqlite.is_empty() && only_postgres.is_empty(),
+        "only in SQLite: {only_sqlite:?}; only in PostgreSQL: {only_postgres:?}"
+    );
+    assert!(sqlite.len() > 40, "{} columns", sqlite.len());
+}

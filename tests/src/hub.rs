@@ -89,6 +89,15 @@ impl TestHub {
         Self::start_full(Tuning::default(), Some(url.to_owned()), replica_of).await
     }
 
+    /// The same, with tuning.
+    pub async fn start_on_postgres_with(
+        url: &str,
+        replica_of: Option<&TestHub>,
+        tuning: Tuning,
+    ) -> TestHub {
+        Self::start_full(tuning, Some(url.to_owned()), replica_of).await
+    }
+
     async fn start_full(
         tuning: Tuning,
         database_url: Option<String>,

@@ -69,6 +69,11 @@ impl SimAgent {
         self
     }
 
+    /// A session client of this agent (to call it directly).
+    pub fn hub_client(&self) -> HubClient {
+        self.client().0
+    }
+
     fn client(&self) -> (HubClient, tokio::sync::mpsc::UnboundedReceiver<HubEvent>) {
         let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
         let client = HubClient::new(

@@ -304,3 +304,35 @@ pub fn update(d: &Delivery) -> pb::UnitUpdate {
         committed_at: Some(d.committed_at.into()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+    use prost::Message;
+
+    use super::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(1024))]
+
+        /// Whatever bytes a peer sends, decoding and conversion end in a
+        /// value or a clean error, never a panic.
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..512)) {
+            if let Ok(m) = pb::AgentMessage::decode(bytes.as_slice())
+                && let Some(pb::agent_message::Msg::Status(s)) = m.msg
+            {
+                let _ = phase_from_pb(s.phase);
+                for r in s.resources {
+                    let _ = resource_from_pb(r);
+                }
+            }
+            let _ = pb::HubMessage::decode(bytes.as_slice());
+            if let Ok(o) = pb::Override::decode(bytes.as_slice()) {
+                let _ = override_from_pb(o);
+            }
+            let _ = pb::PutUnitRequest::decode(bytes.as_slice());
+            let _ = pb::PromoteRequest::decode(bytes.as_slice());
+        }
+    }
+}
