@@ -1,11 +1,15 @@
 #!/usr/bin/env bash
 # The main job end to end on embedded defaults: builds unitsync, starts a
-# hub (SQLite), three simulated clusters (kube-sim) with an agent each (dev,
-# staging, prod), publishes the messagewall example (Crossplane-style
-# resources with their CRDs, plus a Deployment) to dev, promotes it to
-# staging (with an override) and prod (after an approval), waiting each time
-# until every cluster reports Ready, and prints the status matrix. Everything runs on 127.0.0.1 and is removed on exit
-# (KEEP=1 keeps it running until you press Ctrl-C).
+# simulated ConfigHub (confighub-sim) and a hub (SQLite) that is its worker
+# for every cluster, three simulated clusters (kube-sim) with an agent each
+# (dev, staging, prod). The messagewall example (Crossplane-style resources
+# with their CRDs, plus a Deployment) is created in ConfigHub and applied to
+# dev the way ConfigHub users do (`cub unit set-target`, `cub unit apply
+# --wait`), then promoted by unitsync to staging (with an override) and prod
+# (after an approval), waiting each time until every cluster reports Ready.
+# It prints what ConfigHub sees and unitsync's status matrix. Everything
+# runs on 127.0.0.1 and is removed on exit (KEEP=1 keeps it running until
+# you press Ctrl-C).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -31,11 +35,27 @@ wait_for() { # file, what
   echo "timed out waiting for $2" >&2; exit 1
 }
 
+say "starting confighub-sim as ConfigHub"
+"$BIN/confighub-sim" serve >"$WORK/confighub.json" 2>"$WORK/confighub.log" &
+PIDS+=($!)
+wait_for "$WORK/confighub.json" "confighub-sim"
+export CONFIGHUB_URL=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["url"])' "$WORK/confighub.json")
+cub() { "$BIN/confighub-sim" cub "$@"; }
+SPACE=messagewall-dev
+cub space create "$SPACE"
+say "cub worker create --space $SPACE actuator-sync"
+cub worker create actuator-sync --space "$SPACE" >"$WORK/worker.json"
+WORKER_ID=$(python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["BridgeWorkerID"])' "$WORK/worker.json")
+python3 -c 'import json,sys; print(json.load(open(sys.argv[1]))["Secret"], end="")' "$WORK/worker.json" >"$WORK/worker.secret"
+chmod 600 "$WORK/worker.secret"
+
 GRPC=$(free_port); HTTP=$(free_port)
 export UNITSYNC_HUB="https://127.0.0.1:$GRPC"
 export UNITSYNC_DATA_DIR="$WORK/hub"
-say "starting the hub on $UNITSYNC_HUB (TLS with its own CA; data in $UNITSYNC_DATA_DIR)"
+say "starting the hub on $UNITSYNC_HUB as that ConfigHub worker for dev (TLS with its own CA; data in $UNITSYNC_DATA_DIR)"
 "$BIN/unitsync" serve --listen "127.0.0.1:$GRPC" --http-listen "127.0.0.1:$HTTP" --data-dir "$UNITSYNC_DATA_DIR" \
+  --confighub-url "$CONFIGHUB_URL" --confighub-worker-id "$WORKER_ID" \
+  --confighub-worker-secret-file "$WORK/worker.secret" --confighub-environments dev \
   >"$WORK/hub.log" 2>&1 &
 PIDS+=($!)
 wait_for "$UNITSYNC_DATA_DIR/admin.token" "the hub"
@@ -56,12 +76,24 @@ for env in dev staging prod; do
   PIDS+=($!)
 done
 
+say "ConfigHub shows the hub's target for dev"
+for _ in $(seq 1 100); do cub target list --space "$SPACE" | grep -q unitsync-dev && break; sleep 0.1; done
+cub target list --space "$SPACE"
+
 UNITS="dynamodb eventbridge iam lambda function-url s3 web"
-say "publishing messagewall to dev"
-"$BIN/unitsync" unit create dev/crds -f "$EXAMPLE/crds.yaml" -m "CRDs for messagewall" --label app=messagewall --wait --timeout 120
-for u in $UNITS; do
-  "$BIN/unitsync" unit create "dev/$u" -f "$EXAMPLE/$u.yaml" -m "messagewall $u" --label app=messagewall --wait --timeout 120
+say "creating the messagewall units in ConfigHub"
+for u in crds $UNITS; do
+  cub unit create "$u" "$EXAMPLE/$u.yaml" --space "$SPACE" --label app=messagewall
 done
+say "cub unit set-target unitsync-dev --space $SPACE --unit crds,${UNITS// /,}"
+cub unit set-target unitsync-dev --space "$SPACE" --unit "crds,${UNITS// /,}"
+say "cub unit apply --space $SPACE --unit crds --wait"
+cub unit apply --space "$SPACE" --unit crds --wait
+say "cub unit apply --space $SPACE --unit ${UNITS// /,} --wait"
+cub unit apply --space "$SPACE" --unit "${UNITS// /,}" --wait
+
+say "what ConfigHub sees: the events of unit web"
+cub unit events web --space "$SPACE"
 
 say "staging: 2 replicas of web become 3 (an override kept across promotions)"
 "$BIN/unitsync" unit create staging/web --from dev/web

@@ -17,7 +17,9 @@ pub const AGENT_TOKEN_PREFIX: &str = "usk_agent_";
 /// Prefix of operator tokens.
 pub const OPERATOR_TOKEN_PREFIX: &str = "usk_op_";
 
-/// A freshly generated secret. Its `Debug` hides the value.
+/// A secret (a generated token, a credential read from a file). Its
+/// `Debug` hides the value.
+#[derive(Clone)]
 pub struct Secret(String);
 
 impl Secret {

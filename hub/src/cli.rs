@@ -63,7 +63,7 @@ pub enum Format {
 #[derive(Subcommand, Debug)]
 pub enum Command {
     /// Run the hub.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Manage environments (the promotion order).
     #[command(subcommand)]
     Env(EnvCommand),
@@ -156,6 +156,115 @@ pub struct ServeArgs {
     /// Serve gRPC without TLS (development only; logged loudly).
     #[arg(long, conflicts_with = "tls_cert")]
     pub insecure_plaintext: bool,
+    #[command(flatten)]
+    pub confighub: ConfigHubArgs,
+}
+
+/// The hub as a ConfigHub worker (all optional: without a URL, no worker).
+#[derive(Args, Debug, Default)]
+pub struct ConfigHubArgs {
+    /// ConfigHub's URL; with it the hub is a ConfigHub worker for every
+    /// cluster (`cub worker create` gives the id and secret).
+    #[arg(long, env = "CONFIGHUB_URL")]
+    pub confighub_url: Option<String>,
+    #[arg(long, env = "CONFIGHUB_WORKER_ID", requires = "confighub_url")]
+    pub confighub_worker_id: Option<String>,
+    /// File holding the worker secret (or CONFIGHUB_WORKER_SECRET).
+    #[arg(long, env = "CONFIGHUB_WORKER_SECRET_FILE", requires = "confighub_url")]
+    pub confighub_worker_secret_file: Option<PathBuf>,
+    #[arg(
+        long,
+        env = "CONFIGHUB_WORKER_SECRET",
+        hide_env_values = true,
+        hide = true
+    )]
+    pub confighub_worker_secret: Option<String>,
+    /// `long-poll` (a lease: one replica works the queue) or `http2-stream`.
+    #[arg(long, env = "CONFIGHUB_WORKER_TRANSPORT", default_value = "long-poll")]
+    pub confighub_transport: String,
+    /// Trust this CA (PEM) for ConfigHub instead of the system roots.
+    #[arg(long, env = "CONFIGHUB_CA_FILE")]
+    pub confighub_ca_file: Option<PathBuf>,
+    /// Environments offered as ConfigHub targets (default: all). Promotions
+    /// into them happen in ConfigHub.
+    #[arg(long, env = "CONFIGHUB_ENVIRONMENTS", value_delimiter = ',')]
+    pub confighub_environments: Vec<String>,
+    /// How long an Apply or Destroy waits for every cluster (unless the
+    /// target sets WaitTimeout), e.g. `10m`.
+    #[arg(long, default_value = "10m")]
+    pub confighub_wait_timeout: humantime::Duration,
+    /// The result ending an Apply whose resources are stuck:
+    /// `ApplyWaitFailed` (every server knows it) or `ApplyStuck`.
+    #[arg(long, default_value = "ApplyWaitFailed")]
+    pub confighub_stuck_result: String,
+}
+
+impl ConfigHubArgs {
+    fn config(&self) -> Result<Option<crate::source::confighub::ConfigHubConfig>, String> {
+        use crate::source::confighub::{ConfigHubConfig, StuckResult};
+        let Some(url) = &self.confighub_url else {
+            return Ok(None);
+        };
+        let worker_id = self.confighub_worker_id.clone().ok_or(
+            "--confighub-worker-id (CONFIGHUB_WORKER_ID) is required with --confighub-url",
+        )?;
+        let secret = match (
+            &self.confighub_worker_secret_file,
+            &self.confighub_worker_secret,
+        ) {
+            (Some(f), _) => std::fs::read_to_string(f)
+                .map_err(|e| {
+                    format!(
+                        "cannot read the ConfigHub worker secret {}: {e}",
+                        f.display()
+                    )
+                })?
+                .trim()
+                .to_owned(),
+            (None, Some(s)) => s.trim().to_owned(),
+            (None, None) => {
+                return Err("--confighub-worker-secret-file or CONFIGHUB_WORKER_SECRET is required with --confighub-url".into());
+            }
+        };
+        let ca_pem = match &self.confighub_ca_file {
+            Some(f) => Some(
+                std::fs::read_to_string(f)
+                    .map_err(|e| format!("cannot read the ConfigHub CA {}: {e}", f.display()))?,
+            ),
+            None => None,
+        };
+        let environments = if self.confighub_environments.is_empty() {
+            None
+        } else {
+            Some(
+                self.confighub_environments
+                    .iter()
+                    .map(|e| {
+                        e.parse()
+                            .map_err(|e: crate::model::NameError| e.to_string())
+                    })
+                    .collect::<Result<Vec<_>, _>>()?,
+            )
+        };
+        Ok(Some(ConfigHubConfig {
+            url: url.clone(),
+            worker_id,
+            secret: crate::auth::Secret::from_string(secret),
+            transport: self.confighub_transport.parse()?,
+            ca_pem,
+            environments,
+            wait_timeout: self.confighub_wait_timeout.into(),
+            stuck_result: match self.confighub_stuck_result.as_str() {
+                "ApplyWaitFailed" => StuckResult::WaitFailed,
+                "ApplyStuck" => StuckResult::Stuck,
+                other => {
+                    return Err(format!(
+                        "--confighub-stuck-result {other:?}: ApplyWaitFailed or ApplyStuck"
+                    ));
+                }
+            },
+        }))
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
@@ -165,7 +274,8 @@ pub enum LogFormat {
 }
 
 impl ServeArgs {
-    pub fn config(&self) -> crate::Config {
+    /// The hub's configuration (reads the files it names).
+    pub fn config(&self) -> Result<crate::Config, crate::config::ConfigError> {
         let mut tuning = crate::control::Tuning::default();
         tuning.limits.max_bytes = self.max_unit_bytes;
         tuning.limits.max_documents = self.max_documents;
@@ -182,14 +292,18 @@ impl ServeArgs {
                 names: self.tls_names.clone(),
             },
         };
-        crate::Config {
+        Ok(crate::Config {
             listen: self.listen,
             http_listen: (!self.no_http).then_some(self.http_listen),
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone(),
             tls,
             tuning,
-        }
+            confighub: self
+                .confighub
+                .config()
+                .map_err(crate::config::ConfigError::Invalid)?,
+        })
     }
 }
 

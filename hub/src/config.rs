@@ -26,6 +26,8 @@ pub struct Config {
     pub database_url: Option<String>,
     pub tls: crate::tls::TlsMode,
     pub tuning: Tuning,
+    /// Be a ConfigHub worker for every cluster.
+    pub confighub: Option<crate::source::confighub::ConfigHubConfig>,
 }
 
 impl std::fmt::Debug for Config {
@@ -40,6 +42,7 @@ impl std::fmt::Debug for Config {
             )
             .field("tls", &self.tls)
             .field("tuning", &self.tuning)
+            .field("confighub", &self.confighub)
             .finish()
     }
 }
@@ -93,6 +96,40 @@ impl Config {
         if self.tuning.max_sessions == 0 {
             return Err(ConfigError::Invalid("max sessions must be positive".into()));
         }
+        if let Some(c) = &self.confighub {
+            // The worker secret travels with every call: plain HTTP only on
+            // this machine.
+            let url = reqwest::Url::parse(&c.url).ok();
+            let loopback = url
+                .as_ref()
+                .and_then(reqwest::Url::host_str)
+                .is_some_and(|h| {
+                    let h = h.trim_matches(['[', ']']);
+                    h == "localhost" || h.parse::<std::net::IpAddr>().is_ok_and(|a| a.is_loopback())
+                });
+            let scheme = url.as_ref().map(reqwest::Url::scheme);
+            if !(scheme == Some("https") || (scheme == Some("http") && loopback)) {
+                return Err(ConfigError::Invalid(format!(
+                    "the ConfigHub URL {:?} must be https:// (plain http:// only to this machine)",
+                    crate::manifest::prefix(&c.url)
+                )));
+            }
+            if c.worker_id.trim().is_empty() {
+                return Err(ConfigError::Invalid(
+                    "the ConfigHub worker id is empty".into(),
+                ));
+            }
+            if c.secret.expose().len() < 8 {
+                return Err(ConfigError::Invalid(
+                    "the ConfigHub worker secret is too short (under 8 characters)".into(),
+                ));
+            }
+            if c.wait_timeout.is_zero() {
+                return Err(ConfigError::Invalid(
+                    "the ConfigHub wait timeout must be positive".into(),
+                ));
+            }
+        }
         Ok(())
     }
 
@@ -118,6 +155,7 @@ mod tests {
             database_url: Some("postgres://hub:s3cret-pw@db:5432/unitsync?password=also".into()),
             tls: crate::tls::TlsMode::Plaintext,
             tuning: Tuning::default(),
+            confighub: None,
         };
         let shown = format!("{config:?}");
         assert!(
@@ -128,5 +166,46 @@ mod tests {
             shown.contains("postgres://hub:***@db:5432/unitsync"),
             "{shown}"
         );
+    }
+
+    #[test]
+    fn the_confighub_secret_never_travels_in_clear_off_this_machine() {
+        let with_url = |url: &str| Config {
+            listen: "127.0.0.1:7443".parse().unwrap(),
+            http_listen: None,
+            data_dir: "/data".into(),
+            database_url: None,
+            tls: crate::tls::TlsMode::Plaintext,
+            tuning: Tuning::default(),
+            confighub: Some(crate::source::confighub::ConfigHubConfig {
+                url: url.into(),
+                worker_id: "w".into(),
+                secret: crate::auth::Secret::from_string("ch_secret_value".into()),
+                transport: crate::source::confighub::Transport::LongPoll,
+                ca_pem: None,
+                environments: None,
+                wait_timeout: std::time::Duration::from_secs(60),
+                stuck_result: crate::source::confighub::StuckResult::WaitFailed,
+            }),
+        };
+        for ok in [
+            "https://hub.confighub.com",
+            "http://127.0.0.1:8080",
+            "http://localhost:1",
+            "http://[::1]:9",
+        ] {
+            assert!(with_url(ok).validate().is_ok(), "{ok}");
+        }
+        for bad in [
+            "http://hub.confighub.com",
+            "http://10.0.0.1",
+            "ftp://x",
+            "hub.confighub.com",
+        ] {
+            let e = with_url(bad).validate().unwrap_err().to_string();
+            assert!(e.contains("must be https://"), "{bad}: {e}");
+        }
+        let shown = format!("{:?}", with_url("https://hub.confighub.com"));
+        assert!(!shown.contains("ch_secret_value"), "{shown}");
     }
 }

@@ -17,8 +17,8 @@ use crate::manifest::{self, Limits, Validated};
 use crate::metrics::Metrics;
 use crate::model::{
     Actor, AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels,
-    NewAudit, NewRevision, Override, Promotion, PutMode, Revision, RevisionNum, Role, StatusCell,
-    Unit, UnitName, UnitRef, UnixMillis,
+    NewAudit, NewRevision, Override, Promotion, PutMode, Revision, RevisionNum, Role,
+    SourceOperation, StatusCell, Unit, UnitName, UnitRef, UnixMillis,
 };
 use crate::store::{Operator, Page, Store};
 use crate::tls::HubCa;
@@ -66,6 +66,34 @@ pub struct Hub {
     next_session: AtomicU64,
     /// The hub CA (client certificates), loaded once at start.
     ca: Option<Arc<HubCa>>,
+    /// Environments a source feeds (promotions into them happen there).
+    claim: std::sync::RwLock<Option<EnvClaim>>,
+}
+
+/// A source's claim on environments: promotions into them are refused and
+/// pointed to the source.
+#[derive(Clone, Debug)]
+pub struct EnvClaim {
+    /// Who feeds them (`ConfigHub`).
+    pub by: String,
+    /// The environments (`None`: all).
+    pub envs: Option<Vec<EnvName>>,
+    /// What to do instead.
+    pub hint: String,
+}
+
+/// Content a source commits (see [`Hub::commit_from_source`]).
+#[derive(Clone, Debug)]
+pub struct SourceCommit {
+    /// The owner (`confighub:WORKER_ID`, `oci:NAME`).
+    pub source: String,
+    pub actor: Actor,
+    pub unit: UnitRef,
+    pub manifests: String,
+    /// `None` keeps the unit's labels.
+    pub labels: Option<Labels>,
+    pub origin: String,
+    pub message: String,
 }
 
 /// A unit as an operator reads it.
@@ -119,7 +147,30 @@ impl Hub {
             heads: Mutex::default(),
             next_session: AtomicU64::new(1),
             ca: ca.map(Arc::new),
+            claim: std::sync::RwLock::new(None),
         }
+    }
+
+    /// Records that a source feeds some environments.
+    pub fn claim_environments(&self, claim: EnvClaim) {
+        *self
+            .claim
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(claim);
+    }
+
+    /// Why promotions into `env` are refused, if they are.
+    pub fn claimed(&self, env: &EnvName) -> Option<String> {
+        let claim = self
+            .claim
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()?;
+        claim
+            .envs
+            .as_ref()
+            .is_none_or(|e| e.contains(env))
+            .then(|| format!("environment {env} is fed by {}: {}", claim.by, claim.hint))
     }
 
     /// The hub CA certificate (PEM), when the hub has a CA.
@@ -578,6 +629,84 @@ impl Hub {
 
     pub async fn list_promotions(&self, limit: u32) -> Result<Vec<Promotion>> {
         Ok(self.store.list_promotions(limit).await?)
+    }
+
+    // --- sources ---
+
+    /// Commits content on behalf of a source, which owns the unit (other
+    /// writers are refused). Content and labels equal to the head's commit
+    /// nothing and return the head.
+    pub async fn commit_from_source(&self, c: SourceCommit) -> Result<Revision> {
+        if let Some(labels) = &c.labels {
+            crate::model::check_labels(labels)
+                .map_err(|e| HubError::InvalidArgument(format!("unit {}: {e}", c.unit)))?;
+        }
+        let (valid, text) = self.validate(&c.unit, c.manifests).await?;
+        if let Some(u) = self.store.get_unit(&c.unit).await?
+            && !u.destroyed
+            && u.source == c.source
+            && c.labels.as_ref().is_none_or(|l| *l == u.labels)
+            && let Some(head) = self.store.get_revision(&c.unit, u.head).await?
+            && head.digest == valid.digest
+        {
+            return Ok(head);
+        }
+        let rev = NewRevision {
+            source: c.source,
+            labels: c.labels,
+            ..NewRevision::content(
+                c.unit,
+                Arc::from(text),
+                valid.documents(),
+                valid.digest,
+                c.actor,
+                c.origin,
+                c.message,
+            )
+        };
+        self.commit(rev).await
+    }
+
+    /// Destroys a unit on behalf of its source; `None` when there is
+    /// nothing to destroy (unknown or already destroyed).
+    pub async fn destroy_from_source(
+        &self,
+        source: &str,
+        actor: Actor,
+        unit: UnitRef,
+        origin: String,
+        message: String,
+    ) -> Result<Option<Revision>> {
+        match self.store.get_unit(&unit).await? {
+            None => return Ok(None),
+            Some(u) if u.destroyed => return Ok(None),
+            Some(_) => {}
+        }
+        let rev = NewRevision {
+            source: source.to_owned(),
+            ..NewRevision::tombstone(unit, actor, origin, message)
+        };
+        self.commit(rev).await.map(Some)
+    }
+
+    /// Records (or updates) an operation a source asked for.
+    pub async fn put_operation(&self, op: &SourceOperation) -> Result<()> {
+        Ok(self.store.put_operation(op).await?)
+    }
+
+    pub async fn get_operation(&self, id: &str) -> Result<Option<SourceOperation>> {
+        Ok(self.store.get_operation(id).await?)
+    }
+
+    /// A source's operations not yet reported to it, oldest first.
+    pub async fn open_operations(&self, source: &str) -> Result<Vec<SourceOperation>> {
+        Ok(self.store.open_operations(source).await?)
+    }
+
+    /// Units whose status was just recorded (a hint; the store is the
+    /// truth).
+    pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<UnitRef> {
+        self.feedback.changes()
     }
 
     // --- publishing ---

@@ -29,10 +29,22 @@ struct Pending {
 }
 
 /// Coalescing buffer between agent sessions and the store.
-#[derive(Default)]
 pub struct Feedback {
     pending: Mutex<Pending>,
     notify: Notify,
+    /// Units whose status was just recorded (a hint for waiters: the store
+    /// is the truth; a lagging receiver re-reads it).
+    changes: tokio::sync::broadcast::Sender<UnitRef>,
+}
+
+impl Default for Feedback {
+    fn default() -> Self {
+        Self {
+            pending: Mutex::default(),
+            notify: Notify::new(),
+            changes: tokio::sync::broadcast::channel(4096).0,
+        }
+    }
 }
 
 /// How long the writer gathers statuses before a flush.
@@ -47,6 +59,11 @@ impl Feedback {
         self.pending
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Units whose recorded status changed, as they are written.
+    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<UnitRef> {
+        self.changes.subscribe()
     }
 
     pub fn ack(&self, cluster: ClusterName, unit: UnitRef, revision: RevisionNum) {
@@ -100,6 +117,11 @@ impl Feedback {
                 break;
             }
             written_statuses += chunk.len();
+            let units: std::collections::BTreeSet<&UnitRef> =
+                chunk.iter().map(|r| &r.unit).collect();
+            for u in units {
+                let _ = self.changes.send(u.clone());
+            }
         }
         let mut written_acks = 0;
         if failed.is_none() {

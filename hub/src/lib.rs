@@ -18,6 +18,7 @@ pub mod metrics;
 pub mod model;
 pub mod promote;
 pub mod server;
+pub mod source;
 pub mod store;
 pub mod tls;
 

@@ -28,11 +28,13 @@ async fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => {
             init_logs(args.log_format);
-            let config = args.config();
-            if let Err(e) = config.validate() {
-                eprintln!("error: {}", ErrorChain(&e));
-                return ExitCode::from(EX_USAGE);
-            }
+            let config = match args.config().and_then(|c| c.validate().map(|()| c)) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {}", ErrorChain(&e));
+                    return ExitCode::from(EX_USAGE);
+                }
+            };
             let hub = match unitsync_hub::start(config).await {
                 Ok(h) => h,
                 Err(e) => {

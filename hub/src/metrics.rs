@@ -1,7 +1,9 @@
 //! Prometheus metrics of the hub (served at `/metrics`).
 
+use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
 use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
@@ -17,6 +19,17 @@ pub struct Metrics {
     pub delivery_latency: Histogram,
     pub status_reports: Counter,
     pub sessions_refused: Counter,
+    /// 1 while the ConfigHub worker holds its lease or stream.
+    pub confighub_connected: Gauge,
+    pub confighub_operations: Family<OperationLabels, Counter>,
+    pub confighub_report_retries: Counter,
+}
+
+/// Labels of a finished source operation.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OperationLabels {
+    pub action: String,
+    pub result: String,
 }
 
 impl Default for Metrics {
@@ -79,8 +92,29 @@ impl Metrics {
             "Agent sessions refused (auth, version, load)",
             sessions_refused.clone(),
         );
+        let confighub_connected = Gauge::default();
+        let confighub_operations = Family::<OperationLabels, Counter>::default();
+        let confighub_report_retries = Counter::default();
+        registry.register(
+            "confighub_connected",
+            "1 while the ConfigHub worker holds its lease (long poll) or stream",
+            confighub_connected.clone(),
+        );
+        registry.register(
+            "confighub_operations",
+            "ConfigHub operations finished, by action and terminal result",
+            confighub_operations.clone(),
+        );
+        registry.register(
+            "confighub_report_retries",
+            "Result reports to ConfigHub sent again after a failure",
+            confighub_report_retries.clone(),
+        );
         Metrics {
             registry,
+            confighub_connected,
+            confighub_operations,
+            confighub_report_retries,
             connected_agents,
             revisions_committed,
             updates_sent,

@@ -236,6 +236,8 @@ pub enum Actor {
     Agent(ClusterName),
     /// The hub itself (start-up, automatic actions).
     Hub,
+    /// A source acting on its own (`confighub:<worker>`, `oci:<source>`).
+    Source(String),
 }
 
 impl fmt::Display for Actor {
@@ -244,6 +246,7 @@ impl fmt::Display for Actor {
             Actor::Operator(n) => write!(f, "operator:{n}"),
             Actor::Agent(c) => write!(f, "agent:{c}"),
             Actor::Hub => f.write_str("hub"),
+            Actor::Source(s) => f.write_str(s),
         }
     }
 }
@@ -273,6 +276,21 @@ impl Role {
 }
 
 pub type Labels = BTreeMap<String, String>;
+
+/// Checks unit labels: non-empty keys of at most 317 characters (a
+/// 253-character prefix, `/`, a 63-character name), values of at most 63.
+pub fn check_labels(labels: &Labels) -> Result<(), String> {
+    for (k, v) in labels {
+        if k.is_empty() || k.len() > 317 || v.len() > 63 {
+            return Err(format!(
+                "invalid label {}={}",
+                crate::manifest::prefix(k),
+                crate::manifest::prefix(v)
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// What promotions into an environment require.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
@@ -325,6 +343,9 @@ pub struct Unit {
     pub overrides: Vec<Override>,
     /// The upstream revision the head came from (0: not promoted).
     pub head_source: RevisionNum,
+    /// The source that owns the unit (`confighub:SPACE/UNIT`, `oci:NAME`);
+    /// empty for the hub's own units. Other writers are refused.
+    pub source: String,
 }
 
 /// An immutable revision of a unit. `manifests` is empty for a tombstone and
@@ -383,6 +404,9 @@ pub struct NewRevision {
     /// not exist yet); checked under the commit's lock, so a concurrent
     /// change is a conflict instead of being silently superseded.
     pub expected_head: Option<RevisionNum>,
+    /// Who owns the unit (empty: the hub). A unit owned by a source takes
+    /// revisions from that source only.
+    pub source: String,
 }
 
 impl NewRevision {
@@ -410,6 +434,7 @@ impl NewRevision {
             source_revision: RevisionNum(0),
             upstream: None,
             expected_head: None,
+            source: String::new(),
         }
     }
 
@@ -576,6 +601,29 @@ pub struct Promotion {
     pub forced: bool,
     pub reason: String,
     pub items: Vec<PromotedUnit>,
+}
+
+/// An operation a source asked for (a ConfigHub queued operation), kept
+/// until its terminal report is delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SourceOperation {
+    /// The source's id for it (a ConfigHub `QueuedOperationID`).
+    pub id: String,
+    /// `confighub:<worker>`.
+    pub source: String,
+    /// `ENV/NAME` (as the source named it; may not be a valid unit).
+    pub unit: String,
+    pub action: String,
+    /// `running` until the terminal report is decided, then `reported`.
+    pub state: String,
+    /// The hub revision the operation committed (0: none yet).
+    pub hub_revision: RevisionNum,
+    /// The terminal report, as the source's wire format (empty: none yet).
+    pub report: String,
+    pub delivered: bool,
+    /// What the source needs to resume the operation (its own JSON).
+    pub detail: String,
+    pub created_at: UnixMillis,
 }
 
 /// An audit record about to be written.

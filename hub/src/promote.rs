@@ -68,6 +68,8 @@ pub struct PlanItem {
     pub blocking: bool,
     content: Option<(String, crate::manifest::Validated)>,
     create: bool,
+    /// Where a source-owned upstream revision came from (its origin).
+    provenance: Option<String>,
 }
 
 #[derive(Clone, Debug)]
@@ -190,6 +192,9 @@ impl Hub {
     pub async fn promote(&self, req: PromoteRequest) -> Result<Outcome> {
         let from = self.environment(&req.from).await?;
         let to = self.environment(&req.to).await?;
+        if let Some(why) = self.claimed(&to.name) {
+            return Err(HubError::FailedPrecondition(why));
+        }
         if from.position >= to.position {
             return Err(HubError::InvalidArgument(format!(
                 "{} comes after {} in the pipeline; promotions go forward",
@@ -258,6 +263,7 @@ impl Hub {
                 blocking: false,
                 content: None,
                 create: existing.is_none(),
+                provenance: (!s.source.is_empty()).then(|| src.origin.clone()),
             };
             if src.tombstone {
                 item.skipped = Some(format!("{}@{rev_no} is a destroy", s.unit));
@@ -355,7 +361,10 @@ impl Hub {
         let mut promoted = Vec::new();
         for i in items.iter().filter(|i| i.skipped.is_none()) {
             let (content, valid) = i.content.clone().expect("planned content");
-            let origin = format!("promotion from {}@{}", i.source, i.source_revision);
+            let origin = match &i.provenance {
+                Some(p) => format!("promotion from {}@{} ({p})", i.source, i.source_revision),
+                None => format!("promotion from {}@{}", i.source, i.source_revision),
+            };
             revs.push(NewRevision {
                 source_revision: i.source_revision,
                 upstream: i.create.then(|| i.source.clone()),

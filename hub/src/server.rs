@@ -168,6 +168,21 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     let hub = Arc::new(Hub::new(store.clone(), config.tuning.clone(), ca));
     let shutdown = CancellationToken::new();
+    // The ConfigHub worker, when configured: a source acting through `Hub`.
+    let worker = match &config.confighub {
+        Some(ch) => {
+            hub.claim_environments(crate::control::EnvClaim {
+                by: "ConfigHub".into(),
+                envs: ch.environments.clone(),
+                hint: "promote the unit in ConfigHub instead (`cub unit update --upgrade` on the downstream unit, then `cub unit apply`)".into(),
+            });
+            let w = crate::source::confighub::Worker::new(hub.clone(), ch.clone())
+                .map_err(|e| StartError::Config(ConfigError::Invalid(e.to_string())))?;
+            tracing::info!(url = %ch.url, worker = %ch.worker_id, transport = ?ch.transport, "ConfigHub worker starting");
+            Some(tokio::spawn(w.run(shutdown.clone())))
+        }
+        None => None,
+    };
     let feedback_stop = CancellationToken::new();
     let feedback = tokio::spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
 
@@ -265,6 +280,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
                 hub_for_stop.fanout.disconnect_all();
             })
             .await;
+        // The ConfigHub worker releases its lease first thing.
+        if let Some(w) = worker {
+            let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
+        }
         // Stop the feedback writer only after the sessions are gone, so
         // their last acks and statuses are flushed.
         hub_for_task.fanout.disconnect_all();

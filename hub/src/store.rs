@@ -249,6 +249,17 @@ pub trait Store: Send + Sync + 'static {
     /// Whether the store takes writes now (readiness).
     async fn ping(&self) -> StoreResult<()>;
 
+    // --- source operations ---
+    /// Records (or updates) an operation a source asked for.
+    async fn put_operation(&self, op: &crate::model::SourceOperation) -> StoreResult<()>;
+    async fn get_operation(&self, id: &str) -> StoreResult<Option<crate::model::SourceOperation>>;
+    /// A source's operations whose terminal report is not delivered yet,
+    /// oldest first.
+    async fn open_operations(
+        &self,
+        source: &str,
+    ) -> StoreResult<Vec<crate::model::SourceOperation>>;
+
     // --- audit ---
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;
     /// Newest first.

@@ -6,6 +6,7 @@ mod agent;
 mod agent_faults;
 mod auth;
 mod cli;
+mod confighub;
 mod delivery;
 mod deploy;
 mod hub_faults;

@@ -8,6 +8,7 @@ use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::Channel;
 use unitsync_hub::control::Tuning;
+use unitsync_hub::source::confighub::ConfigHubConfig;
 use unitsync_hub::{Config, RunningHub};
 use unitsync_proto::v1 as pb;
 use unitsync_proto::v1::hub_service_client::HubServiceClient;
@@ -53,6 +54,7 @@ pub struct TestHub {
     pub admin_token: String,
     tuning: Tuning,
     database_url: Option<String>,
+    confighub: Option<ConfigHubConfig>,
     running: Option<RunningHub>,
 }
 
@@ -80,13 +82,23 @@ impl TestHub {
     }
 
     pub async fn start_with(tuning: Tuning) -> TestHub {
-        Self::start_full(tuning, None, None).await
+        Self::start_full(tuning, None, None, None).await
+    }
+
+    /// A hub that is also a ConfigHub worker (on SQLite, or on the
+    /// PostgreSQL database `database_url`, as a replica of `replica_of`).
+    pub async fn start_confighub(
+        confighub: ConfigHubConfig,
+        database_url: Option<String>,
+        replica_of: Option<&TestHub>,
+    ) -> TestHub {
+        Self::start_full(Tuning::default(), database_url, replica_of, Some(confighub)).await
     }
 
     /// A hub on a PostgreSQL database; `replica_of` shares another hub's
     /// admin token and CA (as replicas do through a shared Secret).
     pub async fn start_on_postgres(url: &str, replica_of: Option<&TestHub>) -> TestHub {
-        Self::start_full(Tuning::default(), Some(url.to_owned()), replica_of).await
+        Self::start_full(Tuning::default(), Some(url.to_owned()), replica_of, None).await
     }
 
     /// The same, with tuning.
@@ -95,13 +107,14 @@ impl TestHub {
         replica_of: Option<&TestHub>,
         tuning: Tuning,
     ) -> TestHub {
-        Self::start_full(tuning, Some(url.to_owned()), replica_of).await
+        Self::start_full(tuning, Some(url.to_owned()), replica_of, None).await
     }
 
     async fn start_full(
         tuning: Tuning,
         database_url: Option<String>,
         replica_of: Option<&TestHub>,
+        confighub: Option<ConfigHubConfig>,
     ) -> TestHub {
         init_logs();
         crate::cluster::init_crypto();
@@ -118,6 +131,7 @@ impl TestHub {
             "127.0.0.1:0".parse().unwrap(),
             tuning.clone(),
             database_url.clone(),
+            confighub.clone(),
         )
         .await;
         TestHub {
@@ -126,6 +140,7 @@ impl TestHub {
             dir,
             tuning,
             database_url,
+            confighub,
             running: Some(running),
         }
     }
@@ -135,6 +150,7 @@ impl TestHub {
         listen: SocketAddr,
         tuning: Tuning,
         database_url: Option<String>,
+        confighub: Option<ConfigHubConfig>,
     ) -> RunningHub {
         let config = Config {
             listen,
@@ -145,6 +161,7 @@ impl TestHub {
                 names: vec!["localhost".into(), "127.0.0.1".into()],
             },
             tuning,
+            confighub,
         };
         within("hub start", unitsync_hub::start(config))
             .await
@@ -201,6 +218,7 @@ impl TestHub {
             self.addr,
             self.tuning.clone(),
             self.database_url.clone(),
+            self.confighub.clone(),
         )
         .await;
         assert_eq!(

@@ -1,12 +1,14 @@
 //! Test fixtures for unitsync: in-process hubs on `127.0.0.1:0` with a
 //! fresh SQLite store or PostgreSQL database each ([`hub`]), simulated agents built on the real
 //! agent session client ([`sim_agent`]), simulated Kubernetes clusters
-//! ([`kube_sim`]) with a real agent ([`cluster`]), condition waits ([`wait`]),
+//! ([`kube_sim`]) with a real agent ([`cluster`]), a simulated ConfigHub
+//! ([`confighub_sim`]), condition waits ([`wait`]),
 //! and for the fault suite: the real binaries as processes ([`processes`]),
 //! a fault-injecting TCP proxy ([`fault_proxy`]), a fleet of them
 //! ([`fleet`]) and the history checker ([`history`]).
 
 pub mod cluster;
+pub mod confighub_sim;
 pub mod fault_proxy;
 pub mod fleet;
 pub mod history;

@@ -54,17 +54,29 @@ pub struct HubProcess {
     pub grpc: SocketAddr,
     pub http: SocketAddr,
     pub heartbeat_seconds: u64,
+    /// More `serve` arguments (a ConfigHub worker's flags).
+    pub extra_args: Vec<String>,
     /// Shared, so a test can kill the hub while others use it.
     child: tokio::sync::Mutex<Option<Child>>,
 }
 
 impl HubProcess {
     pub async fn start(data_dir: &Path, heartbeat_seconds: u64) -> anyhow::Result<HubProcess> {
+        Self::start_with(data_dir, heartbeat_seconds, &[]).await
+    }
+
+    /// The same, with more `serve` arguments.
+    pub async fn start_with(
+        data_dir: &Path,
+        heartbeat_seconds: u64,
+        extra_args: &[&str],
+    ) -> anyhow::Result<HubProcess> {
         let hub = HubProcess {
             data_dir: data_dir.to_owned(),
             grpc: SocketAddr::from(([127, 0, 0, 1], free_port())),
             http: SocketAddr::from(([127, 0, 0, 1], free_port())),
             heartbeat_seconds,
+            extra_args: extra_args.iter().map(|a| (*a).to_owned()).collect(),
             child: tokio::sync::Mutex::new(None),
         };
         hub.restart().await?;
@@ -80,6 +92,7 @@ impl HubProcess {
             .args(["--listen", &self.grpc.to_string()])
             .args(["--http-listen", &self.http.to_string()])
             .args(["--heartbeat-seconds", &self.heartbeat_seconds.to_string()])
+            .args(&self.extra_args)
             .env("UNITSYNC_LOG", "warn")
             .stdout(Stdio::null())
             .stderr(Stdio::null())

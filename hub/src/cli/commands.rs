@@ -594,11 +594,16 @@ async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow::Result<()>
                 Some(s) => print(&s),
                 None => {
                     print(&format!(
-                        "unit {}  head revision {}{}  labels {}",
+                        "unit {}  head revision {}{}  labels {}{}",
                         u.unit,
                         u.head_revision,
                         if u.destroyed { " (destroyed)" } else { "" },
-                        output::labels(&u.labels)
+                        output::labels(&u.labels),
+                        if u.source.is_empty() {
+                            String::new()
+                        } else {
+                            format!("  owned by {}", u.source)
+                        }
                     ));
                     if let Some(h) = &head {
                         print(&format!(
@@ -801,7 +806,7 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
         .iter()
         .map(|s| ((s.cluster.as_str(), s.unit.as_str()), s))
         .collect();
-    let mut header: Vec<String> = vec!["unit".into(), "head".into()];
+    let mut header: Vec<String> = vec!["unit".into(), "head".into(), "source".into()];
     header.extend(clusters.iter().map(|c| c.name.clone()));
     header.push("promotion".into());
     let rows = m
@@ -815,6 +820,16 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
                     format!("{} (destroyed)", u.head_revision)
                 } else {
                     u.head_revision.to_string()
+                },
+                if u.source.is_empty() {
+                    if u.upstream.is_empty() {
+                        "hub"
+                    } else {
+                        "promotion"
+                    }
+                    .to_owned()
+                } else {
+                    u.source.clone()
                 },
             ];
             for cl in &clusters {

@@ -86,6 +86,8 @@ pub(super) struct UnitView {
     pub overrides: Vec<String>,
     #[serde(skip_serializing_if = "is_zero")]
     pub promoted_from_revision: u64,
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub source: String,
 }
 
 fn is_zero(n: &u64) -> bool {
@@ -107,6 +109,7 @@ impl From<&pb::Unit> for UnitView {
                 .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.value_json))
                 .collect(),
             promoted_from_revision: u.promoted_from_revision,
+            source: u.source.clone(),
         }
     }
 }

@@ -53,16 +53,9 @@ fn optional_env(s: &str) -> Result<Option<EnvName>> {
 }
 
 fn labels(map: std::collections::HashMap<String, String>) -> Result<Labels> {
-    for (k, v) in &map {
-        if k.is_empty() || k.len() > 317 || v.len() > 63 {
-            return Err(HubError::InvalidArgument(format!(
-                "invalid label {}={}",
-                crate::manifest::prefix(k),
-                crate::manifest::prefix(v)
-            )));
-        }
-    }
-    Ok(map.into_iter().collect())
+    let labels: Labels = map.into_iter().collect();
+    crate::model::check_labels(&labels).map_err(HubError::InvalidArgument)?;
+    Ok(labels)
 }
 
 /// A page request from the wire: size (clamped) and the opaque token of

@@ -162,6 +162,7 @@ pub fn unit(u: &Unit) -> pb::Unit {
             .unwrap_or_default(),
         overrides: u.overrides.iter().map(override_to_pb).collect(),
         promoted_from_revision: u.head_source.0,
+        source: u.source.clone(),
     }
 }
 

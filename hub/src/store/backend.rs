@@ -20,11 +20,15 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_initial.sql"),
     include_str!("../../migrations/0002_promotion.sql"),
     include_str!("../../migrations/0003_cluster_certificates.sql"),
+    include_str!("../../migrations/0004_sources.sql"),
 ];
 
 /// PostgreSQL migrations (version tracked in `schema_version`). The same
 /// model as the SQLite ones: a test compares the resulting schemas.
-const POSTGRES_MIGRATIONS: &[&str] = &[include_str!("../../migrations/postgres/0001_schema.sql")];
+const POSTGRES_MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/postgres/0001_schema.sql"),
+    include_str!("../../migrations/postgres/0002_sources.sql"),
+];
 
 /// The channel commits are announced on (PostgreSQL).
 pub(super) const CHANNEL: &str = "unitsync_revisions";

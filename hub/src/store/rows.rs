@@ -115,6 +115,22 @@ pub(super) fn unit(row: &impl Columns) -> StoreResult<Unit> {
         overrides: serde_json::from_str(&row.text("overrides")?)
             .map_err(|e| corrupt(format!("overrides: {e}")))?,
         head_source: num(row.int("head_source")?),
+        source: row.text("source")?,
+    })
+}
+
+pub(super) fn source_operation(row: &impl Columns) -> StoreResult<crate::model::SourceOperation> {
+    Ok(crate::model::SourceOperation {
+        id: row.text("id")?,
+        source: row.text("source")?,
+        unit: row.text("unit")?,
+        action: row.text("action")?,
+        state: row.text("state")?,
+        hub_revision: num(row.int("hub_revision")?),
+        report: row.text("report")?,
+        delivered: row.int("delivered")? != 0,
+        detail: row.text("detail")?,
+        created_at: UnixMillis(row.int("created_at")?),
     })
 }
 

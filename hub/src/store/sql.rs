@@ -24,8 +24,8 @@ use super::{
 };
 use crate::model::{
     AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum, StatusCell,
-    StatusReport, Unit, UnitRef, UnixMillis,
+    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum,
+    SourceOperation, StatusCell, StatusReport, Unit, UnitRef, UnixMillis,
 };
 
 pub struct SqlStore {
@@ -148,7 +148,7 @@ async fn commit_one(
     }
     let now = UnixMillis::now();
     let select = format!(
-        "SELECT id, head, destroyed FROM units WHERE environment = $1 AND name = $2{}",
+        "SELECT id, head, destroyed, source FROM units WHERE environment = $1 AND name = $2{}",
         backend.for_update()
     );
     let (unit_id, number) = loop {
@@ -166,8 +166,8 @@ async fn commit_one(
                 return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
             }
             let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at, upstream)
-                 VALUES ($1, $2, $3, 1, 0, $4, $5, $6)
+                "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at, upstream, source)
+                 VALUES ($1, $2, $3, 1, 0, $4, $5, $6, $7)
                  ON CONFLICT (environment, name) DO NOTHING RETURNING id",
             )
             .bind(rev.unit.env.as_str())
@@ -176,6 +176,7 @@ async fn commit_one(
             .bind(now.0)
             .bind(now.0)
             .bind(rev.upstream.as_ref().map(ToString::to_string))
+            .bind(&rev.source)
             .fetch_optional(&mut *tx)
             .await
             .map_err(db)?;
@@ -188,6 +189,10 @@ async fn commit_one(
         let id = row.int("id")?;
         let head = num(row.int("head")?);
         let destroyed = row.int("destroyed")? != 0;
+        let owner = row.text("source")?;
+        if owner != rev.source {
+            return Err(StoreError::Conflict(owned_elsewhere(&rev.unit, &owner)));
+        }
         if let Some(expected) = rev.expected_head
             && expected != head
         {
@@ -278,6 +283,17 @@ async fn commit_one(
     })
 }
 
+/// A unit another writer tried to change.
+fn owned_elsewhere(unit: &UnitRef, owner: &str) -> String {
+    if owner.is_empty() {
+        format!(
+            "unit {unit} belongs to the hub, not to a source; change it with `unitsync unit update`"
+        )
+    } else {
+        format!("unit {unit} belongs to {owner}; change it there")
+    }
+}
+
 /// A unit changed between planning and committing.
 fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreError {
     let now = if head.0 == 0 {
@@ -295,7 +311,7 @@ fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreErr
     ))
 }
 
-const UNIT_COLUMNS: &str = "u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides,
+const UNIT_COLUMNS: &str = "u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides, u.source,
                     COALESCE(r.source_revision, 0) AS head_source";
 
 #[async_trait]
@@ -1009,6 +1025,51 @@ impl Store for SqlStore {
             .await
             .map(|_| ())
             .map_err(db)
+    }
+
+    async fn put_operation(&self, op: &SourceOperation) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO source_operations (id, source, unit, action, state, hub_revision, report, delivered, detail, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
+             ON CONFLICT (id) DO UPDATE SET state = excluded.state, hub_revision = excluded.hub_revision,
+               report = excluded.report, delivered = excluded.delivered, detail = excluded.detail,
+               updated_at = excluded.updated_at",
+        )
+        .bind(&op.id)
+        .bind(&op.source)
+        .bind(&op.unit)
+        .bind(&op.action)
+        .bind(&op.state)
+        .bind(int(op.hub_revision.0)?)
+        .bind(&op.report)
+        .bind(i64::from(op.delivered))
+        .bind(&op.detail)
+        .bind(op.created_at.0)
+        .bind(UnixMillis::now().0)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
+        Ok(())
+    }
+
+    async fn get_operation(&self, id: &str) -> StoreResult<Option<SourceOperation>> {
+        let row = sqlx::query("SELECT * FROM source_operations WHERE id = $1")
+            .bind(id)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(rows::source_operation).transpose()
+    }
+
+    async fn open_operations(&self, source: &str) -> StoreResult<Vec<SourceOperation>> {
+        let rows = sqlx::query(
+            "SELECT * FROM source_operations WHERE source = $1 AND delivered = 0 ORDER BY created_at, id",
+        )
+        .bind(source)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::source_operation).collect()
     }
 
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {

@@ -1,0 +1,9 @@
+//! Sources of units besides the operator CLI: the ConfigHub worker
+//! ([`confighub`]). A source acts only through [`crate::control::Hub`]
+//! operations (validation, commit, audit, publish, like the CLI) and owns
+//! the units it creates: other writers are refused.
+//!
+//! **Architecture invariant:** sources depend on the hub's core; the core
+//! never depends on a source.
+
+pub mod confighub;

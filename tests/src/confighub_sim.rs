@@ -1,0 +1,13 @@
+//! confighub-sim: a ConfigHub-API-compatible server for tests and the
+//! quick start, built from the wire shapes of ConfigHub's public Go SDK
+//! (`confighub/sdk`). [`model`] holds what it keeps, [`server`] serves the
+//! worker API (both transports) and the operator API `cub` calls, and
+//! [`cub`] is a small client that drives it the way `cub` does (including
+//! `apply --wait`'s completion rule).
+
+pub mod cub;
+pub mod model;
+mod server;
+
+pub use model::Faults;
+pub use server::{ConfigHubSim, SimOptions};
