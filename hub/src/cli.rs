@@ -169,16 +169,11 @@ pub struct ConfigHubArgs {
     pub confighub_url: Option<String>,
     #[arg(long, env = "CONFIGHUB_WORKER_ID", requires = "confighub_url")]
     pub confighub_worker_id: Option<String>,
-    /// File holding the worker secret (or CONFIGHUB_WORKER_SECRET).
+    /// File holding the worker secret (or the secret itself in the
+    /// environment variable CONFIGHUB_WORKER_SECRET; never a flag, which
+    /// `ps` would show).
     #[arg(long, env = "CONFIGHUB_WORKER_SECRET_FILE", requires = "confighub_url")]
     pub confighub_worker_secret_file: Option<PathBuf>,
-    #[arg(
-        long,
-        env = "CONFIGHUB_WORKER_SECRET",
-        hide_env_values = true,
-        hide = true
-    )]
-    pub confighub_worker_secret: Option<String>,
     /// `long-poll` (a lease: one replica works the queue) or `http2-stream`.
     #[arg(long, env = "CONFIGHUB_WORKER_TRANSPORT", default_value = "long-poll")]
     pub confighub_transport: String,
@@ -208,10 +203,10 @@ impl ConfigHubArgs {
         let worker_id = self.confighub_worker_id.clone().ok_or(
             "--confighub-worker-id (CONFIGHUB_WORKER_ID) is required with --confighub-url",
         )?;
-        let secret = match (
-            &self.confighub_worker_secret_file,
-            &self.confighub_worker_secret,
-        ) {
+        let from_env = std::env::var("CONFIGHUB_WORKER_SECRET")
+            .ok()
+            .filter(|s| !s.is_empty());
+        let secret = match (&self.confighub_worker_secret_file, from_env) {
             (Some(f), _) => std::fs::read_to_string(f)
                 .map_err(|e| {
                     format!(

@@ -694,6 +694,17 @@ impl Hub {
         Ok(self.store.put_operation(op).await?)
     }
 
+    /// Records an operation's terminal report unless another was recorded
+    /// first; true when this one decided it (only then is it sent).
+    pub async fn decide_operation(&self, op: &SourceOperation) -> Result<bool> {
+        Ok(self.store.decide_operation(op).await?)
+    }
+
+    /// Whether this hub runs the singleton tasks of a shared store.
+    pub async fn is_leader(&self) -> bool {
+        self.store.is_leader().await.unwrap_or(false)
+    }
+
     pub async fn get_operation(&self, id: &str) -> Result<Option<SourceOperation>> {
         Ok(self.store.get_operation(id).await?)
     }

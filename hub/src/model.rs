@@ -127,6 +127,12 @@ label_newtype!(
     "unit name"
 );
 
+mod oci;
+pub use oci::{
+    MIN_INTERVAL, OciAuth, OciRef, OciSource, OciSpec, SourceMode, SourceName, SourceStatus,
+    highest_match, semver_ranges,
+};
+
 /// A unit's address: `ENV/NAME`.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub struct UnitRef {
@@ -208,7 +214,7 @@ impl fmt::Display for Digest {
 }
 
 /// Milliseconds since the Unix epoch (the store's time unit).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Serialize, Deserialize)]
 pub struct UnixMillis(pub i64);
 
 impl UnixMillis {

@@ -252,6 +252,10 @@ pub trait Store: Send + Sync + 'static {
     // --- source operations ---
     /// Records (or updates) an operation a source asked for.
     async fn put_operation(&self, op: &crate::model::SourceOperation) -> StoreResult<()>;
+    /// Records an operation's terminal report unless one is recorded
+    /// already (by this hub or another replica): true when this call
+    /// decided it, and only then may the report be sent.
+    async fn decide_operation(&self, op: &crate::model::SourceOperation) -> StoreResult<bool>;
     async fn get_operation(&self, id: &str) -> StoreResult<Option<crate::model::SourceOperation>>;
     /// A source's operations whose terminal report is not delivered yet,
     /// oldest first.
@@ -259,6 +263,55 @@ pub trait Store: Send + Sync + 'static {
         &self,
         source: &str,
     ) -> StoreResult<Vec<crate::model::SourceOperation>>;
+
+    // --- OCI sources ---
+    async fn create_source(
+        &self,
+        source: &crate::model::OciSource,
+        auth: &crate::model::OciAuth,
+        audit: NewAudit,
+    ) -> StoreResult<()>;
+    async fn list_sources(&self) -> StoreResult<Vec<crate::model::OciSource>>;
+    async fn get_source(
+        &self,
+        name: &crate::model::SourceName,
+    ) -> StoreResult<Option<crate::model::OciSource>>;
+    /// The registry credentials (only the hub's source runner reads them).
+    async fn source_auth(
+        &self,
+        name: &crate::model::SourceName,
+    ) -> StoreResult<crate::model::OciAuth>;
+    async fn set_source_suspended(
+        &self,
+        name: &crate::model::SourceName,
+        suspended: bool,
+        audit: NewAudit,
+    ) -> StoreResult<()>;
+    /// Deletes a source; its units stay, owned by the hub from then on.
+    async fn delete_source(
+        &self,
+        name: &crate::model::SourceName,
+        audit: NewAudit,
+    ) -> StoreResult<()>;
+    /// Asks for a sync now (`allow_prune`: the next sync may destroy more
+    /// than half of the source's units).
+    async fn request_source_sync(
+        &self,
+        name: &crate::model::SourceName,
+        at: crate::model::UnixMillis,
+        allow_prune: bool,
+        audit: NewAudit,
+    ) -> StoreResult<()>;
+    /// Records what a sync found; `prune_used` clears the permission.
+    async fn set_source_status(
+        &self,
+        name: &crate::model::SourceName,
+        status: &crate::model::SourceStatus,
+        prune_used: bool,
+    ) -> StoreResult<()>;
+    /// Small durable facts (the ConfigHub event cursor).
+    async fn get_state(&self, key: &str) -> StoreResult<Option<String>>;
+    async fn put_state(&self, key: &str, value: &str) -> StoreResult<()>;
 
     // --- audit ---
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()>;

@@ -239,7 +239,9 @@ async fn seed_flow(transport: Transport) {
     assert_eq!(w["Condition"], "Ready", "{w}");
     // The hub: owned by the worker, origin recorded, audited as the worker.
     let d = s.hub_unit("dev/web").await;
-    let owner = format!("confighub:{}", s.worker_id);
+    // Owned by the ConfigHub space; written by the worker.
+    let owner = format!("confighub:{SPACE}");
+    let actor = format!("confighub:{}", s.worker_id);
     assert_eq!(d.unit.as_ref().unwrap().source, owner);
     let head = d.head.unwrap();
     assert!(
@@ -268,7 +270,7 @@ async fn seed_flow(transport: Transport) {
     )
     .unwrap();
     assert_eq!(bridge, json!({"Unit": "dev/web", "HubRevision": 1}));
-    assert_eq!(head.author, owner);
+    assert_eq!(head.author, actor);
     let refused = s
         .hub
         .put("dev/web", &configmap("web", "by hand"))
@@ -296,7 +298,7 @@ async fn seed_flow(transport: Transport) {
         .unwrap()
         .into_inner()
         .entries;
-    assert!(audit.iter().any(|e| e.actor == owner), "{audit:?}");
+    assert!(audit.iter().any(|e| e.actor == actor), "{audit:?}");
     // What an operator reads.
     let data = s.hub.dir.path().join("data");
     let endpoint = s.hub.endpoint();
@@ -484,6 +486,64 @@ async fn a_newer_apply_supersedes_a_running_one() {
     assert_eq!(done.result(), "ApplyCompleted", "{done:?}");
     assert_eq!(s.terminal(&op_id(&first)).len(), 1);
     assert_eq!(s.terminal(&op_id(&second)).len(), 1);
+    assert_eq!(
+        s.sim.with_state(|st| st.late_reports),
+        0,
+        "nothing after an ending"
+    );
+    let cm = s.clusters[0]
+        .object("v1", "configmaps", "apps", "a")
+        .unwrap();
+    assert_eq!(cm["data"]["value"], "2");
+}
+
+/// Two Applies delivered together: the older ends `Aborted` whether or not
+/// it committed, nothing is reported for it afterwards, and the newer
+/// content is what the clusters run.
+#[tokio::test]
+async fn an_apply_superseded_before_it_commits_never_wins() {
+    let s = setup(Transport::LongPoll, 1).await;
+    s.unit("a", &configmap("a", "1")).await;
+    let (first, second) = s.sim.with_state(|st| {
+        let space = st.space(SPACE).unwrap().id.clone();
+        let first = st.enqueue(&space, "a", "Apply", false, None).unwrap();
+        let unit = st.unit_mut(&space, "a").unwrap();
+        let num = unit.head().num + 1;
+        unit.revisions
+            .push(unitsync_tests::confighub_sim::model::Revision {
+                num,
+                data: configmap("a", "2").into_bytes(),
+                created_at: unitsync_tests::confighub_sim::model::now(),
+            });
+        let second = st.enqueue(&space, "a", "Apply", false, None).unwrap();
+        (first, second)
+    });
+    let second_op =
+        json!({"QueuedOperationID": second.id, "UnitID": second.unit_id, "Action": "Apply"});
+    let done = within("second", s.cub.wait(SPACE, "a", &second_op, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(done.result(), "ApplyCompleted", "{done:?}");
+    until("the first ended", || async {
+        !s.terminal(&first.id).is_empty()
+    })
+    .await;
+    let ended = s.terminal(&first.id);
+    assert_eq!(ended.len(), 1);
+    assert_eq!(ended[0].status, "Aborted", "{ended:?}");
+    let last = s
+        .events(&first.id)
+        .into_iter()
+        .max_by_key(|e| e.seq)
+        .unwrap();
+    assert_eq!(last.status, "Aborted", "the ending is the last word");
+    assert_eq!(s.sim.with_state(|st| st.late_reports), 0);
+    let head = s.hub_unit("dev/a").await.head.unwrap();
+    assert!(
+        head.origin.ends_with(&format!("op {}", second.id)),
+        "{}",
+        head.origin
+    );
     let cm = s.clusters[0]
         .object("v1", "configmaps", "apps", "a")
         .unwrap();
@@ -529,6 +589,62 @@ async fn destroy_removes_the_unit_from_every_cluster() {
         );
     }
     assert!(s.hub_unit("dev/a").await.unit.unwrap().destroyed);
+}
+
+#[tokio::test]
+async fn a_dry_run_destroy_destroys_nothing() {
+    let s = setup(Transport::LongPoll, 1).await;
+    s.unit("a", &configmap("a", "1")).await;
+    assert_eq!(s.run("a", "apply").await.result(), "ApplyCompleted");
+    let o = within("dry run", s.cub.run(SPACE, "a", "destroy", true, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(o.result(), "DestroyCompleted", "{o:?}");
+    assert!(
+        o.message().starts_with("dry run: would destroy dev/a"),
+        "{}",
+        o.message()
+    );
+    assert!(!s.hub_unit("dev/a").await.unit.unwrap().destroyed);
+    assert!(
+        s.clusters[0]
+            .object("v1", "configmaps", "apps", "a")
+            .is_some()
+    );
+}
+
+/// An older ConfigHub sends no BridgeHandle: a hub offering several
+/// environments refuses to guess.
+#[tokio::test]
+async fn an_operation_without_a_target_environment_is_refused_when_ambiguous() {
+    let sim = sim().await;
+    let (cub, mut config) = worker(&sim, Transport::LongPoll).await;
+    config.environments = None;
+    let hub = TestHub::start_confighub(config, None, None).await;
+    hub.create_env("dev").await;
+    hub.create_env("staging").await;
+    wait_target(&cub).await;
+    within(
+        "unit",
+        cub.unit_create(SPACE, "a", &configmap("a", "1"), Some(TARGET), &[]),
+    )
+    .await
+    .unwrap();
+    sim.with_state(|st| {
+        for t in &mut st.targets {
+            t.bridge_handle.clear();
+        }
+    });
+    let o = within("apply", cub.run(SPACE, "a", "apply", false, WAIT))
+        .await
+        .unwrap();
+    assert_eq!((o.status(), o.result()), ("Failed", "ApplyFailed"), "{o:?}");
+    assert!(
+        o.message().contains("names no target environment"),
+        "{}",
+        o.message()
+    );
+    assert!(hub.unit("dev/a").await.is_err() && hub.unit("staging/a").await.is_err());
 }
 
 #[tokio::test]

@@ -337,11 +337,207 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(actions[0], "cluster.delete");
 }
 
+/// Sources: operations decided once and never backwards; OCI sources with
+/// credentials that come back only to the runner; deleting a source hands
+/// its units to the hub.
+async fn sources_contract(store: Arc<dyn Store>) {
+    use unitsync_hub::auth::Secret;
+    use unitsync_hub::model::{
+        OciAuth, OciRef, OciSource, OciSpec, SourceMode, SourceOperation, SourceStatus,
+    };
+    let op = SourceOperation {
+        id: "op-1".into(),
+        source: "confighub:w".into(),
+        unit: "dev/a".into(),
+        action: "Apply".into(),
+        state: "running".into(),
+        hub_revision: RevisionNum(0),
+        report: String::new(),
+        delivered: false,
+        detail: "{}".into(),
+        created_at: UnixMillis::now(),
+    };
+    store.put_operation(&op).await.unwrap();
+    let decided = SourceOperation {
+        state: "reported".into(),
+        report: "first".into(),
+        ..op.clone()
+    };
+    assert!(
+        store.decide_operation(&decided).await.unwrap(),
+        "the first ending decides"
+    );
+    let late = SourceOperation {
+        report: "second".into(),
+        ..decided.clone()
+    };
+    assert!(
+        !store.decide_operation(&late).await.unwrap(),
+        "a second ending does not"
+    );
+    // A stale writer cannot move it back to running.
+    store
+        .put_operation(&SourceOperation {
+            hub_revision: RevisionNum(3),
+            ..op.clone()
+        })
+        .await
+        .unwrap();
+    let now = store.get_operation("op-1").await.unwrap().unwrap();
+    assert_eq!(
+        (now.state.as_str(), now.report.as_str(), now.hub_revision),
+        ("reported", "first", RevisionNum(3))
+    );
+    store
+        .put_operation(&SourceOperation {
+            delivered: true,
+            ..now.clone()
+        })
+        .await
+        .unwrap();
+    store.put_operation(&now).await.unwrap();
+    assert!(
+        store
+            .get_operation("op-1")
+            .await
+            .unwrap()
+            .unwrap()
+            .delivered,
+        "delivered stays"
+    );
+    assert!(
+        store
+            .open_operations("confighub:w")
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
+    // OCI sources.
+    store
+        .create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+        .await
+        .unwrap();
+    let name = "web".parse().unwrap();
+    let src = OciSource {
+        name: "web".parse().unwrap(),
+        env: env("dev"),
+        spec: OciSpec {
+            url: "oci://127.0.0.1:5000/web".into(),
+            reference: OciRef::Tag("latest".into()),
+            interval_seconds: 60,
+            mode: SourceMode::Artifact,
+            layer_media_type: String::new(),
+            insecure_hosts: vec![],
+            ca_pem: String::new(),
+        },
+        suspended: false,
+        status: SourceStatus::default(),
+        sync_requested: None,
+        allow_prune: false,
+        created_at: UnixMillis::now(),
+    };
+    let auth = OciAuth::Basic {
+        username: "robot".into(),
+        password: Secret::from_string("pa55word".into()),
+    };
+    store
+        .create_source(&src, &auth, audit("source.create", "source/web"))
+        .await
+        .unwrap();
+    assert!(matches!(
+        store
+            .create_source(&src, &auth, audit("source.create", "source/web"))
+            .await,
+        Err(StoreError::AlreadyExists(_))
+    ));
+    let got = store.get_source(&name).await.unwrap().unwrap();
+    assert_eq!(got.spec, src.spec);
+    match store.source_auth(&name).await.unwrap() {
+        OciAuth::Basic { username, password } => {
+            assert_eq!(
+                (username.as_str(), password.expose()),
+                ("robot", "pa55word")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    store
+        .request_source_sync(
+            &name,
+            UnixMillis(1_000),
+            true,
+            audit("source.sync", "source/web"),
+        )
+        .await
+        .unwrap();
+    let got = store.get_source(&name).await.unwrap().unwrap();
+    assert_eq!(
+        (got.sync_requested, got.allow_prune),
+        (Some(UnixMillis(1_000)), true)
+    );
+    let status = SourceStatus {
+        last_digest: "sha256:00".into(),
+        units: vec!["web".into()],
+        ..SourceStatus::default()
+    };
+    store.set_source_status(&name, &status, true).await.unwrap();
+    let got = store.get_source(&name).await.unwrap().unwrap();
+    assert_eq!(got.status, status);
+    assert!(!got.allow_prune, "the permission is used up");
+    store
+        .set_source_suspended(&name, true, audit("source.suspend", "source/web"))
+        .await
+        .unwrap();
+    assert!(store.list_sources().await.unwrap()[0].suspended);
+    // Its units are its own until it goes.
+    store
+        .commit_revision(NewRevision {
+            source: "oci:web".into(),
+            ..rev(
+                "dev/web",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: w\n",
+                PutMode::CreateOrUpdate,
+            )
+        })
+        .await
+        .unwrap();
+    let by_hand = store
+        .commit_revision(rev(
+            "dev/web",
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n",
+            PutMode::Update,
+        ))
+        .await;
+    assert!(
+        matches!(by_hand, Err(StoreError::Conflict(_))),
+        "{by_hand:?}"
+    );
+    store
+        .delete_source(&name, audit("source.delete", "source/web"))
+        .await
+        .unwrap();
+    assert!(store.get_source(&name).await.unwrap().is_none());
+    let unit: UnitRef = "dev/web".parse().unwrap();
+    assert_eq!(store.get_unit(&unit).await.unwrap().unwrap().source, "");
+    // Small durable facts.
+    assert_eq!(store.get_state("cursor").await.unwrap(), None);
+    store.put_state("cursor", "7").await.unwrap();
+    store.put_state("cursor", "9").await.unwrap();
+    assert_eq!(
+        store.get_state("cursor").await.unwrap().as_deref(),
+        Some("9")
+    );
+}
+
 #[tokio::test]
 async fn sqlite_store_meets_the_contract() {
     let dir = tempfile::tempdir().unwrap();
     let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
     unitsync_tests::within("store contract", contract(Arc::new(store))).await;
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
+    unitsync_tests::within("sources contract", sources_contract(Arc::new(store))).await;
 }
 
 #[tokio::test]
@@ -368,6 +564,9 @@ async fn postgres_store_meets_the_contract() {
     // A second connection sees the schema as current and migrates nothing.
     let again = SqlStore::postgres(&url).await.unwrap();
     assert_eq!(again.list_environments().await.unwrap().len(), 3);
+    let url = unitsync_tests::hub::postgres_database().await;
+    let store = SqlStore::postgres(&url).await.unwrap();
+    unitsync_tests::within("sources contract", sources_contract(Arc::new(store))).await;
 }
 
 #[tokio::test]

@@ -15,3 +15,21 @@ CREATE TABLE source_operations (
     updated_at   BIGINT NOT NULL
 );
 CREATE INDEX source_operations_open ON source_operations(source, delivered);
+
+CREATE TABLE oci_sources (
+    name           TEXT PRIMARY KEY,
+    environment    TEXT NOT NULL,
+    spec           TEXT NOT NULL,
+    credentials    TEXT NOT NULL DEFAULT '{}',
+    suspended      BIGINT NOT NULL DEFAULT 0,
+    status         TEXT NOT NULL DEFAULT '{}',
+    sync_requested BIGINT NOT NULL DEFAULT 0,
+    allow_prune    BIGINT NOT NULL DEFAULT 0,
+    created_at     BIGINT NOT NULL,
+    updated_at     BIGINT NOT NULL
+);
+
+CREATE TABLE hub_state (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);

@@ -134,6 +134,69 @@ pub(super) fn source_operation(row: &impl Columns) -> StoreResult<crate::model::
     })
 }
 
+/// Credentials as stored (the only place a secret is written out).
+#[derive(serde::Serialize, serde::Deserialize, Default)]
+struct StoredAuth {
+    #[serde(default)]
+    kind: String,
+    #[serde(default)]
+    username: String,
+    #[serde(default)]
+    secret: String,
+}
+
+pub(super) fn auth_json(a: &crate::model::OciAuth) -> String {
+    use crate::model::OciAuth;
+    let stored = match a {
+        OciAuth::Anonymous => StoredAuth::default(),
+        OciAuth::Basic { username, password } => StoredAuth {
+            kind: "basic".into(),
+            username: username.clone(),
+            secret: password.expose().to_owned(),
+        },
+        OciAuth::Bearer { token } => StoredAuth {
+            kind: "bearer".into(),
+            username: String::new(),
+            secret: token.expose().to_owned(),
+        },
+    };
+    serde_json::to_string(&stored).unwrap_or_else(|_| "{}".into())
+}
+
+pub(super) fn parse_auth(s: &str) -> StoreResult<crate::model::OciAuth> {
+    use crate::auth::Secret;
+    use crate::model::OciAuth;
+    let a: StoredAuth =
+        serde_json::from_str(s).map_err(|e| corrupt(format!("source credentials: {e}")))?;
+    Ok(match a.kind.as_str() {
+        "basic" => OciAuth::Basic {
+            username: a.username,
+            password: Secret::from_string(a.secret),
+        },
+        "bearer" => OciAuth::Bearer {
+            token: Secret::from_string(a.secret),
+        },
+        _ => OciAuth::Anonymous,
+    })
+}
+
+pub(super) fn oci_source(row: &impl Columns) -> StoreResult<crate::model::OciSource> {
+    let name = row.text("name")?;
+    let when = |ms: i64| (ms > 0).then_some(UnixMillis(ms));
+    Ok(crate::model::OciSource {
+        name: parse(&name, "source name")?,
+        env: parse(&row.text("environment")?, "environment name")?,
+        spec: serde_json::from_str(&row.text("spec")?)
+            .map_err(|e| corrupt(format!("source {name} spec: {e}")))?,
+        suspended: row.int("suspended")? != 0,
+        status: serde_json::from_str(&row.text("status")?)
+            .map_err(|e| corrupt(format!("source {name} status: {e}")))?,
+        sync_requested: when(row.int("sync_requested")?),
+        allow_prune: row.int("allow_prune")? != 0,
+        created_at: UnixMillis(row.int("created_at")?),
+    })
+}
+
 pub(super) fn revision(
     unit: &UnitRef,
     row: &impl Columns,

@@ -24,8 +24,9 @@ use super::{
 };
 use crate::model::{
     AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, Override, PromotedUnit, Promotion, PutMode, Revision, RevisionNum,
-    SourceOperation, StatusCell, StatusReport, Unit, UnitRef, UnixMillis,
+    NewRevision, OciAuth, OciSource, Override, PromotedUnit, Promotion, PutMode, Revision,
+    RevisionNum, SourceName, SourceOperation, SourceStatus, StatusCell, StatusReport, Unit,
+    UnitRef, UnixMillis,
 };
 
 pub struct SqlStore {
@@ -103,6 +104,36 @@ impl SqlStore {
             return Err(StoreError::NotFound(format!("cluster {name}")));
         }
         insert_audit(&mut tx, audit).await?;
+        tx.commit().await.map_err(db)
+    }
+}
+
+impl SqlStore {
+    /// An update of one source row (integer parameters, then the name),
+    /// audited in the same transaction.
+    async fn source_write(
+        &self,
+        sql: &'static str,
+        values: &[i64],
+        name: &SourceName,
+        audit: Option<&NewAudit>,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut q = sqlx::query(sql);
+        for v in values {
+            q = q.bind(*v);
+        }
+        let done = q
+            .bind(name.as_str().to_owned())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("source {name}")));
+        }
+        if let Some(a) = audit {
+            insert_audit(&mut tx, a).await?;
+        }
         tx.commit().await.map_err(db)
     }
 }
@@ -1031,8 +1062,15 @@ impl Store for SqlStore {
         sqlx::query(
             "INSERT INTO source_operations (id, source, unit, action, state, hub_revision, report, delivered, detail, created_at, updated_at)
              VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)
-             ON CONFLICT (id) DO UPDATE SET state = excluded.state, hub_revision = excluded.hub_revision,
-               report = excluded.report, delivered = excluded.delivered, detail = excluded.detail,
+             ON CONFLICT (id) DO UPDATE SET
+               -- Never backwards: a reported operation stays reported (with
+               -- its report), a delivered one delivered, a revision recorded.
+               state = CASE WHEN source_operations.state = 'reported' THEN source_operations.state ELSE excluded.state END,
+               report = CASE WHEN source_operations.state = 'reported' THEN source_operations.report ELSE excluded.report END,
+               detail = CASE WHEN source_operations.state = 'reported' THEN source_operations.detail ELSE excluded.detail END,
+               hub_revision = CASE WHEN excluded.hub_revision > source_operations.hub_revision
+                                   THEN excluded.hub_revision ELSE source_operations.hub_revision END,
+               delivered = CASE WHEN source_operations.delivered = 1 THEN 1 ELSE excluded.delivered END,
                updated_at = excluded.updated_at",
         )
         .bind(&op.id)
@@ -1050,6 +1088,28 @@ impl Store for SqlStore {
         .await
         .map_err(db)?;
         Ok(())
+    }
+
+    async fn decide_operation(&self, op: &SourceOperation) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO source_operations (id, source, unit, action, state, hub_revision, report, delivered, detail, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, 'reported', $5, $6, 0, $7, $8, $9)
+             ON CONFLICT (id) DO UPDATE SET state = 'reported', report = excluded.report, updated_at = excluded.updated_at
+             WHERE source_operations.state <> 'reported'",
+        )
+        .bind(&op.id)
+        .bind(&op.source)
+        .bind(&op.unit)
+        .bind(&op.action)
+        .bind(int(op.hub_revision.0)?)
+        .bind(&op.report)
+        .bind(&op.detail)
+        .bind(op.created_at.0)
+        .bind(UnixMillis::now().0)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
+        Ok(done.rows_affected() == 1)
     }
 
     async fn get_operation(&self, id: &str) -> StoreResult<Option<SourceOperation>> {
@@ -1070,6 +1130,169 @@ impl Store for SqlStore {
         .await
         .map_err(db)?;
         rows.iter().map(rows::source_operation).collect()
+    }
+
+    async fn create_source(
+        &self,
+        src: &OciSource,
+        auth: &OciAuth,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        if !environment_exists(&mut tx, &src.env).await? {
+            return Err(StoreError::NotFound(format!("environment {}", src.env)));
+        }
+        let spec =
+            serde_json::to_string(&src.spec).map_err(|e| corrupt(format!("source spec: {e}")))?;
+        let status = serde_json::to_string(&src.status)
+            .map_err(|e| corrupt(format!("source status: {e}")))?;
+        sqlx::query(
+            "INSERT INTO oci_sources (name, environment, spec, credentials, suspended, status, created_at, updated_at)
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
+        )
+        .bind(src.name.as_str())
+        .bind(src.env.as_str())
+        .bind(spec)
+        .bind(rows::auth_json(auth))
+        .bind(i64::from(src.suspended))
+        .bind(status)
+        .bind(src.created_at.0)
+        .bind(src.created_at.0)
+        .execute(&mut *tx)
+        .await
+        .map_err(|e| {
+            if is_unique_violation(&e) {
+                StoreError::AlreadyExists(format!("source {}", src.name))
+            } else {
+                db(e)
+            }
+        })?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn list_sources(&self) -> StoreResult<Vec<OciSource>> {
+        let rows = sqlx::query("SELECT * FROM oci_sources ORDER BY name")
+            .fetch_all(&self.readers)
+            .await
+            .map_err(db)?;
+        rows.iter().map(rows::oci_source).collect()
+    }
+
+    async fn get_source(&self, name: &SourceName) -> StoreResult<Option<OciSource>> {
+        let row = sqlx::query("SELECT * FROM oci_sources WHERE name = $1")
+            .bind(name.as_str())
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)?;
+        row.as_ref().map(rows::oci_source).transpose()
+    }
+
+    async fn source_auth(&self, name: &SourceName) -> StoreResult<OciAuth> {
+        let text: Option<String> =
+            sqlx::query_scalar("SELECT credentials FROM oci_sources WHERE name = $1")
+                .bind(name.as_str())
+                .fetch_optional(&self.readers)
+                .await
+                .map_err(db)?;
+        rows::parse_auth(&text.ok_or_else(|| StoreError::NotFound(format!("source {name}")))?)
+    }
+
+    async fn set_source_suspended(
+        &self,
+        name: &SourceName,
+        suspended: bool,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        self.source_write(
+            "UPDATE oci_sources SET suspended = $1, updated_at = $2 WHERE name = $3",
+            &[i64::from(suspended), UnixMillis::now().0],
+            name,
+            Some(&audit),
+        )
+        .await
+    }
+
+    async fn delete_source(&self, name: &SourceName, audit: NewAudit) -> StoreResult<()> {
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let done = sqlx::query("DELETE FROM oci_sources WHERE name = $1")
+            .bind(name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("source {name}")));
+        }
+        sqlx::query("UPDATE units SET source = '' WHERE source = $1")
+            .bind(name.owner())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        insert_audit(&mut tx, &audit).await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn request_source_sync(
+        &self,
+        name: &SourceName,
+        at: UnixMillis,
+        allow_prune: bool,
+        audit: NewAudit,
+    ) -> StoreResult<()> {
+        self.source_write(
+            "UPDATE oci_sources SET sync_requested = $1, allow_prune = $2 WHERE name = $3",
+            &[at.0, i64::from(allow_prune)],
+            name,
+            Some(&audit),
+        )
+        .await
+    }
+
+    async fn set_source_status(
+        &self,
+        name: &SourceName,
+        status: &SourceStatus,
+        prune_used: bool,
+    ) -> StoreResult<()> {
+        let text =
+            serde_json::to_string(status).map_err(|e| corrupt(format!("source status: {e}")))?;
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let done = sqlx::query(
+            "UPDATE oci_sources SET status = $1, updated_at = $2,
+               allow_prune = CASE WHEN $3 = 1 THEN 0 ELSE allow_prune END WHERE name = $4",
+        )
+        .bind(text)
+        .bind(UnixMillis::now().0)
+        .bind(i64::from(prune_used))
+        .bind(name.as_str())
+        .execute(&mut *tx)
+        .await
+        .map_err(db)?;
+        if done.rows_affected() == 0 {
+            return Err(StoreError::NotFound(format!("source {name}")));
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn get_state(&self, key: &str) -> StoreResult<Option<String>> {
+        sqlx::query_scalar("SELECT value FROM hub_state WHERE key = $1")
+            .bind(key)
+            .fetch_optional(&self.readers)
+            .await
+            .map_err(db)
+    }
+
+    async fn put_state(&self, key: &str, value: &str) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO hub_state (key, value) VALUES ($1, $2)
+             ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        )
+        .bind(key)
+        .bind(value)
+        .execute(&self.writer)
+        .await
+        .map_err(db)?;
+        Ok(())
     }
 
     async fn append_audit(&self, entry: NewAudit) -> StoreResult<()> {

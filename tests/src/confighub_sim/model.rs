@@ -17,6 +17,40 @@ pub fn new_id() -> String {
     uuid::Uuid::new_v4().to_string()
 }
 
+/// The SDK's `ActionResultType` values (its validator refuses others).
+pub const RESULTS: [&str; 15] = [
+    "None",
+    "ApplyCompleted",
+    "ApplySynced",
+    "ApplyFailed",
+    "ApplyWaitFailed",
+    "DestroyCompleted",
+    "DestroyFailed",
+    "DestroyWaitFailed",
+    "RefreshFailed",
+    "RefreshAndDrifted",
+    "RefreshAndNoDrift",
+    "ImportCompleted",
+    "ImportFailed",
+    "FunctionInvocationCompleted",
+    "FunctionInvocationFailed",
+];
+
+/// The SDK's `ActionStatusType` values.
+pub const STATUSES: [&str; 8] = [
+    "None",
+    "Pending",
+    "Submitted",
+    "Progressing",
+    "Completed",
+    "Failed",
+    "Canceled",
+    "Aborted",
+];
+
+/// The statuses that end an operation.
+pub const TERMINAL: [&str; 4] = ["Completed", "Failed", "Canceled", "Aborted"];
+
 /// The zero time Go prints for an unset `time.Time`.
 pub const ZERO_TIME: &str = "0001-01-01T00:00:00Z";
 
@@ -274,6 +308,8 @@ pub struct State {
     pub auths: u64,
     /// Calls answered with an injected 503.
     pub injected_errors: u64,
+    /// Reports refused because their operation had ended already.
+    pub late_reports: u64,
 }
 
 impl State {
@@ -441,11 +477,25 @@ impl State {
             ));
         }
         let status = text("Status");
+        let result = text("Result");
+        if !RESULTS.contains(&result.as_str()) {
+            return Err((400, format!("invalid Result {result}")));
+        }
+        if !STATUSES.contains(&status.as_str()) {
+            return Err((400, format!("invalid Status {status}")));
+        }
         let op = self
             .operations
             .iter_mut()
             .find(|o| o.id == op_id)
             .ok_or((404, format!("queued operation {op_id} not found")))?;
+        if TERMINAL.contains(&op.status.as_str()) {
+            self.late_reports += 1;
+            return Err((
+                400,
+                format!("queued operation {op_id} already ended ({})", op.status),
+            ));
+        }
         if matches!(
             status.as_str(),
             "Completed" | "Failed" | "Canceled" | "Aborted"
@@ -454,7 +504,6 @@ impl State {
         } else if op.status == "Delivered" || op.status == "Pending" {
             op.status = "Progressing".into();
         }
-        let result = text("Result");
         if let Some(u) = self.units.iter_mut().find(|u| u.id == text("UnitID")) {
             if result == "ApplyCompleted" {
                 u.live = r["RevisionNum"].as_i64().unwrap_or(u.live);

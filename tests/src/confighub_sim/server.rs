@@ -1229,16 +1229,34 @@ async fn destroy(
     AxState(sim): S,
     Path((space, unit)): Path<(String, String)>,
     h: HeaderMap,
+    Query(q): Query<ListQuery>,
 ) -> Reply {
-    queue(&sim, &h, &space, &unit, "Destroy", false).await
+    queue(
+        &sim,
+        &h,
+        &space,
+        &unit,
+        "Destroy",
+        q.dry_run.unwrap_or(false),
+    )
+    .await
 }
 
 async fn refresh(
     AxState(sim): S,
     Path((space, unit)): Path<(String, String)>,
     h: HeaderMap,
+    Query(q): Query<ListQuery>,
 ) -> Reply {
-    queue(&sim, &h, &space, &unit, "Refresh", false).await
+    queue(
+        &sim,
+        &h,
+        &space,
+        &unit,
+        "Refresh",
+        q.dry_run.unwrap_or(false),
+    )
+    .await
 }
 
 /// `POST /api/unit/cancel?where=UnitID='…'`: cancels each unit's running

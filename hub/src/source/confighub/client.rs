@@ -52,6 +52,18 @@ impl ClientError {
     }
 }
 
+/// Percent-encodes one path segment.
+fn segment(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                char::from(b).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// A transport failure (the secret travels in a header, never in the URL
 /// an error may quote).
 fn transport(e: &reqwest::Error) -> ClientError {
@@ -146,12 +158,21 @@ impl Client {
             .clone()
     }
 
-    fn worker_path(&self) -> String {
-        format!(
-            "/api/space/{}/bridge_worker/{}",
-            self.space_id(),
-            self.worker_id
-        )
+    /// `/api/space/{space}/bridge_worker/{id}` (authenticating first when
+    /// the worker's space is not known yet).
+    async fn worker_path(&self) -> Result<String, ClientError> {
+        Ok(format!(
+            "{}/bridge_worker/{}",
+            self.space_path().await?,
+            segment(&self.worker_id)
+        ))
+    }
+
+    async fn space_path(&self) -> Result<String, ClientError> {
+        if self.space_id().is_empty() {
+            self.authenticate().await?;
+        }
+        Ok(format!("/api/space/{}", segment(&self.space_id())))
     }
 
     /// `POST /auth/worker`: a fresh JWT (and the worker's space).
@@ -239,7 +260,7 @@ impl Client {
         let r = self
             .call(
                 Method::POST,
-                &format!("{}/lease", self.worker_path()),
+                &format!("{}/lease", self.worker_path().await?),
                 None,
                 SHORT,
             )
@@ -255,7 +276,7 @@ impl Client {
         let r = self
             .call(
                 Method::DELETE,
-                &format!("{}/lease", self.worker_path()),
+                &format!("{}/lease", self.worker_path().await?),
                 Some(("application/json", body)),
                 Duration::from_secs(5),
             )
@@ -269,7 +290,7 @@ impl Client {
         let r = self
             .call(
                 Method::PATCH,
-                &self.worker_path(),
+                &self.worker_path().await?,
                 Some(("application/merge-patch+json", body)),
                 SHORT,
             )
@@ -279,7 +300,7 @@ impl Client {
 
     /// Creates a target, or points an existing one (by slug) at this worker.
     pub async fn upsert_target(&self, t: &TargetCreate) -> Result<(), ClientError> {
-        let path = format!("/api/space/{}/target", self.space_id());
+        let path = format!("{}/target", self.space_path().await?);
         let r = self
             .call(
                 Method::POST,
@@ -299,7 +320,7 @@ impl Client {
         let r = self
             .call(
                 Method::PATCH,
-                &format!("{path}/{}", t.slug),
+                &format!("{path}/{}", segment(&t.slug)),
                 Some(("application/merge-patch+json", Self::json(&patch))),
                 SHORT,
             )
@@ -316,7 +337,7 @@ impl Client {
         let r = self
             .call(
                 Method::POST,
-                &format!("{}/queued_operation/poll", self.worker_path()),
+                &format!("{}/queued_operation/poll", self.worker_path().await?),
                 Some(("application/json", body)),
                 POLL,
             )
@@ -337,7 +358,11 @@ impl Client {
         let r = self
             .call(
                 Method::POST,
-                &format!("{}/event_cursor/{cursor}/poll", self.worker_path()),
+                &format!(
+                    "{}/event_cursor/{}/poll",
+                    self.worker_path().await?,
+                    segment(cursor)
+                ),
                 Some(("application/json", Self::json(body))),
                 POLL,
             )
@@ -355,8 +380,8 @@ impl Client {
                 Method::PATCH,
                 &format!(
                     "{}/queued_operation/{}",
-                    self.worker_path(),
-                    result.queued_operation_id
+                    self.worker_path().await?,
+                    segment(&result.queued_operation_id)
                 ),
                 Some(("application/json", Self::json(result))),
                 SHORT,
@@ -409,7 +434,7 @@ impl Client {
         let r = self
             .secret_request(
                 Method::GET,
-                format!("{base}/api/bridge_worker/{}/me", self.worker_id),
+                format!("{base}/api/bridge_worker/{}/me", segment(&self.worker_id)),
             )
             .timeout(SHORT)
             .send()
@@ -427,7 +452,10 @@ impl Client {
         let r = self
             .secret_request(
                 Method::POST,
-                format!("{base}/api/bridge_worker/{}/stream", self.worker_id),
+                format!(
+                    "{base}/api/bridge_worker/{}/stream",
+                    segment(&self.worker_id)
+                ),
             )
             .header(reqwest::header::ACCEPT, "text/event-stream")
             .header(reqwest::header::CACHE_CONTROL, "no-cache")
@@ -451,7 +479,10 @@ impl Client {
         let r = self
             .secret_request(
                 Method::POST,
-                format!("{base}/api/bridge_worker/{}/action_result", self.worker_id),
+                format!(
+                    "{base}/api/bridge_worker/{}/action_result",
+                    segment(&self.worker_id)
+                ),
             )
             .timeout(SHORT)
             .json(result)

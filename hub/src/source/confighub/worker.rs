@@ -43,6 +43,10 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How often an operation re-reads status without a change notice (other
 /// replicas' agents, missed notices).
 const RECHECK: Duration = Duration::from_secs(1);
+/// How often recorded but undelivered reports are sent again.
+const REDELIVER_EVERY: Duration = Duration::from_secs(30);
+/// How long a shutdown waits for the poll in flight.
+const SHUTDOWN_POLL: Duration = Duration::from_secs(5);
 /// How soon a new environment is offered as a target.
 const REGISTRATION_CHECK: Duration = Duration::from_secs(2);
 
@@ -59,6 +63,10 @@ struct Detail {
     started_at: String,
     /// Seconds the operation may wait for the clusters.
     wait_seconds: u64,
+    /// When it started (the wait deadline counts from here, across
+    /// restarts and reconnects).
+    #[serde(default)]
+    started_ms: i64,
     /// ConfigHub's labels of the unit.
     #[serde(default)]
     labels: BTreeMap<String, String>,
@@ -120,6 +128,7 @@ pub struct Worker {
     /// is delivered (or handed back).
     running: Mutex<HashMap<String, Arc<Running>>>,
     shift: Mutex<Shift>,
+    commit_locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
     channel: std::sync::RwLock<Channel>,
     /// Woken on `release.published` (OCI sources listen).
     releases: tokio::sync::broadcast::Sender<EventLogEntry>,
@@ -140,6 +149,7 @@ impl Worker {
             config,
             running: Mutex::default(),
             shift: Mutex::new(Shift::new(&CancellationToken::new())),
+            commit_locks: Mutex::default(),
             channel: std::sync::RwLock::new(Channel::LongPoll),
             releases: tokio::sync::broadcast::channel(64).0,
         }))
@@ -166,6 +176,19 @@ impl Worker {
         if running.get(id).is_some_and(|x| Arc::ptr_eq(x, r)) {
             running.remove(id);
         }
+    }
+
+    /// One commit at a time per unit (a newer operation's commit waits for
+    /// an older one's, which checks first that it was not ended).
+    async fn commit_lock(&self, unit: &UnitRef) -> tokio::sync::OwnedMutexGuard<()> {
+        let lock = self
+            .commit_locks
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .entry(unit.to_string())
+            .or_default()
+            .clone();
+        lock.lock_owned().await
     }
 
     fn shift(&self) -> Shift {
@@ -350,13 +373,19 @@ impl Worker {
             let shift = self.begin_shift(&shutdown);
             self.resume().await;
             let lease_over = shutdown.child_token();
+            let ttl = Duration::from_secs(u64::try_from(lease.ttl_seconds).unwrap_or(0).max(1));
             let polling = async {
-                let stop = self.poll_while_held(&lease.claim_token, &shutdown).await;
+                let stop = self
+                    .poll_while_held(&lease.claim_token, ttl, &shutdown)
+                    .await;
                 lease_over.cancel();
                 stop
             };
-            let (stop, ()) =
-                tokio::join!(polling, self.keep_registered(&mut registered, &lease_over));
+            let (stop, (), ()) = tokio::join!(
+                polling,
+                self.keep_registered(&mut registered, &lease_over),
+                self.redeliver(&lease_over),
+            );
             shift.end().await;
             if stop {
                 return;
@@ -365,24 +394,50 @@ impl Worker {
         }
     }
 
-    /// Polls while the lease is ours; true when the hub shuts down (the
-    /// lease released first, so ConfigHub shows the worker disconnected at
-    /// once).
-    async fn poll_while_held(self: &Arc<Self>, claim: &str, shutdown: &CancellationToken) -> bool {
+    /// Polls while the lease is ours; true when the hub shuts down. The
+    /// lease counts as lost when no poll succeeded for most of its TTL
+    /// (ConfigHub may have given it to another replica meanwhile).
+    async fn poll_while_held(
+        self: &Arc<Self>,
+        claim: &str,
+        ttl: Duration,
+        shutdown: &CancellationToken,
+    ) -> bool {
+        let mut last_ok = tokio::time::Instant::now();
+        let fence = ttl.mul_f64(0.8);
         loop {
-            // A poll's answer is the delivery: it is never dropped half-way.
+            let started = tokio::time::Instant::now();
+            let mut poll = std::pin::pin!(self.client.poll(claim));
             let polled = tokio::select! {
                 () = shutdown.cancelled() => {
+                    // Release first (ConfigHub shows the worker gone at
+                    // once), then take what the poll in flight brings: it
+                    // was dequeued for us. The next holder resumes it.
                     if let Err(e) = self.client.release(claim).await {
                         tracing::warn!(error = %e, "releasing the ConfigHub lease failed");
                     }
+                    if let Ok(Ok(Polled::Events(events))) = tokio::time::timeout(SHUTDOWN_POLL, &mut poll).await {
+                        for e in events {
+                            self.dispatch(e).await;
+                        }
+                    }
                     return true;
                 }
-                p = self.client.poll(claim) => p,
+                p = &mut poll => p,
             };
             match polled {
-                Ok(Polled::Nothing) => {}
+                Ok(Polled::Nothing) => {
+                    last_ok = tokio::time::Instant::now();
+                    // A proxy answering at once must not make a hot loop.
+                    if started.elapsed() < Duration::from_secs(1)
+                        && sleep_or_stop(Duration::from_secs(1), shutdown).await
+                    {
+                        let _ = self.client.release(claim).await;
+                        return true;
+                    }
+                }
                 Ok(Polled::Events(events)) => {
+                    last_ok = tokio::time::Instant::now();
                     for e in events {
                         self.dispatch(e).await;
                     }
@@ -391,11 +446,15 @@ impl Worker {
                     tracing::warn!("the ConfigHub lease was lost; claiming it again");
                     return false;
                 }
-                Err(e) if e.status().is_some_and(|s| s < 500) => {
+                Err(e) if e.status().is_some_and(|s| s < 500 && s != 429) => {
                     tracing::warn!(error = %e, "polling ConfigHub failed; claiming again");
                     return false;
                 }
                 Err(e) => {
+                    if last_ok.elapsed() >= fence {
+                        tracing::warn!(error = %e, "no poll succeeded for most of the lease's lifetime; it may be another replica's now");
+                        return false;
+                    }
                     tracing::warn!(error = %e, "polling ConfigHub failed; retrying");
                     if sleep_or_stop(Duration::from_secs(2), shutdown).await {
                         let _ = self.client.release(claim).await;
@@ -403,6 +462,18 @@ impl Worker {
                     }
                 }
             }
+        }
+    }
+
+    /// While the lease (or stream) lasts, sends again the terminal reports
+    /// ConfigHub has not taken yet and starts recorded operations nobody
+    /// runs (the SDK's status queue retries forever, too).
+    async fn redeliver(self: &Arc<Self>, over: &CancellationToken) {
+        loop {
+            if sleep_or_stop(REDELIVER_EVERY, over).await {
+                return;
+            }
+            self.resume().await;
         }
     }
 
@@ -436,7 +507,7 @@ impl Worker {
                 return;
             }
             // One replica of a shared store streams.
-            if !self.hub.store.is_leader().await.unwrap_or(false) {
+            if !self.hub.is_leader().await {
                 if sleep_or_stop(Duration::from_secs(5), &shutdown).await {
                     return;
                 }
@@ -473,6 +544,8 @@ impl Worker {
             let opened = tokio::time::Instant::now();
             let mut events = std::pin::pin!(events);
             let mut check = tokio::time::interval(REGISTRATION_CHECK);
+            let mut redeliver = tokio::time::interval(REDELIVER_EVERY);
+            redeliver.tick().await;
             check.tick().await;
             loop {
                 tokio::select! {
@@ -486,7 +559,12 @@ impl Worker {
                             tracing::info!("environments changed; re-registering with ConfigHub");
                             break;
                         }
+                        if !self.hub.is_leader().await {
+                            tracing::warn!("another replica leads now; closing the ConfigHub stream");
+                            break;
+                        }
                     }
+                    _ = redeliver.tick() => self.resume().await,
                     e = events.next() => match e {
                         Some(Ok(m)) => self.dispatch(m).await,
                         Some(Err(e)) => {
@@ -517,8 +595,18 @@ impl Worker {
         match m.event.as_str() {
             wire::event::WORKER => {
                 let w: WorkerEventRequest = serde_json::from_value(m.data).unwrap_or_default();
-                if w.action == action::HEARTBEAT {
-                    self.heartbeat().await;
+                let on_stream = matches!(
+                    *self
+                        .channel
+                        .read()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner),
+                    Channel::Stream { .. }
+                );
+                if w.action == action::HEARTBEAT && on_stream {
+                    let this = self.clone();
+                    self.shift()
+                        .tasks
+                        .spawn(async move { this.heartbeat().await });
                 }
             }
             wire::event::BRIDGE_WORKER => {
@@ -552,7 +640,7 @@ impl Worker {
             terminated_at: Some(now),
             ..Default::default()
         };
-        if let Err(e) = self.send(&r, 3, &self.shift().stop).await {
+        if let Err(e) = self.send(&r, 1, &self.shift().stop).await {
             tracing::debug!(error = %e, "heartbeat reply failed");
         }
     }
@@ -560,6 +648,12 @@ impl Worker {
     async fn on_operation(self: &Arc<Self>, req: BridgeWorkerEventRequest) {
         let p = req.payload;
         let id = p.queued_operation_id.clone();
+        // The SDK refuses operations without an ID; so does the hub (the
+        // ID keys the durable record).
+        if !uuid::Uuid::parse_str(&id).is_ok_and(|u| !u.is_nil()) {
+            tracing::warn!(action = %req.action, "skipping a ConfigHub operation without a valid QueuedOperationID");
+            return;
+        }
         match req.action.as_str() {
             action::CANCEL => self.cancel(&id),
             action::APPLY
@@ -599,9 +693,12 @@ impl Worker {
                     started_at: wire::rfc3339(SystemTime::now()),
                     ..Default::default()
                 };
-                if let Err(e) = self.send(&r, 3, &self.shift().stop).await {
-                    tracing::warn!(error = %e, "reporting an unknown action failed");
-                }
+                let this = self.clone();
+                self.shift().tasks.spawn(async move {
+                    if let Err(e) = this.send(&r, 3, &this.shift().stop).await {
+                        tracing::warn!(error = %e, "reporting an unknown action failed");
+                    }
+                });
             }
         }
     }
@@ -610,12 +707,12 @@ impl Worker {
     /// and starts it.
     async fn start(self: &Arc<Self>, act: String, p: BridgeWorkerPayload) {
         let environment = if p.bridge_handle.is_empty() {
-            // Older servers leave it out; a single-environment hub knows.
-            self.environments()
-                .await
-                .first()
-                .map(ToString::to_string)
-                .unwrap_or_default()
+            // Older servers leave it out: only a hub offering one
+            // environment knows which (otherwise the Apply fails, naming why).
+            match self.environments().await.as_slice() {
+                [only] => only.to_string(),
+                _ => String::new(),
+            }
         } else {
             p.bridge_handle.clone()
         };
@@ -628,6 +725,7 @@ impl Worker {
             environment: environment.clone(),
             dry_run: p.dry_run,
             started_at: wire::rfc3339(SystemTime::now()),
+            started_ms: UnixMillis::now().0,
             wait_seconds: wait_timeout(&p, self.config.wait_timeout).as_secs(),
             labels: p.unit_labels.clone(),
             data: String::from_utf8_lossy(&p.data.0).into_owned(),
@@ -754,10 +852,13 @@ impl Worker {
         st: &str,
         message: &str,
     ) -> ActionResult {
-        // The SDK stamps TerminatedAt on every report with a result, except
-        // ApplyWaitFailed; and on every terminal status here.
-        let terminated =
-            (res != result::NONE && res != result::APPLY_WAIT_FAILED) || status::is_terminal(st);
+        // As the SDK: TerminatedAt on every report with a result except
+        // ApplyWaitFailed, and on the Canceled/Aborted endings (no result).
+        let terminated = if res == result::NONE {
+            status::is_terminal(st)
+        } else {
+            res != result::APPLY_WAIT_FAILED
+        };
         ActionResult {
             unit_id: d.unit_id.clone(),
             space_id: d.space_id.clone(),
@@ -810,6 +911,7 @@ impl Worker {
         );
         report.resource_statuses = outcome.resources;
         report.error_messages = outcome.errors;
+        report.data = wire::Bytes(outcome.data);
         if let Some(b) = outcome.bridge {
             report.bridge_state = wire::Bytes(b.to_string().into_bytes());
         }
@@ -858,10 +960,16 @@ impl Worker {
         };
         op.state = REPORTED.into();
         op.report = text;
-        if let Err(e) = self.hub.put_operation(&op).await {
-            tracing::error!(op = %id, error = %ErrorChain(&e), "cannot record a ConfigHub report");
+        match self.hub.decide_operation(&op).await {
+            Ok(true) => self.send_recorded(op, &report, stop).await,
+            // Another replica (or an earlier run) decided it: its report
+            // is the one ConfigHub gets.
+            Ok(false) => tracing::info!(op = %id, "this operation's ending was recorded already"),
+            Err(e) => {
+                // Not recorded: not sent either; whoever resumes it decides.
+                tracing::error!(op = %id, error = %ErrorChain(&e), "cannot record a ConfigHub report");
+            }
         }
-        self.send_recorded(op, &report, stop).await;
     }
 
     async fn send_recorded(
@@ -876,6 +984,19 @@ impl Worker {
                 // Kept: sent again when the worker (re)connects.
                 tracing::warn!(op = %op.id, error = %e, "the terminal report did not reach ConfigHub yet");
                 return;
+            }
+            Err(e) if report.result == result::APPLY_STUCK => {
+                // A server that does not know ApplyStuck: say it the SDK's way.
+                tracing::warn!(op = %op.id, error = %e, "ConfigHub refused ApplyStuck; reporting ApplyWaitFailed");
+                let mut fallback = report.clone();
+                fallback.result = result::APPLY_WAIT_FAILED.into();
+                fallback.terminated_at = None;
+                if let Err(e) = self.send(&fallback, 15, stop).await {
+                    tracing::error!(op = %op.id, error = %e, "ConfigHub refused the terminal report");
+                    if e.is_retryable() {
+                        return;
+                    }
+                }
             }
             Err(e) => {
                 tracing::error!(op = %op.id, error = %e, "ConfigHub refused the terminal report")
@@ -926,8 +1047,19 @@ impl Worker {
 
     /// A progress report (best effort: a lost one is superseded by the
     /// next).
-    async fn progress(&self, op: &SourceOperation, d: &Detail, res: &str, message: &str) {
-        let mut r = self.result(&op.id, &op.action, d, res, status::PROGRESSING, message);
+    async fn progress(&self, op: &SourceOperation, run: &Running, res: &str, message: &str) {
+        // Never after the ending (a cancel or a newer operation).
+        if run.decided.load(Ordering::SeqCst) {
+            return;
+        }
+        let mut r = self.result(
+            &op.id,
+            &op.action,
+            &run.detail,
+            res,
+            status::PROGRESSING,
+            message,
+        );
         if res == result::NONE {
             r.terminated_at = None;
         }
@@ -989,6 +1121,9 @@ impl Worker {
     // --- Apply, Destroy, Refresh ---
 
     fn unit_ref(&self, d: &Detail) -> Result<UnitRef, String> {
+        if d.environment.is_empty() {
+            return Err("the operation names no target environment (no BridgeHandle) and this hub offers several; use a ConfigHub that sends BridgeHandle, or offer one environment".into());
+        }
         let env: EnvName = d
             .environment
             .parse()
@@ -1041,10 +1176,14 @@ impl Worker {
                     Err(e) => failed_validation(&e),
                 };
             }
+            let guard = self.commit_lock(&unit).await;
+            if r.cancel.is_cancelled() {
+                return Outcome::done(result::NONE, "ended before committing");
+            }
             let committed = self
                 .hub
                 .commit_from_source(SourceCommit {
-                    source: self.source.clone(),
+                    source: owner(d),
                     actor: self.actor(),
                     unit: unit.clone(),
                     manifests: d.data.clone(),
@@ -1070,10 +1209,11 @@ impl Worker {
             if let Err(e) = self.hub.put_operation(&recorded).await {
                 tracing::warn!(op = %op.id, error = %ErrorChain(&e), "cannot record the committed revision");
             }
+            drop(guard);
         }
         self.progress(
             op,
-            d,
+            r,
             result::APPLY_SYNCED,
             &format!("committed as {unit} revision {revision}; waiting for every cluster of {} to report it Ready", unit.env),
         )
@@ -1093,11 +1233,31 @@ impl Worker {
         if revision.0 == 0 {
             revision = self.committed_by(&unit, &op.id).await;
         }
+        if revision.0 == 0 && d.dry_run {
+            let what = match self
+                .hub
+                .get_unit(&unit, false, Role::Admin, &Page::ALL)
+                .await
+            {
+                Ok(v) if !v.unit.destroyed => {
+                    format!("dry run: would destroy {unit} (revision {})", v.unit.head)
+                }
+                _ => format!("dry run: {unit} has nothing to destroy"),
+            };
+            return Outcome::done(
+                result::DESTROY_COMPLETED,
+                format!("{what}; nothing was committed"),
+            );
+        }
         if revision.0 == 0 {
+            let guard = self.commit_lock(&unit).await;
+            if r.cancel.is_cancelled() {
+                return Outcome::done(result::NONE, "ended before committing");
+            }
             let destroyed = self
                 .hub
                 .destroy_from_source(
-                    &self.source,
+                    &owner(d),
                     self.actor(),
                     unit.clone(),
                     format!("confighub {}/{} op {}", d.space_slug, d.unit_slug, op.id),
@@ -1119,10 +1279,11 @@ impl Worker {
             if let Err(e) = self.hub.put_operation(&recorded).await {
                 tracing::warn!(op = %op.id, error = %ErrorChain(&e), "cannot record the committed revision");
             }
+            drop(guard);
         }
         self.progress(
             op,
-            d,
+            r,
             result::NONE,
             &format!(
                 "committed the destroy of {unit} as revision {revision}; waiting for every cluster"
@@ -1175,10 +1336,14 @@ impl Worker {
                 "Live state matches - no drift detected",
             )
         } else {
-            Outcome::done(
+            let mut o = Outcome::done(
                 result::REFRESH_AND_DRIFTED,
                 format!("drift: {}", drifted.join("; ")),
-            )
+            );
+            // The configuration stays ConfigHub's: hand back what it sent,
+            // unchanged (the agents heal or report the drift).
+            o.data = r.detail.data.clone().into_bytes();
+            o
         };
         o.resources = rollup(&view.cells, view.unit.head);
         o
@@ -1223,7 +1388,15 @@ impl Worker {
                 result::APPLY_WAIT_FAILED,
             )
         };
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(d.wait_seconds.max(1));
+        // From the operation's start, across restarts and reconnects.
+        let elapsed =
+            Duration::from_millis(u64::try_from(UnixMillis::now().0 - d.started_ms).unwrap_or(0));
+        let deadline = tokio::time::Instant::now()
+            + Duration::from_secs(d.wait_seconds.max(1)).saturating_sub(if d.started_ms > 0 {
+                elapsed
+            } else {
+                Duration::ZERO
+            });
         let mut changes = self.hub.status_changes();
         let mut last_said = String::new();
         let mut last_progress = tokio::time::Instant::now() - PROGRESS_EVERY;
@@ -1275,7 +1448,7 @@ impl Worker {
                 Verdict::Waiting(summary) | Verdict::Stuck(summary) => {
                     let said = summary.join("; ");
                     if said != last_said && last_progress.elapsed() >= PROGRESS_EVERY {
-                        self.progress(op, d, result::NONE, &said).await;
+                        self.progress(op, r, result::NONE, &said).await;
                         last_said = said;
                         last_progress = tokio::time::Instant::now();
                     }
@@ -1323,6 +1496,8 @@ struct Outcome {
     errors: Vec<String>,
     /// What the hub made of it, for ConfigHub to keep (`BridgeState`).
     bridge: Option<serde_json::Value>,
+    /// Configuration data to hand back (`Data`).
+    data: Vec<u8>,
 }
 
 impl Outcome {
@@ -1340,6 +1515,7 @@ impl Outcome {
             resources: BTreeMap::new(),
             errors: vec![],
             bridge: None,
+            data: vec![],
         }
     }
 
@@ -1352,6 +1528,7 @@ impl Outcome {
             message,
             resources: BTreeMap::new(),
             bridge: None,
+            data: vec![],
         }
     }
 }
@@ -1498,6 +1675,17 @@ fn wait_timeout(p: &BridgeWorkerPayload, default: Duration) -> Duration {
         .and_then(|s| humantime::parse_duration(&s).ok())
         .filter(|d| *d > Duration::ZERO && *d < Duration::from_secs(365 * 24 * 3600))
         .unwrap_or(default)
+}
+
+/// The owner of the units an operation's space feeds: a ConfigHub space
+/// owns its units (the same slug from another space is refused).
+fn owner(d: &Detail) -> String {
+    let space = if d.space_slug.is_empty() {
+        &d.space_id
+    } else {
+        &d.space_slug
+    };
+    format!("confighub:{space}")
 }
 
 /// The target slug of an environment.
