@@ -45,6 +45,19 @@ postgres() {
 RUN_IGNORED=()
 if postgres; then RUN_IGNORED=(--run-ignored all); fi
 
+# A real OCI registry for the OCI source tests (they start it themselves,
+# on loopback, with their own config).
+if ! command -v docker-registry >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing docker-registry (Debian: distribution 2.8) for the OCI source tests"
+    apt-get update -qq
+    # The package's own service is not wanted (nor started in containers).
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null
+  else
+    echo "note: docker-registry is missing and this is not root: the OCI source tests will fail" >&2
+  fi
+fi
+
 say "format"
 cargo fmt --all -- --check
 

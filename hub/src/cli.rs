@@ -5,6 +5,7 @@ mod client;
 mod commands;
 mod install;
 mod output;
+mod source;
 mod wait;
 
 use std::net::SocketAddr;
@@ -97,6 +98,9 @@ pub enum Command {
     /// Operator credentials.
     #[command(subcommand)]
     Operator(OperatorCommand),
+    /// OCI sources: ConfigHub releases and Flux-style artifacts.
+    #[command(subcommand)]
+    Source(source::SourceCommand),
     /// Agent installation.
     #[command(subcommand)]
     Agent(AgentCommand),

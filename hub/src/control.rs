@@ -4,6 +4,9 @@
 //! store is touched; commits are published to connected agents after they
 //! are durable; readers without the admin role never see Secret values.
 
+mod sources;
+pub use sources::{ReleaseOutcome, ReleaseUnit};
+
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -68,6 +71,8 @@ pub struct Hub {
     ca: Option<Arc<HubCa>>,
     /// Environments a source feeds (promotions into them happen there).
     claim: std::sync::RwLock<Option<EnvClaim>>,
+    /// Sources were created, changed or asked to sync (wakes the runner).
+    sources_changed: tokio::sync::Notify,
 }
 
 /// A source's claim on environments: promotions into them are refused and
@@ -148,6 +153,7 @@ impl Hub {
             next_session: AtomicU64::new(1),
             ca: ca.map(Arc::new),
             claim: std::sync::RwLock::new(None),
+            sources_changed: tokio::sync::Notify::new(),
         }
     }
 

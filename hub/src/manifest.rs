@@ -157,6 +157,16 @@ fn split_documents(text: &str) -> Vec<RawDocument<'_>> {
     docs
 }
 
+/// The documents of a YAML stream as (index, first line, text), split at
+/// `---`/`...` markers; indexes count as an editor does (1-based, empty
+/// documents included in the count, not returned).
+pub fn documents(text: &str) -> Vec<(usize, usize, &str)> {
+    split_documents(text)
+        .into_iter()
+        .map(|d| (d.index, d.line, d.text))
+        .collect()
+}
+
 /// Validates a unit's manifests. `Ok` means the text may be stored as is.
 pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated, ManifestError> {
     let err =

@@ -23,6 +23,26 @@ pub struct Metrics {
     pub confighub_connected: Gauge,
     pub confighub_operations: Family<OperationLabels, Counter>,
     pub confighub_report_retries: Counter,
+    /// OCI source syncs, by source and result (`committed`, `unchanged`,
+    /// `failed`).
+    pub source_syncs: Family<SourceLabels, Counter>,
+    /// When each source last synced without error (Unix seconds).
+    pub source_last_success: Family<SourceLabel, Gauge>,
+    /// Units each source owns.
+    pub source_units: Family<SourceLabel, Gauge>,
+}
+
+/// Labels of a source sync.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabels {
+    pub source: String,
+    pub result: String,
+}
+
+/// A source's label.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SourceLabel {
+    pub source: String,
 }
 
 /// Labels of a finished source operation.
@@ -110,8 +130,29 @@ impl Metrics {
             "Result reports to ConfigHub sent again after a failure",
             confighub_report_retries.clone(),
         );
+        let source_syncs = Family::<SourceLabels, Counter>::default();
+        let source_last_success = Family::<SourceLabel, Gauge>::default();
+        let source_units = Family::<SourceLabel, Gauge>::default();
+        registry.register(
+            "source_syncs",
+            "OCI source syncs, by source and result (committed, unchanged, failed)",
+            source_syncs.clone(),
+        );
+        registry.register(
+            "source_last_success_timestamp_seconds",
+            "When each OCI source last synced without error",
+            source_last_success.clone(),
+        );
+        registry.register(
+            "source_units",
+            "Units each OCI source owns",
+            source_units.clone(),
+        );
         Metrics {
             registry,
+            source_syncs,
+            source_last_success,
+            source_units,
             confighub_connected,
             confighub_operations,
             confighub_report_retries,

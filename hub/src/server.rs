@@ -168,6 +168,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     let hub = Arc::new(Hub::new(store.clone(), config.tuning.clone(), ca));
     let shutdown = CancellationToken::new();
+    // OCI sources (the leader of a shared store runs them).
+    let oci =
+        crate::source::oci::Runner::new(hub.clone(), crate::source::oci::ArtifactLimits::default());
+    let oci_task = tokio::spawn(oci.clone().run(shutdown.clone()));
     // The ConfigHub worker, when configured: a source acting through `Hub`.
     let worker = match &config.confighub {
         Some(ch) => {
@@ -179,6 +183,29 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             let w = crate::source::confighub::Worker::new(hub.clone(), ch.clone())
                 .map_err(|e| StartError::Config(ConfigError::Invalid(e.to_string())))?;
             tracing::info!(url = %ch.url, worker = %ch.worker_id, transport = ?ch.transport, "ConfigHub worker starting");
+            // ConfigHub's release announcements wake the sources following
+            // that space.
+            let mut releases = w.releases();
+            let oci = oci.clone();
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                loop {
+                    let entry = tokio::select! {
+                        () = stop.cancelled() => return,
+                        e = releases.recv() => e,
+                    };
+                    match entry {
+                        Ok(e) => {
+                            if let Some(space) = e.payload.get("SpaceSlug").and_then(|s| s.as_str())
+                            {
+                                oci.release_published(space).await;
+                            }
+                        }
+                        Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => {}
+                        Err(tokio::sync::broadcast::error::RecvError::Closed) => return,
+                    }
+                }
+            });
             Some(tokio::spawn(w.run(shutdown.clone())))
         }
         None => None,
@@ -284,6 +311,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         if let Some(w) = worker {
             let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
         }
+        let _ = tokio::time::timeout(Duration::from_secs(10), oci_task).await;
         // Stop the feedback writer only after the sessions are gone, so
         // their last acks and statuses are flushed.
         hub_for_task.fanout.disconnect_all();

@@ -1,5 +1,6 @@
 //! Sources of units besides the operator CLI: the ConfigHub worker
-//! ([`confighub`]). A source acts only through [`crate::control::Hub`]
+//! ([`confighub`]) and OCI artifacts ([`oci`]: ConfigHub releases,
+//! Flux-style artifacts). A source acts only through [`crate::control::Hub`]
 //! operations (validation, commit, audit, publish, like the CLI) and owns
 //! the units it creates: other writers are refused.
 //!
@@ -7,3 +8,4 @@
 //! never depends on a source.
 
 pub mod confighub;
+pub mod oci;

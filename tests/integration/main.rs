@@ -11,6 +11,7 @@ mod delivery;
 mod deploy;
 mod hub_faults;
 mod kube_sim;
+mod oci;
 mod promote;
 mod protocol;
 mod store;

@@ -3,10 +3,12 @@
 //! (`confighub/sdk`). [`model`] holds what it keeps, [`server`] serves the
 //! worker API (both transports) and the operator API `cub` calls, and
 //! [`cub`] is a small client that drives it the way `cub` does (including
-//! `apply --wait`'s completion rule).
+//! `apply --wait`'s completion rule); `release publish` pushes a space's
+//! units to an OCI registry in ConfigHub's release layout.
 
 pub mod cub;
 pub mod model;
+mod release;
 mod server;
 
 pub use model::Faults;

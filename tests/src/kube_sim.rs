@@ -20,7 +20,7 @@ mod registry;
 mod selector;
 mod server;
 mod store;
-mod tls;
+pub mod tls;
 
 pub use controllers::FAIL_ANNOTATION;
 pub use server::{Faults, KubeSim, SimOptions};

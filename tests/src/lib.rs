@@ -4,7 +4,8 @@
 //! ([`kube_sim`]) with a real agent ([`cluster`]), a simulated ConfigHub
 //! ([`confighub_sim`]), condition waits ([`wait`]),
 //! and for the fault suite: the real binaries as processes ([`processes`]),
-//! a fault-injecting TCP proxy ([`fault_proxy`]), a fleet of them
+//! a real OCI registry ([`registry`]), a fault-injecting TCP proxy
+//! ([`fault_proxy`]), a fleet of them
 //! ([`fleet`]) and the history checker ([`history`]).
 
 pub mod cluster;
@@ -15,6 +16,7 @@ pub mod history;
 pub mod hub;
 pub mod kube_sim;
 pub mod processes;
+pub mod registry;
 pub mod sim_agent;
 pub mod wait;
 

@@ -28,6 +28,7 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
         Command::Env(cmd) => env(&mut c, f, cmd).await,
         Command::Cluster(cmd) => cluster(&mut c, f, cmd).await,
         Command::Unit(cmd) => unit(&mut c, f, cmd).await,
+        Command::Source(cmd) => super::source::run(&mut c, f, cmd).await,
         Command::Status { env } => status(&mut c, f, env.unwrap_or_default()).await,
         Command::Audit { limit, target } => audit(&mut c, f, limit, target).await,
         Command::Promote(args) => promote(&mut c, f, args).await,
@@ -163,7 +164,7 @@ async fn agent_install(global: &Global, args: &InstallArgs) -> anyhow::Result<()
 }
 
 /// Turns a gRPC status into a plain error message.
-fn api<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
+pub(super) fn api<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
     match r {
         Ok(r) => Ok(r.into_inner()),
         Err(s) if s.code() == tonic::Code::Unavailable => {
@@ -173,7 +174,7 @@ fn api<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
     }
 }
 
-fn print(s: &str) {
+pub(super) fn print(s: &str) {
     println!("{}", s.trim_end());
 }
 
@@ -852,6 +853,15 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
         .collect();
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
     print(&table(&header_refs, rows));
+    let sources = api(c.list_sources(pb::ListSourcesRequest {}).await)?.sources;
+    let sources: Vec<pb::Source> = sources
+        .into_iter()
+        .filter(|s| env.is_empty() || s.environment == env)
+        .collect();
+    if !sources.is_empty() {
+        print("");
+        print(&super::source::sources_table(&sources));
+    }
     Ok(())
 }
 

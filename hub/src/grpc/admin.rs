@@ -645,4 +645,96 @@ impl pb::hub_service_server::HubService for AdminService {
         }
         .await)
     }
+
+    async fn create_source(&self, req: Request<pb::CreateSourceRequest>) -> Reply<pb::Source> {
+        ok(async {
+            let (actor, _) = self.operator(&req, true).await?;
+            let (source, auth) = convert::source_from_pb(req.into_inner())?;
+            let created = self.hub.create_source(actor, source, auth).await?;
+            self.source_view(&created).await
+        }
+        .await)
+    }
+
+    async fn list_sources(
+        &self,
+        req: Request<pb::ListSourcesRequest>,
+    ) -> Reply<pb::ListSourcesResponse> {
+        ok(async {
+            self.operator(&req, false).await?;
+            let mut sources = Vec::new();
+            for s in self.hub.list_sources().await? {
+                sources.push(self.source_view(&s).await?);
+            }
+            Ok(pb::ListSourcesResponse { sources })
+        }
+        .await)
+    }
+
+    async fn get_source(&self, req: Request<pb::GetSourceRequest>) -> Reply<pb::Source> {
+        ok(async {
+            self.operator(&req, false).await?;
+            let name = parse(&req.get_ref().name)?;
+            let s = self.hub.get_source(&name).await?;
+            self.source_view(&s).await
+        }
+        .await)
+    }
+
+    async fn set_source_suspended(
+        &self,
+        req: Request<pb::SetSourceSuspendedRequest>,
+    ) -> Reply<pb::Source> {
+        ok(async {
+            let (actor, _) = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let s = self
+                .hub
+                .set_source_suspended(actor, &parse(&r.name)?, r.suspended)
+                .await?;
+            self.source_view(&s).await
+        }
+        .await)
+    }
+
+    async fn delete_source(
+        &self,
+        req: Request<pb::DeleteSourceRequest>,
+    ) -> Reply<pb::DeleteSourceResponse> {
+        ok(async {
+            let (actor, _) = self.operator(&req, true).await?;
+            self.hub
+                .delete_source(actor, &parse(&req.get_ref().name)?)
+                .await?;
+            Ok(pb::DeleteSourceResponse {})
+        }
+        .await)
+    }
+
+    async fn sync_source(
+        &self,
+        req: Request<pb::SyncSourceRequest>,
+    ) -> Reply<pb::SyncSourceResponse> {
+        ok(async {
+            let (actor, _) = self.operator(&req, true).await?;
+            let r = req.into_inner();
+            let at = self
+                .hub
+                .sync_source(actor, &parse(&r.name)?, r.allow_prune)
+                .await?;
+            Ok(pb::SyncSourceResponse {
+                requested_at: convert::timestamp(at),
+            })
+        }
+        .await)
+    }
+}
+
+impl AdminService {
+    /// A source with its kind of credentials and user name (never the
+    /// secret itself).
+    async fn source_view(&self, s: &crate::model::OciSource) -> Result<pb::Source> {
+        let auth = self.hub.source_auth(&s.name).await?;
+        Ok(convert::source(s, auth.kind(), auth.username()))
+    }
 }

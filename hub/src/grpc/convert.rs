@@ -306,6 +306,117 @@ pub fn update(d: &Delivery) -> pb::UnitUpdate {
     }
 }
 
+/// A source as operators see it (never its credentials).
+pub fn source(s: &crate::model::OciSource, auth_kind: &str, username: &str) -> pb::Source {
+    use crate::model::OciRef;
+    let (tag, semver, digest) = match &s.spec.reference {
+        OciRef::Tag(t) => (t.clone(), String::new(), String::new()),
+        OciRef::Semver(r) => (String::new(), r.clone(), String::new()),
+        OciRef::Digest(d) => (String::new(), String::new(), d.clone()),
+    };
+    let st = &s.status;
+    pb::Source {
+        name: s.name.to_string(),
+        environment: s.env.to_string(),
+        url: s.spec.url.clone(),
+        tag,
+        semver,
+        digest,
+        interval_seconds: s.spec.interval_seconds,
+        mode: s.spec.mode.as_str().into(),
+        layer_media_type: s.spec.layer_media_type.clone(),
+        insecure_hosts: s.spec.insecure_hosts.clone(),
+        has_ca: !s.spec.ca_pem.is_empty(),
+        auth: auth_kind.into(),
+        username: username.into(),
+        suspended: s.suspended,
+        status: Some(pb::SourceStatus {
+            last_digest: st.last_digest.clone(),
+            last_revision: st.last_revision.clone(),
+            last_attempt: st.last_attempt.and_then(timestamp),
+            last_success: st.last_success.and_then(timestamp),
+            last_error: st.last_error.clone(),
+            last_result: st.last_result.clone(),
+            next_check: if s.suspended {
+                None
+            } else {
+                st.next_check.and_then(timestamp)
+            },
+            units: st.units.clone(),
+        }),
+        created_at: timestamp(s.created_at),
+    }
+}
+
+/// A new source from the wire: exactly one reference, a known mode, the
+/// credentials (write-only).
+pub fn source_from_pb(
+    r: pb::CreateSourceRequest,
+) -> Result<(crate::model::OciSource, crate::model::OciAuth)> {
+    use crate::auth::Secret;
+    use crate::model::{OciAuth, OciRef, OciSource, OciSpec, SourceStatus};
+    let s = r
+        .source
+        .ok_or_else(|| HubError::InvalidArgument("the request carries no source".into()))?;
+    let name: crate::model::SourceName = parse(&s.name)?;
+    let bad = |m: String| HubError::InvalidArgument(format!("source {name}: {m}"));
+    let reference = match (s.tag.is_empty(), s.semver.is_empty(), s.digest.is_empty()) {
+        (_, _, false) => OciRef::Digest(s.digest),
+        (_, false, true) => OciRef::Semver(s.semver),
+        (false, true, true) => OciRef::Tag(s.tag),
+        (true, true, true) => OciRef::Tag("latest".into()),
+    };
+    let mode = if s.mode.is_empty() {
+        crate::model::SourceMode::Artifact
+    } else {
+        s.mode.parse().map_err(bad)?
+    };
+    let auth = match (
+        s.username.is_empty(),
+        r.password.is_empty(),
+        r.bearer_token.is_empty(),
+    ) {
+        (true, true, true) => OciAuth::Anonymous,
+        (false, false, true) => OciAuth::Basic {
+            username: s.username,
+            password: Secret::from_string(r.password),
+        },
+        (true, true, false) => OciAuth::Bearer {
+            token: Secret::from_string(r.bearer_token),
+        },
+        _ => {
+            return Err(bad(
+                "give a username with a password, or a bearer token, or neither".into(),
+            ));
+        }
+    };
+    Ok((
+        OciSource {
+            name: name.clone(),
+            env: parse(&s.environment)?,
+            spec: OciSpec {
+                url: s.url,
+                reference,
+                interval_seconds: if s.interval_seconds == 0 {
+                    60
+                } else {
+                    s.interval_seconds
+                },
+                mode,
+                layer_media_type: s.layer_media_type,
+                insecure_hosts: s.insecure_hosts,
+                ca_pem: r.ca_pem,
+            },
+            suspended: s.suspended,
+            status: SourceStatus::default(),
+            sync_requested: None,
+            allow_prune: false,
+            created_at: UnixMillis::now(),
+        },
+        auth,
+    ))
+}
+
 #[cfg(test)]
 mod tests {
     use proptest::prelude::*;

@@ -52,6 +52,13 @@ struct Serve {
     /// Latency added to worker calls, milliseconds.
     #[arg(long, default_value_t = 0)]
     latency_ms: u64,
+    /// The OCI registry `release publish` pushes to (`HOST:PORT`, plain
+    /// HTTP), as ConfigHub's OCI endpoint.
+    #[arg(long)]
+    oci_registry: Option<String>,
+    /// A login for that registry, `USER:PASSWORD`.
+    #[arg(long, env = "CONFIGHUB_SIM_OCI_LOGIN", hide_env_values = true)]
+    oci_login: Option<String>,
 }
 
 #[derive(Parser, Debug)]
@@ -81,6 +88,14 @@ enum CubCommand {
     Target(TargetCommand),
     #[command(subcommand)]
     Unit(UnitCommand),
+    #[command(subcommand)]
+    Release(ReleaseCommand),
+}
+
+#[derive(Subcommand, Debug)]
+enum ReleaseCommand {
+    /// Bundle the space's units and push them to the OCI endpoint.
+    Publish { space: String },
 }
 
 #[derive(Subcommand, Debug)]
@@ -201,6 +216,15 @@ async fn serve(a: Serve) -> anyhow::Result<()> {
             lease_ttl: Duration::from_secs(a.lease_ttl_seconds.max(1)),
             heartbeat: Duration::from_secs(a.heartbeat_seconds),
             operator_token: a.operator_token,
+            registry: a.oci_registry.map(|host| unitsync_tests::registry::Pusher {
+                host,
+                ca_pem: None,
+                login: a
+                    .oci_login
+                    .as_deref()
+                    .and_then(|l| l.split_once(':'))
+                    .map(|(u, p)| (u.to_owned(), p.to_owned())),
+            }),
         },
     )
     .await?;
@@ -256,6 +280,15 @@ async fn cub(a: CubArgs) -> anyhow::Result<()> {
             }
         }
         CubCommand::Unit(u) => unit(&cub, u).await?,
+        CubCommand::Release(ReleaseCommand::Publish { space }) => {
+            let r = cub.release_publish(&space).await?;
+            println!(
+                "Published release {} of {space}: {} unit(s), manifest {}",
+                r["ReleaseNum"],
+                r["UnitCount"],
+                r["ManifestDigest"].as_str().unwrap_or_default()
+            );
+        }
     }
     Ok(())
 }

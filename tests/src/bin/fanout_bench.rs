@@ -700,6 +700,42 @@ impl pb::hub_service_server::HubService for Bare {
     ) -> Result<Response<pb::CreateOperatorResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+    async fn create_source(
+        &self,
+        _: Request<pb::CreateSourceRequest>,
+    ) -> Result<Response<pb::Source>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn list_sources(
+        &self,
+        _: Request<pb::ListSourcesRequest>,
+    ) -> Result<Response<pb::ListSourcesResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn get_source(
+        &self,
+        _: Request<pb::GetSourceRequest>,
+    ) -> Result<Response<pb::Source>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn set_source_suspended(
+        &self,
+        _: Request<pb::SetSourceSuspendedRequest>,
+    ) -> Result<Response<pb::Source>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn delete_source(
+        &self,
+        _: Request<pb::DeleteSourceRequest>,
+    ) -> Result<Response<pb::DeleteSourceResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
+    async fn sync_source(
+        &self,
+        _: Request<pb::SyncSourceRequest>,
+    ) -> Result<Response<pb::SyncSourceResponse>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
     async fn issue_cluster_token(
         &self,
         _: Request<pb::IssueClusterTokenRequest>,

@@ -299,6 +299,19 @@ impl Cub {
         .await
     }
 
+    /// `cub release publish SPACE`: the `Release`.
+    pub async fn release_publish(&self, space: &str) -> anyhow::Result<Value> {
+        let sid = self.space_id(space).await?;
+        let r = self
+            .call(
+                Method::POST,
+                &format!("/space/{sid}/release"),
+                Some(json!({})),
+            )
+            .await?;
+        Ok(r["Release"].clone())
+    }
+
     /// Queues an action and waits for it as `cub … --wait` does.
     pub async fn run(
         &self,

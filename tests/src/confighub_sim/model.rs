@@ -266,6 +266,28 @@ impl LogEntry {
     }
 }
 
+/// A published release of a space.
+#[derive(Clone, Debug)]
+pub struct Release {
+    pub id: String,
+    pub space_id: String,
+    pub num: i64,
+    /// sha256 of the bundle (ConfigHub's `Digest`).
+    pub digest: String,
+    /// The OCI manifest's digest.
+    pub manifest_digest: String,
+    pub unit_count: usize,
+    pub created_at: String,
+}
+
+impl Release {
+    pub fn json(&self) -> Value {
+        json!({"ReleaseID": self.id, "SpaceID": self.space_id, "ReleaseNum": self.num,
+               "Digest": self.digest, "ManifestDigest": self.manifest_digest,
+               "UnitCount": self.unit_count, "Published": true, "CreatedAt": self.created_at})
+    }
+}
+
 /// Faults the simulator injects (worker API only).
 #[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
 pub struct Faults {
@@ -310,6 +332,7 @@ pub struct State {
     pub injected_errors: u64,
     /// Reports refused because their operation had ended already.
     pub late_reports: u64,
+    pub releases: Vec<Release>,
 }
 
 impl State {

@@ -37,6 +37,8 @@ pub struct SimOptions {
     pub heartbeat: Duration,
     /// The operator token `cub` uses.
     pub operator_token: String,
+    /// Where `release publish` pushes bundles (ConfigHub's OCI endpoint).
+    pub registry: Option<crate::registry::Pusher>,
 }
 
 impl Default for SimOptions {
@@ -45,11 +47,14 @@ impl Default for SimOptions {
             lease_ttl: Duration::from_secs(15),
             heartbeat: Duration::from_secs(10),
             operator_token: "chs_operator_token".into(),
+            registry: None,
         }
     }
 }
 
 pub(crate) struct Sim {
+    /// One release publish at a time (numbers and digests in order).
+    pub publishing: tokio::sync::Mutex<()>,
     pub state: Mutex<State>,
     /// New operations or log entries.
     pub changed: Notify,
@@ -66,9 +71,9 @@ pub struct ConfigHubSim {
     stop: CancellationToken,
 }
 
-type Reply = Response;
+pub(super) type Reply = Response;
 
-fn error(status: u16, message: impl Into<String>) -> Reply {
+pub(super) fn error(status: u16, message: impl Into<String>) -> Reply {
     let code = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
         code,
@@ -80,7 +85,7 @@ fn error(status: u16, message: impl Into<String>) -> Reply {
 }
 
 /// A refusal a helper returns; the handler turns it into the answer.
-struct Refusal(u16, String);
+pub(super) struct Refusal(u16, String);
 
 impl IntoResponse for Refusal {
     fn into_response(self) -> Response {
@@ -92,7 +97,7 @@ fn refuse(status: u16, message: impl Into<String>) -> Refusal {
     Refusal(status, message.into())
 }
 
-fn ok(v: Value) -> Reply {
+pub(super) fn ok(v: Value) -> Reply {
     axum::Json(v).into_response()
 }
 
@@ -124,6 +129,7 @@ impl ConfigHubSim {
             .map_err(|_| anyhow::anyhow!("cannot generate the JWT key"))?;
         let sim = Arc::new(Sim {
             state: Mutex::default(),
+            publishing: tokio::sync::Mutex::new(()),
             changed: Notify::new(),
             options,
             key,
@@ -266,7 +272,7 @@ impl Sim {
         }
     }
 
-    fn operator(&self, h: &HeaderMap) -> Result<(), Refusal> {
+    pub(super) fn operator(&self, h: &HeaderMap) -> Result<(), Refusal> {
         match bearer(h) {
             Some(t) if t == self.options.operator_token => Ok(()),
             _ => Err(refuse(401, "unauthorized")),
@@ -390,13 +396,14 @@ fn router(sim: Arc<Sim>) -> Router {
         )
         .route("/api/unit/cancel", post(cancel))
         .route("/api/unit", get(search_units))
+        .route("/api/space/{space}/release", post(super::release::publish))
         .route("/_sim/faults", get(get_faults).put(put_faults))
         .route("/_sim/drop-streams", post(drop_streams))
         .route("/_sim/steal-lease/{id}", post(steal))
         .with_state(sim)
 }
 
-type S = AxState<Arc<Sim>>;
+pub(super) type S = AxState<Arc<Sim>>;
 
 async fn info(AxState(sim): S) -> Reply {
     ok(json!({"WorkerPort": sim.port.to_string(), "Build": "confighub-sim"}))
@@ -850,7 +857,7 @@ async fn list_spaces(AxState(sim): S, h: HeaderMap, Query(q): Query<ListQuery>) 
     ))
 }
 
-fn space_id(s: &State, space: &str) -> Result<String, Refusal> {
+pub(super) fn space_id(s: &State, space: &str) -> Result<String, Refusal> {
     s.space(space)
         .map(|x| x.id.clone())
         .ok_or_else(|| refuse(404, format!("space {space} not found")))

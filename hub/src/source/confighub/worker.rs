@@ -43,6 +43,8 @@ const PROGRESS_EVERY: Duration = Duration::from_secs(2);
 /// How often an operation re-reads status without a change notice (other
 /// replicas' agents, missed notices).
 const RECHECK: Duration = Duration::from_secs(1);
+/// Where the last handled `release.published` cursor is kept.
+const RELEASE_CURSOR: &str = "confighub.release_cursor";
 /// How often recorded but undelivered reports are sent again.
 const REDELIVER_EVERY: Duration = Duration::from_secs(30);
 /// How long a shutdown waits for the poll in flight.
@@ -225,13 +227,29 @@ impl Worker {
     /// Follows ConfigHub's `release.published` events (a server-side
     /// cursor; no lease) and hands them to release sources as wake-up hints.
     async fn follow_releases(self: Arc<Self>, shutdown: CancellationToken) {
-        let body = wire::CursorPollRequest {
-            event_types: vec!["release.published".into()],
-            from_cursor: None,
-            timeout_seconds: 30,
-        };
         let mut retry = Retry::new(Duration::from_secs(2), Duration::from_secs(60));
         loop {
+            // One replica follows (a cursor is one bookmark on ConfigHub).
+            if !self.hub.is_leader().await {
+                if sleep_or_stop(Duration::from_secs(5), &shutdown).await {
+                    return;
+                }
+                continue;
+            }
+            // From the last event handled, across restarts (the server's
+            // bookmark starts at the tail for a new cursor).
+            let from_cursor = self
+                .hub
+                .hub_state(RELEASE_CURSOR)
+                .await
+                .ok()
+                .flatten()
+                .and_then(|v| v.parse::<i64>().ok());
+            let body = wire::CursorPollRequest {
+                event_types: vec!["release.published".into()],
+                from_cursor,
+                timeout_seconds: 30,
+            };
             let polled = tokio::select! {
                 () = shutdown.cancelled() => return,
                 p = self.client.poll_events("unitsync-releases", &body) => p,
@@ -239,13 +257,24 @@ impl Worker {
             match polled {
                 Ok(events) => {
                     retry.reset();
+                    let mut last = from_cursor.unwrap_or(0);
                     for m in events
                         .into_iter()
                         .filter(|m| m.event == wire::event::EVENT_LOG)
                     {
                         if let Ok(entry) = serde_json::from_value::<EventLogEntry>(m.data) {
+                            last = last.max(entry.cursor_id);
                             let _ = self.releases.send(entry);
                         }
+                    }
+                    if Some(last) != from_cursor
+                        && last > 0
+                        && let Err(e) = self
+                            .hub
+                            .set_hub_state(RELEASE_CURSOR, &last.to_string())
+                            .await
+                    {
+                        tracing::warn!(error = %ErrorChain(&e), "cannot record the ConfigHub event cursor");
                     }
                 }
                 Err(e) if e.status() == Some(404) => {
