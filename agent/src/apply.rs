@@ -58,6 +58,8 @@ pub struct Applier {
     /// lost (or never had) an inventory at about the same time.
     scanned: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Membership>)>>,
     pub crd_timeout: Duration,
+    /// What this agent wrote (its own writes wake no drift check).
+    own: Arc<crate::drift::OwnWrites>,
 }
 
 /// Objects carrying `unitsync.dev/unit` annotations, by that annotation
@@ -160,7 +162,14 @@ impl Applier {
             scan_types: RwLock::new(scan_types),
             scanned: tokio::sync::Mutex::new(None),
             crd_timeout,
+            own: Arc::default(),
         })
+    }
+
+    /// What this agent wrote, shared with the drift watch and the
+    /// inventory.
+    pub fn own_writes(&self) -> Arc<crate::drift::OwnWrites> {
+        self.own.clone()
     }
 
     /// Every object carrying a unit annotation, by unit (`ENV/UNIT`),
@@ -352,6 +361,7 @@ impl Applier {
             .patch(&obj.name, &pp, &Patch::Apply(&body))
             .await
             .map_err(|e| conflict(e, obj))?;
+        self.own.record(&applied.metadata);
         Ok((true, entry(&applied)))
     }
 

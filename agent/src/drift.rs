@@ -1,8 +1,11 @@
 //! Watching applied objects: one kube-runtime watcher per served type the
 //! agent has applied, filtered on the `app.kubernetes.io/managed-by=unitsync`
-//! label, wakes the owning unit's worker whenever one of its objects
-//! changes or disappears, so drift is found within moments instead of at the
-//! next periodic check (which stays as a safety net).
+//! label, wakes the owning unit's worker whenever someone else changes one
+//! of its objects or it disappears, so drift is found within moments
+//! instead of at the next periodic check (which stays as a safety net).
+//! The agent's own writes (the resourceVersion it just wrote) wake nobody;
+//! a change of status only (same generation) wakes the worker to re-assess
+//! health, without a drift check.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
@@ -17,17 +20,83 @@ use tokio_util::sync::CancellationToken;
 
 use crate::manifest::{LABEL_MANAGED_BY, LABEL_UNIT};
 
+/// What the agent itself last wrote, by object uid: the resourceVersion
+/// and generation its write produced.
+#[derive(Default)]
+pub struct OwnWrites(Mutex<HashMap<String, (String, Option<i64>)>>);
+
+/// What a watched change is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Change {
+    /// The agent's own write.
+    Own,
+    /// Someone else changed the status only (the generation the agent
+    /// wrote is unchanged): health may have changed.
+    Status,
+    /// Someone else changed what the agent applied, or it is gone.
+    Spec,
+}
+
+impl OwnWrites {
+    /// Records what an apply returned.
+    pub fn record(&self, meta: &kube::api::ObjectMeta) {
+        if let (Some(uid), Some(rv)) = (&meta.uid, &meta.resource_version) {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .insert(uid.clone(), (rv.clone(), meta.generation));
+        }
+    }
+
+    fn classify(&self, meta: &kube::api::ObjectMeta) -> Change {
+        let own = meta.uid.as_ref().and_then(|uid| {
+            self.0
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .get(uid)
+                .cloned()
+        });
+        match own {
+            Some((rv, _)) if meta.resource_version.as_ref() == Some(&rv) => Change::Own,
+            Some((_, Some(generation))) if meta.generation == Some(generation) => Change::Status,
+            _ => Change::Spec,
+        }
+    }
+}
+
+/// How a unit's worker is woken: why, and the notice.
+#[derive(Default)]
+pub struct Waker {
+    pub notify: Notify,
+    /// Someone else changed an object: check drift.
+    drifted: std::sync::atomic::AtomicBool,
+}
+
+impl Waker {
+    /// Whether a drift check is due (clears it).
+    pub fn take_drift(&self) -> bool {
+        self.drifted
+            .swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+}
+
 pub struct DriftWatch {
     client: kube::Client,
+    own: Arc<OwnWrites>,
     watched: Mutex<HashSet<(String, String, String)>>,
-    wakers: Arc<Mutex<HashMap<String, Arc<Notify>>>>,
+    wakers: Arc<Mutex<HashMap<String, Arc<Waker>>>>,
     shutdown: CancellationToken,
 }
 
 impl DriftWatch {
-    pub fn new(client: kube::Client, shutdown: CancellationToken) -> DriftWatch {
+    pub fn new(
+        client: kube::Client,
+        own: Arc<OwnWrites>,
+        shutdown: CancellationToken,
+    ) -> DriftWatch {
         DriftWatch {
             client,
+            own,
             watched: Mutex::default(),
             wakers: Arc::default(),
             shutdown,
@@ -35,7 +104,7 @@ impl DriftWatch {
     }
 
     /// The notifier a unit's worker waits on.
-    pub fn waker(&self, unit: &str) -> Arc<Notify> {
+    pub fn waker(&self, unit: &str) -> Arc<Waker> {
         self.wakers
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -65,6 +134,7 @@ impl DriftWatch {
         let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
         let config = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
         let wakers = self.wakers.clone();
+        let own = self.own.clone();
         let stop = self.shutdown.clone();
         let kind = ar.kind.clone();
         tokio::spawn(async move {
@@ -75,9 +145,13 @@ impl DriftWatch {
                     () = stop.cancelled() => return,
                     ev = stream.next() => ev,
                 };
-                let obj = match ev {
+                let (obj, change) = match ev {
                     None => return,
-                    Some(Ok(Event::Apply(o) | Event::Delete(o))) => o,
+                    Some(Ok(Event::Apply(o))) => {
+                        let c = own.classify(&o.metadata);
+                        (o, c)
+                    }
+                    Some(Ok(Event::Delete(o))) => (o, Change::Spec),
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
                         tracing::debug!(%kind, error = %e, "watch interrupted; resuming");
@@ -94,9 +168,48 @@ impl DriftWatch {
                     .get(unit)
                     .cloned();
                 if let Some(w) = waker {
-                    w.notify_one();
+                    match change {
+                        Change::Own => {}
+                        Change::Status => w.notify.notify_one(),
+                        Change::Spec => {
+                            w.drifted.store(true, std::sync::atomic::Ordering::SeqCst);
+                            w.notify.notify_one();
+                        }
+                    }
                 }
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use kube::api::ObjectMeta;
+
+    fn meta(uid: &str, rv: &str, generation: Option<i64>) -> ObjectMeta {
+        ObjectMeta {
+            uid: Some(uid.into()),
+            resource_version: Some(rv.into()),
+            generation,
+            ..ObjectMeta::default()
+        }
+    }
+
+    #[test]
+    fn own_writes_wake_nobody_and_status_changes_skip_the_drift_check() {
+        let own = OwnWrites::default();
+        own.record(&meta("u1", "10", Some(3)));
+        own.record(&meta("u2", "20", None));
+        // The event of the agent's own write.
+        assert_eq!(own.classify(&meta("u1", "10", Some(3))), Change::Own);
+        assert_eq!(own.classify(&meta("u2", "20", None)), Change::Own);
+        // A controller updated the status: same generation.
+        assert_eq!(own.classify(&meta("u1", "11", Some(3))), Change::Status);
+        // Someone changed the spec, or an object without generations.
+        assert_eq!(own.classify(&meta("u1", "12", Some(4))), Change::Spec);
+        assert_eq!(own.classify(&meta("u2", "21", None)), Change::Spec);
+        // An object this agent never wrote.
+        assert_eq!(own.classify(&meta("u3", "1", Some(1))), Change::Spec);
     }
 }

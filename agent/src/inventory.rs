@@ -123,6 +123,7 @@ pub struct InventoryStore {
     /// When this process last wrote each unit's inventory (its objects are
     /// written after it).
     written: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    own: std::sync::Arc<crate::drift::OwnWrites>,
 }
 
 fn cm_name(unit: &str) -> String {
@@ -130,12 +131,17 @@ fn cm_name(unit: &str) -> String {
 }
 
 impl InventoryStore {
-    pub fn new(client: kube::Client, namespace: &str) -> InventoryStore {
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        own: std::sync::Arc<crate::drift::OwnWrites>,
+    ) -> InventoryStore {
         InventoryStore {
             api: Api::namespaced(client.clone(), namespace),
             namespaces: Api::all(client),
             namespace: namespace.to_owned(),
             written: Default::default(),
+            own,
         }
     }
 
@@ -222,13 +228,16 @@ impl InventoryStore {
             },
             "data": data,
         });
-        self.api
+        let written = self
+            .api
             .patch(
                 &cm_name(unit),
                 &PatchParams::apply(crate::apply::FIELD_MANAGER).force(),
                 &Patch::Apply(cm),
             )
             .await?;
+        // Its own write must not wake the unit's drift check.
+        self.own.record(&written.metadata);
         Ok(())
     }
 

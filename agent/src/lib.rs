@@ -147,7 +147,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
             }
         }
     };
-    let inventory = InventoryStore::new(client, &config.namespace);
+    let inventory = InventoryStore::new(client, &config.namespace, applier.own_writes());
     // Best effort: a least-privilege install creates it up front, and every
     // inventory write re-creates it if it goes missing.
     if let Err(e) = inventory.ensure_namespace().await {

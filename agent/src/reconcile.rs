@@ -293,7 +293,11 @@ impl Reconciler {
         ));
         Arc::new(Reconciler {
             permits: Arc::new(Semaphore::new(tuning.concurrency.max(1))),
-            drift: DriftWatch::new(applier.client().clone(), shutdown.clone()),
+            drift: DriftWatch::new(
+                applier.client().clone(),
+                applier.own_writes(),
+                shutdown.clone(),
+            ),
             applier,
             inventory,
             desired,
@@ -445,7 +449,7 @@ impl Reconciler {
         &self,
         unit: &DesiredUnit,
         rx: &mut watch::Receiver<DesiredUnit>,
-        changed: &tokio::sync::Notify,
+        changed: &crate::drift::Waker,
         healable: &BTreeSet<Key>,
         retry_at: Option<Instant>,
     ) -> Watched {
@@ -518,16 +522,20 @@ impl Reconciler {
                 None if phase == pb::Phase::Ready => self.tuning.drift_interval,
                 None => self.tuning.health_interval,
             }
-            .min(self.tuning.drift_interval);
+            .min(self.tuning.drift_interval)
+            .min(next_drift.saturating_duration_since(Instant::now()));
+            // Every wait ends at once for a new revision.
             tokio::select! {
                 () = self.shutdown.cancelled() => return Watched::Stop,
                 r = rx.changed() => return if r.is_err() { Watched::Stop } else { Watched::NewRevision },
                 () = tokio::time::sleep(wait) => {}
                 r = api_down.changed() => if r.is_err() { return Watched::Stop },
-                // One of the unit's objects changed: compare now.
-                () = changed.notified() => {
-                    tokio::time::sleep(DRIFT_SETTLE).await;
-                    next_drift = Instant::now();
+                // Someone changed one of the unit's objects: compare once
+                // the burst settles; a status change: re-assess now.
+                () = changed.notify.notified() => {
+                    if changed.take_drift() {
+                        next_drift = next_drift.min(Instant::now() + DRIFT_SETTLE);
+                    }
                 }
             }
             if retry_at.is_some_and(|at| Instant::now() >= at) {

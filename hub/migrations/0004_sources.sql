@@ -29,6 +29,7 @@ CREATE TABLE oci_sources (
     status         TEXT NOT NULL DEFAULT '{}',
     sync_requested INTEGER NOT NULL DEFAULT 0,
     allow_prune    INTEGER NOT NULL DEFAULT 0,
+    attempt_at     INTEGER NOT NULL DEFAULT 0,
     created_at     INTEGER NOT NULL,
     updated_at     INTEGER NOT NULL
 );

@@ -78,6 +78,9 @@ pub enum Command {
     Status {
         #[arg(long)]
         env: Option<String>,
+        /// Keep showing it: redrawn as statuses arrive (Ctrl-C ends).
+        #[arg(long)]
+        watch: bool,
     },
     /// Promote units from one environment to the next (gates apply).
     Promote(PromoteArgs),

@@ -62,6 +62,8 @@ pub struct Hub {
     pub store: Arc<dyn Store>,
     pub fanout: Fanout,
     pub feedback: Arc<Feedback>,
+    /// What happens, for watchers.
+    pub events: crate::events::Events,
     pub metrics: Arc<Metrics>,
     pub tuning: Tuning,
     /// Head revision content per unit, shared by every session that needs it.
@@ -143,10 +145,12 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 
 impl Hub {
     pub fn new(store: Arc<dyn Store>, tuning: Tuning, ca: Option<HubCa>) -> Hub {
+        let events = crate::events::Events::default();
         Hub {
             store,
             fanout: Fanout::default(),
-            feedback: Arc::default(),
+            feedback: Arc::new(Feedback::new(events.clone())),
+            events,
             metrics: Arc::default(),
             tuning,
             heads: Mutex::default(),
@@ -590,11 +594,23 @@ impl Hub {
 
     /// The status matrix (of one environment, or all), a page of cells.
     pub async fn status(&self, env: Option<&EnvName>, page: &Page) -> Result<StatusView> {
+        self.status_of(env, None, page).await
+    }
+
+    /// The same, for one unit only when `unit` is given.
+    pub async fn status_of(
+        &self,
+        env: Option<&EnvName>,
+        unit: Option<&UnitRef>,
+        page: &Page,
+    ) -> Result<StatusView> {
         let first = page.after.is_none();
-        let cells = self.store.statuses(env, None, page).await?;
+        let cells = self.store.statuses(env, unit, page).await?;
         Ok(StatusView {
             units: if first {
-                self.store.list_units(env).await?
+                let mut units = self.store.list_units(env).await?;
+                units.retain(|u| unit.is_none_or(|x| u.unit == *x));
+                units
             } else {
                 vec![]
             },
@@ -720,10 +736,9 @@ impl Hub {
         Ok(self.store.open_operations(source).await?)
     }
 
-    /// Units whose status was just recorded (a hint; the store is the
-    /// truth).
-    pub fn status_changes(&self) -> tokio::sync::broadcast::Receiver<UnitRef> {
-        self.feedback.changes()
+    /// What happens in the hub (a hint; the store is the truth).
+    pub fn subscribe(&self) -> tokio::sync::broadcast::Receiver<crate::events::HubEvent> {
+        self.events.subscribe()
     }
 
     // --- publishing ---
@@ -737,6 +752,8 @@ impl Hub {
     /// Offers a revision (committed here or by another hub sharing the
     /// store) to connected agents; offering one twice changes nothing.
     pub fn offer(&self, committed: &Revision) {
+        self.events
+            .send(crate::events::HubEvent::Committed(committed.unit.clone()));
         let delivery = Delivery::of(committed, std::time::SystemTime::now());
         self.cache_head(&delivery);
         let stats = self.fanout.publish(&delivery);

@@ -3,9 +3,11 @@
 //! The stream's receive loop only records feedback here, in memory and
 //! coalesced per (cluster, unit); one writer task flushes it in batches. So
 //! acks and heartbeats never wait on a database write, and a burst from
-//! thousands of agents becomes a few short transactions: statuses soon
-//! (operators wait on them), acks at most once a second (they are advisory:
-//! the agent's version vector, not the hub's ack record, drives resync).
+//! thousands of agents becomes a few short transactions: statuses at once
+//! when the writer is idle (operators wait on them; under load, what arrives
+//! during a write is the next batch), acks at most once a second (they are
+//! advisory: the agent's version vector, not the hub's ack record, drives
+//! resync). Written statuses are announced on the hub's [`Events`].
 //! Batches are split into chunks so a commit never waits long for the
 //! store's single writer.
 
@@ -17,6 +19,7 @@ use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorChain;
+use crate::events::{Events, HubEvent};
 use crate::model::{ClusterName, RevisionNum, StatusReport, UnitRef};
 use crate::store::{Ack, Store};
 
@@ -32,23 +35,19 @@ struct Pending {
 pub struct Feedback {
     pending: Mutex<Pending>,
     notify: Notify,
-    /// Units whose status was just recorded (a hint for waiters: the store
-    /// is the truth; a lagging receiver re-reads it).
-    changes: tokio::sync::broadcast::Sender<UnitRef>,
+    /// Where recorded statuses are announced.
+    events: Events,
 }
 
-impl Default for Feedback {
-    fn default() -> Self {
-        Self {
+impl Feedback {
+    pub fn new(events: Events) -> Feedback {
+        Feedback {
             pending: Mutex::default(),
             notify: Notify::new(),
-            changes: tokio::sync::broadcast::channel(4096).0,
+            events,
         }
     }
 }
-
-/// How long the writer gathers statuses before a flush.
-const GATHER: Duration = Duration::from_millis(50);
 /// How often acks are written.
 const ACK_INTERVAL: Duration = Duration::from_secs(1);
 /// Rows per transaction.
@@ -61,17 +60,12 @@ impl Feedback {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Units whose recorded status changed, as they are written.
-    pub fn changes(&self) -> tokio::sync::broadcast::Receiver<UnitRef> {
-        self.changes.subscribe()
-    }
-
+    /// Records an ack (written with the next batch of acks, at most a
+    /// second later; acks do not wake the writer).
     pub fn ack(&self, cluster: ClusterName, unit: UnitRef, revision: RevisionNum) {
         let mut p = self.lock();
         let e = p.acks.entry((cluster, unit)).or_default();
         *e = (*e).max(revision);
-        drop(p);
-        self.notify.notify_one();
     }
 
     pub fn status(&self, report: StatusReport) {
@@ -117,11 +111,8 @@ impl Feedback {
                 break;
             }
             written_statuses += chunk.len();
-            let units: std::collections::BTreeSet<&UnitRef> =
-                chunk.iter().map(|r| &r.unit).collect();
-            for u in units {
-                let _ = self.changes.send(u.clone());
-            }
+            self.events
+                .send(HubEvent::Statuses(Arc::new(chunk.to_vec())));
         }
         let mut written_acks = 0;
         if failed.is_none() {
@@ -153,12 +144,14 @@ impl Feedback {
         let mut retry = Duration::from_millis(100);
         let mut acks_due = tokio::time::Instant::now() + ACK_INTERVAL;
         loop {
+            // Statuses are written at once when the writer is idle; under load
+            // they gather while the previous batch is written (the batch is
+            // whatever arrived meanwhile).
             tokio::select! {
                 () = self.notify.notified() => {}
                 () = tokio::time::sleep_until(acks_due) => {}
                 () = shutdown.cancelled() => break,
             }
-            tokio::time::sleep(GATHER).await;
             let with_acks = tokio::time::Instant::now() >= acks_due;
             if with_acks {
                 acks_due = tokio::time::Instant::now() + ACK_INTERVAL;

@@ -6,3 +6,4 @@
 pub mod admin;
 pub mod agent;
 pub mod convert;
+mod watch;

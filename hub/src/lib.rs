@@ -9,6 +9,7 @@ pub mod cli;
 pub mod config;
 pub mod control;
 pub mod error;
+pub mod events;
 pub mod fanout;
 pub mod feedback;
 pub mod grpc;

@@ -16,3 +16,4 @@ mod promote;
 mod protocol;
 mod store;
 mod validation;
+mod watch;

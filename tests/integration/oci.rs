@@ -384,7 +384,26 @@ async fn a_registry_outage_is_reported_and_leaves_the_clusters_alone() {
         .unwrap();
     s.create(source(&s, "web", "apps/web")).await;
     s.ready_everywhere("dev/web", 1).await;
+    // A digest pin is checked too: its artifact may go away with the registry.
+    let pin = s
+        .registry
+        .push_flux("apps/pin", "1.0.0", &[("pin.yaml", &cm("pin", "1"))])
+        .await
+        .unwrap();
+    let mut pinned = source(&s, "pin", "apps/pin");
+    let src = pinned.source.as_mut().unwrap();
+    src.tag.clear();
+    src.digest = pin;
+    s.create(pinned).await;
+    s.wait("pin", "a sync", |st| !st.last_revision.is_empty())
+        .await;
     s.registry.stop().await;
+    let pin = s.sync("pin", false).await;
+    assert!(
+        pin.last_error.contains("cannot reach registry"),
+        "a pin too: {}",
+        pin.last_error
+    );
     let st = s.sync("web", false).await;
     assert!(
         st.last_error.contains("cannot reach registry"),
@@ -522,6 +541,39 @@ async fn a_release_that_drops_units_destroys_them_within_the_guard() {
         s.value_in(0, "d").is_none()
     })
     .await;
+    // A release with one invalid unit commits none of them.
+    let bad = format!(
+        "{}---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: x\n  namespace: apps\n  annotations:\n    confighub.com/origin: {}\n  labels:\n    tier: [front]\n",
+        doc("a", 2),
+        origin("b", 2)
+    );
+    let bad_digest = s
+        .registry
+        .push_confighub(
+            "space/shop-dev",
+            "latest",
+            &[("bundle.yaml", &bad)],
+            "target-1",
+        )
+        .await
+        .unwrap();
+    let st = s
+        .wait("shop", "the refusal", |st| {
+            st.last_error.contains("metadata.labels")
+        })
+        .await;
+    assert_ne!(st.last_digest, bad_digest);
+    assert_eq!(
+        s.head("dev/a").await.unwrap().number,
+        1,
+        "a is unchanged too"
+    );
+    // A permission to prune is used by the next sync, even an unchanged one.
+    push(&["a", "b", "c"]).await;
+    s.wait("shop", "back to a, b, c", |st| st.last_error.is_empty())
+        .await;
+    let st = s.sync("shop", true).await;
+    assert!(st.last_result.starts_with("unchanged"), "{st:?}");
     // Two of three leave: refused, reported, nothing changes.
     let d = push(&["a"]).await;
     let st = s
@@ -642,7 +694,8 @@ async fn a_confighub_release_event_wakes_the_source_before_its_interval() {
         st.last_digest,
         published["ManifestDigest"].as_str().unwrap()
     );
-    // The event cursor is kept for the next start.
+    // The event cursor is kept for the next start: a release published
+    // while the hub is down wakes the source once it is back.
     let cursor = hub
         .running()
         .hub
@@ -650,6 +703,26 @@ async fn a_confighub_release_event_wakes_the_source_before_its_interval() {
         .await
         .unwrap();
     assert_eq!(cursor.as_deref(), Some("2"));
+    let mut hub = hub;
+    hub.stop().await;
+    cub.unit_update("shop-dev", "web", &cm("web", "3"))
+        .await
+        .unwrap();
+    cub.release_publish("shop-dev").await.unwrap();
+    hub.restart().await;
+    until("the release published while down lands", || async {
+        hub.unit("dev/web")
+            .await
+            .is_ok_and(|d| d.head.is_some_and(|h| h.number == 3))
+    })
+    .await;
+    let cursor = hub
+        .running()
+        .hub
+        .hub_state("confighub.release_cursor")
+        .await
+        .unwrap();
+    assert_eq!(cursor.as_deref(), Some("3"));
 }
 
 /// The CLI: create with a Docker config, get, sync, status.

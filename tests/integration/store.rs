@@ -485,11 +485,60 @@ async fn sources_contract(store: Arc<dyn Store>) {
     let got = store.get_source(&name).await.unwrap().unwrap();
     assert_eq!(got.status, status);
     assert!(!got.allow_prune, "the permission is used up");
+    // Status never goes backwards (a former leader's late write).
+    let older = SourceStatus {
+        last_attempt: Some(UnixMillis(1)),
+        last_error: "stale".into(),
+        ..SourceStatus::default()
+    };
+    let newer = SourceStatus {
+        last_attempt: Some(UnixMillis(2_000)),
+        ..status.clone()
+    };
+    store.set_source_status(&name, &newer, false).await.unwrap();
+    store.set_source_status(&name, &older, false).await.unwrap();
+    assert_eq!(
+        store.get_source(&name).await.unwrap().unwrap().status,
+        newer
+    );
     store
         .set_source_suspended(&name, true, audit("source.suspend", "source/web"))
         .await
         .unwrap();
     assert!(store.list_sources().await.unwrap()[0].suspended);
+    // A suspended source commits nothing, nor does a deleted one.
+    let suspended = store
+        .commit_revision(NewRevision {
+            source: "oci:web".into(),
+            ..rev(
+                "dev/other",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: o\n",
+                PutMode::CreateOrUpdate,
+            )
+        })
+        .await;
+    assert!(
+        matches!(&suspended, Err(StoreError::Conflict(m)) if m.contains("suspended")),
+        "{suspended:?}"
+    );
+    let deleted = store
+        .commit_revision(NewRevision {
+            source: "oci:gone".into(),
+            ..rev(
+                "dev/other",
+                "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: o\n",
+                PutMode::CreateOrUpdate,
+            )
+        })
+        .await;
+    assert!(
+        matches!(&deleted, Err(StoreError::Conflict(m)) if m.contains("was deleted")),
+        "{deleted:?}"
+    );
+    store
+        .set_source_suspended(&name, false, audit("source.resume", "source/web"))
+        .await
+        .unwrap();
     // Its units are its own until it goes.
     store
         .commit_revision(NewRevision {

@@ -25,6 +25,7 @@ CREATE TABLE oci_sources (
     status         TEXT NOT NULL DEFAULT '{}',
     sync_requested BIGINT NOT NULL DEFAULT 0,
     allow_prune    BIGINT NOT NULL DEFAULT 0,
+    attempt_at     BIGINT NOT NULL DEFAULT 0,
     created_at     BIGINT NOT NULL,
     updated_at     BIGINT NOT NULL
 );

@@ -29,7 +29,8 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
         Command::Cluster(cmd) => cluster(&mut c, f, cmd).await,
         Command::Unit(cmd) => unit(&mut c, f, cmd).await,
         Command::Source(cmd) => super::source::run(&mut c, f, cmd).await,
-        Command::Status { env } => status(&mut c, f, env.unwrap_or_default()).await,
+        Command::Status { env, watch: false } => status(&mut c, f, env.unwrap_or_default()).await,
+        Command::Status { env, watch: true } => status_watch(&mut c, env.unwrap_or_default()).await,
         Command::Audit { limit, target } => audit(&mut c, f, limit, target).await,
         Command::Promote(args) => promote(&mut c, f, args).await,
         Command::Approve {
@@ -800,6 +801,80 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
         print(&s);
         return Ok(());
     }
+    print(&matrix(&m));
+    let sources = api(c.list_sources(pb::ListSourcesRequest {}).await)?.sources;
+    let sources: Vec<pb::Source> = sources
+        .into_iter()
+        .filter(|s| env.is_empty() || s.environment == env)
+        .collect();
+    if !sources.is_empty() {
+        print("");
+        print(&super::source::sources_table(&sources));
+    }
+    Ok(())
+}
+
+/// `status --watch`: the matrix, redrawn as the hub pushes changes (at
+/// most ten times a second).
+async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<()> {
+    use std::collections::BTreeMap;
+    use std::io::IsTerminal;
+    use tokio::time::{Duration, Instant};
+    let mut events = api(c
+        .watch_status(pb::WatchStatusRequest {
+            environment: env,
+            unit: String::new(),
+        })
+        .await)?;
+    let tty = std::io::stdout().is_terminal();
+    let mut units: BTreeMap<String, pb::Unit> = BTreeMap::new();
+    let mut clusters: BTreeMap<String, pb::Cluster> = BTreeMap::new();
+    let mut cells: BTreeMap<(String, String), pb::ClusterUnitStatus> = BTreeMap::new();
+    let mut complete = false;
+    let mut drawn = Instant::now() - Duration::from_secs(1);
+    let mut redraw: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            m = events.message() => {
+                let Some(ev) = m? else {
+                    bail!("the hub ended the status stream");
+                };
+                for u in ev.units {
+                    units.insert(u.unit.clone(), u);
+                }
+                for cl in ev.clusters {
+                    clusters.insert(cl.name.clone(), cl);
+                }
+                for cell in ev.cells {
+                    cells.insert((cell.unit.clone(), cell.cluster.clone()), cell);
+                }
+                complete |= ev.snapshot_complete;
+                if complete && redraw.is_none() {
+                    redraw = Some((drawn + Duration::from_millis(100)).max(Instant::now()));
+                }
+            }
+            () = tokio::time::sleep_until(redraw.unwrap_or_else(Instant::now)), if redraw.is_some() => {
+                redraw = None;
+                drawn = Instant::now();
+                let m = pb::StatusMatrix {
+                    units: units.values().cloned().collect(),
+                    clusters: clusters.values().cloned().collect(),
+                    cells: cells.values().cloned().collect(),
+                    next_page_token: String::new(),
+                };
+                if tty {
+                    print!("\x1b[2J\x1b[H");
+                } else {
+                    print(&format!("--- {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())));
+                }
+                print(&matrix(&m));
+            }
+        }
+    }
+}
+
+/// The matrix: a row per unit, a column per cluster of its environment.
+fn matrix(m: &pb::StatusMatrix) -> String {
     // Matrix: one row per unit, one column per cluster of the unit's environment.
     let clusters: Vec<&pb::Cluster> = m.clusters.iter().collect();
     let by_cell: std::collections::HashMap<(&str, &str), &pb::ClusterUnitStatus> = m
@@ -852,17 +927,7 @@ async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Result<()> {
         })
         .collect();
     let header_refs: Vec<&str> = header.iter().map(String::as_str).collect();
-    print(&table(&header_refs, rows));
-    let sources = api(c.list_sources(pb::ListSourcesRequest {}).await)?.sources;
-    let sources: Vec<pb::Source> = sources
-        .into_iter()
-        .filter(|s| env.is_empty() || s.environment == env)
-        .collect();
-    if !sources.is_empty() {
-        print("");
-        print(&super::source::sources_table(&sources));
-    }
-    Ok(())
+    table(&header_refs, rows)
 }
 
 /// Whether a linked unit runs its upstream's head or a promotion is pending

@@ -223,6 +223,7 @@ struct SourceView {
     last_result: String,
     last_error: String,
     units: Vec<String>,
+    metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl From<&pb::Source> for SourceView {
@@ -255,6 +256,7 @@ impl From<&pb::Source> for SourceView {
             last_result: st.last_result,
             last_error: st.last_error,
             units: st.units,
+            metadata: st.metadata.into_iter().collect(),
         }
     }
 }
@@ -331,6 +333,9 @@ fn show(f: Format, s: &pb::Source) {
         lines.push(format!("  next check  {}", v.next_check));
     }
     lines.push(format!("  units       {}", v.units.join(", ")));
+    for (k, val) in &v.metadata {
+        lines.push(format!("  {k}: {val}"));
+    }
     print(&lines.join("\n"));
 }
 

@@ -1,18 +1,16 @@
 //! `--wait`: block until every cluster of a unit's environment reports the
 //! new revision Ready (or Destroyed), failing fast when one reports a
-//! failure for it.
+//! failure for it. It follows `WatchStatus` (the hub pushes each status as
+//! it is recorded): no polling interval.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::bail;
 use unitsync_proto::v1 as pb;
 
 use super::client::Client;
 use super::output::phase;
-
-/// How often the CLI asks the hub for status while waiting.
-const POLL: Duration = Duration::from_millis(250);
 
 impl super::WaitArgs {
     /// Waits as asked on the command line (nothing without `--wait`).
@@ -44,91 +42,130 @@ pub(super) async fn until_ready(
     tombstone: bool,
     timeout: Duration,
 ) -> anyhow::Result<()> {
-    let env = unit.split_once('/').map_or("", |(e, _)| e).to_owned();
     let want = if tombstone {
         pb::Phase::Destroyed
     } else {
         pb::Phase::Ready
     };
-    let deadline = Instant::now() + timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
+    // The hub pushes the unit's state, then every change to it.
+    let mut events = client
+        .watch_status(pb::WatchStatusRequest {
+            environment: String::new(),
+            unit: unit.to_owned(),
+        })
+        .await?
+        .into_inner();
+    let mut clusters: BTreeMap<String, bool> = BTreeMap::new();
+    let mut cells: BTreeMap<String, pb::ClusterUnitStatus> = BTreeMap::new();
+    let mut ready = false;
     let mut last_line = String::new();
     loop {
-        let clusters = client
-            .list_clusters(pb::ListClustersRequest {
-                environment: env.clone(),
-            })
-            .await?
-            .into_inner()
-            .clusters;
+        let next = tokio::time::timeout_at(deadline, events.message()).await;
+        let ev = match next {
+            Ok(Ok(Some(ev))) => ev,
+            Ok(Ok(None)) => bail!("the hub ended the status stream"),
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => {
+                let verdict = judge(&clusters, &cells, revision, want);
+                bail!(
+                    "timed out after {}s waiting for {unit}@{revision}; not {} yet:\n  {}",
+                    timeout.as_secs(),
+                    phase(want.into()),
+                    verdict.waiting.join("\n  ")
+                );
+            }
+        };
+
+        for c in ev.clusters {
+            clusters.insert(c.name, c.connected);
+        }
+        for c in ev.cells {
+            cells.insert(c.cluster.clone(), c);
+        }
+        if ev.snapshot && !ev.snapshot_complete {
+            continue;
+        }
+        if ev.snapshot_complete {
+            ready = true;
+        }
+        if !ready {
+            continue;
+        }
         if clusters.is_empty() {
+            let env = unit.split_once('/').map_or("", |(e, _)| e);
             eprintln!("environment {env} has no clusters; nothing to wait for");
             return Ok(());
         }
-        let detail = super::client::unit_detail(client, unit, false)
-            .await?
-            .into_inner();
-        let cells: BTreeMap<&str, &pb::ClusterUnitStatus> = detail
-            .clusters
-            .iter()
-            .map(|c| (c.cluster.as_str(), c))
-            .collect();
-        let mut done = 0;
-        let mut failed = Vec::new();
-        let mut waiting = Vec::new();
-        for c in &clusters {
-            match cells.get(c.name.as_str()) {
-                Some(s) if s.revision == revision && s.phase == i32::from(want) => done += 1,
-                Some(s)
-                    if s.revision == revision
-                        && matches!(
-                            pb::Phase::try_from(s.phase),
-                            Ok(pb::Phase::Failed | pb::Phase::Degraded)
-                        ) =>
-                {
-                    failed.push(format!("{}: {} {}", c.name, phase(s.phase), s.message));
-                }
-                Some(s) if s.revision == revision => {
-                    waiting.push(format!("{}: {}", c.name, phase(s.phase)));
-                }
-                Some(s) if s.acked_revision >= revision => {
-                    waiting.push(format!("{}: received", c.name));
-                }
-                _ if !c.connected => waiting.push(format!("{}: agent not connected", c.name)),
-                _ => waiting.push(format!("{}: pending", c.name)),
-            }
-        }
+        let v = judge(&clusters, &cells, revision, want);
         let line = format!(
-            "{unit}@{revision}: {done}/{} clusters {}{}",
+            "{unit}@{revision}: {}/{} clusters {}{}",
+            v.done,
             clusters.len(),
             phase(want.into()),
-            if waiting.is_empty() {
+            if v.waiting.is_empty() {
                 String::new()
             } else {
-                format!(" ({})", waiting.join(", "))
+                format!(" ({})", v.waiting.join(", "))
             }
         );
         if line != last_line {
             eprintln!("{line}");
             last_line = line;
         }
-        if !failed.is_empty() {
+        if !v.failed.is_empty() {
             bail!(
                 "{unit}@{revision} failed in {} cluster(s):\n  {}",
-                failed.len(),
-                failed.join("\n  ")
+                v.failed.len(),
+                v.failed.join("\n  ")
             );
         }
-        if done == clusters.len() {
+        if v.done == clusters.len() {
             return Ok(());
         }
-        if Instant::now() >= deadline {
-            bail!(
-                "timed out after {}s waiting for {unit}@{revision}; not {} yet:\n  {}",
-                timeout.as_secs(),
-                phase(want.into()),
-                waiting.join("\n  ")
-            );
-        }
-        tokio::time::sleep(POLL).await;
     }
+}
+
+/// Where a revision stands across the environment's clusters.
+struct Verdict {
+    done: usize,
+    failed: Vec<String>,
+    waiting: Vec<String>,
+}
+
+fn judge(
+    clusters: &BTreeMap<String, bool>,
+    cells: &BTreeMap<String, pb::ClusterUnitStatus>,
+    revision: u64,
+    want: pb::Phase,
+) -> Verdict {
+    let mut v = Verdict {
+        done: 0,
+        failed: vec![],
+        waiting: vec![],
+    };
+    for (name, connected) in clusters {
+        match cells.get(name) {
+            Some(s) if s.revision == revision && s.phase == i32::from(want) => v.done += 1,
+            Some(s)
+                if s.revision == revision
+                    && matches!(
+                        pb::Phase::try_from(s.phase),
+                        Ok(pb::Phase::Failed | pb::Phase::Degraded)
+                    ) =>
+            {
+                v.failed
+                    .push(format!("{name}: {} {}", phase(s.phase), s.message));
+            }
+            Some(s) if s.revision == revision => {
+                v.waiting.push(format!("{name}: {}", phase(s.phase)));
+            }
+            Some(s) if s.acked_revision >= revision => {
+                v.waiting.push(format!("{name}: received"));
+            }
+            _ if !connected => v.waiting.push(format!("{name}: agent not connected")),
+            _ => v.waiting.push(format!("{name}: pending")),
+        }
+    }
+    v
 }

@@ -383,6 +383,37 @@ impl pb::hub_service_server::HubService for AdminService {
         .await)
     }
 
+    type WatchStatusStream = std::pin::Pin<
+        Box<dyn futures::Stream<Item = std::result::Result<pb::StatusEvent, Status>> + Send>,
+    >;
+
+    async fn watch_status(
+        &self,
+        req: Request<pb::WatchStatusRequest>,
+    ) -> Reply<Self::WatchStatusStream> {
+        ok(async {
+            self.operator(&req, false).await?;
+            let r = req.into_inner();
+            let unit: Option<UnitRef> = if r.unit.is_empty() {
+                None
+            } else {
+                Some(parse(&r.unit)?)
+            };
+            let env =
+                optional_env(&r.environment)?.or_else(|| unit.as_ref().map(|u| u.env.clone()));
+            let (tx, rx) = tokio::sync::mpsc::channel(64);
+            tokio::spawn(super::watch::run(
+                self.hub.clone(),
+                super::watch::Scope { env, unit },
+                tx,
+            ));
+            let stream: Self::WatchStatusStream =
+                Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));
+            Ok(stream)
+        }
+        .await)
+    }
+
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Reply<pb::ListAuditResponse> {
         ok(async {
             self.operator(&req, false).await?;

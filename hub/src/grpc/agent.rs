@@ -152,6 +152,11 @@ impl pb::agent_service_server::AgentService for AgentService {
             }
         };
         hub.metrics.connected_agents.inc();
+        hub.events.send(crate::events::HubEvent::Session {
+            cluster: cluster.name.clone(),
+            env: cluster.environment.clone(),
+            connected: true,
+        });
         tracing::info!(
             cluster = %cluster.name,
             env = %cluster.environment,
@@ -375,6 +380,11 @@ async fn receive_loop(
     conn.kick.cancel();
     hub.fanout.unregister(&conn);
     hub.metrics.connected_agents.dec();
+    hub.events.send(crate::events::HubEvent::Session {
+        cluster: cluster.name.clone(),
+        env: cluster.environment.clone(),
+        connected: false,
+    });
     tracing::info!(cluster = %cluster.name, reason = %end, "agent session closed");
 }
 

@@ -343,6 +343,7 @@ pub fn source(s: &crate::model::OciSource, auth_kind: &str, username: &str) -> p
                 st.next_check.and_then(timestamp)
             },
             units: st.units.clone(),
+            metadata: st.metadata.clone().into_iter().collect(),
         }),
         created_at: timestamp(s.created_at),
     }

@@ -200,6 +200,17 @@ impl OciSpec {
         if host.is_empty() || repo.is_empty() {
             return Err("the URL names no registry host or no repository".into());
         }
+        // No logins in URLs (they would be stored and shown as the URL),
+        // no queries or fragments.
+        if !host
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-.:[]".contains(&b))
+        {
+            return Err(format!(
+                "registry host {:?}: a host name or address with an optional port (credentials go in --username/--password-file)",
+                crate::manifest::prefix(host)
+            ));
+        }
         if repo.contains('@')
             || repo
                 .rsplit('/')
@@ -320,6 +331,9 @@ pub struct SourceStatus {
     pub next_check: Option<UnixMillis>,
     /// The units the source owns, by name.
     pub units: Vec<String>,
+    /// The artifact's annotations (`org.opencontainers.image.source`,
+    /// `…revision`, `…created`, `com.confighub.target.id`).
+    pub metadata: std::collections::BTreeMap<String, String>,
 }
 
 /// A source as the store keeps it.
@@ -402,6 +416,8 @@ mod tests {
             "oci://r/x:tag",
             "oci://r/x@sha256:00",
             "oci://r/Upper",
+            "oci://user:pass@r/x",
+            "oci://r?x=1/x",
         ] {
             assert!(OciSpec::parse_url(bad).is_err(), "{bad}");
         }

@@ -177,6 +177,26 @@ async fn commit_one(
             rev.unit.env
         )));
     }
+    // An OCI source commits only while it exists and runs (its row is
+    // locked against a concurrent delete or suspend).
+    if let Some(name) = rev.source.strip_prefix("oci:") {
+        let select = format!(
+            "SELECT suspended FROM oci_sources WHERE name = $1{}",
+            backend.for_update()
+        );
+        let suspended: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(select))
+            .bind(name)
+            .fetch_optional(&mut *tx)
+            .await
+            .map_err(db)?;
+        match suspended {
+            None => return Err(StoreError::Conflict(format!("source {name} was deleted"))),
+            Some(s) if s != 0 => {
+                return Err(StoreError::Conflict(format!("source {name} is suspended")));
+            }
+            Some(_) => {}
+        }
+    }
     let now = UnixMillis::now();
     let select = format!(
         "SELECT id, head, destroyed, source FROM units WHERE environment = $1 AND name = $2{}",
@@ -1257,18 +1277,23 @@ impl Store for SqlStore {
         let text =
             serde_json::to_string(status).map_err(|e| corrupt(format!("source status: {e}")))?;
         let mut tx = self.writer.begin().await.map_err(db)?;
+        // Never backwards: a late write of an older attempt (a former
+        // leader) changes nothing.
+        let attempt = status.last_attempt.map_or(0, |t| t.0);
         let done = sqlx::query(
-            "UPDATE oci_sources SET status = $1, updated_at = $2,
-               allow_prune = CASE WHEN $3 = 1 THEN 0 ELSE allow_prune END WHERE name = $4",
+            "UPDATE oci_sources SET status = $1, updated_at = $2, attempt_at = $3,
+               allow_prune = CASE WHEN $4 = 1 THEN 0 ELSE allow_prune END
+             WHERE name = $5 AND attempt_at <= $3",
         )
         .bind(text)
         .bind(UnixMillis::now().0)
+        .bind(attempt)
         .bind(i64::from(prune_used))
         .bind(name.as_str())
         .execute(&mut *tx)
         .await
         .map_err(db)?;
-        if done.rows_affected() == 0 {
+        if done.rows_affected() == 0 && self.get_source(name).await?.is_none() {
             return Err(StoreError::NotFound(format!("source {name}")));
         }
         tx.commit().await.map_err(db)

@@ -736,6 +736,14 @@ impl pb::hub_service_server::HubService for Bare {
     ) -> Result<Response<pb::SyncSourceResponse>, Status> {
         Err(Status::unimplemented("bare"))
     }
+    type WatchStatusStream =
+        tokio_stream::wrappers::ReceiverStream<Result<pb::StatusEvent, Status>>;
+    async fn watch_status(
+        &self,
+        _: Request<pb::WatchStatusRequest>,
+    ) -> Result<Response<Self::WatchStatusStream>, Status> {
+        Err(Status::unimplemented("bare"))
+    }
     async fn issue_cluster_token(
         &self,
         _: Request<pb::IssueClusterTokenRequest>,

@@ -746,10 +746,13 @@ async fn cursor_poll(
         let notified = sim.changed.notified();
         let out: Vec<Value> = {
             let mut s = sim.state.lock().unwrap();
-            let from = *s
-                .cursors
-                .entry(name.clone())
-                .or_insert_with(|| req["from_cursor"].as_i64().unwrap_or(0));
+            // An explicit from_cursor resumes there; otherwise the server's
+            // bookmark, which starts at the log's tail for a new cursor.
+            let tail = s.log.last().map_or(0, |e| e.cursor);
+            let from = match req["from_cursor"].as_i64() {
+                Some(f) => f,
+                None => *s.cursors.entry(name.clone()).or_insert(tail),
+            };
             let entries: Vec<_> = s
                 .log
                 .iter()

@@ -25,25 +25,77 @@ use super::store::{
 
 pub const FAIL_ANNOTATION: &str = "kube-sim.unitsync.dev/fail";
 
-const TICK: Duration = Duration::from_millis(20);
+/// When each object's generation (or creation) was last seen changing, and
+/// the earliest moment a delayed reaction falls due.
+#[derive(Default)]
+struct Seen {
+    changed: HashMap<Key, (i64, Instant)>,
+    due: Option<Instant>,
+}
 
-/// When each object's generation (or creation) was last seen changing.
-type Seen = HashMap<Key, (i64, Instant)>;
+impl Seen {
+    /// How long ago the object's generation last changed.
+    fn since_change(&mut self, key: &Key, obj: &Value) -> Duration {
+        let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
+        let e = self
+            .changed
+            .entry(key.clone())
+            .or_insert((generation, Instant::now()));
+        if e.0 != generation {
+            *e = (generation, Instant::now());
+        }
+        e.1.elapsed()
+    }
 
+    /// Whether `delay` has passed since the object changed; if not, the
+    /// controllers run again when it has.
+    fn passed(&mut self, key: &Key, obj: &Value, delay: Duration) -> bool {
+        let since = self.since_change(key, obj);
+        if since >= delay {
+            return true;
+        }
+        self.wake_in(delay - since);
+        false
+    }
+
+    fn wake_in(&mut self, d: Duration) {
+        let at = Instant::now() + d;
+        self.due = Some(self.due.map_or(at, |x| x.min(at)));
+    }
+}
+
+/// Runs the controllers when something changed (a write, a control-endpoint
+/// reset) or a delayed reaction falls due, never on a fixed tick: tests and
+/// benchmarks measure unitsync, not the simulator.
 pub(crate) async fn run(inner: Arc<Inner>, stop: CancellationToken) {
-    let mut seen: Seen = HashMap::new();
+    let mut seen = Seen::default();
     loop {
+        seen.due = None;
+        {
+            let mut state = inner.state.lock().unwrap();
+            let o = &inner.options;
+            // Until quiet: one controller's write may concern another.
+            for _ in 0..8 {
+                let before = state.rv;
+                crds(&mut state, &mut seen, o.crd_delay);
+                namespaces(&mut state);
+                garbage_collect(&mut state);
+                workloads(&mut state, &mut seen, o.rollout_delay, o.cr_delay);
+                if state.rv == before {
+                    break;
+                }
+            }
+            seen.changed.retain(|k, _| state.objects.contains_key(k));
+        }
+        let due = seen.due.map_or_else(
+            || tokio::time::Instant::now() + Duration::from_secs(3600),
+            tokio::time::Instant::from_std,
+        );
         tokio::select! {
-            () = tokio::time::sleep(TICK) => {}
+            () = inner.changed.notified() => {}
+            () = tokio::time::sleep_until(due) => {}
             () = stop.cancelled() => return,
         }
-        let mut state = inner.state.lock().unwrap();
-        let o = &inner.options;
-        crds(&mut state, &mut seen, o.crd_delay);
-        namespaces(&mut state);
-        garbage_collect(&mut state);
-        workloads(&mut state, &mut seen, o.rollout_delay, o.cr_delay);
-        seen.retain(|k, _| state.objects.contains_key(k));
     }
 }
 
@@ -53,17 +105,6 @@ fn controller() -> WriteOpts {
         subresource: Some("status".into()),
         ..WriteOpts::default()
     }
-}
-
-fn since_change(seen: &mut Seen, key: &Key, obj: &Value) -> Duration {
-    let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
-    let e = seen
-        .entry(key.clone())
-        .or_insert((generation, Instant::now()));
-    if e.0 != generation {
-        *e = (generation, Instant::now());
-    }
-    e.1.elapsed()
 }
 
 fn write_status(state: &mut State, key: &Key, mut obj: Value, status: Value) {
@@ -123,7 +164,7 @@ fn crds(state: &mut State, seen: &mut Seen, delay: Duration) {
         if established && current {
             continue;
         }
-        if !established && since_change(seen, &key, &crd) < delay {
+        if !established && !seen.passed(&key, &crd, delay) {
             continue;
         }
         let mut status = crd["status"].clone();
@@ -383,7 +424,7 @@ fn workloads(state: &mut State, seen: &mut Seen, rollout: Duration, cr_delay: Du
         match (ty.group.as_str(), ty.kind.as_str()) {
             ("apps", "Deployment") => deployment(state, seen, &key, obj, rollout),
             ("apps", "StatefulSet") | ("apps", "DaemonSet") if observed != Some(generation) => {
-                if since_change(seen, &key, &obj) < rollout {
+                if !seen.passed(&key, &obj, rollout) {
                     continue;
                 }
                 let n = obj["spec"]["replicas"].as_i64().unwrap_or(1);
@@ -398,7 +439,7 @@ fn workloads(state: &mut State, seen: &mut Seen, rollout: Duration, cr_delay: Du
                 if obj["status"]["completionTime"].is_null()
                     && obj["status"]["conditions"].is_null() =>
             {
-                if since_change(seen, &key, &obj) < rollout {
+                if !seen.passed(&key, &obj, rollout) {
                     continue;
                 }
                 let now = now_rfc3339();
@@ -421,7 +462,7 @@ fn workloads(state: &mut State, seen: &mut Seen, rollout: Duration, cr_delay: Du
                 write_status(state, &key, obj, holder["status"].take());
             }
             ("", "PersistentVolumeClaim") if obj["status"]["phase"] != "Bound" => {
-                if since_change(seen, &key, &obj) < rollout {
+                if !seen.passed(&key, &obj, rollout) {
                     continue;
                 }
                 write_status(
@@ -432,7 +473,7 @@ fn workloads(state: &mut State, seen: &mut Seen, rollout: Duration, cr_delay: Du
                 );
             }
             _ if ty.crd.is_some() && observed != Some(generation) => {
-                if since_change(seen, &key, &obj) < cr_delay {
+                if !seen.passed(&key, &obj, cr_delay) {
                     continue;
                 }
                 let mut holder = json!({"status": obj["status"].clone()});
@@ -459,7 +500,7 @@ fn workloads(state: &mut State, seen: &mut Seen, rollout: Duration, cr_delay: Du
 
 fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout: Duration) {
     let generation = obj["metadata"]["generation"].as_i64().unwrap_or(0);
-    let elapsed = since_change(seen, key, &obj);
+    let elapsed = seen.since_change(key, &obj);
     let replicas = obj["spec"]["replicas"].as_i64().unwrap_or(1);
     let deadline = Duration::from_secs(
         obj["spec"]["progressDeadlineSeconds"]
@@ -480,6 +521,7 @@ fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout
                 return;
             }
             if elapsed < rollout {
+                seen.wake_in(rollout - elapsed);
                 return;
             }
             holder["status"] = json!({"observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas, "conditions": current["conditions"].clone()});
@@ -503,6 +545,9 @@ fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout
         }
         Some(mode) => {
             let exceeded = mode == "ProgressDeadlineExceeded" || elapsed >= deadline;
+            if !exceeded {
+                seen.wake_in(deadline - elapsed);
+            }
             holder["status"] = json!({"observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas, "unavailableReplicas": replicas, "conditions": current["conditions"].clone()});
             set_condition(
                 &mut holder,

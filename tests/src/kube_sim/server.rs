@@ -174,6 +174,8 @@ pub(crate) struct Inner {
     pub faults: Arc<Faults>,
     pub addr: SocketAddr,
     drop_watches: broadcast::Sender<()>,
+    /// Something was written: the controllers look.
+    pub changed: tokio::sync::Notify,
     /// Non-dry-run writes (create, update, patch, apply, delete) per
     /// object: `apiVersion/plural/namespace/name`.
     writes: Mutex<BTreeMap<String, u64>>,
@@ -235,6 +237,7 @@ impl KubeSim {
             addr,
             drop_watches,
             writes: Mutex::default(),
+            changed: tokio::sync::Notify::new(),
         });
         let shutdown = CancellationToken::new();
         tokio::spawn(controllers::run(inner.clone(), shutdown.clone()));
@@ -347,7 +350,10 @@ impl KubeSim {
 
     /// Runs `f` on the simulator's state (for test set-up and inspection).
     pub(crate) fn with_state<T>(&self, f: impl FnOnce(&mut State) -> T) -> T {
-        f(&mut self.inner.state.lock().unwrap())
+        let r = f(&mut self.inner.state.lock().unwrap());
+        // The state may have changed: the controllers look.
+        self.inner.changed.notify_one();
+        r
     }
 
     /// Forgets watch history so resuming from an older version gets 410.
@@ -436,6 +442,7 @@ fn reset(inner: &Inner) {
         state.rv = state.rv.max(rv + 1);
         state.compacted = rv;
     }
+    inner.changed.notify_one();
     let _ = inner.drop_watches.send(());
 }
 
@@ -863,6 +870,9 @@ async fn handle(inner: Arc<Inner>, req: Request<Incoming>) -> Response<Body> {
             )),
         }
     };
+    if write && response.status().is_success() {
+        inner.changed.notify_one();
+    }
     if write
         && response.status().is_success()
         && let Some(name) = name_for_count

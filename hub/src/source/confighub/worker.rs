@@ -256,17 +256,28 @@ impl Worker {
             };
             match polled {
                 Ok(events) => {
-                    retry.reset();
                     let mut last = from_cursor.unwrap_or(0);
+                    let mut new = 0;
+                    let got = !events.is_empty();
                     for m in events
                         .into_iter()
                         .filter(|m| m.event == wire::event::EVENT_LOG)
                     {
                         if let Ok(entry) = serde_json::from_value::<EventLogEntry>(m.data) {
+                            // Handled already (a server counting from_cursor
+                            // inclusively sends it again).
+                            if from_cursor.is_some_and(|f| entry.cursor_id <= f) {
+                                continue;
+                            }
+                            new += 1;
                             last = last.max(entry.cursor_id);
                             let _ = self.releases.send(entry);
                         }
                     }
+                    if got && new == 0 && sleep_or_stop(Duration::from_secs(1), &shutdown).await {
+                        return;
+                    }
+                    retry.reset();
                     if Some(last) != from_cursor
                         && last > 0
                         && let Err(e) = self
@@ -284,7 +295,11 @@ impl Worker {
                     return;
                 }
                 Err(e) => {
-                    tracing::debug!(error = %e, "polling ConfigHub's release events failed");
+                    if e.status().is_some_and(|s| (400..500).contains(&s)) {
+                        tracing::warn!(error = %e, "ConfigHub refused the release event poll");
+                    } else {
+                        tracing::debug!(error = %e, "polling ConfigHub's release events failed");
+                    }
                     if sleep_or_stop(retry.next(), &shutdown).await {
                         return;
                     }
@@ -1426,7 +1441,7 @@ impl Worker {
             } else {
                 Duration::ZERO
             });
-        let mut changes = self.hub.status_changes();
+        let mut changes = self.hub.subscribe();
         let mut last_said = String::new();
         let mut last_progress = tokio::time::Instant::now() - PROGRESS_EVERY;
         loop {
@@ -1503,7 +1518,7 @@ impl Worker {
                     () = r.cancel.cancelled() => return Outcome::done(result::NONE, "ended"),
                     () = tokio::time::sleep_until(deadline.min(recheck)) => break,
                     c = changes.recv() => match c {
-                        Ok(u) if u != *unit => {}
+                        Ok(e) if !e.touches(unit) => {}
                         Ok(_) | Err(RecvError::Lagged(_)) => break,
                         Err(RecvError::Closed) => {
                             tokio::time::sleep_until(deadline.min(recheck)).await;

@@ -49,7 +49,7 @@ pub fn extract(blob: &[u8], limits: &ArtifactLimits) -> Result<Vec<File>, String
         .saturating_add((limits.max_files as u64).saturating_mul(1024))
         .saturating_add(1 << 20);
     let raw: Box<dyn Read + '_> = if blob.starts_with(&[0x1f, 0x8b]) {
-        Box::new(flate2::read::GzDecoder::new(blob))
+        Box::new(flate2::read::MultiGzDecoder::new(blob))
     } else {
         Box::new(blob)
     };
@@ -112,10 +112,9 @@ pub fn extract(blob: &[u8], limits: &ArtifactLimits) -> Result<Vec<File>, String
         {
             continue;
         }
-        let size = entry
-            .header()
-            .size()
-            .map_err(|e| format!("archive entry {}: {e}", shown(&path)))?;
+        // The size the archive will deliver (a pax header may override the
+        // ustar one).
+        let size = entry.size();
         if size > limits.max_file {
             return Err(format!(
                 "archive entry {} is {size} bytes; files may have at most {}",
@@ -141,6 +140,13 @@ pub fn extract(blob: &[u8], limits: &ArtifactLimits) -> Result<Vec<File>, String
             .take(limits.max_file + 1)
             .read_to_end(&mut bytes)
             .map_err(|e| format!("archive entry {}: {e}", shown(&path)))?;
+        if bytes.len() as u64 > limits.max_file {
+            return Err(format!(
+                "archive entry {} is larger than {} bytes; refused",
+                shown(&path),
+                limits.max_file
+            ));
+        }
         files.push(File {
             path: parts.join("/"),
             bytes,
@@ -184,6 +190,33 @@ mod tests {
         let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::default());
         e.write_all(bytes).unwrap();
         e.finish().unwrap()
+    }
+
+    #[test]
+    fn a_pax_size_cannot_slip_past_the_caps() {
+        // The ustar header says 0 bytes; the pax header says 5000, and
+        // 5000 bytes follow.
+        let mut b = tar::Builder::new(Vec::new());
+        b.append_pax_extensions([("size", &b"5000"[..])]).unwrap();
+        let mut h = tar::Header::new_ustar();
+        h.set_path("big.yaml").unwrap();
+        h.set_size(0);
+        h.set_mode(0o644);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let raw = b.get_mut();
+        raw.extend_from_slice(h.as_bytes());
+        raw.extend_from_slice(&[b'a'; 5000]);
+        raw.resize(raw.len().div_ceil(512) * 512, 0);
+        let raw = b.into_inner().unwrap();
+        let small = ArtifactLimits {
+            max_blob: 1 << 20,
+            max_total: 1 << 20,
+            max_files: 10,
+            max_file: 1000,
+        };
+        let e = extract(&raw, &small).unwrap_err();
+        assert!(e.contains("big.yaml"), "{e}");
     }
 
     #[test]

@@ -18,6 +18,9 @@ use oci_client::{Client, Reference};
 use super::{ArtifactLimits, LAYER_TYPES};
 use crate::model::{OciAuth, OciRef, OciSpec};
 
+/// The most tags a semver source looks through.
+const MAX_TAGS: usize = 100_000;
+
 /// A registry repository as one source sees it.
 pub struct Registry {
     client: Client,
@@ -163,6 +166,16 @@ impl Registry {
     pub async fn resolve(&self, reference: &OciRef) -> Result<Resolved, String> {
         let tag = match reference {
             OciRef::Digest(d) => {
+                // Still asked every time: a pin whose artifact went away (or
+                // whose registry did) is reported, not assumed.
+                let got = self
+                    .client
+                    .fetch_manifest_digest(&self.pinned(d), &self.auth)
+                    .await
+                    .map_err(|e| self.explain(&format!("digest {d}"), e))?;
+                if got != *d {
+                    return Err(format!("registry {} answered {got} for {d}", self.at()));
+                }
                 return Ok(Resolved {
                     digest: d.clone(),
                     revision: d.clone(),
@@ -188,18 +201,26 @@ impl Registry {
         let image = self.tagged("latest");
         let mut tags: Vec<String> = Vec::new();
         let mut last: Option<String> = None;
+        // Every page (registries may cap a page below what was asked),
+        // until an empty page or one that does not move on.
         loop {
             let page = self
                 .client
                 .list_tags(&image, &self.auth, Some(1000), last.as_deref())
                 .await
                 .map_err(|e| self.explain("listing tags", e))?;
-            let n = page.tags.len();
-            last = page.tags.last().cloned();
-            tags.extend(page.tags);
-            if n < 1000 || tags.len() > 100_000 {
+            let next = page.tags.last().cloned();
+            if page.tags.is_empty() || next == last {
                 break;
             }
+            tags.extend(page.tags);
+            if tags.len() > MAX_TAGS {
+                return Err(format!(
+                    "{} has more than {MAX_TAGS} tags; pin a tag or digest",
+                    self.at()
+                ));
+            }
+            last = next;
         }
         crate::model::highest_match(tags.iter().map(String::as_str), &ranges)
             .map(str::to_owned)

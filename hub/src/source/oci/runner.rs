@@ -5,7 +5,7 @@
 //! is pulled, verified, unpacked under limits, mapped to units and
 //! committed as one release set. What happened is recorded on the source.
 
-use std::collections::{BTreeSet, HashSet};
+use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +23,9 @@ const PARALLEL: usize = 4;
 /// How often the runner re-reads the sources without a wake-up (changes
 /// made through another replica).
 const RESCAN: Duration = Duration::from_secs(2);
+/// The longest one sync may take (Flux's default `timeout` is 60 s; a
+/// large artifact may need more).
+const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The OCI source runner of one hub.
 pub struct Runner {
@@ -39,6 +42,8 @@ struct Synced {
     result: String,
     units: Vec<String>,
     committed: bool,
+    /// The artifact's `org.opencontainers.image.*` annotations.
+    metadata: std::collections::BTreeMap<String, String>,
 }
 
 impl Runner {
@@ -77,18 +82,24 @@ impl Runner {
 
     /// Runs until `shutdown`.
     pub async fn run(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut running: JoinSet<SourceName> = JoinSet::new();
-        let mut busy: HashSet<SourceName> = HashSet::new();
+        let mut running: JoinSet<()> = JoinSet::new();
+        // Syncs in flight, by task (a panicking one is found by its id).
+        let mut busy: HashMap<tokio::task::Id, SourceName> = HashMap::new();
         loop {
             let mut wait = RESCAN;
             if self.hub.is_leader().await {
                 let sources = self.hub.list_sources().await.unwrap_or_default();
                 let now = UnixMillis::now();
                 for s in sources {
-                    let hinted = self.lock_hinted().remove(&s.name);
-                    if busy.contains(&s.name) || s.suspended {
+                    if s.suspended {
+                        self.lock_hinted().remove(&s.name);
                         continue;
                     }
+                    // A hint for a source syncing now stays for afterwards.
+                    if busy.values().any(|n| *n == s.name) {
+                        continue;
+                    }
+                    let hinted = self.lock_hinted().remove(&s.name);
                     if hinted || s.due(now) {
                         if busy.len() >= PARALLEL {
                             if hinted {
@@ -96,13 +107,10 @@ impl Runner {
                             }
                             continue;
                         }
-                        busy.insert(s.name.clone());
                         let this = self.clone();
-                        running.spawn(async move {
-                            let name = s.name.clone();
-                            this.sync(s).await;
-                            name
-                        });
+                        let name = s.name.clone();
+                        let task = running.spawn(async move { this.sync(s).await });
+                        busy.insert(task.id(), name);
                     } else if let Some(next) = s.status.next_check {
                         let ms = u64::try_from(next.0 - now.0).unwrap_or(0);
                         wait = wait.min(Duration::from_millis(ms.max(50)));
@@ -113,26 +121,43 @@ impl Runner {
                 () = shutdown.cancelled() => break,
                 () = self.hub.source_wakeup().notified() => {}
                 () = tokio::time::sleep(wait) => {}
-                Some(done) = running.join_next(), if !running.is_empty() => {
-                    if let Ok(name) = done {
-                        busy.remove(&name);
-                    }
+                Some(done) = running.join_next_with_id(), if !running.is_empty() => {
+                    Self::finished(&mut busy, done);
                 }
             }
-            while let Some(done) = running.try_join_next() {
-                if let Ok(name) = done {
-                    busy.remove(&name);
-                }
+            while let Some(done) = running.try_join_next_with_id() {
+                Self::finished(&mut busy, done);
             }
         }
         running.shutdown().await;
     }
 
+    fn finished(
+        busy: &mut HashMap<tokio::task::Id, SourceName>,
+        done: Result<(tokio::task::Id, ()), tokio::task::JoinError>,
+    ) {
+        let id = match done {
+            Ok((id, ())) => id,
+            Err(e) => {
+                if let Some(name) = busy.get(&e.id()) {
+                    tracing::error!(source = %name, error = %e, "a source sync panicked");
+                }
+                e.id()
+            }
+        };
+        busy.remove(&id);
+    }
+
     /// One sync of one source; its status records the outcome.
     async fn sync(&self, s: OciSource) {
         let started = UnixMillis::now();
-        let prune = s.allow_prune;
-        let outcome = self.attempt(&s).await;
+        let outcome = match tokio::time::timeout(SYNC_TIMEOUT, self.attempt(&s)).await {
+            Ok(o) => o,
+            Err(_) => Err(format!(
+                "the sync took longer than {}s; stopped",
+                SYNC_TIMEOUT.as_secs()
+            )),
+        };
         let mut status = SourceStatus {
             last_attempt: Some(started),
             next_check: Some(UnixMillis(
@@ -146,7 +171,8 @@ impl Runner {
             source: s.name.to_string(),
             result: result.to_owned(),
         };
-        let mut prune_used = false;
+        // A permission to prune is for the next sync, whatever it finds.
+        let prune_used = s.allow_prune;
         match outcome {
             Ok(done) => {
                 status.last_success = Some(UnixMillis::now());
@@ -155,7 +181,7 @@ impl Runner {
                 status.last_revision = done.revision;
                 status.last_result = done.result;
                 status.units = done.units;
-                prune_used = prune && done.committed;
+                status.metadata = done.metadata;
                 let result = if done.committed {
                     "committed"
                 } else {
@@ -215,11 +241,20 @@ impl Runner {
                 revision: now.revision,
                 units: s.status.units.clone(),
                 committed: false,
+                metadata: s.status.metadata.clone(),
             });
         }
         let artifact = registry
             .fetch(&now.digest, &s.spec.layer_media_type, &self.limits)
             .await?;
+        let metadata = artifact
+            .annotations
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("org.opencontainers.image.") || k.starts_with("com.confighub.")
+            })
+            .map(|(k, v)| (k.clone(), v.chars().take(256).collect()))
+            .collect();
         let limits = self.limits.clone();
         let files =
             tokio::task::spawn_blocking(move || super::extract::extract(&artifact.layer, &limits))
@@ -253,6 +288,7 @@ impl Runner {
             revision: now.revision,
             units: names,
             committed: !outcome.committed.is_empty(),
+            metadata,
         })
     }
 }

@@ -1,0 +1,153 @@
+//! `WatchStatus` and what follows it: the matrix first, then each status
+//! as the hub records it, each commit and each agent coming or going;
+//! `--wait` and `status --watch` on top of it.
+
+use tokio::io::{AsyncBufReadExt, BufReader};
+use unitsync_proto::v1 as pb;
+use unitsync_tests::{SimAgent, TestHub, configmap, within};
+
+async fn next(stream: &mut tonic::Streaming<pb::StatusEvent>) -> pb::StatusEvent {
+    within("a status event", stream.message())
+        .await
+        .expect("stream ok")
+        .expect("stream open")
+}
+
+/// Reads events until `pred` holds for one.
+async fn until_event(
+    stream: &mut tonic::Streaming<pb::StatusEvent>,
+    what: &str,
+    pred: impl Fn(&pb::StatusEvent) -> bool,
+) -> pb::StatusEvent {
+    let found = tokio::time::timeout(unitsync_tests::wait::DEADLINE, async {
+        loop {
+            let ev = stream
+                .message()
+                .await
+                .expect("stream ok")
+                .expect("stream open");
+            if pred(&ev) {
+                return ev;
+            }
+        }
+    })
+    .await;
+    found.unwrap_or_else(|_| panic!("no event: {what}"))
+}
+
+#[tokio::test]
+async fn the_hub_pushes_the_matrix_then_each_change() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    let mut stream = hub
+        .admin()
+        .await
+        .watch_status(pb::WatchStatusRequest {
+            environment: String::new(),
+            unit: "dev/web".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The snapshot: the unit and the cluster, not connected, no status.
+    let first = next(&mut stream).await;
+    assert!(first.snapshot && first.snapshot_complete);
+    assert_eq!(first.units.len(), 1);
+    assert_eq!(first.units[0].head_revision, 1);
+    assert_eq!(first.clusters.len(), 1);
+    assert!(!first.clusters[0].connected);
+    // The agent connects: the cluster changes.
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    agent.start();
+    let ev = until_event(&mut stream, "dev-1 connected", |e| {
+        e.clusters.iter().any(|c| c.name == "dev-1" && c.connected)
+    })
+    .await;
+    assert!(!ev.snapshot);
+    // Its status arrives as it is recorded.
+    agent.report(unitsync_agent::hub_client::StatusUpdate {
+        unit: "web".into(),
+        revision: 1,
+        phase: pb::Phase::Ready,
+        message: "all good".into(),
+        resources: vec![],
+    });
+    let ev = until_event(&mut stream, "the Ready status", |e| {
+        e.cells
+            .iter()
+            .any(|c| c.revision == 1 && c.phase == pb::Phase::Ready as i32)
+    })
+    .await;
+    assert_eq!(ev.cells[0].message, "all good");
+    // A commit of the unit.
+    hub.put("dev/web", &configmap("web", "2")).await.unwrap();
+    until_event(&mut stream, "the new head", |e| {
+        e.units.iter().any(|u| u.head_revision == 2)
+    })
+    .await;
+    // Another unit's changes are not this watcher's.
+    hub.put("dev/other", &configmap("other", "1"))
+        .await
+        .unwrap();
+    agent.report(unitsync_agent::hub_client::StatusUpdate {
+        unit: "web".into(),
+        revision: 2,
+        phase: pb::Phase::Progressing,
+        message: String::new(),
+        resources: vec![],
+    });
+    let ev = until_event(&mut stream, "revision 2 progressing", |e| {
+        !e.cells.is_empty()
+    })
+    .await;
+    assert!(ev.cells.iter().all(|c| c.unit == "dev/web"), "{ev:?}");
+    assert!(ev.units.iter().all(|u| u.unit == "dev/web"));
+    // The agent leaves.
+    agent.stop().await;
+    until_event(&mut stream, "dev-1 gone", |e| {
+        e.clusters.iter().any(|c| c.name == "dev-1" && !c.connected)
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn status_watch_redraws_the_matrix_as_statuses_arrive() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token).auto_ready();
+    agent.start();
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    let data = hub.dir.path().join("data");
+    let mut child = tokio::process::Command::new(unitsync_tests::processes::bin("unitsync"))
+        .args(["status", "--watch", "--hub", &hub.endpoint()])
+        .env("UNITSYNC_DATA_DIR", &data)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let mut wait_for = async |needle: &str| {
+        tokio::time::timeout(unitsync_tests::wait::DEADLINE, async {
+            while let Some(l) = lines.next_line().await.unwrap() {
+                seen.push_str(&l);
+                seen.push('\n');
+                if l.contains("dev/web") && l.contains(needle) {
+                    return;
+                }
+            }
+            panic!("status --watch ended");
+        })
+        .await
+        .unwrap_or_else(|_| panic!("never showed {needle}:\n{seen}"));
+    };
+    wait_for("1 Ready").await;
+    hub.put("dev/web", &configmap("web", "2")).await.unwrap();
+    wait_for("2 Ready").await;
+    let _ = child.kill().await;
+    let _ = within("exit", child.wait()).await;
+}
