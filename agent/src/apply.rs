@@ -69,57 +69,68 @@ pub type Membership = HashMap<String, Vec<Entry>>;
 /// How long a membership scan is reused.
 const SCAN_REUSE: Duration = Duration::from_secs(5);
 
-/// Strips what the server maintains, for comparing intent with reality.
-fn comparable(v: &Value) -> Value {
-    let mut c = v.clone();
-    if let Some(m) = c["metadata"].as_object_mut() {
-        for k in [
-            "resourceVersion",
-            "managedFields",
-            "generation",
-            "creationTimestamp",
-            "uid",
-        ] {
-            m.remove(k);
-        }
-        if let Some(a) = m.get_mut("annotations").and_then(Value::as_object_mut) {
-            a.remove(ANNOTATION_REVISION);
-            if a.is_empty() {
-                m.remove("annotations");
-            }
-        }
+/// Whether a field is the server's (or the revision stamp), not part of
+/// what was applied: `status`, and in `metadata` the server-set fields.
+fn ignored(path: &[&str], key: &str) -> bool {
+    match path {
+        [] => key == "status",
+        ["metadata"] => matches!(
+            key,
+            "resourceVersion" | "managedFields" | "generation" | "creationTimestamp" | "uid"
+        ),
+        ["metadata", "annotations"] => key == ANNOTATION_REVISION,
+        _ => false,
     }
-    if let Some(o) = c.as_object_mut() {
-        o.remove("status");
-    }
-    c
 }
 
-/// Leaf paths where two objects differ (`spec.replicas`, `data.x`).
+/// An empty map and a missing field are the same (annotations that only
+/// held the revision stamp).
+fn is_nothing(v: Option<&Value>) -> bool {
+    v.is_none_or(|v| v.is_null() || v.as_object().is_some_and(serde_json::Map::is_empty))
+}
+
+fn diff_into<'a>(
+    a: Option<&'a Value>,
+    b: Option<&'a Value>,
+    path: &mut Vec<&'a str>,
+    out: &mut Vec<String>,
+) {
+    match (a, b) {
+        (Some(Value::Object(x)), Some(Value::Object(y))) => {
+            let mut keys: Vec<&'a String> = x.keys().chain(y.keys()).collect();
+            keys.sort();
+            keys.dedup();
+            for k in keys {
+                if ignored(path, k) {
+                    continue;
+                }
+                path.push(k);
+                diff_into(x.get(k.as_str()), y.get(k.as_str()), path, out);
+                path.pop();
+            }
+        }
+        (Some(Value::Object(x)), other) | (other, Some(Value::Object(x)))
+            if is_nothing(other) && x.keys().all(|k| ignored(path, k)) => {}
+        (x, y) if is_nothing(x) && is_nothing(y) => {}
+        (x, y) if x != y => out.push(path.join(".")),
+        _ => {}
+    }
+}
+
+/// Leaf paths where two objects differ (`spec.replicas`, `data.x`),
+/// without copying either (a unit may hold megabytes).
 pub fn differences(a: &Value, b: &Value) -> Vec<String> {
     let mut out = Vec::new();
-    fn rec(a: &Value, b: &Value, path: &mut Vec<String>, out: &mut Vec<String>) {
-        match (a, b) {
-            (Value::Object(x), Value::Object(y)) => {
-                let mut keys: Vec<&String> = x.keys().chain(y.keys()).collect();
-                keys.sort();
-                keys.dedup();
-                for k in keys {
-                    path.push(k.clone());
-                    rec(
-                        x.get(k).unwrap_or(&Value::Null),
-                        y.get(k).unwrap_or(&Value::Null),
-                        path,
-                        out,
-                    );
-                    path.pop();
-                }
-            }
-            (x, y) if x != y => out.push(path.join(".")),
-            _ => {}
-        }
-    }
-    rec(&comparable(a), &comparable(b), &mut Vec::new(), &mut out);
+    diff_into(Some(a), Some(b), &mut Vec::new(), &mut out);
+    out
+}
+
+/// The same for two objects as the API returned them: the metadata
+/// (small) compared as JSON, the rest in place.
+pub fn object_differences(a: &DynamicObject, b: &DynamicObject) -> Vec<String> {
+    let meta = |o: &DynamicObject| serde_json::json!({"metadata": serde_json::to_value(&o.metadata).unwrap_or_default()});
+    let mut out = differences(&meta(a), &meta(b));
+    out.extend(differences(&a.data, &b.data));
     out
 }
 
@@ -313,11 +324,20 @@ impl Applier {
         force: bool,
     ) -> Result<(bool, Entry), ApplyError> {
         let api = self.api_for(obj).await?;
-        let mut body = obj.body.clone();
         let namespaced = obj.namespace.is_some() && api.resource_url().contains("/namespaces/");
-        if !namespaced && let Some(m) = body["metadata"].as_object_mut() {
-            m.remove("namespace");
-        }
+        // A copy only when the namespace must go (cluster-scoped objects,
+        // small); a unit may hold megabytes.
+        let stripped;
+        let body = if !namespaced && obj.body["metadata"].get("namespace").is_some() {
+            let mut b = obj.body.clone();
+            if let Some(m) = b["metadata"].as_object_mut() {
+                m.remove("namespace");
+            }
+            stripped = b;
+            &stripped
+        } else {
+            &obj.body
+        };
         let live = api.get_opt(&obj.name).await.map_err(classify)?;
         if let Some(owner) = live
             .as_ref()
@@ -335,7 +355,7 @@ impl Applier {
         let mut dry = pp.clone();
         dry.dry_run = true;
         let planned = api
-            .patch(&obj.name, &dry, &Patch::Apply(&body))
+            .patch(&obj.name, &dry, &Patch::Apply(body))
             .await
             .map_err(|e| conflict(e, obj))?;
         let entry = |o: &DynamicObject| Entry {
@@ -350,15 +370,13 @@ impl Applier {
             name: obj.name.clone(),
             uid: o.metadata.uid.clone().unwrap_or_default(),
         };
-        if let Some(live) = &live {
-            let live_v = serde_json::to_value(live).unwrap_or_default();
-            let planned_v = serde_json::to_value(&planned).unwrap_or_default();
-            if differences(&live_v, &planned_v).is_empty() {
-                return Ok((false, entry(live)));
-            }
+        if let Some(live) = &live
+            && object_differences(live, &planned).is_empty()
+        {
+            return Ok((false, entry(live)));
         }
         let applied = api
-            .patch(&obj.name, &pp, &Patch::Apply(&body))
+            .patch(&obj.name, &pp, &Patch::Apply(body))
             .await
             .map_err(|e| conflict(e, obj))?;
         self.own.record(&applied.metadata);
@@ -388,10 +406,7 @@ impl Applier {
             .patch(&obj.name, &pp, &Patch::Apply(&obj.body))
             .await
             .map_err(classify)?;
-        Ok(differences(
-            &serde_json::to_value(&live).unwrap_or_default(),
-            &serde_json::to_value(&planned).unwrap_or_default(),
-        ))
+        Ok(object_differences(&live, &planned))
     }
 
     /// Waits until a CRD is Established and its kind is discoverable.

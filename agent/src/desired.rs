@@ -23,7 +23,9 @@ pub struct DesiredUnit {
     pub revision: u64,
     pub digest: String,
     pub tombstone: bool,
-    pub manifests: String,
+    /// Shared, not copied, between the record, the unit's worker and its
+    /// passes (a unit may hold megabytes).
+    pub manifests: std::sync::Arc<str>,
 }
 
 impl DesiredUnit {

@@ -536,7 +536,7 @@ impl HubClient {
             revision: u.revision,
             digest: u.digest,
             tombstone: u.tombstone,
-            manifests: u.manifests,
+            manifests: u.manifests.into(),
         };
         // Not recorded: no ack; the resync of the next session sends it again.
         self.desired

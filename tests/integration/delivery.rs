@@ -36,7 +36,7 @@ async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
     })
     .await;
     let got = agent.received();
-    assert_eq!(got.last().unwrap().manifests, configmap("web", "2"));
+    assert_eq!(&*got.last().unwrap().manifests, configmap("web", "2"));
 
     // The ack is recorded by the hub.
     until("ack recorded", || async {
@@ -124,7 +124,7 @@ async fn reconnect_without_loss_delivers_exactly_the_latest_revision_of_each_uni
         "exactly the latest revision of each unit, nothing older, nothing missing"
     );
     for u in agent.received() {
-        assert_eq!(u.manifests, configmap(&u.unit, "10"));
+        assert_eq!(&*u.manifests, configmap(&u.unit, "10"));
     }
 }
 
@@ -217,7 +217,7 @@ async fn units_not_assigned_any_more_are_tombstoned_on_connect() {
             revision: 4,
             digest: "00".into(),
             tombstone: false,
-            manifests: configmap("ghost", "x"),
+            manifests: configmap("ghost", "x").into(),
         })
         .await
         .unwrap();

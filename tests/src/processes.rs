@@ -115,6 +115,11 @@ impl HubProcess {
         }
     }
 
+    /// The process id, while it runs.
+    pub async fn pid(&self) -> Option<u32> {
+        self.child.lock().await.as_ref().and_then(Child::id)
+    }
+
     /// SIGKILL: no shutdown, no flush.
     pub async fn kill(&self) {
         if let Some(mut c) = self.child.lock().await.take() {
@@ -359,6 +364,11 @@ impl AgentProcess {
             .context("start unitsync-agent")?;
         self.child = Some(child);
         Ok(())
+    }
+
+    /// The process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
     }
 
     /// SIGKILL, as an OOM kill or a node loss would.

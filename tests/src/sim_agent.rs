@@ -22,6 +22,8 @@ pub struct SimAgent {
     /// Every update received, in order, across sessions.
     received: Arc<Mutex<Vec<DesiredUnit>>>,
     notices: Arc<Mutex<Vec<String>>>,
+    /// Sessions welcomed so far.
+    connections: Arc<std::sync::atomic::AtomicU64>,
     auto_ready: bool,
     renew_validity: std::time::Duration,
     running: Option<(CancellationToken, JoinHandle<()>)>,
@@ -42,6 +44,7 @@ impl SimAgent {
             statuses: Arc::default(),
             received: Arc::default(),
             notices: Arc::default(),
+            connections: Arc::default(),
             auto_ready: false,
             renew_validity: std::time::Duration::ZERO,
             running: None,
@@ -93,6 +96,7 @@ impl SimAgent {
         let stop = CancellationToken::new();
         let received = self.received.clone();
         let notices = self.notices.clone();
+        let connections = self.connections.clone();
         let statuses = self.statuses.clone();
         let desired = self.desired.clone();
         let auto_ready = self.auto_ready;
@@ -121,7 +125,9 @@ impl SimAgent {
                             received.lock().unwrap().push(u);
                         }
                         HubEvent::Notice(n) => notices.lock().unwrap().push(n),
-                        HubEvent::Connected { .. } => {}
+                        HubEvent::Connected { .. } => {
+                            connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                        }
                     }
                 }
             };
@@ -144,6 +150,11 @@ impl SimAgent {
     pub async fn session_once(&self, stop: &CancellationToken) -> Result<(), SessionError> {
         let (client, _events) = self.client();
         client.session(stop, &mut false).await
+    }
+
+    /// Sessions the hub welcomed so far (reconnects included).
+    pub fn connections(&self) -> u64 {
+        self.connections.load(std::sync::atomic::Ordering::SeqCst)
     }
 
     pub fn report(&self, status: StatusUpdate) {

@@ -40,6 +40,12 @@ struct Args {
     /// Only run the hub (skip the bare baseline).
     #[arg(long)]
     hub_only: bool,
+    /// Reconnect storm instead: the agents (the real session client, with
+    /// its backoff) hold `--units` units; the hub is SIGKILLed and
+    /// restarted; prints the time until every agent is back and resynced,
+    /// and the hub's CPU and RSS meanwhile.
+    #[arg(long)]
+    storm: bool,
     /// Internal: serve the bare baseline on this address.
     #[arg(long, hide = true)]
     serve_baseline: Option<String>,
@@ -796,6 +802,9 @@ async fn main() -> anyhow::Result<()> {
         "fan-out benchmark: {} agents, {} revisions over {} units; paced phase one revision per {} ms, then a burst; open-file limit {limit}",
         args.agents, args.revisions, args.units, args.interval_ms
     );
+    if args.storm {
+        return run_storm(&args).await;
+    }
     let [hub_paced, hub_burst] = run_hub(&args).await?;
     hub_paced.print();
     hub_burst.print();
@@ -812,5 +821,163 @@ async fn main() -> anyhow::Result<()> {
         hub_burst.rate() / bare_burst.rate(),
         hub_burst.rss_kib as f64 / bare_burst.rss_kib.max(1) as f64,
     );
+    Ok(())
+}
+
+fn hub_command(
+    dir: &std::path::Path,
+    addr: std::net::SocketAddr,
+    agents: usize,
+) -> anyhow::Result<std::process::Child> {
+    Ok(std::process::Command::new(sibling_binary("unitsync")?)
+        .args([
+            "serve",
+            "--no-http",
+            "--insecure-plaintext",
+            "--listen",
+            &addr.to_string(),
+        ])
+        .arg("--max-sessions")
+        .arg((agents + 100).to_string())
+        .arg("--data-dir")
+        .arg(dir)
+        .env("UNITSYNC_LOG", "warn")
+        .spawn()?)
+}
+
+/// CPU seconds (user + system) of a process.
+fn cpu_seconds(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            let f: Vec<String> = s
+                .rsplit_once(')')?
+                .1
+                .split_whitespace()
+                .map(str::to_owned)
+                .collect();
+            Some((f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?) / 100.0)
+        })
+        .unwrap_or(0.0)
+}
+
+async fn run_storm(args: &Args) -> anyhow::Result<()> {
+    use unitsync_tests::SimAgent;
+    let dir = tempfile::tempdir()?;
+    let addr = free_addr()?;
+    let mut child = Child(hub_command(dir.path(), addr, args.agents)?);
+    let endpoint = format!("http://{addr}");
+    let mut admin = connect_admin(&endpoint).await?;
+    let token_path = dir.path().join("admin.token");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !token_path.exists() && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let admin_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
+    admin
+        .create_environment(authed(
+            pb::CreateEnvironmentRequest {
+                name: "bench".into(),
+                after: String::new(),
+            },
+            &admin_token,
+        )?)
+        .await?;
+    eprintln!("storm: registering {} clusters", args.agents);
+    let mut tokens = Vec::with_capacity(args.agents);
+    for i in 0..args.agents {
+        let req = authed(
+            pb::CreateClusterRequest {
+                name: format!("c{i}"),
+                environment: "bench".into(),
+                labels: Default::default(),
+            },
+            &admin_token,
+        )?;
+        tokens.push(admin.create_cluster(req).await?.into_inner().token);
+    }
+    for u in 0..args.units {
+        let req = authed(
+            pb::PutUnitRequest {
+                unit: format!("bench/u{u}"),
+                manifests: manifests(u, 1),
+                message: String::new(),
+                mode: pb::PutMode::Unspecified.into(),
+                labels: Default::default(),
+            },
+            &admin_token,
+        )?;
+        admin.put_unit(req).await?;
+    }
+    eprintln!("storm: starting {} agents", args.agents);
+    let mut agents: Vec<SimAgent> = Vec::with_capacity(args.agents);
+    for (i, t) in tokens.iter().enumerate() {
+        let mut a = SimAgent::new(&endpoint, None, t);
+        a.start();
+        agents.push(a);
+        if i % 250 == 249 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    }
+    let want = args.units;
+    let wait_all =
+        |what: &'static str, agents: &Vec<SimAgent>, pred: &dyn Fn(&SimAgent) -> bool| {
+            let deadline = Instant::now() + Duration::from_secs(600);
+            loop {
+                if agents.iter().all(pred) {
+                    return Ok(());
+                }
+                if Instant::now() > deadline {
+                    bail!("storm: {what} timed out");
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        };
+    tokio::task::block_in_place(|| {
+        wait_all("first connections", &agents, &|a: &SimAgent| {
+            a.connections() >= 1 && a.held().len() >= want
+        })
+    })?;
+    eprintln!("storm: every agent holds {want} units; killing the hub");
+    let _ = child.0.kill();
+    let _ = child.0.wait();
+    let killed = Instant::now();
+    child = Child(hub_command(dir.path(), addr, args.agents)?);
+    let pid = child.0.id();
+    let started = Instant::now();
+    // Sample the hub while the agents come back.
+    let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let peak_rss = Arc::new(AtomicU64::new(0));
+    let sampler = {
+        let (sampling, peak_rss) = (sampling.clone(), peak_rss.clone());
+        std::thread::spawn(move || {
+            while sampling.load(Ordering::Relaxed) {
+                peak_rss.fetch_max(proc_status_kib(pid, "VmRSS:"), Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    tokio::task::block_in_place(|| {
+        wait_all("reconnections", &agents, &|a: &SimAgent| {
+            a.connections() >= 2
+        })
+    })?;
+    let back = killed.elapsed();
+    let cpu = cpu_seconds(pid);
+    sampling.store(false, Ordering::Relaxed);
+    let _ = sampler.join();
+    let held_ok = agents.iter().all(|a| a.held().len() >= want);
+    println!(
+        "storm: {} agents holding {want} units each; hub SIGKILLed and restarted at once: all agents back and resynced {:.2} s after the kill ({:.2} s after the restart); hub CPU {:.1} s, peak RSS {:.0} MiB meanwhile; every agent still holds its units: {held_ok}",
+        args.agents,
+        back.as_secs_f64(),
+        back.saturating_sub(started - killed).as_secs_f64(),
+        cpu,
+        peak_rss.load(Ordering::Relaxed) as f64 / 1024.0,
+    );
+    for mut a in agents {
+        a.stop().await;
+    }
+    drop(child);
     Ok(())
 }
