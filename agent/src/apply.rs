@@ -375,6 +375,9 @@ impl Applier {
         {
             return Ok((false, entry(live)));
         }
+        // Only one copy of a large object at a time.
+        drop(live);
+        drop(planned);
         let applied = api
             .patch(&obj.name, &pp, &Patch::Apply(body))
             .await

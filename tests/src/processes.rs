@@ -357,6 +357,9 @@ impl AgentProcess {
         let child = Command::new(bin("unitsync-agent"))
             .args(&self.args)
             .env("UNITSYNC_LOG", "warn")
+            // As the agent image and the install manifests set them.
+            .env("MALLOC_ARENA_MAX", "2")
+            .env("MALLOC_TRIM_THRESHOLD_", "131072")
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .kill_on_drop(true)

@@ -240,7 +240,13 @@ impl Install {
                             "image": self.image,
                             "args": args,
                             "ports": [{"name": "health", "containerPort": 8080}],
-                            "env": [{"name": "UNITSYNC_LOG", "value": "info"}],
+                            "env": [
+                                {"name": "UNITSYNC_LOG", "value": "info"},
+                                // glibc hands memory back after a large unit:
+                                // two arenas, trimmed past 128 KiB free.
+                                {"name": "MALLOC_ARENA_MAX", "value": "2"},
+                                {"name": "MALLOC_TRIM_THRESHOLD_", "value": "131072"}
+                            ],
                             "resources": {"requests": {"cpu": "50m", "memory": "32Mi"}, "limits": {"cpu": "500m", "memory": "128Mi"}},
                             "livenessProbe": probe("/healthz"),
                             "readinessProbe": probe("/readyz"),

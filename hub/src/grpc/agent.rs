@@ -17,7 +17,6 @@ use std::time::Duration;
 
 use futures::Stream;
 use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 use unitsync_proto::v1 as pb;
 use unitsync_proto::v1::agent_message::Msg as AgentMsg;
@@ -178,9 +177,7 @@ impl pb::agent_service_server::AgentService for AgentService {
                 resync_updates: u32::try_from(resync).unwrap_or(u32::MAX),
             })),
         };
-        // The channel is fresh; this cannot block or fail.
-        let _ = tx.try_send(Ok(welcome));
-        tokio::spawn(send_loop(hub.clone(), conn.clone(), tx.clone()));
+        let out = outbound(hub.clone(), conn.clone(), welcome, rx);
         tokio::spawn(receive_loop(
             hub.clone(),
             conn,
@@ -189,7 +186,7 @@ impl pb::agent_service_server::AgentService for AgentService {
             inbound,
             tx,
         ));
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(out)))
     }
 }
 
@@ -252,47 +249,71 @@ fn heartbeat() -> pb::HubMessage {
     }
 }
 
-/// Drains the mailbox into the stream; sends heartbeats while idle.
-async fn send_loop(
+/// The session's outbound stream: the Welcome, then the mailbox's
+/// revisions as the stream takes them (no task or channel in between: the
+/// transport polls the mailbox when it can send, and the mailbox coalesces
+/// meanwhile), notices from the receive loop, heartbeats while idle, and
+/// the reason when the hub ends the session.
+fn outbound(
     hub: Arc<Hub>,
     conn: Arc<AgentConn>,
-    tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
-) {
+    welcome: pb::HubMessage,
+    extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
+) -> impl Stream<Item = Result<pb::HubMessage, Status>> + Send + 'static {
+    struct Out {
+        hub: Arc<Hub>,
+        conn: Arc<AgentConn>,
+        extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
+        ready: std::collections::VecDeque<Result<pb::HubMessage, Status>>,
+        ticker: tokio::time::Interval,
+        ended: bool,
+    }
     let mut ticker = tokio::time::interval(hub.tuning.heartbeat);
-    ticker.tick().await;
-    loop {
-        tokio::select! {
-            () = conn.kick.cancelled() => {
-                // Best effort: tell the agent why.
-                let _ = tx.try_send(Err(end_status(conn.end_reason())));
-                break;
+    ticker.reset();
+    let out = Out {
+        hub,
+        conn,
+        extra,
+        ready: std::collections::VecDeque::from([Ok(welcome)]),
+        ticker,
+        ended: false,
+    };
+    futures::stream::unfold(out, |mut o| async move {
+        loop {
+            if let Some(m) = o.ready.pop_front() {
+                return Some((m, o));
             }
-            _ = ticker.tick() => {
-                if tx.send(Ok(heartbeat())).await.is_err() {
-                    break;
-                }
+            if o.ended {
+                return None;
             }
-            batch = conn.mailbox.next_batch() => {
-                for d in batch {
-                    if conn.mailbox.superseded(&d) {
-                        hub.metrics.coalesced_updates.inc();
-                        continue;
-                    }
-                    let msg = pb::HubMessage { msg: Some(HubMsg::Update(convert::update(&d))) };
-                    let sent = tokio::select! {
-                        r = tx.send(Ok(msg)) => r.is_ok(),
-                        () = conn.kick.cancelled() => false,
-                    };
-                    if !sent {
-                        conn.kick.cancel();
-                        break;
-                    }
-                    conn.mailbox.mark_sent(&d);
-                    hub.metrics.updates_sent.inc();
+            tokio::select! {
+                biased;
+                () = o.conn.kick.cancelled() => {
+                    // Tell the agent why.
+                    o.ready.push_back(Err(end_status(o.conn.end_reason())));
+                    o.ended = true;
                 }
+                m = o.extra.recv() => match m {
+                    Some(m) => o.ready.push_back(m),
+                    // The receive loop ended: so does the session.
+                    None => o.ended = true,
+                },
+                batch = o.conn.mailbox.next_batch() => {
+                    for d in batch {
+                        if o.conn.mailbox.superseded(&d) {
+                            o.hub.metrics.coalesced_updates.inc();
+                            continue;
+                        }
+                        o.ready.push_back(Ok(pb::HubMessage { msg: Some(HubMsg::Update(convert::update(&d))) }));
+                        o.conn.mailbox.mark_sent(&d);
+                        o.hub.metrics.updates_sent.inc();
+                    }
+                    o.ticker.reset();
+                }
+                _ = o.ticker.tick() => o.ready.push_back(Ok(heartbeat())),
             }
         }
-    }
+    })
 }
 
 /// What the agent hears when the hub ends its session.

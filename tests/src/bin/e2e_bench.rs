@@ -17,7 +17,7 @@ use clap::Parser;
 use futures::StreamExt;
 use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
-use kube::runtime::watcher;
+use kube::runtime::{WatchStreamExt, watcher};
 use tokio::time::Instant;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig};
 use unitsync_proto::v1 as pb;
@@ -136,7 +136,7 @@ fn watch_cluster(client: kube::Client, name: &'static str, seen: Seen) {
     tokio::spawn(async move {
         let api: Api<ConfigMap> = Api::namespaced(client, "bench");
         let config = watcher::Config::default().fields(&format!("metadata.name={name}"));
-        let mut stream = std::pin::pin!(watcher::watcher(api, config));
+        let mut stream = std::pin::pin!(watcher::watcher(api, config).default_backoff());
         while let Some(ev) = stream.next().await {
             let now = Instant::now();
             let objs = match ev {
