@@ -386,7 +386,10 @@ async fn an_expired_token_is_renewed_and_work_goes_on() {
 async fn server_errors_are_retried_until_the_reports_arrive() {
     let s = setup(Transport::LongPoll, 1).await;
     s.unit("a", &configmap("a", "1")).await;
+    // The next calls fail (the poll that brings the operation and the
+    // reports after it among them), then 30 % at random.
     s.sim.set_faults(Faults {
+        fail_next: 4,
         error_rate: 0.3,
         ..Faults::default()
     });
@@ -394,7 +397,7 @@ async fn server_errors_are_retried_until_the_reports_arrive() {
     assert_eq!(outcome.result(), "ApplyCompleted", "{outcome:?}");
     assert_eq!(s.terminal(&outcome.operation).len(), 1);
     assert!(
-        s.sim.with_state(|st| st.injected_errors) > 0,
+        s.sim.with_state(|st| st.injected_errors) >= 4,
         "faults were injected"
     );
     // Polls that time out at a proxy (504): polled again, nothing lost.

@@ -294,6 +294,9 @@ pub struct Faults {
     /// Share (0..1) of worker calls answered 503.
     #[serde(default)]
     pub error_rate: f64,
+    /// The next this many worker calls are answered 503.
+    #[serde(default)]
+    pub fail_next: u32,
     #[serde(default)]
     pub latency_ms: u64,
     /// Lifetime of issued JWTs, seconds (0: an hour).

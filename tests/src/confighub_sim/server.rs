@@ -244,8 +244,10 @@ impl Sim {
         if f.latency_ms > 0 {
             tokio::time::sleep(Duration::from_millis(f.latency_ms)).await;
         }
-        if f.error_rate > 0.0 && rand::random::<f64>() < f.error_rate {
-            self.state.lock().unwrap().injected_errors += 1;
+        let mut s = self.state.lock().unwrap();
+        if s.faults.fail_next > 0 || (f.error_rate > 0.0 && rand::random::<f64>() < f.error_rate) {
+            s.faults.fail_next = s.faults.fail_next.saturating_sub(1);
+            s.injected_errors += 1;
             return Some(error(503, "simulated outage"));
         }
         None
