@@ -96,52 +96,67 @@ impl SessionError {
     }
 }
 
-/// Per-resource status, as the agent reports it.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct ResourceReport {
-    pub api_version: String,
-    pub kind: String,
-    pub namespace: String,
-    pub name: String,
-    pub sync: pb::SyncState,
-    pub health: pb::Health,
-    pub message: String,
-    pub drifted_fields: Vec<String>,
+pub use crate::status::{ResourceReport, StatusUpdate};
+use crate::health::Health;
+use crate::status::{Phase, SyncState};
+
+fn phase_pb(p: Phase) -> pb::Phase {
+    match p {
+        Phase::Applying => pb::Phase::Applying,
+        Phase::Applied => pb::Phase::Applied,
+        Phase::Progressing => pb::Phase::Progressing,
+        Phase::Ready => pb::Phase::Ready,
+        Phase::Degraded => pb::Phase::Degraded,
+        Phase::Failed => pb::Phase::Failed,
+        Phase::Drifted => pb::Phase::Drifted,
+        Phase::Destroyed => pb::Phase::Destroyed,
+        Phase::Superseded => pb::Phase::Superseded,
+        Phase::Unknown => pb::Phase::Unknown,
+    }
 }
 
-/// A unit's status at one revision.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct StatusUpdate {
-    pub unit: String,
-    pub revision: u64,
-    pub phase: pb::Phase,
-    pub message: String,
-    pub resources: Vec<ResourceReport>,
+fn sync_pb(s: SyncState) -> pb::SyncState {
+    match s {
+        SyncState::Synced => pb::SyncState::Synced,
+        SyncState::OutOfSync => pb::SyncState::OutOfSync,
+        SyncState::Failed => pb::SyncState::Failed,
+        SyncState::Pruned => pb::SyncState::Pruned,
+    }
 }
 
-impl StatusUpdate {
-    fn to_pb(&self) -> pb::StatusReport {
-        pb::StatusReport {
-            unit: self.unit.clone(),
-            revision: self.revision,
-            phase: self.phase.into(),
-            message: self.message.clone(),
-            resources: self
-                .resources
-                .iter()
-                .map(|r| pb::ResourceStatus {
-                    api_version: r.api_version.clone(),
-                    kind: r.kind.clone(),
-                    namespace: r.namespace.clone(),
-                    name: r.name.clone(),
-                    sync: r.sync.into(),
-                    health: r.health.into(),
-                    message: r.message.clone(),
-                    drifted_fields: r.drifted_fields.clone(),
-                })
-                .collect(),
-            observed_at: Some(std::time::SystemTime::now().into()),
-        }
+fn health_pb(h: Option<Health>) -> pb::Health {
+    match h {
+        None => pb::Health::Unspecified,
+        Some(Health::Ready) => pb::Health::Ready,
+        Some(Health::InProgress) => pb::Health::InProgress,
+        Some(Health::Terminating) => pb::Health::Terminating,
+        Some(Health::Failed) => pb::Health::Failed,
+        Some(Health::Stuck) => pb::Health::Stuck,
+    }
+}
+
+/// The wire's form of a status.
+fn status_pb(u: &StatusUpdate) -> pb::StatusReport {
+    pb::StatusReport {
+        unit: u.unit.clone(),
+        revision: u.revision,
+        phase: phase_pb(u.phase).into(),
+        message: u.message.clone(),
+        resources: u
+            .resources
+            .iter()
+            .map(|r| pb::ResourceStatus {
+                api_version: r.api_version.clone(),
+                kind: r.kind.clone(),
+                namespace: r.namespace.clone(),
+                name: r.name.clone(),
+                sync: sync_pb(r.sync).into(),
+                health: health_pb(r.health).into(),
+                message: r.message.clone(),
+                drifted_fields: r.drifted_fields.clone(),
+            })
+            .collect(),
+        observed_at: Some(std::time::SystemTime::now().into()),
     }
 }
 
@@ -481,7 +496,7 @@ impl HubClient {
                         in_flight = self.statuses.take();
                     }
                     if let Some(s) = in_flight.pop() {
-                        permit.send(pb::AgentMessage { msg: Some(AgentMsg::Status(s.to_pb())) });
+                        permit.send(pb::AgentMessage { msg: Some(AgentMsg::Status(status_pb(&s))) });
                     }
                 }
                 () = self.statuses.notify.notified(), if in_flight.is_empty() => {}

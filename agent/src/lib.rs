@@ -17,6 +17,7 @@ pub mod hub_client;
 pub mod inventory;
 pub mod manifest;
 pub mod reconcile;
+pub mod status;
 
 use std::sync::Arc;
 

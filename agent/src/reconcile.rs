@@ -21,7 +21,7 @@ use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
-use unitsync_proto::v1 as pb;
+use crate::status::{Phase, SyncState};
 
 use crate::apply::{Applier, ApplyError};
 use crate::desired::{DesiredStore, DesiredUnit};
@@ -93,7 +93,7 @@ enum Pass {
     },
     Superseded,
     Failed {
-        phase: pb::Phase,
+        phase: Phase,
         message: String,
         resources: Vec<ResourceReport>,
         /// Objects applied in this pass: their drift may still be healed.
@@ -105,7 +105,7 @@ enum Pass {
 }
 
 impl Pass {
-    fn failed(phase: pb::Phase, message: impl Into<String>) -> Pass {
+    fn failed(phase: Phase, message: impl Into<String>) -> Pass {
         Pass::Failed {
             phase,
             message: message.into(),
@@ -117,14 +117,14 @@ impl Pass {
 
     /// The API server could not be reached: the unit's state is unknown.
     fn unknown(message: impl Into<String>) -> Pass {
-        Self::failed(pb::Phase::Unknown, message)
+        Self::failed(Phase::Unknown, message)
     }
 
     fn of(e: ApplyError) -> Pass {
         match e {
             ApplyError::Unreachable(m) => Self::unknown(m),
             ApplyError::NotServed(m) | ApplyError::Rejected(m) => {
-                Self::failed(pb::Phase::Failed, m)
+                Self::failed(Phase::Failed, m)
             }
         }
     }
@@ -132,7 +132,7 @@ impl Pass {
     fn inventory(e: InventoryError) -> Pass {
         match e {
             InventoryError::Unreachable(_) => Self::unknown(e.to_string()),
-            InventoryError::Corrupt { .. } => Self::failed(pb::Phase::Failed, e.to_string()),
+            InventoryError::Corrupt { .. } => Self::failed(Phase::Failed, e.to_string()),
         }
     }
 }
@@ -150,12 +150,12 @@ enum Watched {
 
 /// What an assessment found.
 enum Assessed {
-    Status(pb::Phase, String, Vec<ResourceReport>),
+    Status(Phase, String, Vec<ResourceReport>),
     /// The inventory is gone: re-apply (which recovers membership).
     Lost,
 }
 
-fn resource(e: &Entry, sync: pb::SyncState, health: pb::Health, message: String) -> ResourceReport {
+fn resource(e: &Entry, sync: SyncState, health: Option<Health>, message: String) -> ResourceReport {
     ResourceReport {
         api_version: e.api_version(),
         kind: e.kind.clone(),
@@ -165,16 +165,6 @@ fn resource(e: &Entry, sync: pb::SyncState, health: pb::Health, message: String)
         health,
         message,
         drifted_fields: vec![],
-    }
-}
-
-fn health_pb(h: Health) -> pb::Health {
-    match h {
-        Health::Ready => pb::Health::Ready,
-        Health::InProgress => pb::Health::InProgress,
-        Health::Terminating => pb::Health::Terminating,
-        Health::Failed => pb::Health::Failed,
-        Health::Stuck => pb::Health::Stuck,
     }
 }
 
@@ -342,7 +332,7 @@ impl Reconciler {
     fn report(
         &self,
         u: &DesiredUnit,
-        phase: pb::Phase,
+        phase: Phase,
         message: impl Into<String>,
         resources: Vec<ResourceReport>,
     ) {
@@ -376,14 +366,14 @@ impl Reconciler {
                 Pass::Superseded => {
                     self.report(
                         &unit,
-                        pb::Phase::Superseded,
+                        Phase::Superseded,
                         "a newer revision arrived while applying",
                         vec![],
                     );
                     continue;
                 }
                 Pass::Done { .. } if unit.tombstone => {
-                    self.report(&unit, pb::Phase::Destroyed, "all objects deleted", vec![]);
+                    self.report(&unit, Phase::Destroyed, "all objects deleted", vec![]);
                     if let Err(e) = self.desired.forget(&name, unit.revision).await {
                         tracing::warn!(unit = %name, error = %e, "cannot forget a destroyed unit");
                     }
@@ -458,17 +448,17 @@ impl Reconciler {
         let mut next_drift = Instant::now() + self.tuning.drift_interval;
         let mut drift = Drift::default();
         let mut healed_note = String::new();
-        let mut last_report: Option<(pb::Phase, String)> = None;
+        let mut last_report: Option<(Phase, String)> = None;
         loop {
             let down = api_down.borrow_and_update().clone();
             tracing::trace!(unit = %unit.unit, revision = unit.revision, failed, api_down = down.is_some(), "watching");
-            let mut phase = pb::Phase::Unknown;
+            let mut phase = Phase::Unknown;
             if let Some(reason) = &down {
                 // Nothing can be checked: say so rather than keep a stale
                 // verdict (Unknown is not Ready).
-                let key = (pb::Phase::Unknown, reason.clone());
+                let key = (Phase::Unknown, reason.clone());
                 if last_report.as_ref() != Some(&key) {
-                    self.report(unit, pb::Phase::Unknown, reason.clone(), vec![]);
+                    self.report(unit, Phase::Unknown, reason.clone(), vec![]);
                     last_report = Some(key);
                 }
             } else if !failed {
@@ -478,8 +468,8 @@ impl Reconciler {
                 };
                 phase = p;
                 let outstanding = drift.report_only();
-                if !outstanding.is_empty() && phase == pb::Phase::Ready {
-                    phase = pb::Phase::Drifted;
+                if !outstanding.is_empty() && phase == Phase::Ready {
+                    phase = Phase::Drifted;
                     message = outstanding
                         .iter()
                         .map(|r| {
@@ -519,7 +509,7 @@ impl Reconciler {
             }
             let wait = match retry_at {
                 Some(at) => at.saturating_duration_since(Instant::now()),
-                None if phase == pb::Phase::Ready => self.tuning.drift_interval,
+                None if phase == Phase::Ready => self.tuning.drift_interval,
                 None => self.tuning.health_interval,
             }
             .min(self.tuning.drift_interval)
@@ -634,7 +624,7 @@ impl Reconciler {
         let Ok(_permit) = self.permits.clone().acquire_owned().await else {
             return Pass::Superseded;
         };
-        self.report(unit, pb::Phase::Applying, "", vec![]);
+        self.report(unit, Phase::Applying, "", vec![]);
         let previous = match self.load_inventory(unit).await {
             Ok(p) => p,
             Err(pass) => return pass,
@@ -645,7 +635,7 @@ impl Reconciler {
             ahead,
         } = match plan(unit, &previous, self.tuning.max_prune_ratio) {
             Ok(p) => p,
-            Err(message) => return Pass::failed(pb::Phase::Failed, message),
+            Err(message) => return Pass::failed(Phase::Failed, message),
         };
         if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
             return Pass::of(e);
@@ -702,8 +692,8 @@ impl Reconciler {
                     }
                     resources.push(resource(
                         &entry,
-                        pb::SyncState::Synced,
-                        pb::Health::Unspecified,
+                        SyncState::Synced,
+                        None,
                         String::new(),
                     ));
                     applied.push(entry);
@@ -713,8 +703,8 @@ impl Reconciler {
                 Err(e) => {
                     resources.push(resource(
                         &Entry::of(o),
-                        pb::SyncState::Failed,
-                        pb::Health::Unspecified,
+                        SyncState::Failed,
+                        None,
                         e.message().to_owned(),
                     ));
                     match e {
@@ -778,8 +768,8 @@ impl Reconciler {
                     gone.push(e.clone());
                     resources.push(resource(
                         e,
-                        pb::SyncState::Pruned,
-                        pb::Health::Unspecified,
+                        SyncState::Pruned,
+                        None,
                         String::new(),
                     ));
                 }
@@ -827,7 +817,7 @@ impl Reconciler {
             let waited = since.elapsed();
             if failures.is_empty() && waited < self.applier.crd_timeout {
                 return Pass::Failed {
-                    phase: pb::Phase::Progressing,
+                    phase: Phase::Progressing,
                     message: not_served.join("; "),
                     resources,
                     healable,
@@ -847,7 +837,7 @@ impl Reconciler {
         }
         if !failures.is_empty() {
             return Pass::Failed {
-                phase: pb::Phase::Failed,
+                phase: Phase::Failed,
                 message: failures.join("; "),
                 resources,
                 healable,
@@ -857,7 +847,7 @@ impl Reconciler {
         *waiting_since = None;
         self.report(
             unit,
-            pb::Phase::Applied,
+            Phase::Applied,
             format!("{} objects applied", applied.len()),
             resources,
         );
@@ -917,7 +907,7 @@ impl Reconciler {
             }
             self.report(
                 unit,
-                pb::Phase::Progressing,
+                Phase::Progressing,
                 format!("waiting for {} to be deleted", remaining.join(", ")),
                 vec![],
             );
@@ -946,9 +936,9 @@ impl Reconciler {
                 return Assessed::Lost;
             }
             Err(e @ InventoryError::Unreachable(_)) => {
-                return Assessed::Status(pb::Phase::Unknown, e.to_string(), vec![]);
+                return Assessed::Status(Phase::Unknown, e.to_string(), vec![]);
             }
-            Err(e) => return Assessed::Status(pb::Phase::Failed, e.to_string(), vec![]),
+            Err(e) => return Assessed::Status(Phase::Failed, e.to_string(), vec![]),
         };
         let mut resources = Vec::new();
         let mut worst = Health::Ready;
@@ -958,7 +948,7 @@ impl Reconciler {
                 Ok(l) => l,
                 Err(err) => {
                     return Assessed::Status(
-                        pb::Phase::Unknown,
+                        Phase::Unknown,
                         err.message().to_owned(),
                         resources,
                     );
@@ -967,8 +957,8 @@ impl Reconciler {
             let Some(live) = live else {
                 resources.push(resource(
                     e,
-                    pb::SyncState::OutOfSync,
-                    pb::Health::Unspecified,
+                    SyncState::OutOfSync,
+                    None,
                     "missing".into(),
                 ));
                 worst = worst.max(Health::InProgress);
@@ -987,15 +977,15 @@ impl Reconciler {
             worst = worst.max(a.health);
             resources.push(resource(
                 e,
-                pb::SyncState::Synced,
-                health_pb(a.health),
+                SyncState::Synced,
+                Some(a.health),
                 a.message,
             ));
         }
         let phase = match worst {
-            Health::Ready => pb::Phase::Ready,
-            Health::InProgress | Health::Terminating => pb::Phase::Progressing,
-            Health::Failed | Health::Stuck => pb::Phase::Degraded,
+            Health::Ready => Phase::Ready,
+            Health::InProgress | Health::Terminating => Phase::Progressing,
+            Health::Failed | Health::Stuck => Phase::Degraded,
         };
         Assessed::Status(phase, problems.join("; "), resources)
     }
@@ -1027,8 +1017,8 @@ impl Reconciler {
             messages.push(format!("{} drifted at {}", o.id(), paths.join(", ")));
             let mut r = resource(
                 &entry,
-                pb::SyncState::OutOfSync,
-                pb::Health::Unspecified,
+                SyncState::OutOfSync,
+                None,
                 if report_only {
                     "drift reported (report-only)".into()
                 } else {

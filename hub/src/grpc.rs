@@ -7,3 +7,20 @@ pub mod admin;
 pub mod agent;
 pub mod convert;
 mod watch;
+
+/// The two gRPC services of a hub, with the protocol's message limits.
+pub fn services(
+    hub: &std::sync::Arc<crate::control::Hub>,
+) -> (
+    unitsync_proto::v1::agent_service_server::AgentServiceServer<agent::AgentService>,
+    unitsync_proto::v1::hub_service_server::HubServiceServer<admin::AdminService>,
+) {
+    use unitsync_proto::MAX_MESSAGE_BYTES;
+    let agent = unitsync_proto::v1::agent_service_server::AgentServiceServer::new(agent::AgentService::new(hub.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = unitsync_proto::v1::hub_service_server::HubServiceServer::new(admin::AdminService::new(hub.clone()))
+        .max_decoding_message_size(MAX_MESSAGE_BYTES)
+        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    (agent, admin)
+}

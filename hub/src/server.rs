@@ -13,15 +13,11 @@ use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
-use unitsync_proto::MAX_MESSAGE_BYTES;
-use unitsync_proto::v1::agent_service_server::AgentServiceServer;
-use unitsync_proto::v1::hub_service_server::HubServiceServer;
+
 
 use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
 use crate::config::{Config, ConfigError};
 use crate::control::Hub;
-use crate::grpc::admin::AdminService;
-use crate::grpc::agent::AgentService;
 use crate::store::{Announcement, SqlStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -268,12 +264,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         });
     }
 
-    let agent = AgentServiceServer::new(AgentService::new(hub.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin_svc = HubServiceServer::new(AdminService::new(hub.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let (agent, admin_svc) = crate::grpc::services(&hub);
     let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
     let stop = shutdown.clone();
     let hub_for_task = hub.clone();

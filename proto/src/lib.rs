@@ -12,6 +12,10 @@ pub mod v1 {
     tonic::include_proto!("unitsync.v1");
 }
 
+/// The compiled descriptors of `unitsync.v1` (an encoded
+/// `FileDescriptorSet`).
+pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/descriptor.bin"));
+
 /// The protocol version this build speaks.
 pub const PROTOCOL_VERSION: u32 = 1;
 

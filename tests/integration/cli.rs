@@ -7,7 +7,6 @@ use std::sync::{Arc, Mutex};
 
 use tokio::io::AsyncBufReadExt;
 use unitsync_agent::hub_client::StatusUpdate;
-use unitsync_proto::v1 as pb;
 use unitsync_tests::{SimAgent, configmap, until, within};
 
 /// The `unitsync` binary built next to this test binary.
@@ -318,7 +317,7 @@ async fn wait_fails_with_the_failing_clusters_message() {
     agent.report(StatusUpdate {
         unit: "web".into(),
         revision: 1,
-        phase: pb::Phase::Failed,
+        phase: unitsync_agent::status::Phase::Failed,
         message: "Deployment web: ProgressDeadlineExceeded".into(),
         resources: vec![],
     });

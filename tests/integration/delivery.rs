@@ -52,7 +52,7 @@ async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
     agent.report(StatusUpdate {
         unit: "web".into(),
         revision: 2,
-        phase: pb::Phase::Ready,
+        phase: unitsync_agent::status::Phase::Ready,
         message: "all resources ready".into(),
         resources: vec![],
     });

@@ -15,5 +15,6 @@ mod oci;
 mod promote;
 mod protocol;
 mod store;
+mod tidy;
 mod validation;
 mod watch;

@@ -249,7 +249,7 @@ async fn each_gate_blocks_then_passes() {
         dev.held().contains_key("web")
     })
     .await;
-    let report = |phase: pb::Phase| StatusUpdate {
+    let report = |phase: unitsync_agent::status::Phase| StatusUpdate {
         unit: "web".into(),
         revision: 1,
         phase,
@@ -258,7 +258,7 @@ async fn each_gate_blocks_then_passes() {
     };
 
     // Unhealthy source.
-    dev.report(report(pb::Phase::Progressing));
+    dev.report(report(unitsync_agent::status::Phase::Progressing));
     until("progressing recorded", || async {
         hub.unit("dev/web")
             .await
@@ -281,7 +281,7 @@ async fn each_gate_blocks_then_passes() {
     );
 
     // Healthy, but the soak time has not passed.
-    dev.report(report(pb::Phase::Ready));
+    dev.report(report(unitsync_agent::status::Phase::Ready));
     ready_in(&hub, "dev/web", 1).await;
     let r = promote(
         &mut admin,

@@ -70,7 +70,7 @@ async fn the_hub_pushes_the_matrix_then_each_change() {
     agent.report(unitsync_agent::hub_client::StatusUpdate {
         unit: "web".into(),
         revision: 1,
-        phase: pb::Phase::Ready,
+        phase: unitsync_agent::status::Phase::Ready,
         message: "all good".into(),
         resources: vec![],
     });
@@ -94,7 +94,7 @@ async fn the_hub_pushes_the_matrix_then_each_change() {
     agent.report(unitsync_agent::hub_client::StatusUpdate {
         unit: "web".into(),
         revision: 2,
-        phase: pb::Phase::Progressing,
+        phase: unitsync_agent::status::Phase::Progressing,
         message: String::new(),
         resources: vec![],
     });

@@ -11,7 +11,6 @@ use unitsync_agent::desired::{DesiredStore, DesiredUnit, MemoryStore};
 use unitsync_agent::hub_client::{
     HubClient, HubConnection, HubEvent, SessionError, StatusQueue, StatusUpdate,
 };
-use unitsync_proto::v1 as pb;
 
 use crate::wait::within;
 
@@ -111,9 +110,9 @@ impl SimAgent {
                                     unit: u.unit.clone(),
                                     revision: u.revision,
                                     phase: if u.tombstone {
-                                        pb::Phase::Destroyed
+                                        unitsync_agent::status::Phase::Destroyed
                                     } else {
-                                        pb::Phase::Ready
+                                        unitsync_agent::status::Phase::Ready
                                     },
                                     message: String::new(),
                                     resources: Vec::new(),
