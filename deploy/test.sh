@@ -11,6 +11,11 @@ if ! command -v cargo-nextest >/dev/null 2>&1; then
   cargo install cargo-nextest --locked
 fi
 
+if ! command -v cargo-deny >/dev/null 2>&1; then
+  say "installing cargo-deny (licenses, bans, sources, advisories)"
+  cargo install cargo-deny --locked
+fi
+
 if ! command -v kubernetes-validate >/dev/null 2>&1; then
   say "installing kubernetes-validate (PyPI) for the manifest tests"
   python3 -m pip install --quiet --disable-pip-version-check kubernetes-validate
@@ -68,6 +73,19 @@ say "no OpenSSL or native-tls in the dependency tree"
 if cargo tree --workspace --locked -e normal,build -i openssl-sys >/dev/null 2>&1 \
   || cargo tree --workspace --locked -e normal,build -i native-tls >/dev/null 2>&1; then
   echo "openssl-sys or native-tls is in the dependency tree" >&2
+  exit 1
+fi
+
+say "dependency policy (cargo-deny: licenses, bans, sources; deny.toml)"
+cargo deny --offline check licenses bans sources
+# Advisories need RustSec's database from GitHub: checked when it can be
+# fetched, reported as skipped when it cannot.
+if advisories=$(cargo deny check advisories 2>&1); then
+  echo "advisories ok"
+elif grep -q "failed to fetch advisory database" <<<"$advisories"; then
+  echo "note: the advisory database cannot be fetched from here; advisories not checked" >&2
+else
+  echo "$advisories" >&2
   exit 1
 fi
 

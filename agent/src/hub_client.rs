@@ -96,9 +96,9 @@ impl SessionError {
     }
 }
 
-pub use crate::status::{ResourceReport, StatusUpdate};
 use crate::health::Health;
 use crate::status::{Phase, SyncState};
+pub use crate::status::{ResourceReport, StatusUpdate};
 
 fn phase_pb(p: Phase) -> pb::Phase {
     match p {
@@ -339,7 +339,7 @@ impl HubClient {
                 }
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    tracing::warn!(error = %Chain(&e), retry_in = ?delay, "certificate renewal failed");
+                    tracing::warn!(error = %unitsync_proto::ErrorChain(&e), retry_in = ?delay, "certificate renewal failed");
                     next = tokio::time::Instant::now() + delay;
                 }
             }
@@ -374,7 +374,9 @@ impl HubClient {
                 Err(e) if e.is_auth() => {
                     tracing::error!(error = %e, retry_in = ?delay, "hub refused the agent's credential")
                 }
-                Err(e) => tracing::warn!(error = %Chain(e), retry_in = ?delay, "hub session ended"),
+                Err(e) => {
+                    tracing::warn!(error = %unitsync_proto::ErrorChain(e), retry_in = ?delay, "hub session ended")
+                }
                 Ok(()) => {}
             }
             tokio::select! {
@@ -568,21 +570,6 @@ impl HubClient {
         })
         .await
         .map_err(|_| SessionError::Closed)
-    }
-}
-
-/// Displays an error with its source chain.
-struct Chain<'a>(&'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for Chain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
     }
 }
 

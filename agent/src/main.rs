@@ -192,13 +192,7 @@ async fn main() -> ExitCode {
     match unitsync_agent::run(config, shutdown).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            let mut msg = e.to_string();
-            let mut src = std::error::Error::source(&e);
-            while let Some(s) = src {
-                msg.push_str(&format!(": {s}"));
-                src = s.source();
-            }
-            eprintln!("error: {msg}");
+            eprintln!("error: {}", unitsync_proto::ErrorChain(&e));
             ExitCode::FAILURE
         }
     }

@@ -17,11 +17,11 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::status::{Phase, SyncState};
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
-use crate::status::{Phase, SyncState};
 
 use crate::apply::{Applier, ApplyError};
 use crate::desired::{DesiredStore, DesiredUnit};
@@ -123,9 +123,7 @@ impl Pass {
     fn of(e: ApplyError) -> Pass {
         match e {
             ApplyError::Unreachable(m) => Self::unknown(m),
-            ApplyError::NotServed(m) | ApplyError::Rejected(m) => {
-                Self::failed(Phase::Failed, m)
-            }
+            ApplyError::NotServed(m) | ApplyError::Rejected(m) => Self::failed(Phase::Failed, m),
         }
     }
 
@@ -690,12 +688,7 @@ impl Reconciler {
                     if o.is_crd() {
                         crds.push(o.name.clone());
                     }
-                    resources.push(resource(
-                        &entry,
-                        SyncState::Synced,
-                        None,
-                        String::new(),
-                    ));
+                    resources.push(resource(&entry, SyncState::Synced, None, String::new()));
                     applied.push(entry);
                 }
                 // The write-ahead inventory covers what was created so far.
@@ -766,12 +759,7 @@ impl Reconciler {
             match self.applier.delete(&target).await {
                 Ok(()) => {
                     gone.push(e.clone());
-                    resources.push(resource(
-                        e,
-                        SyncState::Pruned,
-                        None,
-                        String::new(),
-                    ));
+                    resources.push(resource(e, SyncState::Pruned, None, String::new()));
                 }
                 Err(err) => failures.push(format!("pruning {}: {}", e.id(), err.message())),
             }
@@ -947,20 +935,11 @@ impl Reconciler {
             let live = match self.applier.get(e).await {
                 Ok(l) => l,
                 Err(err) => {
-                    return Assessed::Status(
-                        Phase::Unknown,
-                        err.message().to_owned(),
-                        resources,
-                    );
+                    return Assessed::Status(Phase::Unknown, err.message().to_owned(), resources);
                 }
             };
             let Some(live) = live else {
-                resources.push(resource(
-                    e,
-                    SyncState::OutOfSync,
-                    None,
-                    "missing".into(),
-                ));
+                resources.push(resource(e, SyncState::OutOfSync, None, "missing".into()));
                 worst = worst.max(Health::InProgress);
                 problems.push(format!("{} is missing", e.id()));
                 continue;
@@ -975,12 +954,7 @@ impl Reconciler {
                 problems.push(format!("{}: {} {}", e.id(), a.health.as_str(), a.message));
             }
             worst = worst.max(a.health);
-            resources.push(resource(
-                e,
-                SyncState::Synced,
-                Some(a.health),
-                a.message,
-            ));
+            resources.push(resource(e, SyncState::Synced, Some(a.health), a.message));
         }
         let phase = match worst {
             Health::Ready => Phase::Ready,

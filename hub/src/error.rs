@@ -87,17 +87,4 @@ fn bounded(message: &str) -> String {
     format!("{}… (message cut)", &message[..cut])
 }
 
-/// Displays an error with its whole `source()` chain, for logs.
-pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
-
-impl std::fmt::Display for ErrorChain<'_> {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}", self.0)?;
-        let mut cur = self.0.source();
-        while let Some(e) = cur {
-            write!(f, ": {e}")?;
-            cur = e.source();
-        }
-        Ok(())
-    }
-}
+pub use unitsync_proto::ErrorChain;

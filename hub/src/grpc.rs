@@ -16,11 +16,15 @@ pub fn services(
     unitsync_proto::v1::hub_service_server::HubServiceServer<admin::AdminService>,
 ) {
     use unitsync_proto::MAX_MESSAGE_BYTES;
-    let agent = unitsync_proto::v1::agent_service_server::AgentServiceServer::new(agent::AgentService::new(hub.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let admin = unitsync_proto::v1::hub_service_server::HubServiceServer::new(admin::AdminService::new(hub.clone()))
-        .max_decoding_message_size(MAX_MESSAGE_BYTES)
-        .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let agent = unitsync_proto::v1::agent_service_server::AgentServiceServer::new(
+        agent::AgentService::new(hub.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
+    let admin = unitsync_proto::v1::hub_service_server::HubServiceServer::new(
+        admin::AdminService::new(hub.clone()),
+    )
+    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+    .max_encoding_message_size(MAX_MESSAGE_BYTES);
     (agent, admin)
 }

@@ -14,7 +14,6 @@ use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 use tonic::transport::server::TcpIncoming;
 
-
 use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
 use crate::config::{Config, ConfigError};
 use crate::control::Hub;

@@ -1,11 +1,28 @@
 //! The unitsync wire protocol (`unitsync.v1`): generated prost messages and
-//! tonic services, the protocol version constants, and the client-side
-//! reconnect policy every agent shares.
+//! tonic services, the protocol version constants, the client-side
+//! reconnect policy every agent shares, and [`ErrorChain`], the one way both
+//! sides print an error with its causes.
 //!
 //! Prost types stop at the gRPC edge: hub and agent convert them into their
 //! own domain types.
 
 pub mod backoff;
+
+/// Displays an error with its whole `source()` chain (`a: b: c`), for logs
+/// and the last line a binary prints; shared by hub and agent.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut cur = self.0.source();
+        while let Some(e) = cur {
+            write!(f, ": {e}")?;
+            cur = e.source();
+        }
+        Ok(())
+    }
+}
 
 /// Generated code for package `unitsync.v1`.
 pub mod v1 {

@@ -41,9 +41,18 @@ fn sources(dir: &str) -> Vec<(String, String)> {
 #[test]
 fn every_module_starts_with_its_documentation() {
     let mut missing = Vec::new();
-    for dir in ["proto/src", "hub/src", "agent/src", "tests/src", "tests/integration"] {
+    for dir in [
+        "proto/src",
+        "hub/src",
+        "agent/src",
+        "tests/src",
+        "tests/integration",
+    ] {
         for (path, text) in sources(dir) {
-            let first = text.lines().find(|l| !l.trim().is_empty()).unwrap_or_default();
+            let first = text
+                .lines()
+                .find(|l| !l.trim().is_empty())
+                .unwrap_or_default();
             if !first.starts_with("//!") {
                 missing.push(path);
             }
@@ -85,7 +94,16 @@ fn prost_types_stay_at_the_grpc_edges() {
 /// Whether `package` depends (normal dependencies, transitively) on `dep`.
 fn depends(package: &str, dep: &str) -> bool {
     let out = std::process::Command::new(env!("CARGO"))
-        .args(["tree", "--offline", "-e", "normal", "-p", package, "-i", dep])
+        .args([
+            "tree",
+            "--offline",
+            "-e",
+            "normal",
+            "-p",
+            package,
+            "-i",
+            dep,
+        ])
         .current_dir(root())
         .output()
         .expect("cargo tree");
@@ -107,7 +125,10 @@ fn the_hub_never_talks_to_kubernetes_and_the_agent_never_links_the_hub() {
         depends("unitsync-agent", "kube"),
         "the check itself: the agent uses kube"
     );
-    assert!(!depends("unitsync-hub", "kube"), "unitsync-hub depends on kube");
+    assert!(
+        !depends("unitsync-hub", "kube"),
+        "unitsync-hub depends on kube"
+    );
     assert!(
         !depends("unitsync-hub", "k8s-openapi"),
         "unitsync-hub depends on k8s-openapi"

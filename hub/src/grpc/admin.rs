@@ -365,18 +365,11 @@ impl pb::hub_service_server::HubService for AdminService {
                 .hub
                 .status(env.as_ref(), &page(r.page_size, &r.page_token)?)
                 .await?;
+            let (units, clusters, cells) = convert::status_view(&v);
             Ok(pb::StatusMatrix {
-                units: v.units.iter().map(convert::unit).collect(),
-                clusters: v
-                    .clusters
-                    .iter()
-                    .map(|(c, s)| convert::cluster(c, s.as_deref()))
-                    .collect(),
-                cells: v
-                    .cells
-                    .iter()
-                    .map(|c| convert::status_cell(c, v.connected.contains(&c.cluster)))
-                    .collect(),
+                units,
+                clusters,
+                cells,
                 next_page_token: page_token(v.next.as_ref()),
             })
         }

@@ -306,6 +306,24 @@ pub fn update(d: &Delivery) -> pb::UnitUpdate {
     }
 }
 
+/// A page of the status matrix: units, clusters (with their sessions) and
+/// cells (connected or not).
+pub fn status_view(
+    v: &crate::control::StatusView,
+) -> (Vec<pb::Unit>, Vec<pb::Cluster>, Vec<pb::ClusterUnitStatus>) {
+    (
+        v.units.iter().map(unit).collect(),
+        v.clusters
+            .iter()
+            .map(|(c, s)| cluster(c, s.as_deref()))
+            .collect(),
+        v.cells
+            .iter()
+            .map(|c| status_cell(c, v.connected.contains(&c.cluster)))
+            .collect(),
+    )
+}
+
 /// A source as operators see it (never its credentials).
 pub fn source(s: &crate::model::OciSource, auth_kind: &str, username: &str) -> pb::Source {
     use crate::model::OciRef;

@@ -89,20 +89,13 @@ async fn snapshot(hub: &Hub, scope: &Scope, tx: &Tx) -> Result<bool> {
             .status_of(scope.env.as_ref(), scope.unit.as_ref(), &page)
             .await?;
         let last = v.next.is_none();
+        let (units, clusters, cells) = convert::status_view(&v);
         let ev = pb::StatusEvent {
             snapshot: true,
             snapshot_complete: last,
-            units: v.units.iter().map(convert::unit).collect(),
-            clusters: v
-                .clusters
-                .iter()
-                .map(|(c, s)| convert::cluster(c, s.as_deref()))
-                .collect(),
-            cells: v
-                .cells
-                .iter()
-                .map(|c| convert::status_cell(c, v.connected.contains(&c.cluster)))
-                .collect(),
+            units,
+            clusters,
+            cells,
         };
         if tx.send(Ok(ev)).await.is_err() {
             return Ok(false);

@@ -153,6 +153,18 @@ async fn insert_audit(conn: &mut AnyConnection, a: &NewAudit) -> StoreResult<()>
     Ok(())
 }
 
+/// A unique-constraint violation is "already exists" (what is named by
+/// `what`); anything else a database error.
+fn already(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreError {
+    move |e| {
+        if is_unique_violation(&e) {
+            StoreError::AlreadyExists(what())
+        } else {
+            db(e)
+        }
+    }
+}
+
 fn int(n: u64) -> StoreResult<i64> {
     i64::try_from(n).map_err(|_| corrupt("number out of range"))
 }
@@ -403,13 +415,7 @@ impl Store for SqlStore {
             .bind(now.0)
             .execute(&mut *tx)
             .await
-            .map_err(|e| {
-                if is_unique_violation(&e) {
-                    StoreError::AlreadyExists(format!("environment {name}"))
-                } else {
-                    db(e)
-                }
-            })?;
+            .map_err(already(|| format!("environment {name}")))?;
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db)?;
         Ok(Environment {
@@ -453,13 +459,7 @@ impl Store for SqlStore {
         .bind(now.0)
         .execute(&mut *tx)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::AlreadyExists(format!("cluster {name}"))
-            } else {
-                db(e)
-            }
-        })?;
+        .map_err(already(|| format!("cluster {name}")))?;
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db)?;
         Ok(Cluster {
@@ -589,13 +589,7 @@ impl Store for SqlStore {
         .bind(UnixMillis::now().0)
         .execute(&mut *tx)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::AlreadyExists(format!("operator {}", op.name))
-            } else {
-                db(e)
-            }
-        })?;
+        .map_err(already(|| format!("operator {}", op.name)))?;
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db)
     }
@@ -974,15 +968,9 @@ impl Store for SqlStore {
         .bind(unit.name.as_str())
         .execute(&mut *tx)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::AlreadyExists(format!(
-                    "an approval by {approver} of {unit}@{revision} for {target}"
-                ))
-            } else {
-                db(e)
-            }
-        })?;
+        .map_err(already(|| {
+            format!("an approval by {approver} of {unit}@{revision} for {target}")
+        }))?;
         if done.rows_affected() == 0 {
             return Err(StoreError::NotFound(format!(
                 "unit {unit} revision {revision}"
@@ -1180,13 +1168,7 @@ impl Store for SqlStore {
         .bind(src.created_at.0)
         .execute(&mut *tx)
         .await
-        .map_err(|e| {
-            if is_unique_violation(&e) {
-                StoreError::AlreadyExists(format!("source {}", src.name))
-            } else {
-                db(e)
-            }
-        })?;
+        .map_err(already(|| format!("source {}", src.name)))?;
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db)
     }

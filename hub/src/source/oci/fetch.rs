@@ -142,12 +142,7 @@ impl Registry {
                 }
             }
             OciDistributionError::RequestError(e) => {
-                let mut msg = e.to_string();
-                let mut src = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg = format!("{msg}: {s}");
-                    src = s.source();
-                }
+                let msg = crate::error::ErrorChain(&e).to_string();
                 format!(
                     "{what}: cannot reach registry {}: {}",
                     self.host,

@@ -1,0 +1,74 @@
+//! Automatic promotion: linked units whose upstream head moved, promoted
+//! as soon as their gates pass (the leader of a shared store does it).
+
+use super::*;
+
+impl Hub {
+    /// Promotes automatically into every environment that asks for it:
+    /// linked units whose upstream head passed the gates.
+    pub async fn auto_promote_once(&self) -> Result<usize> {
+        let envs = self.store.list_environments().await?;
+        let mut promoted = 0;
+        for pair in envs.windows(2) {
+            let (from, to) = (&pair[0], &pair[1]);
+            if !to.policy.auto_promote {
+                continue;
+            }
+            let sources: BTreeMap<UnitRef, Unit> = self
+                .store
+                .list_units(Some(&from.name))
+                .await?
+                .into_iter()
+                .map(|u| (u.unit.clone(), u))
+                .collect();
+            for t in self.store.list_units(Some(&to.name)).await? {
+                let Some(src) = t.upstream.as_ref().and_then(|up| sources.get(up)) else {
+                    continue;
+                };
+                if src.destroyed || t.head_source == src.head {
+                    continue;
+                }
+                let out = self
+                    .promote(PromoteRequest {
+                        actor: Actor::Hub,
+                        from: from.name.clone(),
+                        to: to.name.clone(),
+                        selection: Selection::Units(vec![src.unit.name.clone()]),
+                        revision: None,
+                        dry_run: false,
+                        force: None,
+                        automatic: true,
+                        reader: Role::Admin,
+                    })
+                    .await;
+                // One unit's problem blocks that unit only.
+                match out {
+                    Ok(out) => promoted += usize::from(out.promotion.is_some()),
+                    Err(e) => tracing::warn!(
+                        unit = %t.unit,
+                        error = %ErrorChain(&e),
+                        "automatic promotion of this unit failed"
+                    ),
+                }
+            }
+        }
+        Ok(promoted)
+    }
+
+    /// The automatic-promotion task.
+    pub async fn auto_promote_loop(self: Arc<Self>, interval: Duration, stop: CancellationToken) {
+        loop {
+            tokio::select! {
+                () = stop.cancelled() => return,
+                () = tokio::time::sleep(interval) => {}
+            }
+            // With a shared store, one replica promotes.
+            if !self.store.is_leader().await.unwrap_or(false) {
+                continue;
+            }
+            if let Err(e) = self.auto_promote_once().await {
+                tracing::warn!(error = %ErrorChain(&e), "automatic promotion failed");
+            }
+        }
+    }
+}

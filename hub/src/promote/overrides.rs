@@ -1,0 +1,143 @@
+//! Overrides: dot paths into named documents, re-applied on every
+//! promotion; a change of an overridden field upstream is a conflict,
+//! never guessed.
+
+use super::*;
+
+/// Sets `path` (dot-separated) in a JSON object, creating maps on the way.
+fn set_path(doc: &mut Value, path: &str, value: Value) -> std::result::Result<(), String> {
+    let parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
+    let Some((last, parents)) = parts.split_last() else {
+        return Err("empty path".into());
+    };
+    let mut cur = doc;
+    for p in parents {
+        if !cur.is_object() {
+            return Err(format!("{p} is not a mapping"));
+        }
+        cur = cur
+            .as_object_mut()
+            .expect("object")
+            .entry((*p).to_owned())
+            .or_insert_with(|| Value::Object(Default::default()));
+    }
+    match cur.as_object_mut() {
+        Some(m) => {
+            m.insert((*last).to_owned(), value);
+            Ok(())
+        }
+        None => Err(format!("the parent of {last} is not a mapping")),
+    }
+}
+
+fn get_path<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
+    path.split('.')
+        .filter(|p| !p.is_empty())
+        .try_fold(doc, |cur, p| cur.get(p))
+}
+
+fn find_doc<'a>(docs: &'a mut [Value], o: &Override) -> Option<&'a mut Value> {
+    docs.iter_mut().find(|d| {
+        d["kind"] == o.kind.as_str()
+            && d["metadata"]["name"] == o.name.as_str()
+            && o.namespace
+                .as_ref()
+                .is_none_or(|ns| d["metadata"]["namespace"] == ns.as_str())
+    })
+}
+
+fn parse_docs(text: &str) -> std::result::Result<Vec<Value>, String> {
+    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
+}
+
+/// The upstream content with the downstream overrides applied. Without
+/// overrides the text is kept byte for byte.
+pub fn apply_overrides(unit: &UnitRef, text: &str, overrides: &[Override]) -> Result<String> {
+    if overrides.is_empty() {
+        return Ok(text.to_owned());
+    }
+    let bad = |m: String| HubError::InvalidArgument(format!("unit {unit}: {m}"));
+    let mut docs = parse_docs(text).map_err(bad)?;
+    for o in overrides {
+        let doc = find_doc(&mut docs, o).ok_or_else(|| {
+            bad(format!(
+                "override of {} {} {}: the unit has no such object",
+                o.kind, o.name, o.path
+            ))
+        })?;
+        set_path(doc, &o.path, o.value.clone())
+            .map_err(|m| bad(format!("override {} on {} {}: {m}", o.path, o.kind, o.name)))?;
+    }
+    let parts: Vec<String> = docs
+        .iter()
+        .map(|d| serde_saphyr::to_string(d).unwrap_or_default())
+        .collect();
+    Ok(parts.join("---\n"))
+}
+
+/// Overridden fields that the upstream changed between two revisions.
+pub(super) fn override_conflicts(before: &str, after: &str, overrides: &[Override]) -> Vec<String> {
+    let (Ok(mut b), Ok(mut a)) = (parse_docs(before), parse_docs(after)) else {
+        return vec![];
+    };
+    let mut out = Vec::new();
+    for o in overrides {
+        let old = find_doc(&mut b, o).and_then(|d| get_path(d, &o.path).cloned());
+        let new = find_doc(&mut a, o).and_then(|d| get_path(d, &o.path).cloned());
+        if old != new {
+            let show =
+                |v: &Option<Value>| v.as_ref().map_or("(unset)".to_owned(), Value::to_string);
+            out.push(format!(
+                "{} {} {}: upstream changed it from {} to {}, overridden here as {}",
+                o.kind,
+                o.name,
+                o.path,
+                show(&old),
+                show(&new),
+                o.value
+            ));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn overrides_apply_and_conflicts_are_detected() {
+        let unit: UnitRef = "staging/web".parse().unwrap();
+        let text =
+            "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  replicas: 1\n";
+        let o = Override {
+            kind: "Deployment".into(),
+            name: "web".into(),
+            namespace: None,
+            path: "spec.replicas".into(),
+            value: serde_json::json!(3),
+        };
+        let out = apply_overrides(&unit, text, std::slice::from_ref(&o)).unwrap();
+        assert!(out.contains("replicas: 3"), "{out}");
+        assert_eq!(apply_overrides(&unit, text, &[]).unwrap(), text);
+        let changed = text.replace("replicas: 1", "replicas: 2");
+        assert_eq!(
+            override_conflicts(text, &changed, std::slice::from_ref(&o)).len(),
+            1
+        );
+        assert!(
+            override_conflicts(
+                text,
+                &text.replace("web\n", "web\n  labels: {a: b}\n"),
+                std::slice::from_ref(&o)
+            )
+            .is_empty()
+        );
+        let missing = Override {
+            name: "nope".into(),
+            ..o
+        };
+        assert!(apply_overrides(&unit, text, &[missing]).is_err());
+    }
+}
