@@ -124,6 +124,7 @@ say "audit (latest)"
 
 if [ "${KEEP:-}" = "1" ]; then
   say "running; UNITSYNC_HUB=$UNITSYNC_HUB UNITSYNC_DATA_DIR=$UNITSYNC_DATA_DIR; Ctrl-C stops and cleans up"
+  echo "dashboard: http://127.0.0.1:$HTTP/ui/ (log in with the token in $UNITSYNC_DATA_DIR/admin.token)"
   wait
 fi
 say "done: hub, clusters and agents stopped, $WORK removed"

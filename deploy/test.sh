@@ -63,6 +63,17 @@ if ! command -v docker-registry >/dev/null 2>&1; then
   fi
 fi
 
+# Headless Chromium and its WebDriver for the dashboard's browser tests.
+if ! command -v chromedriver >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ]; then
+    say "installing chromium and chromium-driver (Debian) for the dashboard's browser tests"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+  else
+    echo "note: chromedriver is missing and this is not root: the dashboard browser tests will fail" >&2
+  fi
+fi
+
 say "format"
 cargo fmt --all -- --check
 

@@ -208,6 +208,8 @@ pub enum HubEvent {
         cluster: String,
         environment: String,
     },
+    /// A session the hub welcomed ended; the agent reconnects.
+    Disconnected,
     /// A new desired revision or tombstone, already recorded and acked.
     Desired(DesiredUnit),
     Notice(String),
@@ -368,6 +370,7 @@ impl HubClient {
             // milliseconds, not seconds).
             if welcomed {
                 backoff.reset();
+                let _ = self.events.send(HubEvent::Disconnected);
             }
             let delay = backoff.next_delay();
             match &result {

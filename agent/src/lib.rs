@@ -16,6 +16,7 @@ pub mod health;
 pub mod hub_client;
 pub mod inventory;
 pub mod manifest;
+pub mod metrics;
 pub mod reconcile;
 pub mod status;
 
@@ -28,6 +29,7 @@ use crate::config::{AgentConfig, KubeTarget};
 use crate::desired::{DesiredStore, FileStore};
 use crate::hub_client::{HubClient, HubEvent, StatusQueue};
 use crate::inventory::InventoryStore;
+use crate::metrics::AgentMetrics;
 use crate::reconcile::Reconciler;
 
 #[derive(Debug, thiserror::Error)]
@@ -84,6 +86,7 @@ pub async fn kube_client(target: &KubeTarget) -> Result<kube::Client, RunError> 
 async fn serve_health(
     addr: std::net::SocketAddr,
     ready: Arc<std::sync::atomic::AtomicBool>,
+    metrics: Arc<AgentMetrics>,
     stop: CancellationToken,
 ) -> Result<(), RunError> {
     use axum::http::StatusCode;
@@ -107,6 +110,21 @@ async fn serve_health(
                     }
                 }
             }),
+        )
+        .route(
+            "/metrics",
+            axum::routing::get(move || {
+                let metrics = metrics.clone();
+                async move {
+                    (
+                        [(
+                            axum::http::header::CONTENT_TYPE,
+                            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                        )],
+                        metrics.encode(),
+                    )
+                }
+            }),
         );
     tokio::spawn(async move {
         let _ = axum::serve(listener, app)
@@ -121,8 +139,9 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     config.validate()?;
     let client = kube_client(&config.kube).await?;
     let ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let metrics = Arc::new(AgentMetrics::new());
     if let Some(addr) = config.health_listen {
-        serve_health(addr, ready.clone(), shutdown.clone()).await?;
+        serve_health(addr, ready.clone(), metrics.clone(), shutdown.clone()).await?;
     }
     std::fs::create_dir_all(&config.state_dir).map_err(|e| {
         RunError::Record(desired::RecordError::Write {
@@ -157,12 +176,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let statuses = Arc::new(StatusQueue::default());
     let reconciler = Reconciler::new(
-        applier,
-        inventory,
-        desired.clone(),
-        statuses.clone(),
-        config.tuning.clone(),
-        config.allowed_namespaces.clone(),
+        reconcile::Parts {
+            applier,
+            inventory,
+            desired: desired.clone(),
+            statuses: statuses.clone(),
+            tuning: config.tuning.clone(),
+            allowed_namespaces: config.allowed_namespaces.clone(),
+            metrics: metrics.clone(),
+        },
         shutdown.clone(),
     );
     // Keep enforcing what was recorded, whether or not the hub answers.
@@ -192,10 +214,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
                         environment,
                     } => {
                         tracing::info!(%cluster, %environment, "connected to the hub");
+                        metrics.hub_connected.set(1);
+                        metrics.hub_sessions.inc();
                         // Whatever a previous session recorded is applied.
                         reconciler.sync_with_record();
                     }
                     // hub_client logs notices.
+                    HubEvent::Disconnected => {
+                        metrics.hub_connected.set(0);
+                    }
                     HubEvent::Notice(_) => {}
                 }
             }

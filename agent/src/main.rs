@@ -72,7 +72,8 @@ struct Args {
     /// Largest share of a unit's objects one revision may prune.
     #[arg(long, default_value_t = 0.5)]
     max_prune_ratio: f64,
-    /// Serve /healthz and /readyz on this address (for probes).
+    /// Serve /healthz, /readyz (probes) and /metrics (Prometheus) on this
+    /// address.
     #[arg(long, env = "UNITSYNC_AGENT_HEALTH_LISTEN")]
     health_listen: Option<std::net::SocketAddr>,
     /// Seconds between HTTP/2 pings to the hub; a connection whose ping goes

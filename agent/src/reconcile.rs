@@ -30,6 +30,7 @@ use crate::health::{self, Health};
 use crate::hub_client::{ResourceReport, StatusQueue, StatusUpdate};
 use crate::inventory::{Entry, Inventory, InventoryError, InventoryStore};
 use crate::manifest::{self, ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE, Object};
+use crate::metrics::AgentMetrics;
 
 /// Tuning of the reconcile loop.
 #[derive(Clone, Debug)]
@@ -78,6 +79,7 @@ pub struct Reconciler {
     /// `Some(reason)` while the API server does not answer.
     api_down: watch::Receiver<Option<String>>,
     allowed_namespaces: Vec<String>,
+    metrics: Arc<AgentMetrics>,
     shutdown: CancellationToken,
 }
 
@@ -105,6 +107,20 @@ enum Pass {
 }
 
 impl Pass {
+    /// The pass's result, as the metrics label it.
+    fn result(&self, tombstone: bool) -> &'static str {
+        match self {
+            Pass::Done { .. } if tombstone => "destroyed",
+            Pass::Done { .. } => "applied",
+            Pass::Superseded => "superseded",
+            Pass::Failed {
+                phase: Phase::Unknown,
+                ..
+            } => "unknown",
+            Pass::Failed { .. } => "failed",
+        }
+    }
+
     fn failed(phase: Phase, message: impl Into<String>) -> Pass {
         Pass::Failed {
             phase,
@@ -262,16 +278,31 @@ pub fn plan(
     })
 }
 
+/// What a [`Reconciler`] works with.
+pub struct Parts {
+    pub applier: Arc<Applier>,
+    pub inventory: InventoryStore,
+    /// The durable record of desired revisions.
+    pub desired: Arc<dyn DesiredStore>,
+    /// Where status for the hub goes.
+    pub statuses: Arc<StatusQueue>,
+    pub tuning: Tuning,
+    /// Namespaces objects may be in (empty: any).
+    pub allowed_namespaces: Vec<String>,
+    pub metrics: Arc<AgentMetrics>,
+}
+
 impl Reconciler {
-    pub fn new(
-        applier: Arc<Applier>,
-        inventory: InventoryStore,
-        desired: Arc<dyn DesiredStore>,
-        statuses: Arc<StatusQueue>,
-        tuning: Tuning,
-        allowed_namespaces: Vec<String>,
-        shutdown: CancellationToken,
-    ) -> Arc<Reconciler> {
+    pub fn new(parts: Parts, shutdown: CancellationToken) -> Arc<Reconciler> {
+        let Parts {
+            applier,
+            inventory,
+            desired,
+            statuses,
+            tuning,
+            allowed_namespaces,
+            metrics,
+        } = parts;
         let (down_tx, api_down) = watch::channel(None);
         tokio::spawn(probe_api(
             applier.client().clone(),
@@ -294,6 +325,7 @@ impl Reconciler {
             workers: Mutex::default(),
             api_down,
             allowed_namespaces,
+            metrics,
             shutdown,
         })
     }
@@ -316,6 +348,7 @@ impl Reconciler {
         let name = unit.unit.clone();
         let (tx, rx) = watch::channel(unit);
         workers.insert(name.clone(), tx);
+        self.metrics.units.set(workers.len() as i64);
         tokio::spawn(self.clone().worker(name, rx));
     }
 
@@ -354,11 +387,14 @@ impl Reconciler {
                 return;
             }
             tracing::debug!(unit = %unit.unit, revision = unit.revision, tombstone = unit.tombstone, "pass");
+            let started = Instant::now();
             let pass = if unit.tombstone {
                 self.destroy(&unit, &rx).await
             } else {
                 self.apply(&unit, &rx, &mut waiting_since).await
             };
+            self.metrics
+                .pass(pass.result(unit.tombstone), started.elapsed());
             let (healable, retry_at) = match pass {
                 Pass::Superseded if self.shutdown.is_cancelled() => return,
                 Pass::Superseded => {
@@ -376,10 +412,14 @@ impl Reconciler {
                         tracing::warn!(unit = %name, error = %e, "cannot forget a destroyed unit");
                     }
                     self.drift.forget(&name);
-                    self.workers
-                        .lock()
-                        .unwrap_or_else(std::sync::PoisonError::into_inner)
-                        .remove(&name);
+                    {
+                        let mut workers = self
+                            .workers
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner);
+                        workers.remove(&name);
+                        self.metrics.units.set(workers.len() as i64);
+                    }
                     // A new revision may have raced the removal: serve it.
                     if rx.has_changed().unwrap_or(false) {
                         let next = rx.borrow().clone();
@@ -1011,6 +1051,8 @@ impl Reconciler {
         if !messages.is_empty() {
             tracing::warn!(unit = %unit.unit, drift = %messages.join("; "), healed, "drift");
         }
+        self.metrics.drift_detected.inc_by(messages.len() as u64);
+        self.metrics.drift_healed.inc_by(healed as u64);
         Drift {
             messages,
             reports,

@@ -122,12 +122,16 @@ pub struct ServeArgs {
     /// gRPC listen address.
     #[arg(long, env = crate::config::ENV_LISTEN, default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
-    /// HTTP address for /healthz, /readyz and /metrics.
+    /// HTTP address for /healthz, /readyz, /metrics and the dashboard (/ui/).
     #[arg(long, env = crate::config::ENV_HTTP_LISTEN, default_value = "127.0.0.1:7080")]
     pub http_listen: SocketAddr,
     /// Disable the HTTP endpoints.
     #[arg(long)]
     pub no_http: bool,
+    /// Serve the HTTP address over TLS with the hub's certificate (the
+    /// dashboard's cookie is then `Secure`; probes must use HTTPS).
+    #[arg(long, env = "UNITSYNC_HTTP_TLS", conflicts_with = "insecure_plaintext")]
+    pub http_tls: bool,
     /// Directory for the SQLite store and the admin token.
     #[arg(long, env = crate::config::ENV_DATA_DIR, default_value = DEFAULT_DATA_DIR)]
     pub data_dir: PathBuf,
@@ -297,6 +301,7 @@ impl ServeArgs {
         Ok(crate::Config {
             listen: self.listen,
             http_listen: (!self.no_http).then_some(self.http_listen),
+            http_tls: self.http_tls,
             data_dir: self.data_dir.clone(),
             database_url: self.database_url.clone(),
             tls,

@@ -17,8 +17,11 @@ pub const ENV_DATA_DIR: &str = "UNITSYNC_DATA_DIR";
 pub struct Config {
     /// gRPC address (agents and operators).
     pub listen: SocketAddr,
-    /// HTTP address for `/healthz`, `/readyz` and `/metrics`; none disables it.
+    /// HTTP address for `/healthz`, `/readyz`, `/metrics` and the
+    /// dashboard (`/ui/`); none disables it.
     pub http_listen: Option<SocketAddr>,
+    /// Serve the HTTP address over TLS with the hub's certificate.
+    pub http_tls: bool,
     /// Holds `hub.db` (SQLite) and `admin.token`.
     pub data_dir: PathBuf,
     /// `postgres://…` to share a PostgreSQL database between hub replicas;
@@ -35,6 +38,7 @@ impl std::fmt::Debug for Config {
         f.debug_struct("Config")
             .field("listen", &self.listen)
             .field("http_listen", &self.http_listen)
+            .field("http_tls", &self.http_tls)
             .field("data_dir", &self.data_dir)
             .field(
                 "database_url",
@@ -91,6 +95,12 @@ impl Config {
         if self.tuning.heartbeat.is_zero() {
             return Err(ConfigError::Invalid(
                 "heartbeat interval must be positive".into(),
+            ));
+        }
+        if self.http_tls && matches!(self.tls, crate::tls::TlsMode::Plaintext) {
+            return Err(ConfigError::Invalid(
+                "--http-tls serves the hub's certificate; it cannot go with --insecure-plaintext"
+                    .into(),
             ));
         }
         if self.tuning.max_sessions == 0 {
@@ -151,6 +161,7 @@ mod tests {
         let config = Config {
             listen: "127.0.0.1:7443".parse().unwrap(),
             http_listen: None,
+            http_tls: false,
             data_dir: "/data".into(),
             database_url: Some("postgres://hub:s3cret-pw@db:5432/unitsync?password=also".into()),
             tls: crate::tls::TlsMode::Plaintext,
@@ -173,6 +184,7 @@ mod tests {
         let with_url = |url: &str| Config {
             listen: "127.0.0.1:7443".parse().unwrap(),
             http_listen: None,
+            http_tls: false,
             data_dir: "/data".into(),
             database_url: None,
             tls: crate::tls::TlsMode::Plaintext,

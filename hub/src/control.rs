@@ -649,6 +649,13 @@ impl Hub {
         Ok(self.store.set_overrides(&unit, &overrides, audit).await?)
     }
 
+    pub async fn get_promotion(&self, id: u64) -> Result<Promotion> {
+        self.store
+            .get_promotion(id)
+            .await?
+            .ok_or_else(|| HubError::NotFound(format!("promotion {id}")))
+    }
+
     pub async fn list_promotions(&self, limit: u32) -> Result<Vec<Promotion>> {
         Ok(self.store.list_promotions(limit).await?)
     }

@@ -63,6 +63,8 @@ struct MailboxState {
     pending: BTreeMap<UnitName, Arc<Delivery>>,
     /// Last revision written to the stream per unit, with its commit time.
     sent: HashMap<UnitName, (RevisionNum, Instant)>,
+    /// Sent revisions not yet reported Ready, with their commit time.
+    awaiting_ready: HashMap<UnitName, (RevisionNum, Instant)>,
     /// Units of the cluster's environment this session knows about.
     assigned: HashSet<UnitName>,
 }
@@ -137,9 +139,28 @@ impl Mailbox {
 
     /// Records that `d` was written to the stream.
     pub fn mark_sent(&self, d: &Delivery) {
-        self.lock()
-            .sent
-            .insert(d.unit.clone(), (d.revision, d.committed));
+        let mut s = self.lock();
+        s.sent.insert(d.unit.clone(), (d.revision, d.committed));
+        if d.tombstone {
+            s.awaiting_ready.remove(&d.unit);
+        } else {
+            s.awaiting_ready
+                .insert(d.unit.clone(), (d.revision, d.committed));
+        }
+    }
+
+    /// The first Ready report of a sent revision: its commit instant (later
+    /// reports, and reports of other revisions, give `None`).
+    pub fn ready(&self, unit: &UnitName, revision: RevisionNum) -> Option<Instant> {
+        let mut s = self.lock();
+        match s.awaiting_ready.get(unit) {
+            Some((r, at)) if *r == revision => {
+                let at = *at;
+                s.awaiting_ready.remove(unit);
+                Some(at)
+            }
+            _ => None,
+        }
     }
 
     /// Matches an ack against what was sent; returns the commit instant of

@@ -21,7 +21,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::ErrorChain;
 use crate::events::{Events, HubEvent};
 use crate::model::{ClusterName, RevisionNum, StatusReport, UnitRef};
-use crate::store::{Ack, Store};
+use crate::store::{Ack, Seen, Store};
 
 type Key = (ClusterName, UnitRef);
 
@@ -29,6 +29,7 @@ type Key = (ClusterName, UnitRef);
 struct Pending {
     acks: HashMap<Key, RevisionNum>,
     statuses: HashMap<Key, StatusReport>,
+    seen: HashMap<ClusterName, Seen>,
 }
 
 /// Coalescing buffer between agent sessions and the store.
@@ -68,6 +69,18 @@ impl Feedback {
         *e = (*e).max(revision);
     }
 
+    /// Records that a cluster's agent opened or closed a session (written
+    /// with the acks).
+    pub fn seen(&self, seen: Seen) {
+        let mut p = self.lock();
+        match p.seen.get(&seen.cluster) {
+            Some(old) if old.at > seen.at => {}
+            _ => {
+                p.seen.insert(seen.cluster.clone(), seen);
+            }
+        }
+    }
+
     pub fn status(&self, report: StatusReport) {
         let key = (report.cluster.clone(), report.unit.clone());
         let mut p = self.lock();
@@ -85,15 +98,16 @@ impl Feedback {
     /// entries are kept for the next attempt (newer feedback recorded
     /// meanwhile wins).
     pub async fn flush(&self, store: &dyn Store, with_acks: bool) -> bool {
-        let (acks, statuses) = {
+        let (acks, seen, statuses) = {
             let mut p = self.lock();
-            let acks = if with_acks {
-                std::mem::take(&mut p.acks)
+            let (acks, seen) = if with_acks {
+                (std::mem::take(&mut p.acks), std::mem::take(&mut p.seen))
             } else {
-                HashMap::new()
+                (HashMap::new(), HashMap::new())
             };
-            (acks, std::mem::take(&mut p.statuses))
+            (acks, seen, std::mem::take(&mut p.statuses))
         };
+        let seen: Vec<Seen> = seen.into_values().collect();
         let statuses: Vec<StatusReport> = statuses.into_values().collect();
         let acks: Vec<Ack> = acks
             .into_iter()
@@ -124,12 +138,25 @@ impl Feedback {
                 written_acks += chunk.len();
             }
         }
+        let mut written_seen = 0;
+        if failed.is_none() {
+            for chunk in seen.chunks(CHUNK) {
+                if let Err(e) = store.record_seen(chunk).await {
+                    failed = Some(e);
+                    break;
+                }
+                written_seen += chunk.len();
+            }
+        }
         let Some(e) = failed else { return true };
         tracing::warn!(error = %ErrorChain(&e), "recording agent feedback failed; will retry");
         let mut p = self.lock();
         for a in acks.into_iter().skip(written_acks) {
             let e = p.acks.entry((a.cluster, a.unit)).or_default();
             *e = (*e).max(a.revision);
+        }
+        for s in seen.into_iter().skip(written_seen) {
+            p.seen.entry(s.cluster.clone()).or_insert(s);
         }
         for r in statuses.into_iter().skip(written_statuses) {
             p.statuses

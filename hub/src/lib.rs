@@ -22,6 +22,7 @@ pub mod server;
 pub mod source;
 pub mod store;
 pub mod tls;
+pub mod ui;
 
 pub use config::Config;
 pub use server::{RunningHub, start};

@@ -1,4 +1,8 @@
-//! Prometheus metrics of the hub (served at `/metrics`).
+//! Prometheus metrics of the hub (served at `/metrics`), and latency
+//! histograms whose buckets the dashboard reads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::text::encode;
@@ -16,7 +20,10 @@ pub struct Metrics {
     pub updates_sent: Counter,
     pub deliveries: Counter,
     pub coalesced_updates: Counter,
-    pub delivery_latency: Histogram,
+    /// Commit to the agent's acknowledgement.
+    pub delivery_latency: Latency,
+    /// Commit to the first Ready report of that revision.
+    pub ready_latency: Latency,
     pub status_reports: Counter,
     pub sessions_refused: Counter,
     /// 1 while the ConfigHub worker holds its lease or stream.
@@ -68,10 +75,8 @@ impl Metrics {
         let coalesced_updates = Counter::default();
         let status_reports = Counter::default();
         let sessions_refused = Counter::default();
-        // 0.5 ms .. ~65 s.
-        let delivery_latency = Histogram::new(
-            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 18),
-        );
+        let delivery_latency = Latency::new();
+        let ready_latency = Latency::new();
         registry.register(
             "connected_agents",
             "Agent sessions currently open",
@@ -100,7 +105,12 @@ impl Metrics {
         registry.register(
             "delivery_latency_seconds",
             "Time from commit to the agent's acknowledgement",
-            delivery_latency.clone(),
+            delivery_latency.histogram.clone(),
+        );
+        registry.register(
+            "ready_latency_seconds",
+            "Time from commit to the first Ready report of the revision, per cluster",
+            ready_latency.histogram.clone(),
         );
         registry.register(
             "status_reports",
@@ -162,6 +172,7 @@ impl Metrics {
             deliveries,
             coalesced_updates,
             delivery_latency,
+            ready_latency,
             status_reports,
             sessions_refused,
         }
@@ -173,5 +184,118 @@ impl Metrics {
         // Writing into a String cannot fail.
         let _ = encode(&mut out, &self.registry);
         out
+    }
+}
+
+/// A latency histogram (seconds) exported to Prometheus whose buckets can
+/// also be read here: 0.5 ms to ~65 s, doubling.
+#[derive(Clone)]
+pub struct Latency {
+    histogram: Histogram,
+    bounds: Arc<[f64]>,
+    /// Per bucket (not cumulative); the last one is everything above.
+    counts: Arc<[AtomicU64]>,
+}
+
+impl Default for Latency {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Latency {
+    pub fn new() -> Latency {
+        let bounds: Arc<[f64]> =
+            prometheus_client::metrics::histogram::exponential_buckets(0.0005, 2.0, 18).collect();
+        Latency {
+            histogram: Histogram::new(bounds.iter().copied()),
+            counts: (0..=bounds.len()).map(|_| AtomicU64::new(0)).collect(),
+            bounds,
+        }
+    }
+
+    pub fn observe(&self, seconds: f64) {
+        self.histogram.observe(seconds);
+        let i = self.bounds.partition_point(|b| *b < seconds);
+        self.counts[i].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The buckets as they are now.
+    pub fn snapshot(&self) -> LatencySnapshot {
+        LatencySnapshot {
+            buckets: self
+                .bounds
+                .iter()
+                .copied()
+                .map(Some)
+                .chain([None])
+                .zip(self.counts.iter().map(|c| c.load(Ordering::Relaxed)))
+                .collect(),
+        }
+    }
+}
+
+/// Observations per bucket: `(upper bound in seconds, count)`, the last
+/// bucket unbounded (`None`).
+#[derive(Clone, Debug, PartialEq)]
+pub struct LatencySnapshot {
+    pub buckets: Vec<(Option<f64>, u64)>,
+}
+
+impl LatencySnapshot {
+    pub fn count(&self) -> u64 {
+        self.buckets.iter().map(|(_, n)| n).sum()
+    }
+
+    /// The `q` quantile, interpolated within its bucket as Prometheus'
+    /// `histogram_quantile` does; `None` without observations. Above the
+    /// last bound it is that bound (the estimate cannot say more).
+    pub fn quantile(&self, q: f64) -> Option<f64> {
+        let total = self.count();
+        if total == 0 {
+            return None;
+        }
+        let rank = q.clamp(0.0, 1.0) * total as f64;
+        let mut below = 0u64;
+        let mut lower = 0.0;
+        for (upper, n) in &self.buckets {
+            let Some(upper) = *upper else {
+                return Some(lower);
+            };
+            if n > &0 && (below + n) as f64 >= rank {
+                let within = (rank - below as f64) / *n as f64;
+                return Some(lower + (upper - lower) * within);
+            }
+            below += n;
+            lower = upper;
+        }
+        Some(lower)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn latency_buckets_and_quantiles() {
+        let l = Latency::new();
+        assert_eq!(l.snapshot().quantile(0.5), None);
+        for _ in 0..90 {
+            l.observe(0.003); // (0.002, 0.004]
+        }
+        for _ in 0..10 {
+            l.observe(0.1); // (0.064, 0.128]
+        }
+        l.observe(1_000.0); // above every bound
+        let s = l.snapshot();
+        assert_eq!(s.count(), 101);
+        let p50 = s.quantile(0.5).unwrap();
+        assert!((0.002..=0.004).contains(&p50), "{p50}");
+        let p95 = s.quantile(0.95).unwrap();
+        assert!((0.064..=0.128).contains(&p95), "{p95}");
+        assert_eq!(s.quantile(1.0), Some(0.0005 * 2f64.powi(17)));
+        // The Prometheus side saw the same observations.
+        assert!(Metrics::new().encode().contains("ready_latency_seconds"));
     }
 }

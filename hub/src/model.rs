@@ -334,6 +334,14 @@ pub struct Cluster {
     pub environment: EnvName,
     pub labels: Labels,
     pub created_at: UnixMillis,
+    /// Every credential revoked, for good.
+    pub revoked: bool,
+    /// When its agent last opened or closed a session (0: never).
+    pub last_seen: UnixMillis,
+    /// The agent version of that session.
+    pub agent_version: String,
+    /// When its newest client certificate expires (none issued: `None`).
+    pub cert_expires: Option<UnixMillis>,
 }
 
 #[derive(Clone, Debug, PartialEq)]
@@ -349,7 +357,7 @@ pub struct Unit {
     pub overrides: Vec<Override>,
     /// The upstream revision the head came from (0: not promoted).
     pub head_source: RevisionNum,
-    /// The source that owns the unit (`confighub:SPACE/UNIT`, `oci:NAME`);
+    /// The source that owns the unit (`confighub:SPACE`, `oci:NAME`);
     /// empty for the hub's own units. Other writers are refused.
     pub source: String,
 }
@@ -468,7 +476,7 @@ impl NewRevision {
 }
 
 /// What an agent reported about one of its units.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Default, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Default, Serialize)]
 pub enum Phase {
     #[default]
     Unknown,

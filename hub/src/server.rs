@@ -251,13 +251,14 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     }
 
     if let Some(listener) = http_listener {
-        let router = crate::http::router(hub.clone());
+        let https = match (&tls, config.http_tls) {
+            (Some(t), true) => Some(t.https_config()?),
+            _ => None,
+        };
+        let app = crate::http::app(hub.clone(), https.is_some(), shutdown.clone());
         let stop = shutdown.clone();
         tokio::spawn(async move {
-            let served = axum::serve(listener, router)
-                .with_graceful_shutdown(async move { stop.cancelled().await })
-                .await;
-            if let Err(e) = served {
+            if let Err(e) = crate::http::serve(listener, app, https, stop).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });

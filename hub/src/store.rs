@@ -89,6 +89,14 @@ impl Page {
     };
 }
 
+/// An agent session opened or closed: when, and with which agent version.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Seen {
+    pub cluster: ClusterName,
+    pub agent_version: String,
+    pub at: crate::model::UnixMillis,
+}
+
 /// One acknowledged receipt: the cluster's agent recorded this revision
 /// durably (batched by the hub's feedback writer).
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -194,6 +202,8 @@ pub trait Store: Send + Sync + 'static {
     async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()>;
     /// Records the latest status per (cluster, unit).
     async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()>;
+    /// Records when agents were last seen (never moves a cluster's time back).
+    async fn record_seen(&self, seen: &[Seen]) -> StoreResult<()>;
     /// Status rows for an environment (all when `None`), optionally one
     /// unit, ordered by environment, unit and cluster; a page of them.
     async fn statuses(

@@ -40,6 +40,32 @@ pub enum TlsError {
     },
     #[error("cannot create certificates")]
     Certificate(#[source] rcgen::Error),
+    #[error("the server certificate or key is not usable for HTTPS: {0}")]
+    Https(String),
+}
+
+impl ServerTls {
+    /// A rustls configuration serving this certificate over HTTPS (HTTP/2
+    /// and HTTP/1.1), for the dashboard and probes with `--http-tls`.
+    pub fn https_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        use rustls::pki_types::pem::PemObject;
+        use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+        let bad = |e: &dyn std::fmt::Display| TlsError::Https(e.to_string());
+        let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| bad(&e))?;
+        let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(&e))?;
+        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| bad(&e))?
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .map_err(|e| bad(&e))?;
+        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        Ok(std::sync::Arc::new(config))
+    }
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> TlsError + '_ {

@@ -625,3 +625,64 @@ async fn a_cluster_scoped_object_naming_a_namespace_is_applied_and_kept() {
         "updated in place, still there"
     );
 }
+
+#[tokio::test]
+async fn agent_metrics_count_passes_drift_and_the_session() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", unitsync_tests::processes::free_port())
+            .parse()
+            .unwrap();
+    cluster.config.health_listen = Some(addr);
+    cluster.start_agent();
+    let metrics = || async move {
+        unitsync_tests::processes::http_get(addr, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default()
+    };
+    until("agent connected", || async {
+        metrics().await.contains("unitsync_agent_hub_connected 1")
+    })
+    .await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    drift_web_config(&cluster).await;
+    until_web_config_healed(&cluster, "healed").await;
+    until("passes and healed drift counted", || async {
+        let m = metrics().await;
+        sample(&m, "unitsync_agent_passes_total{result=\"applied\"}") >= 1.0
+            && sample(&m, "unitsync_agent_drift_healed_total") >= 1.0
+    })
+    .await;
+    let m = metrics().await;
+    assert_eq!(sample(&m, "unitsync_agent_units"), 1.0, "{m}");
+    assert_eq!(sample(&m, "unitsync_agent_hub_sessions_total"), 1.0, "{m}");
+    assert_eq!(
+        sample(
+            &m,
+            "unitsync_agent_pass_duration_seconds_count{result=\"applied\"}"
+        ),
+        sample(&m, "unitsync_agent_passes_total{result=\"applied\"}"),
+        "{m}"
+    );
+    assert!(
+        sample(&m, "unitsync_agent_drift_detected_total") >= 1.0,
+        "{m}"
+    );
+    assert_eq!(
+        sample(&m, "unitsync_agent_passes_total{result=\"failed\"}"),
+        0.0,
+        "{m}"
+    );
+}
+
+/// A sample's value in a Prometheus text exposition (0 when absent).
+fn sample(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
+}

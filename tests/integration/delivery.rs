@@ -300,3 +300,68 @@ async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     })
     .await
 }
+
+async fn cluster(hub: &TestHub, name: &str) -> pb::Cluster {
+    within(
+        "get cluster",
+        hub.admin()
+            .await
+            .get_cluster(pb::GetClusterRequest { name: name.into() }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+}
+
+#[tokio::test]
+async fn clusters_remember_their_last_agent_session_and_credentials() {
+    let (mut hub, token) = hub_with_cluster().await;
+    let fresh = cluster(&hub, "dev-1").await;
+    assert!(fresh.last_seen.is_none() && fresh.agent_version.is_empty());
+    assert!(!fresh.revoked && fresh.certificate_expires.is_none());
+
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    agent.start();
+    until("connected", || async {
+        cluster(&hub, "dev-1").await.connected
+    })
+    .await;
+    agent.stop().await;
+    until("disconnected and seen", || async {
+        let c = cluster(&hub, "dev-1").await;
+        !c.connected && c.last_seen.is_some()
+    })
+    .await;
+    let seen = cluster(&hub, "dev-1").await.last_seen;
+    // Durable: a restarted hub still knows when and which agent.
+    hub.restart().await;
+    let after = cluster(&hub, "dev-1").await;
+    assert_eq!(after.last_seen, seen);
+    assert_eq!(after.agent_version, "sim");
+
+    within(
+        "issue certificate",
+        hub.admin()
+            .await
+            .issue_cluster_certificate(pb::IssueClusterCertificateRequest {
+                name: "dev-1".into(),
+                ..Default::default()
+            }),
+    )
+    .await
+    .unwrap();
+    let expires = cluster(&hub, "dev-1")
+        .await
+        .certificate_expires
+        .expect("expiry");
+    assert!(expires.seconds > seen.unwrap().seconds);
+    within(
+        "revoke",
+        hub.admin().await.revoke_cluster(pb::RevokeClusterRequest {
+            name: "dev-1".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(cluster(&hub, "dev-1").await.revoked);
+}

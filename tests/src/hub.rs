@@ -155,6 +155,7 @@ impl TestHub {
         let config = Config {
             listen,
             http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_tls: false,
             data_dir: dir.path().join("data"),
             database_url,
             tls: unitsync_hub::tls::TlsMode::Generated {

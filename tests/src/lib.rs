@@ -8,6 +8,7 @@
 //! ([`fault_proxy`]), a fleet of them
 //! ([`fleet`]) and the history checker ([`history`]).
 
+pub mod browser;
 pub mod cluster;
 pub mod confighub_sim;
 pub mod fault_proxy;

@@ -127,6 +127,7 @@ impl SimAgent {
                         HubEvent::Connected { .. } => {
                             connections.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
                         }
+                        HubEvent::Disconnected => {}
                     }
                 }
             };

@@ -228,7 +228,11 @@ impl Install {
                 "strategy": {"type": "Recreate"},
                 "selector": {"matchLabels": {"app.kubernetes.io/name": "unitsync-agent", "app.kubernetes.io/instance": self.cluster}},
                 "template": {
-                    "metadata": {"labels": self.labels()},
+                    "metadata": {
+                        "labels": self.labels(),
+                        // /metrics beside the probes.
+                        "annotations": {"prometheus.io/scrape": "true", "prometheus.io/port": "8080", "prometheus.io/path": "/metrics"}
+                    },
                     "spec": {
                         "serviceAccountName": "unitsync-agent",
                         "securityContext": {

@@ -54,6 +54,10 @@ pub(super) struct ClusterView {
     pub labels: BTreeMap<String, String>,
     pub connected: bool,
     pub agent_version: String,
+    /// Now while connected, else when the last session closed.
+    pub last_seen: String,
+    pub revoked: bool,
+    pub certificate_expires: String,
     pub created: String,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
@@ -67,6 +71,9 @@ impl From<&pb::Cluster> for ClusterView {
             labels: c.labels.clone().into_iter().collect(),
             connected: c.connected,
             agent_version: c.agent_version.clone(),
+            last_seen: time(c.last_seen.as_ref()),
+            revoked: c.revoked,
+            certificate_expires: time(c.certificate_expires.as_ref()),
             created: time(c.created_at.as_ref()),
             token: None,
         }

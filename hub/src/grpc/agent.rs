@@ -151,6 +151,11 @@ impl pb::agent_service_server::AgentService for AgentService {
             }
         };
         hub.metrics.connected_agents.inc();
+        hub.feedback.seen(crate::store::Seen {
+            cluster: cluster.name.clone(),
+            agent_version: hello.agent_version.clone(),
+            at: UnixMillis::now(),
+        });
         hub.events.send(crate::events::HubEvent::Session {
             cluster: cluster.name.clone(),
             env: cluster.environment.clone(),
@@ -401,6 +406,11 @@ async fn receive_loop(
     conn.kick.cancel();
     hub.fanout.unregister(&conn);
     hub.metrics.connected_agents.dec();
+    hub.feedback.seen(crate::store::Seen {
+        cluster: cluster.name.clone(),
+        agent_version: conn.agent_version.clone(),
+        at: UnixMillis::now(),
+    });
     hub.events.send(crate::events::HubEvent::Session {
         cluster: cluster.name.clone(),
         env: cluster.environment.clone(),
@@ -468,6 +478,14 @@ fn on_status(
         let _ = tx.try_send(Ok(notice(unknown_unit(&s.unit))));
         return;
     };
+    let phase = convert::phase_from_pb(s.phase);
+    if phase == crate::model::Phase::Ready
+        && let Some(committed) = conn.mailbox.ready(&name, RevisionNum(s.revision))
+    {
+        hub.metrics
+            .ready_latency
+            .observe(committed.elapsed().as_secs_f64());
+    }
     let report = StatusReport {
         cluster: cluster.name.clone(),
         unit: UnitRef {
@@ -475,7 +493,7 @@ fn on_status(
             name,
         },
         revision: RevisionNum(s.revision),
-        phase: convert::phase_from_pb(s.phase),
+        phase,
         message: s.message,
         resources: s
             .resources

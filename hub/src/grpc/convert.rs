@@ -142,8 +142,17 @@ pub fn cluster(c: &Cluster, session: Option<&AgentConn>) -> pb::Cluster {
         labels: c.labels.clone().into_iter().collect(),
         created_at: timestamp(c.created_at),
         connected: session.is_some(),
-        last_seen: session.and_then(|s| timestamp(s.connected_at)),
-        agent_version: session.map(|s| s.agent_version.clone()).unwrap_or_default(),
+        last_seen: match session {
+            Some(_) => timestamp(UnixMillis::now()),
+            None if c.last_seen.0 > 0 => timestamp(c.last_seen),
+            None => None,
+        },
+        agent_version: match session {
+            Some(s) => s.agent_version.clone(),
+            None => c.agent_version.clone(),
+        },
+        revoked: c.revoked,
+        certificate_expires: c.cert_expires.and_then(timestamp),
     }
 }
 

@@ -21,6 +21,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_promotion.sql"),
     include_str!("../../migrations/0003_cluster_certificates.sql"),
     include_str!("../../migrations/0004_sources.sql"),
+    include_str!("../../migrations/0005_cluster_seen.sql"),
 ];
 
 /// PostgreSQL migrations (version tracked in `schema_version`). The same
@@ -28,6 +29,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
 const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_schema.sql"),
     include_str!("../../migrations/postgres/0002_sources.sql"),
+    include_str!("../../migrations/postgres/0003_cluster_seen.sql"),
 ];
 
 /// The channel commits are announced on (PostgreSQL).

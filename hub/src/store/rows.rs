@@ -94,6 +94,10 @@ pub(super) fn cluster(row: &impl Columns) -> StoreResult<Cluster> {
         environment: parse(&row.text("environment")?, "environment name")?,
         labels: parse_labels(&row.text("labels")?)?,
         created_at: UnixMillis(row.int("created_at")?),
+        revoked: row.int("revoked")? != 0,
+        last_seen: UnixMillis(row.int("last_seen")?),
+        agent_version: row.text("agent_version")?,
+        cert_expires: Some(UnixMillis(row.int("cert_expires")?)).filter(|t| t.0 > 0),
     })
 }
 

@@ -19,7 +19,7 @@ use sqlx::{AnyConnection, AnyPool};
 use super::backend::{self, Backend, CHANNEL, LEADER_LOCK};
 use super::rows::{self, Columns, ENV_COLUMNS, corrupt, db, is_unique_violation, labels_json, num};
 use super::{
-    Ack, Announcement, NewPromotion, Operator, Page, RevisionStream, Store, StoreError,
+    Ack, Announcement, NewPromotion, Operator, Page, RevisionStream, Seen, Store, StoreError,
     StoreResult, TokenHash,
 };
 use crate::model::{
@@ -374,6 +374,10 @@ fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreErr
     ))
 }
 
+/// A cluster row (`c`) with its newest certificate's expiry.
+const CLUSTER_COLUMNS: &str = "c.name, c.environment, c.labels, c.created_at, c.revoked, c.last_seen, c.agent_version,
+                    COALESCE((SELECT MAX(k2.not_after) FROM cluster_certs k2 WHERE k2.cluster = c.name), 0) AS cert_expires";
+
 const UNIT_COLUMNS: &str = "u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides, u.source,
                     COALESCE(r.source_revision, 0) AS head_source";
 
@@ -467,15 +471,19 @@ impl Store for SqlStore {
             environment: env.clone(),
             labels: labels.clone(),
             created_at: now,
+            revoked: false,
+            last_seen: UnixMillis(0),
+            agent_version: String::new(),
+            cert_expires: None,
         })
     }
 
     async fn list_clusters(&self, env: Option<&EnvName>) -> StoreResult<Vec<Cluster>> {
-        let rows = sqlx::query(
-            "SELECT c.name, c.environment, c.labels, c.created_at
-             FROM clusters c JOIN environments e ON e.name = c.environment
-             WHERE $1 IS NULL OR c.environment = $1 ORDER BY e.position, c.name",
-        )
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLUSTER_COLUMNS}
+                 FROM clusters c JOIN environments e ON e.name = c.environment
+                 WHERE $1 IS NULL OR c.environment = $1 ORDER BY e.position, c.name"
+        )))
         .bind(env.map(EnvName::as_str))
         .fetch_all(&self.readers)
         .await
@@ -484,9 +492,9 @@ impl Store for SqlStore {
     }
 
     async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>> {
-        let row = sqlx::query(
-            "SELECT name, environment, labels, created_at FROM clusters WHERE name = $1",
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLUSTER_COLUMNS} FROM clusters c WHERE c.name = $1"
+        )))
         .bind(name.as_str())
         .fetch_optional(&self.readers)
         .await
@@ -500,9 +508,9 @@ impl Store for SqlStore {
     }
 
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>> {
-        let row = sqlx::query(
-            "SELECT name, environment, labels, created_at FROM clusters WHERE token_hash = $1 AND revoked = 0",
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLUSTER_COLUMNS} FROM clusters c WHERE c.token_hash = $1 AND c.revoked = 0"
+        )))
         .bind(&token.0)
         .fetch_optional(&self.readers)
         .await
@@ -552,10 +560,10 @@ impl Store for SqlStore {
     }
 
     async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>> {
-        let row = sqlx::query(
-            "SELECT c.name, c.environment, c.labels, c.created_at FROM cluster_certs k
-             JOIN clusters c ON c.name = k.cluster WHERE k.fingerprint = $1 AND c.revoked = 0",
-        )
+        let row = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {CLUSTER_COLUMNS} FROM cluster_certs k
+                 JOIN clusters c ON c.name = k.cluster WHERE k.fingerprint = $1 AND c.revoked = 0"
+        )))
         .bind(fingerprint)
         .fetch_optional(&self.readers)
         .await
@@ -810,6 +818,26 @@ impl Store for SqlStore {
             .bind(a.cluster.as_str())
             .bind(a.unit.env.as_str())
             .bind(a.unit.name.as_str())
+            .execute(&mut *tx)
+            .await
+            .map_err(db)?;
+        }
+        tx.commit().await.map_err(db)
+    }
+
+    async fn record_seen(&self, seen: &[Seen]) -> StoreResult<()> {
+        if seen.is_empty() {
+            return Ok(());
+        }
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        for s in seen {
+            sqlx::query(
+                "UPDATE clusters SET last_seen = $1, agent_version = $2
+                 WHERE name = $3 AND last_seen <= $1",
+            )
+            .bind(s.at.0)
+            .bind(&s.agent_version)
+            .bind(s.cluster.as_str())
             .execute(&mut *tx)
             .await
             .map_err(db)?;

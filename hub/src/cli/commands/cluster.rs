@@ -9,6 +9,8 @@ pub(super) fn cluster_table(views: &[ClusterView]) -> String {
             "environment",
             "connected",
             "agent",
+            "last seen",
+            "certificate expires",
             "labels",
             "created",
         ],
@@ -18,8 +20,15 @@ pub(super) fn cluster_table(views: &[ClusterView]) -> String {
                 vec![
                     c.name.clone(),
                     c.environment.clone(),
-                    if c.connected { "yes" } else { "no" }.into(),
+                    match (c.revoked, c.connected) {
+                        (true, _) => "revoked",
+                        (false, true) => "yes",
+                        (false, false) => "no",
+                    }
+                    .into(),
                     c.agent_version.clone(),
+                    c.last_seen.clone(),
+                    c.certificate_expires.clone(),
                     output::labels(&c.labels),
                     c.created.clone(),
                 ]
