@@ -95,9 +95,42 @@ async fn an_operator_watches_the_fleet_and_promotes_from_the_browser() {
     assert!(added.contains("value: \"2\""), "{added}");
     b.screenshot("unit").await;
 
-    // Promote dev → prod from the promotions page, past the confirmation.
+    // prod wants an approval: the promotions page says what blocks, and
+    // the approval is given through the page.
+    within(
+        "prod needs an approval",
+        hub.admin()
+            .await
+            .set_environment_policy(pb::SetEnvironmentPolicyRequest {
+                name: "prod".into(),
+                policy: Some(pb::EnvironmentPolicy {
+                    required_approvals: 1,
+                    ..Default::default()
+                }),
+            }),
+    )
+    .await
+    .unwrap();
     b.goto(&format!("{base}/ui/promotions")).await;
-    b.click("a[href^='/ui/confirm/promote?from=dev&to=prod']")
+    let plan = b.text("table.plan").await;
+    assert!(
+        plan.contains("approvals"),
+        "the blocking gate is named: {plan}"
+    );
+    assert_eq!(
+        b.count("p.actions a[href^='/ui/confirm/promote?from=dev&to=prod']")
+            .await,
+        0,
+        "no step-wide promotion while the gate blocks"
+    );
+    b.screenshot("promotions").await;
+    b.click("a[href^='/ui/confirm/approve?unit=dev/web']").await;
+    b.click("form.confirm button[type=submit]").await;
+    let approved = b.text("p.flash").await;
+    assert!(approved.contains("1 of 1 approvals"), "{approved}");
+
+    // Then promote dev → prod, past the confirmation.
+    b.click("p.actions a[href^='/ui/confirm/promote?from=dev&to=prod']")
         .await;
     until("the confirmation page", || async {
         b.count("form.confirm").await == 1
@@ -116,7 +149,17 @@ async fn an_operator_watches_the_fleet_and_promotes_from_the_browser() {
     let audit = b.text("table.audit").await;
     assert!(audit.contains("operator:admin"), "{audit}");
     assert!(audit.contains("prod/web"), "{audit}");
+    assert!(audit.contains("promotion.approve"), "{audit}");
     b.screenshot("audit").await;
+
+    // The cluster's page: its agent and what it runs.
+    b.goto(&format!("{base}/ui/clusters/dev-1")).await;
+    let facts = b.text("dl.facts").await;
+    assert!(facts.contains("connected"), "{facts}");
+    assert!(b.text("tr[data-unit=\"web\"]").await.contains("Ready"));
+    b.goto(&format!("{base}/ui/clusters")).await;
+    b.text("main h1").await;
+    b.screenshot("clusters").await;
     b.close().await;
     cluster.stop_agent().await;
 }
