@@ -550,6 +550,28 @@ async fn json_patch_strategic_patch_and_finalizers() {
         .unwrap();
     let r: Value = within("json patch", client.request(req)).await.unwrap();
     assert_eq!(r["data"], json!({"y": "2"}));
+    // A failed `test` rejects the whole patch (422), the earlier operation
+    // included.
+    let failing = json!([{"op": "add", "path": "/data/w", "value": "9"}, {"op": "test", "path": "/data/y", "value": "nope"}]);
+    let e = api_err(
+        within(
+            "failing json patch",
+            cms.patch(
+                "a",
+                &PatchParams::default(),
+                &Patch::<Value>::Json(serde_json::from_value(failing).unwrap()),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(e.code, 422, "{e:?}");
+    let after = within("get", cms.get("a")).await.unwrap();
+    assert_eq!(
+        after.data["data"],
+        json!({"y": "2"}),
+        "nothing of the patch applied"
+    );
     let r = within(
         "strategic",
         cms.patch(
