@@ -120,18 +120,25 @@ pub async fn authenticate_request<T>(
     store: &dyn Store,
     req: &tonic::Request<T>,
 ) -> Result<Principal> {
-    if let Some(leaf) = req
-        .peer_certs()
-        .as_ref()
-        .and_then(|certs| certs.first().cloned())
-    {
+    let certs = req.peer_certs();
+    authenticate_peer(store, req.metadata(), certs.as_deref().map(Vec::as_slice)).await
+}
+
+/// The same from a request's metadata and the client certificates of its
+/// TLS session (for a layer that sees the HTTP request).
+pub async fn authenticate_peer(
+    store: &dyn Store,
+    md: &MetadataMap,
+    peer_certs: Option<&[rustls::pki_types::CertificateDer<'static>]>,
+) -> Result<Principal> {
+    if let Some(leaf) = peer_certs.and_then(<[_]>::first) {
         let fp = crate::tls::fingerprint(leaf.as_ref());
         return match store.cluster_by_cert(&fp).await? {
             Some(c) => Ok(Principal::Agent(c)),
             None => Err(HubError::Unauthenticated),
         };
     }
-    authenticate(store, req.metadata()).await
+    authenticate(store, md).await
 }
 
 /// Resolves the caller from its bearer token.
@@ -152,14 +159,6 @@ pub async fn authenticate(store: &dyn Store, md: &MetadataMap) -> Result<Princip
         });
     }
     Err(HubError::Unauthenticated)
-}
-
-/// The caller must be an operator; `write` requires the admin role.
-pub fn require_operator(p: &Principal, write: bool) -> Result<Actor> {
-    match p {
-        Principal::Operator { role, .. } if !write || *role == Role::Admin => Ok(p.actor()),
-        _ => Err(HubError::PermissionDenied),
-    }
 }
 
 #[cfg(test)]

@@ -6,15 +6,20 @@
 pub mod admin;
 pub mod agent;
 pub mod convert;
+pub mod operator;
 mod watch;
 
-/// The two gRPC services of a hub, with the protocol's message limits.
+/// The two gRPC services of a hub, with the protocol's message limits;
+/// only operators reach `HubService`.
 pub fn services(
     hub: &std::sync::Arc<crate::control::Hub>,
 ) -> (
     unitsync_proto::v1::agent_service_server::AgentServiceServer<agent::AgentService>,
-    unitsync_proto::v1::hub_service_server::HubServiceServer<admin::AdminService>,
+    operator::OperatorAuth<
+        unitsync_proto::v1::hub_service_server::HubServiceServer<admin::AdminService>,
+    >,
 ) {
+    use tower::Layer;
     use unitsync_proto::MAX_MESSAGE_BYTES;
     let agent = unitsync_proto::v1::agent_service_server::AgentServiceServer::new(
         agent::AgentService::new(hub.clone()),
@@ -26,5 +31,8 @@ pub fn services(
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    (agent, admin)
+    (
+        agent,
+        operator::OperatorLayer::new(hub.clone()).layer(admin),
+    )
 }

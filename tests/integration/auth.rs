@@ -287,6 +287,38 @@ async fn mutual_tls_identity_comes_from_the_certificate_alone() {
     })
     .await;
     only_cert.stop().await;
+
+    // The operator API: a cluster's certificate is the cluster, whatever
+    // operator token rides beside it.
+    let tls = tonic::transport::ClientTlsConfig::new()
+        .ca_certificate(tonic::transport::Certificate::from_pem(hub.ca().unwrap()))
+        .identity(tonic::transport::Identity::from_pem(
+            &cert.certificate_pem,
+            &cert.private_key_pem,
+        ));
+    let channel = within(
+        "connect with a client certificate",
+        tonic::transport::Channel::from_shared(hub.endpoint())
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect(),
+    )
+    .await
+    .unwrap();
+    let auth = unitsync_tests::hub::BearerAuth::new(&hub.admin_token).unwrap();
+    let mut operator_api =
+        pb::hub_service_client::HubServiceClient::with_interceptor(channel, auth);
+    let e = within(
+        "list units with a cluster certificate",
+        operator_api.list_units(pb::ListUnitsRequest::default()),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(
+        (e.code(), e.message()),
+        (Code::PermissionDenied, "permission denied")
+    );
 }
 
 #[tokio::test]

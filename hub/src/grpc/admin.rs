@@ -1,6 +1,7 @@
 //! `HubService`: the operator API behind the `unitsync` CLI. Every call is
-//! authenticated; writes need the admin role and are audited with the
-//! actor. Every call goes through a [`Hub`] operation (none touches the
+//! authenticated by [`OperatorLayer`](super::operator::OperatorLayer)
+//! before it gets here; writes need the admin role and are audited with
+//! the actor. Every call goes through a [`Hub`] operation (none touches the
 //! store), and what it reads is masked for read-only operators.
 
 use std::sync::Arc;
@@ -9,12 +10,10 @@ use tonic::{Request, Response, Status};
 use unitsync_proto::v1 as pb;
 
 use super::convert::{self, parse};
-use crate::auth::{Principal, authenticate_request, require_operator};
+use super::operator::Operator;
 use crate::control::{DEFAULT_CERT_VALIDITY, Hub, MAX_CERT_VALIDITY};
 use crate::error::{HubError, Result};
-use crate::model::{
-    Actor, ClusterName, EnvName, EnvPolicy, Labels, PutMode, RevisionNum, Role, UnitRef,
-};
+use crate::model::{ClusterName, EnvName, EnvPolicy, Labels, PutMode, RevisionNum, Role, UnitRef};
 use crate::promote::{PromoteRequest, Selection};
 use crate::store::Page;
 
@@ -30,17 +29,6 @@ pub struct AdminService {
 impl AdminService {
     pub fn new(hub: Arc<Hub>) -> Self {
         Self { hub }
-    }
-
-    /// The calling operator and its role; `write` requires the admin role.
-    async fn operator<T>(&self, req: &Request<T>, write: bool) -> Result<(Actor, Role)> {
-        let p = authenticate_request(self.hub.store.as_ref(), req).await?;
-        let actor = require_operator(&p, write)?;
-        let role = match p {
-            Principal::Operator { role, .. } => role,
-            Principal::Agent(_) => return Err(HubError::PermissionDenied),
-        };
-        Ok((actor, role))
     }
 }
 
@@ -97,7 +85,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::CreateEnvironmentRequest>,
     ) -> Reply<pb::Environment> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let env = self
                 .hub
@@ -113,7 +101,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::ListEnvironmentsRequest>,
     ) -> Reply<pb::ListEnvironmentsResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let envs = self.hub.list_environments().await?;
             Ok(pb::ListEnvironmentsResponse {
                 environments: envs.iter().map(convert::environment).collect(),
@@ -127,7 +115,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::CreateClusterRequest>,
     ) -> Reply<pb::CreateClusterResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let (cluster, token) = self
                 .hub
@@ -151,7 +139,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::ListClustersRequest>,
     ) -> Reply<pb::ListClustersResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let env = optional_env(&req.get_ref().environment)?;
             let clusters = self.hub.list_clusters(env.as_ref()).await?;
             Ok(pb::ListClustersResponse {
@@ -166,7 +154,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_cluster(&self, req: Request<pb::GetClusterRequest>) -> Reply<pb::Cluster> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let (c, s) = self.hub.get_cluster(&parse(&req.get_ref().name)?).await?;
             Ok(convert::cluster(&c, s.as_deref()))
         }
@@ -178,7 +166,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::DeleteClusterRequest>,
     ) -> Reply<pb::DeleteClusterResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             self.hub
                 .delete_cluster(actor, parse(&req.get_ref().name)?)
                 .await?;
@@ -192,7 +180,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::IssueClusterTokenRequest>,
     ) -> Reply<pb::CreateClusterResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let (cluster, token) = self
                 .hub
                 .issue_cluster_token(actor, parse(&req.get_ref().name)?)
@@ -210,7 +198,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::IssueClusterCertificateRequest>,
     ) -> Reply<pb::ClusterCertificate> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let validity = match r.validity_seconds {
                 0 => DEFAULT_CERT_VALIDITY,
@@ -242,7 +230,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::RevokeClusterRequest>,
     ) -> Reply<pb::RevokeClusterResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             self.hub
                 .revoke_cluster(actor, parse(&req.get_ref().name)?)
                 .await?;
@@ -253,7 +241,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn put_unit(&self, req: Request<pb::PutUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let mode = match pb::PutMode::try_from(r.mode).unwrap_or(pb::PutMode::Unspecified) {
                 pb::PutMode::Unspecified => PutMode::CreateOrUpdate,
@@ -278,7 +266,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn destroy_unit(&self, req: Request<pb::DestroyUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let rev = self
                 .hub
@@ -291,7 +279,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_unit(&self, req: Request<pb::GetUnitRequest>) -> Reply<pb::UnitDetail> {
         ok(async {
-            let (_, role) = self.operator(&req, false).await?;
+            let role = Operator::of(&req)?.role;
             let r = req.get_ref();
             let unit: UnitRef = parse(&r.unit)?;
             let v = self
@@ -319,7 +307,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn list_units(&self, req: Request<pb::ListUnitsRequest>) -> Reply<pb::ListUnitsResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let env = optional_env(&req.get_ref().environment)?;
             let units = self.hub.list_units(env.as_ref()).await?;
             Ok(pb::ListUnitsResponse {
@@ -334,7 +322,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::UnitHistoryRequest>,
     ) -> Reply<pb::UnitHistoryResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let revs = self.hub.unit_history(&parse(&req.get_ref().unit)?).await?;
             Ok(pb::UnitHistoryResponse {
                 revisions: revs.iter().map(convert::revision).collect(),
@@ -345,7 +333,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_revision(&self, req: Request<pb::GetRevisionRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let (_, role) = self.operator(&req, false).await?;
+            let role = Operator::of(&req)?.role;
             let r = req.get_ref();
             let rev = self
                 .hub
@@ -358,7 +346,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_status(&self, req: Request<pb::GetStatusRequest>) -> Reply<pb::StatusMatrix> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let r = req.get_ref();
             let env = optional_env(&r.environment)?;
             let v = self
@@ -385,7 +373,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::WatchStatusRequest>,
     ) -> Reply<Self::WatchStatusStream> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let r = req.into_inner();
             let unit: Option<UnitRef> = if r.unit.is_empty() {
                 None
@@ -409,7 +397,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn list_audit(&self, req: Request<pb::ListAuditRequest>) -> Reply<pb::ListAuditResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let r = req.get_ref();
             let limit = if r.limit == 0 {
                 100
@@ -429,7 +417,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::SetEnvironmentPolicyRequest>,
     ) -> Reply<pb::Environment> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let p = r.policy.unwrap_or_default();
             let policy = EnvPolicy {
@@ -449,7 +437,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn link_unit(&self, req: Request<pb::LinkUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let rev = self
                 .hub
@@ -464,7 +452,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn set_overrides(&self, req: Request<pb::SetOverridesRequest>) -> Reply<pb::Unit> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let overrides = r
                 .overrides
@@ -483,8 +471,11 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn promote(&self, req: Request<pb::PromoteRequest>) -> Reply<pb::PromoteResponse> {
         ok(async {
-            let r = req.get_ref();
-            let (actor, role) = self.operator(&req, !r.dry_run).await?;
+            let op = Operator::of(&req)?;
+            let (actor, role) = (op.actor.clone(), op.role);
+            if !req.get_ref().dry_run {
+                op.admin()?;
+            }
             let r = req.into_inner();
             let selection = if r.all {
                 Selection::All
@@ -542,7 +533,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn approve(&self, req: Request<pb::ApproveRequest>) -> Reply<pb::ApproveResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let (approvals, required) = self
                 .hub
@@ -563,7 +554,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn rollback_unit(&self, req: Request<pb::RollbackUnitRequest>) -> Reply<pb::Revision> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let rev = self
                 .hub
@@ -586,7 +577,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::RollbackPromotionRequest>,
     ) -> Reply<pb::PromoteResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let id = req.get_ref().promotion_id;
             let revs = self.hub.rollback_promotion(actor, id).await?;
             Ok(pb::PromoteResponse {
@@ -611,7 +602,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::ListPromotionsRequest>,
     ) -> Reply<pb::ListPromotionsResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let limit = if req.get_ref().limit == 0 {
                 50
             } else {
@@ -630,7 +621,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::CreateOperatorRequest>,
     ) -> Reply<pb::CreateOperatorResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let role = Role::parse(&r.role).ok_or_else(|| {
                 HubError::InvalidArgument(format!(
@@ -658,7 +649,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::RotateOperatorTokenRequest>,
     ) -> Reply<pb::CreateOperatorResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let name: ClusterName = parse(&req.get_ref().name)?;
             let (op, token) = self.hub.rotate_operator(actor, name.to_string()).await?;
             Ok(pb::CreateOperatorResponse {
@@ -672,7 +663,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn create_source(&self, req: Request<pb::CreateSourceRequest>) -> Reply<pb::Source> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let (source, auth) = convert::source_from_pb(req.into_inner())?;
             let created = self.hub.create_source(actor, source, auth).await?;
             self.source_view(&created).await
@@ -685,7 +676,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::ListSourcesRequest>,
     ) -> Reply<pb::ListSourcesResponse> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let mut sources = Vec::new();
             for s in self.hub.list_sources().await? {
                 sources.push(self.source_view(&s).await?);
@@ -697,7 +688,7 @@ impl pb::hub_service_server::HubService for AdminService {
 
     async fn get_source(&self, req: Request<pb::GetSourceRequest>) -> Reply<pb::Source> {
         ok(async {
-            self.operator(&req, false).await?;
+            Operator::of(&req)?;
             let name = parse(&req.get_ref().name)?;
             let s = self.hub.get_source(&name).await?;
             self.source_view(&s).await
@@ -710,7 +701,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::SetSourceSuspendedRequest>,
     ) -> Reply<pb::Source> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let s = self
                 .hub
@@ -726,7 +717,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::DeleteSourceRequest>,
     ) -> Reply<pb::DeleteSourceResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             self.hub
                 .delete_source(actor, &parse(&req.get_ref().name)?)
                 .await?;
@@ -740,7 +731,7 @@ impl pb::hub_service_server::HubService for AdminService {
         req: Request<pb::SyncSourceRequest>,
     ) -> Reply<pb::SyncSourceResponse> {
         ok(async {
-            let (actor, _) = self.operator(&req, true).await?;
+            let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
             let at = self
                 .hub
