@@ -14,13 +14,16 @@
 //! ```
 
 mod controllers;
+mod discovery;
 mod errors;
 mod fields;
 mod registry;
+mod routes;
 mod selector;
 mod server;
 mod store;
 pub mod tls;
+mod watch;
 
 pub use controllers::FAIL_ANNOTATION;
 pub use server::{Faults, KubeSim, SimOptions};
