@@ -20,6 +20,9 @@ use crate::manifest::{ANNOTATION_REVISION, ANNOTATION_UNIT, LABEL_MANAGED_BY, Ob
 /// The field manager the agent applies with.
 pub const FIELD_MANAGER: &str = "unitsync";
 
+/// The drift of an object that is gone.
+pub const MISSING: &str = "(object missing)";
+
 /// Why one object could not be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ApplyError {
@@ -387,11 +390,12 @@ impl Applier {
     }
 
     /// Paths where the live object differs from what applying `obj` would
-    /// make it (empty: no drift). `obj` is stamped with the live revision.
+    /// make it (empty: no drift; [`MISSING`] when the object is gone).
+    /// `obj` is stamped with the live revision.
     pub async fn drift(&self, obj: &mut Object) -> Result<Vec<String>, ApplyError> {
         let api = self.api_for(obj).await?;
         let Some(live) = api.get_opt(&obj.name).await.map_err(classify)? else {
-            return Ok(vec!["(object missing)".into()]);
+            return Ok(vec![MISSING.into()]);
         };
         // Compare with (and heal to) the revision that last changed it.
         if let Some(rev) = live

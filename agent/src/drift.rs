@@ -5,20 +5,63 @@
 //! instead of at the next periodic check (which stays as a safety net).
 //! The agent's own writes (the resourceVersion it just wrote) wake nobody;
 //! a change of status only (same generation) wakes the worker to re-assess
-//! health, without a drift check.
+//! health, without a drift check. A watch that fell behind (410 Gone)
+//! re-lists, which says what exists but not what changed or went in the
+//! gap: after a re-list every unit checks its objects.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use futures::StreamExt;
 use kube::api::{Api, DynamicObject};
 use kube::core::ApiResource;
 use kube::runtime::WatchStreamExt;
+use kube::runtime::utils::{Backoff, ResetTimerBackoff};
 use kube::runtime::watcher::{self, Event};
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
+use unitsync_proto::backoff::BackoffPolicy;
 
 use crate::manifest::{LABEL_MANAGED_BY, LABEL_UNIT};
+
+/// Retries of a watch: the first within 100 ms (a watch that fell behind
+/// re-lists at once, so drift in the gap is found in moments), then
+/// doubling to 30 s, jittered, for an API server in trouble.
+const WATCH_RETRY: BackoffPolicy = BackoffPolicy {
+    first_window: Duration::from_millis(100),
+    initial: Duration::from_millis(200),
+    multiplier: 2.0,
+    jitter: 0.2,
+    max: Duration::from_secs(30),
+};
+
+/// A watch that has not failed for this long starts from the first retry
+/// again (client-go's reflector does the same).
+const WATCH_BACKOFF_RESET: Duration = Duration::from_secs(120);
+
+/// [`WATCH_RETRY`] as kube-runtime's watcher takes a backoff.
+struct WatchBackoff(unitsync_proto::backoff::Backoff);
+
+impl WatchBackoff {
+    fn new() -> WatchBackoff {
+        WatchBackoff(unitsync_proto::backoff::Backoff::new(WATCH_RETRY))
+    }
+}
+
+impl Iterator for WatchBackoff {
+    type Item = Duration;
+
+    fn next(&mut self) -> Option<Duration> {
+        Some(self.0.next_delay())
+    }
+}
+
+impl Backoff for WatchBackoff {
+    fn reset(&mut self) {
+        self.0.reset();
+    }
+}
 
 /// What the agent itself last wrote, by object uid: the resourceVersion
 /// and generation its write produced.
@@ -138,8 +181,10 @@ impl DriftWatch {
         let stop = self.shutdown.clone();
         let kind = ar.kind.clone();
         tokio::spawn(async move {
-            let stream = watcher::watcher(api, config).default_backoff();
+            let backoff = ResetTimerBackoff::new(WatchBackoff::new(), WATCH_BACKOFF_RESET);
+            let stream = watcher::watcher(api, config).backoff(backoff);
             let mut stream = std::pin::pin!(stream);
+            let mut listed = false;
             loop {
                 let ev = tokio::select! {
                     () = stop.cancelled() => return,
@@ -152,6 +197,25 @@ impl DriftWatch {
                         (o, c)
                     }
                     Some(Ok(Event::Delete(o))) => (o, Change::Spec),
+                    // A re-list (the watch fell behind: 410 Gone) reports
+                    // what exists, not what changed or went meanwhile:
+                    // every unit checks its objects.
+                    Some(Ok(Event::InitDone)) => {
+                        if std::mem::replace(&mut listed, true) {
+                            tracing::debug!(%kind, "watch re-listed; checking every unit for drift");
+                            let all: Vec<_> = wakers
+                                .lock()
+                                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                                .values()
+                                .cloned()
+                                .collect();
+                            for w in all {
+                                w.drifted.store(true, std::sync::atomic::Ordering::SeqCst);
+                                w.notify.notify_one();
+                            }
+                        }
+                        continue;
+                    }
                     Some(Ok(_)) => continue,
                     Some(Err(e)) => {
                         tracing::debug!(%kind, error = %e, "watch interrupted; resuming");
@@ -185,6 +249,25 @@ impl DriftWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_watch_that_fell_behind_retries_at_once_then_backs_off() {
+        let mut b = WatchBackoff::new();
+        assert!(b.next().unwrap() < Duration::from_millis(100));
+        let later: Vec<Duration> = (0..12).map(|_| b.next().unwrap()).collect();
+        assert!(later[0] >= Duration::from_millis(160), "{later:?}");
+        assert!(later.windows(2).all(|w| w[1] >= w[0] / 2), "{later:?}");
+        assert!(
+            *later.last().unwrap() <= Duration::from_secs(36),
+            "{later:?}"
+        );
+        assert!(
+            *later.last().unwrap() >= Duration::from_secs(24),
+            "{later:?}"
+        );
+        b.reset();
+        assert!(b.next().unwrap() < Duration::from_millis(100));
+    }
     use kube::api::ObjectMeta;
 
     fn meta(uid: &str, rv: &str, generation: Option<i64>) -> ObjectMeta {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
 
-use crate::apply::{Applier, ApplyError};
+use crate::apply::{Applier, ApplyError, MISSING};
 use crate::desired::{DesiredStore, DesiredUnit};
 use crate::drift::DriftWatch;
 use crate::health::{self, Health};
@@ -572,6 +572,9 @@ impl Reconciler {
             if Instant::now() >= next_drift && api_down.borrow().is_none() {
                 next_drift = Instant::now() + self.tuning.drift_interval;
                 drift = self.check_drift(unit, healable).await;
+                if drift.missing {
+                    return Watched::Reapply;
+                }
                 if drift.healed > 0 {
                     healed_note = format!("healed drift: {}", drift.messages.join("; "));
                 }
@@ -1020,6 +1023,7 @@ impl Reconciler {
         let mut reports = Vec::new();
         let mut messages = Vec::new();
         let mut healed = 0;
+        let mut missing = false;
         for mut o in objects {
             let entry = Entry::of(&o);
             let paths = match self.applier.drift(&mut o).await {
@@ -1028,6 +1032,12 @@ impl Reconciler {
                 Err(_) => continue,
             };
             let report_only = o.annotation(ANNOTATION_DRIFT) == Some("report");
+            if !report_only && paths == [MISSING] {
+                // Re-created only through a full pass: the inventory is
+                // written ahead of any object (it may be gone too).
+                missing = true;
+                continue;
+            }
             messages.push(format!("{} drifted at {}", o.id(), paths.join(", ")));
             let mut r = resource(
                 &entry,
@@ -1057,6 +1067,7 @@ impl Reconciler {
             messages,
             reports,
             healed,
+            missing,
         }
     }
 }
@@ -1101,6 +1112,8 @@ struct Drift {
     /// Per-resource drift (report-only and healed).
     reports: Vec<ResourceReport>,
     healed: usize,
+    /// An object to heal is gone: the unit is applied again.
+    missing: bool,
 }
 
 impl Drift {

@@ -242,6 +242,75 @@ async fn a_cluster_restored_empty_is_rebuilt_with_its_inventory() {
 }
 
 #[tokio::test]
+async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/cfg", &configmaps("c", 3)).await.unwrap();
+    wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
+    // The inventory can be neither read nor written (a restored cluster
+    // whose agent namespace is not back yet, an API server in trouble),
+    // and one of the unit's objects is deleted.
+    cluster.sim.faults().fail("", "unitsync-inventory-cfg");
+    let apps = cluster.api("v1", "ConfigMap", "configmaps", Some("apps"));
+    within("delete c00", apps.delete("c00", &Default::default()))
+        .await
+        .unwrap();
+    // A drift heal would re-create it outside any inventory (a crash
+    // then orphans it for good): it comes back through a full pass only,
+    // which writes the inventory first. Several drift checks pass.
+    let recreated = tokio::time::timeout(Duration::from_millis(1500), async {
+        while count_of(&cluster, "c", 3) < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    assert!(
+        recreated.is_err(),
+        "c00 was re-created while its inventory could not be written"
+    );
+    cluster.sim.faults().clear_failures();
+    until("c00 back with its inventory", || async {
+        count_of(&cluster, "c", 3) == 3
+    })
+    .await;
+    wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
+    let inv: serde_json::Value = serde_json::from_str(
+        inventory(&cluster, "cfg").unwrap()["data"]["inventory"]
+            .as_str()
+            .unwrap(),
+    )
+    .unwrap();
+    assert_eq!(inv["entries"].as_array().unwrap().len(), 4, "{inv}");
+}
+
+#[tokio::test]
+async fn what_changed_while_the_watch_was_away_is_healed_when_it_re_lists() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
+    // Only the watch can notice in time: the periodic check is far away.
+    cluster.config.tuning.drift_interval = Duration::from_secs(120);
+    cluster.start_agent();
+    hub.put("dev/cfg", &configmaps("c", 3)).await.unwrap();
+    wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
+    // The agent's watches drop and cannot come back for a while; an
+    // object goes meanwhile, and the history it would resume from is
+    // compacted (its watch gets 410 Gone and re-lists).
+    cluster.sim.faults().fail("GET", "watch=true");
+    cluster.sim.faults().drop_watches();
+    let apps = cluster.api("v1", "ConfigMap", "configmaps", Some("apps"));
+    within("delete c00", apps.delete("c00", &Default::default()))
+        .await
+        .unwrap();
+    cluster.sim.compact();
+    cluster.sim.faults().clear_failures();
+    until("c00 re-created after the re-list", || async {
+        count_of(&cluster, "c", 3) == 3
+    })
+    .await;
+}
+
+#[tokio::test]
 async fn a_conflicting_object_does_not_stop_drift_healing_of_the_rest() {
     let (hub, cluster) = setup().await;
     let cm = |name: &str, v: &str| {
