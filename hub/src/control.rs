@@ -136,6 +136,9 @@ fn next_page(page: &Page, cells: &[StatusCell]) -> Option<Page> {
     })
 }
 
+/// Units up to this size are validated on the calling task.
+const INLINE_VALIDATION_BYTES: usize = 16 * 1024;
+
 /// Runs CPU-bound work (validation, signing) on the blocking pool.
 pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f)
@@ -210,8 +213,14 @@ impl Hub {
         }
     }
 
-    /// Validates a unit's manifests on the blocking pool.
+    /// Validates a unit's manifests: a small unit at once (microseconds,
+    /// less than a hand-over to another thread under load), a larger one on
+    /// the blocking pool.
     pub async fn validate(&self, unit: &UnitRef, manifests: String) -> Result<(Validated, String)> {
+        if manifests.len() <= INLINE_VALIDATION_BYTES {
+            let v = manifest::validate(unit, &manifests, &self.tuning.limits)?;
+            return Ok((v, manifests));
+        }
         let (unit, limits) = (unit.clone(), self.tuning.limits.clone());
         let (valid, text) = blocking(move || {
             let v = manifest::validate(&unit, &manifests, &limits);

@@ -322,8 +322,9 @@ async fn clusters_remember_their_last_agent_session_and_credentials() {
 
     let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
+    // Connected as both sides see it (the agent has its Welcome).
     until("connected", || async {
-        cluster(&hub, "dev-1").await.connected
+        agent.connections() > 0 && cluster(&hub, "dev-1").await.connected
     })
     .await;
     agent.stop().await;

@@ -271,12 +271,15 @@ fn outbound(
         extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
         ready: std::collections::VecDeque<Result<pb::HubMessage, Status>>,
         ticker: tokio::time::Interval,
+        /// The end of the session, one future for all of it.
+        kicked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
         ended: bool,
     }
     let mut ticker = tokio::time::interval(hub.tuning.heartbeat);
     ticker.reset();
     let out = Out {
         hub,
+        kicked: Box::pin(conn.kick.clone().cancelled_owned()),
         conn,
         extra,
         ready: std::collections::VecDeque::from([Ok(welcome)]),
@@ -293,7 +296,7 @@ fn outbound(
             }
             tokio::select! {
                 biased;
-                () = o.conn.kick.cancelled() => {
+                () = &mut o.kicked => {
                     // Tell the agent why.
                     o.ready.push_back(Err(end_status(o.conn.end_reason())));
                     o.ended = true;
@@ -353,9 +356,17 @@ async fn receive_loop(
     let silence = hub.tuning.heartbeat * 3;
     let mut recheck = tokio::time::interval(hub.tuning.credential_recheck);
     recheck.tick().await;
+    // Futures that live as long as the session (not one per message): the
+    // end of the session, and the silence deadline, moved only when it
+    // falls due (then compared with when the agent was last heard).
+    let kicked = conn.kick.cancelled();
+    tokio::pin!(kicked);
+    let mut heard = tokio::time::Instant::now();
+    let quiet = tokio::time::sleep(silence);
+    tokio::pin!(quiet);
     let end = loop {
         let next = tokio::select! {
-            () = conn.kick.cancelled() => break "ended by the hub".to_owned(),
+            () = &mut kicked => break "ended by the hub".to_owned(),
             _ = recheck.tick() => {
                 let valid = match &credential {
                     Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await,
@@ -377,20 +388,27 @@ async fn receive_loop(
                     }
                 }
             }
-            r = tokio::time::timeout(silence, inbound.message()) => r,
+            () = &mut quiet => {
+                if heard.elapsed() >= silence {
+                    break "no heartbeat from the agent".to_owned();
+                }
+                quiet.as_mut().reset(heard + silence);
+                continue;
+            }
+            r = inbound.message() => r,
         };
+        heard = tokio::time::Instant::now();
         let msg = match next {
-            Err(_) => break "no heartbeat from the agent".to_owned(),
-            Ok(Err(status)) => {
+            Err(status) => {
                 // A decode error (an oversized message, say): the agent hears
                 // the cause, not "reconnect".
                 conn.end(EndReason::Protocol(status.message().to_owned()));
                 break format!("stream error: {}", status.message());
             }
-            Ok(Ok(None)) => break "closed by the agent".to_owned(),
-            Ok(Ok(Some(pb::AgentMessage { msg: Some(m) }))) => m,
+            Ok(None) => break "closed by the agent".to_owned(),
+            Ok(Some(pb::AgentMessage { msg: Some(m) })) => m,
             // An empty or unknown message kind from a newer agent: ignore.
-            Ok(Ok(Some(_))) => continue,
+            Ok(Some(_)) => continue,
         };
         match msg {
             AgentMsg::Ack(a) => on_ack(&hub, &conn, &cluster, &tx, a),

@@ -278,12 +278,9 @@ async fn phase(
     let collector = &fleet.collector;
     collector.reset();
     let start = Instant::now();
-    for r in 0..args.revisions {
-        if let Some(i) = interval {
-            tokio::time::sleep_until((start + i * r as u32).into()).await;
-        }
+    let put = |r: usize| {
         let unit = r % args.units;
-        let req = authed(
+        authed(
             pb::PutUnitRequest {
                 unit: format!("bench/u{unit}"),
                 manifests: manifests(unit, r),
@@ -292,8 +289,34 @@ async fn phase(
                 labels: Default::default(),
             },
             admin_token,
-        )?;
-        admin.put_unit(req).await?;
+        )
+    };
+    match interval {
+        // One revision every `interval`, one after the other.
+        Some(i) => {
+            for r in 0..args.revisions {
+                tokio::time::sleep_until((start + i * r as u32).into()).await;
+                admin.put_unit(put(r)?).await?;
+            }
+        }
+        // As fast as the server takes them: each unit's revisions one
+        // after the other, the units side by side (as independent
+        // pipelines publish them).
+        None => {
+            let pipelines = (0..args.units).map(|unit| {
+                let mut admin = admin.clone();
+                let put = &put;
+                async move {
+                    for r in (unit..args.revisions).step_by(args.units) {
+                        admin.put_unit(put(r)?).await?;
+                    }
+                    anyhow::Ok(())
+                }
+            });
+            for r in futures::future::join_all(pipelines).await {
+                r?;
+            }
+        }
     }
     let expected = (agents * args.revisions) as u64;
     // Wait until deliveries stop growing (coalescing may deliver fewer).
