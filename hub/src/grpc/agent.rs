@@ -151,16 +151,7 @@ impl pb::agent_service_server::AgentService for AgentService {
             }
         };
         hub.metrics.connected_agents.inc();
-        hub.feedback.seen(crate::store::Seen {
-            cluster: cluster.name.clone(),
-            agent_version: hello.agent_version.clone(),
-            at: UnixMillis::now(),
-        });
-        hub.events.send(crate::events::HubEvent::Session {
-            cluster: cluster.name.clone(),
-            env: cluster.environment.clone(),
-            connected: true,
-        });
+        session_changed(&hub, &cluster, &hello.agent_version, true);
         tracing::info!(
             cluster = %cluster.name,
             env = %cluster.environment,
@@ -424,17 +415,23 @@ async fn receive_loop(
     conn.kick.cancel();
     hub.fanout.unregister(&conn);
     hub.metrics.connected_agents.dec();
+    session_changed(&hub, &cluster, &conn.agent_version, false);
+    tracing::info!(cluster = %cluster.name, reason = %end, "agent session closed");
+}
+
+/// A session opened or closed: when the cluster was last seen (written
+/// with the acks) and the event for watchers.
+fn session_changed(hub: &Hub, cluster: &Cluster, agent_version: &str, connected: bool) {
     hub.feedback.seen(crate::store::Seen {
         cluster: cluster.name.clone(),
-        agent_version: conn.agent_version.clone(),
+        agent_version: agent_version.to_owned(),
         at: UnixMillis::now(),
     });
     hub.events.send(crate::events::HubEvent::Session {
         cluster: cluster.name.clone(),
         env: cluster.environment.clone(),
-        connected: false,
+        connected,
     });
-    tracing::info!(cluster = %cluster.name, reason = %end, "agent session closed");
 }
 
 /// "Not yours" and "does not exist" must read the same.
