@@ -182,3 +182,50 @@ async fn sessions_beyond_the_limit_are_shed_with_resource_exhausted() {
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("session limit"), "{}", e.message());
 }
+
+#[tokio::test]
+async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    // Enough units that the hub's answer (the resync) takes a moment.
+    for i in 0..50 {
+        hub.put(&format!("dev/u{i}"), &configmap(&format!("u{i}"), "1"))
+            .await
+            .unwrap();
+    }
+    let channel = hub.channel().await;
+    // Agents that give up at every point of the handshake: before the
+    // hub answers, while it answers, after.
+    for attempt in 0..60u64 {
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel(16);
+        tx.send(hello(1)).await.unwrap();
+        let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        let patience = std::time::Duration::from_micros(attempt * 100);
+        if attempt % 2 == 0 {
+            let _ = tokio::time::timeout(patience, client.session(req)).await;
+        } else if let Ok(inbound) = within("open", client.session(req)).await {
+            // Answered, and gone before reading a word of it.
+            tokio::time::sleep(patience).await;
+            drop(inbound);
+        }
+        drop(tx);
+    }
+    unitsync_tests::until("no session left", || async {
+        hub.running().hub.fanout.count() == 0
+    })
+    .await;
+    let c = within(
+        "get cluster",
+        hub.admin().await.get_cluster(pb::GetClusterRequest {
+            name: "dev-1".into(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert!(!c.connected);
+}
