@@ -151,7 +151,7 @@ impl pb::agent_service_server::AgentService for AgentService {
             }
         };
         hub.metrics.connected_agents.inc();
-        session_changed(&hub, &cluster, &hello.agent_version, true);
+        session_changed(hub, &cluster, &hello.agent_version, true);
         tracing::info!(
             cluster = %cluster.name,
             env = %cluster.environment,
