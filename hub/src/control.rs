@@ -542,6 +542,10 @@ impl Hub {
             .get_unit(unit)
             .await?
             .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
+        let mut u = u;
+        if role == Role::ReadOnly {
+            u.overrides = u.overrides.iter().map(Override::masked).collect();
+        }
         let mut head = self.store.get_revision(unit, u.head).await?;
         if let Some(h) = head.as_mut() {
             h.manifests = if include_manifests {
@@ -646,7 +650,7 @@ impl Hub {
     ) -> Result<Unit> {
         let detail = overrides
             .iter()
-            .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.value))
+            .map(|o| format!("{} {} {}={}", o.kind, o.name, o.path, o.shown_value()))
             .collect::<Vec<_>>()
             .join(", ");
         let audit = NewAudit {

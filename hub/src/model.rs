@@ -328,6 +328,32 @@ pub struct Override {
     pub value: serde_json::Value,
 }
 
+impl Override {
+    /// Whether the value is a Secret's and must not be shown.
+    pub fn is_secret(&self) -> bool {
+        self.kind == "Secret"
+    }
+
+    /// The value as logs, audit entries, messages and read-only readers
+    /// see it: `***` for a Secret's.
+    pub fn shown_value(&self) -> String {
+        if self.is_secret() {
+            "\"***\"".to_owned()
+        } else {
+            self.value.to_string()
+        }
+    }
+
+    /// The override as a read-only reader sees it.
+    pub fn masked(&self) -> Override {
+        let mut o = self.clone();
+        if o.is_secret() {
+            o.value = serde_json::Value::String("***".into());
+        }
+        o
+    }
+}
+
 #[derive(Clone, Debug, PartialEq)]
 pub struct Cluster {
     pub name: ClusterName,

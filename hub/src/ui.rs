@@ -169,8 +169,9 @@ impl FromRequestParts<Arc<Ui>> for Viewer {
             }
             return Err((StatusCode::UNAUTHORIZED, "log in again\n").into_response());
         };
-        // A live update must not eat the message meant for the page.
-        let flash = if partial {
+        // A live update (or the event stream) must not eat the message
+        // meant for the page.
+        let flash = if partial || parts.uri.path().ends_with("/events") {
             None
         } else {
             ui.sessions.take_flash(&id)

@@ -531,6 +531,23 @@ async fn live_events_announce_changes() {
     hub.put("dev/web", &configmap("web", "2")).await.unwrap();
     let change = next_event().await;
     assert!(change.contains("event: change"), "{change}");
+    // Logged out, the stream ends at the next change at the latest.
+    let csrf = b.get("/ui/").await.csrf();
+    b.post("/ui/logout", &[("csrf", &csrf)]).await;
+    hub.put("dev/web", &configmap("web", "3")).await.unwrap();
+    let ended = within("the stream ends", async {
+        loop {
+            match body.next().await {
+                None | Some(Err(_)) => return true,
+                Some(Ok(chunk)) if String::from_utf8_lossy(&chunk).contains("data:") => {
+                    return false;
+                }
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(ended, "no event after logout");
 }
 
 #[tokio::test]
@@ -611,4 +628,70 @@ async fn a_promotion_confirmed_on_a_stale_plan_is_refused() {
     assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
     let prod = hub.unit("prod/web").await.unwrap();
     assert_eq!(prod.unit.unwrap().head_revision, 1);
+}
+
+#[tokio::test]
+async fn secret_override_values_stay_hidden() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    hub.create_env("prod").await;
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\n  namespace: apps\nstringData:\n  password: dev-password\n";
+    hub.put("prod/web", secret).await.unwrap();
+    let admin = || async { hub.admin().await };
+    within(
+        "override",
+        admin().await.set_overrides(pb::SetOverridesRequest {
+            unit: "prod/web".into(),
+            overrides: vec![pb::Override {
+                kind: "Secret".into(),
+                name: "creds".into(),
+                namespace: "apps".into(),
+                path: "stringData.password".into(),
+                value_json: "\"prod-override-value\"".into(),
+            }],
+        }),
+    )
+    .await
+    .unwrap();
+    let token = read_only_token(&hub).await;
+    let get = |token: String| {
+        let hub = &hub;
+        async move {
+            within(
+                "get unit",
+                hub.client(&token).await.get_unit(pb::GetUnitRequest {
+                    unit: "prod/web".into(),
+                    ..Default::default()
+                }),
+            )
+            .await
+            .unwrap()
+            .into_inner()
+            .unit
+            .unwrap()
+            .overrides
+        }
+    };
+    // Admins read them back as set; read-only operators see `***`.
+    assert_eq!(
+        get(hub.admin_token.clone()).await[0].value_json,
+        "\"prod-override-value\""
+    );
+    assert_eq!(get(token.clone()).await[0].value_json, "\"***\"");
+    // No page shows them, and the audit never recorded them.
+    for who in [hub.admin_token.clone(), token] {
+        let b = Browserless::for_hub(&hub);
+        b.login(&who).await;
+        for path in ["/ui/units/prod/web", "/ui/audit"] {
+            let page = b.get(path).await;
+            assert_eq!(page.status, StatusCode::OK);
+            assert!(!page.body.contains("prod-override-value"), "{path}");
+        }
+    }
+    assert!(
+        !audit(&hub)
+            .await
+            .iter()
+            .any(|e| e.detail.contains("prod-override-value"))
+    );
 }

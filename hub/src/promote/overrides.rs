@@ -86,8 +86,12 @@ pub(super) fn override_conflicts(before: &str, after: &str, overrides: &[Overrid
         let old = find_doc(&mut b, o).and_then(|d| get_path(d, &o.path).cloned());
         let new = find_doc(&mut a, o).and_then(|d| get_path(d, &o.path).cloned());
         if old != new {
-            let show =
-                |v: &Option<Value>| v.as_ref().map_or("(unset)".to_owned(), Value::to_string);
+            let show = |v: &Option<Value>| match v {
+                None => "(unset)".to_owned(),
+                // A Secret's values never reach a message.
+                Some(_) if o.is_secret() => "\"***\"".to_owned(),
+                Some(v) => v.to_string(),
+            };
             out.push(format!(
                 "{} {} {}: upstream changed it from {} to {}, overridden here as {}",
                 o.kind,
@@ -95,7 +99,7 @@ pub(super) fn override_conflicts(before: &str, after: &str, overrides: &[Overrid
                 o.path,
                 show(&old),
                 show(&new),
-                o.value
+                o.shown_value()
             ));
         }
     }
@@ -139,5 +143,24 @@ mod tests {
             ..o
         };
         assert!(apply_overrides(&unit, text, &[missing]).is_err());
+    }
+
+    #[test]
+    fn conflicts_of_a_secret_never_show_its_values() {
+        let before = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: creds\nstringData:\n  password: old-value\n";
+        let after = before.replace("old-value", "new-value");
+        let o = Override {
+            kind: "Secret".into(),
+            name: "creds".into(),
+            namespace: None,
+            path: "stringData.password".into(),
+            value: serde_json::json!("override-value"),
+        };
+        let c = override_conflicts(before, &after, std::slice::from_ref(&o));
+        assert_eq!(c.len(), 1);
+        for v in ["old-value", "new-value", "override-value"] {
+            assert!(!c[0].contains(v), "{}", c[0]);
+        }
+        assert!(c[0].contains("***"), "{}", c[0]);
     }
 }

@@ -40,6 +40,10 @@ pub(super) async fn events(State(ui): State<Arc<Ui>>, viewer: Viewer) -> impl In
         if !std::mem::take(&mut s.first) {
             next_change(&mut s).await?;
         }
+        // A session that ended (logged out, expired) hears nothing more.
+        if !s.ui.sessions.is_open(&s.session) {
+            return None;
+        }
         Some((
             Ok::<_, Infallible>(Event::default().event("change").data("fleet")),
             s,

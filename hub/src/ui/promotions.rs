@@ -10,7 +10,7 @@ use axum::extract::State;
 use maud::{Markup, html};
 
 use super::layout::{self, Nav};
-use super::{Page, Ui, Viewer};
+use super::{Page, Ui, UiError, Viewer};
 use crate::control::Hub;
 use crate::model::{Environment, Promotion, Role};
 use crate::promote::{Outcome, PlanItem, PromoteRequest, Selection};
@@ -72,7 +72,8 @@ pub(super) async fn plan(
         automatic: false,
         reader: Role::ReadOnly,
     };
-    hub.promote(req).await.map_err(|e| e.to_string())
+    // Through UiError: an internal failure is logged, not shown.
+    hub.promote(req).await.map_err(|e| UiError::from(e).message)
 }
 
 /// What a plan covers, as `source@revision` of every unit in it: the

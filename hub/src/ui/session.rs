@@ -303,6 +303,10 @@ pub(super) async fn login(
             StatusCode::UNAUTHORIZED,
         );
     };
+    // A new login replaces the browser's previous session, if any.
+    if let Some(old) = cookie(&headers, COOKIE) {
+        ui.sessions.logout(&old);
+    }
     let mut res = Redirect::to(&local_next(f.next.as_deref())).into_response();
     let h = res.headers_mut();
     h.append(

@@ -107,7 +107,7 @@ pub(super) async fn page(
             @if !u.overrides.is_empty() {
                 dt { "Overrides" }
                 dd { ul.plain { @for o in &u.overrides {
-                    li { code { (o.kind) "/" (o.name) " " (o.path) " = " (o.value) } }
+                    li { code { (o.kind) "/" (o.name) " " (o.path) " = " (o.shown_value()) } }
                 } } }
             }
         }
