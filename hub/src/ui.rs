@@ -78,7 +78,10 @@ pub fn router(hub: Arc<Hub>, secure: bool, stop: CancellationToken) -> Router {
         .route("/ui/events", get(live::events))
         .route("/ui/assets/{file}", get(assets::serve))
         .fallback(|| async { not_found() })
-        .layer(axum::middleware::map_response(security_headers))
+        .layer(axum::middleware::map_response_with_state(
+            secure,
+            security_headers,
+        ))
         .layer(axum::middleware::map_request(host_from_authority))
         .with_state(ui)
 }
@@ -102,8 +105,17 @@ async fn host_from_authority(mut req: axum::extract::Request) -> axum::extract::
 pub const CSP: &str = "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; \
                        connect-src 'self'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'";
 
-async fn security_headers(mut res: Response) -> Response {
+async fn security_headers(
+    axum::extract::State(secure): axum::extract::State<bool>,
+    mut res: Response,
+) -> Response {
     let h = res.headers_mut();
+    if secure {
+        h.insert(
+            header::STRICT_TRANSPORT_SECURITY,
+            HeaderValue::from_static("max-age=31536000"),
+        );
+    }
     h.insert(
         header::CONTENT_SECURITY_POLICY,
         HeaderValue::from_static(CSP),

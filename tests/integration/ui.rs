@@ -576,6 +576,7 @@ async fn over_https_the_session_cookie_is_secure() {
     assert_eq!(ok.status, StatusCode::SEE_OTHER, "{}", ok.body);
     let cookie = ok.header(SET_COOKIE.as_str()).to_owned();
     assert!(cookie.contains("; Secure"), "{cookie}");
+    assert_eq!(ok.header("strict-transport-security"), "max-age=31536000");
     assert_eq!(b.get("/ui/").await.status, StatusCode::OK);
     // Plain HTTP on the same port gets nothing.
     let plain = unitsync_tests::processes::http_get(http, "/healthz").await;

@@ -140,16 +140,19 @@ impl Hub {
                 .filter(|h| !h.tombstone)
                 .map(|h| h.manifests.to_string())
                 .unwrap_or_default();
-            item.diff = similar::TextDiff::from_lines(
-                &Hub::reveal(req.reader, &old_text),
-                &Hub::reveal(req.reader, &content),
-            )
-            .unified_diff()
-            .header(
-                &format!("{target}@{}", item.previous),
-                &format!("{target} (from {}@{rev_no})", s.unit),
-            )
-            .to_string();
+            // Bounded work: past the deadline the diff is coarser.
+            item.diff = similar::TextDiff::configure()
+                .timeout(std::time::Duration::from_millis(200))
+                .diff_lines(
+                    &Hub::reveal(req.reader, &old_text),
+                    &Hub::reveal(req.reader, &content),
+                )
+                .unified_diff()
+                .header(
+                    &format!("{target}@{}", item.previous),
+                    &format!("{target} (from {}@{rev_no})", s.unit),
+                )
+                .to_string();
             if head
                 .as_ref()
                 .is_some_and(|h| !h.tombstone && h.digest == valid.digest)

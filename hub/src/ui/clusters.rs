@@ -18,7 +18,7 @@ use crate::model::{Cluster, ClusterName, Phase, UnixMillis};
 const EXPIRY_WARNING_MS: i64 = 7 * 86_400_000;
 
 pub(super) async fn page(State(ui): State<Arc<Ui>>, viewer: Viewer) -> Page {
-    let (view, _) = all_status(&ui.hub, None, None).await?;
+    let (view, truncated) = all_status(&ui.hub, None, None).await?;
     let heads: HashMap<_, _> = view.units.iter().map(|u| (&u.unit, u.head)).collect();
     let mut phases: HashMap<&ClusterName, BTreeMap<Phase, usize>> = HashMap::new();
     for c in &view.cells {
@@ -37,6 +37,7 @@ pub(super) async fn page(State(ui): State<Arc<Ui>>, viewer: Viewer) -> Page {
     }
     let top = html! { h1 { "Clusters" } };
     let live = html! {
+        (super::fleet::truncation(truncated))
         @if view.clusters.is_empty() {
             p.empty { "No clusters yet: " code { "unitsync cluster create NAME --env dev" } " then "
                 code { "unitsync agent install NAME --export | kubectl apply -f -" } }
@@ -76,7 +77,7 @@ pub(super) async fn detail(
 ) -> Page {
     let name: ClusterName = name.parse().map_err(crate::error::HubError::from)?;
     let (cluster, session) = ui.hub.get_cluster(&name).await?;
-    let (view, _) = all_status(&ui.hub, Some(&cluster.environment), None).await?;
+    let (view, truncated) = all_status(&ui.hub, Some(&cluster.environment), None).await?;
     let cells: HashMap<_, _> = view
         .cells
         .iter()
@@ -90,6 +91,7 @@ pub(super) async fn detail(
         }
     };
     let live = html! {
+        (super::fleet::truncation(truncated))
         dl.facts {
             dt { "Environment" } dd { (cluster.environment) }
             dt { "Agent" } dd { (state(&cluster, session.as_deref())) }

@@ -80,6 +80,15 @@ struct Matrix<'a> {
     units: HashMap<&'a UnitRef, &'a Unit>,
 }
 
+/// The warning that a page counts only the first [`MAX_CELLS`] cells.
+pub(super) fn truncation(truncated: bool) -> Markup {
+    html! {
+        @if truncated {
+            p.warn { "Showing the first " (MAX_CELLS) " status cells; use the CLI for the rest." }
+        }
+    }
+}
+
 fn render(envs: &[Environment], view: &StatusView, q: &str, truncated: bool) -> Markup {
     let mut m = Matrix {
         clusters: BTreeMap::new(),
@@ -119,9 +128,7 @@ fn render(envs: &[Environment], view: &StatusView, q: &str, truncated: bool) -> 
                 span { (layout::phase(*p)) " " (n) }
             }
         }
-        @if truncated {
-            p.warn { "Showing the first " (MAX_CELLS) " status cells; use the CLI for the rest." }
-        }
+        (truncation(truncated))
         @if envs.is_empty() {
             p.empty { "No environments yet: " code { "unitsync env create dev" } }
         } @else if rows.is_empty() {

@@ -20,6 +20,8 @@ use crate::store::Page as StorePage;
 const CONTEXT: usize = 3;
 /// The most diff lines rendered.
 const MAX_DIFF_LINES: usize = 5_000;
+/// The most time spent finding a diff's smallest form.
+const DIFF_DEADLINE: std::time::Duration = std::time::Duration::from_millis(200);
 
 #[derive(Deserialize, Default)]
 pub(super) struct DiffQuery {
@@ -217,7 +219,10 @@ pub(super) async fn page(
 /// A unified diff, with line numbers on both sides.
 pub(super) fn render_diff(old: Option<&Revision>, new: &Revision) -> Markup {
     let old_text = old.map_or("", |r| &r.manifests);
-    let diff = TextDiff::from_lines(old_text, &new.manifests);
+    // Bounded work: past the deadline the diff is coarser, not slower.
+    let diff = TextDiff::configure()
+        .timeout(DIFF_DEADLINE)
+        .diff_lines(old_text, &new.manifests);
     let groups = diff.grouped_ops(CONTEXT);
     if groups.is_empty() {
         return html! { p.empty { "The two revisions have the same content." } };
