@@ -245,6 +245,15 @@ async fn pages_need_a_session_and_carry_security_headers() {
     let fleet = b.get("/ui/").await;
     assert_eq!(fleet.status, StatusCode::OK);
     assert!(fleet.body.contains("data-unit=\"web\""), "{}", fleet.body);
+    // Pages say how often they may refresh live: a promotion plan costs
+    // more than the fleet matrix.
+    assert!(fleet.body.contains("data-refresh-ms=\"250\""));
+    assert!(
+        b.get("/ui/promotions")
+            .await
+            .body
+            .contains("data-refresh-ms=\"2000\"")
+    );
     assert_eq!(fleet.header("cache-control"), "no-store");
 
     // Logging out ends the session on the hub, not only in the browser.

@@ -18,6 +18,19 @@ pub(super) enum Nav {
     Audit,
 }
 
+impl Nav {
+    /// The least time between two live refreshes of a page of this
+    /// section: the fleet follows closely; a promotion plan (a dry run
+    /// per environment pair) and the others less often.
+    fn refresh_ms(self) -> u64 {
+        match self {
+            Nav::Fleet => 250,
+            Nav::Clusters | Nav::Audit => 1_000,
+            Nav::Promotions => 2_000,
+        }
+    }
+}
+
 const SECTIONS: [(Nav, &str, &str); 4] = [
     (Nav::Fleet, "/ui/", "Fleet"),
     (Nav::Promotions, "/ui/promotions", "Promotions"),
@@ -70,7 +83,7 @@ pub(super) fn page(viewer: &Viewer, title: &str, nav: Nav, top: Markup, live: Ma
                 main {
                     @if let Some(f) = &viewer.flash { p.flash role="status" { (f) } }
                     (top)
-                    div #live { (live) }
+                    div #live data-refresh-ms=(nav.refresh_ms()) { (live) }
                 }
             }
         }

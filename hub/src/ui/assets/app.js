@@ -10,6 +10,10 @@
   let timer = null;
   let busy = false;
   let again = false;
+  // The server says how often this page may refresh (a promotion plan
+  // costs more than the fleet matrix).
+  const every = Number(live.dataset.refreshMs) || 250;
+  let last = 0;
 
   const show = (text, cls) => {
     if (!state) return;
@@ -34,6 +38,7 @@
       });
       if (r.status === 401) { window.location.reload(); return; }
       if (!r.ok) return;
+      last = Date.now();
       const html = await r.text();
       if (typing()) { again = true; return; }
       const open = Array.from(live.querySelectorAll("details[open][id]"), (d) => d.id);
@@ -53,7 +58,7 @@
 
   const schedule = () => {
     clearTimeout(timer);
-    timer = setTimeout(refresh, 100);
+    timer = setTimeout(refresh, Math.max(100, last + every - Date.now()));
   };
 
   // One stream per visible page. A page left for another is closed so its
