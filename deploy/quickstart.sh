@@ -7,7 +7,8 @@
 # dev the way ConfigHub users do (`cub unit set-target`, `cub unit apply
 # --wait`), then promoted by unitsync to staging (with an override) and prod
 # (after an approval), waiting each time until every cluster reports Ready.
-# It prints what ConfigHub sees and unitsync's status matrix. Everything
+# It prints what ConfigHub sees, the dashboard's fleet summary (logged in
+# over HTTP as an operator would) and unitsync's status matrix. Everything
 # runs on 127.0.0.1 and is removed on exit (KEEP=1 keeps it running until
 # you press Ctrl-C).
 set -euo pipefail
@@ -114,6 +115,20 @@ say "promoting staging -> prod (gates: Ready in staging, one approval)"
 "$BIN/unitsync" promote --from staging --to prod --all --dry-run >/dev/null 2>&1 || echo "(blocked as expected: prod needs an approval)"
 for u in crds $UNITS; do "$BIN/unitsync" approve "staging/$u" --for prod; done
 "$BIN/unitsync" promote --from staging --to prod --all --wait --timeout 120
+
+say "the dashboard (http://127.0.0.1:$HTTP/ui/, logged in with admin.token): the fleet page says"
+python3 - "$HTTP" "$UNITSYNC_DATA_DIR/admin.token" <<'PY'
+import http.cookiejar, re, sys, urllib.parse, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
+token = open(sys.argv[2]).read().strip()
+web = urllib.request.build_opener(urllib.request.HTTPCookieProcessor(http.cookiejar.CookieJar()))
+form = web.open(base + "/ui/login").read().decode()
+csrf = re.search(r'name="csrf" value="([^"]+)"', form).group(1)
+login = urllib.parse.urlencode({"token": token, "csrf": csrf, "next": "/ui/"}).encode()
+page = web.open(urllib.request.Request(base + "/ui/login", data=login, headers={"Origin": base})).read().decode()
+summary = re.search(r'<div class="summary">(.*?)</div>', page, re.S).group(1)
+print(" ".join(re.sub(r"<[^>]+>", " ", summary).split()))
+PY
 
 say "status"
 "$BIN/unitsync" status

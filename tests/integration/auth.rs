@@ -446,17 +446,7 @@ async fn read_only_operators_can_look_but_not_change() {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
-    let token = hub
-        .admin()
-        .await
-        .create_operator(pb::CreateOperatorRequest {
-            name: "viewer".into(),
-            role: "read-only".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let token = hub.create_operator("viewer", "read-only").await;
     let mut viewer = hub.client(&token).await;
     assert_eq!(
         viewer

@@ -184,19 +184,7 @@ async fn read_only_operators_get_no_buttons_and_hostile_content_stays_text() {
     .await
     .unwrap();
     hub.put("dev/web", &configmap("web", "2")).await.unwrap();
-    let viewer = within(
-        "read-only operator",
-        hub.admin()
-            .await
-            .create_operator(pb::CreateOperatorRequest {
-                name: "viewer".into(),
-                role: "read-only".into(),
-            }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .token;
+    let viewer = hub.create_operator("viewer", "read-only").await;
     let base = format!("http://{}", hub.http_addr());
 
     let b = browser().await;

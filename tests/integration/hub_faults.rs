@@ -348,15 +348,7 @@ async fn only_a_client_certificate_renews_a_certificate_and_never_from_a_new_ca(
 async fn an_existing_operator_is_never_replaced_and_rotation_is_its_own_audited_command() {
     let hub = TestHub::start().await;
     let mut admin = hub.admin().await;
-    let alice = admin
-        .create_operator(pb::CreateOperatorRequest {
-            name: "alice".into(),
-            role: "read-only".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let alice = hub.create_operator("alice", "read-only").await;
     for name in ["alice", "admin"] {
         let e = admin
             .create_operator(pb::CreateOperatorRequest {

@@ -354,15 +354,7 @@ async fn each_gate_blocks_then_passes() {
             .blocked
     );
     // A second operator.
-    let bob = admin
-        .create_operator(pb::CreateOperatorRequest {
-            name: "bob".into(),
-            role: "admin".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .token;
+    let bob = hub.create_operator("bob", "admin").await;
     let mut bob = hub.client(&bob).await;
     assert_eq!(
         bob.approve(approve).await.unwrap().into_inner().approvals,

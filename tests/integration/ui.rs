@@ -160,22 +160,6 @@ async fn hub_with_unit() -> TestHub {
     hub
 }
 
-async fn read_only_token(hub: &TestHub) -> String {
-    within(
-        "create operator",
-        hub.admin()
-            .await
-            .create_operator(pb::CreateOperatorRequest {
-                name: "viewer".into(),
-                role: "read-only".into(),
-            }),
-    )
-    .await
-    .unwrap()
-    .into_inner()
-    .token
-}
-
 async fn audit(hub: &TestHub) -> Vec<pb::AuditEntry> {
     within(
         "audit",
@@ -417,7 +401,7 @@ async fn admin_approves_promotes_and_rolls_back_from_the_dashboard() {
 #[tokio::test]
 async fn read_only_operators_see_everything_and_change_nothing() {
     let hub = hub_with_unit().await;
-    let token = read_only_token(&hub).await;
+    let token = hub.create_operator("viewer", "read-only").await;
     let b = Browserless::for_hub(&hub);
     assert_eq!(b.login(&token).await.status, StatusCode::SEE_OTHER);
     for path in [
@@ -663,7 +647,7 @@ async fn secret_override_values_stay_hidden() {
     )
     .await
     .unwrap();
-    let token = read_only_token(&hub).await;
+    let token = hub.create_operator("viewer", "read-only").await;
     let get = |token: String| {
         let hub = &hub;
         async move {

@@ -253,6 +253,23 @@ impl TestHub {
         .expect("environment created");
     }
 
+    /// Creates an operator (`admin` or `read-only`) and returns its token.
+    pub async fn create_operator(&self, name: &str, role: &str) -> String {
+        within(
+            "create operator",
+            self.admin()
+                .await
+                .create_operator(pb::CreateOperatorRequest {
+                    name: name.into(),
+                    role: role.into(),
+                }),
+        )
+        .await
+        .expect("operator created")
+        .into_inner()
+        .token
+    }
+
     /// Creates a cluster and returns its agent token.
     pub async fn create_cluster(&self, name: &str, env: &str) -> String {
         within(

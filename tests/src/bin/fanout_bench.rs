@@ -434,27 +434,26 @@ async fn connect_admin(
     }
 }
 
-async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
+/// A hub process for the benchmark, its admin client and `agents`
+/// registered clusters (their tokens).
+struct BenchHub {
+    child: Child,
+    endpoint: String,
+    admin: pb::hub_service_client::HubServiceClient<tonic::transport::Channel>,
+    admin_token: String,
+    tokens: Vec<String>,
+    /// The hub's data directory and address (a restart reuses both).
+    dir: tempfile::TempDir,
+    addr: std::net::SocketAddr,
+}
+
+/// Starts `unitsync serve` (plaintext, like the bare baseline: the
+/// comparison is about the hub's logic, not TLS) and registers the
+/// environment `bench` with `agents` clusters.
+async fn start_bench_hub(agents: usize, label: &str) -> anyhow::Result<BenchHub> {
     let dir = tempfile::tempdir()?;
     let addr = free_addr()?;
-    let child = Child(
-        std::process::Command::new(sibling_binary("unitsync")?)
-            // Plaintext, like the bare baseline: the comparison is about
-            // the hub's logic, not TLS.
-            .args([
-                "serve",
-                "--no-http",
-                "--insecure-plaintext",
-                "--listen",
-                &addr.to_string(),
-            ])
-            .arg("--max-sessions")
-            .arg((args.agents + 100).to_string())
-            .arg("--data-dir")
-            .arg(dir.path())
-            .env("UNITSYNC_LOG", "warn")
-            .spawn()?,
-    );
+    let child = Child(hub_command(dir.path(), addr, agents)?);
     let endpoint = format!("http://{addr}");
     let mut admin = connect_admin(&endpoint).await?;
     let token_path = dir.path().join("admin.token");
@@ -463,20 +462,18 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let admin_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
-    let auth = |r: &mut Request<_>| -> anyhow::Result<()> {
-        r.metadata_mut()
-            .insert("authorization", format!("Bearer {admin_token}").parse()?);
-        Ok(())
-    };
-    let mut req = Request::new(pb::CreateEnvironmentRequest {
-        name: "bench".into(),
-        after: String::new(),
-    });
-    auth(&mut req)?;
-    admin.create_environment(req).await?;
-    eprintln!("hub: registering {} clusters", args.agents);
-    let mut tokens = Vec::with_capacity(args.agents);
-    for i in 0..args.agents {
+    admin
+        .create_environment(authed(
+            pb::CreateEnvironmentRequest {
+                name: "bench".into(),
+                after: String::new(),
+            },
+            &admin_token,
+        )?)
+        .await?;
+    eprintln!("{label}: registering {agents} clusters");
+    let mut tokens = Vec::with_capacity(agents);
+    for i in 0..agents {
         let req = authed(
             pb::CreateClusterRequest {
                 name: format!("c{i}"),
@@ -487,6 +484,28 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
         )?;
         tokens.push(admin.create_cluster(req).await?.into_inner().token);
     }
+    Ok(BenchHub {
+        child,
+        endpoint,
+        admin,
+        admin_token,
+        tokens,
+        dir,
+        addr,
+    })
+}
+
+async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
+    let BenchHub {
+        child,
+        endpoint,
+        mut admin,
+        admin_token,
+        tokens,
+        // Kept until the measurement ends: the hub's store lives there.
+        dir: _dir,
+        addr: _,
+    } = start_bench_hub(args.agents, "hub").await?;
     measure(
         ["hub paced", "hub burst"],
         args,
@@ -886,39 +905,15 @@ fn cpu_seconds(pid: u32) -> f64 {
 
 async fn run_storm(args: &Args) -> anyhow::Result<()> {
     use unitsync_tests::SimAgent;
-    let dir = tempfile::tempdir()?;
-    let addr = free_addr()?;
-    let mut child = Child(hub_command(dir.path(), addr, args.agents)?);
-    let endpoint = format!("http://{addr}");
-    let mut admin = connect_admin(&endpoint).await?;
-    let token_path = dir.path().join("admin.token");
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !token_path.exists() && Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let admin_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
-    admin
-        .create_environment(authed(
-            pb::CreateEnvironmentRequest {
-                name: "bench".into(),
-                after: String::new(),
-            },
-            &admin_token,
-        )?)
-        .await?;
-    eprintln!("storm: registering {} clusters", args.agents);
-    let mut tokens = Vec::with_capacity(args.agents);
-    for i in 0..args.agents {
-        let req = authed(
-            pb::CreateClusterRequest {
-                name: format!("c{i}"),
-                environment: "bench".into(),
-                labels: Default::default(),
-            },
-            &admin_token,
-        )?;
-        tokens.push(admin.create_cluster(req).await?.into_inner().token);
-    }
+    let BenchHub {
+        mut child,
+        endpoint,
+        mut admin,
+        admin_token,
+        tokens,
+        dir,
+        addr,
+    } = start_bench_hub(args.agents, "storm").await?;
     for u in 0..args.units {
         let req = authed(
             pb::PutUnitRequest {
