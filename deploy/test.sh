@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The project's test command (README): checks, builds and runs every test.
-# Installs what it needs first, so it works on a fresh machine.
+# Installs what it needs first (the apt packages only when run as root, as CI
+# does), so it works on a fresh machine.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

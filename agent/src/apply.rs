@@ -20,8 +20,14 @@ use crate::manifest::{ANNOTATION_REVISION, ANNOTATION_UNIT, LABEL_MANAGED_BY, Ob
 /// The field manager the agent applies with.
 pub const FIELD_MANAGER: &str = "unitsync";
 
-/// The drift of an object that is gone.
-pub const MISSING: &str = "(object missing)";
+/// How a live object differs from what applying it would make it.
+#[derive(Debug, PartialEq)]
+pub enum ObjectDrift {
+    /// It is gone.
+    Missing,
+    /// These fields were changed by someone else.
+    Fields(Vec<String>),
+}
 
 /// Why one object could not be applied.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -389,13 +395,12 @@ impl Applier {
         Ok((true, entry(&applied)))
     }
 
-    /// Paths where the live object differs from what applying `obj` would
-    /// make it (empty: no drift; [`MISSING`] when the object is gone).
-    /// `obj` is stamped with the live revision.
-    pub async fn drift(&self, obj: &mut Object) -> Result<Vec<String>, ApplyError> {
+    /// How the live object differs from what applying `obj` would make it
+    /// (`None`: it does not). `obj` is stamped with the live revision.
+    pub async fn drift(&self, obj: &mut Object) -> Result<Option<ObjectDrift>, ApplyError> {
         let api = self.api_for(obj).await?;
         let Some(live) = api.get_opt(&obj.name).await.map_err(classify)? else {
-            return Ok(vec![MISSING.into()]);
+            return Ok(Some(ObjectDrift::Missing));
         };
         // Compare with (and heal to) the revision that last changed it.
         if let Some(rev) = live
@@ -413,7 +418,8 @@ impl Applier {
             .patch(&obj.name, &pp, &Patch::Apply(&obj.body))
             .await
             .map_err(classify)?;
-        Ok(object_differences(&live, &planned))
+        let paths = object_differences(&live, &planned);
+        Ok((!paths.is_empty()).then_some(ObjectDrift::Fields(paths)))
     }
 
     /// Waits until a CRD is Established and its kind is discoverable.

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
 
-use crate::apply::{Applier, ApplyError, MISSING};
+use crate::apply::{Applier, ApplyError, ObjectDrift};
 use crate::desired::{DesiredStore, DesiredUnit};
 use crate::drift::DriftWatch;
 use crate::health::{self, Health};
@@ -1026,18 +1026,20 @@ impl Reconciler {
         let mut missing = false;
         for mut o in objects {
             let entry = Entry::of(&o);
-            let paths = match self.applier.drift(&mut o).await {
-                Ok(p) if p.is_empty() => continue,
-                Ok(p) => p,
-                Err(_) => continue,
+            let Ok(Some(drift)) = self.applier.drift(&mut o).await else {
+                continue;
             };
             let report_only = o.annotation(ANNOTATION_DRIFT) == Some("report");
-            if !report_only && paths == [MISSING] {
+            let paths = match drift {
                 // Re-created only through a full pass: the inventory is
                 // written ahead of any object (it may be gone too).
-                missing = true;
-                continue;
-            }
+                ObjectDrift::Missing if !report_only => {
+                    missing = true;
+                    continue;
+                }
+                ObjectDrift::Missing => vec!["(object missing)".to_owned()],
+                ObjectDrift::Fields(paths) => paths,
+            };
             messages.push(format!("{} drifted at {}", o.id(), paths.join(", ")));
             let mut r = resource(
                 &entry,

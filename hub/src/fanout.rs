@@ -48,6 +48,16 @@ impl Delivery {
     }
 }
 
+/// The last revision of a unit written to a session's stream.
+#[derive(Clone, Copy, Debug)]
+struct Sent {
+    revision: RevisionNum,
+    /// When it was committed (for the delivery and Ready latencies).
+    committed: Instant,
+    /// Not yet reported Ready (a tombstone never is).
+    awaiting_ready: bool,
+}
+
 /// What [`Mailbox::offer`] did.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Offer {
@@ -62,9 +72,7 @@ pub enum Offer {
 struct MailboxState {
     pending: BTreeMap<UnitName, Arc<Delivery>>,
     /// Last revision written to the stream per unit, with its commit time.
-    sent: HashMap<UnitName, (RevisionNum, Instant)>,
-    /// Sent revisions not yet reported Ready, with their commit time.
-    awaiting_ready: HashMap<UnitName, (RevisionNum, Instant)>,
+    sent: HashMap<UnitName, Sent>,
     /// Units of the cluster's environment this session knows about.
     assigned: HashSet<UnitName>,
 }
@@ -90,8 +98,8 @@ impl Mailbox {
         if !d.tombstone || d.revision.0 > 0 {
             s.assigned.insert(d.unit.clone());
         }
-        if let Some((sent, _)) = s.sent.get(&d.unit)
-            && *sent >= d.revision
+        if let Some(sent) = s.sent.get(&d.unit)
+            && sent.revision >= d.revision
             && d.revision.0 > 0
         {
             return Offer::Stale;
@@ -139,40 +147,38 @@ impl Mailbox {
 
     /// Records that `d` was written to the stream.
     pub fn mark_sent(&self, d: &Delivery) {
-        let mut s = self.lock();
-        s.sent.insert(d.unit.clone(), (d.revision, d.committed));
-        if d.tombstone {
-            s.awaiting_ready.remove(&d.unit);
-        } else {
-            s.awaiting_ready
-                .insert(d.unit.clone(), (d.revision, d.committed));
-        }
+        self.lock().sent.insert(
+            d.unit.clone(),
+            Sent {
+                revision: d.revision,
+                committed: d.committed,
+                awaiting_ready: !d.tombstone,
+            },
+        );
     }
 
     /// The first Ready report of a sent revision: its commit instant (later
     /// reports, and reports of other revisions, give `None`).
     pub fn ready(&self, unit: &UnitName, revision: RevisionNum) -> Option<Instant> {
         let mut s = self.lock();
-        match s.awaiting_ready.get(unit) {
-            Some((r, at)) if *r == revision => {
-                let at = *at;
-                s.awaiting_ready.remove(unit);
-                Some(at)
-            }
-            _ => None,
+        let sent = s.sent.get_mut(unit)?;
+        if sent.revision != revision || !sent.awaiting_ready {
+            return None;
         }
+        sent.awaiting_ready = false;
+        Some(sent.committed)
     }
 
     /// Matches an ack against what was sent; returns the commit instant of
     /// the acknowledged revision, or `None` if it was never sent here.
     pub fn ack(&self, unit: &UnitName, revision: RevisionNum) -> Option<Instant> {
-        let s = self.lock();
-        match s.sent.get(unit) {
-            Some((sent, at)) if *sent == revision => Some(*at),
-            // An ack for an older revision we did send is late, not wrong.
-            Some((sent, _)) if *sent > revision && revision.0 > 0 => None,
-            _ => None,
-        }
+        // An ack of an older revision than the last sent is late, not
+        // wrong: it matches nothing.
+        self.lock()
+            .sent
+            .get(unit)
+            .filter(|s| s.revision == revision)
+            .map(|s| s.committed)
     }
 
     pub fn pending_len(&self) -> usize {

@@ -279,7 +279,8 @@ mod tests {
 
     #[test]
     fn latency_buckets_and_quantiles() {
-        let l = Latency::new();
+        let m = Metrics::new();
+        let l = &m.ready_latency;
         assert_eq!(l.snapshot().quantile(0.5), None);
         for _ in 0..90 {
             l.observe(0.003); // (0.002, 0.004]
@@ -296,6 +297,10 @@ mod tests {
         assert!((0.064..=0.128).contains(&p95), "{p95}");
         assert_eq!(s.quantile(1.0), Some(0.0005 * 2f64.powi(17)));
         // The Prometheus side saw the same observations.
-        assert!(Metrics::new().encode().contains("ready_latency_seconds"));
+        let text = m.encode();
+        assert!(
+            text.contains("unitsync_ready_latency_seconds_count 101"),
+            "{text}"
+        );
     }
 }

@@ -716,6 +716,35 @@ async fn operator_tokens_print_as_json_and_oversized_units_are_refused_before_se
             .unwrap();
     assert_ne!(rotated["token"], created["token"]);
     hub.ok(&["env", "create", "dev"]).await;
+    // A source's registry CA is its own flag: the hub's CA (`--ca-file`,
+    // global) still verifies the hub.
+    let other_ca = {
+        let ca = rcgen::CertificateParams::new(Vec::<String>::new())
+            .unwrap()
+            .self_signed(&rcgen::KeyPair::generate().unwrap())
+            .unwrap();
+        write(files.path(), "other-ca.pem", &ca.pem())
+    };
+    let created = hub
+        .run(&[
+            "source",
+            "create",
+            "web",
+            "--env",
+            "dev",
+            "--oci",
+            "oci://127.0.0.1:9/web",
+            "--tag",
+            "latest",
+            "--registry-ca-file",
+            &other_ca,
+        ])
+        .await;
+    assert!(
+        created.status.success(),
+        "{}",
+        String::from_utf8_lossy(&created.stderr)
+    );
     let big = format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\n  namespace: apps\ndata:\n  x: \"{}\"\n",
         "x".repeat(5 * 1024 * 1024)

@@ -286,18 +286,17 @@ async fn seed_flow(transport: Transport) {
         "{}",
         refused.message()
     );
-    let audit = s
-        .hub
-        .admin()
-        .await
-        .list_audit(pb::ListAuditRequest {
+    let audit = within(
+        "audit",
+        s.hub.admin().await.list_audit(pb::ListAuditRequest {
             limit: 5,
             target_prefix: "dev/web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .entries;
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner()
+    .entries;
     assert!(audit.iter().any(|e| e.actor == actor), "{audit:?}");
     // What an operator reads.
     let data = s.hub.dir.path().join("data");
@@ -423,12 +422,23 @@ async fn a_stolen_lease_is_claimed_again_and_nothing_is_lost() {
     let s = setup(Transport::LongPoll, 1).await;
     s.unit("a", &configmap("a", "1")).await;
     s.sim.steal_lease(&s.worker_id, Duration::from_secs(2));
+    let holder = || {
+        s.sim.with_state(|st| {
+            st.worker(&s.worker_id)
+                .and_then(|w| w.lease.as_ref().map(|l| l.claim_token.clone()))
+        })
+    };
+    let thief = holder();
     let op = s.queue("a", "apply").await;
     let outcome = within("apply", s.cub.wait(SPACE, "a", &op, WAIT))
         .await
         .unwrap();
     assert_eq!(outcome.result(), "ApplyCompleted", "{outcome:?}");
     assert_eq!(s.terminal(&op_id(&op)).len(), 1);
+    // The worker claimed the lease again after the thief's expired.
+    assert!(thief.is_some());
+    let now = holder();
+    assert!(now.is_some() && now != thief, "{now:?} vs {thief:?}");
 }
 
 #[tokio::test]
@@ -440,6 +450,13 @@ async fn a_dropped_stream_mid_operation_still_ends_the_operation_once() {
     let id = op_id(&op);
     s.wait_event(&id, "the revision committed", |e| e.result == "ApplySynced")
         .await;
+    let streams = |s: &Setup| {
+        s.sim.with_state(|st| {
+            st.worker_mut("actuator-sync")
+                .map_or(0, |w| w.stream_generation)
+        })
+    };
+    let before = streams(&s);
     s.sim.drop_streams();
     s.clusters[0].start_agent();
     let outcome = within("apply", s.cub.wait(SPACE, "a", &op, WAIT))
@@ -447,7 +464,11 @@ async fn a_dropped_stream_mid_operation_still_ends_the_operation_once() {
         .unwrap();
     assert_eq!(outcome.result(), "ApplyCompleted", "{outcome:?}");
     assert_eq!(s.terminal(&id).len(), 1);
-    // The worker streams again, and answers heartbeats.
+    // The worker streams again (a new stream), and answers heartbeats.
+    until("the worker streams again", || async {
+        streams(&s) > before
+    })
+    .await;
     until("the worker is Ready again", || async {
         s.cub
             .worker_get(SPACE, "actuator-sync")

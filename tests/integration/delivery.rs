@@ -340,7 +340,7 @@ async fn clusters_remember_their_last_agent_session_and_credentials() {
     assert_eq!(after.last_seen, seen);
     assert_eq!(after.agent_version, "sim");
 
-    within(
+    let issued = within(
         "issue certificate",
         hub.admin()
             .await
@@ -350,12 +350,20 @@ async fn clusters_remember_their_last_agent_session_and_credentials() {
             }),
     )
     .await
-    .unwrap();
+    .unwrap()
+    .into_inner();
+    // The newest certificate's expiry, as issued (30 days by default).
     let expires = cluster(&hub, "dev-1")
         .await
         .certificate_expires
         .expect("expiry");
-    assert!(expires.seconds > seen.unwrap().seconds);
+    let not_after = issued.not_after.expect("not_after");
+    let millis = |t: &prost_types::Timestamp| t.seconds * 1000 + i64::from(t.nanos) / 1_000_000;
+    assert_eq!(
+        millis(&expires),
+        millis(&not_after),
+        "stored to the millisecond"
+    );
     within(
         "revoke",
         hub.admin().await.revoke_cluster(pb::RevokeClusterRequest {

@@ -6,7 +6,6 @@
 
 use std::time::Duration;
 
-use unitsync_hub::model::UnixMillis;
 use unitsync_proto::v1 as pb;
 use unitsync_tests::cluster::TestCluster;
 use unitsync_tests::registry::{Access, Layout, OCI_LAYER, TestRegistry, gzip, tar_gz};
@@ -72,13 +71,16 @@ impl Setup {
     }
 
     async fn get(&self, name: &str) -> pb::Source {
-        self.hub
-            .admin()
-            .await
-            .get_source(pb::GetSourceRequest { name: name.into() })
-            .await
-            .expect("source")
-            .into_inner()
+        within(
+            "get source",
+            self.hub
+                .admin()
+                .await
+                .get_source(pb::GetSourceRequest { name: name.into() }),
+        )
+        .await
+        .expect("source")
+        .into_inner()
     }
 
     /// Waits until the source's status satisfies `pred`.
@@ -105,19 +107,18 @@ impl Setup {
 
     /// `source sync` and its outcome.
     async fn sync(&self, name: &str, allow_prune: bool) -> pb::SourceStatus {
-        let asked = self
-            .hub
-            .admin()
-            .await
-            .sync_source(pb::SyncSourceRequest {
+        let asked = within(
+            "sync source",
+            self.hub.admin().await.sync_source(pb::SyncSourceRequest {
                 name: name.into(),
                 allow_prune,
-            })
-            .await
-            .expect("sync")
-            .into_inner()
-            .requested_at
-            .unwrap();
+            }),
+        )
+        .await
+        .expect("sync")
+        .into_inner()
+        .requested_at
+        .unwrap();
         self.wait(name, "a sync after the request", |st| {
             st.last_attempt
                 .as_ref()
@@ -662,7 +663,6 @@ async fn a_confighub_release_event_wakes_the_source_before_its_interval() {
             .is_ok_and(|d| d.head.is_some_and(|h| h.number == 1))
     })
     .await;
-    let before = UnixMillis::now();
     cub.unit_update("shop-dev", "web", &cm("web", "2"))
         .await
         .unwrap();
@@ -678,7 +678,6 @@ async fn a_confighub_release_event_wakes_the_source_before_its_interval() {
         },
     )
     .await;
-    assert!(UnixMillis::now().0 - before.0 < 60_000);
     let st = hub
         .admin()
         .await

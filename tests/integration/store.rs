@@ -582,10 +582,14 @@ async fn sources_contract(store: Arc<dyn Store>) {
 #[tokio::test]
 async fn sqlite_store_meets_the_contract() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
+    let store = unitsync_tests::within("open", SqlStore::sqlite(&dir.path().join("hub.db")))
+        .await
+        .unwrap();
     unitsync_tests::within("store contract", contract(Arc::new(store))).await;
     let dir = tempfile::tempdir().unwrap();
-    let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
+    let store = unitsync_tests::within("open", SqlStore::sqlite(&dir.path().join("hub.db")))
+        .await
+        .unwrap();
     unitsync_tests::within("sources contract", sources_contract(Arc::new(store))).await;
 }
 
@@ -611,10 +615,15 @@ async fn postgres_store_meets_the_contract() {
     let store = SqlStore::postgres(&url).await.unwrap();
     unitsync_tests::within("store contract", contract(Arc::new(store))).await;
     // A second connection sees the schema as current and migrates nothing.
-    let again = SqlStore::postgres(&url).await.unwrap();
-    assert_eq!(again.list_environments().await.unwrap().len(), 3);
+    let again = unitsync_tests::within("reopen", SqlStore::postgres(&url))
+        .await
+        .unwrap();
+    let envs = unitsync_tests::within("list", again.list_environments()).await;
+    assert_eq!(envs.unwrap().len(), 3);
     let url = unitsync_tests::hub::postgres_database().await;
-    let store = SqlStore::postgres(&url).await.unwrap();
+    let store = unitsync_tests::within("open", SqlStore::postgres(&url))
+        .await
+        .unwrap();
     unitsync_tests::within("sources contract", sources_contract(Arc::new(store))).await;
 }
 

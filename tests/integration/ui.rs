@@ -274,7 +274,14 @@ async fn login_and_actions_refuse_forged_forms() {
     );
     let fleet = b.get("/ui/").await;
     let csrf = fleet.csrf();
-    let promote = [("from", "dev"), ("to", "prod"), ("unit", "web")];
+    // A forced promotion would go through (gates or not) if the form were
+    // taken.
+    let promote = [
+        ("from", "dev"),
+        ("to", "prod"),
+        ("unit", "web"),
+        ("reason", "forged"),
+    ];
     // No CSRF token: refused, nothing promoted.
     let no_token = b.post("/ui/actions/promote", &promote).await;
     assert_eq!(no_token.status, StatusCode::FORBIDDEN);
@@ -297,6 +304,11 @@ async fn login_and_actions_refuse_forged_forms() {
             .any(|e| e.action.contains("promot")),
         "nothing audited"
     );
+    // The same form from the dashboard's own page goes through: the
+    // refusals above were the checks, not the gates.
+    let ok = b.post("/ui/actions/promote", &with_token).await;
+    assert_eq!(ok.status, StatusCode::SEE_OTHER, "{}", ok.body);
+    assert!(hub.unit("prod/web").await.is_ok());
 }
 
 #[tokio::test]
@@ -574,7 +586,7 @@ async fn over_https_the_session_cookie_is_secure() {
     // Plain HTTP on the same port gets nothing.
     let plain = unitsync_tests::processes::http_get(http, "/healthz").await;
     assert!(plain.is_err() || plain.unwrap().0 != 200);
-    hub.shutdown().await.unwrap();
+    within("hub stops", hub.shutdown()).await.unwrap();
 }
 
 #[tokio::test]

@@ -17,7 +17,7 @@ async fn next(stream: &mut tonic::Streaming<pb::StatusEvent>) -> pb::StatusEvent
 async fn until_event(
     stream: &mut tonic::Streaming<pb::StatusEvent>,
     what: &str,
-    pred: impl Fn(&pb::StatusEvent) -> bool,
+    mut pred: impl FnMut(&pb::StatusEvent) -> bool,
 ) -> pb::StatusEvent {
     let found = tokio::time::timeout(unitsync_tests::wait::DEADLINE, async {
         loop {
@@ -41,16 +41,16 @@ async fn the_hub_pushes_the_matrix_then_each_change() {
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
-    let mut stream = hub
-        .admin()
-        .await
-        .watch_status(pb::WatchStatusRequest {
+    let mut stream = within(
+        "watch",
+        hub.admin().await.watch_status(pb::WatchStatusRequest {
             environment: String::new(),
             unit: "dev/web".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
     // The snapshot: the unit and the cluster, not connected, no status.
     let first = next(&mut stream).await;
     assert!(first.snapshot && first.snapshot_complete);
@@ -98,12 +98,19 @@ async fn the_hub_pushes_the_matrix_then_each_change() {
         message: String::new(),
         resources: vec![],
     });
-    let ev = until_event(&mut stream, "revision 2 progressing", |e| {
-        !e.cells.is_empty()
+    // Every event up to that status, not only the last, is about dev/web.
+    let mut seen = Vec::new();
+    until_event(&mut stream, "revision 2 progressing", |e| {
+        seen.push(e.clone());
+        e.cells
+            .iter()
+            .any(|c| c.revision == 2 && c.phase == pb::Phase::Progressing as i32)
     })
     .await;
-    assert!(ev.cells.iter().all(|c| c.unit == "dev/web"), "{ev:?}");
-    assert!(ev.units.iter().all(|u| u.unit == "dev/web"));
+    for ev in &seen {
+        assert!(ev.cells.iter().all(|c| c.unit == "dev/web"), "{ev:?}");
+        assert!(ev.units.iter().all(|u| u.unit == "dev/web"), "{ev:?}");
+    }
     // The agent leaves.
     agent.stop().await;
     until_event(&mut stream, "dev-1 gone", |e| {

@@ -142,16 +142,21 @@ impl HubProcess {
     }
 }
 
+/// The longest a CLI call may take (`--wait` included).
+const CLI_DEADLINE: Duration = Duration::from_secs(180);
+
 /// Runs `unitsync ARGS` as an operator would.
 pub async fn cli(data_dir: &Path, hub: &str, args: &[&str]) -> anyhow::Result<String> {
-    let out = Command::new(bin("unitsync"))
+    let run = Command::new(bin("unitsync"))
         .args(args)
         .args(["--hub", hub])
         .env("UNITSYNC_DATA_DIR", data_dir)
         .stdin(Stdio::null())
         .kill_on_drop(true)
-        .output()
+        .output();
+    let out = tokio::time::timeout(CLI_DEADLINE, run)
         .await
+        .with_context(|| format!("unitsync {} did not finish", args.join(" ")))?
         .context("run unitsync")?;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
@@ -185,7 +190,9 @@ pub async fn cli_with_input(
     let mut stdin = child.stdin.take().context("stdin")?;
     stdin.write_all(input.as_bytes()).await?;
     drop(stdin);
-    let out = child.wait_with_output().await?;
+    let out = tokio::time::timeout(CLI_DEADLINE, child.wait_with_output())
+        .await
+        .with_context(|| format!("unitsync {} did not finish", args.join(" ")))??;
     if out.status.success() {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     } else {

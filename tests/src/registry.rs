@@ -266,6 +266,9 @@ impl Pusher {
         Ok(Client::try_from(ClientConfig {
             protocol,
             tls_certs_only: certs,
+            // Every push in a test is bounded.
+            connect_timeout: Some(std::time::Duration::from_secs(10)),
+            read_timeout: Some(std::time::Duration::from_secs(30)),
             ..ClientConfig::default()
         })?)
     }

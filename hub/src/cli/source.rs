@@ -86,9 +86,10 @@ pub struct CreateArgs {
     /// A file holding a bearer token.
     #[arg(long)]
     bearer_file: Option<PathBuf>,
-    /// Trust this CA (PEM) for the registry instead of the system roots.
+    /// Trust this CA (PEM) for the registry instead of the system roots
+    /// (not `--ca-file`: that is the hub's CA, for every command).
     #[arg(long)]
-    ca_file: Option<PathBuf>,
+    registry_ca_file: Option<PathBuf>,
     /// Reach this registry host over plain HTTP (a local registry); repeatable.
     #[arg(long = "insecure-host")]
     insecure_hosts: Vec<String>,
@@ -172,7 +173,7 @@ fn create_request(a: CreateArgs) -> anyhow::Result<pb::CreateSourceRequest> {
         ),
         (None, None, None) => Default::default(),
     };
-    let ca_pem = match &a.ca_file {
+    let ca_pem = match &a.registry_ca_file {
         Some(f) => {
             std::fs::read_to_string(f).with_context(|| format!("read the CA {}", f.display()))?
         }

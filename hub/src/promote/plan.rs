@@ -5,7 +5,8 @@
 use super::*;
 
 impl Hub {
-    pub(super) async fn environment(&self, name: &EnvName) -> Result<Environment> {
+    /// One environment by name.
+    pub async fn environment(&self, name: &EnvName) -> Result<Environment> {
         self.store
             .list_environments()
             .await?

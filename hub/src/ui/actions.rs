@@ -293,14 +293,7 @@ async fn environments(
     from: &EnvName,
     to: &EnvName,
 ) -> Result<(crate::model::Environment, crate::model::Environment), UiError> {
-    let envs = hub.list_environments().await?;
-    let env = |n: &EnvName| {
-        envs.iter()
-            .find(|e| e.name == *n)
-            .cloned()
-            .ok_or_else(|| UiError::from(HubError::NotFound(format!("environment {n}"))))
-    };
-    Ok((env(from)?, env(to)?))
+    Ok((hub.environment(from).await?, hub.environment(to).await?))
 }
 
 fn nav(a: &Action) -> Nav {
