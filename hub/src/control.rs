@@ -75,6 +75,10 @@ pub struct Hub {
     claim: std::sync::RwLock<Option<EnvClaim>>,
     /// Sources were created, changed or asked to sync (wakes the runner).
     sources_changed: tokio::sync::Notify,
+    /// This hub (commits run in tasks of their own, see [`Hub::commit_release`]).
+    me: std::sync::Weak<Hub>,
+    /// Where operator calls run (see [`crate::lane`]).
+    pub control: crate::lane::Lane,
 }
 
 /// A source's claim on environments: promotions into them are refused and
@@ -147,9 +151,14 @@ pub async fn blocking<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static)
 }
 
 impl Hub {
-    pub fn new(store: Arc<dyn Store>, tuning: Tuning, ca: Option<HubCa>) -> Hub {
+    pub fn new(
+        store: Arc<dyn Store>,
+        tuning: Tuning,
+        ca: Option<HubCa>,
+    ) -> std::io::Result<Arc<Hub>> {
         let events = crate::events::Events::default();
-        Hub {
+        let control = crate::lane::Lane::new("hub-control")?;
+        Ok(Arc::new_cyclic(|me| Hub {
             store,
             fanout: Fanout::default(),
             feedback: Arc::new(Feedback::new(events.clone())),
@@ -161,7 +170,9 @@ impl Hub {
             ca: ca.map(Arc::new),
             claim: std::sync::RwLock::new(None),
             sources_changed: tokio::sync::Notify::new(),
-        }
+            me: me.clone(),
+            control,
+        }))
     }
 
     /// Records that a source feeds some environments.
@@ -524,9 +535,45 @@ impl Hub {
 
     /// Commits one revision and publishes it.
     pub async fn commit(&self, rev: NewRevision) -> Result<Revision> {
-        let committed = self.store.commit_revision(rev).await?;
-        self.publish(&committed);
-        Ok(committed)
+        let (mut committed, _) = self.commit_release(vec![rev], None).await?;
+        committed
+            .pop()
+            .ok_or_else(|| HubError::Internal("no revision committed".into()))
+    }
+
+    /// Commits revisions (and the promotion that made them) atomically and
+    /// offers them to agents. Both happen in a task of their own, so a
+    /// caller that goes away (a cancelled RPC) cannot leave a committed
+    /// revision unoffered. The caller hears first: its reply does not wait
+    /// behind the deliveries the commit sets off.
+    pub async fn commit_release(
+        &self,
+        revs: Vec<NewRevision>,
+        promotion: Option<crate::store::NewPromotion>,
+    ) -> Result<(Vec<Revision>, Option<u64>)> {
+        let hub = self
+            .me
+            .upgrade()
+            .ok_or_else(|| HubError::Internal("the hub is shutting down".into()))?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tokio::spawn(async move {
+            match hub.store.commit_release(revs, promotion).await {
+                Ok(committed) => {
+                    let offer = committed.0.clone();
+                    let _ = reply.send(Ok(committed));
+                    for r in &offer {
+                        hub.publish(r);
+                    }
+                }
+                Err(e) => {
+                    let _ = reply.send(Err(e));
+                }
+            }
+        });
+        answer
+            .await
+            .map_err(|_| HubError::Internal("a commit task failed".into()))?
+            .map_err(HubError::from)
     }
 
     /// A unit with its head and a page of per-cluster status.

@@ -20,16 +20,24 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::ErrorChain;
 use crate::events::{Events, HubEvent};
-use crate::model::{ClusterName, RevisionNum, StatusReport, UnitRef};
+use crate::model::{ClusterName, EnvName, RevisionNum, StatusReport, UnitName, UnitRef};
 use crate::store::{Ack, Seen, Store};
 
 type Key = (ClusterName, UnitRef);
 
 #[derive(Default)]
 struct Pending {
-    acks: HashMap<Key, RevisionNum>,
+    /// By cluster, then unit (an ack to a known cluster and unit allocates
+    /// nothing).
+    acks: HashMap<ClusterName, ClusterAcks>,
     statuses: HashMap<Key, StatusReport>,
     seen: HashMap<ClusterName, Seen>,
+}
+
+/// A cluster's pending acks: its environment and the newest per unit.
+struct ClusterAcks {
+    env: EnvName,
+    units: HashMap<UnitName, RevisionNum>,
 }
 
 /// Coalescing buffer between agent sessions and the store.
@@ -63,9 +71,19 @@ impl Feedback {
 
     /// Records an ack (written with the next batch of acks, at most a
     /// second later; acks do not wake the writer).
-    pub fn ack(&self, cluster: ClusterName, unit: UnitRef, revision: RevisionNum) {
+    pub fn ack(&self, cluster: &ClusterName, env: &EnvName, unit: UnitName, revision: RevisionNum) {
         let mut p = self.lock();
-        let e = p.acks.entry((cluster, unit)).or_default();
+        let acks = match p.acks.get_mut(cluster) {
+            Some(a) => a,
+            None => p
+                .acks
+                .entry(cluster.clone())
+                .or_insert_with(|| ClusterAcks {
+                    env: env.clone(),
+                    units: HashMap::new(),
+                }),
+        };
+        let e = acks.units.entry(unit).or_default();
         *e = (*e).max(revision);
     }
 
@@ -111,10 +129,15 @@ impl Feedback {
         let statuses: Vec<StatusReport> = statuses.into_values().collect();
         let acks: Vec<Ack> = acks
             .into_iter()
-            .map(|((cluster, unit), revision)| Ack {
-                cluster,
-                unit,
-                revision,
+            .flat_map(|(cluster, a)| {
+                a.units.into_iter().map(move |(name, revision)| Ack {
+                    cluster: cluster.clone(),
+                    unit: UnitRef {
+                        env: a.env.clone(),
+                        name,
+                    },
+                    revision,
+                })
             })
             .collect();
         let mut failed = None;
@@ -150,11 +173,10 @@ impl Feedback {
         }
         let Some(e) = failed else { return true };
         tracing::warn!(error = %ErrorChain(&e), "recording agent feedback failed; will retry");
-        let mut p = self.lock();
         for a in acks.into_iter().skip(written_acks) {
-            let e = p.acks.entry((a.cluster, a.unit)).or_default();
-            *e = (*e).max(a.revision);
+            self.ack(&a.cluster, &a.unit.env, a.unit.name, a.revision);
         }
+        let mut p = self.lock();
         for s in seen.into_iter().skip(written_seen) {
             p.seen.entry(s.cluster.clone()).or_insert(s);
         }

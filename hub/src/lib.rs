@@ -14,6 +14,7 @@ pub mod fanout;
 pub mod feedback;
 pub mod grpc;
 pub mod http;
+pub mod lane;
 pub mod manifest;
 pub mod metrics;
 pub mod model;

@@ -39,6 +39,8 @@ pub enum StartError {
     },
     #[error("gRPC server failed")]
     Serve(#[source] tonic::transport::Error),
+    #[error("cannot start the hub's threads")]
+    Threads(#[source] std::io::Error),
     #[error("cannot set up TLS")]
     Tls(#[from] crate::tls::TlsError),
 }
@@ -161,7 +163,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
-    let hub = Arc::new(Hub::new(store.clone(), config.tuning.clone(), ca));
+    let hub = Hub::new(store.clone(), config.tuning.clone(), ca).map_err(StartError::Threads)?;
     let shutdown = CancellationToken::new();
     // OCI sources (the leader of a shared store runs them).
     let oci =

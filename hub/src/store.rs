@@ -7,6 +7,7 @@
 //! failed call leaves the store unchanged.
 
 mod backend;
+mod commit;
 mod rows;
 mod sql;
 
@@ -198,6 +199,9 @@ pub trait Store: Send + Sync + 'static {
     async fn heads(&self, env: &EnvName) -> StoreResult<Vec<HeadRef>>;
 
     // --- agent feedback ---
+    // Each of these writes its batch in one statement: a batch holds at
+    // most one entry per cluster (and unit), as the hub's feedback buffer
+    // coalesces them.
     /// Records acknowledged receipts (never lowers a recorded revision).
     async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()>;
     /// Records the latest status per (cluster, unit).

@@ -374,3 +374,34 @@ async fn clusters_remember_their_last_agent_session_and_credentials() {
     .unwrap();
     assert!(cluster(&hub, "dev-1").await.revoked);
 }
+
+#[tokio::test]
+async fn a_commit_whose_caller_goes_away_still_reaches_the_agents() {
+    use futures::FutureExt;
+    use unitsync_hub::model::{Actor, PutMode};
+
+    let (hub, token) = hub_with_cluster().await;
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    agent.start();
+    until("web@1 held", || async {
+        latest(&agent).get("web") == Some(&(1, false))
+    })
+    .await;
+
+    // The caller (an RPC cancelled by its client, say) is dropped after
+    // the commit started: it is committed and offered, not left behind.
+    let put = hub.running().hub.put_unit(
+        Actor::Operator("tester".into()),
+        "dev/web".parse().unwrap(),
+        configmap("web", "2"),
+        String::new(),
+        PutMode::CreateOrUpdate,
+        None,
+    );
+    assert!(put.now_or_never().is_none(), "the commit is still running");
+    until("web@2 held", || async {
+        latest(&agent).get("web") == Some(&(2, false))
+    })
+    .await;
+}

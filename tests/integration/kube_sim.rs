@@ -1504,3 +1504,84 @@ async fn the_binary_takes_faults_from_flags_and_from_its_control_endpoint() {
             .is_none()
     );
 }
+
+#[tokio::test]
+async fn size_limits_of_objects_and_request_bodies() {
+    let (_sim, client) = sim().await;
+    namespace(&client, "apps").await;
+    let api = cms(&client, "apps");
+    let limit = 1024 * 1024;
+    // At the limit (keys count): created; one byte more: 422 on create,
+    // apply and update, naming the whole object as the API server does.
+    let at = "x".repeat(limit - 1);
+    within(
+        "create at the limit",
+        api.create(&PostParams::default(), &obj(cm("fits", json!({"k": at})))),
+    )
+    .await
+    .expect("a ConfigMap of 1 MiB is accepted");
+    let over = "x".repeat(limit);
+    let too_long = r#"ConfigMap "over" is invalid: []: Too long: must have at most 1048576 bytes"#;
+    let e = api_err(
+        within(
+            "create over",
+            api.create(
+                &PostParams::default(),
+                &obj(cm("over", json!({"k": over.clone()}))),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.reason.as_str(), e.message.as_str()),
+        (422, "Invalid", too_long)
+    );
+    let e = api_err(
+        within(
+            "apply over",
+            apply(&api, "m", cm("over", json!({"k": over.clone()})), false),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!((e.code, e.message.as_str()), (422, too_long));
+    let e = api_err(
+        within(
+            "update over",
+            api.replace(
+                "fits",
+                &PostParams::default(),
+                &obj(cm("fits", json!({"k": at.clone(), "k2": "y"}))),
+            ),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        (
+            422,
+            r#"ConfigMap "fits" is invalid: []: Too long: must have at most 1048576 bytes"#
+        )
+    );
+    // A body past 3 MiB is refused before it is read as an object.
+    let huge = "x".repeat(3 * 1024 * 1024);
+    let e = api_err(
+        within(
+            "create huge",
+            api.create(&PostParams::default(), &obj(cm("huge", json!({"k": huge})))),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        (e.code, e.reason.as_str(), e.message.as_str()),
+        (
+            413,
+            "RequestEntityTooLarge",
+            "Request entity too large: limit is 3145728"
+        )
+    );
+    assert!(within("get", api.get_opt("over")).await.unwrap().is_none());
+}

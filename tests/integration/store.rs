@@ -121,6 +121,77 @@ async fn contract(store: Arc<dyn Store>) {
         "a"
     );
 
+    // Commits that arrive together (committed as a group) are answered one
+    // by one: each valid one gets its own number, a failing one its own
+    // error, and a failing release set commits nothing of itself only.
+    let puts = (0..16).map(|i| {
+        store.commit_revision(rev(
+            "dev/together",
+            &format!("v{i}"),
+            PutMode::CreateOrUpdate,
+        ))
+    });
+    let missing = store.commit_revision(rev("dev/absent", "x", PutMode::Update));
+    let stale = store.commit_revision(NewRevision {
+        expected_head: Some(RevisionNum(1)),
+        ..rev("dev/web", "stale", PutMode::Update)
+    });
+    let half = store.commit_release(
+        vec![
+            rev("dev/half-a", "x", PutMode::Create),
+            rev("dev/web", "dup", PutMode::Create),
+        ],
+        None,
+    );
+    let (puts, missing, stale, half) =
+        tokio::join!(futures::future::join_all(puts), missing, stale, half);
+    let mut numbers: Vec<u64> = puts.into_iter().map(|r| r.unwrap().number.0).collect();
+    numbers.sort_unstable();
+    assert_eq!(numbers, (1..=16).collect::<Vec<u64>>());
+    let history = store
+        .history(&"dev/together".parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(history.len(), 16);
+    assert!(
+        matches!(missing, Err(StoreError::NotFound(_))),
+        "{missing:?}"
+    );
+    assert!(
+        matches!(&stale, Err(StoreError::Conflict(m)) if m.contains("changed concurrently")),
+        "{stale:?}"
+    );
+    assert!(
+        matches!(half, Err(StoreError::AlreadyExists(_))),
+        "{half:?}"
+    );
+    assert!(
+        store
+            .get_unit(&"dev/half-a".parse().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert!(
+        store
+            .get_unit(&"dev/absent".parse().unwrap())
+            .await
+            .unwrap()
+            .is_none()
+    );
+    assert_eq!(
+        store
+            .get_unit(&"dev/web".parse().unwrap())
+            .await
+            .unwrap()
+            .unwrap()
+            .head,
+        RevisionNum(2),
+        "the stale and the duplicate commit changed nothing"
+    );
+    let together = store.list_audit(100, "dev/together").await.unwrap();
+    assert_eq!(together.len(), 16, "one audit entry per committed revision");
+
     // A release set is atomic: a failing member commits nothing.
     let before = store.list_units(None).await.unwrap().len();
     let set = vec![

@@ -280,10 +280,7 @@ impl Hub {
         if revs.is_empty() {
             return Ok(outcome);
         }
-        let (committed, _) = self.store.commit_release(revs, None).await?;
-        for r in &committed {
-            self.publish(r);
-        }
+        let (committed, _) = self.commit_release(revs, None).await?;
         outcome.committed = committed;
         Ok(outcome)
     }

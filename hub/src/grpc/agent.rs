@@ -261,20 +261,22 @@ fn outbound(
         conn: Arc<AgentConn>,
         extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
         ready: std::collections::VecDeque<Result<pb::HubMessage, Status>>,
-        ticker: tokio::time::Interval,
+        /// The heartbeat timer: due `heartbeat` after the last message
+        /// sent, re-armed only when it falls due (not per message).
+        idle: Pin<Box<tokio::time::Sleep>>,
+        last_sent: tokio::time::Instant,
         /// The end of the session, one future for all of it.
         kicked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
         ended: bool,
     }
-    let mut ticker = tokio::time::interval(hub.tuning.heartbeat);
-    ticker.reset();
     let out = Out {
+        idle: Box::pin(tokio::time::sleep(hub.tuning.heartbeat)),
+        last_sent: tokio::time::Instant::now(),
         hub,
         kicked: Box::pin(conn.kick.clone().cancelled_owned()),
         conn,
         extra,
         ready: std::collections::VecDeque::from([Ok(welcome)]),
-        ticker,
         ended: false,
     };
     futures::stream::unfold(out, |mut o| async move {
@@ -307,9 +309,17 @@ fn outbound(
                         o.conn.mailbox.mark_sent(&d);
                         o.hub.metrics.updates_sent.inc();
                     }
-                    o.ticker.reset();
+                    o.last_sent = tokio::time::Instant::now();
                 }
-                _ = o.ticker.tick() => o.ready.push_back(Ok(heartbeat())),
+                () = &mut o.idle => {
+                    let due = o.last_sent + o.hub.tuning.heartbeat;
+                    if due <= tokio::time::Instant::now() {
+                        o.ready.push_back(Ok(heartbeat()));
+                        o.last_sent = tokio::time::Instant::now();
+                    }
+                    let next = o.last_sent + o.hub.tuning.heartbeat;
+                    o.idle.as_mut().reset(next);
+                }
             }
         }
     })
@@ -466,11 +476,9 @@ fn on_ack(
         .observe(committed.elapsed().as_secs_f64());
     if a.revision > 0 {
         hub.feedback.ack(
-            cluster.name.clone(),
-            UnitRef {
-                env: cluster.environment.clone(),
-                name,
-            },
+            &cluster.name,
+            &cluster.environment,
+            name,
             RevisionNum(a.revision),
         );
     }

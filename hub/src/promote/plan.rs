@@ -220,7 +220,6 @@ impl Hub {
             });
         }
         let (committed, id) = self
-            .store
             .commit_release(
                 revs,
                 Some(NewPromotion {
@@ -235,7 +234,6 @@ impl Hub {
             )
             .await?;
         for r in &committed {
-            self.publish(r);
             if let Some(i) = items.iter_mut().find(|i| i.target == r.unit) {
                 i.committed = r.number;
             }

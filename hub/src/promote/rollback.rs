@@ -43,12 +43,9 @@ impl Hub {
                 if message.is_empty() { origin } else { message },
             )
         };
-        let (mut revs, _) = self.store.commit_release(vec![rev], None).await?;
-        let r = revs
-            .pop()
-            .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
-        self.publish(&r);
-        Ok(r)
+        let (mut revs, _) = self.commit_release(vec![rev], None).await?;
+        revs.pop()
+            .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))
     }
 
     /// Rolls a whole release set back: every unit it changed returns to its
@@ -96,12 +93,9 @@ impl Hub {
                 )
             });
         }
-        let (committed, _) = self.store.commit_release(revs, None).await?;
         // Committed revisions reach agents whatever happens to the summary
         // entry (each revision's own audit entry is already in the commit).
-        for r in &committed {
-            self.publish(r);
-        }
+        let (committed, _) = self.commit_release(revs, None).await?;
         self.store
             .append_audit(NewAudit {
                 actor,

@@ -64,6 +64,25 @@ impl Backend {
         }
     }
 
+    /// `rows` rows of `cols` placeholders for a `VALUES` list: `($1, $2),
+    /// ($3, $4)`; on SQLite anonymous ones, `(?, ?), (?, ?)` (SQLite looks a
+    /// numbered parameter's name up by a linear scan, which sqlx does for
+    /// every parameter: quadratic in a long list).
+    pub(super) fn values(self, rows: usize, cols: usize) -> String {
+        (0..rows)
+            .map(|r| {
+                let row: Vec<String> = (1..=cols)
+                    .map(|c| match self {
+                        Backend::Sqlite => "?".to_owned(),
+                        Backend::Postgres => format!("${}", r * cols + c),
+                    })
+                    .collect();
+                format!("({})", row.join(", "))
+            })
+            .collect::<Vec<_>>()
+            .join(", ")
+    }
+
     /// PostgreSQL: a transaction-scoped lock per unit, in one global order,
     /// so that replicas committing overlapping units wait for each other
     /// (no lost revision number, no deadlock; units not created yet are

@@ -287,3 +287,8 @@ pub(super) fn promotion(row: &impl Columns) -> StoreResult<Promotion> {
             .map_err(|e| corrupt(format!("promotion items: {e}")))?,
     })
 }
+
+/// A count or number as the databases store it.
+pub(super) fn int(n: u64) -> StoreResult<i64> {
+    i64::try_from(n).map_err(|_| corrupt("number out of range"))
+}

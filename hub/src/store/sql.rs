@@ -17,16 +17,17 @@ use async_trait::async_trait;
 use sqlx::{AnyConnection, AnyPool};
 
 use super::backend::{self, Backend, CHANNEL, LEADER_LOCK};
-use super::rows::{self, Columns, ENV_COLUMNS, corrupt, db, is_unique_violation, labels_json, num};
+use super::commit::Committer;
+use super::rows::{self, ENV_COLUMNS, corrupt, db, int, is_unique_violation, labels_json};
 use super::{
     Ack, Announcement, NewPromotion, Operator, Page, RevisionStream, Seen, Store, StoreError,
     StoreResult, TokenHash,
 };
+use crate::lane::Lane;
 use crate::model::{
     AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, OciAuth, OciSource, Override, PromotedUnit, Promotion, PutMode, Revision,
-    RevisionNum, SourceName, SourceOperation, SourceStatus, StatusCell, StatusReport, Unit,
-    UnitRef, UnixMillis,
+    NewRevision, OciAuth, OciSource, Override, Promotion, Revision, RevisionNum, SourceName,
+    SourceOperation, SourceStatus, StatusCell, StatusReport, Unit, UnitRef, UnixMillis,
 };
 
 pub struct SqlStore {
@@ -38,6 +39,10 @@ pub struct SqlStore {
     url: Option<String>,
     /// PostgreSQL: the connection holding the leader lock, while it lives.
     leader: tokio::sync::Mutex<Option<AnyConnection>>,
+    /// Every commit goes through it (group commit, on `lane`).
+    committer: Committer,
+    /// The store's own thread (after `committer`: dropped last).
+    _lane: Lane,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -71,13 +76,23 @@ impl SqlStore {
         let mut conn = writer.acquire().await.map_err(db)?;
         backend.migrate(&mut conn).await?;
         drop(conn);
+        let lane = Lane::new("store-lane").map_err(|e| StoreError::Database(Box::new(e)))?;
+        let committer = Committer::start(&lane, writer.clone(), backend);
         Ok(SqlStore {
             backend,
             writer,
             readers,
             url,
             leader: tokio::sync::Mutex::new(None),
+            committer,
+            _lane: lane,
         })
+    }
+
+    /// The writer pool (tests drive the committer's parts directly).
+    #[cfg(test)]
+    pub(super) fn writer(&self) -> &AnyPool {
+        &self.writer
     }
 
     /// One statement on one cluster's row (`value`, if any, binds first as
@@ -165,10 +180,6 @@ fn already(what: impl FnOnce() -> String) -> impl FnOnce(sqlx::Error) -> StoreEr
     }
 }
 
-fn int(n: u64) -> StoreResult<i64> {
-    i64::try_from(n).map_err(|_| corrupt("number out of range"))
-}
-
 async fn environment_exists(tx: &mut AnyConnection, env: &EnvName) -> StoreResult<bool> {
     let found: Option<String> = sqlx::query_scalar("SELECT name FROM environments WHERE name = $1")
         .bind(env.as_str())
@@ -176,202 +187,6 @@ async fn environment_exists(tx: &mut AnyConnection, env: &EnvName) -> StoreResul
         .await
         .map_err(db)?;
     Ok(found.is_some())
-}
-
-async fn commit_one(
-    backend: Backend,
-    tx: &mut AnyConnection,
-    rev: NewRevision,
-) -> StoreResult<Revision> {
-    if !environment_exists(tx, &rev.unit.env).await? {
-        return Err(StoreError::NotFound(format!(
-            "environment {}",
-            rev.unit.env
-        )));
-    }
-    // An OCI source commits only while it exists and runs (its row is
-    // locked against a concurrent delete or suspend).
-    if let Some(name) = rev.source.strip_prefix("oci:") {
-        let select = format!(
-            "SELECT suspended FROM oci_sources WHERE name = $1{}",
-            backend.for_update()
-        );
-        let suspended: Option<i64> = sqlx::query_scalar(sqlx::AssertSqlSafe(select))
-            .bind(name)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-        match suspended {
-            None => return Err(StoreError::Conflict(format!("source {name} was deleted"))),
-            Some(s) if s != 0 => {
-                return Err(StoreError::Conflict(format!("source {name} is suspended")));
-            }
-            Some(_) => {}
-        }
-    }
-    let now = UnixMillis::now();
-    let select = format!(
-        "SELECT id, head, destroyed, source FROM units WHERE environment = $1 AND name = $2{}",
-        backend.for_update()
-    );
-    let (unit_id, number) = loop {
-        let existing = sqlx::query(sqlx::AssertSqlSafe(select.clone()))
-            .bind(rev.unit.env.as_str())
-            .bind(rev.unit.name.as_str())
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-        let Some(row) = existing else {
-            if let Some(expected) = rev.expected_head.filter(|h| h.0 > 0) {
-                return Err(changed(&rev.unit, expected, RevisionNum(0)));
-            }
-            if rev.tombstone || rev.mode == PutMode::Update {
-                return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
-            }
-            let id: Option<i64> = sqlx::query_scalar(
-                "INSERT INTO units (environment, name, labels, head, destroyed, created_at, updated_at, upstream, source)
-                 VALUES ($1, $2, $3, 1, 0, $4, $5, $6, $7)
-                 ON CONFLICT (environment, name) DO NOTHING RETURNING id",
-            )
-            .bind(rev.unit.env.as_str())
-            .bind(rev.unit.name.as_str())
-            .bind(labels_json(&rev.labels.clone().unwrap_or_default()))
-            .bind(now.0)
-            .bind(now.0)
-            .bind(rev.upstream.as_ref().map(ToString::to_string))
-            .bind(&rev.source)
-            .fetch_optional(&mut *tx)
-            .await
-            .map_err(db)?;
-            match id {
-                Some(id) => break (id, RevisionNum::FIRST),
-                // Another replica created it meanwhile: lock its row instead.
-                None => continue,
-            }
-        };
-        let id = row.int("id")?;
-        let head = num(row.int("head")?);
-        let destroyed = row.int("destroyed")? != 0;
-        let owner = row.text("source")?;
-        if owner != rev.source {
-            return Err(StoreError::Conflict(owned_elsewhere(&rev.unit, &owner)));
-        }
-        if let Some(expected) = rev.expected_head
-            && expected != head
-        {
-            return Err(changed(&rev.unit, expected, head));
-        }
-        match (rev.mode, destroyed, rev.tombstone) {
-            (_, true, true) => {
-                return Err(StoreError::Conflict(format!(
-                    "unit {} is already destroyed",
-                    rev.unit
-                )));
-            }
-            (PutMode::Create, false, false) => {
-                return Err(StoreError::AlreadyExists(format!("unit {}", rev.unit)));
-            }
-            (PutMode::Update, true, false) => {
-                return Err(StoreError::NotFound(format!("unit {}", rev.unit)));
-            }
-            _ => {}
-        }
-        let number = head.next();
-        sqlx::query(
-            "UPDATE units SET head = $1, destroyed = $2, updated_at = $3,
-             labels = COALESCE($4, labels) WHERE id = $5",
-        )
-        .bind(int(number.0)?)
-        .bind(i64::from(rev.tombstone))
-        .bind(now.0)
-        .bind(rev.labels.as_ref().map(labels_json))
-        .bind(id)
-        .execute(&mut *tx)
-        .await
-        .map_err(db)?;
-        break (id, number);
-    };
-    let author = rev.author.to_string();
-    sqlx::query(
-        "INSERT INTO revisions (unit_id, number, digest, tombstone, manifests, documents, author, message, origin, created_at, source_revision)
-         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11)",
-    )
-    .bind(unit_id)
-    .bind(int(number.0)?)
-    .bind(rev.digest.to_hex())
-    .bind(i64::from(rev.tombstone))
-    .bind(&*rev.manifests)
-    .bind(i64::from(rev.documents))
-    .bind(&author)
-    .bind(&rev.message)
-    .bind(&rev.origin)
-    .bind(now.0)
-    .bind(int(rev.source_revision.0)?)
-    .execute(&mut *tx)
-    .await
-    .map_err(db)?;
-    let action = if rev.tombstone {
-        "unit.destroy"
-    } else if number == RevisionNum::FIRST {
-        "unit.create"
-    } else {
-        "unit.update"
-    };
-    insert_audit(
-        tx,
-        &NewAudit {
-            actor: rev.author.clone(),
-            action,
-            target: rev.unit.to_string(),
-            detail: format!(
-                "revision {number} digest {} origin {:?} message {:?}",
-                rev.digest, rev.origin, rev.message
-            ),
-        },
-    )
-    .await?;
-    backend.announce(tx, &rev.unit, number).await?;
-    Ok(Revision {
-        unit: rev.unit,
-        number,
-        digest: rev.digest,
-        tombstone: rev.tombstone,
-        manifests: rev.manifests,
-        documents: rev.documents,
-        author,
-        message: rev.message,
-        origin: rev.origin,
-        created_at: now,
-        source_revision: rev.source_revision,
-    })
-}
-
-/// A unit another writer tried to change.
-fn owned_elsewhere(unit: &UnitRef, owner: &str) -> String {
-    if owner.is_empty() {
-        format!(
-            "unit {unit} belongs to the hub, not to a source; change it with `unitsync unit update`"
-        )
-    } else {
-        format!("unit {unit} belongs to {owner}; change it there")
-    }
-}
-
-/// A unit changed between planning and committing.
-fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreError {
-    let now = if head.0 == 0 {
-        "it does not exist".to_owned()
-    } else {
-        format!("its head is revision {head}")
-    };
-    let then = if expected.0 == 0 {
-        "it did not exist".to_owned()
-    } else {
-        format!("revision {expected}")
-    };
-    StoreError::Conflict(format!(
-        "unit {unit} changed concurrently: planned against {then}, but {now}; nothing was committed, retry"
-    ))
 }
 
 /// A cluster row (`c`) with its newest certificate's expiry.
@@ -651,78 +466,7 @@ impl Store for SqlStore {
         revs: Vec<NewRevision>,
         promotion: Option<NewPromotion>,
     ) -> StoreResult<(Vec<Revision>, Option<u64>)> {
-        let mut tx = self.writer.begin().await.map_err(db)?;
-        self.backend
-            .lock_units(&mut tx, revs.iter().map(|r| &r.unit))
-            .await?;
-        let mut out = Vec::with_capacity(revs.len());
-        for rev in revs {
-            out.push(commit_one(self.backend, &mut tx, rev).await?);
-        }
-        let mut id = None;
-        if let Some(p) = promotion {
-            let items: Vec<PromotedUnit> = p
-                .items
-                .iter()
-                .zip(&out)
-                .map(|(i, r)| PromotedUnit {
-                    target_revision: r.number.0,
-                    ..i.clone()
-                })
-                .collect();
-            let items_json = serde_json::to_string(&items).map_err(corrupt)?;
-            let pid: i64 = sqlx::query_scalar(
-                "INSERT INTO promotions (time, actor, from_env, to_env, automatic, forced, reason, items)
-                 VALUES ($1, $2, $3, $4, $5, $6, $7, $8) RETURNING id",
-            )
-            .bind(UnixMillis::now().0)
-            .bind(p.actor.to_string())
-            .bind(p.from.as_str())
-            .bind(p.to.as_str())
-            .bind(i64::from(p.automatic))
-            .bind(i64::from(p.forced))
-            .bind(&p.reason)
-            .bind(&items_json)
-            .fetch_one(&mut *tx)
-            .await
-            .map_err(db)?;
-            let detail = items
-                .iter()
-                .map(|i| {
-                    format!(
-                        "{}@{} -> {}@{}",
-                        i.source_unit, i.source_revision, i.target_unit, i.target_revision
-                    )
-                })
-                .collect::<Vec<_>>()
-                .join(", ");
-            insert_audit(
-                &mut tx,
-                &NewAudit {
-                    actor: p.actor.clone(),
-                    action: if p.forced {
-                        "promotion.forced"
-                    } else if p.automatic {
-                        "promotion.auto"
-                    } else {
-                        "promotion"
-                    },
-                    target: format!("{}->{}", p.from, p.to),
-                    detail: format!(
-                        "promotion {pid}: {detail}{}",
-                        if p.reason.is_empty() {
-                            String::new()
-                        } else {
-                            format!("; reason {:?}", p.reason)
-                        }
-                    ),
-                },
-            )
-            .await?;
-            id = Some(u64::try_from(pid).unwrap_or(0));
-        }
-        tx.commit().await.map_err(db)?;
-        Ok((out, id))
+        self.committer.commit(revs, promotion).await
     }
 
     async fn get_unit(&self, unit: &UnitRef) -> StoreResult<Option<Unit>> {
@@ -803,83 +547,87 @@ impl Store for SqlStore {
         if acks.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        // One statement per batch (a batch holds one ack per cluster and
+        // unit); joins make a row a no-op for a cluster deleted meanwhile.
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO unit_status (cluster, unit_id, acked)
+             SELECT c.name, u.id, v.column1 FROM (VALUES {}) AS v
+             JOIN clusters c ON c.name = v.column2
+             JOIN units u ON u.environment = v.column3 AND u.name = v.column4
+             WHERE true
+             ON CONFLICT (cluster, unit_id) DO UPDATE SET acked = CASE
+               WHEN excluded.acked > unit_status.acked THEN excluded.acked
+               ELSE unit_status.acked END",
+            self.backend.values(acks.len(), 4)
+        )));
         for a in acks {
-            // Joins make this a no-op for a cluster deleted meanwhile.
-            sqlx::query(
-                "INSERT INTO unit_status (cluster, unit_id, acked)
-                 SELECT c.name, u.id, $1 FROM units u JOIN clusters c ON c.name = $2
-                 WHERE u.environment = $3 AND u.name = $4
-                 ON CONFLICT (cluster, unit_id) DO UPDATE SET acked = CASE
-                   WHEN excluded.acked > unit_status.acked THEN excluded.acked
-                   ELSE unit_status.acked END",
-            )
-            .bind(int(a.revision.0)?)
-            .bind(a.cluster.as_str())
-            .bind(a.unit.env.as_str())
-            .bind(a.unit.name.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            q = q
+                .bind(int(a.revision.0)?)
+                .bind(a.cluster.as_str())
+                .bind(a.unit.env.as_str())
+                .bind(a.unit.name.as_str());
         }
-        tx.commit().await.map_err(db)
+        q.execute(&self.writer).await.map_err(db)?;
+        Ok(())
     }
 
     async fn record_seen(&self, seen: &[Seen]) -> StoreResult<()> {
         if seen.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "UPDATE clusters SET last_seen = v.column1, agent_version = v.column2
+             FROM (VALUES {}) AS v
+             WHERE clusters.name = v.column3 AND clusters.last_seen <= v.column1",
+            self.backend.values(seen.len(), 3)
+        )));
         for s in seen {
-            sqlx::query(
-                "UPDATE clusters SET last_seen = $1, agent_version = $2
-                 WHERE name = $3 AND last_seen <= $1",
-            )
-            .bind(s.at.0)
-            .bind(&s.agent_version)
-            .bind(s.cluster.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            q = q
+                .bind(s.at.0)
+                .bind(&s.agent_version)
+                .bind(s.cluster.as_str());
         }
-        tx.commit().await.map_err(db)
+        q.execute(&self.writer).await.map_err(db)?;
+        Ok(())
     }
 
     async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()> {
         if reports.is_empty() {
             return Ok(());
         }
-        let mut tx = self.writer.begin().await.map_err(db)?;
+        // One statement per batch (one report per cluster and unit).
+        let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at, ready_since)
+             SELECT c.name, u.id, v.column1, v.column2, v.column3, v.column4, v.column5,
+                    CASE WHEN v.column2 = 'Ready' THEN v.column5 ELSE 0 END
+             FROM (VALUES {}) AS v
+             JOIN clusters c ON c.name = v.column6
+             JOIN units u ON u.environment = v.column7 AND u.name = v.column8
+             WHERE true
+             ON CONFLICT (cluster, unit_id) DO UPDATE SET
+               ready_since = CASE
+                 WHEN excluded.phase != 'Ready' THEN 0
+                 WHEN unit_status.phase = 'Ready' AND unit_status.revision = excluded.revision
+                   AND unit_status.ready_since > 0 THEN unit_status.ready_since
+                 ELSE excluded.updated_at END,
+               revision = excluded.revision,
+               phase = excluded.phase, message = excluded.message,
+               resources = excluded.resources, updated_at = excluded.updated_at",
+            self.backend.values(reports.len(), 8)
+        )));
         for r in reports {
-            let resources = serde_json::to_string(&r.resources).map_err(corrupt)?;
-            sqlx::query(
-                "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at, ready_since)
-                 SELECT c.name, u.id, $1, $2, $3, $4, $5, CASE WHEN $2 = 'Ready' THEN $5 ELSE 0 END
-                 FROM units u JOIN clusters c ON c.name = $6
-                 WHERE u.environment = $7 AND u.name = $8
-                 ON CONFLICT (cluster, unit_id) DO UPDATE SET
-                   ready_since = CASE
-                     WHEN excluded.phase != 'Ready' THEN 0
-                     WHEN unit_status.phase = 'Ready' AND unit_status.revision = excluded.revision
-                       AND unit_status.ready_since > 0 THEN unit_status.ready_since
-                     ELSE excluded.updated_at END,
-                   revision = excluded.revision,
-                   phase = excluded.phase, message = excluded.message,
-                   resources = excluded.resources, updated_at = excluded.updated_at",
-            )
-            .bind(int(r.revision.0)?)
-            .bind(r.phase.as_str())
-            .bind(&r.message)
-            .bind(resources)
-            .bind(r.observed_at.0)
-            .bind(r.cluster.as_str())
-            .bind(r.unit.env.as_str())
-            .bind(r.unit.name.as_str())
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+            q = q
+                .bind(int(r.revision.0)?)
+                .bind(r.phase.as_str())
+                .bind(&r.message)
+                .bind(serde_json::to_string(&r.resources).map_err(corrupt)?)
+                .bind(r.observed_at.0)
+                .bind(r.cluster.as_str())
+                .bind(r.unit.env.as_str())
+                .bind(r.unit.name.as_str());
         }
-        tx.commit().await.map_err(db)
+        q.execute(&self.writer).await.map_err(db)?;
+        Ok(())
     }
 
     async fn statuses(

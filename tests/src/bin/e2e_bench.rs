@@ -43,8 +43,8 @@ struct Args {
     /// Commits sent back to back for the throughput figure.
     #[arg(long, default_value_t = 300)]
     burst: usize,
-    /// Size of the large unit (one ConfigMap) for the agent memory figure,
-    /// MiB (0: skip).
+    /// Size of the large unit (ConfigMaps of 1,000 KiB each) for the agent
+    /// memory figure, MiB (0: skip).
     #[arg(long, default_value_t = 3)]
     large_mib: usize,
 }
@@ -397,10 +397,16 @@ async fn main() -> anyhow::Result<()> {
     if args.large_mib > 0 {
         let pid = agents[0].pid().context("agent pid")?;
         let before = status_kib(pid, "VmRSS:");
-        let payload = "x".repeat(args.large_mib << 20);
-        let text = format!(
-            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: large\n  namespace: bench\ndata:\n  blob: \"{payload}\"\n"
-        );
+        // ConfigMaps of 1,000 KiB (the API server takes at most 1 MiB of
+        // data per ConfigMap), as many as the size asks for.
+        let payload = "x".repeat(1000 << 10);
+        let text: String = (0..args.large_mib)
+            .map(|i| {
+                format!(
+                    "---\napiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: large-{i}\n  namespace: bench\ndata:\n  blob: \"{payload}\"\n"
+                )
+            })
+            .collect();
         let rev = admin
             .put_unit(pb::PutUnitRequest {
                 unit: "dev/large".into(),

@@ -60,15 +60,15 @@ struct Figures {
     elapsed: Duration,
     rss_kib: u64,
     peak_rss_kib: u64,
+    /// Server CPU time spent during the phase, in seconds.
+    server_cpu: f64,
+    /// Commit round trips (PutUnit), sorted, in microseconds.
+    commits_us: Vec<u64>,
 }
 
 impl Figures {
     fn pct(&self, p: f64) -> f64 {
-        if self.latencies_us.is_empty() {
-            return f64::NAN;
-        }
-        let i = ((self.latencies_us.len() as f64 - 1.0) * p).round() as usize;
-        self.latencies_us[i] as f64 / 1000.0
+        percentile_ms(&self.latencies_us, p)
     }
 
     fn rate(&self) -> f64 {
@@ -77,7 +77,7 @@ impl Figures {
 
     fn print(&self) {
         println!(
-            "{:<11} deliveries {:>8}/{:<8} p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  {:>10.0} deliveries/s  server RSS {:>7.1} MiB (peak {:.1} MiB)",
+            "{:<11} deliveries {:>8}/{:<8} p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  {:>10.0} deliveries/s  server CPU {:>4.2} cores  RSS {:>7.1} MiB (peak {:.1} MiB)",
             self.name,
             self.deliveries,
             self.expected,
@@ -85,10 +85,28 @@ impl Figures {
             self.pct(0.99),
             self.pct(1.0),
             self.rate(),
+            self.server_cpu / self.elapsed.as_secs_f64(),
             self.rss_kib as f64 / 1024.0,
             self.peak_rss_kib as f64 / 1024.0,
         );
+        println!(
+            "{:<11} commits    {:>8}          p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  (PutUnit round trip)",
+            "",
+            self.commits_us.len(),
+            percentile_ms(&self.commits_us, 0.50),
+            percentile_ms(&self.commits_us, 0.99),
+            percentile_ms(&self.commits_us, 1.0),
+        );
     }
+}
+
+/// The `p` percentile of sorted microseconds, in milliseconds.
+fn percentile_ms(sorted_us: &[u64], p: f64) -> f64 {
+    if sorted_us.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted_us.len() as f64 - 1.0) * p).round() as usize;
+    sorted_us[i] as f64 / 1000.0
 }
 
 fn proc_status_kib(pid: u32, field: &str) -> u64 {
@@ -269,7 +287,7 @@ async fn phase(
     name: &'static str,
     args: &Args,
     fleet: &Fleet,
-    admin: &mut pb::hub_service_client::HubServiceClient<tonic::transport::Channel>,
+    endpoint: &str,
     admin_token: &str,
     agents: usize,
     interval: Option<Duration>,
@@ -278,46 +296,22 @@ async fn phase(
     let collector = &fleet.collector;
     collector.reset();
     let start = Instant::now();
-    let put = |r: usize| {
-        let unit = r % args.units;
-        authed(
-            pb::PutUnitRequest {
-                unit: format!("bench/u{unit}"),
-                manifests: manifests(unit, r),
-                message: String::new(),
-                mode: 0,
-                labels: Default::default(),
-            },
-            admin_token,
-        )
-    };
-    match interval {
-        // One revision every `interval`, one after the other.
-        Some(i) => {
-            for r in 0..args.revisions {
-                tokio::time::sleep_until((start + i * r as u32).into()).await;
-                admin.put_unit(put(r)?).await?;
-            }
-        }
-        // As fast as the server takes them: each unit's revisions one
-        // after the other, the units side by side (as independent
-        // pipelines publish them).
-        None => {
-            let pipelines = (0..args.units).map(|unit| {
-                let mut admin = admin.clone();
-                let put = &put;
-                async move {
-                    for r in (unit..args.revisions).step_by(args.units) {
-                        admin.put_unit(put(r)?).await?;
-                    }
-                    anyhow::Ok(())
-                }
-            });
-            for r in futures::future::join_all(pipelines).await {
-                r?;
-            }
-        }
-    }
+    let cpu_before = cpu_seconds(server_pid);
+    // The committing pipelines run on a thread of their own (as separate
+    // CI jobs would), so that their round trips do not queue behind this
+    // process's agents.
+    let (endpoint, token) = (endpoint.to_owned(), admin_token.to_owned());
+    let (revisions, units) = (args.revisions, args.units);
+    let committer = tokio::task::spawn_blocking(move || {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?
+            .block_on(commit_revisions(
+                &endpoint, &token, revisions, units, interval, start,
+            ))
+    });
+    let mut commits_us = committer.await??;
+    commits_us.sort_unstable();
     let expected = (agents * args.revisions) as u64;
     // Wait until deliveries stop growing (coalescing may deliver fewer).
     let mut last_seen = 0;
@@ -336,6 +330,7 @@ async fn phase(
         }
     }
     let end = collector.last.lock().unwrap().unwrap_or_else(Instant::now);
+    let server_cpu = cpu_seconds(server_pid) - cpu_before;
     let mut latencies = std::mem::take(&mut *collector.latencies.lock().unwrap());
     latencies.sort_unstable();
     Ok(Figures {
@@ -346,7 +341,68 @@ async fn phase(
         elapsed: end.saturating_duration_since(start),
         rss_kib: proc_status_kib(server_pid, "VmRSS:"),
         peak_rss_kib: proc_status_kib(server_pid, "VmHWM:"),
+        server_cpu,
+        commits_us,
     })
+}
+
+/// Commits `revisions` revisions over `units` units: one every `interval`
+/// from `start`, or (no interval) as fast as the server takes them, each
+/// unit's revisions one after the other and the units side by side (as
+/// independent pipelines publish them). Returns the round trips (µs).
+async fn commit_revisions(
+    endpoint: &str,
+    token: &str,
+    revisions: usize,
+    units: usize,
+    interval: Option<Duration>,
+    start: Instant,
+) -> anyhow::Result<Vec<u64>> {
+    let admin = connect_admin(endpoint).await?;
+    let put = |r: usize| {
+        let unit = r % units;
+        authed(
+            pb::PutUnitRequest {
+                unit: format!("bench/u{unit}"),
+                manifests: manifests(unit, r),
+                message: String::new(),
+                mode: 0,
+                labels: Default::default(),
+            },
+            token,
+        )
+    };
+    let commits = std::sync::Mutex::new(Vec::with_capacity(revisions));
+    let timed = |took: Duration| commits.lock().unwrap().push(took.as_micros() as u64);
+    match interval {
+        Some(i) => {
+            let mut admin = admin.clone();
+            for r in 0..revisions {
+                tokio::time::sleep_until((start + i * r as u32).into()).await;
+                let t = Instant::now();
+                admin.put_unit(put(r)?).await?;
+                timed(t.elapsed());
+            }
+        }
+        None => {
+            let pipelines = (0..units).map(|unit| {
+                let mut admin = admin.clone();
+                let (put, timed) = (&put, &timed);
+                async move {
+                    for r in (unit..revisions).step_by(units) {
+                        let t = Instant::now();
+                        admin.put_unit(put(r)?).await?;
+                        timed(t.elapsed());
+                    }
+                    anyhow::Ok(())
+                }
+            });
+            for r in futures::future::join_all(pipelines).await {
+                r?;
+            }
+        }
+    }
+    Ok(commits.into_inner().unwrap())
 }
 
 /// Both phases against one server.
@@ -354,7 +410,6 @@ async fn measure(
     names: [&'static str; 2],
     args: &Args,
     endpoint: &str,
-    admin: &mut pb::hub_service_client::HubServiceClient<tonic::transport::Channel>,
     admin_token: &str,
     tokens: &[String],
     server_pid: u32,
@@ -365,7 +420,7 @@ async fn measure(
         names[0],
         args,
         &fleet,
-        admin,
+        endpoint,
         admin_token,
         tokens.len(),
         Some(interval),
@@ -376,7 +431,7 @@ async fn measure(
         names[1],
         args,
         &fleet,
-        admin,
+        endpoint,
         admin_token,
         tokens.len(),
         None,
@@ -499,7 +554,7 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
     let BenchHub {
         child,
         endpoint,
-        mut admin,
+        admin: _,
         admin_token,
         tokens,
         // Kept until the measurement ends: the hub's store lives there.
@@ -510,7 +565,6 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
         ["hub paced", "hub burst"],
         args,
         &endpoint,
-        &mut admin,
         &admin_token,
         &tokens,
         child.0.id(),
@@ -527,13 +581,12 @@ async fn run_baseline(args: &Args) -> anyhow::Result<[Figures; 2]> {
             .spawn()?,
     );
     let endpoint = format!("http://{addr}");
-    let mut admin = connect_admin(&endpoint).await?;
+    connect_admin(&endpoint).await?;
     let tokens = vec![String::from("none"); args.agents];
     measure(
         ["bare paced", "bare burst"],
         args,
         &endpoint,
-        &mut admin,
         "none",
         &tokens,
         child.0.id(),

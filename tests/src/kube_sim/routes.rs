@@ -352,11 +352,37 @@ pub(super) async fn read(axum::extract::State(inner): SimState, r: Resource) -> 
     }
 }
 
+/// The API server's limit on a request body (`MaxRequestBodyBytes`).
+pub(super) const MAX_BODY: usize = 3 * 1024 * 1024;
+
+/// A request body, refused past [`MAX_BODY`] as the API server refuses it
+/// (413 with a `Status`).
+pub(super) struct Payload(Bytes);
+
+impl<S: Send + Sync> axum::extract::FromRequest<S> for Payload {
+    type Rejection = Response<Body>;
+
+    async fn from_request(req: axum::extract::Request, _: &S) -> Result<Payload, Self::Rejection> {
+        let limited = http_body_util::Limited::new(req.into_body(), MAX_BODY);
+        match http_body_util::BodyExt::collect(limited).await {
+            Ok(body) => Ok(Payload(body.to_bytes())),
+            Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(&ApiError::new(
+                413,
+                "RequestEntityTooLarge",
+                format!("Request entity too large: limit is {MAX_BODY}"),
+            ))),
+            Err(e) => Err(error(&ApiError::bad_request(format!(
+                "cannot read the request body: {e}"
+            )))),
+        }
+    }
+}
+
 /// POST: create.
 pub(super) async fn create(
     axum::extract::State(inner): SimState,
     r: Resource,
-    body: Bytes,
+    Payload(body): Payload,
 ) -> Response<Body> {
     if r.target.name.is_some() {
         return method_not_allowed();
@@ -377,7 +403,7 @@ pub(super) async fn create(
 pub(super) async fn replace(
     axum::extract::State(inner): SimState,
     r: Resource,
-    body: Bytes,
+    Payload(body): Payload,
 ) -> Response<Body> {
     let Some(name) = r.target.name.clone() else {
         return method_not_allowed();
@@ -406,7 +432,7 @@ pub(super) async fn replace(
 pub(super) async fn patch(
     axum::extract::State(inner): SimState,
     r: Resource,
-    body: Bytes,
+    Payload(body): Payload,
 ) -> Response<Body> {
     let Some(name) = r.target.name.clone() else {
         return method_not_allowed();
@@ -436,7 +462,7 @@ pub(super) async fn patch(
 pub(super) async fn remove(
     axum::extract::State(inner): SimState,
     r: Resource,
-    body: Bytes,
+    Payload(body): Payload,
 ) -> Response<Body> {
     let (ty, ns) = (&r.target.ty, r.target.namespace.as_str());
     let Some(name) = r.target.name.clone() else {

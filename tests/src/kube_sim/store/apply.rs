@@ -73,6 +73,7 @@ impl State {
             }
             self.validate_name(ty, name)?;
             self.check_namespace(ty, ns, name)?;
+            Self::validate_size(ty, name, &config)?;
             let mut obj = config;
             obj["metadata"]["name"] = json!(name);
             self.init_object(ty, ns, &mut obj);

@@ -9,6 +9,12 @@ use crate::kube_sim::errors::ApiError;
 use crate::kube_sim::fields;
 use crate::kube_sim::registry::ResourceType;
 
+/// The length of base64 text once decoded.
+fn decoded_len(b64: &str) -> usize {
+    let padding = b64.bytes().rev().take_while(|&c| c == b'=').count();
+    (b64.len() / 4 * 3).saturating_sub(padding)
+}
+
 pub(super) fn uuid() -> String {
     let b: [u8; 16] = rand::random();
     format!(
@@ -164,6 +170,7 @@ impl State {
         if self.objects.contains_key(&key) {
             return Err(ApiError::already_exists(&ty.plural, &ty.group, &name));
         }
+        Self::validate_size(ty, &name, &body)?;
         let mut obj = body;
         self.init_object(ty, ns, &mut obj);
         let set = fields::leaves(&obj, ty.crd.is_none(), ty.status_subresource);
@@ -184,6 +191,43 @@ impl State {
         let stored = self.store(key, obj);
         self.after_write(ty, &stored);
         Ok(self.at_version(&stored, ty))
+    }
+
+    /// ConfigMaps and Secrets hold at most 1 MiB of data (keys and values,
+    /// `binaryData` and Secret `data` decoded), as the API server's
+    /// validation says; past it, 422 naming the whole object (`[]`) or the
+    /// Secret's `data`.
+    pub(super) fn validate_size(
+        ty: &ResourceType,
+        name: &str,
+        obj: &Value,
+    ) -> Result<(), ApiError> {
+        const MAX: usize = 1024 * 1024;
+        let size = |field: &str, encoded: bool| -> usize {
+            obj[field].as_object().map_or(0, |m| {
+                m.iter()
+                    .map(|(k, v)| {
+                        let v = v.as_str().unwrap_or_default();
+                        k.len() + if encoded { decoded_len(v) } else { v.len() }
+                    })
+                    .sum()
+            })
+        };
+        let (total, field) = match (ty.group.as_str(), ty.kind.as_str()) {
+            ("", "ConfigMap") => (size("data", false) + size("binaryData", true), "[]"),
+            ("", "Secret") => (size("data", true) + size("stringData", false), "data"),
+            _ => return Ok(()),
+        };
+        if total > MAX {
+            return Err(ApiError::invalid(
+                &ty.qualified_kind(),
+                name,
+                field,
+                "FieldValueTooLong",
+                &format!("Too long: must have at most {MAX} bytes"),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn validate_name(&self, ty: &ResourceType, name: &str) -> Result<(), ApiError> {

@@ -154,6 +154,7 @@ impl State {
                 "Invalid value: field is immutable",
             ));
         }
+        Self::validate_size(ty, &key.name, &new)?;
         Self::defaults(ty, &mut new);
         let generation = old["metadata"]["generation"].as_i64().unwrap_or(0);
         if ty.tracks_generation {
