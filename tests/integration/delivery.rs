@@ -18,8 +18,8 @@ fn latest(agent: &SimAgent) -> BTreeMap<String, (u64, bool)> {
     agent.held()
 }
 
-#[tokio::test]
-async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
+/// A hub with `dev/web` at revision 1 and an agent of `dev-1` holding it.
+async fn agent_holding_web() -> (TestHub, SimAgent) {
     let (hub, token) = hub_with_cluster().await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
     let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
@@ -28,6 +28,12 @@ async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
         latest(&agent).get("web") == Some(&(1, false))
     })
     .await;
+    (hub, agent)
+}
+
+#[tokio::test]
+async fn agent_gets_current_state_then_live_updates_and_status_flows_back() {
+    let (hub, agent) = agent_holding_web().await;
 
     let rev = hub.put("dev/web", &configmap("web", "2")).await.unwrap();
     assert_eq!(rev.number, 2);
@@ -380,14 +386,7 @@ async fn a_commit_whose_caller_goes_away_still_reaches_the_agents() {
     use futures::FutureExt;
     use unitsync_hub::model::{Actor, PutMode};
 
-    let (hub, token) = hub_with_cluster().await;
-    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
-    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
-    agent.start();
-    until("web@1 held", || async {
-        latest(&agent).get("web") == Some(&(1, false))
-    })
-    .await;
+    let (hub, agent) = agent_holding_web().await;
 
     // The caller (an RPC cancelled by its client, say) is dropped after
     // the commit started: it is committed and offered, not left behind.
