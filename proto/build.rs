@@ -15,5 +15,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .type_attribute(".", "#[allow(clippy::all, clippy::pedantic)]")
         .compile_fds(fds)?;
+    // The hub's side of `AgentService` once more, with `HubMessage` as
+    // `crate::outgoing::Outgoing` (wire-identical, updates pre-encoded) and
+    // every other message from `v1`.
+    let session = out.join("session");
+    std::fs::create_dir_all(&session)?;
+    tonic_prost_build::configure()
+        .build_client(false)
+        .out_dir(&session)
+        .extern_path(".unitsync.v1.HubMessage", "crate::outgoing::Outgoing")
+        .extern_path(".unitsync.v1", "crate::v1")
+        .compile_fds(protox::compile(["unitsync/v1/agent.proto"], ["."])?)?;
     Ok(())
 }

@@ -30,6 +30,9 @@ pub struct Delivery {
     pub committed_at: std::time::SystemTime,
     /// When this hub committed it (or loaded it for a resync).
     pub committed: Instant,
+    /// Its encoded form, made once by the edge that sends it and shared by
+    /// every session.
+    pub wire: std::sync::OnceLock<bytes::Bytes>,
 }
 
 impl Delivery {
@@ -44,6 +47,7 @@ impl Delivery {
             manifests: rev.manifests.clone(),
             committed_at,
             committed: Instant::now(),
+            wire: std::sync::OnceLock::new(),
         })
     }
 }
@@ -395,6 +399,7 @@ mod tests {
             manifests: Arc::from(""),
             committed_at: std::time::SystemTime::now(),
             committed: Instant::now(),
+            wire: std::sync::OnceLock::new(),
         })
     }
 

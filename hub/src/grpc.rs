@@ -10,18 +10,19 @@ pub mod operator;
 mod watch;
 
 /// The two gRPC services of a hub, with the protocol's message limits;
-/// only operators reach `HubService`.
+/// only operators reach `HubService`. `AgentService` is served from
+/// `unitsync_proto::session` (updates encoded once for every session).
 pub fn services(
     hub: &std::sync::Arc<crate::control::Hub>,
 ) -> (
-    unitsync_proto::v1::agent_service_server::AgentServiceServer<agent::AgentService>,
+    unitsync_proto::session::agent_service_server::AgentServiceServer<agent::AgentService>,
     operator::OperatorAuth<
         unitsync_proto::v1::hub_service_server::HubServiceServer<admin::AdminService>,
     >,
 ) {
     use tower::Layer;
     use unitsync_proto::MAX_MESSAGE_BYTES;
-    let agent = unitsync_proto::v1::agent_service_server::AgentServiceServer::new(
+    let agent = unitsync_proto::session::agent_service_server::AgentServiceServer::new(
         agent::AgentService::new(hub.clone()),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)

@@ -7,6 +7,7 @@
 //! own domain types.
 
 pub mod backoff;
+pub mod outgoing;
 
 /// Displays an error with its whole `source()` chain (`a: b: c`), for logs
 /// and the last line a binary prints; shared by hub and agent.
@@ -27,6 +28,12 @@ impl std::fmt::Display for ErrorChain<'_> {
 /// Generated code for package `unitsync.v1`.
 pub mod v1 {
     tonic::include_proto!("unitsync.v1");
+}
+
+/// The hub's side of `AgentService`: the same service, its stream carrying
+/// [`outgoing::Outgoing`] (updates encoded once for every session).
+pub mod session {
+    include!(concat!(env!("OUT_DIR"), "/session/unitsync.v1.rs"));
 }
 
 /// The compiled descriptors of `unitsync.v1` (an encoded

@@ -18,6 +18,7 @@ use std::time::Duration;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tonic::{Request, Response, Status, Streaming};
+use unitsync_proto::outgoing::Outgoing;
 use unitsync_proto::v1 as pb;
 use unitsync_proto::v1::agent_message::Msg as AgentMsg;
 use unitsync_proto::v1::hub_message::Msg as HubMsg;
@@ -45,10 +46,10 @@ impl AgentService {
     }
 }
 
-type SessionStream = Pin<Box<dyn Stream<Item = Result<pb::HubMessage, Status>> + Send>>;
+type SessionStream = Pin<Box<dyn Stream<Item = Result<Outgoing, Status>> + Send>>;
 
 #[tonic::async_trait]
-impl pb::agent_service_server::AgentService for AgentService {
+impl unitsync_proto::session::agent_service_server::AgentService for AgentService {
     type SessionStream = SessionStream;
 
     async fn renew_certificate(
@@ -231,6 +232,7 @@ async fn resync(
             manifests: Arc::from(""),
             committed_at: std::time::SystemTime::now(),
             committed: std::time::Instant::now(),
+            wire: std::sync::OnceLock::new(),
         }));
         offered += 1;
     }
@@ -249,18 +251,19 @@ fn heartbeat() -> pb::HubMessage {
 /// revisions as the stream takes them (no task or channel in between: the
 /// transport polls the mailbox when it can send, and the mailbox coalesces
 /// meanwhile), notices from the receive loop, heartbeats while idle, and
-/// the reason when the hub ends the session.
+/// the reason when the hub ends the session. Updates go out as encoded
+/// once for every session ([`Outgoing::Update`]).
 fn outbound(
     hub: Arc<Hub>,
     conn: Arc<AgentConn>,
     welcome: pb::HubMessage,
     extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
-) -> impl Stream<Item = Result<pb::HubMessage, Status>> + Send + 'static {
+) -> impl Stream<Item = Result<Outgoing, Status>> + Send + 'static {
     struct Out {
         hub: Arc<Hub>,
         conn: Arc<AgentConn>,
         extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
-        ready: std::collections::VecDeque<Result<pb::HubMessage, Status>>,
+        ready: std::collections::VecDeque<Result<Outgoing, Status>>,
         /// The heartbeat timer: due `heartbeat` after the last message
         /// sent, re-armed only when it falls due (not per message).
         idle: Pin<Box<tokio::time::Sleep>>,
@@ -276,7 +279,7 @@ fn outbound(
         kicked: Box::pin(conn.kick.clone().cancelled_owned()),
         conn,
         extra,
-        ready: std::collections::VecDeque::from([Ok(welcome)]),
+        ready: std::collections::VecDeque::from([Ok(welcome.into())]),
         ended: false,
     };
     futures::stream::unfold(out, |mut o| async move {
@@ -295,7 +298,7 @@ fn outbound(
                     o.ended = true;
                 }
                 m = o.extra.recv() => match m {
-                    Some(m) => o.ready.push_back(m),
+                    Some(m) => o.ready.push_back(m.map(Outgoing::from)),
                     // The receive loop ended: so does the session.
                     None => o.ended = true,
                 },
@@ -305,7 +308,7 @@ fn outbound(
                             o.hub.metrics.coalesced_updates.inc();
                             continue;
                         }
-                        o.ready.push_back(Ok(pb::HubMessage { msg: Some(HubMsg::Update(convert::update(&d))) }));
+                        o.ready.push_back(Ok(Outgoing::Update(convert::encoded_update(&d))));
                         o.conn.mailbox.mark_sent(&d);
                         o.hub.metrics.updates_sent.inc();
                     }
@@ -314,7 +317,7 @@ fn outbound(
                 () = &mut o.idle => {
                     let due = o.last_sent + o.hub.tuning.heartbeat;
                     if due <= tokio::time::Instant::now() {
-                        o.ready.push_back(Ok(heartbeat()));
+                        o.ready.push_back(Ok(heartbeat().into()));
                         o.last_sent = tokio::time::Instant::now();
                     }
                     let next = o.last_sent + o.hub.tuning.heartbeat;

@@ -299,6 +299,13 @@ pub fn audit(a: &AuditEntry) -> pb::AuditEntry {
     }
 }
 
+/// A delivery as its sessions send it: encoded on first use, then shared.
+pub fn encoded_update(d: &Delivery) -> bytes::Bytes {
+    d.wire
+        .get_or_init(|| unitsync_proto::outgoing::encode_update(&update(d)))
+        .clone()
+}
+
 pub fn update(d: &Delivery) -> pb::UnitUpdate {
     pb::UnitUpdate {
         unit: d.unit.to_string(),

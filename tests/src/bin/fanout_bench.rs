@@ -37,6 +37,9 @@ struct Args {
     /// Pace of the latency phase: one revision every this many milliseconds.
     #[arg(long, default_value_t = 20)]
     interval_ms: u64,
+    /// Bytes of payload in each revision (one ConfigMap).
+    #[arg(long, default_value_t = 512)]
+    payload_bytes: usize,
     /// Only run the hub (skip the bare baseline).
     #[arg(long)]
     hub_only: bool,
@@ -121,10 +124,10 @@ fn proc_status_kib(pid: u32, field: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn manifests(unit: usize, rev: usize) -> String {
+fn manifests(unit: usize, rev: usize, payload_bytes: usize) -> String {
     format!(
         "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: u{unit}\n  namespace: bench\ndata:\n  revision: \"{rev}\"\n  payload: \"{}\"\n",
-        "x".repeat(512)
+        "x".repeat(payload_bytes)
     )
 }
 
@@ -300,15 +303,12 @@ async fn phase(
     // The committing pipelines run on a thread of their own (as separate
     // CI jobs would), so that their round trips do not queue behind this
     // process's agents.
-    let (endpoint, token) = (endpoint.to_owned(), admin_token.to_owned());
-    let (revisions, units) = (args.revisions, args.units);
+    let (endpoint, token, load) = (endpoint.to_owned(), admin_token.to_owned(), args.clone());
     let committer = tokio::task::spawn_blocking(move || {
         tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()?
-            .block_on(commit_revisions(
-                &endpoint, &token, revisions, units, interval, start,
-            ))
+            .block_on(commit_revisions(&endpoint, &token, &load, interval, start))
     });
     let mut commits_us = committer.await??;
     commits_us.sort_unstable();
@@ -346,25 +346,26 @@ async fn phase(
     })
 }
 
-/// Commits `revisions` revisions over `units` units: one every `interval`
-/// from `start`, or (no interval) as fast as the server takes them, each
-/// unit's revisions one after the other and the units side by side (as
-/// independent pipelines publish them). Returns the round trips (µs).
+/// Commits `args.revisions` revisions over `args.units` units: one every
+/// `interval` from `start`, or (no interval) as fast as the server takes
+/// them, each unit's revisions one after the other and the units side by
+/// side (as independent pipelines publish them). Returns the round trips
+/// (µs).
 async fn commit_revisions(
     endpoint: &str,
     token: &str,
-    revisions: usize,
-    units: usize,
+    args: &Args,
     interval: Option<Duration>,
     start: Instant,
 ) -> anyhow::Result<Vec<u64>> {
+    let (revisions, units) = (args.revisions, args.units);
     let admin = connect_admin(endpoint).await?;
     let put = |r: usize| {
         let unit = r % units;
         authed(
             pb::PutUnitRequest {
                 unit: format!("bench/u{unit}"),
-                manifests: manifests(unit, r),
+                manifests: manifests(unit, r, args.payload_bytes),
                 message: String::new(),
                 mode: 0,
                 labels: Default::default(),
@@ -971,7 +972,7 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
         let req = authed(
             pb::PutUnitRequest {
                 unit: format!("bench/u{u}"),
-                manifests: manifests(u, 1),
+                manifests: manifests(u, 1, args.payload_bytes),
                 message: String::new(),
                 mode: pb::PutMode::Unspecified.into(),
                 labels: Default::default(),
