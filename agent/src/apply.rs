@@ -391,7 +391,10 @@ impl Applier {
             .patch(&obj.name, &pp, &Patch::Apply(body))
             .await
             .map_err(|e| conflict(e, obj))?;
-        self.own.record(&applied.metadata);
+        self.own.record(
+            crate::drift::qualified_kind(obj.group(), &obj.kind),
+            &applied.metadata,
+        );
         Ok((true, entry(&applied)))
     }
 

@@ -64,9 +64,29 @@ impl Backoff for WatchBackoff {
 }
 
 /// What the agent itself last wrote, by object uid: the resourceVersion
-/// and generation its write produced.
+/// and generation its write produced, and the object's type (`kind.group`).
+/// An entry goes when the watch sees its object deleted, or when a re-list
+/// of its type no longer shows it (a deletion the watch missed), so the
+/// record stays as large as what the agent manages. (An object written
+/// while a re-list is under way may be dropped too: its next event then
+/// counts as someone else's, one needless drift check.)
 #[derive(Default)]
-pub struct OwnWrites(Mutex<HashMap<String, (String, Option<i64>)>>);
+pub struct OwnWrites {
+    writes: Mutex<HashMap<String, OwnWrite>>,
+    /// Where its size is reported (a metric), once set.
+    size: std::sync::OnceLock<prometheus_client::metrics::gauge::Gauge>,
+}
+
+struct OwnWrite {
+    resource_version: String,
+    generation: Option<i64>,
+    kind: String,
+}
+
+/// A type's name in [`OwnWrites`]: `kind.group` (`ConfigMap.` for core).
+pub fn qualified_kind(group: &str, kind: &str) -> String {
+    format!("{kind}.{group}")
+}
 
 /// What a watched change is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -81,23 +101,61 @@ enum Change {
 }
 
 impl OwnWrites {
-    /// Records what an apply returned.
-    pub fn record(&self, meta: &kube::api::ObjectMeta) {
-        if let (Some(uid), Some(rv)) = (&meta.uid, &meta.resource_version) {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .insert(uid.clone(), (rv.clone(), meta.generation));
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, OwnWrite>> {
+        self.writes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Reports how many objects the record holds to `gauge` from now on.
+    pub fn report_size(&self, gauge: prometheus_client::metrics::gauge::Gauge) {
+        let _ = self.size.set(gauge);
+        self.resized(&self.lock());
+    }
+
+    fn resized(&self, writes: &HashMap<String, OwnWrite>) {
+        if let Some(g) = self.size.get() {
+            g.set(i64::try_from(writes.len()).unwrap_or(i64::MAX));
         }
+    }
+
+    /// Records what an apply of an object of type `kind` (see
+    /// [`qualified_kind`]) returned.
+    pub fn record(&self, kind: String, meta: &kube::api::ObjectMeta) {
+        if let (Some(uid), Some(rv)) = (&meta.uid, &meta.resource_version) {
+            let write = OwnWrite {
+                resource_version: rv.clone(),
+                generation: meta.generation,
+                kind,
+            };
+            let mut writes = self.lock();
+            writes.insert(uid.clone(), write);
+            self.resized(&writes);
+        }
+    }
+
+    /// The object is gone: its uid never comes back.
+    fn forget(&self, meta: &kube::api::ObjectMeta) {
+        if let Some(uid) = &meta.uid {
+            let mut writes = self.lock();
+            writes.remove(uid);
+            self.resized(&writes);
+        }
+    }
+
+    /// A re-list of `kind` showed exactly `listed`: the others of that type
+    /// were deleted meanwhile.
+    fn keep_listed(&self, kind: &str, listed: &HashSet<String>) {
+        let mut writes = self.lock();
+        writes.retain(|uid, w| w.kind != kind || listed.contains(uid));
+        self.resized(&writes);
     }
 
     fn classify(&self, meta: &kube::api::ObjectMeta) -> Change {
         let own = meta.uid.as_ref().and_then(|uid| {
-            self.0
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
+            self.lock()
                 .get(uid)
-                .cloned()
+                .map(|w| (w.resource_version.clone(), w.generation))
         });
         match own {
             Some((rv, _)) if meta.resource_version.as_ref() == Some(&rv) => Change::Own,
@@ -180,11 +238,14 @@ impl DriftWatch {
         let own = self.own.clone();
         let stop = self.shutdown.clone();
         let kind = ar.kind.clone();
+        let own_kind = qualified_kind(&ar.group, &ar.kind);
         tokio::spawn(async move {
             let backoff = ResetTimerBackoff::new(WatchBackoff::new(), WATCH_BACKOFF_RESET);
             let stream = watcher::watcher(api, config).backoff(backoff);
             let mut stream = std::pin::pin!(stream);
             let mut listed = false;
+            // The uids of the list in progress.
+            let mut listing: HashSet<String> = HashSet::new();
             loop {
                 let ev = tokio::select! {
                     () = stop.cancelled() => return,
@@ -196,11 +257,23 @@ impl DriftWatch {
                         let c = own.classify(&o.metadata);
                         (o, c)
                     }
-                    Some(Ok(Event::Delete(o))) => (o, Change::Spec),
+                    Some(Ok(Event::Delete(o))) => {
+                        own.forget(&o.metadata);
+                        (o, Change::Spec)
+                    }
+                    Some(Ok(Event::Init)) => {
+                        listing.clear();
+                        continue;
+                    }
+                    Some(Ok(Event::InitApply(o))) => {
+                        listing.extend(o.metadata.uid);
+                        continue;
+                    }
                     // A re-list (the watch fell behind: 410 Gone) reports
                     // what exists, not what changed or went meanwhile:
                     // every unit checks its objects.
                     Some(Ok(Event::InitDone)) => {
+                        own.keep_listed(&own_kind, &std::mem::take(&mut listing));
                         if std::mem::replace(&mut listed, true) {
                             tracing::debug!(%kind, "watch re-listed; checking every unit for drift");
                             let all: Vec<_> = wakers
@@ -216,7 +289,6 @@ impl DriftWatch {
                         }
                         continue;
                     }
-                    Some(Ok(_)) => continue,
                     Some(Err(e)) => {
                         tracing::debug!(%kind, error = %e, "watch interrupted; resuming");
                         continue;
@@ -282,8 +354,11 @@ mod tests {
     #[test]
     fn own_writes_wake_nobody_and_status_changes_skip_the_drift_check() {
         let own = OwnWrites::default();
-        own.record(&meta("u1", "10", Some(3)));
-        own.record(&meta("u2", "20", None));
+        own.record(
+            qualified_kind("apps", "Deployment"),
+            &meta("u1", "10", Some(3)),
+        );
+        own.record(qualified_kind("", "ConfigMap"), &meta("u2", "20", None));
         // The event of the agent's own write.
         assert_eq!(own.classify(&meta("u1", "10", Some(3))), Change::Own);
         assert_eq!(own.classify(&meta("u2", "20", None)), Change::Own);
@@ -294,5 +369,27 @@ mod tests {
         assert_eq!(own.classify(&meta("u2", "21", None)), Change::Spec);
         // An object this agent never wrote.
         assert_eq!(own.classify(&meta("u3", "1", Some(1))), Change::Spec);
+    }
+
+    #[test]
+    fn the_record_forgets_deleted_objects() {
+        let own = OwnWrites::default();
+        let (deployment, configmap) = (
+            qualified_kind("apps", "Deployment"),
+            qualified_kind("", "ConfigMap"),
+        );
+        own.record(deployment.clone(), &meta("d1", "10", Some(1)));
+        own.record(deployment.clone(), &meta("d2", "11", Some(1)));
+        own.record(configmap.clone(), &meta("c1", "12", None));
+        // The watch saw d1 deleted.
+        own.forget(&meta("d1", "13", Some(1)));
+        assert_eq!(own.classify(&meta("d1", "10", Some(1))), Change::Spec);
+        // A re-list of Deployments shows no d2 (deleted while the watch
+        // was down); ConfigMaps are another type's business.
+        own.keep_listed(&deployment, &HashSet::new());
+        assert_eq!(own.lock().len(), 1);
+        assert_eq!(own.classify(&meta("c1", "12", None)), Change::Own);
+        own.keep_listed(&configmap, &HashSet::from(["c1".to_owned()]));
+        assert_eq!(own.classify(&meta("c1", "12", None)), Change::Own);
     }
 }

@@ -237,7 +237,10 @@ impl InventoryStore {
             )
             .await?;
         // Its own write must not wake the unit's drift check.
-        self.own.record(&written.metadata);
+        self.own.record(
+            crate::drift::qualified_kind("", "ConfigMap"),
+            &written.metadata,
+        );
         Ok(())
     }
 

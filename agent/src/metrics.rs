@@ -27,6 +27,9 @@ pub struct AgentMetrics {
     pub hub_sessions: Counter,
     /// Units the agent is reconciling.
     pub units: Gauge,
+    /// Objects the agent remembers writing (to tell its own writes from
+    /// others'); follows what it manages.
+    pub tracked_objects: Gauge,
 }
 
 /// How a pass over a unit ended.
@@ -57,6 +60,7 @@ impl AgentMetrics {
         let hub_connected = Gauge::default();
         let hub_sessions = Counter::default();
         let units = Gauge::default();
+        let tracked_objects = Gauge::default();
         registry.register(
             "passes",
             "Passes over a unit (apply or destroy), by result",
@@ -88,6 +92,11 @@ impl AgentMetrics {
             hub_sessions.clone(),
         );
         registry.register("units", "Units the agent reconciles", units.clone());
+        registry.register(
+            "tracked_objects",
+            "Objects the agent remembers writing (to tell its own writes from others')",
+            tracked_objects.clone(),
+        );
         AgentMetrics {
             registry,
             passes,
@@ -97,6 +106,7 @@ impl AgentMetrics {
             hub_connected,
             hub_sessions,
             units,
+            tracked_objects,
         }
     }
 

@@ -310,6 +310,9 @@ impl Reconciler {
             down_tx,
             shutdown.clone(),
         ));
+        applier
+            .own_writes()
+            .report_size(metrics.tracked_objects.clone());
         Arc::new(Reconciler {
             permits: Arc::new(Semaphore::new(tuning.concurrency.max(1))),
             drift: DriftWatch::new(

@@ -681,6 +681,41 @@ async fn agent_metrics_count_passes_drift_and_the_session() {
 }
 
 /// A sample's value in a Prometheus text exposition (0 when absent).
+#[tokio::test]
+async fn the_agent_forgets_the_objects_it_no_longer_manages() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
+    let addr: std::net::SocketAddr =
+        format!("127.0.0.1:{}", unitsync_tests::processes::free_port())
+            .parse()
+            .unwrap();
+    cluster.config.health_listen = Some(addr);
+    cluster.start_agent();
+    let tracked = || async move {
+        let body = unitsync_tests::processes::http_get(addr, "/metrics")
+            .await
+            .map(|(_, body)| body)
+            .unwrap_or_default();
+        sample(&body, "unitsync_agent_tracked_objects")
+    };
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let objects = WEB.matches("\nkind:").count() + usize::from(WEB.starts_with("kind:"));
+    until("the unit's objects remembered", || async {
+        tracked().await >= objects as f64
+    })
+    .await;
+    // Destroyed: its objects (and its inventory) are deleted, and the
+    // record of the agent's writes lets go of them.
+    hub.destroy("dev/web").await.unwrap();
+    until("nothing remembered once the unit is gone", || async {
+        tracked().await == 0.0
+    })
+    .await;
+}
+
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
