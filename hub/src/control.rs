@@ -685,6 +685,15 @@ impl Hub {
         })
     }
 
+    /// A unit's status cells, one per cluster that reported (nothing else
+    /// read: for loops that wait on them).
+    pub async fn unit_cells(&self, unit: &UnitRef) -> Result<Vec<StatusCell>> {
+        Ok(self
+            .store
+            .statuses(Some(&unit.env), Some(unit), &Page::ALL)
+            .await?)
+    }
+
     pub async fn list_audit(&self, limit: u32, target_prefix: &str) -> Result<Vec<AuditEntry>> {
         Ok(self.store.list_audit(limit, target_prefix).await?)
     }

@@ -17,6 +17,7 @@ use futures::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
+use unitsync_proto::backoff::{Backoff, BackoffPolicy};
 
 use super::client::{Client, ClientError, Polled};
 use super::wire::{
@@ -227,7 +228,7 @@ impl Worker {
     /// Follows ConfigHub's `release.published` events (a server-side
     /// cursor; no lease) and hands them to release sources as wake-up hints.
     async fn follow_releases(self: Arc<Self>, shutdown: CancellationToken) {
-        let mut retry = Retry::new(Duration::from_secs(2), Duration::from_secs(60));
+        let mut retry = retry(Duration::from_secs(2), Duration::from_secs(60));
         loop {
             // One replica follows (a cursor is one bookmark on ConfigHub).
             if !self.hub.is_leader().await {
@@ -300,7 +301,7 @@ impl Worker {
                     } else {
                         tracing::debug!(error = %e, "polling ConfigHub's release events failed");
                     }
-                    if sleep_or_stop(retry.next(), &shutdown).await {
+                    if sleep_or_stop(retry.next_delay(), &shutdown).await {
                         return;
                     }
                 }
@@ -372,7 +373,7 @@ impl Worker {
             .channel
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner) = Channel::LongPoll;
-        let mut backoff = Retry::new(Duration::from_secs(2), Duration::from_secs(30));
+        let mut backoff = retry(Duration::from_secs(2), Duration::from_secs(30));
         let mut registered: Option<Vec<EnvName>> = None;
         loop {
             if shutdown.is_cancelled() {
@@ -390,7 +391,7 @@ impl Worker {
                             tracing::warn!(error = %e, "cannot claim the ConfigHub lease; retrying")
                         }
                     }
-                    if sleep_or_stop(backoff.next(), &shutdown).await {
+                    if sleep_or_stop(backoff.next_delay(), &shutdown).await {
                         return;
                     }
                     continue;
@@ -407,7 +408,7 @@ impl Worker {
                         tracing::error!(error = %e, "cannot register with ConfigHub; retrying");
                         let _ = self.client.release(&lease.claim_token).await;
                         self.hub.metrics.confighub_connected.set(0);
-                        if sleep_or_stop(backoff.next(), &shutdown).await {
+                        if sleep_or_stop(backoff.next_delay(), &shutdown).await {
                             return;
                         }
                         continue;
@@ -545,7 +546,7 @@ impl Worker {
     }
 
     async fn stream(self: &Arc<Self>, shutdown: CancellationToken) {
-        let mut backoff = Retry::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut backoff = retry(Duration::from_secs(1), Duration::from_secs(60));
         loop {
             if shutdown.is_cancelled() {
                 return;
@@ -565,7 +566,7 @@ impl Worker {
                 Channel::Stream { base: base.clone() };
             if let Err(e) = self.client.me(&base).await {
                 tracing::error!(error = %e, "ConfigHub does not know this worker (a 404 usually means a wrong secret)");
-                if sleep_or_stop(backoff.next(), &shutdown).await {
+                if sleep_or_stop(backoff.next_delay(), &shutdown).await {
                     return;
                 }
                 continue;
@@ -575,7 +576,7 @@ impl Worker {
                 Ok(s) => s,
                 Err(e) => {
                     tracing::warn!(error = %e, "cannot open the ConfigHub stream; retrying");
-                    if sleep_or_stop(backoff.next(), &shutdown).await {
+                    if sleep_or_stop(backoff.next_delay(), &shutdown).await {
                         return;
                     }
                     continue;
@@ -627,7 +628,7 @@ impl Worker {
             if opened.elapsed() > Duration::from_secs(60) {
                 backoff.reset();
             }
-            if sleep_or_stop(backoff.next(), &shutdown).await {
+            if sleep_or_stop(backoff.next_delay(), &shutdown).await {
                 return;
             }
         }
@@ -1061,7 +1062,7 @@ impl Worker {
         tries: u32,
         stop: &CancellationToken,
     ) -> Result<(), ClientError> {
-        let mut retry = Retry::new(Duration::from_secs(1), Duration::from_secs(30));
+        let mut retry = retry(Duration::from_secs(1), Duration::from_secs(30));
         let deadline = tokio::time::Instant::now() + Duration::from_secs(300);
         let mut n = 0;
         loop {
@@ -1081,7 +1082,7 @@ impl Worker {
                 Err(e) if tokio::time::Instant::now() >= deadline => return Err(e),
                 Err(e) => {
                     self.hub.metrics.confighub_report_retries.inc();
-                    if sleep_or_stop(retry.next(), stop).await {
+                    if sleep_or_stop(retry.next_delay(), stop).await {
                         return Err(e);
                     }
                 }
@@ -1449,12 +1450,8 @@ impl Worker {
                 Ok(c) => c.into_iter().map(|(c, _)| c.name).collect::<Vec<_>>(),
                 Err(e) => return Outcome::failed(failed, e.to_string()),
             };
-            let cells = match self
-                .hub
-                .get_unit(unit, false, Role::Admin, &Page::ALL)
-                .await
-            {
-                Ok(v) => v.cells,
+            let cells = match self.hub.unit_cells(unit).await {
+                Ok(cells) => cells,
                 Err(e) => return Outcome::failed(failed, e.to_string()),
             };
             let verdict = judge(&clusters, &cells, revision, want);
@@ -1745,32 +1742,16 @@ async fn sleep_or_stop(d: Duration, stop: &CancellationToken) -> bool {
     }
 }
 
-/// Exponential backoff x2 with +-50 % jitter, capped.
-struct Retry {
-    initial: Duration,
-    cap: Duration,
-    current: Duration,
-}
-
-impl Retry {
-    fn new(initial: Duration, cap: Duration) -> Retry {
-        Retry {
-            initial,
-            cap,
-            current: initial,
-        }
-    }
-
-    fn next(&mut self) -> Duration {
-        use rand::Rng;
-        let base = self.current;
-        self.current = (self.current * 2).min(self.cap);
-        base.mul_f64(rand::rng().random_range(0.5..=1.5))
-    }
-
-    fn reset(&mut self) {
-        self.current = self.initial;
-    }
+/// The worker's retry policy: the agents' backoff (`unitsync_proto`), x2
+/// with +-50 % jitter from `initial`, capped, no short first window.
+fn retry(initial: Duration, cap: Duration) -> Backoff {
+    Backoff::new(BackoffPolicy {
+        first_window: Duration::ZERO,
+        initial,
+        multiplier: 2.0,
+        jitter: 0.5,
+        max: cap,
+    })
 }
 
 #[cfg(test)]
