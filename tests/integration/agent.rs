@@ -626,8 +626,8 @@ async fn a_cluster_scoped_object_naming_a_namespace_is_applied_and_kept() {
     );
 }
 
-#[tokio::test]
-async fn agent_metrics_count_passes_drift_and_the_session() {
+/// A hub and a running agent serving its metrics at the returned address.
+async fn agent_with_metrics() -> (TestHub, TestCluster, std::net::SocketAddr) {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
@@ -638,12 +638,21 @@ async fn agent_metrics_count_passes_drift_and_the_session() {
             .unwrap();
     cluster.config.health_listen = Some(addr);
     cluster.start_agent();
-    let metrics = || async move {
-        unitsync_tests::processes::http_get(addr, "/metrics")
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default()
-    };
+    (hub, cluster, addr)
+}
+
+/// The agent's metrics text (empty until it serves them).
+async fn agent_metrics(addr: std::net::SocketAddr) -> String {
+    unitsync_tests::processes::http_get(addr, "/metrics")
+        .await
+        .map(|(_, body)| body)
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn agent_metrics_count_passes_drift_and_the_session() {
+    let (hub, cluster, addr) = agent_with_metrics().await;
+    let metrics = || agent_metrics(addr);
     until("agent connected", || async {
         metrics().await.contains("unitsync_agent_hub_connected 1")
     })
@@ -683,23 +692,9 @@ async fn agent_metrics_count_passes_drift_and_the_session() {
 /// A sample's value in a Prometheus text exposition (0 when absent).
 #[tokio::test]
 async fn the_agent_forgets_the_objects_it_no_longer_manages() {
-    let hub = TestHub::start().await;
-    hub.create_env("dev").await;
-    let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
-    let addr: std::net::SocketAddr =
-        format!("127.0.0.1:{}", unitsync_tests::processes::free_port())
-            .parse()
-            .unwrap();
-    cluster.config.health_listen = Some(addr);
-    cluster.start_agent();
-    let tracked = || async move {
-        let body = unitsync_tests::processes::http_get(addr, "/metrics")
-            .await
-            .map(|(_, body)| body)
-            .unwrap_or_default();
-        sample(&body, "unitsync_agent_tracked_objects")
-    };
+    let (hub, _cluster, addr) = agent_with_metrics().await;
+    let tracked =
+        || async move { sample(&agent_metrics(addr).await, "unitsync_agent_tracked_objects") };
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     let objects = WEB.matches("\nkind:").count() + usize::from(WEB.starts_with("kind:"));
