@@ -406,12 +406,71 @@ impl Plan {
             revisions,
             promotions,
         } = self;
+        write_units(tx, backend, &mut units, now).await?;
+        insert_revisions(tx, backend, &units, &revisions, now).await?;
+        for (_, number, rev) in &revisions {
+            backend.announce(tx, &rev.unit, *number).await?;
+        }
 
-        // Units this group creates (then their ids are known), and those
-        // it changes.
-        let created: Vec<(&UnitRef, &UnitState)> =
-            units.iter().filter(|(_, s)| s.id.is_none()).collect();
-        let rows = rows_in_chunks(
+        // Promotions (their ids name them in the audit), then the audit
+        // entries: each request's revisions, then its promotion.
+        let mut audits: Vec<(usize, NewAudit)> = revisions
+            .iter()
+            .map(|(i, number, rev)| (*i, revision_audit(rev, *number)))
+            .collect();
+        let mut ids = Vec::with_capacity(promotions.len());
+        for (i, p) in promotions {
+            let numbers: Vec<RevisionNum> = revisions
+                .iter()
+                .filter(|(r, _, _)| *r == i)
+                .map(|(_, n, _)| *n)
+                .collect();
+            let (id, audit) = insert_promotion(tx, p, &numbers, now).await?;
+            ids.push((i, id));
+            audits.push((i, audit));
+        }
+        // Stable: within a request, revisions before the promotion.
+        audits.sort_by_key(|(i, _)| *i);
+        insert_audits(tx, backend, &audits, now).await?;
+
+        Ok(Written {
+            revisions: revisions
+                .into_iter()
+                .map(|(i, number, rev)| {
+                    let revision = Revision {
+                        author: rev.author.to_string(),
+                        unit: rev.unit,
+                        number,
+                        digest: rev.digest,
+                        tombstone: rev.tombstone,
+                        manifests: rev.manifests,
+                        documents: rev.documents,
+                        message: rev.message,
+                        origin: rev.origin,
+                        created_at: now,
+                        source_revision: rev.source_revision,
+                    };
+                    (i, revision)
+                })
+                .collect(),
+            promotions: ids,
+        })
+    }
+}
+
+/// Creates the units a group creates (setting their ids) and updates the
+/// ones it changes.
+async fn write_units(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    units: &mut HashMap<UnitRef, UnitState>,
+    now: UnixMillis,
+) -> StoreResult<()> {
+    // Units this group creates (then their ids are known), and those
+    // it changes.
+    let created: Vec<(&UnitRef, &UnitState)> =
+        units.iter().filter(|(_, s)| s.id.is_none()).collect();
+    let rows = rows_in_chunks(
             tx,
             backend,
             |values| {
@@ -435,52 +494,63 @@ impl Plan {
             },
         )
         .await?;
-        let mut new_ids = HashMap::new();
-        for row in rows {
-            new_ids.insert(
-                (row.text("environment")?, row.text("name")?),
-                row.int("id")?,
-            );
-        }
-        let updated: Vec<&UnitState> = units.values().filter(|s| s.id.is_some()).collect();
-        rows_in_chunks(
-            tx,
-            backend,
-            |values| {
-                format!(
-                    "UPDATE units SET head = v.column1, destroyed = v.column2, updated_at = v.column3,
+    let mut new_ids = HashMap::new();
+    for row in rows {
+        new_ids.insert(
+            (row.text("environment")?, row.text("name")?),
+            row.int("id")?,
+        );
+    }
+    let updated: Vec<&UnitState> = units.values().filter(|s| s.id.is_some()).collect();
+    rows_in_chunks(
+        tx,
+        backend,
+        |values| {
+            format!(
+                "UPDATE units SET head = v.column1, destroyed = v.column2, updated_at = v.column3,
                        labels = COALESCE(v.column4, units.labels)
                      FROM (VALUES {values}) AS v WHERE units.id = v.column5"
-                )
-            },
-            5,
-            &updated,
-            |q, s| {
-                Ok(q.bind(int(s.head.0)?)
-                    .bind(i64::from(s.destroyed))
-                    .bind(now.0)
-                    .bind(s.labels.as_ref().map(labels_json))
-                    .bind(s.id))
-            },
-        )
-        .await?;
-        for (unit, state) in &mut units {
-            if state.id.is_none() {
-                let key = (unit.env.to_string(), unit.name.to_string());
-                let id = new_ids
-                    .get(&key)
-                    .ok_or_else(|| corrupt(format!("unit {unit} was not created")))?;
-                state.id = Some(*id);
-            }
+            )
+        },
+        5,
+        &updated,
+        |q, s| {
+            Ok(q.bind(int(s.head.0)?)
+                .bind(i64::from(s.destroyed))
+                .bind(now.0)
+                .bind(s.labels.as_ref().map(labels_json))
+                .bind(s.id))
+        },
+    )
+    .await?;
+    for (unit, state) in units.iter_mut() {
+        if state.id.is_none() {
+            let key = (unit.env.to_string(), unit.name.to_string());
+            let id = new_ids
+                .get(&key)
+                .ok_or_else(|| corrupt(format!("unit {unit} was not created")))?;
+            state.id = Some(*id);
         }
+    }
 
-        let mut rows = Vec::with_capacity(revisions.len());
-        for (i, number, rev) in &revisions {
-            let id = units.get(&rev.unit).and_then(|s| s.id);
-            let id = id.ok_or_else(|| corrupt(format!("unit {} has no id", rev.unit)))?;
-            rows.push((*i, *number, rev, id, rev.author.to_string()));
-        }
-        rows_in_chunks(
+    Ok(())
+}
+
+/// Inserts the accepted revisions.
+async fn insert_revisions(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    units: &HashMap<UnitRef, UnitState>,
+    revisions: &[(usize, RevisionNum, NewRevision)],
+    now: UnixMillis,
+) -> StoreResult<()> {
+    let mut rows = Vec::with_capacity(revisions.len());
+    for (i, number, rev) in revisions {
+        let id = units.get(&rev.unit).and_then(|s| s.id);
+        let id = id.ok_or_else(|| corrupt(format!("unit {} has no id", rev.unit)))?;
+        rows.push((*i, *number, rev, id, rev.author.to_string()));
+    }
+    rows_in_chunks(
             tx,
             backend,
             |values| {
@@ -506,70 +576,32 @@ impl Plan {
             },
         )
         .await?;
-        for (_, number, rev) in &revisions {
-            backend.announce(tx, &rev.unit, *number).await?;
-        }
+    Ok(())
+}
 
-        // Promotions (their ids name them in the audit), then the audit
-        // entries: each request's revisions, then its promotion.
-        let mut audits: Vec<(usize, NewAudit)> = revisions
-            .iter()
-            .map(|(i, number, rev)| (*i, revision_audit(rev, *number)))
-            .collect();
-        let mut ids = Vec::with_capacity(promotions.len());
-        for (i, p) in promotions {
-            let numbers: Vec<RevisionNum> = revisions
-                .iter()
-                .filter(|(r, _, _)| *r == i)
-                .map(|(_, n, _)| *n)
-                .collect();
-            let (id, audit) = insert_promotion(tx, p, &numbers, now).await?;
-            ids.push((i, id));
-            audits.push((i, audit));
-        }
-        // Stable: within a request, revisions before the promotion.
-        audits.sort_by_key(|(i, _)| *i);
-        rows_in_chunks(
-            tx,
-            backend,
-            |values| {
-                format!("INSERT INTO audit (time, actor, action, target, detail) VALUES {values}")
-            },
-            5,
-            &audits,
-            |q, (_, a)| {
-                Ok(q.bind(now.0)
-                    .bind(a.actor.to_string())
-                    .bind(a.action)
-                    .bind(a.target.as_str())
-                    .bind(a.detail.as_str()))
-            },
-        )
-        .await?;
-
-        Ok(Written {
-            revisions: revisions
-                .into_iter()
-                .map(|(i, number, rev)| {
-                    let revision = Revision {
-                        author: rev.author.to_string(),
-                        unit: rev.unit,
-                        number,
-                        digest: rev.digest,
-                        tombstone: rev.tombstone,
-                        manifests: rev.manifests,
-                        documents: rev.documents,
-                        message: rev.message,
-                        origin: rev.origin,
-                        created_at: now,
-                        source_revision: rev.source_revision,
-                    };
-                    (i, revision)
-                })
-                .collect(),
-            promotions: ids,
-        })
-    }
+/// Inserts audit entries (in the order given).
+async fn insert_audits(
+    tx: &mut AnyConnection,
+    backend: Backend,
+    audits: &[(usize, NewAudit)],
+    now: UnixMillis,
+) -> StoreResult<()> {
+    rows_in_chunks(
+        tx,
+        backend,
+        |values| format!("INSERT INTO audit (time, actor, action, target, detail) VALUES {values}"),
+        5,
+        audits,
+        |q, (_, a)| {
+            Ok(q.bind(now.0)
+                .bind(a.actor.to_string())
+                .bind(a.action)
+                .bind(a.target.as_str())
+                .bind(a.detail.as_str()))
+        },
+    )
+    .await?;
+    Ok(())
 }
 
 /// The audit entry of a committed revision.
