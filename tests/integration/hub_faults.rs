@@ -752,3 +752,57 @@ async fn status_and_unit_views_page_through_five_thousand_clusters() {
     let unit: serde_json::Value = serde_json::from_str(&unit).unwrap();
     assert_eq!(unit["clusters"].as_array().unwrap().len(), 5000);
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
+async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
+    use sqlx::Connection;
+    let url = postgres_database().await;
+    let hub = TestHub::start_on_postgres(&url, None).await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    hub.put("dev/web", &configmap("web", "1")).await.unwrap();
+    // Hold the hub inside the handshake: the resync reads the units.
+    let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE units IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let channel = hub.channel().await;
+    let opening = tokio::spawn(async move {
+        let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
+        let hello = pb::AgentMessage {
+            msg: Some(AgentMsg::Hello(pb::Hello {
+                protocol_version: unitsync_proto::PROTOCOL_VERSION,
+                agent_version: "raw".into(),
+                units: vec![],
+            })),
+        };
+        let mut req = tonic::Request::new(futures::StreamExt::chain(
+            futures::stream::iter([hello]),
+            futures::stream::pending(),
+        ));
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        client.session(req).await
+    });
+    let cluster: unitsync_hub::model::ClusterName = "dev-1".parse().unwrap();
+    let fanout = &hub.running().hub.fanout;
+    until("the handshake under way", || async {
+        fanout.session(&cluster).is_some()
+    })
+    .await;
+    // The agent goes away mid-handshake; the hub notices the reset (no
+    // event to wait on: give it a moment) before its resync can finish.
+    opening.abort();
+    let _ = opening.await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    until("no session left behind", || async {
+        fanout.session(&cluster).is_none()
+    })
+    .await;
+    assert!(!connected(&hub, "dev-1").await);
+}

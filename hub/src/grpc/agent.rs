@@ -4,7 +4,8 @@
 //! 1. Authenticate (the cluster comes from the credential), read `Hello`,
 //!    refuse an unsupported protocol version.
 //! 2. Register the session's mailbox *before* reading the desired state, so
-//!    a commit racing the resync is not missed (the mailbox keeps the newer).
+//!    a commit racing the resync is not missed (the mailbox keeps the newer);
+//!    undone if the handshake fails or the agent goes away during it.
 //! 3. Resync: offer what differs from the agent's version vector.
 //! 4. A sender task drains the mailbox into the stream and sends
 //!    heartbeats; the receive loop records acks and statuses in memory
@@ -143,14 +144,10 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
             hub.next_session_id(),
             hello.agent_version.clone(),
         ));
-        hub.fanout.register(conn.clone());
-        let resync = match resync(hub, &cluster, &conn.mailbox, &hello.units).await {
-            Ok(n) => n,
-            Err(e) => {
-                hub.fanout.unregister(&conn);
-                return Err(e.into());
-            }
-        };
+        // Registered until the receive loop takes over; an error, or the
+        // agent going away mid-handshake (this future dropped), undoes it.
+        let registration = Registration::new(hub, conn.clone());
+        let resync = resync(hub, &cluster, &conn.mailbox, &hello.units).await?;
         hub.metrics.connected_agents.inc();
         session_changed(hub, &cluster, &hello.agent_version, true);
         tracing::info!(
@@ -175,6 +172,7 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
             })),
         };
         let out = outbound(hub.clone(), conn.clone(), welcome, rx);
+        registration.hand_over();
         tokio::spawn(receive_loop(
             hub.clone(),
             conn,
@@ -184,6 +182,36 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
             tx,
         ));
         Ok(Response::new(Box::pin(out)))
+    }
+}
+
+/// A session's place in the fan-out while its handshake runs: removed
+/// again unless handed over to the receive loop (which removes it when the
+/// session ends).
+struct Registration<'a> {
+    hub: &'a Hub,
+    conn: Option<Arc<AgentConn>>,
+}
+
+impl<'a> Registration<'a> {
+    fn new(hub: &'a Hub, conn: Arc<AgentConn>) -> Registration<'a> {
+        hub.fanout.register(conn.clone());
+        Registration {
+            hub,
+            conn: Some(conn),
+        }
+    }
+
+    fn hand_over(mut self) {
+        self.conn = None;
+    }
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.hub.fanout.unregister(&conn);
+        }
     }
 }
 
