@@ -138,9 +138,16 @@ async fn an_operator_watches_the_fleet_and_promotes_from_the_browser() {
     .await;
     b.screenshot("promote-confirm").await;
     b.click("form.confirm button[type=submit]").await;
+    until("the promotion's outcome", || async {
+        b.count("p.flash, p.error").await > 0
+    })
+    .await;
+    let said = b.text("p.flash, p.error").await;
+    assert!(
+        said.contains("prod") && b.count("p.error").await == 0,
+        "{said}"
+    );
     until("promoted", || async { hub.unit("prod/web").await.is_ok() }).await;
-    let flash = b.text("p.flash").await;
-    assert!(flash.contains("prod"), "{flash}");
     let prod = hub.unit("prod/web").await.unwrap().unit.unwrap();
     assert_eq!(prod.head_revision, 1);
 
