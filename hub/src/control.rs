@@ -685,6 +685,20 @@ impl Hub {
         })
     }
 
+    /// One cluster's status cells, by unit.
+    pub async fn cluster_cells(&self, name: &ClusterName) -> Result<Vec<StatusCell>> {
+        Ok(self.store.cluster_statuses(name).await?)
+    }
+
+    /// How many units each cluster runs per phase (not at the head:
+    /// `Unknown`), counted by the store.
+    pub async fn phase_counts(
+        &self,
+        env: Option<&EnvName>,
+    ) -> Result<Vec<(ClusterName, crate::model::Phase, u64)>> {
+        Ok(self.store.phase_counts(env).await?)
+    }
+
     /// A unit's status cells, one per cluster that reported (nothing else
     /// read: for loops that wait on them).
     pub async fn unit_cells(&self, unit: &UnitRef) -> Result<Vec<StatusCell>> {

@@ -15,7 +15,7 @@ use async_trait::async_trait;
 
 use crate::model::{
     AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, Override, PromotedUnit, Promotion, Revision, RevisionNum, Role, StatusCell,
+    NewRevision, Override, Phase, PromotedUnit, Promotion, Revision, RevisionNum, Role, StatusCell,
     StatusReport, Unit, UnitRef,
 };
 
@@ -216,6 +216,16 @@ pub trait Store: Send + Sync + 'static {
         unit: Option<&UnitRef>,
         page: &Page,
     ) -> StoreResult<Vec<StatusCell>>;
+
+    /// One cluster's status rows, ordered by unit.
+    async fn cluster_statuses(&self, cluster: &ClusterName) -> StoreResult<Vec<StatusCell>>;
+    /// How many units each cluster (of an environment, or all) runs per
+    /// phase; a unit whose reported revision is not its head counts as
+    /// `Unknown` (not there yet). Ordered by cluster, then phase name.
+    async fn phase_counts(
+        &self,
+        env: Option<&EnvName>,
+    ) -> StoreResult<Vec<(ClusterName, Phase, u64)>>;
 
     // --- promotion ---
     async fn set_environment_policy(

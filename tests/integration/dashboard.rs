@@ -166,6 +166,9 @@ async fn an_operator_watches_the_fleet_and_promotes_from_the_browser() {
     assert!(b.text("tr[data-unit=\"web\"]").await.contains("Ready"));
     b.goto(&format!("{base}/ui/clusters")).await;
     b.text("main h1").await;
+    // dev-1 runs one unit at its head, Ready (prod/web is prod's).
+    let row = b.text("tr[data-cluster=\"dev-1\"]").await;
+    assert!(row.contains("Ready 1"), "{row}");
     b.screenshot("clusters").await;
     b.close().await;
     cluster.stop_agent().await;

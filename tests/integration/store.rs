@@ -338,6 +338,37 @@ async fn contract(store: Arc<dyn Store>) {
         "Ready again starts the soak over"
     );
 
+    // Per cluster: its cells, and its units counted by phase (a report of
+    // an older revision than the head counts as not there yet).
+    store
+        .record_statuses(&[StatusReport {
+            unit: "dev/together".parse().unwrap(),
+            revision: RevisionNum(3),
+            ..report(Phase::Ready, 5_000)
+        }])
+        .await
+        .unwrap();
+    let units: Vec<String> = store
+        .cluster_statuses(&c)
+        .await
+        .unwrap()
+        .iter()
+        .map(|cell| format!("{}@{}", cell.unit, cell.status.revision))
+        .collect();
+    assert_eq!(units, ["dev/together@3", "dev/web@2"]);
+    let counts = store.phase_counts(None).await.unwrap();
+    assert_eq!(
+        counts,
+        [(c.clone(), Phase::Ready, 1), (c.clone(), Phase::Unknown, 1)]
+    );
+    assert!(
+        store
+            .phase_counts(Some(&env("prod")))
+            .await
+            .unwrap()
+            .is_empty()
+    );
+
     // Approvals: one per operator.
     let n = store
         .approve(

@@ -288,6 +288,17 @@ pub(super) fn promotion(row: &impl Columns) -> StoreResult<Promotion> {
     })
 }
 
+/// A `(cluster, phase, units)` row of [`super::Store::phase_counts`].
+pub(super) fn phase_count(
+    row: &impl Columns,
+) -> StoreResult<(crate::model::ClusterName, crate::model::Phase, u64)> {
+    Ok((
+        parse(&row.text("cluster")?, "cluster name")?,
+        crate::model::Phase::parse(&row.text("phase")?),
+        u64::try_from(row.int("n")?).unwrap_or(0),
+    ))
+}
+
 /// A count or number as the databases store it.
 pub(super) fn int(n: u64) -> StoreResult<i64> {
     i64::try_from(n).map_err(|_| corrupt("number out of range"))

@@ -26,7 +26,7 @@ use super::{
 use crate::lane::Lane;
 use crate::model::{
     AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels, NewAudit,
-    NewRevision, OciAuth, OciSource, Override, Promotion, Revision, RevisionNum, SourceName,
+    NewRevision, OciAuth, OciSource, Override, Phase, Promotion, Revision, RevisionNum, SourceName,
     SourceOperation, SourceStatus, StatusCell, StatusReport, Unit, UnitRef, UnixMillis,
 };
 
@@ -661,6 +661,38 @@ impl Store for SqlStore {
         .await
         .map_err(db)?;
         rows.iter().map(rows::status_cell).collect()
+    }
+
+    async fn cluster_statuses(&self, cluster: &ClusterName) -> StoreResult<Vec<StatusCell>> {
+        let rows = sqlx::query(
+            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since
+             FROM unit_status s JOIN units u ON u.id = s.unit_id
+             WHERE s.cluster = $1 ORDER BY u.environment, u.name",
+        )
+        .bind(cluster.as_str())
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::status_cell).collect()
+    }
+
+    async fn phase_counts(
+        &self,
+        env: Option<&EnvName>,
+    ) -> StoreResult<Vec<(ClusterName, Phase, u64)>> {
+        let rows = sqlx::query(
+            "SELECT s.cluster AS cluster,
+                    CASE WHEN s.revision = u.head THEN s.phase ELSE 'Unknown' END AS phase,
+                    COUNT(*) AS n
+             FROM unit_status s JOIN units u ON u.id = s.unit_id
+             WHERE $1 IS NULL OR u.environment = $1
+             GROUP BY 1, 2 ORDER BY 1, 2",
+        )
+        .bind(env.map(EnvName::as_str))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::phase_count).collect()
     }
 
     async fn set_environment_policy(

@@ -8,7 +8,6 @@ use std::sync::Arc;
 use axum::extract::{Path, State};
 use maud::{Markup, html};
 
-use super::fleet::all_status;
 use super::layout::{self, Nav};
 use super::{Page, Ui, Viewer};
 use crate::fanout::AgentConn;
@@ -18,27 +17,15 @@ use crate::model::{Cluster, ClusterName, Phase, UnixMillis};
 const EXPIRY_WARNING_MS: i64 = 7 * 86_400_000;
 
 pub(super) async fn page(State(ui): State<Arc<Ui>>, viewer: Viewer) -> Page {
-    let (view, truncated) = all_status(&ui.hub, None, None).await?;
-    let heads: HashMap<_, _> = view.units.iter().map(|u| (&u.unit, u.head)).collect();
-    let mut phases: HashMap<&ClusterName, BTreeMap<Phase, usize>> = HashMap::new();
-    for c in &view.cells {
-        // Units this cluster runs at their head, by phase; others count as
-        // not there yet.
-        let phase = if heads.get(&c.unit) == Some(&c.status.revision) {
-            c.status.phase
-        } else {
-            Phase::Unknown
-        };
-        *phases
-            .entry(&c.cluster)
-            .or_default()
-            .entry(phase)
-            .or_default() += 1;
+    // Counted by the store: a large fleet's matrix is never read here.
+    let clusters = ui.hub.list_clusters(None).await?;
+    let mut phases: HashMap<ClusterName, BTreeMap<Phase, u64>> = HashMap::new();
+    for (cluster, phase, n) in ui.hub.phase_counts(None).await? {
+        *phases.entry(cluster).or_default().entry(phase).or_default() += n;
     }
     let top = html! { h1 { "Clusters" } };
     let live = html! {
-        (super::fleet::truncation(truncated))
-        @if view.clusters.is_empty() {
+        @if clusters.is_empty() {
             p.empty { "No clusters yet: " code { "unitsync cluster create NAME --env dev" } " then "
                 code { "unitsync agent install NAME --export | kubectl apply -f -" } }
         } @else {
@@ -48,7 +35,7 @@ pub(super) async fn page(State(ui): State<Arc<Ui>>, viewer: Viewer) -> Page {
                     th { "Last seen" } th { "Certificate" } th { "Units" } th { "Labels" } th {}
                 } }
                 tbody {
-                    @for (c, session) in &view.clusters {
+                    @for (c, session) in &clusters {
                         tr data-cluster=(c.name) {
                             td { a href=(format!("/ui/clusters/{}", c.name)) { (c.name) } }
                             td { (c.environment) }
@@ -77,13 +64,9 @@ pub(super) async fn detail(
 ) -> Page {
     let name: ClusterName = name.parse().map_err(crate::error::HubError::from)?;
     let (cluster, session) = ui.hub.get_cluster(&name).await?;
-    let (view, truncated) = all_status(&ui.hub, Some(&cluster.environment), None).await?;
-    let cells: HashMap<_, _> = view
-        .cells
-        .iter()
-        .filter(|c| c.cluster == name)
-        .map(|c| (&c.unit, &c.status))
-        .collect();
+    let units = ui.hub.list_units(Some(&cluster.environment)).await?;
+    let cells = ui.hub.cluster_cells(&name).await?;
+    let cells: HashMap<_, _> = cells.iter().map(|c| (&c.unit, &c.status)).collect();
     let top = html! {
         div.title-row {
             h1 { "Cluster " (name) }
@@ -91,7 +74,6 @@ pub(super) async fn detail(
         }
     };
     let live = html! {
-        (super::fleet::truncation(truncated))
         dl.facts {
             dt { "Environment" } dd { (cluster.environment) }
             dt { "Agent" } dd { (state(&cluster, session.as_deref())) }
@@ -102,13 +84,13 @@ pub(super) async fn detail(
             dt { "Created" } dd { (layout::time(cluster.created_at)) }
         }
         h2 { "Units" }
-        @if view.units.is_empty() {
+        @if units.is_empty() {
             p.empty { "No units in " (cluster.environment) "." }
         } @else {
             table.list {
                 thead { tr { th { "Unit" } th { "Head" } th { "Running" } th { "Phase" } th { "Message" } th { "Updated" } } }
                 tbody {
-                    @for u in &view.units {
+                    @for u in &units {
                         tr data-unit=(u.unit.name) {
                             td { a href=(layout::unit_href(&u.unit)) { (u.unit.name) } }
                             td { (layout::rev(u.head.0)) }
