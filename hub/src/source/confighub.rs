@@ -3,6 +3,7 @@
 //! `client` the HTTP calls of both transports, `worker` the operations.
 
 pub mod client;
+mod verdict;
 pub mod wire;
 mod worker;
 
