@@ -699,6 +699,20 @@ impl Hub {
         Ok(self.store.phase_counts(env).await?)
     }
 
+    /// Clusters per unit at the head, by phase (`None`: behind), counted by
+    /// the store.
+    pub async fn unit_phase_counts(
+        &self,
+        env: Option<&EnvName>,
+    ) -> Result<Vec<(UnitRef, Option<crate::model::Phase>, u64)>> {
+        Ok(self.store.unit_phase_counts(env).await?)
+    }
+
+    /// An environment's status cells (every unit, every cluster).
+    pub async fn env_cells(&self, env: &EnvName) -> Result<Vec<StatusCell>> {
+        Ok(self.store.statuses(Some(env), None, &Page::ALL).await?)
+    }
+
     /// A unit's status cells, one per cluster that reported (nothing else
     /// read: for loops that wait on them).
     pub async fn unit_cells(&self, unit: &UnitRef) -> Result<Vec<StatusCell>> {

@@ -227,6 +227,14 @@ pub trait Store: Send + Sync + 'static {
         env: Option<&EnvName>,
     ) -> StoreResult<Vec<(ClusterName, Phase, u64)>>;
 
+    /// How many clusters report each unit (of an environment, or all) at
+    /// its head, per phase; `None` counts reports of an older revision
+    /// (behind). Ordered by unit.
+    async fn unit_phase_counts(
+        &self,
+        env: Option<&EnvName>,
+    ) -> StoreResult<Vec<(UnitRef, Option<Phase>, u64)>>;
+
     // --- promotion ---
     async fn set_environment_policy(
         &self,

@@ -368,6 +368,14 @@ async fn contract(store: Arc<dyn Store>) {
             .unwrap()
             .is_empty()
     );
+    let by_unit = store.unit_phase_counts(Some(&env("dev"))).await.unwrap();
+    assert_eq!(
+        by_unit,
+        [
+            ("dev/together".parse().unwrap(), None, 1),
+            (web.clone(), Some(Phase::Ready), 1)
+        ]
+    );
 
     // Approvals: one per operator.
     let n = store

@@ -8,7 +8,7 @@ use std::sync::Mutex;
 use reqwest::StatusCode;
 use reqwest::header::{HeaderMap, LOCATION, SET_COOKIE};
 use unitsync_proto::v1 as pb;
-use unitsync_tests::{TestHub, configmap, within};
+use unitsync_tests::{SimAgent, TestHub, configmap, until, within};
 
 /// A cookie-keeping HTTP client for one dashboard user.
 struct Browserless {
@@ -699,5 +699,58 @@ async fn secret_override_values_stay_hidden() {
             .await
             .iter()
             .any(|e| e.detail.contains("prod-override-value"))
+    );
+}
+
+/// The text of an HTML page, tags dropped.
+fn text_of(html: &str) -> String {
+    let mut out = String::new();
+    let mut in_tag = false;
+    for ch in html.chars() {
+        match ch {
+            '<' => in_tag = true,
+            '>' => in_tag = false,
+            c if !in_tag => out.push(c),
+            _ => {}
+        }
+    }
+    out
+}
+
+#[tokio::test]
+async fn a_large_environment_is_summarised_from_counts() {
+    let hub = TestHub::start().await;
+    hub.create_env("big").await;
+    // Seven clusters (more than a cell shows one by one): five agents
+    // report Ready, two clusters have no agent.
+    let mut agents = Vec::new();
+    for i in 0..7 {
+        let token = hub.create_cluster(&format!("big-{i}"), "big").await;
+        if i < 5 {
+            let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token).auto_ready();
+            agent.start();
+            agents.push(agent);
+        }
+    }
+    hub.put("big/web", &configmap("web", "1")).await.unwrap();
+    let b = Browserless::for_hub(&hub);
+    assert_eq!(
+        b.login(&hub.admin_token).await.status,
+        StatusCode::SEE_OTHER
+    );
+    until("five Ready, two silent and offline", || async {
+        let text = text_of(&b.get("/ui/").await.body);
+        text.contains("Ready 5") && text.contains("Unknown 2") && text.contains("2 offline")
+    })
+    .await;
+    // A newer revision: until the agents report it, they are behind.
+    for a in &mut agents {
+        a.stop().await;
+    }
+    hub.put("big/web", &configmap("web", "2")).await.unwrap();
+    let text = text_of(&b.get("/ui/").await.body);
+    assert!(
+        text.contains("5 behind") && text.contains("Unknown 2"),
+        "{text}"
     );
 }

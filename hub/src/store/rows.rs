@@ -299,6 +299,21 @@ pub(super) fn phase_count(
     ))
 }
 
+/// A `(unit, phase at the head or none, clusters)` row of
+/// [`super::Store::unit_phase_counts`].
+pub(super) fn unit_phase_count(
+    row: &impl Columns,
+) -> StoreResult<(crate::model::UnitRef, Option<crate::model::Phase>, u64)> {
+    let unit = crate::model::UnitRef {
+        env: parse(&row.text("environment")?, "environment")?,
+        name: parse(&row.text("name")?, "unit name")?,
+    };
+    let phase = row
+        .opt_text("phase")?
+        .map(|p| crate::model::Phase::parse(&p));
+    Ok((unit, phase, u64::try_from(row.int("n")?).unwrap_or(0)))
+}
+
 /// A count or number as the databases store it.
 pub(super) fn int(n: u64) -> StoreResult<i64> {
     i64::try_from(n).map_err(|_| corrupt("number out of range"))

@@ -695,6 +695,25 @@ impl Store for SqlStore {
         rows.iter().map(rows::phase_count).collect()
     }
 
+    async fn unit_phase_counts(
+        &self,
+        env: Option<&EnvName>,
+    ) -> StoreResult<Vec<(UnitRef, Option<Phase>, u64)>> {
+        let rows = sqlx::query(
+            "SELECT u.environment AS environment, u.name AS name,
+                    CASE WHEN s.revision = u.head THEN s.phase END AS phase,
+                    COUNT(*) AS n
+             FROM unit_status s JOIN units u ON u.id = s.unit_id
+             WHERE $1 IS NULL OR u.environment = $1
+             GROUP BY 1, 2, 3 ORDER BY 1, 2, 3",
+        )
+        .bind(env.map(EnvName::as_str))
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::unit_phase_count).collect()
+    }
+
     async fn set_environment_policy(
         &self,
         env: &EnvName,

@@ -1,7 +1,8 @@
 //! The fleet page: environments in promotion order as columns, units as
 //! rows; each cell the unit's head there, where it came from, a revision
 //! waiting to be promoted into it, and every cluster's revision and phase
-//! (a summary by phase when the environment has many clusters).
+//! (a summary by phase when the environment has many clusters: those are
+//! read as counts from the store, never cell by cell).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
@@ -12,38 +13,50 @@ use serde::Deserialize;
 
 use super::layout::{self, Nav};
 use super::{Page, Ui, Viewer};
-use crate::control::{Hub, StatusView};
+use crate::control::Hub;
 use crate::error::Result;
-use crate::model::{ClusterName, EnvName, Environment, Phase, Unit, UnitName, UnitRef, UnitStatus};
-use crate::store::Page as StorePage;
+use crate::fanout::AgentConn;
+use crate::model::{
+    Cluster, ClusterName, EnvName, Environment, Phase, StatusCell, Unit, UnitName, UnitRef,
+    UnitStatus,
+};
 
 /// Clusters shown one by one in a cell; more are summarised by phase.
 const CHIPS: usize = 6;
-/// The most status cells the dashboard reads for one page.
-const MAX_CELLS: usize = 100_000;
+/// What the fleet page shows, read so that a large fleet costs counts,
+/// not cells: per-cluster cells only for environments small enough to
+/// show them as chips, phase counts per unit for the rest.
+struct Fleet {
+    units: Vec<Unit>,
+    clusters: Vec<(Cluster, Option<Arc<AgentConn>>)>,
+    /// The cells of environments with at most [`CHIPS`] clusters.
+    cells: Vec<StatusCell>,
+    /// Clusters per unit at its head, by phase (`None`: behind).
+    counts: Vec<(UnitRef, Option<Phase>, u64)>,
+}
 
-/// The status matrix, every page of it (up to [`MAX_CELLS`]); `true` when
-/// it was cut short.
-pub(super) async fn all_status(
-    hub: &Hub,
-    env: Option<&EnvName>,
-    unit: Option<&UnitRef>,
-) -> Result<(StatusView, bool)> {
-    let mut page = StorePage {
-        after: None,
-        limit: 5_000,
-    };
-    let mut view = hub.status_of(env, unit, &page).await?;
-    while let Some(next) = view.next.take() {
-        if view.cells.len() >= MAX_CELLS {
-            return Ok((view, true));
+impl Fleet {
+    async fn read(hub: &Hub) -> Result<Fleet> {
+        let units = hub.list_units(None).await?;
+        let clusters = hub.list_clusters(None).await?;
+        let mut per_env: BTreeMap<&EnvName, usize> = BTreeMap::new();
+        for (c, _) in &clusters {
+            *per_env.entry(&c.environment).or_default() += 1;
         }
-        page = next;
-        let more = hub.status_of(env, unit, &page).await?;
-        view.cells.extend(more.cells);
-        view.next = more.next;
+        let mut cells = Vec::new();
+        for (env, n) in per_env {
+            if n <= CHIPS {
+                cells.extend(hub.env_cells(env).await?);
+            }
+        }
+        let counts = hub.unit_phase_counts(None).await?;
+        Ok(Fleet {
+            units,
+            clusters,
+            cells,
+            counts,
+        })
     }
-    Ok((view, false))
 }
 
 #[derive(Deserialize, Default)]
@@ -59,7 +72,7 @@ pub(super) async fn page(
     Query(f): Query<Filter>,
 ) -> Page {
     let envs = ui.hub.list_environments().await?;
-    let (view, truncated) = all_status(&ui.hub, None, None).await?;
+    let fleet = Fleet::read(&ui.hub).await?;
     let top = html! {
         div.title-row {
             h1 { "Fleet" }
@@ -69,7 +82,7 @@ pub(super) async fn page(
             }
         }
     };
-    let live = render(&envs, &view, f.q.trim(), truncated);
+    let live = render(&envs, &fleet, f.q.trim());
     Ok(layout::page(&viewer, "Fleet", Nav::Fleet, top, live))
 }
 
@@ -78,22 +91,16 @@ struct Matrix<'a> {
     clusters: BTreeMap<&'a EnvName, Vec<(&'a ClusterName, bool)>>,
     cells: HashMap<(&'a UnitRef, &'a ClusterName), &'a UnitStatus>,
     units: HashMap<&'a UnitRef, &'a Unit>,
+    /// Per unit: clusters at its head by phase, and how many are behind.
+    counts: HashMap<&'a UnitRef, (BTreeMap<Phase, usize>, usize)>,
 }
 
-/// The warning that a page counts only the first [`MAX_CELLS`] cells.
-pub(super) fn truncation(truncated: bool) -> Markup {
-    html! {
-        @if truncated {
-            p.warn { "Showing the first " (MAX_CELLS) " status cells; use the CLI for the rest." }
-        }
-    }
-}
-
-fn render(envs: &[Environment], view: &StatusView, q: &str, truncated: bool) -> Markup {
+fn render(envs: &[Environment], view: &Fleet, q: &str) -> Markup {
     let mut m = Matrix {
         clusters: BTreeMap::new(),
         cells: HashMap::new(),
         units: HashMap::new(),
+        counts: HashMap::new(),
     };
     for (c, session) in &view.clusters {
         m.clusters
@@ -104,6 +111,18 @@ fn render(envs: &[Environment], view: &StatusView, q: &str, truncated: bool) -> 
     for c in &view.cells {
         m.cells.insert((&c.unit, &c.cluster), &c.status);
     }
+    let mut totals: BTreeMap<Phase, usize> = BTreeMap::new();
+    for (unit, phase, n) in &view.counts {
+        let n = usize::try_from(*n).unwrap_or(usize::MAX);
+        let (by, behind) = m.counts.entry(unit).or_default();
+        match phase {
+            Some(p) => {
+                *by.entry(*p).or_default() += n;
+                *totals.entry(*p).or_default() += n;
+            }
+            None => *behind += n,
+        }
+    }
     let mut rows: BTreeMap<&UnitName, Vec<&Unit>> = BTreeMap::new();
     for u in &view.units {
         m.units.insert(&u.unit, u);
@@ -112,13 +131,6 @@ fn render(envs: &[Environment], view: &StatusView, q: &str, truncated: bool) -> 
         }
     }
     let connected = view.clusters.iter().filter(|(_, s)| s.is_some()).count();
-    let mut totals: BTreeMap<Phase, usize> = BTreeMap::new();
-    for c in &view.cells {
-        let head = m.units.get(&c.unit).map(|u| u.head);
-        if head.is_some_and(|h| h == c.status.revision) {
-            *totals.entry(c.status.phase).or_default() += 1;
-        }
-    }
     html! {
         div.summary {
             @let units = view.units.iter().filter(|u| !u.destroyed).count();
@@ -128,7 +140,6 @@ fn render(envs: &[Environment], view: &StatusView, q: &str, truncated: bool) -> 
                 span { (layout::phase(*p)) " " (n) }
             }
         }
-        (truncation(truncated))
         @if envs.is_empty() {
             p.empty { "No environments yet: " code { "unitsync env create dev" } }
         } @else if rows.is_empty() {
@@ -224,16 +235,13 @@ fn chip(u: &Unit, cluster: &ClusterName, online: bool, status: Option<&UnitStatu
 }
 
 fn summary(u: &Unit, clusters: &[(&ClusterName, bool)], m: &Matrix<'_>) -> Markup {
-    let mut by: BTreeMap<Phase, usize> = BTreeMap::new();
-    let mut behind = 0;
-    let mut offline = 0;
-    for (c, online) in clusters {
-        offline += usize::from(!online);
-        match m.cells.get(&(&u.unit, *c)) {
-            Some(s) if s.revision == u.head => *by.entry(s.phase).or_default() += 1,
-            Some(_) => behind += 1,
-            None => *by.entry(Phase::Unknown).or_default() += 1,
-        }
+    let offline = clusters.iter().filter(|(_, online)| !online).count();
+    let (mut by, behind) = m.counts.get(&u.unit).cloned().unwrap_or_default();
+    // Clusters that reported nothing for the unit yet.
+    let reported = by.values().sum::<usize>() + behind;
+    let silent = clusters.len().saturating_sub(reported);
+    if silent > 0 {
+        *by.entry(Phase::Unknown).or_default() += silent;
     }
     html! {
         div.counts {
