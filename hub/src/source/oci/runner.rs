@@ -16,7 +16,7 @@ use super::ArtifactLimits;
 use super::fetch::Registry;
 use crate::control::Hub;
 use crate::metrics::{SourceLabel, SourceLabels};
-use crate::model::{OciSource, SourceName, SourceStatus, UnixMillis};
+use crate::model::{Digest, OciAuth, OciSource, OciSpec, SourceName, SourceStatus, UnixMillis};
 
 /// How many sources sync at once.
 const PARALLEL: usize = 4;
@@ -33,6 +33,10 @@ pub struct Runner {
     limits: ArtifactLimits,
     /// Sources to sync at once (a ConfigHub release announcement).
     hinted: Mutex<BTreeSet<SourceName>>,
+    /// Registry clients by source, kept across syncs (their connections
+    /// and tokens) while the source's address, TLS settings and credentials
+    /// stay the same (compared by a hash: no secret is kept twice).
+    registries: Mutex<HashMap<SourceName, (Digest, Arc<Registry>)>>,
 }
 
 /// What a successful sync did.
@@ -52,7 +56,35 @@ impl Runner {
             hub,
             limits,
             hinted: Mutex::default(),
+            registries: Mutex::default(),
         })
+    }
+
+    /// The source's registry client: the one from its last sync, unless
+    /// how to reach the registry changed.
+    fn registry(&self, s: &OciSource, auth: &OciAuth) -> Result<Arc<Registry>, String> {
+        let key = connection_key(&s.spec, auth);
+        let mut cache = self
+            .registries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some((k, r)) = cache.get(&s.name)
+            && *k == key
+        {
+            return Ok(r.clone());
+        }
+        let r = Arc::new(Registry::new(&s.spec, auth)?);
+        cache.insert(s.name.clone(), (key, r.clone()));
+        Ok(r)
+    }
+
+    /// Drops the clients of sources that are gone.
+    fn keep_registries(&self, sources: &[OciSource]) {
+        let names: BTreeSet<&SourceName> = sources.iter().map(|s| &s.name).collect();
+        self.registries
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .retain(|name, _| names.contains(name));
     }
 
     fn lock_hinted(&self) -> std::sync::MutexGuard<'_, BTreeSet<SourceName>> {
@@ -89,6 +121,7 @@ impl Runner {
             let mut wait = RESCAN;
             if self.hub.is_leader().await {
                 let sources = self.hub.list_sources().await.unwrap_or_default();
+                self.keep_registries(&sources);
                 let now = UnixMillis::now();
                 for s in sources {
                     if s.suspended {
@@ -232,7 +265,7 @@ impl Runner {
             .source_auth(&s.name)
             .await
             .map_err(|e| format!("reading the credentials: {e}"))?;
-        let registry = Registry::new(&s.spec, &auth)?;
+        let registry = self.registry(s, &auth)?;
         let now = registry.resolve(&s.spec.reference).await?;
         if now.digest == s.status.last_digest {
             return Ok(Synced {
@@ -290,5 +323,81 @@ impl Runner {
             committed: !outcome.committed.is_empty(),
             metadata,
         })
+    }
+}
+
+/// What a registry client depends on, hashed: the address, the TLS
+/// settings and the credentials.
+fn connection_key(spec: &OciSpec, auth: &OciAuth) -> Digest {
+    let auth = match auth {
+        OciAuth::Anonymous => String::new(),
+        OciAuth::Basic { username, password } => {
+            format!("basic\0{username}\0{}", password.expose())
+        }
+        OciAuth::Bearer { token } => format!("bearer\0{}", token.expose()),
+    };
+    let key = format!(
+        "{}\0{}\0{}\0{auth}",
+        spec.url,
+        spec.ca_pem,
+        spec.insecure_hosts.join(",")
+    );
+    Digest::of(key.as_bytes())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::auth::Secret;
+    use crate::model::{OciRef, SourceMode};
+
+    fn spec() -> OciSpec {
+        OciSpec {
+            url: "oci://registry.example:5000/team/app".into(),
+            reference: OciRef::Tag("latest".into()),
+            interval_seconds: 60,
+            mode: SourceMode::Artifact,
+            layer_media_type: String::new(),
+            insecure_hosts: vec![],
+            ca_pem: String::new(),
+        }
+    }
+
+    fn basic(password: &str) -> OciAuth {
+        OciAuth::Basic {
+            username: "ci".into(),
+            password: Secret::from_string(password.into()),
+        }
+    }
+
+    #[test]
+    fn a_registry_client_is_kept_until_how_to_reach_the_registry_changes() {
+        let key = connection_key(&spec(), &basic("one"));
+        // Another tag or interval: the same client serves it.
+        let retagged = OciSpec {
+            reference: OciRef::Semver("^1".into()),
+            interval_seconds: 5,
+            ..spec()
+        };
+        assert_eq!(connection_key(&retagged, &basic("one")), key);
+        // A rotated password, another CA, a plain-HTTP host, another
+        // registry: a new client.
+        assert_ne!(connection_key(&spec(), &basic("two")), key);
+        let with_ca = OciSpec {
+            ca_pem: "-----BEGIN CERTIFICATE-----".into(),
+            ..spec()
+        };
+        assert_ne!(connection_key(&with_ca, &basic("one")), key);
+        let plain = OciSpec {
+            insecure_hosts: vec!["registry.example:5000".into()],
+            ..spec()
+        };
+        assert_ne!(connection_key(&plain, &basic("one")), key);
+        let moved = OciSpec {
+            url: "oci://other.example/team/app".into(),
+            ..spec()
+        };
+        assert_ne!(connection_key(&moved, &basic("one")), key);
+        assert_ne!(connection_key(&spec(), &OciAuth::Anonymous), key);
     }
 }
