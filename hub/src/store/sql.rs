@@ -193,6 +193,9 @@ async fn environment_exists(tx: &mut AnyConnection, env: &EnvName) -> StoreResul
 const CLUSTER_COLUMNS: &str = "c.name, c.environment, c.labels, c.created_at, c.revoked, c.last_seen, c.agent_version,
                     COALESCE((SELECT MAX(k2.not_after) FROM cluster_certs k2 WHERE k2.cluster = c.name), 0) AS cert_expires";
 
+/// A status cell (`s`: `unit_status`, `u`: its unit).
+const STATUS_COLUMNS: &str = "s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since";
+
 const UNIT_COLUMNS: &str = "u.environment, u.name, u.labels, u.head, u.destroyed, u.created_at, u.updated_at, u.upstream, u.overrides, u.source,
                     COALESCE(r.source_revision, 0) AS head_source";
 
@@ -643,7 +646,7 @@ impl Store for SqlStore {
         };
         let after = page.after.as_ref();
         let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since
+            "SELECT {STATUS_COLUMNS}
              FROM unit_status s JOIN units u ON u.id = s.unit_id
              WHERE ($1 IS NULL OR u.environment = $1)
                AND ($2 IS NULL OR (u.environment = $2 AND u.name = $3))
@@ -664,11 +667,11 @@ impl Store for SqlStore {
     }
 
     async fn cluster_statuses(&self, cluster: &ClusterName) -> StoreResult<Vec<StatusCell>> {
-        let rows = sqlx::query(
-            "SELECT s.cluster, u.environment, u.name, s.acked, s.revision, s.phase, s.message, s.resources, s.updated_at, s.ready_since
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
+            "SELECT {STATUS_COLUMNS}
              FROM unit_status s JOIN units u ON u.id = s.unit_id
-             WHERE s.cluster = $1 ORDER BY u.environment, u.name",
-        )
+             WHERE s.cluster = $1 ORDER BY u.environment, u.name"
+        )))
         .bind(cluster.as_str())
         .fetch_all(&self.readers)
         .await
