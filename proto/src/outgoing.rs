@@ -61,12 +61,15 @@ impl prost::Message for Outgoing {
         buf: &mut impl Buf,
         ctx: DecodeContext,
     ) -> Result<(), prost::DecodeError> {
-        if let Outgoing::Update(_) = self {
-            *self = Outgoing::default();
+        if let Outgoing::Update(b) = self {
+            let update = <v1::UnitUpdate as prost::Message>::decode(b.clone())?;
+            *self = Outgoing::Message(v1::HubMessage {
+                msg: Some(v1::hub_message::Msg::Update(update)),
+            });
         }
         match self {
             Outgoing::Message(m) => m.merge_field(tag, wire_type, buf, ctx),
-            Outgoing::Update(_) => unreachable!("replaced above"),
+            Outgoing::Update(_) => unreachable!("made a message above"),
         }
     }
 
@@ -129,5 +132,24 @@ mod tests {
         let out = Outgoing::from(m.clone());
         assert_eq!(out.encode_to_vec(), m.encode_to_vec());
         assert_eq!(Outgoing::decode(&*m.encode_to_vec()).unwrap(), out);
+    }
+
+    #[test]
+    fn merging_into_a_pre_encoded_update_is_merging_into_the_message() {
+        let u = update();
+        let more = v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Update(v1::UnitUpdate {
+                revision: 8,
+                ..Default::default()
+            })),
+        }
+        .encode_to_vec();
+        let mut direct = v1::HubMessage {
+            msg: Some(v1::hub_message::Msg::Update(u.clone())),
+        };
+        direct.merge(&*more).unwrap();
+        let mut shared = Outgoing::Update(encode_update(&u));
+        shared.merge(&*more).unwrap();
+        assert_eq!(shared, Outgoing::Message(direct));
     }
 }

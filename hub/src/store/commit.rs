@@ -11,13 +11,12 @@
 //!
 //! A request is all-or-nothing and independent of the others in its group:
 //! a request that fails a check is answered with its error and writes
-//! nothing; the others commit. Only a failure of the transaction itself
-//! (the database) fails every request of the group, and then nothing of the
-//! group is written. A queued request runs to its end even when its caller
-//! goes away.
+//! nothing; the others commit. When the transaction itself fails (nothing
+//! of the group is written), each request is committed again on its own,
+//! so a value the database refuses fails only the request carrying it. A
+//! queued request runs to its end even when its caller goes away.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
 
 use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, AnyConnection, AnyPool};
@@ -49,6 +48,10 @@ const GROUP_REVISIONS: usize = 256;
 /// Bind parameters per statement (SQLite allows 32,766, PostgreSQL 65,535);
 /// longer lists are split.
 const MAX_PARAMS: usize = 8_000;
+
+/// Bytes of large values (manifests) per statement: a list of big
+/// revisions is split too (PostgreSQL refuses a message over 1 GiB).
+const MAX_STATEMENT_BYTES: usize = 32 << 20;
 
 /// The queue to the committer task.
 pub(super) struct Committer {
@@ -95,10 +98,7 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Request>, writer: AnyPool, backe
             .into_iter()
             .map(|r| ((r.revs, r.promotion), r.reply))
             .unzip();
-        let answers = match commit_group(&writer, backend, work).await {
-            Ok(answers) => answers,
-            Err(e) => shared(e, replies.len()).into_iter().map(Err).collect(),
-        };
+        let answers = commit_each(&writer, backend, work).await;
         for (reply, answer) in replies.into_iter().zip(answers) {
             // A caller that went away does not undo its commit.
             let _ = reply.send(answer);
@@ -106,28 +106,35 @@ async fn run(mut queue: mpsc::UnboundedReceiver<Request>, writer: AnyPool, backe
     }
 }
 
-/// One error for `n` callers (the first gets it, the others a copy with
-/// the same message and cause).
-fn shared(e: StoreError, n: usize) -> Vec<StoreError> {
-    #[derive(Debug)]
-    struct Shared(Arc<StoreError>);
-    impl std::fmt::Display for Shared {
-        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-            self.0.fmt(f)
+/// Commits a group; if its transaction fails and it holds more than one
+/// request, each request again on its own, so that what one request
+/// carries (a value the database refuses) fails that request only.
+async fn commit_each(
+    writer: &AnyPool,
+    backend: Backend,
+    work: Vec<(Vec<NewRevision>, Option<NewPromotion>)>,
+) -> Vec<StoreResult<Committed>> {
+    if work.len() == 1 {
+        return match commit_group(writer, backend, work).await {
+            Ok(answers) => answers,
+            Err(e) => vec![Err(e)],
+        };
+    }
+    let again = work.clone();
+    match commit_group(writer, backend, work).await {
+        Ok(answers) => answers,
+        Err(e) => {
+            tracing::debug!(error = %crate::error::ErrorChain(&e), requests = again.len(), "a group commit failed; committing its requests one by one");
+            let mut answers = Vec::with_capacity(again.len());
+            for request in again {
+                answers.push(match commit_group(writer, backend, vec![request]).await {
+                    Ok(mut one) => one.pop().unwrap_or_else(|| Err(corrupt("no answer"))),
+                    Err(e) => Err(e),
+                });
+            }
+            answers
         }
     }
-    impl std::error::Error for Shared {
-        fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
-            self.0.source()
-        }
-    }
-    if n <= 1 {
-        return vec![e];
-    }
-    let e = Arc::new(e);
-    (0..n)
-        .map(|_| StoreError::Database(Box::new(Shared(e.clone()))))
-        .collect()
 }
 
 /// A unit as the group sees it: as stored, then as each accepted request
@@ -293,6 +300,7 @@ impl Known {
             },
             2,
             &wanted,
+            |_| 0,
             |q, u| Ok(q.bind(u.env.as_str()).bind(u.name.as_str())),
         )
         .await?;
@@ -481,6 +489,7 @@ async fn write_units(
             },
             9,
             &created,
+            |_| 0,
             |q, (u, s)| {
                 Ok(q.bind(u.env.as_str())
                     .bind(u.name.as_str())
@@ -514,6 +523,7 @@ async fn write_units(
         },
         5,
         &updated,
+        |_| 0,
         |q, s| {
             Ok(q.bind(int(s.head.0)?)
                 .bind(i64::from(s.destroyed))
@@ -561,6 +571,7 @@ async fn insert_revisions(
             },
             11,
             &rows,
+            |(_, _, rev, _, _)| rev.manifests.len(),
             |q, (_, number, rev, id, author)| {
                 Ok(q.bind(*id)
                     .bind(int(number.0)?)
@@ -592,6 +603,7 @@ async fn insert_audits(
         |values| format!("INSERT INTO audit (time, actor, action, target, detail) VALUES {values}"),
         5,
         audits,
+        |_| 0,
         |q, (_, a)| {
             Ok(q.bind(now.0)
                 .bind(a.actor.to_string())
@@ -706,13 +718,14 @@ async fn rows_in_chunks<'r, T>(
     sql: impl Fn(&str) -> String,
     cols: usize,
     rows: &'r [T],
+    weight: impl Fn(&T) -> usize,
     bind: impl Fn(
         sqlx::query::Query<'r, Any, AnyArguments>,
         &'r T,
     ) -> StoreResult<sqlx::query::Query<'r, Any, AnyArguments>>,
 ) -> StoreResult<Vec<AnyRow>> {
     let mut out = Vec::new();
-    for chunk in rows.chunks((MAX_PARAMS / cols).max(1)) {
+    for chunk in chunks(rows, cols, weight) {
         let mut q = sqlx::query(sqlx::AssertSqlSafe(sql(&backend.values(chunk.len(), cols))));
         for row in chunk {
             q = bind(q, row)?;
@@ -720,6 +733,27 @@ async fn rows_in_chunks<'r, T>(
         out.extend(q.fetch_all(&mut *tx).await.map_err(db)?);
     }
     Ok(out)
+}
+
+/// `rows` split so that no statement binds more than [`MAX_PARAMS`]
+/// parameters or (by `weight`) [`MAX_STATEMENT_BYTES`] bytes; a row heavier
+/// than that goes alone.
+fn chunks<T>(rows: &[T], cols: usize, weight: impl Fn(&T) -> usize) -> Vec<&[T]> {
+    let max_rows = (MAX_PARAMS / cols).max(1);
+    let mut out = Vec::new();
+    let (mut start, mut bytes) = (0, 0);
+    for (i, row) in rows.iter().enumerate() {
+        let w = weight(row);
+        if i > start && (i - start >= max_rows || bytes + w > MAX_STATEMENT_BYTES) {
+            out.push(&rows[start..i]);
+            (start, bytes) = (i, 0);
+        }
+        bytes += w;
+    }
+    if start < rows.len() {
+        out.push(&rows[start..]);
+    }
+    out
 }
 
 /// A unit changed between planning and committing.
@@ -741,6 +775,8 @@ fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreErr
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+
     use super::*;
     use crate::model::{Actor, Digest, EnvName};
     use crate::store::{SqlStore, Store};
@@ -921,5 +957,78 @@ mod tests {
             );
         }
         assert!(store.list_units(None).await.unwrap().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_request_the_database_refuses_fails_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let (queue, rx) = mpsc::unbounded_channel();
+        let mut answers = Vec::new();
+        for (name, source_revision) in [("dev/a", 1), ("dev/b", u64::MAX), ("dev/c", 1)] {
+            let (reply, answer) = oneshot::channel();
+            let revs = vec![NewRevision {
+                source_revision: RevisionNum(source_revision),
+                ..rev(name, "1", PutMode::Create)
+            }];
+            let request = Request {
+                revs,
+                promotion: None,
+                reply,
+            };
+            queue.send(request).unwrap();
+            answers.push(answer);
+        }
+        drop(queue);
+        // One group: its transaction fails on dev/b's number, then each
+        // request goes again on its own.
+        run(rx, store.writer().clone(), Backend::Sqlite).await;
+        let mut results = Vec::new();
+        for answer in answers {
+            results.push(answer.await.unwrap().map(|(revs, _)| revs[0].number.0));
+        }
+        assert!(matches!(results[0], Ok(1)), "{results:?}");
+        assert!(
+            matches!(results[1], Err(StoreError::Corrupt(_))),
+            "{results:?}"
+        );
+        assert!(matches!(results[2], Ok(1)), "{results:?}");
+        let units: Vec<String> = store
+            .list_units(None)
+            .await
+            .unwrap()
+            .iter()
+            .map(|u| u.unit.to_string())
+            .collect();
+        assert_eq!(units, ["dev/a", "dev/c"]);
+    }
+
+    #[test]
+    fn long_or_heavy_lists_are_split_into_statements() {
+        let rows: Vec<usize> = (0..10).collect();
+        // By parameters: 8,000 / 1,000 columns = 8 rows a statement.
+        let by_params: Vec<usize> = chunks(&rows, 1_000, |_| 0)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(by_params, [8, 2]);
+        // By bytes: two 20 MiB rows would pass 32 MiB, so one at a time.
+        let heavy: Vec<usize> = chunks(&rows[..3], 1, |_| 20 << 20)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(heavy, [1, 1, 1]);
+        let light: Vec<usize> = chunks(&rows[..3], 1, |_| 10 << 20)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(light, [3]);
+        // A row heavier than the budget still goes (alone).
+        let huge: Vec<usize> = chunks(&rows[..2], 1, |_| 64 << 20)
+            .iter()
+            .map(|c| c.len())
+            .collect();
+        assert_eq!(huge, [1, 1]);
+        assert!(chunks::<usize>(&[], 1, |_| 0).is_empty());
     }
 }
