@@ -551,6 +551,20 @@ impl Hub {
         revs: Vec<NewRevision>,
         promotion: Option<crate::store::NewPromotion>,
     ) -> Result<(Vec<Revision>, Option<u64>)> {
+        // Text the databases cannot all store (PostgreSQL refuses NUL).
+        let nul =
+            |what: String| HubError::InvalidArgument(format!("{what} contains a NUL character"));
+        for r in &revs {
+            if r.message.contains('\0') {
+                return Err(nul(format!("the message for unit {}", r.unit)));
+            }
+            if r.origin.contains('\0') {
+                return Err(nul(format!("the origin of unit {}", r.unit)));
+            }
+        }
+        if promotion.as_ref().is_some_and(|p| p.reason.contains('\0')) {
+            return Err(nul("the promotion's reason".into()));
+        }
         let hub = self
             .me
             .upgrade()

@@ -605,6 +605,33 @@ async fn a_huge_invalid_value_is_refused_with_a_short_clear_message() {
     );
 }
 
+#[tokio::test]
+async fn text_a_database_cannot_store_is_refused_clearly() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let e = within(
+        "put",
+        hub.admin().await.put_unit(pb::PutUnitRequest {
+            unit: "dev/web".into(),
+            manifests: configmap("web", "1"),
+            message: "fix\0me".into(),
+            mode: 0,
+            labels: Default::default(),
+        }),
+    )
+    .await
+    .expect_err("refused");
+    assert_eq!(e.code(), Code::InvalidArgument, "{e:?}");
+    assert_eq!(
+        e.message(),
+        "invalid argument: the message for unit dev/web contains a NUL character"
+    );
+    assert_eq!(
+        hub.unit("dev/web").await.unwrap_err().code(),
+        Code::NotFound
+    );
+}
+
 // --- 1 and 9: PostgreSQL outages ---
 
 /// A replica whose database connection goes through a fault proxy.
