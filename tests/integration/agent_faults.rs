@@ -88,6 +88,14 @@ fn count_of(cluster: &TestCluster, prefix: &str, count: usize) -> usize {
         .count()
 }
 
+/// How many entries a unit's inventory lists.
+fn inventory_entries(cluster: &TestCluster, unit: &str) -> usize {
+    let cm = inventory(cluster, unit).expect("the inventory exists");
+    let inv: serde_json::Value =
+        serde_json::from_str(cm["data"]["inventory"].as_str().unwrap()).unwrap();
+    inv["entries"].as_array().map_or(0, Vec::len)
+}
+
 fn inventory(cluster: &TestCluster, unit: &str) -> Option<serde_json::Value> {
     cluster.object(
         "v1",
@@ -232,13 +240,7 @@ async fn a_cluster_restored_empty_is_rebuilt_with_its_inventory() {
     })
     .await;
     wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
-    let inv: serde_json::Value = serde_json::from_str(
-        inventory(&cluster, "cfg").unwrap()["data"]["inventory"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(inv["entries"].as_array().unwrap().len(), 4, "{inv}");
+    assert_eq!(inventory_entries(&cluster, "cfg"), 4);
 }
 
 #[tokio::test]
@@ -273,13 +275,7 @@ async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
     })
     .await;
     wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
-    let inv: serde_json::Value = serde_json::from_str(
-        inventory(&cluster, "cfg").unwrap()["data"]["inventory"]
-            .as_str()
-            .unwrap(),
-    )
-    .unwrap();
-    assert_eq!(inv["entries"].as_array().unwrap().len(), 4, "{inv}");
+    assert_eq!(inventory_entries(&cluster, "cfg"), 4);
 }
 
 #[tokio::test]

@@ -821,15 +821,14 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
         fanout.session(&cluster).is_some()
     })
     .await;
-    // The agent goes away mid-handshake; the hub notices the reset (no
-    // event to wait on: give it a moment) before its resync can finish.
+    // The agent goes away mid-handshake: its registration goes with it,
+    // while the hub is still held inside the resync.
     opening.abort();
     let _ = opening.await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
     until("no session left behind", || async {
         fanout.session(&cluster).is_none()
     })
     .await;
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
     assert!(!connected(&hub, "dev-1").await);
 }
