@@ -79,6 +79,9 @@ pub struct Hub {
     me: std::sync::Weak<Hub>,
     /// Where operator calls run (see [`crate::lane`]).
     pub control: crate::lane::Lane,
+    /// The runtime serving the agent sessions (the one the hub was made
+    /// on): commits are offered to the sessions there.
+    sessions: tokio::runtime::Handle,
 }
 
 /// A source's claim on environments: promotions into them are refused and
@@ -172,6 +175,7 @@ impl Hub {
             sources_changed: tokio::sync::Notify::new(),
             me: me.clone(),
             control,
+            sessions: tokio::runtime::Handle::current(),
         }))
     }
 
@@ -545,7 +549,10 @@ impl Hub {
     /// offers them to agents. Both happen in a task of their own, so a
     /// caller that goes away (a cancelled RPC) cannot leave a committed
     /// revision unoffered. The caller hears first: its reply does not wait
-    /// behind the deliveries the commit sets off.
+    /// behind the deliveries the commit sets off, which run on the
+    /// sessions' runtime (waking a session from there costs a local queue
+    /// push; from the control lane, the shared queue's lock and often a
+    /// thread wake-up, and the lane would be busy for the whole fan-out).
     pub async fn commit_release(
         &self,
         revs: Vec<NewRevision>,
@@ -575,9 +582,12 @@ impl Hub {
                 Ok(committed) => {
                     let offer = committed.0.clone();
                     let _ = reply.send(Ok(committed));
-                    for r in &offer {
-                        hub.publish(r);
-                    }
+                    let sessions = hub.sessions.clone();
+                    sessions.spawn(async move {
+                        for r in &offer {
+                            hub.publish(r);
+                        }
+                    });
                 }
                 Err(e) => {
                     let _ = reply.send(Err(e));

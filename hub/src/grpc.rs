@@ -6,6 +6,7 @@
 pub mod admin;
 pub mod agent;
 pub mod convert;
+pub mod listener;
 pub mod operator;
 mod watch;
 

@@ -10,7 +10,11 @@
 //! each under a burst of deliveries to 1,000 agents and bounded the hub's
 //! throughput. On a lane, a one-thread runtime that runs nothing else, each
 //! hand-over is served at once. The hub has two: the store's (its
-//! committer) and the control plane's (operator calls).
+//! committer) and the control plane's: operators' connections (moved there
+//! at their first call, see [`crate::grpc::listener`]) and calls, the
+//! HTTP endpoints (probes, metrics, dashboard) and the writer of agents'
+//! acks and statuses (a batch holds the store's writer connection, which
+//! commits wait for).
 
 use std::future::Future;
 
@@ -41,6 +45,11 @@ impl Lane {
             handle: runtime.handle().clone(),
             runtime: Some(runtime),
         })
+    }
+
+    /// The lane's runtime, to spawn onto or register sockets with.
+    pub fn handle(&self) -> &Handle {
+        &self.handle
     }
 
     /// Runs `work` on the lane.

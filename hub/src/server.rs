@@ -11,8 +11,6 @@ use std::time::Duration;
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
-use tonic::transport::server::TcpIncoming;
 
 use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
 use crate::config::{Config, ConfigError};
@@ -37,8 +35,6 @@ pub enum StartError {
         #[source]
         source: std::io::Error,
     },
-    #[error("gRPC server failed")]
-    Serve(#[source] tonic::transport::Error),
     #[error("cannot start the hub's threads")]
     Threads(#[source] std::io::Error),
     #[error("cannot set up TLS")]
@@ -208,7 +204,12 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         None => None,
     };
     let feedback_stop = CancellationToken::new();
-    let feedback = tokio::spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
+    // On the control lane: a batch holds the store's writer connection,
+    // which commits wait for, until its statements are done; on the
+    // sessions' runtime each of them would queue behind the fan-out.
+    let feedback = hub
+        .control
+        .spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
 
     tokio::spawn(
         hub.clone()
@@ -259,47 +260,56 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         };
         let app = crate::http::app(hub.clone(), https.is_some(), shutdown.clone());
         let stop = shutdown.clone();
-        tokio::spawn(async move {
-            if let Err(e) = crate::http::serve(listener, app, https, stop).await {
+        // Served on the control lane, like operators' gRPC calls: probes,
+        // metrics and the dashboard answer while the sessions' runtime is
+        // busy fanning out (its sockets go to the lane's reactor).
+        let listener = listener.into_std().map_err(|source| StartError::Listen {
+            addr: config.http_listen.unwrap_or(config.listen),
+            source,
+        })?;
+        hub.control.spawn(async move {
+            let served = match TcpListener::from_std(listener) {
+                Ok(listener) => crate::http::serve(listener, app, https, stop).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
     }
 
     let (agent, admin_svc) = crate::grpc::services(&hub);
-    let incoming = TcpIncoming::from(grpc_listener).with_nodelay(Some(true));
+    let routes = tonic::service::Routes::new(agent).add_service(admin_svc);
+    let ca_pem = tls.as_ref().and_then(|t| t.ca_pem.clone());
+    // Agents may present a client certificate from the hub CA (mutual
+    // TLS) or a bearer token.
+    let grpc_tls = match &tls {
+        Some(t) => Some(t.grpc_config(hub.ca_pem())?),
+        None => None,
+    };
+    // HTTP/2 pings every third of a heartbeat, dead after another third:
+    // a silent partition ends the session within the heartbeat window.
+    let settings = crate::grpc::listener::Settings {
+        keepalive: (config.tuning.heartbeat / 3).max(Duration::from_millis(500)),
+        max_concurrent_streams: 256,
+    };
     let stop = shutdown.clone();
     let hub_for_task = hub.clone();
     let hub_for_stop = hub.clone();
-    let mut builder = Server::builder();
-    let ca_pem = tls.as_ref().and_then(|t| t.ca_pem.clone());
-    if let Some(t) = &tls {
-        let identity = tonic::transport::Identity::from_pem(&t.cert_pem, &t.key_pem);
-        let mut tls_config = tonic::transport::ServerTlsConfig::new().identity(identity);
-        if let Some(ca) = hub.ca_pem() {
-            // Agents may present a client certificate from the hub CA
-            // (mutual TLS) or a bearer token.
-            tls_config = tls_config
-                .client_ca_root(tonic::transport::Certificate::from_pem(ca))
-                .client_auth_optional(true);
-        }
-        builder = builder.tls_config(tls_config).map_err(StartError::Serve)?;
-    }
-    // HTTP/2 pings every third of a heartbeat, dead after another third:
-    // a silent partition ends the session within the heartbeat window.
-    let keepalive = (config.tuning.heartbeat / 3).max(Duration::from_millis(500));
+    let control = hub.control.handle().clone();
     let task = tokio::spawn(async move {
-        let served = builder
-            .http2_keepalive_interval(Some(keepalive))
-            .http2_keepalive_timeout(Some(keepalive))
-            .max_concurrent_streams(Some(256))
-            .add_service(agent)
-            .add_service(admin_svc)
-            .serve_with_incoming_shutdown(incoming, async move {
+        crate::grpc::listener::serve(
+            grpc_listener,
+            routes,
+            grpc_tls,
+            settings,
+            control,
+            async move {
                 stop.cancelled().await;
                 hub_for_stop.fanout.disconnect_all();
-            })
-            .await;
+            },
+        )
+        .await;
         // The ConfigHub worker releases its lease first thing.
         if let Some(w) = worker {
             let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
@@ -310,7 +320,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub_for_task.fanout.disconnect_all();
         feedback_stop.cancel();
         let _ = feedback.await;
-        served.map_err(StartError::Serve)
+        Ok(())
     });
     tracing::info!(%grpc_addr, http = ?http_addr, data_dir = %config.data_dir.display(), "hub listening");
     Ok(RunningHub {

@@ -40,30 +40,62 @@ pub enum TlsError {
     },
     #[error("cannot create certificates")]
     Certificate(#[source] rcgen::Error),
-    #[error("the server certificate or key is not usable for HTTPS: {0}")]
-    Https(String),
+    #[error("the server certificate, key or client CA is not usable: {0}")]
+    Unusable(String),
 }
 
 impl ServerTls {
     /// A rustls configuration serving this certificate over HTTPS (HTTP/2
     /// and HTTP/1.1), for the dashboard and probes with `--http-tls`.
     pub fn https_config(&self) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        self.server_config(&[b"h2", b"http/1.1"], None)
+    }
+
+    /// A rustls configuration for the gRPC listener (HTTP/2): clients may
+    /// present a certificate issued by `client_ca` (mutual TLS for agents)
+    /// or none (bearer tokens).
+    pub fn grpc_config(
+        &self,
+        client_ca: Option<&str>,
+    ) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
+        self.server_config(&[b"h2"], client_ca)
+    }
+
+    fn server_config(
+        &self,
+        alpn: &[&[u8]],
+        client_ca: Option<&str>,
+    ) -> Result<std::sync::Arc<rustls::ServerConfig>, TlsError> {
         use rustls::pki_types::pem::PemObject;
         use rustls::pki_types::{CertificateDer, PrivateKeyDer};
-        let bad = |e: &dyn std::fmt::Display| TlsError::Https(e.to_string());
+        let bad = |e: &dyn std::fmt::Display| TlsError::Unusable(e.to_string());
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let chain = CertificateDer::pem_slice_iter(self.cert_pem.as_bytes())
             .collect::<Result<Vec<_>, _>>()
             .map_err(|e| bad(&e))?;
         let key = PrivateKeyDer::from_pem_slice(self.key_pem.as_bytes()).map_err(|e| bad(&e))?;
-        let mut config = rustls::ServerConfig::builder_with_provider(std::sync::Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| bad(&e))?
-        .with_no_client_auth()
-        .with_single_cert(chain, key)
-        .map_err(|e| bad(&e))?;
-        config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        let builder = rustls::ServerConfig::builder_with_provider(provider.clone())
+            .with_safe_default_protocol_versions()
+            .map_err(|e| bad(&e))?;
+        let builder = match client_ca {
+            None => builder.with_no_client_auth(),
+            Some(ca) => {
+                let mut roots = rustls::RootCertStore::empty();
+                for cert in CertificateDer::pem_slice_iter(ca.as_bytes()) {
+                    roots.add(cert.map_err(|e| bad(&e))?).map_err(|e| bad(&e))?;
+                }
+                let verifier = rustls::server::WebPkiClientVerifier::builder_with_provider(
+                    std::sync::Arc::new(roots),
+                    provider,
+                )
+                .allow_unauthenticated()
+                .build()
+                .map_err(|e| bad(&e))?;
+                builder.with_client_cert_verifier(verifier)
+            }
+        };
+        let mut config = builder.with_single_cert(chain, key).map_err(|e| bad(&e))?;
+        config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
         Ok(std::sync::Arc::new(config))
     }
 }

@@ -76,6 +76,24 @@ pub async fn postgres_database() -> String {
     format!("{base}/{name}")
 }
 
+/// A TLS channel to `endpoint`, trusting `ca` (PEM).
+pub async fn tls_channel(endpoint: &str, ca: &str) -> Channel {
+    let ca = tonic::transport::Certificate::from_pem(ca);
+    let endpoint = Channel::from_shared(endpoint.to_owned())
+        .unwrap()
+        .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))
+        .unwrap();
+    within("connect to hub", endpoint.connect())
+        .await
+        .expect("connect")
+}
+
+/// An operator's client on `channel`, with `token`.
+pub fn operator_client(channel: Channel, token: &str) -> Admin {
+    let value = format!("Bearer {token}").parse().expect("ascii token");
+    HubServiceClient::with_interceptor(channel, BearerAuth(value))
+}
+
 impl TestHub {
     pub async fn start() -> TestHub {
         Self::start_with(Tuning::default()).await
@@ -180,14 +198,7 @@ impl TestHub {
 
     /// A TLS channel to the hub.
     pub async fn channel(&self) -> Channel {
-        let ca = tonic::transport::Certificate::from_pem(self.ca().expect("TLS is on"));
-        let endpoint = Channel::from_shared(self.endpoint())
-            .unwrap()
-            .tls_config(tonic::transport::ClientTlsConfig::new().ca_certificate(ca))
-            .unwrap();
-        within("connect to hub", endpoint.connect())
-            .await
-            .expect("connect")
+        tls_channel(&self.endpoint(), self.ca().expect("TLS is on")).await
     }
 
     pub fn running(&self) -> &RunningHub {
@@ -230,9 +241,7 @@ impl TestHub {
     }
 
     pub async fn client(&self, token: &str) -> Admin {
-        let channel = self.channel().await;
-        let value = format!("Bearer {token}").parse().expect("ascii token");
-        HubServiceClient::with_interceptor(channel, BearerAuth(value))
+        operator_client(self.channel().await, token)
     }
 
     pub async fn admin(&self) -> Admin {

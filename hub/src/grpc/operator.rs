@@ -2,8 +2,9 @@
 //! call's credential is resolved once, before the method runs, and the
 //! operator (actor and role) rides in the request's extensions. A caller
 //! that is not an operator never reaches a method. Calls run on the hub's
-//! control lane ([`crate::lane`]). Methods that change
-//! something ask for the admin role with [`Operator::admin`].
+//! control lane, where the listener moves operators' connections
+//! ([`crate::grpc::listener`]). Methods that change something ask for the
+//! admin role with [`Operator::admin`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -133,9 +134,7 @@ where
         let mut inner = std::mem::replace(&mut self.inner, clone);
         let hub = self.hub.clone();
         let credential = Credential::of(&req);
-        // On the control lane: an operator's call does not queue behind
-        // the agent sessions at each of its waits.
-        let call = self.hub.control.spawn(async move {
+        Box::pin(async move {
             match operator(&hub, credential).await {
                 Ok(op) => {
                     req.extensions_mut().insert(op);
@@ -143,12 +142,6 @@ where
                 }
                 Err(e) => Ok(tonic::Status::from(e).into_http()),
             }
-        });
-        Box::pin(async move {
-            call.await.unwrap_or_else(|e| {
-                tracing::error!(error = %e, "an operator call failed");
-                Ok(tonic::Status::internal("internal error").into_http())
-            })
         })
     }
 }

@@ -3,8 +3,11 @@
 //! process), K revisions committed; then the same clients against a bare
 //! tonic broadcast server (no store, no protocol logic) in the same run.
 //!
-//! Prints commit->delivered latency p50/p99/max, deliveries per second and
-//! server RSS for both, and the ratios. Figures, not assertions.
+//! Prints commit->delivered latency p50/p99/max, deliveries per second,
+//! server CPU and RSS, commit round trips and the time until every agent
+//! holds every unit's last revision (the hub coalesces: an agent that is
+//! behind gets the latest revision, not each one; the bare server sends
+//! every message) for both, and the ratios. Figures, not assertions.
 //!
 //! Run: `cargo run --release -p unitsync-tests --bin fanout-bench -- --agents 1000 --revisions 200`
 
@@ -67,6 +70,11 @@ struct Figures {
     server_cpu: f64,
     /// Commit round trips (PutUnit), sorted, in microseconds.
     commits_us: Vec<u64>,
+    /// Agents holding every unit's last revision at the end (the hub
+    /// coalesces: an agent behind gets the latest, not every revision);
+    /// `None` for the bare server, which numbers nothing and delivers all.
+    converged: Option<usize>,
+    agents: usize,
 }
 
 impl Figures {
@@ -99,6 +107,15 @@ impl Figures {
             percentile_ms(&self.commits_us, 0.50),
             percentile_ms(&self.commits_us, 0.99),
             percentile_ms(&self.commits_us, 1.0),
+        );
+        let held = match self.converged {
+            Some(n) => format!("{n}/{} agents hold every unit's last revision", self.agents),
+            None => format!("{}/{} deliveries", self.deliveries, self.expected),
+        };
+        println!(
+            "{:<11} converged  {held} {:.0} ms after the first commit",
+            "",
+            self.elapsed.as_secs_f64() * 1000.0
         );
     }
 }
@@ -171,11 +188,15 @@ async fn open_session(endpoint: &str, token: &str) -> anyhow::Result<Session> {
     Ok((tx, inbound))
 }
 
+/// The latest revision an agent received, per unit.
+type Held = Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>;
+
 /// One simulated agent: connect, hello, then receive and ack until `stop`.
 async fn agent(
     endpoint: String,
     token: String,
     collector: Arc<Collector>,
+    held: Held,
     ready: mpsc::Sender<Result<(), String>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
 ) -> anyhow::Result<()> {
@@ -211,6 +232,15 @@ async fn agent(
                             collector.latencies.lock().unwrap().push(us);
                         }
                         collector.deliveries.fetch_add(1, Ordering::Relaxed);
+                        {
+                            let mut held = held.lock().unwrap();
+                            match held.get_mut(&u.unit) {
+                                Some(r) => *r = (*r).max(u.revision),
+                                None => {
+                                    held.insert(u.unit.clone(), u.revision);
+                                }
+                            }
+                        }
                         *collector.last.lock().unwrap() = Some(Instant::now());
                         let _ = tx
                             .send(pb::AgentMessage { msg: Some(AgentMsg::Ack(pb::Ack { unit: u.unit, revision: u.revision })) })
@@ -227,6 +257,7 @@ async fn agent(
 /// Connected agents of one server.
 struct Fleet {
     collector: Arc<Collector>,
+    held: Vec<Held>,
     stop: tokio::sync::watch::Sender<bool>,
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
@@ -236,12 +267,14 @@ async fn connect_fleet(name: &str, endpoint: &str, tokens: &[String]) -> anyhow:
     let (ready_tx, mut ready_rx) = mpsc::channel(tokens.len().max(1));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
     let mut tasks = Vec::new();
+    let held: Vec<Held> = tokens.iter().map(|_| Held::default()).collect();
     for (i, t) in tokens.iter().enumerate() {
         let ready = ready_tx.clone();
         let run = agent(
             endpoint.to_owned(),
             t.clone(),
             collector.clone(),
+            held[i].clone(),
             ready.clone(),
             stop_rx.clone(),
         );
@@ -269,6 +302,7 @@ async fn connect_fleet(name: &str, endpoint: &str, tokens: &[String]) -> anyhow:
     eprintln!("{name}: {} agents connected", tokens.len());
     Ok(Fleet {
         collector,
+        held,
         stop,
         tasks,
     })
@@ -310,7 +344,7 @@ async fn phase(
             .build()?
             .block_on(commit_revisions(&endpoint, &token, &load, interval, start))
     });
-    let mut commits_us = committer.await??;
+    let (mut commits_us, last) = committer.await??;
     commits_us.sort_unstable();
     let expected = (agents * args.revisions) as u64;
     // Wait until deliveries stop growing (coalescing may deliver fewer).
@@ -331,6 +365,18 @@ async fn phase(
     }
     let end = collector.last.lock().unwrap().unwrap_or_else(Instant::now);
     let server_cpu = cpu_seconds(server_pid) - cpu_before;
+    // The bare server numbers nothing (every revision is 0).
+    let converged = last.values().any(|n| *n > 0).then(|| {
+        fleet
+            .held
+            .iter()
+            .filter(|held| {
+                let held = held.lock().unwrap();
+                last.iter()
+                    .all(|(unit, n)| held.get(&format!("u{unit}")).is_some_and(|h| h >= n))
+            })
+            .count()
+    });
     let mut latencies = std::mem::take(&mut *collector.latencies.lock().unwrap());
     latencies.sort_unstable();
     Ok(Figures {
@@ -343,6 +389,8 @@ async fn phase(
         peak_rss_kib: proc_status_kib(server_pid, "VmHWM:"),
         server_cpu,
         commits_us,
+        converged,
+        agents,
     })
 }
 
@@ -350,14 +398,14 @@ async fn phase(
 /// `interval` from `start`, or (no interval) as fast as the server takes
 /// them, each unit's revisions one after the other and the units side by
 /// side (as independent pipelines publish them). Returns the round trips
-/// (µs).
+/// (µs) and the last revision number committed to each unit.
 async fn commit_revisions(
     endpoint: &str,
     token: &str,
     args: &Args,
     interval: Option<Duration>,
     start: Instant,
-) -> anyhow::Result<Vec<u64>> {
+) -> anyhow::Result<(Vec<u64>, std::collections::HashMap<usize, u64>)> {
     let (revisions, units) = (args.revisions, args.units);
     let admin = connect_admin(endpoint).await?;
     let put = |r: usize| {
@@ -374,15 +422,21 @@ async fn commit_revisions(
         )
     };
     let commits = std::sync::Mutex::new(Vec::with_capacity(revisions));
-    let timed = |took: Duration| commits.lock().unwrap().push(took.as_micros() as u64);
+    let last = std::sync::Mutex::new(std::collections::HashMap::new());
+    let timed = |r: usize, took: Duration, number: u64| {
+        commits.lock().unwrap().push(took.as_micros() as u64);
+        let mut last = last.lock().unwrap();
+        let n = last.entry(r % units).or_insert(0);
+        *n = number.max(*n);
+    };
     match interval {
         Some(i) => {
             let mut admin = admin.clone();
             for r in 0..revisions {
                 tokio::time::sleep_until((start + i * r as u32).into()).await;
                 let t = Instant::now();
-                admin.put_unit(put(r)?).await?;
-                timed(t.elapsed());
+                let committed = admin.put_unit(put(r)?).await?;
+                timed(r, t.elapsed(), committed.get_ref().number);
             }
         }
         None => {
@@ -392,8 +446,8 @@ async fn commit_revisions(
                 async move {
                     for r in (unit..revisions).step_by(units) {
                         let t = Instant::now();
-                        admin.put_unit(put(r)?).await?;
-                        timed(t.elapsed());
+                        let committed = admin.put_unit(put(r)?).await?;
+                        timed(r, t.elapsed(), committed.get_ref().number);
                     }
                     anyhow::Ok(())
                 }
@@ -403,7 +457,7 @@ async fn commit_revisions(
             }
         }
     }
-    Ok(commits.into_inner().unwrap())
+    Ok((commits.into_inner().unwrap(), last.into_inner().unwrap()))
 }
 
 /// Both phases against one server.
@@ -911,10 +965,11 @@ async fn main() -> anyhow::Result<()> {
     bare_paced.print();
     bare_burst.print();
     println!(
-        "ratio hub/bare (paced): p50 {:.2}x  p99 {:.2}x   (burst) throughput {:.2}x   RSS {:.2}x",
+        "ratio hub/bare (paced): p50 {:.2}x  p99 {:.2}x   (burst) deliveries/s {:.2}x  converged {:.2}x as fast   RSS {:.2}x",
         hub_paced.pct(0.5) / bare_paced.pct(0.5),
         hub_paced.pct(0.99) / bare_paced.pct(0.99),
         hub_burst.rate() / bare_burst.rate(),
+        bare_burst.elapsed.as_secs_f64() / hub_burst.elapsed.as_secs_f64(),
         hub_burst.rss_kib as f64 / bare_burst.rss_kib.max(1) as f64,
     );
     Ok(())
