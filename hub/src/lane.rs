@@ -9,12 +9,12 @@
 //! operator's call (authentication, then the store): commits took ~16 ms
 //! each under a burst of deliveries to 1,000 agents and bounded the hub's
 //! throughput. On a lane, a one-thread runtime that runs nothing else, each
-//! hand-over is served at once. The hub has two: the store's (its
-//! committer) and the control plane's: operators' connections (moved there
-//! at their first call, see [`crate::grpc::listener`]) and calls, the
-//! HTTP endpoints (probes, metrics, dashboard) and the writer of agents'
-//! acks and statuses (a batch holds the store's writer connection, which
-//! commits wait for).
+//! hand-over is served at once. The hub has three: the store's (its
+//! committer and its batched writes), the control plane's (operators'
+//! connections and calls, the HTTP endpoints, the feedback writer's loop)
+//! and the accept lane (new gRPC connections until their first call sends
+//! them home, see [`crate::grpc::listener`]; a thread per core, for the TLS
+//! handshakes of a reconnect storm).
 
 use std::future::Future;
 
@@ -36,8 +36,13 @@ impl std::fmt::Debug for Lane {
 impl Lane {
     /// Starts a lane whose thread is called `name`.
     pub fn new(name: &str) -> std::io::Result<Lane> {
+        Self::with_threads(name, 1)
+    }
+
+    /// Starts a lane of `threads` threads called `name`.
+    pub fn with_threads(name: &str, threads: usize) -> std::io::Result<Lane> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(1)
+            .worker_threads(threads.max(1))
             .thread_name(name)
             .enable_all()
             .build()?;

@@ -52,6 +52,8 @@ pub struct RunningHub {
     pub hub: Arc<Hub>,
     shutdown: CancellationToken,
     task: JoinHandle<Result<(), StartError>>,
+    /// A hub dropped without `shutdown` stops too.
+    _stop_when_dropped: tokio_util::sync::DropGuard,
 }
 
 impl RunningHub {
@@ -161,6 +163,21 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
 
     let hub = Hub::new(store.clone(), config.tuning.clone(), ca).map_err(StartError::Threads)?;
     let shutdown = CancellationToken::new();
+    // From here on, a start that fails (or a hub dropped without
+    // `shutdown`) stops whatever was started: what runs on the hub's lanes
+    // holds the hub, and would otherwise outlive it.
+    let stop_when_dropped = shutdown.clone().drop_guard();
+    // Connections are accepted on a lane of their own and sent home by
+    // their first call (see `grpc::listener`).
+    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    let accept =
+        crate::lane::Lane::with_threads("hub-accept", threads).map_err(StartError::Threads)?;
+    let grpc_listener = grpc_listener
+        .into_std()
+        .map_err(|source| StartError::Listen {
+            addr: grpc_addr,
+            source,
+        })?;
     // OCI sources (the leader of a shared store runs them).
     let oci =
         crate::source::oci::Runner::new(hub.clone(), crate::source::oci::ArtifactLimits::default());
@@ -204,6 +221,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         None => None,
     };
     let feedback_stop = CancellationToken::new();
+    let feedback_stopped = feedback_stop.clone().drop_guard();
     // On the control lane: a batch holds the store's writer connection,
     // which commits wait for, until its statements are done; on the
     // sessions' runtime each of them would queue behind the fan-out.
@@ -264,7 +282,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         // metrics and the dashboard answer while the sessions' runtime is
         // busy fanning out (its sockets go to the lane's reactor).
         let listener = listener.into_std().map_err(|source| StartError::Listen {
-            addr: config.http_listen.unwrap_or(config.listen),
+            addr: http_addr.unwrap_or(config.listen),
             source,
         })?;
         hub.control.spawn(async move {
@@ -296,20 +314,30 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let stop = shutdown.clone();
     let hub_for_task = hub.clone();
     let hub_for_stop = hub.clone();
-    let control = hub.control.handle().clone();
-    let task = tokio::spawn(async move {
-        crate::grpc::listener::serve(
-            grpc_listener,
-            routes,
-            grpc_tls,
-            settings,
-            control,
-            async move {
-                stop.cancelled().await;
-                hub_for_stop.fanout.disconnect_all();
-            },
-        )
+    let homes = crate::grpc::listener::Homes {
+        sessions: tokio::runtime::Handle::current(),
+        control: hub.control.handle().clone(),
+    };
+    let listening = accept.spawn(async move {
+        let listener = match TcpListener::from_std(grpc_listener) {
+            Ok(listener) => listener,
+            Err(e) => {
+                tracing::error!(error = %e, "gRPC listener failed");
+                return;
+            }
+        };
+        crate::grpc::listener::serve(listener, routes, grpc_tls, settings, homes, async move {
+            stop.cancelled().await;
+            hub_for_stop.fanout.disconnect_all();
+        })
         .await;
+    });
+    let task = tokio::spawn(async move {
+        // Dropped with the runtime, this task still stops the writer.
+        let _feedback_stopped = feedback_stopped;
+        let _ = listening.await;
+        // Every connection is closed: nothing runs on the accept lane.
+        drop(accept);
         // The ConfigHub worker releases its lease first thing.
         if let Some(w) = worker {
             let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
@@ -329,6 +357,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         admin_token: admin.expose().to_owned(),
         ca_pem,
         hub,
+        _stop_when_dropped: stop_when_dropped,
         shutdown,
         task,
     })

@@ -405,13 +405,14 @@ async fn a_commit_whose_caller_goes_away_still_reaches_the_agents() {
     .await;
 }
 
-/// Operators' connections leave the runtime serving the agents at their
-/// first call; the HTTP endpoints (probes, metrics, dashboard) and the
-/// writer of agents' reports are served off it. All go on while every
-/// thread of that runtime is busy (as in a large fan-out, where they
-/// queued behind thousands of session wake-ups at each step, and a commit
-/// waited for the store's writer connection while the report writer held
-/// it, queued there).
+/// Operators never wait for the runtime serving the agents: a new
+/// connection is accepted, TLS-terminated and read off it and sent to the
+/// control lane by its first call, where the HTTP endpoints (probes,
+/// metrics, dashboard) and the writer of agents' reports run too. All go
+/// on while every thread of that runtime is busy (as in a large fan-out,
+/// where they queued behind thousands of session wake-ups at each step,
+/// and a commit waited for the store's writer connection while the report
+/// writer held it, queued there).
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
     use std::sync::mpsc;
@@ -430,23 +431,36 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
         hub.http_addr(),
         hub.running().hub.clone(),
     );
+
+    // Hold the main runtime's only worker until the operator is done.
+    let (held, holding) = mpsc::channel();
+    let (release, released) = mpsc::channel::<()>();
+    tokio::spawn(async move {
+        held.send(()).unwrap();
+        let _ = released.recv();
+    });
+    holding.recv().unwrap();
+
     // The operator is a process of its own (a runtime of its own here).
-    let (first_done, first_answered) = mpsc::channel();
-    let (go_on, busy) = mpsc::channel::<()>();
-    let (checks_done, checked) = mpsc::channel();
     let operator = std::thread::spawn(move || {
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()
             .unwrap();
         rt.block_on(async move {
-            let mut admin = operator_client(tls_channel(&endpoint, &ca).await, &token);
-            let list = || pb::ListEnvironmentsRequest::default();
-            let first = within("first call", admin.list_environments(list())).await;
-            first_done.send(first.is_ok()).unwrap();
-            busy.recv().unwrap();
             let limit = Duration::from_secs(10);
-            let call = tokio::time::timeout(limit, admin.list_environments(list())).await;
+            let call = tokio::time::timeout(limit, async {
+                let channel = tls_channel(&endpoint, &ca).await;
+                let mut admin = operator_client(channel, &token);
+                let envs = admin
+                    .list_environments(pb::ListEnvironmentsRequest::default())
+                    .await?;
+                Ok::<_, tonic::Status>((admin, envs.into_inner().environments.len()))
+            })
+            .await;
+            let Ok(Ok((mut admin, 1))) = call else {
+                return (false, false, false);
+            };
             let probe = tokio::time::timeout(limit, async {
                 let mut s = tokio::net::TcpStream::connect(http).await?;
                 s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
@@ -486,31 +500,17 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
                 }
             })
             .await;
-            checks_done
-                .send((
-                    matches!(call, Ok(Ok(r)) if r.get_ref().environments.len() == 1),
-                    matches!(probe, Ok(Ok(out)) if out.ends_with("ready\n")),
-                    matches!(recorded, Ok(Ok(()))),
-                ))
-                .unwrap();
-        });
+            (
+                true,
+                matches!(probe, Ok(Ok(out)) if out.ends_with("ready\n")),
+                matches!(recorded, Ok(Ok(()))),
+            )
+        })
     });
-    assert!(first_answered.recv().unwrap(), "the first call is answered");
-
-    // Hold the main runtime's only worker until the operator is done.
-    let (held, holding) = mpsc::channel();
-    let (release, released) = mpsc::channel::<()>();
-    tokio::spawn(async move {
-        held.send(()).unwrap();
-        let _ = released.recv();
-    });
-    holding.recv().unwrap();
-    go_on.send(()).unwrap();
-    let (call, probe, recorded) = checked.recv().unwrap();
+    let (call, probe, recorded) = operator.join().unwrap();
     release.send(()).unwrap();
-    operator.join().unwrap();
     let busy = "while the agents' runtime was busy";
-    assert!(call, "the operator's call was not answered {busy}");
+    assert!(call, "a new operator connection was not answered {busy}");
     assert!(probe, "the readiness probe was not answered {busy}");
     assert!(recorded, "the status report was not recorded {busy}");
 }

@@ -832,3 +832,62 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
     sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
     assert!(!connected(&hub, "dev-1").await);
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
+async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
+    use sqlx::Connection;
+    let url = postgres_database().await;
+    let hub = TestHub::start_on_postgres(&url, None).await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
+    agent.start();
+    let cluster: unitsync_hub::model::ClusterName = "dev-1".parse().unwrap();
+    let fanout = &hub.running().hub.fanout;
+    until("the agent's session", || async {
+        fanout.session(&cluster).is_some()
+    })
+    .await;
+    // Hold the revocation in the store; its caller goes away meanwhile
+    // (a Ctrl-C, a client deadline).
+    let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
+        .await
+        .unwrap();
+    sqlx::raw_sql("BEGIN; LOCK TABLE clusters IN ACCESS EXCLUSIVE MODE")
+        .execute(&mut lock)
+        .await
+        .unwrap();
+    let mut admin = hub.admin().await;
+    let revoking = tokio::spawn(async move {
+        admin
+            .revoke_cluster(pb::RevokeClusterRequest {
+                name: "dev-1".into(),
+            })
+            .await
+    });
+    let watch = within("watch connection", sqlx::PgPool::connect(&url))
+        .await
+        .unwrap();
+    until("the revocation waits for the table", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%revoked = 1%'",
+        )
+        .fetch_one(&watch)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    revoking.abort();
+    let _ = revoking.await;
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    // The revocation still ran to its end: the revoked agent's live
+    // session is over.
+    until("the revoked agent's session ended", || async {
+        fanout.session(&cluster).is_none()
+    })
+    .await;
+}

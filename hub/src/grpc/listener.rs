@@ -5,25 +5,30 @@
 //! Agents' connections carry the long sessions and are served on the
 //! hub's main runtime, where one commit's fan-out wakes thousands of them
 //! at once. A connection served there waits behind those wake-ups at each
-//! step of a call (reading the request, running it, writing the reply): an
-//! operator's commit that takes half a millisecond in the store took
-//! ~20 ms at 1,000 agents and ~240 ms at 10,000. Which service a
-//! connection is for shows only in its first request, so every connection
-//! starts on the main runtime and the first call to anything but
-//! `AgentService` moves it, with every call it carries from then on, to
-//! the control lane ([`crate::lane`]): its task, its calls and its socket
-//! (registered again with the lane's reactor). An operator waits behind
-//! the fan-out only for its TLS handshake and first request.
-
+//! step (accepting it, its handshake, reading a request, running it,
+//! writing the reply): an operator's commit that takes half a millisecond
+//! in the store took ~20 ms at 1,000 agents and ~240 ms at 10,000. Which
+//! service a connection is for shows only in its first request, so every
+//! connection is accepted, TLS-terminated and read on a lane of its own
+//! (the accept lane, [`crate::lane`]) and its first call sends it home:
+//! `AgentService` to the main runtime, anything else to the control lane.
+//! The move takes the connection's task, its calls, its socket (registered
+//! again with the new runtime's reactor) and, when it next falls due, its
+//! keepalive timer.
+//!
+//! A connection has one home: behind an HTTP/2 proxy that carries
+//! operators' calls and agents' sessions on one upstream connection, they
+//! share the home of its first call. Deadlines (`grpc-timeout`) are kept
+//! by clients (ours set theirs); the server does not enforce them.
 use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::TowerToHyperService;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -31,9 +36,10 @@ use tokio::runtime::Handle;
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 
-/// The path prefix of the agents' service; calls to anything else are an
-/// operator's.
-const AGENT_SERVICE: &str = "/unitsync.v1.AgentService/";
+/// The agents' service; calls to anything else are an operator's.
+const AGENT_SERVICE: &str = <unitsync_proto::session::agent_service_server::AgentServiceServer<
+    crate::grpc::agent::AgentService,
+> as tonic::server::NamedService>::NAME;
 
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
@@ -46,15 +52,25 @@ pub struct Settings {
     pub max_concurrent_streams: u32,
 }
 
+/// The runtimes connections are homed on.
+#[derive(Clone, Debug)]
+pub struct Homes {
+    /// Agents' connections (the hub's main runtime).
+    pub sessions: Handle,
+    /// Everything else: operators (the control lane).
+    pub control: Handle,
+}
+
 /// Serves `routes` on `listener` until `stop` completes, then lets every
 /// open connection finish gracefully (their streams must end: the caller
-/// ends the agent sessions) and returns once all are closed.
+/// ends the agent sessions) and returns once all are closed. Runs on the
+/// accept lane: connections stay there until their first call.
 pub async fn serve(
     listener: TcpListener,
     routes: Routes,
     tls: Option<Arc<rustls::ServerConfig>>,
     settings: Settings,
-    control: Handle,
+    homes: Homes,
     stop: impl Future<Output = ()>,
 ) {
     let tls = tls.map(tokio_rustls::TlsAcceptor::from);
@@ -78,8 +94,8 @@ pub async fn serve(
         };
         let _ = tcp.set_nodelay(true);
         let home = Arc::new(Home {
-            control: control.clone(),
-            operator: AtomicBool::new(false),
+            homes: homes.clone(),
+            target: OnceLock::new(),
             moved: AtomicBool::new(false),
         });
         let tcp = Rehoming::new(tcp, home.clone());
@@ -93,8 +109,14 @@ pub async fn serve(
             None => connection.spawn(tcp),
             Some(acceptor) => {
                 let handshake = acceptor.accept(tcp);
+                let mut closing = connection.closing.clone();
                 tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake).await {
+                    let shaken = tokio::select! {
+                        shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => shaken,
+                        // The hub is stopping: no new connection.
+                        _ = closing.changed() => return,
+                    };
+                    match shaken {
                         Ok(Ok(stream)) => connection.spawn(stream),
                         Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!("TLS handshake timed out"),
@@ -119,8 +141,8 @@ struct Connection {
 }
 
 impl Connection {
-    /// Serves the connection in a task of its own on the current (main)
-    /// runtime, until its first operator call moves it.
+    /// Serves the connection in a task of its own on the accept lane,
+    /// until its first call sends it home.
     fn spawn<IO>(self, io: IO)
     where
         IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -147,12 +169,9 @@ impl Connection {
             info: io.connect_info(),
             home: home.clone(),
         };
-        let mut http2 = hyper::server::conn::http2::Builder::new(Spawner {
-            home,
-            main: Handle::current(),
-        });
+        let mut http2 = hyper::server::conn::http2::Builder::new(Spawner(home));
         http2
-            .timer(TokioTimer::new())
+            .timer(HomeTimer)
             .keep_alive_interval(Some(settings.keepalive))
             .keep_alive_timeout(settings.keepalive)
             .max_concurrent_streams(settings.max_concurrent_streams);
@@ -176,25 +195,33 @@ impl Connection {
     }
 }
 
-/// Where a connection is served: the main runtime until its first
-/// operator call, the control lane from then on.
+/// Where a connection is served: the accept lane until its first call,
+/// then the home that call chose.
 struct Home {
-    control: Handle,
-    /// Set by the first operator call: the connection is to move.
-    operator: AtomicBool,
-    /// Set once the connection's task is handed to the control lane.
+    homes: Homes,
+    /// Chosen by the first call.
+    target: OnceLock<Handle>,
+    /// Set once the connection's task is handed to its target.
     moved: AtomicBool,
 }
 
 impl Home {
-    fn on_control(&self) -> bool {
-        self.operator.load(Ordering::Acquire)
+    /// Sends the connection home: agents' sessions or operators.
+    fn choose(&self, path: &str) {
+        self.target.get_or_init(|| {
+            let service = path.trim_start_matches('/').split('/').next();
+            if service == Some(AGENT_SERVICE) {
+                self.homes.sessions.clone()
+            } else {
+                self.homes.control.clone()
+            }
+        });
     }
 }
 
-/// A connection's future: polled where it was spawned until its home
-/// moves to the control lane, then handed to a task there (whose first
-/// poll registers the new task's waker with everything it waits on).
+/// A connection's future: polled where it was spawned until its first
+/// call chose a home, then handed to a task there (whose first poll
+/// registers the new task's waker with everything it waits on).
 struct Homed {
     served: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     home: Arc<Home>,
@@ -210,24 +237,21 @@ impl Future for Homed {
         if served.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        if self.home.on_control()
+        if let Some(target) = self.home.target.get().cloned()
             && let Some(served) = self.served.take()
         {
             self.home.moved.store(true, Ordering::Release);
-            self.home.control.spawn(served);
+            target.spawn(served);
             return Poll::Ready(());
         }
         Poll::Pending
     }
 }
 
-/// Runs a connection's calls (hyper's stream tasks) where the connection
-/// lives.
+/// Runs a connection's calls (hyper's stream tasks) at the connection's
+/// home (chosen by then: the first call chooses before hyper spawns it).
 #[derive(Clone)]
-struct Spawner {
-    home: Arc<Home>,
-    main: Handle,
-}
+struct Spawner(Arc<Home>);
 
 impl<F> hyper::rt::Executor<F> for Spawner
 where
@@ -235,18 +259,17 @@ where
     F::Output: Send + 'static,
 {
     fn execute(&self, call: F) {
-        if self.home.on_control() {
-            self.home.control.spawn(call);
-        } else {
-            self.main.spawn(call);
+        match self.0.target.get() {
+            Some(home) => drop(home.spawn(call)),
+            None => drop(tokio::spawn(call)),
         }
     }
 }
 
 /// The per-connection service: gives each request the connection's
 /// address and TLS session (as tonic's own server does, for
-/// `Request::peer_certs`) and sends the connection home to the control
-/// lane at its first operator call.
+/// `Request::peer_certs`) and chooses the connection's home at its first
+/// call.
 #[derive(Clone)]
 struct Homing<I> {
     routes: Routes,
@@ -269,18 +292,16 @@ where
     }
 
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        if !req.uri().path().starts_with(AGENT_SERVICE) {
-            // Before hyper spawns this call: it runs on the control lane.
-            self.home.operator.store(true, Ordering::Release);
-        }
+        // Before hyper spawns this call: it runs at the chosen home.
+        self.home.choose(req.uri().path());
         req.extensions_mut().insert(self.info.clone());
         self.routes.call(req)
     }
 }
 
 /// A connection's socket, registered again with the reactor of the
-/// runtime it is polled on once its connection has moved there (the
-/// main runtime's reactor is polled only between its tasks).
+/// runtime it is polled on once its connection has moved there (a busy
+/// runtime's reactor is polled only between its tasks).
 struct Rehoming {
     tcp: Option<TcpStream>,
     info: TcpConnectInfo,
@@ -303,7 +324,7 @@ impl Rehoming {
         if !self.rehomed && self.home.moved.load(Ordering::Acquire) {
             self.rehomed = true;
             if let Some(tcp) = self.tcp.take() {
-                // Polled by the moved connection's task: the lane's reactor.
+                // Polled by the moved connection's task: its home's reactor.
                 self.tcp = Some(TcpStream::from_std(tcp.into_std()?)?);
             }
         }
@@ -362,41 +383,81 @@ impl AsyncWrite for Rehoming {
     }
 }
 
+/// hyper's timer (keepalive pings) on the runtime polling the
+/// connection: a timer is made anew when it is reset, so after a move it
+/// lives at the connection's home (hyper-util's timer keeps the runtime it
+/// was first made on).
+#[derive(Clone, Copy, Debug)]
+struct HomeTimer;
+
+impl hyper::rt::Timer for HomeTimer {
+    fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Sleeping(Box::pin(tokio::time::sleep(duration))))
+    }
+
+    fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
+        Box::pin(Sleeping(Box::pin(tokio::time::sleep_until(
+            deadline.into(),
+        ))))
+    }
+}
+
+struct Sleeping(Pin<Box<tokio::time::Sleep>>);
+
+impl Future for Sleeping {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        self.0.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for Sleeping {}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn the_first_call_that_is_not_an_agents_moves_the_connection() {
-        let rt = tokio::runtime::Builder::new_current_thread()
+    fn the_first_call_chooses_the_connections_home() {
+        let sessions = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
-        let _rt = rt.enter();
-        let home = Arc::new(Home {
-            control: rt.handle().clone(),
-            operator: AtomicBool::new(false),
-            moved: AtomicBool::new(false),
-        });
-        let mut homing = Homing {
-            routes: Routes::default(),
-            info: (),
-            home: home.clone(),
+        let control = tokio::runtime::Builder::new_current_thread()
+            .build()
+            .unwrap();
+        let _rt = sessions.enter();
+        let home = |path: &str| {
+            let home = Arc::new(Home {
+                homes: Homes {
+                    sessions: sessions.handle().clone(),
+                    control: control.handle().clone(),
+                },
+                target: OnceLock::new(),
+                moved: AtomicBool::new(false),
+            });
+            let mut homing = Homing {
+                routes: Routes::default(),
+                info: (),
+                home: home.clone(),
+            };
+            let request = |path: &str| {
+                http::Request::builder()
+                    .uri(path)
+                    .body(tonic::body::Body::empty())
+                    .unwrap()
+            };
+            drop(tower::Service::call(&mut homing, request(path)));
+            // Later calls do not move it again.
+            drop(tower::Service::call(
+                &mut homing,
+                request("/other.Service/Call"),
+            ));
+            home.target.get().unwrap().id()
         };
-        let request = |path: &str| {
-            http::Request::builder()
-                .uri(path)
-                .body(tonic::body::Body::empty())
-                .unwrap()
-        };
-        drop(tower::Service::call(
-            &mut homing,
-            request("/unitsync.v1.AgentService/Session"),
-        ));
-        assert!(!home.on_control());
-        drop(tower::Service::call(
-            &mut homing,
-            request("/unitsync.v1.HubService/PutUnit"),
-        ));
-        assert!(home.on_control());
+        let agent = home("/unitsync.v1.AgentService/Session");
+        let operator = home("/unitsync.v1.HubService/PutUnit");
+        assert_eq!(agent, sessions.handle().id());
+        assert_eq!(operator, control.handle().id());
     }
 }

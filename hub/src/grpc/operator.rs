@@ -1,10 +1,10 @@
 //! Operator authentication for `HubService`, as one tower layer: every
 //! call's credential is resolved once, before the method runs, and the
 //! operator (actor and role) rides in the request's extensions. A caller
-//! that is not an operator never reaches a method. Calls run on the hub's
-//! control lane, where the listener moves operators' connections
-//! ([`crate::grpc::listener`]). Methods that change something ask for the
-//! admin role with [`Operator::admin`].
+//! that is not an operator never reaches a method. An operator's call runs
+//! in a task of its own on the hub's control lane (where the listener also
+//! homes operators' connections, [`crate::grpc::listener`]). Methods that
+//! change something ask for the admin role with [`Operator::admin`].
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -135,13 +135,23 @@ where
         let hub = self.hub.clone();
         let credential = Credential::of(&req);
         Box::pin(async move {
-            match operator(&hub, credential).await {
-                Ok(op) => {
-                    req.extensions_mut().insert(op);
-                    inner.call(req).await
-                }
-                Err(e) => Ok(tonic::Status::from(e).into_http()),
-            }
+            let op = match operator(&hub, credential).await {
+                Ok(op) => op,
+                Err(e) => return Ok(tonic::Status::from(e).into_http()),
+            };
+            req.extensions_mut().insert(op);
+            // An operator's call runs in a task of its own on the control
+            // lane: to its end even when the caller goes away (a revocation
+            // still ends the revoked agent's session), a panic becoming an
+            // internal error. Only once authenticated: a stranger's call
+            // ends with its stream.
+            hub.control
+                .spawn(inner.call(req))
+                .await
+                .unwrap_or_else(|e| {
+                    tracing::error!(error = %e, "an operator call failed");
+                    Ok(tonic::Status::internal("internal error").into_http())
+                })
         })
     }
 }

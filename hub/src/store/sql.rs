@@ -41,8 +41,9 @@ pub struct SqlStore {
     leader: tokio::sync::Mutex<Option<AnyConnection>>,
     /// Every commit goes through it (group commit, on `lane`).
     committer: Committer,
-    /// The store's own thread (after `committer`: dropped last).
-    _lane: Lane,
+    /// The store's own thread (after `committer`: dropped last): the
+    /// committer and the batched writes run there.
+    lane: Lane,
 }
 
 impl std::fmt::Debug for SqlStore {
@@ -85,8 +86,23 @@ impl SqlStore {
             url,
             leader: tokio::sync::Mutex::new(None),
             committer,
-            _lane: lane,
+            lane,
         })
+    }
+
+    /// Runs a batched write on the store's lane: whatever runtime the
+    /// caller is on (a busy one), the writer connection, which commits
+    /// wait for, is held only while the statement runs.
+    async fn write_on_lane(
+        &self,
+        write: sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>,
+    ) -> StoreResult<()> {
+        let writer = self.writer.clone();
+        self.lane
+            .spawn(async move { write.execute(&writer).await.map(drop) })
+            .await
+            .map_err(|e| StoreError::Database(Box::new(e)))?
+            .map_err(db)
     }
 
     /// The writer pool (tests drive the committer's parts directly).
@@ -570,8 +586,7 @@ impl Store for SqlStore {
                 .bind(a.unit.env.as_str())
                 .bind(a.unit.name.as_str());
         }
-        q.execute(&self.writer).await.map_err(db)?;
-        Ok(())
+        self.write_on_lane(q).await
     }
 
     async fn record_seen(&self, seen: &[Seen]) -> StoreResult<()> {
@@ -590,8 +605,7 @@ impl Store for SqlStore {
                 .bind(&s.agent_version)
                 .bind(s.cluster.as_str());
         }
-        q.execute(&self.writer).await.map_err(db)?;
-        Ok(())
+        self.write_on_lane(q).await
     }
 
     async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()> {
@@ -629,8 +643,7 @@ impl Store for SqlStore {
                 .bind(r.unit.env.as_str())
                 .bind(r.unit.name.as_str());
         }
-        q.execute(&self.writer).await.map_err(db)?;
-        Ok(())
+        self.write_on_lane(q).await
     }
 
     async fn statuses(

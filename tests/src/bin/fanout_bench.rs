@@ -70,6 +70,9 @@ struct Figures {
     server_cpu: f64,
     /// Commit round trips (PutUnit), sorted, in microseconds.
     commits_us: Vec<u64>,
+    /// A new connection and one call (ListEnvironments) every 100 ms, as
+    /// a CLI run makes, sorted, in microseconds.
+    fresh_us: Vec<u64>,
     /// Agents holding every unit's last revision at the end (the hub
     /// coalesces: an agent behind gets the latest, not every revision);
     /// `None` for the bare server, which numbers nothing and delivers all.
@@ -107,6 +110,14 @@ impl Figures {
             percentile_ms(&self.commits_us, 0.50),
             percentile_ms(&self.commits_us, 0.99),
             percentile_ms(&self.commits_us, 1.0),
+        );
+        println!(
+            "{:<11} new conn.  {:>8}          p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  (connect + one call, as a CLI run)",
+            "",
+            self.fresh_us.len(),
+            percentile_ms(&self.fresh_us, 0.50),
+            percentile_ms(&self.fresh_us, 0.99),
+            percentile_ms(&self.fresh_us, 1.0),
         );
         let held = match self.converged {
             Some(n) => format!("{n}/{} agents hold every unit's last revision", self.agents),
@@ -344,8 +355,13 @@ async fn phase(
             .build()?
             .block_on(commit_revisions(&endpoint, &token, &load, interval, start))
     });
-    let (mut commits_us, last) = committer.await??;
+    let Committed {
+        round_trips: mut commits_us,
+        last,
+        fresh: mut fresh_us,
+    } = committer.await??;
     commits_us.sort_unstable();
+    fresh_us.sort_unstable();
     let expected = (agents * args.revisions) as u64;
     // Wait until deliveries stop growing (coalescing may deliver fewer).
     let mut last_seen = 0;
@@ -389,6 +405,7 @@ async fn phase(
         peak_rss_kib: proc_status_kib(server_pid, "VmHWM:"),
         server_cpu,
         commits_us,
+        fresh_us,
         converged,
         agents,
     })
@@ -398,14 +415,15 @@ async fn phase(
 /// `interval` from `start`, or (no interval) as fast as the server takes
 /// them, each unit's revisions one after the other and the units side by
 /// side (as independent pipelines publish them). Returns the round trips
-/// (µs) and the last revision number committed to each unit.
+/// (µs) and the last revision number committed to each unit. Meanwhile,
+/// every 100 ms, a new connection makes one call (as each CLI run does).
 async fn commit_revisions(
     endpoint: &str,
     token: &str,
     args: &Args,
     interval: Option<Duration>,
     start: Instant,
-) -> anyhow::Result<(Vec<u64>, std::collections::HashMap<usize, u64>)> {
+) -> anyhow::Result<Committed> {
     let (revisions, units) = (args.revisions, args.units);
     let admin = connect_admin(endpoint).await?;
     let put = |r: usize| {
@@ -429,35 +447,72 @@ async fn commit_revisions(
         let n = last.entry(r % units).or_insert(0);
         *n = number.max(*n);
     };
-    match interval {
-        Some(i) => {
-            let mut admin = admin.clone();
-            for r in 0..revisions {
-                tokio::time::sleep_until((start + i * r as u32).into()).await;
-                let t = Instant::now();
-                let committed = admin.put_unit(put(r)?).await?;
-                timed(r, t.elapsed(), committed.get_ref().number);
+    let fresh = std::sync::Mutex::new(Vec::new());
+    let fresh_calls = async {
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let t = Instant::now();
+            let Ok(mut client) =
+                pb::hub_service_client::HubServiceClient::connect(endpoint.to_owned()).await
+            else {
+                continue;
+            };
+            let Ok(req) = authed(pb::ListEnvironmentsRequest::default(), token) else {
+                continue;
+            };
+            if client.list_environments(req).await.is_ok() {
+                fresh.lock().unwrap().push(t.elapsed().as_micros() as u64);
             }
         }
-        None => {
-            let pipelines = (0..units).map(|unit| {
+    };
+    let commits_made = async {
+        match interval {
+            Some(i) => {
                 let mut admin = admin.clone();
-                let (put, timed) = (&put, &timed);
-                async move {
-                    for r in (unit..revisions).step_by(units) {
-                        let t = Instant::now();
-                        let committed = admin.put_unit(put(r)?).await?;
-                        timed(r, t.elapsed(), committed.get_ref().number);
-                    }
-                    anyhow::Ok(())
+                for r in 0..revisions {
+                    tokio::time::sleep_until((start + i * r as u32).into()).await;
+                    let t = Instant::now();
+                    let committed = admin.put_unit(put(r)?).await?;
+                    timed(r, t.elapsed(), committed.get_ref().number);
                 }
-            });
-            for r in futures::future::join_all(pipelines).await {
-                r?;
+            }
+            None => {
+                let pipelines = (0..units).map(|unit| {
+                    let mut admin = admin.clone();
+                    let (put, timed) = (&put, &timed);
+                    async move {
+                        for r in (unit..revisions).step_by(units) {
+                            let t = Instant::now();
+                            let committed = admin.put_unit(put(r)?).await?;
+                            timed(r, t.elapsed(), committed.get_ref().number);
+                        }
+                        anyhow::Ok(())
+                    }
+                });
+                for r in futures::future::join_all(pipelines).await {
+                    r?;
+                }
             }
         }
+        anyhow::Ok(())
+    };
+    tokio::select! {
+        made = commits_made => made?,
+        _ = fresh_calls => {}
     }
-    Ok((commits.into_inner().unwrap(), last.into_inner().unwrap()))
+    Ok(Committed {
+        round_trips: commits.into_inner().unwrap(),
+        last: last.into_inner().unwrap(),
+        fresh: fresh.into_inner().unwrap(),
+    })
+}
+
+/// What a phase's committer saw.
+struct Committed {
+    round_trips: Vec<u64>,
+    last: std::collections::HashMap<usize, u64>,
+    /// A new connection and one call, in µs.
+    fresh: Vec<u64>,
 }
 
 /// Both phases against one server.
@@ -728,7 +783,7 @@ impl pb::hub_service_server::HubService for Bare {
         &self,
         _: Request<pb::ListEnvironmentsRequest>,
     ) -> Result<Response<pb::ListEnvironmentsResponse>, Status> {
-        Err(Status::unimplemented("bare"))
+        Ok(Response::new(pb::ListEnvironmentsResponse::default()))
     }
     async fn create_cluster(
         &self,
