@@ -13,8 +13,10 @@
 //! committer and its batched writes), the control plane's (operators'
 //! connections and calls, the HTTP endpoints, the feedback writer's loop)
 //! and the accept lane (new gRPC connections until their first call sends
-//! them home, see [`crate::grpc::listener`]; a thread per core, for the TLS
-//! handshakes of a reconnect storm).
+//! them home, see [`crate::grpc::listener`]). One thread each: with a
+//! thread per core for the accept lane, measured on two cores, a 10,000
+//! agent reconnect storm took 3.05 s instead of 2.42 s and burst commits
+//! 11–17 ms instead of 4 ms (more threads contending for the cores).
 
 use std::future::Future;
 
@@ -36,13 +38,8 @@ impl std::fmt::Debug for Lane {
 impl Lane {
     /// Starts a lane whose thread is called `name`.
     pub fn new(name: &str) -> std::io::Result<Lane> {
-        Self::with_threads(name, 1)
-    }
-
-    /// Starts a lane of `threads` threads called `name`.
-    pub fn with_threads(name: &str, threads: usize) -> std::io::Result<Lane> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(threads.max(1))
+            .worker_threads(1)
             .thread_name(name)
             .enable_all()
             .build()?;

@@ -169,9 +169,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let stop_when_dropped = shutdown.clone().drop_guard();
     // Connections are accepted on a lane of their own and sent home by
     // their first call (see `grpc::listener`).
-    let threads = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    let accept =
-        crate::lane::Lane::with_threads("hub-accept", threads).map_err(StartError::Threads)?;
+    let accept = crate::lane::Lane::new("hub-accept").map_err(StartError::Threads)?;
     let grpc_listener = grpc_listener
         .into_std()
         .map_err(|source| StartError::Listen {
