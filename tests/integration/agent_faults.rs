@@ -245,28 +245,33 @@ async fn a_cluster_restored_empty_is_rebuilt_with_its_inventory() {
 
 #[tokio::test]
 async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
-    let (hub, cluster) = setup().await;
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
+    let metrics = free_addr();
+    cluster.config.health_listen = Some(metrics);
+    cluster.start_agent();
     hub.put("dev/cfg", &configmaps("c", 3)).await.unwrap();
     wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
     // The inventory can be neither read nor written (a restored cluster
     // whose agent namespace is not back yet, an API server in trouble),
     // and one of the unit's objects is deleted.
     cluster.sim.faults().fail("", "unitsync-inventory-cfg");
+    let unfinished = unfinished_passes(metrics).await;
     let apps = cluster.api("v1", "ConfigMap", "configmaps", Some("apps"));
     within("delete c00", apps.delete("c00", &Default::default()))
         .await
         .unwrap();
     // A drift heal would re-create it outside any inventory (a crash
     // then orphans it for good): it comes back through a full pass only,
-    // which writes the inventory first. Several drift checks pass.
-    let recreated = tokio::time::timeout(Duration::from_millis(1500), async {
-        while count_of(&cluster, "c", 3) < 3 {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
+    // which writes the inventory first. The agent tries twice, and fails.
+    until("two unfinished passes, or c00 back", || async {
+        count_of(&cluster, "c", 3) == 3 || unfinished_passes(metrics).await >= unfinished + 2
     })
     .await;
     assert!(
-        recreated.is_err(),
+        count_of(&cluster, "c", 3) < 3,
         "c00 was re-created while its inventory could not be written"
     );
     cluster.sim.faults().clear_failures();
@@ -276,6 +281,40 @@ async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
     .await;
     wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
     assert_eq!(inventory_entries(&cluster, "cfg"), 4);
+}
+
+/// A free local address (for an agent's metrics endpoint).
+fn free_addr() -> std::net::SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .unwrap()
+}
+
+/// The agent's passes that did not finish (failed, or the API server did
+/// not answer), from its metrics endpoint.
+async fn unfinished_passes(metrics: std::net::SocketAddr) -> u64 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let page = within("agent metrics", async {
+        let mut s = tokio::net::TcpStream::connect(metrics).await?;
+        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            .await?;
+        let mut out = String::new();
+        s.read_to_string(&mut out).await?;
+        std::io::Result::Ok(out)
+    })
+    .await
+    .unwrap();
+    ["failed", "unknown"]
+        .iter()
+        .filter_map(|result| {
+            let series = format!("unitsync_agent_passes_total{{result=\"{result}\"}} ");
+            page.lines()
+                .find_map(|l| l.strip_prefix(series.as_str()))?
+                .trim()
+                .parse::<u64>()
+                .ok()
+        })
+        .sum()
 }
 
 #[tokio::test]
