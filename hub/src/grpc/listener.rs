@@ -29,7 +29,7 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use hyper_util::rt::TokioIo;
-use hyper_util::service::TowerToHyperService;
+use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
@@ -165,7 +165,7 @@ impl Connection {
             mut closing,
         } = self;
         let service = Homing {
-            routes,
+            routes: TowerToHyperService::new(routes),
             info: io.connect_info(),
             home: home.clone(),
         };
@@ -175,8 +175,7 @@ impl Connection {
             .keep_alive_interval(Some(settings.keepalive))
             .keep_alive_timeout(settings.keepalive)
             .max_concurrent_streams(settings.max_concurrent_streams);
-        let mut conn =
-            pin!(http2.serve_connection(TokioIo::new(io), TowerToHyperService::new(service)));
+        let mut conn = pin!(http2.serve_connection(TokioIo::new(io), service));
         let mut draining = false;
         loop {
             tokio::select! {
@@ -269,15 +268,18 @@ where
 /// The per-connection service: gives each request the connection's
 /// address and TLS session (as tonic's own server does, for
 /// `Request::peer_certs`) and chooses the connection's home at its first
-/// call.
+/// call. A hyper service, not a tower one: hyper calls it when the request
+/// arrives, before it spawns the call, so the call is spawned at the
+/// chosen home (hyper-util's tower adapter would call it lazily, from
+/// within the spawned task).
 #[derive(Clone)]
 struct Homing<I> {
-    routes: Routes,
+    routes: TowerToHyperService<Routes>,
     info: I,
     home: Arc<Home>,
 }
 
-impl<I, B> tower::Service<http::Request<B>> for Homing<I>
+impl<I, B> hyper::service::Service<http::Request<B>> for Homing<I>
 where
     I: Clone + Send + Sync + 'static,
     B: hyper::body::Body<Data = bytes::Bytes> + Send + 'static,
@@ -285,14 +287,9 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
-    type Future = <Routes as tower::Service<http::Request<B>>>::Future;
+    type Future = TowerToHyperServiceFuture<Routes, http::Request<B>>;
 
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        tower::Service::<http::Request<B>>::poll_ready(&mut self.routes, cx)
-    }
-
-    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
-        // Before hyper spawns this call: it runs at the chosen home.
+    fn call(&self, mut req: http::Request<B>) -> Self::Future {
         self.home.choose(req.uri().path());
         req.extensions_mut().insert(self.info.clone());
         self.routes.call(req)
@@ -417,9 +414,10 @@ impl hyper::rt::Sleep for Sleeping {}
 #[cfg(test)]
 mod tests {
     use super::*;
+    use hyper::service::Service as _;
 
     #[test]
-    fn the_first_call_chooses_the_connections_home() {
+    fn the_first_call_chooses_the_connections_home_before_it_is_spawned() {
         let sessions = tokio::runtime::Builder::new_current_thread()
             .build()
             .unwrap();
@@ -427,7 +425,13 @@ mod tests {
             .build()
             .unwrap();
         let _rt = sessions.enter();
-        let home = |path: &str| {
+        let request = |path: &str| {
+            http::Request::builder()
+                .uri(path)
+                .body(tonic::body::Body::empty())
+                .unwrap()
+        };
+        let home_of = |path: &str| {
             let home = Arc::new(Home {
                 homes: Homes {
                     sessions: sessions.handle().clone(),
@@ -436,28 +440,28 @@ mod tests {
                 target: OnceLock::new(),
                 moved: AtomicBool::new(false),
             });
-            let mut homing = Homing {
-                routes: Routes::default(),
+            let homing = Homing {
+                routes: TowerToHyperService::new(Routes::default()),
                 info: (),
                 home: home.clone(),
             };
-            let request = |path: &str| {
-                http::Request::builder()
-                    .uri(path)
-                    .body(tonic::body::Body::empty())
-                    .unwrap()
-            };
-            drop(tower::Service::call(&mut homing, request(path)));
+            // As hyper calls it: chosen before the call's future is
+            // polled (hyper then spawns that future at the home).
+            let call = homing.call(request(path));
+            let chosen = home.target.get().map(Handle::id);
+            drop(call);
             // Later calls do not move it again.
-            drop(tower::Service::call(
-                &mut homing,
-                request("/other.Service/Call"),
-            ));
-            home.target.get().unwrap().id()
+            drop(homing.call(request("/other.Service/Call")));
+            assert_eq!(home.target.get().map(Handle::id), chosen);
+            chosen.expect("chosen when called")
         };
-        let agent = home("/unitsync.v1.AgentService/Session");
-        let operator = home("/unitsync.v1.HubService/PutUnit");
-        assert_eq!(agent, sessions.handle().id());
-        assert_eq!(operator, control.handle().id());
+        assert_eq!(
+            home_of("/unitsync.v1.AgentService/Session"),
+            sessions.handle().id()
+        );
+        assert_eq!(
+            home_of("/unitsync.v1.HubService/PutUnit"),
+            control.handle().id()
+        );
     }
 }
