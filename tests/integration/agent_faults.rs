@@ -293,15 +293,10 @@ fn free_addr() -> std::net::SocketAddr {
 /// The agent's passes that did not finish (failed, or the API server did
 /// not answer), from its metrics endpoint.
 async fn unfinished_passes(metrics: std::net::SocketAddr) -> u64 {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let page = within("agent metrics", async {
-        let mut s = tokio::net::TcpStream::connect(metrics).await?;
-        s.write_all(b"GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-            .await?;
-        let mut out = String::new();
-        s.read_to_string(&mut out).await?;
-        std::io::Result::Ok(out)
-    })
+    let page = within(
+        "agent metrics",
+        unitsync_tests::plain_get(metrics, "/metrics"),
+    )
     .await
     .unwrap();
     ["failed", "unknown"]

@@ -290,21 +290,14 @@ async fn metrics_count_sessions_commits_and_deliveries() {
     assert!(http_get(addr, "/readyz").await.ends_with("ready\n"));
 }
 
-/// A minimal HTTP/1.1 GET (the endpoints are plain text).
+/// A plain-text endpoint's whole response.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    within(&format!("GET {path}"), async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-        s.write_all(
-            format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes(),
-        )
-        .await
-        .unwrap();
-        let mut out = String::new();
-        s.read_to_string(&mut out).await.unwrap();
-        out
-    })
+    within(
+        &format!("GET {path}"),
+        unitsync_tests::plain_get(addr, path),
+    )
     .await
+    .unwrap()
 }
 
 async fn cluster(hub: &TestHub, name: &str) -> pb::Cluster {
@@ -417,7 +410,6 @@ async fn a_commit_whose_caller_goes_away_still_reaches_the_agents() {
 async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
     use std::sync::mpsc;
     use std::time::Duration;
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use unitsync_hub::model::{Phase, RevisionNum, StatusReport, UnixMillis};
     use unitsync_tests::hub::{operator_client, tls_channel};
 
@@ -461,15 +453,8 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
             let Ok(Ok((mut admin, 1))) = call else {
                 return (false, false, false);
             };
-            let probe = tokio::time::timeout(limit, async {
-                let mut s = tokio::net::TcpStream::connect(http).await?;
-                s.write_all(b"GET /readyz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-                    .await?;
-                let mut out = String::new();
-                s.read_to_string(&mut out).await?;
-                std::io::Result::Ok(out)
-            })
-            .await;
+            let probe =
+                tokio::time::timeout(limit, unitsync_tests::plain_get(http, "/readyz")).await;
             // A report as the session would hand it over, then read back.
             inner.feedback.status(StatusReport {
                 cluster: "dev-1".parse().unwrap(),
