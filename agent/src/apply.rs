@@ -514,10 +514,13 @@ impl Applier {
             resource_version: None,
         });
         match api.delete(&e.name, &dp).await {
-            Ok(_) => Ok(()),
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => Ok(()),
-            Err(other) => Err(classify(other)),
+            // Deleted, gone, or (409: the precondition) replaced by another.
+            Ok(_) => {}
+            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
+            Err(other) => return Err(classify(other)),
         }
+        self.own.forget_uid(&e.uid);
+        Ok(())
     }
 
     /// Pods selected by a workload (for naming image-pull and crash-loop

@@ -137,8 +137,15 @@ impl OwnWrites {
     /// The object is gone: its uid never comes back.
     fn forget(&self, meta: &kube::api::ObjectMeta) {
         if let Some(uid) = &meta.uid {
-            let mut writes = self.lock();
-            writes.remove(uid);
+            self.forget_uid(uid);
+        }
+    }
+
+    /// The agent deleted the object with `uid` (or found it gone): no
+    /// watch may see it go (none runs for types no unit applies any more).
+    pub fn forget_uid(&self, uid: &str) {
+        let mut writes = self.lock();
+        if writes.remove(uid).is_some() {
             self.resized(&writes);
         }
     }

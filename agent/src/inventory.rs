@@ -246,7 +246,13 @@ impl InventoryStore {
 
     pub async fn delete(&self, unit: &str) -> Result<(), InventoryError> {
         match self.api.delete(&cm_name(unit), &Default::default()).await {
-            Ok(_) => Ok(()),
+            Ok(deleted) => {
+                let uid = deleted.either(|cm| cm.metadata.uid, |s| s.details.map(|d| d.uid));
+                if let Some(uid) = uid {
+                    self.own.forget_uid(&uid);
+                }
+                Ok(())
+            }
             Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
             Err(e) => Err(InventoryError::Unreachable(e)),
         }

@@ -689,12 +689,32 @@ async fn agent_metrics_count_passes_drift_and_the_session() {
     );
 }
 
-/// A sample's value in a Prometheus text exposition (0 when absent).
 #[tokio::test]
 async fn the_agent_forgets_the_objects_it_no_longer_manages() {
     let (hub, _cluster, addr) = agent_with_metrics().await;
     let tracked =
         || async move { sample(&agent_metrics(addr).await, "unitsync_agent_tracked_objects") };
+    // None tracked, and the endpoint answers (a missing series reads 0).
+    let none_tracked = || async move {
+        agent_metrics(addr)
+            .await
+            .contains("\nunitsync_agent_tracked_objects 0\n")
+    };
+    // A unit without ConfigMaps: no watch of that type sees its inventory
+    // go, so the agent must let go of what it deletes itself.
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v\n";
+    hub.put("dev/key", secret).await.unwrap();
+    wait_phase(&hub, "dev/key", 1, pb::Phase::Ready).await;
+    until("the secret and the inventory remembered", || async {
+        tracked().await >= 2.0
+    })
+    .await;
+    hub.destroy("dev/key").await.unwrap();
+    until(
+        "nothing remembered once the secret's unit is gone",
+        none_tracked,
+    )
+    .await;
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     let objects = WEB.matches("\nkind:").count() + usize::from(WEB.starts_with("kind:"));
@@ -705,12 +725,10 @@ async fn the_agent_forgets_the_objects_it_no_longer_manages() {
     // Destroyed: its objects (and its inventory) are deleted, and the
     // record of the agent's writes lets go of them.
     hub.destroy("dev/web").await.unwrap();
-    until("nothing remembered once the unit is gone", || async {
-        tracked().await == 0.0
-    })
-    .await;
+    until("nothing remembered once the unit is gone", none_tracked).await;
 }
 
+/// A sample's value in a Prometheus text exposition (0 when absent).
 fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
