@@ -201,6 +201,11 @@ impl Hub {
             .then(|| format!("environment {env} is fed by {}: {}", claim.by, claim.hint))
     }
 
+    /// The runtime serving the agents' sessions.
+    pub fn sessions(&self) -> &tokio::runtime::Handle {
+        &self.sessions
+    }
+
     /// The hub CA certificate (PEM), when the hub has a CA.
     pub fn ca_pem(&self) -> Option<&str> {
         self.ca.as_deref().map(HubCa::cert_pem)

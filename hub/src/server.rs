@@ -107,6 +107,14 @@ fn admin_token(path: &Path) -> Result<Secret, StartError> {
     Ok(secret)
 }
 
+/// Moves a bound listener to `lane`'s reactor: its sockets and wake-ups
+/// are the lane's from then on.
+fn listener_on(lane: &crate::lane::Lane, listener: TcpListener) -> std::io::Result<TcpListener> {
+    let listener = listener.into_std()?;
+    let _on_lane = lane.handle().enter();
+    TcpListener::from_std(listener)
+}
+
 /// Starts a hub and returns once it listens.
 pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     config.validate()?;
@@ -170,9 +178,8 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     // Connections are accepted on a lane of their own and sent home by
     // their first call (see `grpc::listener`).
     let accept = crate::lane::Lane::new("hub-accept").map_err(StartError::Threads)?;
-    let grpc_listener = grpc_listener
-        .into_std()
-        .map_err(|source| StartError::Listen {
+    let grpc_listener =
+        listener_on(&accept, grpc_listener).map_err(|source| StartError::Listen {
             addr: grpc_addr,
             source,
         })?;
@@ -220,9 +227,9 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     };
     let feedback_stop = CancellationToken::new();
     let feedback_stopped = feedback_stop.clone().drop_guard();
-    // On the control lane: a batch holds the store's writer connection,
-    // which commits wait for, until its statements are done; on the
-    // sessions' runtime each of them would queue behind the fan-out.
+    // On the control lane: its waits and wake-ups do not queue behind the
+    // fan-out, so reports reach the store (and `--wait`) while the
+    // sessions' runtime is busy; its statements run on the store's lane.
     let feedback = hub
         .control
         .spawn(hub.feedback.clone().run(store, feedback_stop.clone()));
@@ -278,17 +285,14 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         let stop = shutdown.clone();
         // Served on the control lane, like operators' gRPC calls: probes,
         // metrics and the dashboard answer while the sessions' runtime is
-        // busy fanning out (its sockets go to the lane's reactor).
-        let listener = listener.into_std().map_err(|source| StartError::Listen {
-            addr: http_addr.unwrap_or(config.listen),
-            source,
-        })?;
+        // busy fanning out.
+        let listener =
+            listener_on(&hub.control, listener).map_err(|source| StartError::Listen {
+                addr: http_addr.unwrap_or(config.listen),
+                source,
+            })?;
         hub.control.spawn(async move {
-            let served = match TcpListener::from_std(listener) {
-                Ok(listener) => crate::http::serve(listener, app, https, stop).await,
-                Err(e) => Err(e),
-            };
-            if let Err(e) = served {
+            if let Err(e) = crate::http::serve(listener, app, https, stop).await {
                 tracing::error!(error = %e, "HTTP server failed");
             }
         });
@@ -313,21 +317,21 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let hub_for_task = hub.clone();
     let hub_for_stop = hub.clone();
     let homes = crate::grpc::listener::Homes {
-        sessions: tokio::runtime::Handle::current(),
+        sessions: hub.sessions().clone(),
         control: hub.control.handle().clone(),
     };
     let listening = accept.spawn(async move {
-        let listener = match TcpListener::from_std(grpc_listener) {
-            Ok(listener) => listener,
-            Err(e) => {
-                tracing::error!(error = %e, "gRPC listener failed");
-                return;
-            }
-        };
-        crate::grpc::listener::serve(listener, routes, grpc_tls, settings, homes, async move {
-            stop.cancelled().await;
-            hub_for_stop.fanout.disconnect_all();
-        })
+        crate::grpc::listener::serve(
+            grpc_listener,
+            routes,
+            grpc_tls,
+            settings,
+            homes,
+            async move {
+                stop.cancelled().await;
+                hub_for_stop.fanout.disconnect_all();
+            },
+        )
         .await;
     });
     let task = tokio::spawn(async move {

@@ -627,7 +627,7 @@ async fn a_cluster_scoped_object_naming_a_namespace_is_applied_and_kept() {
 }
 
 /// A hub and a running agent serving its metrics at the returned address.
-async fn agent_with_metrics() -> (TestHub, TestCluster, std::net::SocketAddr) {
+pub(crate) async fn agent_with_metrics() -> (TestHub, TestCluster, std::net::SocketAddr) {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
@@ -642,7 +642,7 @@ async fn agent_with_metrics() -> (TestHub, TestCluster, std::net::SocketAddr) {
 }
 
 /// The agent's metrics text (empty until it serves them).
-async fn agent_metrics(addr: std::net::SocketAddr) -> String {
+pub(crate) async fn agent_metrics(addr: std::net::SocketAddr) -> String {
     unitsync_tests::processes::http_get(addr, "/metrics")
         .await
         .map(|(_, body)| body)
@@ -729,7 +729,7 @@ async fn the_agent_forgets_the_objects_it_no_longer_manages() {
 }
 
 /// A sample's value in a Prometheus text exposition (0 when absent).
-fn sample(text: &str, series: &str) -> f64 {
+pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)

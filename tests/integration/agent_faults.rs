@@ -245,13 +245,7 @@ async fn a_cluster_restored_empty_is_rebuilt_with_its_inventory() {
 
 #[tokio::test]
 async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
-    let hub = TestHub::start().await;
-    hub.create_env("dev").await;
-    let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
-    let metrics = free_addr();
-    cluster.config.health_listen = Some(metrics);
-    cluster.start_agent();
+    let (hub, cluster, metrics) = crate::agent::agent_with_metrics().await;
     hub.put("dev/cfg", &configmaps("c", 3)).await.unwrap();
     wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
     // The inventory can be neither read nor written (a restored cluster
@@ -267,7 +261,7 @@ async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
     // then orphans it for good): it comes back through a full pass only,
     // which writes the inventory first. The agent tries twice, and fails.
     until("two unfinished passes, or c00 back", || async {
-        count_of(&cluster, "c", 3) == 3 || unfinished_passes(metrics).await >= unfinished + 2
+        count_of(&cluster, "c", 3) == 3 || unfinished_passes(metrics).await >= unfinished + 2.0
     })
     .await;
     assert!(
@@ -283,31 +277,17 @@ async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
     assert_eq!(inventory_entries(&cluster, "cfg"), 4);
 }
 
-/// A free local address (for an agent's metrics endpoint).
-fn free_addr() -> std::net::SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .unwrap()
-}
-
 /// The agent's passes that did not finish (failed, or the API server did
 /// not answer), from its metrics endpoint.
-async fn unfinished_passes(metrics: std::net::SocketAddr) -> u64 {
-    let page = within(
-        "agent metrics",
-        unitsync_tests::plain_get(metrics, "/metrics"),
-    )
-    .await
-    .unwrap();
+async fn unfinished_passes(metrics: std::net::SocketAddr) -> f64 {
+    let page = crate::agent::agent_metrics(metrics).await;
     ["failed", "unknown"]
         .iter()
-        .filter_map(|result| {
-            let series = format!("unitsync_agent_passes_total{{result=\"{result}\"}} ");
-            page.lines()
-                .find_map(|l| l.strip_prefix(series.as_str()))?
-                .trim()
-                .parse::<u64>()
-                .ok()
+        .map(|result| {
+            crate::agent::sample(
+                &page,
+                &format!("unitsync_agent_passes_total{{result=\"{result}\"}}"),
+            )
         })
         .sum()
 }

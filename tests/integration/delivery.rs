@@ -290,14 +290,15 @@ async fn metrics_count_sessions_commits_and_deliveries() {
     assert!(http_get(addr, "/readyz").await.ends_with("ready\n"));
 }
 
-/// A plain-text endpoint's whole response.
+/// A plain-text endpoint's body.
 async fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     within(
         &format!("GET {path}"),
-        unitsync_tests::plain_get(addr, path),
+        unitsync_tests::processes::http_get(addr, path),
     )
     .await
     .unwrap()
+    .1
 }
 
 async fn cluster(hub: &TestHub, name: &str) -> pb::Cluster {
@@ -454,7 +455,8 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
                 return (false, false, false);
             };
             let probe =
-                tokio::time::timeout(limit, unitsync_tests::plain_get(http, "/readyz")).await;
+                tokio::time::timeout(limit, unitsync_tests::processes::http_get(http, "/readyz"))
+                    .await;
             // A report as the session would hand it over, then read back.
             inner.feedback.status(StatusReport {
                 cluster: "dev-1".parse().unwrap(),
@@ -487,7 +489,7 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
             .await;
             (
                 true,
-                matches!(probe, Ok(Ok(out)) if out.ends_with("ready\n")),
+                matches!(probe, Ok(Ok((200, body))) if body == "ready\n"),
                 matches!(recorded, Ok(Ok(()))),
             )
         })

@@ -793,10 +793,12 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
     let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
         .await
         .unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE units IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    within(
+        "lock the units",
+        sqlx::raw_sql("BEGIN; LOCK TABLE units IN ACCESS EXCLUSIVE MODE").execute(&mut lock),
+    )
+    .await
+    .unwrap();
     let channel = hub.channel().await;
     let opening = tokio::spawn(async move {
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
@@ -854,10 +856,12 @@ async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
     let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
         .await
         .unwrap();
-    sqlx::raw_sql("BEGIN; LOCK TABLE clusters IN ACCESS EXCLUSIVE MODE")
-        .execute(&mut lock)
-        .await
-        .unwrap();
+    within(
+        "lock the clusters",
+        sqlx::raw_sql("BEGIN; LOCK TABLE clusters IN ACCESS EXCLUSIVE MODE").execute(&mut lock),
+    )
+    .await
+    .unwrap();
     let mut admin = hub.admin().await;
     let revoking = tokio::spawn(async move {
         admin

@@ -25,18 +25,6 @@ pub use hub::TestHub;
 pub use sim_agent::SimAgent;
 pub use wait::{until, within};
 
-/// A minimal HTTP/1.1 GET of a plain-text endpoint (probes, metrics): the
-/// whole response, head and body. No timeout of its own.
-pub async fn plain_get(addr: std::net::SocketAddr, path: &str) -> std::io::Result<String> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut s = tokio::net::TcpStream::connect(addr).await?;
-    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").as_bytes())
-        .await?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).await?;
-    Ok(out)
-}
-
 /// A small valid unit: one ConfigMap whose data carries `value`.
 pub fn configmap(name: &str, value: &str) -> String {
     format!(

@@ -7,8 +7,8 @@
 //!    a commit racing the resync is not missed (the mailbox keeps the newer);
 //!    undone if the handshake fails or the agent goes away during it.
 //! 3. Resync: offer what differs from the agent's version vector.
-//! 4. A sender task drains the mailbox into the stream and sends
-//!    heartbeats; the receive loop records acks and statuses in memory
+//! 4. The outbound stream drains the mailbox (each update encoded once for
+//!    every session) and sends heartbeats; the receive loop records acks and statuses in memory
 //!    (flushed by the feedback writer) and never waits on the database.
 
 use std::collections::HashMap;

@@ -28,7 +28,7 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::TokioIo;
+use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
@@ -381,35 +381,25 @@ impl AsyncWrite for Rehoming {
 }
 
 /// hyper's timer (keepalive pings) on the runtime polling the
-/// connection: a timer is made anew when it is reset, so after a move it
-/// lives at the connection's home (hyper-util's timer keeps the runtime it
-/// was first made on).
+/// connection: hyper-util's, except that a reset makes a new sleep (on the
+/// current runtime, so after a move it lives at the connection's home)
+/// where hyper-util's keeps the runtime it was first made on.
 #[derive(Clone, Copy, Debug)]
 struct HomeTimer;
 
 impl hyper::rt::Timer for HomeTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(Sleeping(Box::pin(tokio::time::sleep(duration))))
+        TokioTimer::new().sleep(duration)
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        Box::pin(Sleeping(Box::pin(tokio::time::sleep_until(
-            deadline.into(),
-        ))))
+        TokioTimer::new().sleep_until(deadline)
+    }
+
+    fn now(&self) -> std::time::Instant {
+        TokioTimer::new().now()
     }
 }
-
-struct Sleeping(Pin<Box<tokio::time::Sleep>>);
-
-impl Future for Sleeping {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        self.0.as_mut().poll(cx)
-    }
-}
-
-impl hyper::rt::Sleep for Sleeping {}
 
 #[cfg(test)]
 mod tests {

@@ -1,6 +1,9 @@
 //! The ConfigHub worker adapter: the hub is one ConfigHub worker for every
 //! cluster. `wire` holds ConfigHub's JSON shapes (nothing else sees them),
-//! `client` the HTTP calls of both transports, `worker` the operations.
+//! `client` the HTTP calls of both transports, `worker` the worker (its
+//! `connection`: registration, transports, lease, heartbeats; its
+//! `operations`: Apply, Destroy, Refresh, Import, Cancel) and `verdict`
+//! what ConfigHub hears from the clusters' statuses.
 
 pub mod client;
 mod verdict;
