@@ -7,7 +7,7 @@
 //! only ever waits on its own stream. Order is per unit: a mailbox never
 //! sends a revision older than one it already sent.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -72,13 +72,24 @@ pub enum Offer {
     Stale,
 }
 
+/// Everything a session knows of one unit, in one place: a delivery
+/// touches one entry of one table (the fan-out offers each revision to
+/// every session, so this is the hub's hottest memory).
+#[derive(Default)]
+struct Slot {
+    /// The latest revision not yet written to the stream.
+    pending: Option<Arc<Delivery>>,
+    /// The last revision written to the stream.
+    sent: Option<Sent>,
+    /// The unit belongs to the session's environment.
+    assigned: bool,
+}
+
 #[derive(Default)]
 struct MailboxState {
-    pending: BTreeMap<UnitName, Arc<Delivery>>,
-    /// Last revision written to the stream per unit, with its commit time.
-    sent: HashMap<UnitName, Sent>,
-    /// Units of the cluster's environment this session knows about.
-    assigned: HashSet<UnitName>,
+    units: HashMap<UnitName, Slot>,
+    /// Units with a pending delivery, in the order they were queued.
+    queue: Vec<UnitName>,
 }
 
 /// The per-session queue of latest revisions.
@@ -99,21 +110,23 @@ impl Mailbox {
     /// Queues a delivery unless something at least as new is pending or sent.
     pub fn offer(&self, d: Arc<Delivery>) -> Offer {
         let mut s = self.lock();
+        let MailboxState { units, queue } = &mut *s;
+        let slot = units.entry(d.unit.clone()).or_default();
         if !d.tombstone || d.revision.0 > 0 {
-            s.assigned.insert(d.unit.clone());
+            slot.assigned = true;
         }
-        if let Some(sent) = s.sent.get(&d.unit)
-            && sent.revision >= d.revision
-            && d.revision.0 > 0
-        {
+        if d.revision.0 > 0 && slot.sent.is_some_and(|sent| sent.revision >= d.revision) {
             return Offer::Stale;
         }
-        let outcome = match s.pending.get(&d.unit) {
+        let outcome = match &slot.pending {
             Some(p) if p.revision >= d.revision => return Offer::Stale,
             Some(_) => Offer::Coalesced,
-            None => Offer::Queued,
+            None => {
+                queue.push(d.unit.clone());
+                Offer::Queued
+            }
         };
-        s.pending.insert(d.unit.clone(), d);
+        slot.pending = Some(d);
         drop(s);
         self.notify.notify_one();
         outcome
@@ -121,51 +134,52 @@ impl Mailbox {
 
     /// Marks a unit as belonging to this session's cluster without sending.
     pub fn assign(&self, unit: UnitName) {
-        self.lock().assigned.insert(unit);
+        self.lock().units.entry(unit).or_default().assigned = true;
     }
 
-    pub fn is_assigned(&self, unit: &UnitName) -> bool {
-        self.lock().assigned.contains(unit)
+    /// The unit's name as assigned to this session (shared, not copied),
+    /// or `None` if it is not one of the session's units.
+    pub fn assigned(&self, unit: &str) -> Option<UnitName> {
+        self.lock()
+            .units
+            .get_key_value(unit)
+            .filter(|(_, slot)| slot.assigned)
+            .map(|(name, _)| name.clone())
     }
 
-    /// Waits until something is pending and takes it all, in unit order.
+    /// Waits until something is pending and takes it all, in the order it
+    /// was queued, recording it as written to the stream (the caller
+    /// writes it next).
     pub async fn next_batch(&self) -> Vec<Arc<Delivery>> {
         loop {
             {
                 let mut s = self.lock();
-                if !s.pending.is_empty() {
-                    return std::mem::take(&mut s.pending).into_values().collect();
+                if !s.queue.is_empty() {
+                    let MailboxState { units, queue } = &mut *s;
+                    return queue
+                        .drain(..)
+                        .filter_map(|unit| {
+                            let slot = units.get_mut(&unit)?;
+                            let d = slot.pending.take()?;
+                            slot.sent = Some(Sent {
+                                revision: d.revision,
+                                committed: d.committed,
+                                awaiting_ready: !d.tombstone,
+                            });
+                            Some(d)
+                        })
+                        .collect();
                 }
             }
             self.notify.notified().await;
         }
     }
 
-    /// True when a newer revision of the same unit is already pending.
-    pub fn superseded(&self, d: &Delivery) -> bool {
-        self.lock()
-            .pending
-            .get(&d.unit)
-            .is_some_and(|p| p.revision > d.revision)
-    }
-
-    /// Records that `d` was written to the stream.
-    pub fn mark_sent(&self, d: &Delivery) {
-        self.lock().sent.insert(
-            d.unit.clone(),
-            Sent {
-                revision: d.revision,
-                committed: d.committed,
-                awaiting_ready: !d.tombstone,
-            },
-        );
-    }
-
     /// The first Ready report of a sent revision: its commit instant (later
     /// reports, and reports of other revisions, give `None`).
     pub fn ready(&self, unit: &UnitName, revision: RevisionNum) -> Option<Instant> {
         let mut s = self.lock();
-        let sent = s.sent.get_mut(unit)?;
+        let sent = s.units.get_mut(unit)?.sent.as_mut()?;
         if sent.revision != revision || !sent.awaiting_ready {
             return None;
         }
@@ -173,20 +187,20 @@ impl Mailbox {
         Some(sent.committed)
     }
 
-    /// Matches an ack against what was sent; returns the commit instant of
-    /// the acknowledged revision, or `None` if it was never sent here.
-    pub fn ack(&self, unit: &UnitName, revision: RevisionNum) -> Option<Instant> {
+    /// Matches an ack against what was sent; returns the unit's name and
+    /// the commit instant of the acknowledged revision, or `None` if it
+    /// was never sent here.
+    pub fn ack(&self, unit: &str, revision: RevisionNum) -> Option<(UnitName, Instant)> {
         // An ack of an older revision than the last sent is late, not
         // wrong: it matches nothing.
-        self.lock()
-            .sent
-            .get(unit)
-            .filter(|s| s.revision == revision)
-            .map(|s| s.committed)
+        let s = self.lock();
+        let (name, slot) = s.units.get_key_value(unit)?;
+        let sent = slot.sent.filter(|s| s.revision == revision)?;
+        Some((name.clone(), sent.committed))
     }
 
     pub fn pending_len(&self) -> usize {
-        self.lock().pending.len()
+        self.lock().queue.len()
     }
 }
 
@@ -417,27 +431,51 @@ mod tests {
             .map(|x| (x.unit.to_string(), x.revision.0))
             .collect();
         assert_eq!(got, [("a".into(), 2), ("b".into(), 5)]);
-        for x in &batch {
-            m.mark_sent(x);
-        }
         // Already sent: a resync offering the same revision again is stale.
         assert_eq!(m.offer(d("a", 2)), Offer::Stale);
         assert_eq!(m.offer(d("a", 3)), Offer::Queued);
     }
 
-    #[test]
-    fn acks_match_only_what_was_sent() {
+    #[tokio::test]
+    async fn acks_match_only_what_was_sent() {
         let m = Mailbox::default();
         let x = d("a", 3);
         m.offer(x.clone());
+        assert!(m.ack("a", RevisionNum(3)).is_none(), "pending is not sent");
+        assert_eq!(m.next_batch().await.len(), 1);
+        let (name, _) = m.ack("a", RevisionNum(3)).expect("sent, so acknowledged");
         assert!(
-            m.ack(&x.unit, RevisionNum(3)).is_none(),
-            "pending is not sent"
+            std::ptr::eq(name.as_str(), x.unit.as_str()),
+            "the name is shared, not copied"
         );
-        m.mark_sent(&x);
-        assert!(m.ack(&x.unit, RevisionNum(3)).is_some());
-        assert!(m.ack(&x.unit, RevisionNum(4)).is_none());
-        assert!(m.ack(&"zz".parse().unwrap(), RevisionNum(1)).is_none());
+        assert!(m.ack("a", RevisionNum(4)).is_none());
+        assert!(m.ack("zz", RevisionNum(1)).is_none());
+    }
+
+    #[tokio::test]
+    async fn a_batch_goes_in_the_order_queued_and_a_coalesced_unit_keeps_its_place() {
+        let m = Mailbox::default();
+        m.offer(d("b", 1));
+        m.offer(d("a", 1));
+        assert_eq!(m.offer(d("b", 2)), Offer::Coalesced);
+        let got: Vec<(String, u64)> = m
+            .next_batch()
+            .await
+            .iter()
+            .map(|x| (x.unit.to_string(), x.revision.0))
+            .collect();
+        assert_eq!(got, [("b".into(), 2), ("a".into(), 1)]);
+        assert_eq!(m.pending_len(), 0);
+        // A tombstone of a unit the hub does not know is sent, never
+        // assigned; an assigned unit is known by its shared name.
+        m.offer(Arc::new(Delivery {
+            tombstone: true,
+            revision: RevisionNum(0),
+            ..Arc::into_inner(d("ghost", 0)).unwrap()
+        }));
+        assert!(m.assigned("ghost").is_none());
+        assert_eq!(m.next_batch().await.len(), 1);
+        assert!(m.assigned("a").is_some());
     }
 
     #[tokio::test]

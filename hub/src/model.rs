@@ -78,6 +78,14 @@ macro_rules! label_newtype {
             }
         }
 
+        /// Maps keyed by name are looked up by `&str` (hashes and order
+        /// are those of the text).
+        impl std::borrow::Borrow<str> for $name {
+            fn borrow(&self) -> &str {
+                &self.0
+            }
+        }
+
         impl FromStr for $name {
             type Err = NameError;
             fn from_str(s: &str) -> Result<Self, NameError> {

@@ -331,15 +331,12 @@ fn outbound(
                     None => o.ended = true,
                 },
                 batch = o.conn.mailbox.next_batch() => {
-                    for d in batch {
-                        if o.conn.mailbox.superseded(&d) {
-                            o.hub.metrics.coalesced_updates.inc();
-                            continue;
-                        }
-                        o.ready.push_back(Ok(Outgoing::Update(convert::encoded_update(&d))));
-                        o.conn.mailbox.mark_sent(&d);
-                        o.hub.metrics.updates_sent.inc();
-                    }
+                    o.hub.metrics.updates_sent.inc_by(batch.len() as u64);
+                    o.ready.extend(
+                        batch
+                            .iter()
+                            .map(|d| Ok(Outgoing::Update(convert::encoded_update(d)))),
+                    );
                     o.last_sent = tokio::time::Instant::now();
                 }
                 () = &mut o.idle => {
@@ -487,16 +484,8 @@ fn on_ack(
     tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
     a: pb::Ack,
 ) {
-    let known = a.unit.parse::<UnitName>().ok().and_then(|name| {
-        let at = conn.mailbox.ack(&name, RevisionNum(a.revision))?;
-        Some((name, at))
-    });
-    let Some((name, committed)) = known else {
-        if !a
-            .unit
-            .parse::<UnitName>()
-            .is_ok_and(|n| conn.mailbox.is_assigned(&n))
-        {
+    let Some((name, committed)) = conn.mailbox.ack(&a.unit, RevisionNum(a.revision)) else {
+        if conn.mailbox.assigned(&a.unit).is_none() {
             let _ = tx.try_send(Ok(notice(unknown_unit(&a.unit))));
         }
         return;
@@ -523,12 +512,7 @@ fn on_status(
     s: pb::StatusReport,
 ) {
     hub.metrics.status_reports.inc();
-    let Some(name) = s
-        .unit
-        .parse::<UnitName>()
-        .ok()
-        .filter(|n| conn.mailbox.is_assigned(n))
-    else {
+    let Some(name) = conn.mailbox.assigned(&s.unit) else {
         let _ = tx.try_send(Ok(notice(unknown_unit(&s.unit))));
         return;
     };
