@@ -895,3 +895,112 @@ async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
     })
     .await;
 }
+
+/// One gRPC call made by hand over HTTP/2 (TLS, trusting the hub's CA)
+/// with `grpc-timeout` set and not kept by the client (tonic's client
+/// keeps it itself): the `grpc-status` the hub answers with.
+async fn grpc_status_of_call_with_deadline(
+    hub: &TestHub,
+    path: &str,
+    message: impl prost::Message,
+    timeout: &str,
+) -> String {
+    use http_body_util::Full;
+    use rustls::pki_types::pem::PemObject;
+    let mut roots = rustls::RootCertStore::empty();
+    roots
+        .add(
+            rustls::pki_types::CertificateDer::from_pem_slice(hub.ca().unwrap().as_bytes())
+                .unwrap(),
+        )
+        .unwrap();
+    let mut tls = rustls::ClientConfig::builder()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![b"h2".to_vec()];
+    let addr = hub.endpoint().trim_start_matches("https://").to_owned();
+    let tcp = within("connect", tokio::net::TcpStream::connect(&addr))
+        .await
+        .unwrap();
+    let stream = within(
+        "TLS handshake",
+        tokio_rustls::TlsConnector::from(std::sync::Arc::new(tls))
+            .connect("localhost".try_into().unwrap(), tcp),
+    )
+    .await
+    .unwrap();
+    let (mut sender, connection) = within(
+        "HTTP/2 handshake",
+        hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(stream),
+        ),
+    )
+    .await
+    .unwrap();
+    tokio::spawn(connection);
+    // A gRPC message: uncompressed flag, big-endian length, the bytes.
+    let encoded = message.encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend_from_slice(&u32::try_from(encoded.len()).unwrap().to_be_bytes());
+    frame.extend_from_slice(&encoded);
+    let request = http::Request::post(format!("https://{addr}{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("grpc-timeout", timeout)
+        .header(
+            "authorization",
+            format!("Bearer {}", hub.running().admin_token),
+        )
+        .body(Full::new(bytes::Bytes::from(frame)))
+        .unwrap();
+    let reply = within("the hub's reply", sender.send_request(request))
+        .await
+        .unwrap();
+    // A call that fails before any message answers with headers only.
+    reply
+        .headers()
+        .get("grpc-status")
+        .map(|v| v.to_str().unwrap().to_owned())
+        .unwrap_or_default()
+}
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
+async fn a_call_past_its_deadline_hears_deadline_exceeded() {
+    use sqlx::Connection;
+    let url = postgres_database().await;
+    let hub = TestHub::start_on_postgres(&url, None).await;
+    hub.create_env("dev").await;
+    // Hold every read of units in the store.
+    let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
+        .await
+        .unwrap();
+    within(
+        "lock the units",
+        sqlx::raw_sql("BEGIN; LOCK TABLE units IN ACCESS EXCLUSIVE MODE").execute(&mut lock),
+    )
+    .await
+    .unwrap();
+    let status = grpc_status_of_call_with_deadline(
+        &hub,
+        "/unitsync.v1.HubService/ListUnits",
+        pb::ListUnitsRequest {
+            environment: "dev".into(),
+        },
+        "300m",
+    )
+    .await;
+    assert_eq!(status, (Code::DeadlineExceeded as i32).to_string());
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    // The hub goes on answering.
+    let units = within(
+        "a call after the lock",
+        hub.admin().await.list_units(pb::ListUnitsRequest {
+            environment: "dev".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    assert!(units.into_inner().units.is_empty());
+}

@@ -18,8 +18,9 @@
 //!
 //! A connection has one home: behind an HTTP/2 proxy that carries
 //! operators' calls and agents' sessions on one upstream connection, they
-//! share the home of its first call. Deadlines (`grpc-timeout`) are kept
-//! by clients (ours set theirs); the server does not enforce them.
+//! share the home of its first call. A call's deadline (`grpc-timeout`)
+//! bounds its reply: past it the caller hears `DEADLINE_EXCEEDED` (a
+//! write the hub has begun still completes: see [`crate::grpc::operator`]).
 use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
@@ -287,13 +288,64 @@ where
 {
     type Response = http::Response<tonic::body::Body>;
     type Error = std::convert::Infallible;
-    type Future = TowerToHyperServiceFuture<Routes, http::Request<B>>;
+    type Future = Deadline<TowerToHyperServiceFuture<Routes, http::Request<B>>>;
 
     fn call(&self, mut req: http::Request<B>) -> Self::Future {
         self.home.choose(req.uri().path());
         req.extensions_mut().insert(self.info.clone());
-        self.routes.call(req)
+        let timeout = grpc_timeout(req.headers());
+        Deadline {
+            call: Box::pin(self.routes.call(req)),
+            expires: timeout.map(|t| Box::pin(tokio::time::sleep(t))),
+        }
     }
+}
+
+/// A call's reply, or `DEADLINE_EXCEEDED` once the caller's deadline has
+/// passed (the timer runs where the call does: its connection's home).
+pub(crate) struct Deadline<F> {
+    call: Pin<Box<F>>,
+    expires: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl<F> Future for Deadline<F>
+where
+    F: Future<Output = Result<http::Response<tonic::body::Body>, std::convert::Infallible>>,
+{
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        if let Poll::Ready(reply) = self.call.as_mut().poll(cx) {
+            return Poll::Ready(reply);
+        }
+        match self.expires.as_mut().map(|e| e.as_mut().poll(cx)) {
+            Some(Poll::Ready(())) => Poll::Ready(Ok(tonic::Status::deadline_exceeded(
+                "the call's deadline (grpc-timeout) passed before the hub replied",
+            )
+            .into_http())),
+            _ => Poll::Pending,
+        }
+    }
+}
+
+/// The deadline a client set (`grpc-timeout`: at most 8 digits and a unit,
+/// H M S m u n); an absent or malformed one sets none.
+fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
+    let value = headers.get("grpc-timeout")?.to_str().ok()?;
+    let (digits, unit) = value.split_at(value.len().checked_sub(1)?);
+    if digits.is_empty() || digits.len() > 8 || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    let n: u64 = digits.parse().ok()?;
+    Some(match unit {
+        "H" => Duration::from_secs(n * 3600),
+        "M" => Duration::from_secs(n * 60),
+        "S" => Duration::from_secs(n),
+        "m" => Duration::from_millis(n),
+        "u" => Duration::from_micros(n),
+        "n" => Duration::from_nanos(n),
+        _ => return None,
+    })
 }
 
 /// A connection's socket, registered again with the reactor of the
@@ -405,6 +457,28 @@ impl hyper::rt::Timer for HomeTimer {
 mod tests {
     use super::*;
     use hyper::service::Service as _;
+
+    #[test]
+    fn grpc_timeouts_are_read_as_the_protocol_writes_them() {
+        let timeout = |v: &str| {
+            let mut h = http::HeaderMap::new();
+            h.insert("grpc-timeout", v.parse().unwrap());
+            grpc_timeout(&h)
+        };
+        assert_eq!(timeout("2H"), Some(Duration::from_secs(7200)));
+        assert_eq!(timeout("3M"), Some(Duration::from_secs(180)));
+        assert_eq!(timeout("5S"), Some(Duration::from_secs(5)));
+        assert_eq!(timeout("250m"), Some(Duration::from_millis(250)));
+        assert_eq!(
+            timeout("99999999u"),
+            Some(Duration::from_micros(99_999_999))
+        );
+        assert_eq!(timeout("7n"), Some(Duration::from_nanos(7)));
+        for bad in ["", "m", "5", "123456789S", "1.5S", "-1S", "5s", "5 S"] {
+            assert_eq!(timeout(bad), None, "{bad:?}");
+        }
+        assert_eq!(grpc_timeout(&http::HeaderMap::new()), None);
+    }
 
     #[test]
     fn the_first_call_chooses_the_connections_home_before_it_is_spawned() {
