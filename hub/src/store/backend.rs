@@ -39,6 +39,10 @@ pub(super) const CHANNEL: &str = "unitsync_revisions";
 /// space, which never meets the two-key one).
 const UNIT_LOCK_CLASS: i32 = 0x756e_6974;
 
+/// Values per lock or announcement statement (PostgreSQL takes up to
+/// 65,535 parameters).
+const MAX_LIST: usize = 8_000;
+
 /// The leader lock's key (PostgreSQL).
 pub(super) const LEADER_LOCK: i64 = 7_274_757;
 
@@ -86,7 +90,8 @@ impl Backend {
     /// PostgreSQL: a transaction-scoped lock per unit, in one global order,
     /// so that replicas committing overlapping units wait for each other
     /// (no lost revision number, no deadlock; units not created yet are
-    /// covered too). SQLite: its single writer already serializes.
+    /// covered too). One statement takes them all, in the order listed.
+    /// SQLite: its single writer already serializes.
     pub(super) async fn lock_units<'a>(
         self,
         tx: &mut AnyConnection,
@@ -103,34 +108,42 @@ impl Backend {
             .collect();
         keys.sort_unstable();
         keys.dedup();
-        for key in keys {
-            sqlx::query("SELECT pg_advisory_xact_lock($1, $2)")
-                .bind(UNIT_LOCK_CLASS)
-                .bind(key)
-                .execute(&mut *tx)
-                .await
-                .map_err(db)?;
+        for keys in keys.chunks(MAX_LIST) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_advisory_xact_lock({UNIT_LOCK_CLASS}, v.column1::int4) FROM (VALUES {}) AS v",
+                self.values(keys.len(), 1)
+            )));
+            for key in keys {
+                q = q.bind(*key);
+            }
+            q.execute(&mut *tx).await.map_err(db)?;
         }
         Ok(())
     }
 
-    /// PostgreSQL: announces a commit to every replica (delivered when the
-    /// transaction commits).
-    pub(super) async fn announce(
+    /// PostgreSQL: announces commits to every replica (delivered when the
+    /// transaction commits), in one statement.
+    pub(super) async fn announce<'a>(
         self,
         tx: &mut AnyConnection,
-        unit: &UnitRef,
-        number: RevisionNum,
+        revisions: impl Iterator<Item = (&'a UnitRef, RevisionNum)>,
     ) -> StoreResult<()> {
         if self == Backend::Sqlite {
             return Ok(());
         }
-        sqlx::query("SELECT pg_notify($1, $2)")
-            .bind(CHANNEL)
-            .bind(format!("{unit}:{number}"))
-            .execute(&mut *tx)
-            .await
-            .map_err(db)?;
+        let payloads: Vec<String> = revisions
+            .map(|(unit, number)| format!("{unit}:{number}"))
+            .collect();
+        for payloads in payloads.chunks(MAX_LIST) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT pg_notify('{CHANNEL}', v.column1::text) FROM (VALUES {}) AS v",
+                self.values(payloads.len(), 1)
+            )));
+            for p in payloads {
+                q = q.bind(p.as_str());
+            }
+            q.execute(&mut *tx).await.map_err(db)?;
+        }
         Ok(())
     }
 

@@ -416,9 +416,14 @@ impl Plan {
         } = self;
         write_units(tx, backend, &mut units, now).await?;
         insert_revisions(tx, backend, &units, &revisions, now).await?;
-        for (_, number, rev) in &revisions {
-            backend.announce(tx, &rev.unit, *number).await?;
-        }
+        backend
+            .announce(
+                tx,
+                revisions
+                    .iter()
+                    .map(|(_, number, rev)| (&rev.unit, *number)),
+            )
+            .await?;
 
         // Promotions (their ids name them in the audit), then the audit
         // entries: each request's revisions, then its promotion.
