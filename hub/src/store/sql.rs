@@ -612,10 +612,11 @@ impl Store for SqlStore {
         if reports.is_empty() {
             return Ok(());
         }
-        // One statement per batch (one report per cluster and unit).
+        // One statement per batch (one report per cluster and unit). A
+        // report of a revision says it was received, too.
         let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-            "INSERT INTO unit_status (cluster, unit_id, revision, phase, message, resources, updated_at, ready_since)
-             SELECT c.name, u.id, v.column1, v.column2, v.column3, v.column4, v.column5,
+            "INSERT INTO unit_status (cluster, unit_id, acked, revision, phase, message, resources, updated_at, ready_since)
+             SELECT c.name, u.id, v.column1, v.column1, v.column2, v.column3, v.column4, v.column5,
                     CASE WHEN v.column2 = 'Ready' THEN v.column5 ELSE 0 END
              FROM (VALUES {}) AS v
              JOIN clusters c ON c.name = v.column6
@@ -627,6 +628,8 @@ impl Store for SqlStore {
                  WHEN unit_status.phase = 'Ready' AND unit_status.revision = excluded.revision
                    AND unit_status.ready_since > 0 THEN unit_status.ready_since
                  ELSE excluded.updated_at END,
+               acked = CASE WHEN excluded.acked > unit_status.acked
+                 THEN excluded.acked ELSE unit_status.acked END,
                revision = excluded.revision,
                phase = excluded.phase, message = excluded.message,
                resources = excluded.resources, updated_at = excluded.updated_at",
