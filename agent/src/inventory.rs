@@ -120,10 +120,19 @@ pub struct InventoryStore {
     api: Api<ConfigMap>,
     namespaces: Api<k8s_openapi::api::core::v1::Namespace>,
     namespace: String,
-    /// When this process last wrote each unit's inventory (its objects are
-    /// written after it).
-    written: std::sync::Mutex<std::collections::HashMap<String, tokio::time::Instant>>,
+    /// Each unit's inventory as this process last wrote it.
+    written: std::sync::Mutex<std::collections::HashMap<String, Written>>,
     own: std::sync::Arc<crate::drift::OwnWrites>,
+}
+
+/// An inventory this process wrote.
+struct Written {
+    /// When (the unit's objects are written after it).
+    at: tokio::time::Instant,
+    /// The ConfigMap's uid, once the write succeeded: forgotten from the
+    /// record of own writes when the inventory goes, even if someone else
+    /// deleted it first.
+    uid: Option<String>,
 }
 
 fn cm_name(unit: &str) -> String {
@@ -147,11 +156,13 @@ impl InventoryStore {
 
     /// When this process last wrote the unit's inventory, if it did.
     pub fn last_written(&self, unit: &str) -> Option<tokio::time::Instant> {
+        self.written().get(unit).map(|w| w.at)
+    }
+
+    fn written(&self) -> std::sync::MutexGuard<'_, std::collections::HashMap<String, Written>> {
         self.written
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(unit)
-            .copied()
     }
 
     /// The unit's inventory; `None` when it has none (a new unit, or one
@@ -210,10 +221,13 @@ impl InventoryStore {
     }
 
     async fn write(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
-        self.written
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .insert(unit.to_owned(), tokio::time::Instant::now());
+        self.written().insert(
+            unit.to_owned(),
+            Written {
+                at: tokio::time::Instant::now(),
+                uid: None,
+            },
+        );
         let mut data = BTreeMap::new();
         data.insert(
             "inventory".to_owned(),
@@ -241,21 +255,23 @@ impl InventoryStore {
             crate::drift::qualified_kind("", "ConfigMap"),
             &written.metadata,
         );
+        if let Some(w) = self.written().get_mut(unit) {
+            w.uid = written.metadata.uid;
+        }
         Ok(())
     }
 
     pub async fn delete(&self, unit: &str) -> Result<(), InventoryError> {
-        match self.api.delete(&cm_name(unit), &Default::default()).await {
-            Ok(deleted) => {
-                let uid = deleted.either(|cm| cm.metadata.uid, |s| s.details.map(|d| d.uid));
-                if let Some(uid) = uid {
-                    self.own.forget_uid(&uid);
-                }
-                Ok(())
-            }
-            Err(kube::Error::Api(s)) if s.code == 404 => Ok(()),
-            Err(e) => Err(InventoryError::Unreachable(e)),
+        let deleted = match self.api.delete(&cm_name(unit), &Default::default()).await {
+            Ok(deleted) => deleted.either(|cm| cm.metadata.uid, |s| s.details.map(|d| d.uid)),
+            Err(kube::Error::Api(s)) if s.code == 404 => None,
+            Err(e) => return Err(InventoryError::Unreachable(e)),
+        };
+        let wrote = self.written().get_mut(unit).and_then(|w| w.uid.take());
+        for uid in deleted.iter().chain(wrote.iter()) {
+            self.own.forget_uid(uid);
         }
+        Ok(())
     }
 }
 

@@ -728,6 +728,38 @@ async fn the_agent_forgets_the_objects_it_no_longer_manages() {
     until("nothing remembered once the unit is gone", none_tracked).await;
 }
 
+#[tokio::test]
+async fn the_agent_forgets_an_inventory_someone_else_deleted() {
+    let (hub, cluster, addr) = agent_with_metrics().await;
+    let tracked =
+        || async move { sample(&agent_metrics(addr).await, "unitsync_agent_tracked_objects") };
+    let none_tracked = || async move {
+        agent_metrics(addr)
+            .await
+            .contains("\nunitsync_agent_tracked_objects 0\n")
+    };
+    // A unit without ConfigMaps: no watch sees its inventory go.
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v\n";
+    hub.put("dev/key", secret).await.unwrap();
+    wait_phase(&hub, "dev/key", 1, pb::Phase::Ready).await;
+    until("the secret and the inventory remembered", || async {
+        tracked().await >= 2.0
+    })
+    .await;
+    // Someone deletes the inventory; the agent's own delete then finds it
+    // gone (404) and must still let go of it.
+    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(cluster.client.clone(), "unitsync-system");
+    within(
+        "delete the inventory",
+        configmaps.delete("unitsync-inventory-key", &Default::default()),
+    )
+    .await
+    .unwrap();
+    hub.destroy("dev/key").await.unwrap();
+    until("nothing remembered once the unit is gone", none_tracked).await;
+}
+
 /// A sample's value in a Prometheus text exposition (0 when absent).
 pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()
