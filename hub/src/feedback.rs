@@ -233,53 +233,30 @@ impl Feedback {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::model::{Actor, Digest, Labels, NewAudit, NewRevision, Phase, UnixMillis};
-    use crate::store::{Page, SqlStore, TokenHash};
-
-    fn audit(action: &'static str) -> NewAudit {
-        NewAudit {
-            actor: Actor::Operator("tester".into()),
-            action,
-            target: String::new(),
-            detail: String::new(),
-        }
-    }
+    use crate::model::{Labels, Phase, PutMode, UnixMillis};
+    use crate::store::testing::{audit, rev, store};
+    use crate::store::{Page, TokenHash};
 
     #[tokio::test]
     async fn a_status_report_carries_the_ack_it_covers() {
         let dir = tempfile::tempdir().unwrap();
-        let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
+        let store = store(&dir).await;
         let dev: EnvName = "dev".parse().unwrap();
         let cluster: ClusterName = "dev-1".parse().unwrap();
-        store
-            .create_environment(&dev, None, audit("environment.create"))
-            .await
-            .unwrap();
         store
             .create_cluster(
                 &cluster,
                 &dev,
                 &Labels::default(),
                 &TokenHash("t".into()),
-                audit("cluster.create"),
+                audit("cluster.create", "cluster/dev-1"),
             )
             .await
             .unwrap();
         for unit in ["dev/api", "dev/web"] {
-            let text = "v1";
             store
-                .commit_revision(NewRevision::content(
-                    unit.parse().unwrap(),
-                    Arc::from(text),
-                    1,
-                    Digest::of(text.as_bytes()),
-                    Actor::Operator("tester".into()),
-                    "test",
-                    "",
-                ))
+                .commit_revision(rev(unit, "v1", PutMode::CreateOrUpdate))
                 .await
                 .unwrap();
         }

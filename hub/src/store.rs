@@ -21,6 +21,52 @@ use crate::model::{
 
 pub use sql::SqlStore;
 
+/// Stores and records for the hub's unit tests.
+#[cfg(test)]
+pub(crate) mod testing {
+    use std::sync::Arc;
+
+    use super::{SqlStore, Store};
+    use crate::model::{Actor, Digest, EnvName, NewAudit, NewRevision, PutMode};
+
+    /// An audit entry by the tester.
+    pub(crate) fn audit(action: &'static str, target: &str) -> NewAudit {
+        NewAudit {
+            actor: Actor::Operator("tester".into()),
+            action,
+            target: target.into(),
+            detail: String::new(),
+        }
+    }
+
+    /// A revision of `unit` (`ENV/NAME`) with `text` as its manifests.
+    pub(crate) fn rev(unit: &str, text: &str, mode: PutMode) -> NewRevision {
+        NewRevision {
+            mode,
+            ..NewRevision::content(
+                unit.parse().unwrap(),
+                Arc::from(text),
+                1,
+                Digest::of(text.as_bytes()),
+                Actor::Operator("tester".into()),
+                "test",
+                "",
+            )
+        }
+    }
+
+    /// A SQLite store in `dir` with the environment `dev`.
+    pub(crate) async fn store(dir: &tempfile::TempDir) -> SqlStore {
+        let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
+        let dev: EnvName = "dev".parse().unwrap();
+        store
+            .create_environment(&dev, None, audit("environment.create", "env/dev"))
+            .await
+            .unwrap();
+        store
+    }
+}
+
 /// What a store sharing replicas announces.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Announcement {

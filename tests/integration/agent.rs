@@ -689,63 +689,61 @@ async fn agent_metrics_count_passes_drift_and_the_session() {
     );
 }
 
+/// How many objects the agent's record of its own writes holds.
+async fn tracked_objects(addr: std::net::SocketAddr) -> f64 {
+    sample(&agent_metrics(addr).await, "unitsync_agent_tracked_objects")
+}
+
+/// None tracked, and the endpoint answers (a missing series reads 0).
+async fn nothing_tracked(addr: std::net::SocketAddr) -> bool {
+    agent_metrics(addr)
+        .await
+        .contains("\nunitsync_agent_tracked_objects 0\n")
+}
+
+/// Commits `dev/key`, a unit without ConfigMaps (so no watch of that type
+/// sees its inventory go: the agent must let go of what it deletes
+/// itself), and waits until the agent remembers the Secret and the
+/// inventory.
+async fn secret_unit_remembered(hub: &TestHub, addr: std::net::SocketAddr) {
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v\n";
+    hub.put("dev/key", secret).await.unwrap();
+    wait_phase(hub, "dev/key", 1, pb::Phase::Ready).await;
+    until("the secret and the inventory remembered", || async {
+        tracked_objects(addr).await >= 2.0
+    })
+    .await;
+}
+
 #[tokio::test]
 async fn the_agent_forgets_the_objects_it_no_longer_manages() {
     let (hub, _cluster, addr) = agent_with_metrics().await;
-    let tracked =
-        || async move { sample(&agent_metrics(addr).await, "unitsync_agent_tracked_objects") };
-    // None tracked, and the endpoint answers (a missing series reads 0).
-    let none_tracked = || async move {
-        agent_metrics(addr)
-            .await
-            .contains("\nunitsync_agent_tracked_objects 0\n")
-    };
-    // A unit without ConfigMaps: no watch of that type sees its inventory
-    // go, so the agent must let go of what it deletes itself.
-    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v\n";
-    hub.put("dev/key", secret).await.unwrap();
-    wait_phase(&hub, "dev/key", 1, pb::Phase::Ready).await;
-    until("the secret and the inventory remembered", || async {
-        tracked().await >= 2.0
-    })
-    .await;
+    secret_unit_remembered(&hub, addr).await;
     hub.destroy("dev/key").await.unwrap();
-    until(
-        "nothing remembered once the secret's unit is gone",
-        none_tracked,
-    )
+    until("nothing remembered once the secret's unit is gone", || {
+        nothing_tracked(addr)
+    })
     .await;
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     let objects = WEB.matches("\nkind:").count() + usize::from(WEB.starts_with("kind:"));
     until("the unit's objects remembered", || async {
-        tracked().await >= objects as f64
+        tracked_objects(addr).await >= objects as f64
     })
     .await;
     // Destroyed: its objects (and its inventory) are deleted, and the
     // record of the agent's writes lets go of them.
     hub.destroy("dev/web").await.unwrap();
-    until("nothing remembered once the unit is gone", none_tracked).await;
+    until("nothing remembered once the unit is gone", || {
+        nothing_tracked(addr)
+    })
+    .await;
 }
 
 #[tokio::test]
 async fn the_agent_forgets_an_inventory_someone_else_deleted() {
     let (hub, cluster, addr) = agent_with_metrics().await;
-    let tracked =
-        || async move { sample(&agent_metrics(addr).await, "unitsync_agent_tracked_objects") };
-    let none_tracked = || async move {
-        agent_metrics(addr)
-            .await
-            .contains("\nunitsync_agent_tracked_objects 0\n")
-    };
-    // A unit without ConfigMaps: no watch sees its inventory go.
-    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v\n";
-    hub.put("dev/key", secret).await.unwrap();
-    wait_phase(&hub, "dev/key", 1, pb::Phase::Ready).await;
-    until("the secret and the inventory remembered", || async {
-        tracked().await >= 2.0
-    })
-    .await;
+    secret_unit_remembered(&hub, addr).await;
     // Someone deletes the inventory; the agent's own delete then finds it
     // gone (404) and must still let go of it.
     let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
@@ -757,7 +755,10 @@ async fn the_agent_forgets_an_inventory_someone_else_deleted() {
     .await
     .unwrap();
     hub.destroy("dev/key").await.unwrap();
-    until("nothing remembered once the unit is gone", none_tracked).await;
+    until("nothing remembered once the unit is gone", || {
+        nothing_tracked(addr)
+    })
+    .await;
 }
 
 /// A sample's value in a Prometheus text exposition (0 when absent).

@@ -780,25 +780,35 @@ async fn status_and_unit_views_page_through_five_thousand_clusters() {
     assert_eq!(unit["clusters"].as_array().unwrap().len(), 5000);
 }
 
+/// A PostgreSQL connection holding `table` locked (every read and write
+/// of it waits) until it runs `COMMIT`.
+async fn lock_table(url: &str, table: &str) -> sqlx::PgConnection {
+    use sqlx::Connection;
+    let mut lock = within("lock connection", sqlx::PgConnection::connect(url))
+        .await
+        .unwrap();
+    within(
+        "lock the table",
+        sqlx::raw_sql(sqlx::AssertSqlSafe(format!(
+            "BEGIN; LOCK TABLE {table} IN ACCESS EXCLUSIVE MODE"
+        )))
+        .execute(&mut lock),
+    )
+    .await
+    .unwrap();
+    lock
+}
+
 #[tokio::test]
 #[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
 async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
-    use sqlx::Connection;
     let url = postgres_database().await;
     let hub = TestHub::start_on_postgres(&url, None).await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
     // Hold the hub inside the handshake: the resync reads the units.
-    let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
-        .await
-        .unwrap();
-    within(
-        "lock the units",
-        sqlx::raw_sql("BEGIN; LOCK TABLE units IN ACCESS EXCLUSIVE MODE").execute(&mut lock),
-    )
-    .await
-    .unwrap();
+    let mut lock = lock_table(&url, "units").await;
     let channel = hub.channel().await;
     let opening = tokio::spawn(async move {
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
@@ -838,7 +848,6 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
 #[tokio::test]
 #[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
 async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
-    use sqlx::Connection;
     let url = postgres_database().await;
     let hub = TestHub::start_on_postgres(&url, None).await;
     hub.create_env("dev").await;
@@ -853,15 +862,7 @@ async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
     .await;
     // Hold the revocation in the store; its caller goes away meanwhile
     // (a Ctrl-C, a client deadline).
-    let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
-        .await
-        .unwrap();
-    within(
-        "lock the clusters",
-        sqlx::raw_sql("BEGIN; LOCK TABLE clusters IN ACCESS EXCLUSIVE MODE").execute(&mut lock),
-    )
-    .await
-    .unwrap();
+    let mut lock = lock_table(&url, "clusters").await;
     let mut admin = hub.admin().await;
     let revoking = tokio::spawn(async move {
         admin
@@ -968,20 +969,11 @@ async fn grpc_status_of_call_with_deadline(
 #[tokio::test]
 #[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
 async fn a_call_past_its_deadline_hears_deadline_exceeded() {
-    use sqlx::Connection;
     let url = postgres_database().await;
     let hub = TestHub::start_on_postgres(&url, None).await;
     hub.create_env("dev").await;
     // Hold every read of units in the store.
-    let mut lock = within("lock connection", sqlx::PgConnection::connect(&url))
-        .await
-        .unwrap();
-    within(
-        "lock the units",
-        sqlx::raw_sql("BEGIN; LOCK TABLE units IN ACCESS EXCLUSIVE MODE").execute(&mut lock),
-    )
-    .await
-    .unwrap();
+    let mut lock = lock_table(&url, "units").await;
     let status = grpc_status_of_call_with_deadline(
         &hub,
         "/unitsync.v1.HubService/ListUnits",

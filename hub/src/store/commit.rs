@@ -780,39 +780,11 @@ fn changed(unit: &UnitRef, expected: RevisionNum, head: RevisionNum) -> StoreErr
 
 #[cfg(test)]
 mod tests {
-    use std::sync::Arc;
-
     use super::*;
-    use crate::model::{Actor, Digest, EnvName};
-    use crate::store::{SqlStore, Store};
+    use crate::model::Actor;
+    use crate::store::Store;
 
-    fn rev(unit: &str, text: &str, mode: PutMode) -> NewRevision {
-        NewRevision {
-            mode,
-            ..NewRevision::content(
-                unit.parse().unwrap(),
-                Arc::from(text),
-                1,
-                Digest::of(text.as_bytes()),
-                Actor::Operator("tester".into()),
-                "test",
-                "",
-            )
-        }
-    }
-
-    async fn store(dir: &tempfile::TempDir) -> SqlStore {
-        let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
-        let audit = NewAudit {
-            actor: Actor::Operator("tester".into()),
-            action: "environment.create",
-            target: "env/dev".into(),
-            detail: String::new(),
-        };
-        let dev: EnvName = "dev".parse().unwrap();
-        store.create_environment(&dev, None, audit).await.unwrap();
-        store
-    }
+    use crate::store::testing::{rev, store};
 
     fn unit(s: &str) -> UnitRef {
         s.parse().unwrap()
