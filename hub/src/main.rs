@@ -48,13 +48,8 @@ async fn main() -> ExitCode {
                 tracing::info!("shutting down");
                 stop.cancel();
             });
-            match hub.wait().await {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    tracing::error!(error = %ErrorChain(&e), "hub failed");
-                    ExitCode::FAILURE
-                }
-            }
+            hub.wait().await;
+            ExitCode::SUCCESS
         }
         command => match unitsync_hub::cli::run_client(&cli.global, command).await {
             Ok(()) => ExitCode::SUCCESS,

@@ -51,23 +51,26 @@ pub struct RunningHub {
     pub ca_pem: Option<String>,
     pub hub: Arc<Hub>,
     shutdown: CancellationToken,
-    task: JoinHandle<Result<(), StartError>>,
+    task: JoinHandle<()>,
     /// A hub dropped without `shutdown` stops too.
     _stop_when_dropped: tokio_util::sync::DropGuard,
 }
 
 impl RunningHub {
     /// Stops accepting, ends sessions, flushes feedback, and waits.
-    pub async fn shutdown(self) -> Result<(), StartError> {
+    pub async fn shutdown(self) {
         self.shutdown.cancel();
-        self.wait().await
+        self.wait().await;
     }
 
-    /// Waits until the hub stops (after a shutdown request).
-    pub async fn wait(self) -> Result<(), StartError> {
-        match self.task.await {
-            Ok(r) => r,
-            Err(e) => std::panic::resume_unwind(e.into_panic()),
+    /// Waits until the hub stops (after a shutdown request). Stopping
+    /// cannot fail: what it could not finish (a last feedback write, say)
+    /// it logs.
+    pub async fn wait(self) {
+        if let Err(e) = self.task.await
+            && e.is_panic()
+        {
+            std::panic::resume_unwind(e.into_panic());
         }
     }
 
@@ -350,7 +353,6 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub_for_task.fanout.disconnect_all();
         feedback_stop.cancel();
         let _ = feedback.await;
-        Ok(())
     });
     tracing::info!(%grpc_addr, http = ?http_addr, data_dir = %config.data_dir.display(), "hub listening");
     Ok(RunningHub {

@@ -306,10 +306,7 @@ impl Known {
         .await?;
         let mut units = HashMap::new();
         for row in rows {
-            let unit = UnitRef {
-                env: super::rows::parse(&row.text("environment")?, "environment")?,
-                name: super::rows::parse(&row.text("name")?, "unit name")?,
-            };
+            let unit = super::rows::unit_ref(&row)?;
             let state = UnitState {
                 id: Some(row.int("id")?),
                 head: num(row.int("head")?),

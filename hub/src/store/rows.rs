@@ -101,12 +101,17 @@ pub(super) fn cluster(row: &impl Columns) -> StoreResult<Cluster> {
     })
 }
 
+/// A unit's address from its `environment` and `name` columns.
+pub(super) fn unit_ref(row: &impl Columns) -> StoreResult<UnitRef> {
+    Ok(UnitRef {
+        env: parse(&row.text("environment")?, "environment name")?,
+        name: parse(&row.text("name")?, "unit name")?,
+    })
+}
+
 pub(super) fn unit(row: &impl Columns) -> StoreResult<Unit> {
     Ok(Unit {
-        unit: UnitRef {
-            env: parse(&row.text("environment")?, "environment name")?,
-            name: parse(&row.text("name")?, "unit name")?,
-        },
+        unit: unit_ref(row)?,
         labels: parse_labels(&row.text("labels")?)?,
         head: num(row.int("head")?),
         destroyed: row.int("destroyed")? != 0,
@@ -239,10 +244,7 @@ pub(super) fn status_cell(row: &impl Columns) -> StoreResult<StatusCell> {
         .map_err(|e| corrupt(format!("resources: {e}")))?;
     Ok(StatusCell {
         cluster: parse(&row.text("cluster")?, "cluster name")?,
-        unit: UnitRef {
-            env: parse(&row.text("environment")?, "environment name")?,
-            name: parse(&row.text("name")?, "unit name")?,
-        },
+        unit: unit_ref(row)?,
         status: UnitStatus {
             acked: num(row.int("acked")?),
             revision: num(row.int("revision")?),
@@ -304,10 +306,7 @@ pub(super) fn phase_count(
 pub(super) fn unit_phase_count(
     row: &impl Columns,
 ) -> StoreResult<(crate::model::UnitRef, Option<crate::model::Phase>, u64)> {
-    let unit = crate::model::UnitRef {
-        env: parse(&row.text("environment")?, "environment")?,
-        name: parse(&row.text("name")?, "unit name")?,
-    };
+    let unit = unit_ref(row)?;
     let phase = row
         .opt_text("phase")?
         .map(|p| crate::model::Phase::parse(&p));
