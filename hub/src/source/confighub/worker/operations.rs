@@ -776,7 +776,8 @@ impl Worker {
                 Err(e) => return Outcome::failed(failed, e.to_string()),
             };
             let verdict = judge(&clusters, &cells, revision, want);
-            let resources = rollup(&cells, revision);
+            // Only an outcome carries the resources.
+            let resources = || rollup(&cells, revision);
             match &verdict {
                 Verdict::Done => {
                     let mut o = Outcome::done(
@@ -788,14 +789,14 @@ impl Worker {
                             unit.env
                         ),
                     );
-                    o.resources = resources;
+                    o.resources = resources();
                     return o;
                 }
                 Verdict::Failed(problems) => {
                     let mut o =
                         Outcome::failed(failed, format!("failed in {}", problems.join("; ")));
                     o.errors = problems.clone();
-                    o.resources = resources;
+                    o.resources = resources();
                     return o;
                 }
                 Verdict::Stuck(problems) if !destroy => {
@@ -804,7 +805,7 @@ impl Worker {
                         format!("stuck in {}", problems.join("; ")),
                     );
                     o.errors = problems.clone();
-                    o.resources = resources;
+                    o.resources = resources();
                     return o;
                 }
                 Verdict::Waiting(summary) | Verdict::Stuck(summary) => {
@@ -825,7 +826,7 @@ impl Worker {
                         d.wait_seconds
                     ),
                 );
-                o.resources = resources;
+                o.resources = resources();
                 return o;
             }
             // Until a status changes (or a while passes: other replicas'
