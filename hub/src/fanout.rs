@@ -8,6 +8,7 @@
 //! sends a revision older than one it already sent.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::Instant;
 
@@ -90,6 +91,8 @@ struct MailboxState {
     units: HashMap<UnitName, Slot>,
     /// Units with a pending delivery, in the order they were queued.
     queue: Vec<UnitName>,
+    /// The session ended: nothing more is sent.
+    closed: bool,
 }
 
 /// The per-session queue of latest revisions.
@@ -110,7 +113,7 @@ impl Mailbox {
     /// Queues a delivery unless something at least as new is pending or sent.
     pub fn offer(&self, d: Arc<Delivery>) -> Offer {
         let mut s = self.lock();
-        let MailboxState { units, queue } = &mut *s;
+        let MailboxState { units, queue, .. } = &mut *s;
         let slot = units.entry(d.unit.clone()).or_default();
         if !d.tombstone || d.revision.0 > 0 {
             slot.assigned = true;
@@ -149,30 +152,41 @@ impl Mailbox {
 
     /// Waits until something is pending and takes it all, in the order it
     /// was queued, recording it as written to the stream (the caller
-    /// writes it next).
-    pub async fn next_batch(&self) -> Vec<Arc<Delivery>> {
+    /// writes it next); `None` once the mailbox is closed.
+    pub async fn next_batch(&self) -> Option<Vec<Arc<Delivery>>> {
         loop {
             {
                 let mut s = self.lock();
+                if s.closed {
+                    return None;
+                }
                 if !s.queue.is_empty() {
-                    let MailboxState { units, queue } = &mut *s;
-                    return queue
-                        .drain(..)
-                        .filter_map(|unit| {
-                            let slot = units.get_mut(&unit)?;
-                            let d = slot.pending.take()?;
-                            slot.sent = Some(Sent {
-                                revision: d.revision,
-                                committed: d.committed,
-                                awaiting_ready: !d.tombstone,
-                            });
-                            Some(d)
-                        })
-                        .collect();
+                    let MailboxState { units, queue, .. } = &mut *s;
+                    return Some(
+                        queue
+                            .drain(..)
+                            .filter_map(|unit| {
+                                let slot = units.get_mut(&unit)?;
+                                let d = slot.pending.take()?;
+                                slot.sent = Some(Sent {
+                                    revision: d.revision,
+                                    committed: d.committed,
+                                    awaiting_ready: !d.tombstone,
+                                });
+                                Some(d)
+                            })
+                            .collect(),
+                    );
                 }
             }
             self.notify.notified().await;
         }
+    }
+
+    /// Ends the mailbox: [`Mailbox::next_batch`] answers `None` from now on.
+    pub fn close(&self) {
+        self.lock().closed = true;
+        self.notify.notify_one();
     }
 
     /// The first Ready report of a sent revision: its commit instant (later
@@ -225,9 +239,16 @@ pub struct AgentConn {
     pub agent_version: String,
     pub connected_at: UnixMillis,
     pub mailbox: Mailbox,
-    /// Cancelled to end the session (see [`AgentConn::end`]).
+    /// Cancelled when the session ends (see [`AgentConn::close`]).
     pub kick: CancellationToken,
     ended: Mutex<Option<EndReason>>,
+    /// The session's clock: when the agent was last heard and when the
+    /// hub last sent, as milliseconds since `opened`. Atomics, so that
+    /// the streams note them per message and only the session's watchdog
+    /// keeps timers.
+    opened: tokio::time::Instant,
+    heard: AtomicU64,
+    sent: AtomicU64,
 }
 
 impl std::fmt::Debug for AgentConn {
@@ -256,6 +277,9 @@ impl AgentConn {
             mailbox: Mailbox::default(),
             kick: CancellationToken::new(),
             ended: Mutex::default(),
+            opened: tokio::time::Instant::now(),
+            heard: AtomicU64::new(0),
+            sent: AtomicU64::new(0),
         }
     }
 
@@ -265,7 +289,42 @@ impl AgentConn {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .get_or_insert(why);
+        self.close();
+    }
+
+    /// Ends the session's streams (its outbound stream says why, if a
+    /// reason was given) and its watchdog.
+    pub fn close(&self) {
+        self.mailbox.close();
         self.kick.cancel();
+    }
+
+    fn since_opened(&self) -> u64 {
+        u64::try_from(self.opened.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn at(&self, millis: &AtomicU64) -> tokio::time::Instant {
+        self.opened + std::time::Duration::from_millis(millis.load(Ordering::Relaxed))
+    }
+
+    /// The agent was heard now.
+    pub fn heard_now(&self) {
+        self.heard.store(self.since_opened(), Ordering::Relaxed);
+    }
+
+    /// When the agent was last heard (the session's opening at first).
+    pub fn last_heard(&self) -> tokio::time::Instant {
+        self.at(&self.heard)
+    }
+
+    /// The hub sent the agent something now.
+    pub fn sent_now(&self) {
+        self.sent.store(self.since_opened(), Ordering::Relaxed);
+    }
+
+    /// When the hub last sent the agent something.
+    pub fn last_sent(&self) -> tokio::time::Instant {
+        self.at(&self.sent)
     }
 
     pub fn end_reason(&self) -> Option<EndReason> {
@@ -425,7 +484,7 @@ mod tests {
         assert_eq!(m.offer(d("a", 1)), Offer::Stale);
         assert_eq!(m.offer(d("b", 5)), Offer::Queued);
         assert_eq!(m.pending_len(), 2);
-        let batch = m.next_batch().await;
+        let batch = m.next_batch().await.unwrap();
         let got: Vec<(String, u64)> = batch
             .iter()
             .map(|x| (x.unit.to_string(), x.revision.0))
@@ -442,7 +501,7 @@ mod tests {
         let x = d("a", 3);
         m.offer(x.clone());
         assert!(m.ack("a", RevisionNum(3)).is_none(), "pending is not sent");
-        assert_eq!(m.next_batch().await.len(), 1);
+        assert_eq!(m.next_batch().await.unwrap().len(), 1);
         let (name, _) = m.ack("a", RevisionNum(3)).expect("sent, so acknowledged");
         assert!(
             std::ptr::eq(name.as_str(), x.unit.as_str()),
@@ -461,6 +520,7 @@ mod tests {
         let got: Vec<(String, u64)> = m
             .next_batch()
             .await
+            .unwrap()
             .iter()
             .map(|x| (x.unit.to_string(), x.revision.0))
             .collect();
@@ -474,7 +534,7 @@ mod tests {
             ..Arc::into_inner(d("ghost", 0)).unwrap()
         }));
         assert!(m.assigned("ghost").is_none());
-        assert_eq!(m.next_batch().await.len(), 1);
+        assert_eq!(m.next_batch().await.unwrap().len(), 1);
         assert!(m.assigned("a").is_some());
     }
 
@@ -483,7 +543,7 @@ mod tests {
         let m = Arc::new(Mailbox::default());
         let waiter = tokio::spawn({
             let m = m.clone();
-            async move { m.next_batch().await.len() }
+            async move { m.next_batch().await.map(|b| b.len()) }
         });
         tokio::task::yield_now().await;
         m.offer(d("a", 1));
@@ -491,6 +551,19 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!(n, 1);
+        assert_eq!(n, Some(1));
+        // Closed: the waiting stream hears of it.
+        let waiter = tokio::spawn({
+            let m = m.clone();
+            async move { m.next_batch().await.map(|b| b.len()) }
+        });
+        tokio::task::yield_now().await;
+        m.close();
+        m.offer(d("a", 2));
+        let n = tokio::time::timeout(std::time::Duration::from_secs(5), waiter)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(n, None);
     }
 }

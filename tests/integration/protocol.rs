@@ -182,3 +182,64 @@ async fn sessions_beyond_the_limit_are_shed_with_resource_exhausted() {
     assert_eq!(e.code(), Code::ResourceExhausted);
     assert!(e.message().contains("session limit"), "{}", e.message());
 }
+
+#[tokio::test]
+async fn the_hub_beats_while_idle_keeps_a_talking_agent_and_ends_a_silent_one() {
+    let hub = TestHub::start_with(unitsync_hub::control::Tuning {
+        heartbeat: std::time::Duration::from_millis(300),
+        ..Default::default()
+    })
+    .await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let cluster: unitsync_hub::model::ClusterName = "dev-1".parse().unwrap();
+    let fanout = &hub.running().hub.fanout;
+
+    // An agent that beats every 100 ms: heard, so kept past three
+    // heartbeat windows; the idle hub beats to it meanwhile.
+    let (tx, mut inbound) = raw_session(&hub, &token, hello(1)).await.unwrap();
+    assert!(matches!(next(&mut inbound).await, HubMsg::Welcome(_)));
+    // Kept open (an agent that stops talking, not one that hangs up).
+    let _open = tx.clone();
+    let beats = tokio::spawn(async move {
+        loop {
+            let beat = pb::AgentMessage {
+                msg: Some(AgentMsg::Heartbeat(pb::Heartbeat::default())),
+            };
+            if tx.send(beat).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    });
+    let mut heard = 0;
+    let started = tokio::time::Instant::now();
+    while started.elapsed() < std::time::Duration::from_millis(1_500) {
+        let m = within("a hub heartbeat", inbound.next())
+            .await
+            .expect("the session stays open")
+            .expect("no error");
+        assert!(matches!(m.msg, Some(HubMsg::Heartbeat(_))), "{m:?}");
+        heard += 1;
+    }
+    assert!(heard >= 3, "{heard} heartbeats in 1.5 s");
+    assert!(fanout.session(&cluster).is_some());
+    beats.abort();
+
+    // Silent from now on: ended after three heartbeat windows, and told.
+    let ended = within("the silent session ends", async {
+        loop {
+            match inbound.next().await {
+                Some(Ok(_)) => continue,
+                Some(Err(status)) => return status,
+                None => panic!("the stream ended without a status"),
+            }
+        }
+    })
+    .await;
+    assert_eq!(ended.code(), Code::Unavailable, "{ended:?}");
+    unitsync_tests::until("the silent session is gone", || async {
+        fanout.session(&cluster).is_none()
+    })
+    .await;
+}

@@ -278,9 +278,10 @@ fn heartbeat() -> pb::HubMessage {
 /// The session's outbound stream: the Welcome, then the mailbox's
 /// revisions as the stream takes them (no task or channel in between: the
 /// transport polls the mailbox when it can send, and the mailbox coalesces
-/// meanwhile), notices from the receive loop, heartbeats while idle, and
-/// the reason when the hub ends the session. Updates go out as encoded
-/// once for every session ([`Outgoing::Update`]).
+/// meanwhile), notices and heartbeats from the session's other tasks, and
+/// the reason when the hub ends the session (its mailbox closes). Updates
+/// go out as encoded once for every session ([`Outgoing::Update`]). It
+/// keeps no timer: per message it polls only the mailbox and the channel.
 fn outbound(
     hub: Arc<Hub>,
     conn: Arc<AgentConn>,
@@ -292,19 +293,10 @@ fn outbound(
         conn: Arc<AgentConn>,
         extra: mpsc::Receiver<Result<pb::HubMessage, Status>>,
         ready: std::collections::VecDeque<Result<Outgoing, Status>>,
-        /// The heartbeat timer: due `heartbeat` after the last message
-        /// sent, re-armed only when it falls due (not per message).
-        idle: Pin<Box<tokio::time::Sleep>>,
-        last_sent: tokio::time::Instant,
-        /// The end of the session, one future for all of it.
-        kicked: Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>,
         ended: bool,
     }
     let out = Out {
-        idle: Box::pin(tokio::time::sleep(hub.tuning.heartbeat)),
-        last_sent: tokio::time::Instant::now(),
         hub,
-        kicked: Box::pin(conn.kick.clone().cancelled_owned()),
         conn,
         extra,
         ready: std::collections::VecDeque::from([Ok(welcome.into())]),
@@ -313,41 +305,30 @@ fn outbound(
     futures::stream::unfold(out, |mut o| async move {
         loop {
             if let Some(m) = o.ready.pop_front() {
+                o.conn.sent_now();
                 return Some((m, o));
             }
             if o.ended {
                 return None;
             }
-            tokio::select! {
+            // `None` from either: the session ended (its mailbox closed, or
+            // its receive loop and watchdog are gone).
+            let next = tokio::select! {
                 biased;
-                () = &mut o.kicked => {
-                    // Tell the agent why.
-                    o.ready.push_back(Err(end_status(o.conn.end_reason())));
-                    o.ended = true;
-                }
-                m = o.extra.recv() => match m {
-                    Some(m) => o.ready.push_back(m.map(Outgoing::from)),
-                    // The receive loop ended: so does the session.
-                    None => o.ended = true,
-                },
-                batch = o.conn.mailbox.next_batch() => {
+                batch = o.conn.mailbox.next_batch() => batch.map(|batch| {
                     o.hub.metrics.updates_sent.inc_by(batch.len() as u64);
                     o.ready.extend(
                         batch
                             .iter()
                             .map(|d| Ok(Outgoing::Update(convert::encoded_update(d)))),
                     );
-                    o.last_sent = tokio::time::Instant::now();
-                }
-                () = &mut o.idle => {
-                    let due = o.last_sent + o.hub.tuning.heartbeat;
-                    if due <= tokio::time::Instant::now() {
-                        o.ready.push_back(Ok(heartbeat().into()));
-                        o.last_sent = tokio::time::Instant::now();
-                    }
-                    let next = o.last_sent + o.hub.tuning.heartbeat;
-                    o.idle.as_mut().reset(next);
-                }
+                }),
+                m = o.extra.recv() => m.map(|m| o.ready.push_back(m.map(Outgoing::from))),
+            };
+            if next.is_none() {
+                // Tell the agent why.
+                o.ready.push_back(Err(end_status(o.conn.end_reason())));
+                o.ended = true;
             }
         }
     })
@@ -372,8 +353,9 @@ fn notice(message: String) -> pb::HubMessage {
     }
 }
 
-/// Reads acks, statuses and heartbeats until the stream ends, goes silent
-/// for three heartbeat intervals, or the session is kicked.
+/// Reads acks, statuses and heartbeats until the stream ends or the
+/// session's watchdog ends it. Per message it polls only the stream and
+/// the watchdog's verdict.
 async fn receive_loop(
     hub: Arc<Hub>,
     conn: Arc<AgentConn>,
@@ -382,51 +364,21 @@ async fn receive_loop(
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) {
-    let silence = hub.tuning.heartbeat * 3;
-    let mut recheck = tokio::time::interval(hub.tuning.credential_recheck);
-    recheck.tick().await;
-    // Futures that live as long as the session (not one per message): the
-    // end of the session, and the silence deadline, moved only when it
-    // falls due (then compared with when the agent was last heard).
-    let kicked = conn.kick.cancelled();
-    tokio::pin!(kicked);
-    let mut heard = tokio::time::Instant::now();
-    let quiet = tokio::time::sleep(silence);
-    tokio::pin!(quiet);
+    conn.heard_now();
+    let (verdict, mut ended) = tokio::sync::oneshot::channel();
+    tokio::spawn({
+        let (hub, conn, cluster, tx) = (hub.clone(), conn.clone(), cluster.clone(), tx.clone());
+        async move {
+            let _ = verdict.send(watchdog(&hub, &conn, &cluster, credential, &tx).await);
+        }
+    });
     let end = loop {
         let next = tokio::select! {
-            () = &mut kicked => break "ended by the hub".to_owned(),
-            _ = recheck.tick() => {
-                let valid = match &credential {
-                    Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await,
-                    None => Ok(false),
-                };
-                match valid {
-                    Ok(true) => continue,
-                    Ok(false) => {
-                        conn.end(EndReason::CredentialRevoked);
-                        break "credential no longer valid".to_owned();
-                    }
-                    // Unknown is not valid: a revoked credential must not
-                    // ride out a database outage. The agent reconnects and
-                    // is checked afresh.
-                    Err(e) => {
-                        tracing::warn!(cluster = %cluster.name, error = %crate::error::ErrorChain(&e), "cannot re-check the session's credential; ending the session");
-                        conn.end(EndReason::Shutdown);
-                        break "credential re-check failed".to_owned();
-                    }
-                }
-            }
-            () = &mut quiet => {
-                if heard.elapsed() >= silence {
-                    break "no heartbeat from the agent".to_owned();
-                }
-                quiet.as_mut().reset(heard + silence);
-                continue;
-            }
+            biased;
+            why = &mut ended => break why.unwrap_or_else(|_| "the session's watchdog ended".to_owned()),
             r = inbound.message() => r,
         };
-        heard = tokio::time::Instant::now();
+        conn.heard_now();
         let msg = match next {
             Err(status) => {
                 // A decode error (an oversized message, say): the agent hears
@@ -450,11 +402,80 @@ async fn receive_loop(
             }
         }
     };
-    conn.kick.cancel();
+    conn.close();
     hub.fanout.unregister(&conn);
     hub.metrics.connected_agents.dec();
     session_changed(&hub, &cluster, &conn.agent_version, false);
     tracing::info!(cluster = %cluster.name, reason = %end, "agent session closed");
+}
+
+/// A session's timers, off its streams' per-message path: a heartbeat to
+/// the agent after `heartbeat` without sending, the end of the session
+/// after three heartbeats without hearing from it, and a periodic re-check
+/// of its credential. Returns why the session must end (the hub ended it,
+/// or one of these).
+async fn watchdog(
+    hub: &Hub,
+    conn: &AgentConn,
+    cluster: &Cluster,
+    credential: Option<Credential>,
+    tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
+) -> String {
+    let beat = hub.tuning.heartbeat;
+    let silence = beat * 3;
+    let mut recheck = tokio::time::interval(hub.tuning.credential_recheck);
+    recheck.tick().await;
+    let kicked = conn.kick.cancelled();
+    tokio::pin!(kicked);
+    // Moved only when they fall due (then compared with when the agent
+    // was last heard, or last sent something).
+    let quiet = tokio::time::sleep(silence);
+    tokio::pin!(quiet);
+    let idle = tokio::time::sleep(beat);
+    tokio::pin!(idle);
+    loop {
+        tokio::select! {
+            () = &mut kicked => return "ended by the hub".to_owned(),
+            _ = recheck.tick() => {
+                let valid = match &credential {
+                    Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await,
+                    None => Ok(false),
+                };
+                match valid {
+                    Ok(true) => {}
+                    Ok(false) => {
+                        conn.end(EndReason::CredentialRevoked);
+                        return "credential no longer valid".to_owned();
+                    }
+                    // Unknown is not valid: a revoked credential must not
+                    // ride out a database outage. The agent reconnects and
+                    // is checked afresh.
+                    Err(e) => {
+                        tracing::warn!(cluster = %cluster.name, error = %crate::error::ErrorChain(&e), "cannot re-check the session's credential; ending the session");
+                        conn.end(EndReason::Shutdown);
+                        return "credential re-check failed".to_owned();
+                    }
+                }
+            }
+            () = &mut quiet => {
+                let heard = conn.last_heard();
+                if heard.elapsed() >= silence {
+                    return "no heartbeat from the agent".to_owned();
+                }
+                quiet.as_mut().reset(heard + silence);
+            }
+            () = &mut idle => {
+                let sent = conn.last_sent();
+                if sent.elapsed() >= beat {
+                    // A full outbound queue is not idle: nothing to add.
+                    let _ = tx.try_send(Ok(heartbeat()));
+                    idle.as_mut().reset(tokio::time::Instant::now() + beat);
+                } else {
+                    idle.as_mut().reset(sent + beat);
+                }
+            }
+        }
+    }
 }
 
 /// A session opened or closed: when the cluster was last seen (written
