@@ -8,8 +8,12 @@
 //!    undone if the handshake fails or the agent goes away during it.
 //! 3. Resync: offer what differs from the agent's version vector.
 //! 4. The outbound stream drains the mailbox (each update encoded once for
-//!    every session) and sends heartbeats; the receive loop records acks and statuses in memory
-//!    (flushed by the feedback writer) and never waits on the database.
+//!    every session); the receive loop records acks and statuses in memory
+//!    (flushed by the feedback writer) and never waits on the database; a
+//!    watchdog task keeps the session's timers (heartbeats while idle, the
+//!    silence deadline, the credential re-check), so neither stream polls
+//!    a timer per message. Ending the session closes its mailbox: the
+//!    outbound stream then tells the agent why.
 
 use std::collections::HashMap;
 use std::pin::Pin;
