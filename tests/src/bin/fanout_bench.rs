@@ -111,14 +111,21 @@ impl Figures {
             percentile_ms(&self.commits_us, 0.99),
             percentile_ms(&self.commits_us, 1.0),
         );
-        println!(
-            "{:<11} new conn.  {:>8}          p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  (connect + one call, as a CLI run)",
-            "",
-            self.fresh_us.len(),
-            percentile_ms(&self.fresh_us, 0.50),
-            percentile_ms(&self.fresh_us, 0.99),
-            percentile_ms(&self.fresh_us, 1.0),
-        );
+        if self.fresh_us.is_empty() {
+            println!(
+                "{:<11} new conn.         0          (the phase ended before the first one, made 100 ms in)",
+                ""
+            );
+        } else {
+            println!(
+                "{:<11} new conn.  {:>8}          p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  (connect + one call, as a CLI run)",
+                "",
+                self.fresh_us.len(),
+                percentile_ms(&self.fresh_us, 0.50),
+                percentile_ms(&self.fresh_us, 0.99),
+                percentile_ms(&self.fresh_us, 1.0),
+            );
+        }
         let held = match self.converged {
             Some(n) => format!("{n}/{} agents hold every unit's last revision", self.agents),
             None => format!("{}/{} deliveries", self.deliveries, self.expected),
