@@ -52,6 +52,11 @@ struct Args {
     /// and the hub's CPU and RSS meanwhile.
     #[arg(long)]
     storm: bool,
+    /// With `--storm`: the hub serves TLS (its generated CA, as it does by
+    /// default) and the agents verify it, so the storm includes every
+    /// agent's TLS handshake.
+    #[arg(long, requires = "storm")]
+    tls: bool,
     /// Internal: serve the bare baseline on this address.
     #[arg(long, hide = true)]
     serve_baseline: Option<String>,
@@ -594,10 +599,25 @@ impl Drop for Child {
 async fn connect_admin(
     endpoint: &str,
 ) -> anyhow::Result<pb::hub_service_client::HubServiceClient<tonic::transport::Channel>> {
+    connect_admin_with(endpoint, None).await
+}
+
+/// An admin client, trusting `ca` (PEM) when the endpoint is TLS.
+async fn connect_admin_with(
+    endpoint: &str,
+    ca: Option<&str>,
+) -> anyhow::Result<pb::hub_service_client::HubServiceClient<tonic::transport::Channel>> {
+    let mut target = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?;
+    if let Some(ca) = ca {
+        target = target.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )?;
+    }
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match pb::hub_service_client::HubServiceClient::connect(endpoint.to_owned()).await {
-            Ok(c) => return Ok(c),
+        match target.connect().await {
+            Ok(c) => return Ok(pb::hub_service_client::HubServiceClient::new(c)),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
@@ -617,22 +637,31 @@ struct BenchHub {
     /// The hub's data directory and address (a restart reuses both).
     dir: tempfile::TempDir,
     addr: std::net::SocketAddr,
+    /// The CA agents trust (TLS only).
+    ca: Option<String>,
 }
 
-/// Starts `unitsync serve` (plaintext, like the bare baseline: the
-/// comparison is about the hub's logic, not TLS) and registers the
-/// environment `bench` with `agents` clusters.
-async fn start_bench_hub(agents: usize, label: &str) -> anyhow::Result<BenchHub> {
+/// Starts `unitsync serve` (plaintext unless `tls`: like the bare
+/// baseline, so that the comparison is about the hub's logic, not TLS)
+/// and registers the environment `bench` with `agents` clusters.
+async fn start_bench_hub(agents: usize, label: &str, tls: bool) -> anyhow::Result<BenchHub> {
     let dir = tempfile::tempdir()?;
     let addr = free_addr()?;
-    let child = Child(hub_command(dir.path(), addr, agents)?);
-    let endpoint = format!("http://{addr}");
-    let mut admin = connect_admin(&endpoint).await?;
+    let child = Child(hub_command(dir.path(), addr, agents, tls)?);
+    // Written by the hub once it has started.
     let token_path = dir.path().join("admin.token");
+    let ca_path = dir.path().join("ca.crt");
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !token_path.exists() && Instant::now() < deadline {
+    while !(token_path.exists() && (!tls || ca_path.exists())) && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+    let ca = if tls {
+        Some(std::fs::read_to_string(&ca_path)?)
+    } else {
+        None
+    };
+    let endpoint = format!("{}://{addr}", if tls { "https" } else { "http" });
+    let mut admin = connect_admin_with(&endpoint, ca.as_deref()).await?;
     let admin_token = std::fs::read_to_string(&token_path)?.trim().to_owned();
     admin
         .create_environment(authed(
@@ -664,6 +693,7 @@ async fn start_bench_hub(agents: usize, label: &str) -> anyhow::Result<BenchHub>
         tokens,
         dir,
         addr,
+        ca,
     })
 }
 
@@ -677,7 +707,8 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
         // Kept until the measurement ends: the hub's store lives there.
         dir: _dir,
         addr: _,
-    } = start_bench_hub(args.agents, "hub").await?;
+        ca: _,
+    } = start_bench_hub(args.agents, "hub", false).await?;
     measure(
         ["hub paced", "hub burst"],
         args,
@@ -1041,15 +1072,14 @@ fn hub_command(
     dir: &std::path::Path,
     addr: std::net::SocketAddr,
     agents: usize,
+    tls: bool,
 ) -> anyhow::Result<std::process::Child> {
-    Ok(std::process::Command::new(sibling_binary("unitsync")?)
-        .args([
-            "serve",
-            "--no-http",
-            "--insecure-plaintext",
-            "--listen",
-            &addr.to_string(),
-        ])
+    let mut command = std::process::Command::new(sibling_binary("unitsync")?);
+    command.args(["serve", "--no-http", "--listen", &addr.to_string()]);
+    if !tls {
+        command.arg("--insecure-plaintext");
+    }
+    Ok(command
         .arg("--max-sessions")
         .arg((agents + 100).to_string())
         .arg("--data-dir")
@@ -1084,7 +1114,8 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
         tokens,
         dir,
         addr,
-    } = start_bench_hub(args.agents, "storm").await?;
+        ca,
+    } = start_bench_hub(args.agents, "storm", args.tls).await?;
     for u in 0..args.units {
         let req = authed(
             pb::PutUnitRequest {
@@ -1101,7 +1132,7 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
     eprintln!("storm: starting {} agents", args.agents);
     let mut agents: Vec<SimAgent> = Vec::with_capacity(args.agents);
     for (i, t) in tokens.iter().enumerate() {
-        let mut a = SimAgent::new(&endpoint, None, t);
+        let mut a = SimAgent::new(&endpoint, ca.as_deref(), t);
         a.start();
         agents.push(a);
         if i % 250 == 249 {
@@ -1131,7 +1162,7 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
     let _ = child.0.kill();
     let _ = child.0.wait();
     let killed = Instant::now();
-    child = Child(hub_command(dir.path(), addr, args.agents)?);
+    child = Child(hub_command(dir.path(), addr, args.agents, args.tls)?);
     let pid = child.0.id();
     let started = Instant::now();
     // Sample the hub while the agents come back.
@@ -1157,8 +1188,9 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
     let _ = sampler.join();
     let held_ok = agents.iter().all(|a| a.held().len() >= want);
     println!(
-        "storm: {} agents holding {want} units each; hub SIGKILLed and restarted at once: all agents back and resynced {:.2} s after the kill ({:.2} s after the restart); hub CPU {:.1} s, peak RSS {:.0} MiB meanwhile; every agent still holds its units: {held_ok}",
+        "storm: {} agents holding {want} units each{}; hub SIGKILLed and restarted at once: all agents back and resynced {:.2} s after the kill ({:.2} s after the restart); hub CPU {:.1} s, peak RSS {:.0} MiB meanwhile; every agent still holds its units: {held_ok}",
         args.agents,
+        if args.tls { " (TLS)" } else { "" },
         back.as_secs_f64(),
         back.saturating_sub(started - killed).as_secs_f64(),
         cpu,
