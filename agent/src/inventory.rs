@@ -221,13 +221,15 @@ impl InventoryStore {
     }
 
     async fn write(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
-        self.written().insert(
-            unit.to_owned(),
-            Written {
+        // The time before the write (its objects follow it); the uid once
+        // it succeeded.
+        self.written()
+            .entry(unit.to_owned())
+            .or_insert(Written {
                 at: tokio::time::Instant::now(),
                 uid: None,
-            },
-        );
+            })
+            .at = tokio::time::Instant::now();
         let mut data = BTreeMap::new();
         data.insert(
             "inventory".to_owned(),
@@ -255,8 +257,13 @@ impl InventoryStore {
             crate::drift::qualified_kind("", "ConfigMap"),
             &written.metadata,
         );
-        if let Some(w) = self.written().get_mut(unit) {
-            w.uid = written.metadata.uid;
+        let replaced = self
+            .written()
+            .get_mut(unit)
+            .and_then(|w| std::mem::replace(&mut w.uid, written.metadata.uid.clone()));
+        // Recreated (someone deleted it): the old object is gone for good.
+        if let Some(old) = replaced.filter(|old| Some(old) != written.metadata.uid.as_ref()) {
+            self.own.forget_uid(&old);
         }
         Ok(())
     }

@@ -265,7 +265,7 @@ mod tests {
             ("dev/api".parse().unwrap(), "dev/web".parse().unwrap());
         feedback.ack(&cluster, &dev, api.name.clone(), RevisionNum(1));
         feedback.ack(&cluster, &dev, web.name.clone(), RevisionNum(1));
-        feedback.status(StatusReport {
+        let report = StatusReport {
             cluster: cluster.clone(),
             unit: web.clone(),
             revision: RevisionNum(1),
@@ -273,7 +273,8 @@ mod tests {
             message: String::new(),
             resources: vec![],
             observed_at: UnixMillis(1_000),
-        });
+        };
+        feedback.status(report.clone());
         let pending: usize = feedback.lock().acks.values().map(|a| a.units.len()).sum();
         assert_eq!(pending, 1, "web's ack rides with its status; api's waits");
         assert!(feedback.flush(&store, true).await);
@@ -288,6 +289,23 @@ mod tests {
             cells,
             [("dev/api".into(), 1, 0), ("dev/web".into(), 1, 1)],
             "both received; web reported"
+        );
+        // A report of a revision the unit does not have says nothing of
+        // what was received.
+        feedback.status(StatusReport {
+            revision: RevisionNum(9),
+            ..report.clone()
+        });
+        assert!(feedback.flush(&store, true).await);
+        let web_cell = store
+            .statuses(Some(&dev), Some(&web), &Page::ALL)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(
+            (web_cell.status.acked.0, web_cell.status.revision.0),
+            (1, 9)
         );
     }
 }

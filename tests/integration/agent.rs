@@ -761,6 +761,41 @@ async fn the_agent_forgets_an_inventory_someone_else_deleted() {
     .await;
 }
 
+#[tokio::test]
+async fn the_agent_forgets_an_inventory_it_had_to_write_again() {
+    let (hub, cluster, addr) = agent_with_metrics().await;
+    secret_unit_remembered(&hub, addr).await;
+    // Someone deletes the inventory; the next revision writes it again (a
+    // new object, a new uid): the old one must not stay remembered.
+    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
+        kube::Api::namespaced(cluster.client.clone(), "unitsync-system");
+    within(
+        "delete the inventory",
+        configmaps.delete("unitsync-inventory-key", &Default::default()),
+    )
+    .await
+    .unwrap();
+    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v2\n";
+    hub.put("dev/key", secret).await.unwrap();
+    wait_phase(&hub, "dev/key", 2, pb::Phase::Ready).await;
+    within("the inventory written again", async {
+        while configmaps
+            .get_opt("unitsync-inventory-key")
+            .await
+            .unwrap()
+            .is_none()
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    })
+    .await;
+    hub.destroy("dev/key").await.unwrap();
+    until("nothing remembered once the unit is gone", || {
+        nothing_tracked(addr)
+    })
+    .await;
+}
+
 /// A sample's value in a Prometheus text exposition (0 when absent).
 pub(crate) fn sample(text: &str, series: &str) -> f64 {
     text.lines()

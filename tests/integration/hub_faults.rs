@@ -996,3 +996,63 @@ async fn a_call_past_its_deadline_hears_deadline_exceeded() {
     .unwrap();
     assert!(units.into_inner().units.is_empty());
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
+async fn a_credential_recheck_stuck_in_the_store_does_not_stop_heartbeats() {
+    use crate::protocol::{hello, next, raw_session};
+    let url = postgres_database().await;
+    let hub = TestHub::start_on_postgres_with(
+        &url,
+        None,
+        Tuning {
+            heartbeat: Duration::from_millis(300),
+            credential_recheck: Duration::from_millis(100),
+            ..Default::default()
+        },
+    )
+    .await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let (tx, mut inbound) = raw_session(&hub, &token, hello(1)).await.unwrap();
+    assert!(matches!(next(&mut inbound).await, HubMsg::Welcome(_)));
+    // The agent keeps talking: silence is not what is tested.
+    let beats = tokio::spawn(async move {
+        loop {
+            let beat = pb::AgentMessage {
+                msg: Some(AgentMsg::Heartbeat(pb::Heartbeat::default())),
+            };
+            if tx.send(beat).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    });
+    // Hold the session's credential re-check in the store.
+    let mut lock = lock_table(&url, "clusters").await;
+    let watch = within("watch connection", sqlx::PgPool::connect(&url))
+        .await
+        .unwrap();
+    until("a re-check waits for the table", || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND query LIKE '%token_hash%'",
+        )
+        .fetch_one(&watch)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+    // The idle hub still beats to the agent meanwhile.
+    for _ in 0..3 {
+        let m = within("a heartbeat while the re-check waits", inbound.message())
+            .await
+            .expect("no error")
+            .expect("the session stays open");
+        assert!(matches!(m.msg, Some(HubMsg::Heartbeat(_))), "{m:?}");
+    }
+    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    beats.abort();
+}

@@ -317,8 +317,10 @@ fn outbound(
             }
             // `None` from either: the session ended (its mailbox closed, or
             // its receive loop and watchdog are gone).
+            // Notices first: a stream of updates must not starve them.
             let next = tokio::select! {
                 biased;
+                m = o.extra.recv() => m.map(|m| o.ready.push_back(m.map(Outgoing::from))),
                 batch = o.conn.mailbox.next_batch() => batch.map(|batch| {
                     o.hub.metrics.updates_sent.inc_by(batch.len() as u64);
                     o.ready.extend(
@@ -327,7 +329,6 @@ fn outbound(
                             .map(|d| Ok(Outgoing::Update(convert::encoded_update(d)))),
                     );
                 }),
-                m = o.extra.recv() => m.map(|m| o.ready.push_back(m.map(Outgoing::from))),
             };
             if next.is_none() {
                 // Tell the agent why.
@@ -437,14 +438,20 @@ async fn watchdog(
     tokio::pin!(quiet);
     let idle = tokio::time::sleep(beat);
     tokio::pin!(idle);
+    // A re-check in progress: the other timers keep running while it
+    // waits on the store (heartbeats never wait on the database).
+    let mut checking: Option<futures::future::BoxFuture<'_, Result<bool, HubError>>> = None;
     loop {
         tokio::select! {
             () = &mut kicked => return "ended by the hub".to_owned(),
-            _ = recheck.tick() => {
-                let valid = match &credential {
-                    Some(c) => c.still_names(hub.store.as_ref(), &cluster.name).await,
-                    None => Ok(false),
-                };
+            _ = recheck.tick(), if checking.is_none() => {
+                checking = Some(match &credential {
+                    Some(c) => Box::pin(c.still_names(hub.store.as_ref(), &cluster.name)),
+                    None => Box::pin(std::future::ready(Ok(false))),
+                });
+            }
+            valid = async { checking.as_mut().expect("guarded").await }, if checking.is_some() => {
+                checking = None;
                 match valid {
                     Ok(true) => {}
                     Ok(false) => {

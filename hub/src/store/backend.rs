@@ -90,7 +90,8 @@ impl Backend {
     /// PostgreSQL: a transaction-scoped lock per unit, in one global order,
     /// so that replicas committing overlapping units wait for each other
     /// (no lost revision number, no deadlock; units not created yet are
-    /// covered too). One statement takes them all, in the order listed.
+    /// covered too). One statement takes them all, in key order (PostgreSQL
+    /// evaluates a volatile function of the select list after its sort).
     /// SQLite: its single writer already serializes.
     pub(super) async fn lock_units<'a>(
         self,
@@ -110,7 +111,7 @@ impl Backend {
         keys.dedup();
         for keys in keys.chunks(MAX_LIST) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT pg_advisory_xact_lock({UNIT_LOCK_CLASS}, v.column1::int4) FROM (VALUES {}) AS v",
+                "SELECT pg_advisory_xact_lock({UNIT_LOCK_CLASS}, v.column1::int4) FROM (VALUES {}) AS v ORDER BY v.column1",
                 self.values(keys.len(), 1)
             )));
             for key in keys {

@@ -613,10 +613,12 @@ impl Store for SqlStore {
             return Ok(());
         }
         // One statement per batch (one report per cluster and unit). A
-        // report of a revision says it was received, too.
+        // report of a revision says it was received, too (of a revision the
+        // unit has: an agent's word does not outrun the store).
         let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
             "INSERT INTO unit_status (cluster, unit_id, acked, revision, phase, message, resources, updated_at, ready_since)
-             SELECT c.name, u.id, v.column1, v.column1, v.column2, v.column3, v.column4, v.column5,
+             SELECT c.name, u.id, CASE WHEN v.column1 <= u.head THEN v.column1 ELSE 0 END,
+                    v.column1, v.column2, v.column3, v.column4, v.column5,
                     CASE WHEN v.column2 = 'Ready' THEN v.column5 ELSE 0 END
              FROM (VALUES {}) AS v
              JOIN clusters c ON c.name = v.column6
