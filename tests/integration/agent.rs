@@ -715,6 +715,21 @@ async fn secret_unit_remembered(hub: &TestHub, addr: std::net::SocketAddr) {
     .await;
 }
 
+/// Deletes `dev/key`'s inventory behind the agent's back; returns the
+/// ConfigMaps of its namespace.
+async fn delete_key_inventory(
+    cluster: &TestCluster,
+) -> kube::Api<k8s_openapi::api::core::v1::ConfigMap> {
+    let configmaps = kube::Api::namespaced(cluster.client.clone(), "unitsync-system");
+    within(
+        "delete the inventory",
+        configmaps.delete("unitsync-inventory-key", &Default::default()),
+    )
+    .await
+    .unwrap();
+    configmaps
+}
+
 #[tokio::test]
 async fn the_agent_forgets_the_objects_it_no_longer_manages() {
     let (hub, _cluster, addr) = agent_with_metrics().await;
@@ -746,14 +761,7 @@ async fn the_agent_forgets_an_inventory_someone_else_deleted() {
     secret_unit_remembered(&hub, addr).await;
     // Someone deletes the inventory; the agent's own delete then finds it
     // gone (404) and must still let go of it.
-    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
-        kube::Api::namespaced(cluster.client.clone(), "unitsync-system");
-    within(
-        "delete the inventory",
-        configmaps.delete("unitsync-inventory-key", &Default::default()),
-    )
-    .await
-    .unwrap();
+    delete_key_inventory(&cluster).await;
     hub.destroy("dev/key").await.unwrap();
     until("nothing remembered once the unit is gone", || {
         nothing_tracked(addr)
@@ -767,14 +775,7 @@ async fn the_agent_forgets_an_inventory_it_had_to_write_again() {
     secret_unit_remembered(&hub, addr).await;
     // Someone deletes the inventory; the next revision writes it again (a
     // new object, a new uid): the old one must not stay remembered.
-    let configmaps: kube::Api<k8s_openapi::api::core::v1::ConfigMap> =
-        kube::Api::namespaced(cluster.client.clone(), "unitsync-system");
-    within(
-        "delete the inventory",
-        configmaps.delete("unitsync-inventory-key", &Default::default()),
-    )
-    .await
-    .unwrap();
+    let configmaps = delete_key_inventory(&cluster).await;
     let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v2\n";
     hub.put("dev/key", secret).await.unwrap();
     wait_phase(&hub, "dev/key", 2, pb::Phase::Ready).await;

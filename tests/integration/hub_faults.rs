@@ -780,6 +780,26 @@ async fn status_and_unit_views_page_through_five_thousand_clusters() {
     assert_eq!(unit["clusters"].as_array().unwrap().len(), 5000);
 }
 
+/// Waits until a statement containing `text` waits for a lock.
+async fn until_a_query_waits(url: &str, what: &str, text: &str) {
+    let watch = within("watch connection", sqlx::PgPool::connect(url))
+        .await
+        .unwrap();
+    until(what, || async {
+        let waiting: i64 = sqlx::query_scalar(
+            "SELECT count(*) FROM pg_stat_activity
+             WHERE datname = current_database() AND wait_event_type = 'Lock'
+               AND strpos(query, $1) > 0",
+        )
+        .bind(text)
+        .fetch_one(&watch)
+        .await
+        .unwrap();
+        waiting > 0
+    })
+    .await;
+}
+
 /// A PostgreSQL connection holding `table` locked (every read and write
 /// of it waits) until it runs `COMMIT`.
 async fn lock_table(url: &str, table: &str) -> sqlx::PgConnection {
@@ -871,21 +891,7 @@ async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
             })
             .await
     });
-    let watch = within("watch connection", sqlx::PgPool::connect(&url))
-        .await
-        .unwrap();
-    until("the revocation waits for the table", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%revoked = 1%'",
-        )
-        .fetch_one(&watch)
-        .await
-        .unwrap();
-        waiting > 0
-    })
-    .await;
+    until_a_query_waits(&url, "the revocation waits for the table", "revoked = 1").await;
     revoking.abort();
     let _ = revoking.await;
     sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
@@ -1000,7 +1006,7 @@ async fn a_call_past_its_deadline_hears_deadline_exceeded() {
 #[tokio::test]
 #[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
 async fn a_credential_recheck_stuck_in_the_store_does_not_stop_heartbeats() {
-    use crate::protocol::{hello, next, raw_session};
+    use crate::protocol::{hello, keep_beating, next, raw_session};
     let url = postgres_database().await;
     let hub = TestHub::start_on_postgres_with(
         &url,
@@ -1017,34 +1023,10 @@ async fn a_credential_recheck_stuck_in_the_store_does_not_stop_heartbeats() {
     let (tx, mut inbound) = raw_session(&hub, &token, hello(1)).await.unwrap();
     assert!(matches!(next(&mut inbound).await, HubMsg::Welcome(_)));
     // The agent keeps talking: silence is not what is tested.
-    let beats = tokio::spawn(async move {
-        loop {
-            let beat = pb::AgentMessage {
-                msg: Some(AgentMsg::Heartbeat(pb::Heartbeat::default())),
-            };
-            if tx.send(beat).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    });
+    let beats = keep_beating(tx);
     // Hold the session's credential re-check in the store.
     let mut lock = lock_table(&url, "clusters").await;
-    let watch = within("watch connection", sqlx::PgPool::connect(&url))
-        .await
-        .unwrap();
-    until("a re-check waits for the table", || async {
-        let waiting: i64 = sqlx::query_scalar(
-            "SELECT count(*) FROM pg_stat_activity
-             WHERE datname = current_database() AND wait_event_type = 'Lock'
-               AND query LIKE '%token_hash%'",
-        )
-        .fetch_one(&watch)
-        .await
-        .unwrap();
-        waiting > 0
-    })
-    .await;
+    until_a_query_waits(&url, "a re-check waits for the table", "token_hash").await;
     // The idle hub still beats to the agent meanwhile.
     for _ in 0..3 {
         let m = within("a heartbeat while the re-check waits", inbound.message())

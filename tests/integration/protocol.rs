@@ -53,6 +53,22 @@ pub(crate) async fn next(inbound: &mut tonic::Streaming<pb::HubMessage>) -> HubM
     }
 }
 
+/// Sends the agent's heartbeat every 100 ms until aborted or the stream
+/// is gone.
+pub(crate) fn keep_beating(tx: Outbound) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        loop {
+            let beat = pb::AgentMessage {
+                msg: Some(AgentMsg::Heartbeat(pb::Heartbeat::default())),
+            };
+            if tx.send(beat).await.is_err() {
+                break;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+    })
+}
+
 #[tokio::test]
 async fn unsupported_protocol_versions_are_refused_with_a_clear_message() {
     let hub = TestHub::start().await;
@@ -201,17 +217,7 @@ async fn the_hub_beats_while_idle_keeps_a_talking_agent_and_ends_a_silent_one() 
     assert!(matches!(next(&mut inbound).await, HubMsg::Welcome(_)));
     // Kept open (an agent that stops talking, not one that hangs up).
     let _open = tx.clone();
-    let beats = tokio::spawn(async move {
-        loop {
-            let beat = pb::AgentMessage {
-                msg: Some(AgentMsg::Heartbeat(pb::Heartbeat::default())),
-            };
-            if tx.send(beat).await.is_err() {
-                break;
-            }
-            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-        }
-    });
+    let beats = keep_beating(tx);
     let mut heard = 0;
     let started = tokio::time::Instant::now();
     while started.elapsed() < std::time::Duration::from_millis(1_500) {
