@@ -385,6 +385,12 @@ async fn receive_loop(
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) {
+    let mut closed = SessionEnd {
+        hub: hub.clone(),
+        conn: conn.clone(),
+        cluster: cluster.clone(),
+        why: "its task was dropped or panicked".to_owned(),
+    };
     conn.heard_now();
     let (verdict, mut ended) = tokio::sync::oneshot::channel();
     tokio::spawn({
@@ -423,11 +429,32 @@ async fn receive_loop(
             }
         }
     };
-    conn.close();
-    hub.fanout.unregister(&conn);
-    hub.metrics.connected_agents.dec();
-    session_changed(&hub, &cluster, &conn.agent_version, false);
-    tracing::info!(cluster = %cluster.name, reason = %end, "agent session closed");
+    closed.why = end;
+}
+
+/// A session's end, however its receive loop ends (a panic included): its
+/// streams and watchdog stop and it leaves the registry.
+struct SessionEnd {
+    hub: Arc<Hub>,
+    conn: Arc<AgentConn>,
+    cluster: Cluster,
+    why: String,
+}
+
+impl Drop for SessionEnd {
+    fn drop(&mut self) {
+        let SessionEnd {
+            hub,
+            conn,
+            cluster,
+            why,
+        } = self;
+        conn.close();
+        hub.fanout.unregister(conn);
+        hub.metrics.connected_agents.dec();
+        session_changed(hub, cluster, &conn.agent_version, false);
+        tracing::info!(cluster = %cluster.name, reason = %why, "agent session closed");
+    }
 }
 
 /// A session's timers, off its streams' per-message path: a heartbeat to
@@ -591,4 +618,50 @@ fn on_status(
         observed_at: UnixMillis::now(),
     };
     hub.feedback.status(report);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{Labels, UnixMillis};
+
+    #[tokio::test]
+    async fn a_session_whose_task_panics_still_leaves_the_registry() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::testing::store(&dir).await;
+        let hub = Hub::new(Arc::new(store), crate::control::Tuning::default(), None).unwrap();
+        let cluster = Cluster {
+            name: "dev-1".parse().unwrap(),
+            environment: "dev".parse().unwrap(),
+            labels: Labels::default(),
+            created_at: UnixMillis(0),
+            revoked: false,
+            last_seen: UnixMillis(0),
+            agent_version: String::new(),
+            cert_expires: None,
+        };
+        let conn = Arc::new(AgentConn::new(
+            cluster.name.clone(),
+            cluster.environment.clone(),
+            1,
+            "test".into(),
+        ));
+        hub.fanout.register(conn.clone());
+        let task = tokio::spawn({
+            let (hub, conn) = (hub.clone(), conn.clone());
+            async move {
+                let _closed = SessionEnd {
+                    hub,
+                    conn,
+                    cluster,
+                    why: "its task was dropped or panicked".to_owned(),
+                };
+                panic!("a bug in the receive loop");
+            }
+        });
+        assert!(task.await.unwrap_err().is_panic());
+        assert!(hub.fanout.session(&"dev-1".parse().unwrap()).is_none());
+        assert!(conn.kick.is_cancelled(), "its watchdog is told");
+        assert_eq!(conn.mailbox.next_batch().await.map(|b| b.len()), None);
+    }
 }
