@@ -626,6 +626,33 @@ async fn connect_admin_with(
     }
 }
 
+/// An operator's new connection (TLS when `ca` is given) and one call:
+/// how long it took, or `None` if it failed (the hub not up yet).
+async fn operator_call_us(endpoint: &str, ca: Option<&str>, token: &str) -> Option<u64> {
+    let start = Instant::now();
+    let mut target = tonic::transport::Endpoint::from_shared(endpoint.to_owned()).ok()?;
+    if let Some(ca) = ca {
+        target = target
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+            )
+            .ok()?;
+    }
+    let call = async {
+        let mut client =
+            pb::hub_service_client::HubServiceClient::new(target.connect().await.ok()?);
+        client
+            .list_environments(authed(pb::ListEnvironmentsRequest::default(), token).ok()?)
+            .await
+            .ok()
+    };
+    tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .ok()??;
+    Some(start.elapsed().as_micros() as u64)
+}
+
 /// A hub process for the benchmark, its admin client and `agents`
 /// registered clusters (their tokens).
 struct BenchHub {
@@ -1164,6 +1191,32 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
     let killed = Instant::now();
     child = Child(hub_command(dir.path(), addr, args.agents, args.tls)?);
     let pid = child.0.id();
+    // An operator meanwhile: a new connection and one call every 100 ms,
+    // from a thread of its own (as a CLI run elsewhere would be).
+    let probing = Arc::new(std::sync::atomic::AtomicBool::new(true));
+    let prober = {
+        let (probing, endpoint, token, ca) = (
+            probing.clone(),
+            endpoint.clone(),
+            admin_token.clone(),
+            ca.clone(),
+        );
+        std::thread::spawn(move || -> anyhow::Result<Vec<u64>> {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?
+                .block_on(async {
+                    let mut took = Vec::new();
+                    while probing.load(Ordering::Relaxed) {
+                        if let Some(us) = operator_call_us(&endpoint, ca.as_deref(), &token).await {
+                            took.push(us);
+                        }
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    Ok(took)
+                })
+        })
+    };
     let started = Instant::now();
     // Sample the hub while the agents come back.
     let sampling = Arc::new(std::sync::atomic::AtomicBool::new(true));
@@ -1185,8 +1238,20 @@ async fn run_storm(args: &Args) -> anyhow::Result<()> {
     let back = killed.elapsed();
     let cpu = cpu_seconds(pid);
     sampling.store(false, Ordering::Relaxed);
+    probing.store(false, Ordering::Relaxed);
     let _ = sampler.join();
+    let mut operator_us = prober
+        .join()
+        .map_err(|_| anyhow::anyhow!("the operator probe panicked"))??;
+    operator_us.sort_unstable();
     let held_ok = agents.iter().all(|a| a.held().len() >= want);
+    println!(
+        "storm: meanwhile an operator's new connection and one call: {} answered, p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms (a call fails while the hub is down; the first counted is after its restart)",
+        operator_us.len(),
+        percentile_ms(&operator_us, 0.50),
+        percentile_ms(&operator_us, 0.99),
+        percentile_ms(&operator_us, 1.0),
+    );
     println!(
         "storm: {} agents holding {want} units each{}; hub SIGKILLed and restarted at once: all agents back and resynced {:.2} s after the kill ({:.2} s after the restart); hub CPU {:.1} s, peak RSS {:.0} MiB meanwhile; every agent still holds its units: {held_ok}",
         args.agents,
