@@ -505,7 +505,11 @@ impl Applier {
         let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
         let api = match self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await {
             Ok(a) => a,
-            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => return Ok(()),
+            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => {
+                // Its type is gone, and the object with it.
+                self.own.forget_uid(&e.uid);
+                return Ok(());
+            }
             Err(other) => return Err(other),
         };
         let mut dp = DeleteParams::foreground();

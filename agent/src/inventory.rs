@@ -120,7 +120,7 @@ pub struct InventoryStore {
     api: Api<ConfigMap>,
     namespaces: Api<k8s_openapi::api::core::v1::Namespace>,
     namespace: String,
-    /// Each unit's inventory as this process last wrote it.
+    /// When this process last wrote each unit's inventory, and its uid.
     written: std::sync::Mutex<std::collections::HashMap<String, Written>>,
     own: std::sync::Arc<crate::drift::OwnWrites>,
 }
@@ -223,13 +223,11 @@ impl InventoryStore {
     async fn write(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
         // The time before the write (its objects follow it); the uid once
         // it succeeded.
+        let at = tokio::time::Instant::now();
         self.written()
             .entry(unit.to_owned())
-            .or_insert(Written {
-                at: tokio::time::Instant::now(),
-                uid: None,
-            })
-            .at = tokio::time::Instant::now();
+            .and_modify(|w| w.at = at)
+            .or_insert(Written { at, uid: None });
         let mut data = BTreeMap::new();
         data.insert(
             "inventory".to_owned(),

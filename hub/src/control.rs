@@ -77,7 +77,8 @@ pub struct Hub {
     sources_changed: tokio::sync::Notify,
     /// This hub (commits run in tasks of their own, see [`Hub::commit_release`]).
     me: std::sync::Weak<Hub>,
-    /// Where operator calls run (see [`crate::lane`]).
+    /// The control lane: operators' connections and calls, the HTTP
+    /// endpoints and the feedback writer's loop (see [`crate::lane`]).
     pub control: crate::lane::Lane,
     /// The runtime serving the agent sessions (the one the hub was made
     /// on): commits are offered to the sessions there.

@@ -7,8 +7,8 @@
 //! when the writer is idle (operators wait on them; under load, what arrives
 //! during a write is the next batch), acks at most once a second (they are
 //! advisory: the agent's version vector, not the hub's ack record, drives
-//! resync), and only those no status report covers (a report of a revision
-//! records its receipt too). Written statuses are announced on the hub's
+//! resync), and only those no status report of the same revision covers
+//! (the report records its receipt too). Written statuses are announced on the hub's
 //! [`Events`].
 //! Batches are split into chunks so a commit never waits long for the
 //! store's single writer.
@@ -101,10 +101,11 @@ impl Feedback {
         }
     }
 
-    /// Records a status report. It says the revision was received, so an
-    /// ack it covers is not written on its own (the status row records
-    /// receipt too): with agents reporting right after they ack, this
-    /// halves the rows written.
+    /// Records a status report. It says its revision was received, so the
+    /// ack of that revision is not written on its own (the status row
+    /// records receipt too, of a revision the unit has; an ack only ever
+    /// matches a revision the hub sent): with agents reporting right after
+    /// they ack, this halves the rows written.
     pub fn status(&self, report: StatusReport) {
         let key = (report.cluster.clone(), report.unit.clone());
         let mut p = self.lock();
@@ -112,7 +113,7 @@ impl Feedback {
             && acks
                 .units
                 .get(&report.unit.name)
-                .is_some_and(|acked| *acked <= report.revision)
+                .is_some_and(|acked| *acked == report.revision)
         {
             acks.units.remove(&report.unit.name);
         }
@@ -291,11 +292,17 @@ mod tests {
             "both received; web reported"
         );
         // A report of a revision the unit does not have says nothing of
-        // what was received.
+        // what was received: an ack of another revision stays pending.
+        feedback.ack(&cluster, &dev, web.name.clone(), RevisionNum(1));
         feedback.status(StatusReport {
             revision: RevisionNum(9),
             ..report.clone()
         });
+        let pending: usize = feedback.lock().acks.values().map(|a| a.units.len()).sum();
+        assert_eq!(
+            pending, 1,
+            "the ack of revision 1 is not covered by a report of 9"
+        );
         assert!(feedback.flush(&store, true).await);
         let web_cell = store
             .statuses(Some(&dev), Some(&web), &Page::ALL)

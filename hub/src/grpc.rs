@@ -1,6 +1,7 @@
-//! The gRPC edge: the agent stream ([`agent`]), the operator API
-//! ([`admin`]) and the conversions between prost and domain types
-//! ([`convert`]). Errors become statuses only through
+//! The gRPC edge: the listener that accepts connections and homes them
+//! ([`listener`]), the agent stream ([`agent`]), the operator API
+//! ([`admin`]) behind its authentication layer ([`operator`]), and the
+//! conversions between prost and domain types ([`convert`]). Errors become statuses only through
 //! `From<HubError> for Status`.
 
 pub mod admin;

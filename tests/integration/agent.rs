@@ -701,13 +701,19 @@ async fn nothing_tracked(addr: std::net::SocketAddr) -> bool {
         .contains("\nunitsync_agent_tracked_objects 0\n")
 }
 
+/// The Secret of `dev/key`, holding `value`.
+fn key_secret(value: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: {value}\n"
+    )
+}
+
 /// Commits `dev/key`, a unit without ConfigMaps (so no watch of that type
 /// sees its inventory go: the agent must let go of what it deletes
 /// itself), and waits until the agent remembers the Secret and the
 /// inventory.
 async fn secret_unit_remembered(hub: &TestHub, addr: std::net::SocketAddr) {
-    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v\n";
-    hub.put("dev/key", secret).await.unwrap();
+    hub.put("dev/key", &key_secret("v")).await.unwrap();
     wait_phase(hub, "dev/key", 1, pb::Phase::Ready).await;
     until("the secret and the inventory remembered", || async {
         tracked_objects(addr).await >= 2.0
@@ -776,18 +782,14 @@ async fn the_agent_forgets_an_inventory_it_had_to_write_again() {
     // Someone deletes the inventory; the next revision writes it again (a
     // new object, a new uid): the old one must not stay remembered.
     let configmaps = delete_key_inventory(&cluster).await;
-    let secret = "apiVersion: v1\nkind: Secret\nmetadata:\n  name: key\n  namespace: unitsync-system\nstringData:\n  k: v2\n";
-    hub.put("dev/key", secret).await.unwrap();
+    hub.put("dev/key", &key_secret("v2")).await.unwrap();
     wait_phase(&hub, "dev/key", 2, pb::Phase::Ready).await;
-    within("the inventory written again", async {
-        while configmaps
+    until("the inventory written again", || async {
+        configmaps
             .get_opt("unitsync-inventory-key")
             .await
             .unwrap()
-            .is_none()
-        {
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-        }
+            .is_some()
     })
     .await;
     hub.destroy("dev/key").await.unwrap();

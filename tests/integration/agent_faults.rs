@@ -252,11 +252,13 @@ async fn a_deleted_object_is_recreated_only_once_its_inventory_is_written() {
     // whose agent namespace is not back yet, an API server in trouble),
     // and one of the unit's objects is deleted.
     cluster.sim.faults().fail("", "unitsync-inventory-cfg");
-    let unfinished = unfinished_passes(metrics).await;
     let apps = cluster.api("v1", "ConfigMap", "configmaps", Some("apps"));
     within("delete c00", apps.delete("c00", &Default::default()))
         .await
         .unwrap();
+    // Counted from the delete on: passes that failed before it prove
+    // nothing about what the agent does with it.
+    let unfinished = unfinished_passes(metrics).await;
     // A drift heal would re-create it outside any inventory (a crash
     // then orphans it for good): it comes back through a full pass only,
     // which writes the inventory first. The agent tries twice, and fails.

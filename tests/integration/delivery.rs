@@ -410,7 +410,6 @@ async fn a_commit_whose_caller_goes_away_still_reaches_the_agents() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
 async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
     use std::sync::mpsc;
-    use std::time::Duration;
     use unitsync_hub::model::{Phase, RevisionNum, StatusReport, UnixMillis};
     use unitsync_tests::hub::{operator_client, tls_channel};
 
@@ -441,22 +440,29 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
             .build()
             .unwrap();
         rt.block_on(async move {
-            let limit = Duration::from_secs(10);
-            let call = tokio::time::timeout(limit, async {
-                let channel = tls_channel(&endpoint, &ca).await;
-                let mut admin = operator_client(channel, &token);
-                let envs = admin
-                    .list_environments(pb::ListEnvironmentsRequest::default())
-                    .await?;
-                Ok::<_, tonic::Status>((admin, envs.into_inner().environments.len()))
-            })
+            let busy = "while the agents' runtime is busy";
+            let channel = within(
+                &format!("a new operator connection {busy}"),
+                tls_channel(&endpoint, &ca),
+            )
             .await;
-            let Ok(Ok((mut admin, 1))) = call else {
-                return (false, false, false);
-            };
-            let probe =
-                tokio::time::timeout(limit, unitsync_tests::processes::http_get(http, "/readyz"))
-                    .await;
+            let admin = operator_client(channel, &token);
+            let envs = within(
+                &format!("an operator's call {busy}"),
+                admin
+                    .clone()
+                    .list_environments(pb::ListEnvironmentsRequest::default()),
+            )
+            .await
+            .unwrap();
+            assert_eq!(envs.into_inner().environments.len(), 1);
+            let probe = within(
+                &format!("the readiness probe {busy}"),
+                unitsync_tests::processes::http_get(http, "/readyz"),
+            )
+            .await
+            .unwrap();
+            assert_eq!(probe, (200, "ready\n".to_owned()));
             // A report as the session would hand it over, then read back.
             inner.feedback.status(StatusReport {
                 cluster: "dev-1".parse().unwrap(),
@@ -467,37 +473,29 @@ async fn operators_probes_and_reports_go_on_while_the_agents_runtime_is_busy() {
                 resources: vec![],
                 observed_at: UnixMillis::now(),
             });
-            let recorded = tokio::time::timeout(limit, async {
-                loop {
-                    let unit = admin
+            until(&format!("the status report recorded {busy}"), || {
+                let mut admin = admin.clone();
+                async move {
+                    admin
                         .get_unit(pb::GetUnitRequest {
                             unit: "dev/web".into(),
                             ..Default::default()
                         })
-                        .await?
-                        .into_inner();
-                    if unit
+                        .await
+                        .unwrap()
+                        .into_inner()
                         .clusters
                         .iter()
                         .any(|c| c.cluster == "dev-1" && c.phase == pb::Phase::Ready as i32)
-                    {
-                        return Ok::<_, tonic::Status>(());
-                    }
-                    tokio::time::sleep(Duration::from_millis(20)).await;
                 }
             })
             .await;
-            (
-                true,
-                matches!(probe, Ok(Ok((200, body))) if body == "ready\n"),
-                matches!(recorded, Ok(Ok(()))),
-            )
         })
     });
-    let (call, probe, recorded) = operator.join().unwrap();
-    release.send(()).unwrap();
-    let busy = "while the agents' runtime was busy";
-    assert!(call, "a new operator connection was not answered {busy}");
-    assert!(probe, "the readiness probe was not answered {busy}");
-    assert!(recorded, "the status report was not recorded {busy}");
+    let operated = operator.join();
+    // Free the held worker before a failure unwinds the test.
+    let _ = release.send(());
+    if let Err(failure) = operated {
+        std::panic::resume_unwind(failure);
+    }
 }

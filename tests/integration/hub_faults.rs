@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use crate::protocol::has_session;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -53,13 +54,7 @@ impl RawSession {
 
     /// Reads until the stream ends; returns its final status.
     async fn end(&mut self) -> tonic::Status {
-        loop {
-            match within("the session ends", self.inbound.message()).await {
-                Ok(Some(_)) => continue,
-                Ok(None) => return tonic::Status::ok(""),
-                Err(s) => return s,
-            }
-        }
+        crate::protocol::final_status(&mut self.inbound).await
     }
 
     /// Waits for an update of `unit`.
@@ -780,6 +775,16 @@ async fn status_and_unit_views_page_through_five_thousand_clusters() {
     assert_eq!(unit["clusters"].as_array().unwrap().len(), 5000);
 }
 
+/// Ends the transaction holding a [`lock_table`] lock.
+async fn unlock(mut lock: sqlx::PgConnection) {
+    within(
+        "unlock the table",
+        sqlx::raw_sql("COMMIT").execute(&mut lock),
+    )
+    .await
+    .unwrap();
+}
+
 /// Waits until a statement containing `text` waits for a lock.
 async fn until_a_query_waits(url: &str, what: &str, text: &str) {
     let watch = within("watch connection", sqlx::PgPool::connect(url))
@@ -828,7 +833,7 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
     let token = hub.create_cluster("dev-1", "dev").await;
     hub.put("dev/web", &configmap("web", "1")).await.unwrap();
     // Hold the hub inside the handshake: the resync reads the units.
-    let mut lock = lock_table(&url, "units").await;
+    let lock = lock_table(&url, "units").await;
     let channel = hub.channel().await;
     let opening = tokio::spawn(async move {
         let mut client = pb::agent_service_client::AgentServiceClient::new(channel);
@@ -847,10 +852,8 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
             .insert("authorization", format!("Bearer {token}").parse().unwrap());
         client.session(req).await
     });
-    let cluster: unitsync_hub::model::ClusterName = "dev-1".parse().unwrap();
-    let fanout = &hub.running().hub.fanout;
     until("the handshake under way", || async {
-        fanout.session(&cluster).is_some()
+        has_session(&hub, "dev-1")
     })
     .await;
     // The agent goes away mid-handshake: its registration goes with it,
@@ -858,10 +861,10 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
     opening.abort();
     let _ = opening.await;
     until("no session left behind", || async {
-        fanout.session(&cluster).is_none()
+        !has_session(&hub, "dev-1")
     })
     .await;
-    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    unlock(lock).await;
     assert!(!connected(&hub, "dev-1").await);
 }
 
@@ -869,20 +872,27 @@ async fn an_agent_gone_during_its_handshake_leaves_no_session_behind() {
 #[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
 async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
     let url = postgres_database().await;
-    let hub = TestHub::start_on_postgres(&url, None).await;
+    // The session's own periodic re-check must not be what ends it.
+    let hub = TestHub::start_on_postgres_with(
+        &url,
+        None,
+        Tuning {
+            credential_recheck: Duration::from_secs(3600),
+            ..Default::default()
+        },
+    )
+    .await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
     let mut agent = SimAgent::new(&hub.endpoint(), hub.ca(), &token);
     agent.start();
-    let cluster: unitsync_hub::model::ClusterName = "dev-1".parse().unwrap();
-    let fanout = &hub.running().hub.fanout;
     until("the agent's session", || async {
-        fanout.session(&cluster).is_some()
+        has_session(&hub, "dev-1")
     })
     .await;
     // Hold the revocation in the store; its caller goes away meanwhile
     // (a Ctrl-C, a client deadline).
-    let mut lock = lock_table(&url, "clusters").await;
+    let lock = lock_table(&url, "clusters").await;
     let mut admin = hub.admin().await;
     let revoking = tokio::spawn(async move {
         admin
@@ -893,12 +903,12 @@ async fn a_revocation_whose_caller_goes_away_still_ends_the_session() {
     });
     until_a_query_waits(&url, "the revocation waits for the table", "revoked = 1").await;
     revoking.abort();
-    let _ = revoking.await;
-    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    let _ = within("the revoking caller gone", revoking).await;
+    unlock(lock).await;
     // The revocation still ran to its end: the revoked agent's live
     // session is over.
     until("the revoked agent's session ended", || async {
-        fanout.session(&cluster).is_none()
+        !has_session(&hub, "dev-1")
     })
     .await;
 }
@@ -979,7 +989,7 @@ async fn a_call_past_its_deadline_hears_deadline_exceeded() {
     let hub = TestHub::start_on_postgres(&url, None).await;
     hub.create_env("dev").await;
     // Hold every read of units in the store.
-    let mut lock = lock_table(&url, "units").await;
+    let lock = lock_table(&url, "units").await;
     let status = grpc_status_of_call_with_deadline(
         &hub,
         "/unitsync.v1.HubService/ListUnits",
@@ -990,7 +1000,7 @@ async fn a_call_past_its_deadline_hears_deadline_exceeded() {
     )
     .await;
     assert_eq!(status, (Code::DeadlineExceeded as i32).to_string());
-    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    unlock(lock).await;
     // The hub goes on answering.
     let units = within(
         "a call after the lock",
@@ -1025,16 +1035,26 @@ async fn a_credential_recheck_stuck_in_the_store_does_not_stop_heartbeats() {
     // The agent keeps talking: silence is not what is tested.
     let beats = keep_beating(tx);
     // Hold the session's credential re-check in the store.
-    let mut lock = lock_table(&url, "clusters").await;
+    let lock = lock_table(&url, "clusters").await;
     until_a_query_waits(&url, "a re-check waits for the table", "token_hash").await;
-    // The idle hub still beats to the agent meanwhile.
-    for _ in 0..3 {
+    // The idle hub still beats to the agent meanwhile: three heartbeats
+    // sent after the re-check was seen waiting (not ones already on
+    // their way).
+    let waiting = std::time::SystemTime::now();
+    let mut beats_since = 0;
+    while beats_since < 3 {
         let m = within("a heartbeat while the re-check waits", inbound.message())
             .await
             .expect("no error")
             .expect("the session stays open");
-        assert!(matches!(m.msg, Some(HubMsg::Heartbeat(_))), "{m:?}");
+        let Some(HubMsg::Heartbeat(beat)) = m.msg else {
+            panic!("only heartbeats while idle: {m:?}");
+        };
+        let at = std::time::SystemTime::try_from(beat.sent_at.expect("sent_at")).unwrap();
+        if at > waiting {
+            beats_since += 1;
+        }
     }
-    sqlx::raw_sql("COMMIT").execute(&mut lock).await.unwrap();
+    unlock(lock).await;
     beats.abort();
 }

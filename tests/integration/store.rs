@@ -783,22 +783,31 @@ async fn hub_replicas_on_postgres_deliver_each_others_commits() {
 async fn every_revision_of_a_release_is_announced_to_other_replicas() {
     use futures::StreamExt;
     use unitsync_hub::store::Announcement;
+    use unitsync_tests::within;
     let url = unitsync_tests::hub::postgres_database().await;
-    let a = SqlStore::postgres(&url).await.unwrap();
-    let b = SqlStore::postgres(&url).await.unwrap();
-    let mut announced = b.subscribe().await.unwrap().expect("PostgreSQL announces");
-    a.create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+    let a = within("replica a", SqlStore::postgres(&url)).await.unwrap();
+    let b = within("replica b", SqlStore::postgres(&url)).await.unwrap();
+    let mut announced = within("subscribe", b.subscribe())
         .await
-        .unwrap();
+        .unwrap()
+        .expect("PostgreSQL announces");
+    within(
+        "create dev",
+        a.create_environment(&env("dev"), None, audit("environment.create", "env/dev")),
+    )
+    .await
+    .unwrap();
     let names: Vec<String> = (0..40).map(|i| format!("dev/u{i:02}")).collect();
     let release = names
         .iter()
         .map(|n| rev(n, "v1", PutMode::CreateOrUpdate))
         .collect();
-    a.commit_release(release, None).await.unwrap();
+    within("the release", a.commit_release(release, None))
+        .await
+        .unwrap();
     let mut heard = std::collections::BTreeSet::new();
     while heard.len() < names.len() {
-        match unitsync_tests::within("announcements", announced.next()).await {
+        match within("announcements", announced.next()).await {
             Some(Announcement::Revision(unit, number)) => {
                 assert_eq!(number, RevisionNum(1), "{unit}");
                 heard.insert(unit.to_string());

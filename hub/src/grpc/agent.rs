@@ -38,7 +38,8 @@ use crate::model::{Cluster, Digest, RevisionNum, StatusReport, UnitName, UnitRef
 
 /// How long a new stream may take to send `Hello`.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(30);
-/// Outgoing messages buffered per session before the sender waits.
+/// Notices and heartbeats buffered per session; beyond it they are dropped
+/// (their senders never wait: the stream is busy sending anyway).
 const OUTBOUND_BUFFER: usize = 16;
 
 pub struct AgentService {
@@ -493,7 +494,8 @@ async fn watchdog(
                     None => Box::pin(std::future::ready(Ok(false))),
                 });
             }
-            valid = async { checking.as_mut().expect("guarded").await }, if checking.is_some() => {
+            // Disabled (`None`) while no re-check runs.
+            Some(valid) = futures::future::OptionFuture::from(checking.as_mut()) => {
                 checking = None;
                 match valid {
                     Ok(true) => {}

@@ -302,7 +302,7 @@ where
 }
 
 /// A call's reply, or `DEADLINE_EXCEEDED` once the caller's deadline has
-/// passed (the timer runs where the call does: its connection's home).
+/// passed (the timer belongs to the runtime the call was read on).
 pub(crate) struct Deadline<F> {
     call: Pin<Box<F>>,
     expires: Option<Pin<Box<tokio::time::Sleep>>>,

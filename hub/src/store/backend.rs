@@ -90,7 +90,7 @@ impl Backend {
     /// PostgreSQL: a transaction-scoped lock per unit, in one global order,
     /// so that replicas committing overlapping units wait for each other
     /// (no lost revision number, no deadlock; units not created yet are
-    /// covered too). One statement takes them all, in key order (PostgreSQL
+    /// covered too). One statement per 8,000 keys takes them, in key order (PostgreSQL
     /// evaluates a volatile function of the select list after its sort).
     /// SQLite: its single writer already serializes.
     pub(super) async fn lock_units<'a>(
@@ -123,7 +123,7 @@ impl Backend {
     }
 
     /// PostgreSQL: announces commits to every replica (delivered when the
-    /// transaction commits), in one statement.
+    /// transaction commits), one statement per 8,000 of them.
     pub(super) async fn announce<'a>(
         self,
         tx: &mut AnyConnection,

@@ -7,7 +7,10 @@
 //! server CPU and RSS, commit round trips and the time until every agent
 //! holds every unit's last revision (the hub coalesces: an agent that is
 //! behind gets the latest revision, not each one; the bare server sends
-//! every message) for both, and the ratios. Figures, not assertions.
+//! every message) for both, and the ratios; and how long a new connection
+//! making one call (as each CLI run does) takes meanwhile. `--storm`
+//! instead SIGKILLs and restarts the hub under N real session clients
+//! (`--tls` with every agent's TLS handshake). Figures, not assertions.
 //!
 //! Run: `cargo run --release -p unitsync-tests --bin fanout-bench -- --agents 1000 --revisions 200`
 
@@ -49,7 +52,8 @@ struct Args {
     /// Reconnect storm instead: the agents (the real session client, with
     /// its backoff) hold `--units` units; the hub is SIGKILLed and
     /// restarted; prints the time until every agent is back and resynced,
-    /// and the hub's CPU and RSS meanwhile.
+    /// the hub's CPU and RSS meanwhile, and how long an operator's new
+    /// connection and call took meanwhile (one every 100 ms).
     #[arg(long)]
     storm: bool,
     /// With `--storm`: the hub serves TLS (its generated CA, as it does by
@@ -463,17 +467,8 @@ async fn commit_revisions(
     let fresh_calls = async {
         loop {
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let t = Instant::now();
-            let Ok(mut client) =
-                pb::hub_service_client::HubServiceClient::connect(endpoint.to_owned()).await
-            else {
-                continue;
-            };
-            let Ok(req) = authed(pb::ListEnvironmentsRequest::default(), token) else {
-                continue;
-            };
-            if client.list_environments(req).await.is_ok() {
-                fresh.lock().unwrap().push(t.elapsed().as_micros() as u64);
+            if let Some(us) = operator_call_us(endpoint, None, token).await {
+                fresh.lock().unwrap().push(us);
             }
         }
     };
@@ -607,13 +602,7 @@ async fn connect_admin_with(
     endpoint: &str,
     ca: Option<&str>,
 ) -> anyhow::Result<pb::hub_service_client::HubServiceClient<tonic::transport::Channel>> {
-    let mut target = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?;
-    if let Some(ca) = ca {
-        target = target.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-        )?;
-    }
+    let target = hub_endpoint(endpoint, ca)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         match target.connect().await {
@@ -626,19 +615,23 @@ async fn connect_admin_with(
     }
 }
 
+/// The hub at `endpoint`, trusting `ca` (PEM) when given (TLS).
+fn hub_endpoint(endpoint: &str, ca: Option<&str>) -> anyhow::Result<tonic::transport::Endpoint> {
+    let target = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?;
+    Ok(match ca {
+        None => target,
+        Some(ca) => target.tls_config(
+            tonic::transport::ClientTlsConfig::new()
+                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
+        )?,
+    })
+}
+
 /// An operator's new connection (TLS when `ca` is given) and one call:
 /// how long it took, or `None` if it failed (the hub not up yet).
 async fn operator_call_us(endpoint: &str, ca: Option<&str>, token: &str) -> Option<u64> {
     let start = Instant::now();
-    let mut target = tonic::transport::Endpoint::from_shared(endpoint.to_owned()).ok()?;
-    if let Some(ca) = ca {
-        target = target
-            .tls_config(
-                tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-            )
-            .ok()?;
-    }
+    let target = hub_endpoint(endpoint, ca).ok()?;
     let call = async {
         let mut client =
             pb::hub_service_client::HubServiceClient::new(target.connect().await.ok()?);
