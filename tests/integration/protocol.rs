@@ -65,6 +65,21 @@ pub(crate) async fn final_status(inbound: &mut tonic::Streaming<pb::HubMessage>)
     }
 }
 
+/// The next message of an idle session, which must be a heartbeat: when
+/// the hub sent it (by its own clock).
+pub(crate) async fn next_heartbeat(
+    inbound: &mut tonic::Streaming<pb::HubMessage>,
+) -> std::time::SystemTime {
+    let m = within("a hub heartbeat", inbound.message())
+        .await
+        .expect("no error")
+        .expect("the session stays open");
+    let Some(HubMsg::Heartbeat(beat)) = m.msg else {
+        panic!("only heartbeats while idle: {m:?}");
+    };
+    std::time::SystemTime::try_from(beat.sent_at.expect("sent_at")).unwrap()
+}
+
 /// Whether the hub holds a live session of `cluster` (read from its
 /// registry: no store involved).
 pub(crate) fn has_session(hub: &TestHub, cluster: &str) -> bool {
@@ -242,14 +257,7 @@ async fn the_hub_beats_while_idle_keeps_a_talking_agent_and_ends_a_silent_one() 
     let silence = std::time::Duration::from_millis(3 * 300);
     let mut first = None;
     loop {
-        let m = within("a hub heartbeat", inbound.message())
-            .await
-            .expect("no error")
-            .expect("the session stays open");
-        let Some(HubMsg::Heartbeat(beat)) = m.msg else {
-            panic!("only heartbeats while idle: {m:?}");
-        };
-        let at = std::time::SystemTime::try_from(beat.sent_at.expect("sent_at")).unwrap();
+        let at = next_heartbeat(&mut inbound).await;
         let first = *first.get_or_insert(at);
         if at.duration_since(first).unwrap_or_default() > silence {
             break;
