@@ -15,8 +15,9 @@ use std::time::{Duration, Instant};
 use tokio::sync::{Notify, mpsc};
 use tokio_util::sync::CancellationToken;
 use tonic::metadata::{Ascii, MetadataValue};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 use unitsync_proto::backoff::Backoff;
+use unitsync_proto::dial::{self, Role};
 use unitsync_proto::v1 as pb;
 use unitsync_proto::v1::agent_message::Msg as AgentMsg;
 use unitsync_proto::v1::hub_message::Msg as HubMsg;
@@ -67,8 +68,8 @@ impl std::fmt::Debug for HubConnection {
 /// Why a session ended.
 #[derive(Debug, thiserror::Error)]
 pub enum SessionError {
-    #[error("invalid hub endpoint {0:?}")]
-    Endpoint(String),
+    #[error("cannot dial the hub")]
+    Dial(#[source] dial::DialError),
     #[error("the token cannot be sent as a header")]
     Token,
     #[error("cannot connect to the hub")]
@@ -390,26 +391,22 @@ impl HubClient {
     }
 
     async fn channel(&self) -> Result<Channel, SessionError> {
-        let mut endpoint = Endpoint::from_shared(self.conn.endpoint.clone())
-            .map_err(|_| SessionError::Endpoint(self.conn.endpoint.clone()))?;
-        if self.conn.endpoint.starts_with("https://") {
-            let mut tls = match &self.conn.ca_pem {
-                Some(ca) => tonic::transport::ClientTlsConfig::new()
-                    .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-                None => tonic::transport::ClientTlsConfig::new().with_webpki_roots(),
-            };
-            if let Some((cert, key)) = self.identity() {
-                tls = tls.identity(tonic::transport::Identity::from_pem(cert, key));
-            }
-            endpoint = endpoint.tls_config(tls).map_err(SessionError::Connect)?;
-        }
+        let identity = self.identity();
+        let (endpoint, dialer) = dial::prepare(
+            &self.conn.endpoint,
+            Role::Agent,
+            self.conn.ca_pem.as_deref(),
+            identity
+                .as_ref()
+                .map(|(cert, key)| (cert.as_str(), key.as_str())),
+        )
+        .map_err(SessionError::Dial)?;
         endpoint
             .connect_timeout(Duration::from_secs(20))
             .http2_keep_alive_interval(self.conn.keepalive)
             .keep_alive_timeout(self.conn.keepalive)
             .keep_alive_while_idle(true)
-            .tcp_nodelay(true)
-            .connect()
+            .connect_with_connector(dialer)
             .await
             .map_err(SessionError::Connect)
     }

@@ -110,6 +110,26 @@ fn admin_token(path: &Path) -> Result<Secret, StartError> {
     Ok(secret)
 }
 
+/// Connections the kernel queues for a listener until the hub accepts
+/// them (Linux caps it at `net.core.somaxconn`, 4096 by default). Past the
+/// queue a client's SYN is dropped and it retries a second later: with the
+/// default of 1,024, agents reconnecting together after a restart and any
+/// operator's CLI among them waited whole seconds.
+const LISTEN_BACKLOG: u32 = 65_535;
+
+/// A listener on `addr` with room for a reconnect storm's connections
+/// ([`LISTEN_BACKLOG`]).
+fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
+}
+
 /// Moves a bound listener to `lane`'s reactor: its sockets and wake-ups
 /// are the lane's from then on.
 fn listener_on(lane: &crate::lane::Lane, listener: TcpListener) -> std::io::Result<TcpListener> {
@@ -149,13 +169,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         .await
         .map_err(StartError::Store)?;
 
-    let grpc_listener =
-        TcpListener::bind(config.listen)
-            .await
-            .map_err(|source| StartError::Listen {
-                addr: config.listen,
-                source,
-            })?;
+    let grpc_listener = bind(config.listen).map_err(|source| StartError::Listen {
+        addr: config.listen,
+        source,
+    })?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|source| StartError::Listen {
@@ -163,11 +180,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             source,
         })?;
     let http_listener = match config.http_listen {
-        Some(addr) => Some(
-            TcpListener::bind(addr)
-                .await
-                .map_err(|source| StartError::Listen { addr, source })?,
-        ),
+        Some(addr) => Some(bind(addr).map_err(|source| StartError::Listen { addr, source })?),
         None => None,
     };
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
@@ -365,4 +378,34 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         shutdown,
         task,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn the_listener_queues_a_storm_of_connections_before_they_are_accepted() {
+        // Past the default queue (1,024): each connection holds a file.
+        const CONNECTIONS: usize = 1_500;
+        let limit = rlimit::increase_nofile_limit(4 * CONNECTIONS as u64).unwrap();
+        assert!(limit > CONNECTIONS as u64 + 100, "open-file limit {limit}");
+        let listener = bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let addr = listener.local_addr().unwrap();
+        // Nothing accepts: every connection waits in the kernel's queue. A
+        // connection past a full queue would not complete for a second
+        // (its SYN dropped), then not at all.
+        let connect = async {
+            let mut open = Vec::with_capacity(CONNECTIONS);
+            for _ in 0..CONNECTIONS {
+                open.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+            }
+            open
+        };
+        let open = tokio::time::timeout(Duration::from_secs(10), connect)
+            .await
+            .expect("every connection was queued");
+        assert_eq!(open.len(), CONNECTIONS);
+        drop(listener);
+    }
 }

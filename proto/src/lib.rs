@@ -1,12 +1,14 @@
 //! The unitsync wire protocol (`unitsync.v1`): generated prost messages and
 //! tonic services, the protocol version constants, the client-side
-//! reconnect policy every agent shares, and [`ErrorChain`], the one way both
+//! reconnect policy every agent shares, how agents and the CLI dial the hub
+//! ([`dial`]: TLS naming their role), and [`ErrorChain`], the one way both
 //! sides print an error with its causes.
 //!
 //! Prost types stop at the gRPC edge: hub and agent convert them into their
 //! own domain types.
 
 pub mod backoff;
+pub mod dial;
 pub mod outgoing;
 
 /// Displays an error with its whole `source()` chain (`a: b: c`), for logs

@@ -7,7 +7,8 @@ use anyhow::{Context, bail};
 use tonic::metadata::MetadataValue;
 use tonic::service::Interceptor;
 use tonic::service::interceptor::InterceptedService;
-use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+use tonic::transport::Channel;
+use unitsync_proto::dial::{self, Role};
 use unitsync_proto::v1::hub_service_client::HubServiceClient;
 
 use super::{DEFAULT_DATA_DIR, Global};
@@ -77,19 +78,16 @@ pub(super) async fn connect(g: &Global) -> anyhow::Result<Client> {
     let value: MetadataValue<_> = format!("Bearer {token}")
         .parse()
         .context("the operator token contains characters that cannot be sent")?;
-    let mut endpoint = Endpoint::from_shared(g.hub.clone())
-        .with_context(|| format!("invalid hub address {:?}", g.hub))?
-        .connect_timeout(Duration::from_secs(10))
-        .timeout(Duration::from_secs(60));
-    if g.hub.starts_with("https://") {
-        let tls = match ca_pem(g)? {
-            Some(ca) => ClientTlsConfig::new().ca_certificate(Certificate::from_pem(ca)),
-            None => ClientTlsConfig::new().with_webpki_roots(),
-        };
-        endpoint = endpoint.tls_config(tls).context("invalid TLS settings")?;
-    }
+    let ca = if g.hub.starts_with("https://") {
+        ca_pem(g)?
+    } else {
+        None
+    };
+    let (endpoint, dialer) = dial::prepare(&g.hub, Role::Operator, ca.as_deref(), None)?;
     let channel = endpoint
-        .connect()
+        .connect_timeout(Duration::from_secs(10))
+        .timeout(Duration::from_secs(60))
+        .connect_with_connector(dialer)
         .await
         .with_context(|| format!("cannot reach the hub at {}", g.hub))?;
     Ok(HubServiceClient::with_interceptor(channel, Bearer(value))

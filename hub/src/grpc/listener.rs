@@ -16,6 +16,17 @@
 //! again with the new runtime's reactor) and, when it next falls due, its
 //! keepalive timer.
 //!
+//! A TLS client names its role in the ClientHello
+//! ([`unitsync_proto::dial`]: agents and the CLI do). The accept lane reads
+//! every ClientHello and sends an operator's connection to the control lane
+//! before the handshake's work, so that it does not queue behind a
+//! reconnect storm's ten thousand agents' handshakes. Agents' handshakes
+//! (and those of clients that name no role) stay on the accept lane:
+//! handshaken on the main runtime instead, a storm of 10,000 took 15-20%
+//! longer and more CPU (more threads contending for two cores, the
+//! sessions' store reads sooner in each other's way). The first call still
+//! decides where a connection is served.
+//!
 //! A connection has one home: behind an HTTP/2 proxy that carries
 //! operators' calls and agents' sessions on one upstream connection, they
 //! share the home of its first call. A call's deadline (`grpc-timeout`)
@@ -24,7 +35,7 @@
 use std::future::Future;
 use std::io;
 use std::pin::{Pin, pin};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -36,6 +47,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
+use unitsync_proto::dial::Role;
 
 /// The agents' service; calls to anything else are an operator's.
 const AGENT_SERVICE: &str = <unitsync_proto::session::agent_service_server::AgentServiceServer<
@@ -62,6 +74,16 @@ pub struct Homes {
     pub control: Handle,
 }
 
+impl Homes {
+    /// Where a role's connections are served.
+    fn of(&self, role: Role) -> &Handle {
+        match role {
+            Role::Agent => &self.sessions,
+            Role::Operator => &self.control,
+        }
+    }
+}
+
 /// Serves `routes` on `listener` until `stop` completes, then lets every
 /// open connection finish gracefully (their streams must end: the caller
 /// ends the agent sessions) and returns once all are closed. Runs on the
@@ -74,7 +96,6 @@ pub async fn serve(
     homes: Homes,
     stop: impl Future<Output = ()>,
 ) {
-    let tls = tls.map(tokio_rustls::TlsAcceptor::from);
     let routes = routes.prepare();
     // Every connection holds a receiver: the sender learns when all are
     // gone.
@@ -94,11 +115,7 @@ pub async fn serve(
             },
         };
         let _ = tcp.set_nodelay(true);
-        let home = Arc::new(Home {
-            homes: homes.clone(),
-            target: OnceLock::new(),
-            moved: AtomicBool::new(false),
-        });
+        let home = Arc::new(Home::new(homes.clone()));
         let tcp = Rehoming::new(tcp, home.clone());
         let connection = Connection {
             routes: routes.clone(),
@@ -108,22 +125,7 @@ pub async fn serve(
         };
         match &tls {
             None => connection.spawn(tcp),
-            Some(acceptor) => {
-                let handshake = acceptor.accept(tcp);
-                let mut closing = connection.closing.clone();
-                tokio::spawn(async move {
-                    let shaken = tokio::select! {
-                        shaken = tokio::time::timeout(HANDSHAKE_TIMEOUT, handshake) => shaken,
-                        // The hub is stopping: no new connection.
-                        _ = closing.changed() => return,
-                    };
-                    match shaken {
-                        Ok(Ok(stream)) => connection.spawn(stream),
-                        Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!("TLS handshake timed out"),
-                    }
-                });
-            }
+            Some(config) => drop(tokio::spawn(connection.accept_tls(tcp, config.clone()))),
         }
     }
     // Stop accepting at once (the port refuses new clients), then drain.
@@ -142,8 +144,50 @@ struct Connection {
 }
 
 impl Connection {
-    /// Serves the connection in a task of its own on the accept lane,
-    /// until its first call sends it home.
+    /// Reads the ClientHello here (the accept lane), then handshakes an
+    /// operator's connection on the control lane and any other here, and
+    /// serves the connection from there.
+    async fn accept_tls(self, tcp: Rehoming, config: Arc<rustls::ServerConfig>) {
+        let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
+        let mut closing = self.closing.clone();
+        let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
+        let hello = tokio::select! {
+            hello = tokio::time::timeout_at(deadline, hello) => hello,
+            // The hub is stopping: no new connection.
+            _ = closing.changed() => return,
+        };
+        let start = match hello {
+            Ok(Ok(start)) => start,
+            Ok(Err(e)) => return tracing::debug!(error = %e, "TLS handshake failed"),
+            Err(_) => return tracing::debug!("TLS handshake timed out"),
+        };
+        let operator =
+            start.client_hello().alpn().and_then(Role::from_alpn) == Some(Role::Operator);
+        let home = self.home.clone();
+        let handshake = async move {
+            let mut closing = self.closing.clone();
+            let shaken = tokio::select! {
+                shaken = tokio::time::timeout_at(deadline, start.into_stream(config)) => shaken,
+                _ = closing.changed() => return,
+            };
+            match shaken {
+                Ok(Ok(stream)) => self.spawn(stream),
+                Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
+                Err(_) => tracing::debug!("TLS handshake timed out"),
+            }
+        };
+        if operator {
+            // The socket follows on its next poll (see `Rehoming`).
+            home.moves.fetch_add(1, Ordering::Release);
+            drop(home.homes.control.spawn(handshake));
+        } else {
+            handshake.await;
+        }
+    }
+
+    /// Serves the connection in a task of its own where it is (the accept
+    /// lane, or the control lane for an operator), until its first call
+    /// sends it home.
     fn spawn<IO>(self, io: IO)
     where
         IO: AsyncRead + AsyncWrite + Connected + Unpin + Send + 'static,
@@ -152,6 +196,7 @@ impl Connection {
         tokio::spawn(Homed {
             served: Some(Box::pin(self.serve(io))),
             home,
+            settled: false,
         });
     }
 
@@ -201,30 +246,44 @@ struct Home {
     homes: Homes,
     /// Chosen by the first call.
     target: OnceLock<Handle>,
-    /// Set once the connection's task is handed to its target.
-    moved: AtomicBool,
+    /// How often the connection's task moved to another runtime (an
+    /// operator's to the control lane for its handshake, any to its target
+    /// at its first call).
+    moves: AtomicUsize,
 }
 
 impl Home {
+    fn new(homes: Homes) -> Home {
+        Home {
+            homes,
+            target: OnceLock::new(),
+            moves: AtomicUsize::new(0),
+        }
+    }
+
     /// Sends the connection home: agents' sessions or operators.
     fn choose(&self, path: &str) {
         self.target.get_or_init(|| {
             let service = path.trim_start_matches('/').split('/').next();
-            if service == Some(AGENT_SERVICE) {
-                self.homes.sessions.clone()
+            let role = if service == Some(AGENT_SERVICE) {
+                Role::Agent
             } else {
-                self.homes.control.clone()
-            }
+                Role::Operator
+            };
+            self.homes.of(role).clone()
         });
     }
 }
 
 /// A connection's future: polled where it was spawned until its first
 /// call chose a home, then handed to a task there (whose first poll
-/// registers the new task's waker with everything it waits on).
+/// registers the new task's waker with everything it waits on), unless it
+/// is there already.
 struct Homed {
     served: Option<Pin<Box<dyn Future<Output = ()> + Send>>>,
     home: Arc<Home>,
+    /// Home, or known to stay where it is.
+    settled: bool,
 }
 
 impl Future for Homed {
@@ -237,14 +296,21 @@ impl Future for Homed {
         if served.as_mut().poll(cx).is_ready() {
             return Poll::Ready(());
         }
-        if let Some(target) = self.home.target.get().cloned()
-            && let Some(served) = self.served.take()
-        {
-            self.home.moved.store(true, Ordering::Release);
-            target.spawn(served);
-            return Poll::Ready(());
+        if self.settled {
+            return Poll::Pending;
         }
-        Poll::Pending
+        let Some(target) = self.home.target.get().cloned() else {
+            return Poll::Pending;
+        };
+        self.settled = true;
+        if target.id() == Handle::current().id() {
+            return Poll::Pending;
+        }
+        if let Some(served) = self.served.take() {
+            self.home.moves.fetch_add(1, Ordering::Release);
+            target.spawn(served);
+        }
+        Poll::Ready(())
     }
 }
 
@@ -349,13 +415,14 @@ fn grpc_timeout(headers: &http::HeaderMap) -> Option<Duration> {
 }
 
 /// A connection's socket, registered again with the reactor of the
-/// runtime it is polled on once its connection has moved there (a busy
+/// runtime it is polled on whenever its connection has moved there (a busy
 /// runtime's reactor is polled only between its tasks).
 struct Rehoming {
     tcp: Option<TcpStream>,
     info: TcpConnectInfo,
     home: Arc<Home>,
-    rehomed: bool,
+    /// The moves it has followed.
+    moves: usize,
 }
 
 impl Rehoming {
@@ -364,14 +431,15 @@ impl Rehoming {
             info: tcp.connect_info(),
             tcp: Some(tcp),
             home,
-            rehomed: false,
+            moves: 0,
         }
     }
 
     /// The socket, on the reactor of the runtime polling it.
     fn tcp(&mut self) -> io::Result<Pin<&mut TcpStream>> {
-        if !self.rehomed && self.home.moved.load(Ordering::Acquire) {
-            self.rehomed = true;
+        let moves = self.home.moves.load(Ordering::Acquire);
+        if moves != self.moves {
+            self.moves = moves;
             if let Some(tcp) = self.tcp.take() {
                 // Polled by the moved connection's task: its home's reactor.
                 self.tcp = Some(TcpStream::from_std(tcp.into_std()?)?);
@@ -457,6 +525,139 @@ impl hyper::rt::Timer for HomeTimer {
 mod tests {
     use super::*;
     use hyper::service::Service as _;
+    use std::sync::Mutex;
+    use tokio::runtime::{Runtime, RuntimeFlavor};
+    use unitsync_proto::dial;
+
+    /// A certificate for `localhost` that notes the runtime each handshake
+    /// was done on (rustls picks the certificate as the handshake starts).
+    #[derive(Debug)]
+    struct Noting {
+        key: Arc<rustls::sign::CertifiedKey>,
+        runtimes: Mutex<Vec<tokio::runtime::Id>>,
+    }
+
+    impl rustls::server::ResolvesServerCert for Noting {
+        fn resolve(
+            &self,
+            _: rustls::server::ClientHello<'_>,
+        ) -> Option<Arc<rustls::sign::CertifiedKey>> {
+            self.runtimes.lock().unwrap().push(Handle::current().id());
+            Some(self.key.clone())
+        }
+    }
+
+    fn lane() -> Runtime {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .unwrap()
+    }
+
+    #[test]
+    fn an_operators_tls_handshake_is_done_on_the_control_lane() {
+        let (accept, sessions, control, client) = (lane(), lane(), lane(), lane());
+        assert_eq!(client.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let cert = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+        let key = rustls::pki_types::PrivateKeyDer::Pkcs8(cert.signing_key.serialize_der().into());
+        let noting = Arc::new(Noting {
+            key: Arc::new(rustls::sign::CertifiedKey::new(
+                vec![cert.cert.der().clone()],
+                provider.key_provider.load_private_key(key).unwrap(),
+            )),
+            runtimes: Mutex::default(),
+        });
+        let mut config = rustls::ServerConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_no_client_auth()
+            .with_cert_resolver(noting.clone());
+        config.alpn_protocols = vec![dial::ALPN_H2.to_vec()];
+        let homes = Homes {
+            sessions: sessions.handle().clone(),
+            control: control.handle().clone(),
+        };
+        let listener = accept.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let address = format!(
+            "https://localhost:{}",
+            listener.local_addr().unwrap().port()
+        );
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let settings = Settings {
+            keepalive: Duration::from_secs(30),
+            max_concurrent_streams: 16,
+        };
+        let served = accept.spawn(serve(
+            listener,
+            Routes::default(),
+            Some(Arc::new(config)),
+            settings,
+            homes,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let ca = cert.cert.pem();
+        // One connection and one call (to a service of either home; none
+        // is served here, so the reply is UNIMPLEMENTED, a whole round
+        // trip); the runtime its handshake was done on.
+        let handshaken_on = |role: Option<dial::Role>, agent_call: bool| {
+            let call = async {
+                let channel = match role {
+                    Some(role) => {
+                        let (endpoint, dialer) =
+                            dial::prepare(&address, role, Some(&ca), None).unwrap();
+                        endpoint.connect_with_connector(dialer).await
+                    }
+                    // As tonic dials without the role (an older agent).
+                    None => {
+                        tonic::transport::Endpoint::from_shared(address.clone())
+                            .unwrap()
+                            .tls_config(
+                                tonic::transport::ClientTlsConfig::new()
+                                    .ca_certificate(tonic::transport::Certificate::from_pem(&ca)),
+                            )
+                            .unwrap()
+                            .connect()
+                            .await
+                    }
+                };
+                let channel = channel.expect("connected");
+                let status = if agent_call {
+                    let mut c =
+                        unitsync_proto::v1::agent_service_client::AgentServiceClient::new(channel);
+                    c.renew_certificate(unitsync_proto::v1::RenewCertificateRequest::default())
+                        .await
+                } else {
+                    let mut c =
+                        unitsync_proto::v1::hub_service_client::HubServiceClient::new(channel);
+                    c.list_environments(unitsync_proto::v1::ListEnvironmentsRequest::default())
+                        .await
+                        .map(|_| tonic::Response::new(Default::default()))
+                };
+                assert_eq!(status.unwrap_err().code(), tonic::Code::Unimplemented);
+            };
+            client
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), call).await })
+                .expect("answered in time");
+            noting.runtimes.lock().unwrap().pop().expect("handshaken")
+        };
+        let operator = Some(dial::Role::Operator);
+        let agent = Some(dial::Role::Agent);
+        assert_eq!(handshaken_on(operator, false), control.handle().id());
+        assert_eq!(handshaken_on(agent, true), accept.handle().id());
+        assert_eq!(handshaken_on(None, false), accept.handle().id());
+        // A role that its first call contradicts: the connection (and its
+        // socket) moves on to the call's home and keeps working.
+        assert_eq!(handshaken_on(operator, true), control.handle().id());
+        drop(stop);
+        accept
+            .block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
+            .expect("stopped in time")
+            .unwrap();
+    }
 
     #[test]
     fn grpc_timeouts_are_read_as_the_protocol_writes_them() {
@@ -496,14 +697,10 @@ mod tests {
                 .unwrap()
         };
         let home_of = |path: &str| {
-            let home = Arc::new(Home {
-                homes: Homes {
-                    sessions: sessions.handle().clone(),
-                    control: control.handle().clone(),
-                },
-                target: OnceLock::new(),
-                moved: AtomicBool::new(false),
-            });
+            let home = Arc::new(Home::new(Homes {
+                sessions: sessions.handle().clone(),
+                control: control.handle().clone(),
+            }));
             let homing = Homing {
                 routes: TowerToHyperService::new(Routes::default()),
                 info: (),

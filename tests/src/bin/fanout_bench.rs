@@ -25,6 +25,7 @@ use futures::Stream;
 use tokio::sync::{broadcast, mpsc};
 use tokio_stream::StreamExt;
 use tonic::{Request, Response, Status, Streaming};
+use unitsync_proto::dial;
 use unitsync_proto::v1 as pb;
 use unitsync_proto::v1::agent_message::Msg as AgentMsg;
 use unitsync_proto::v1::hub_message::Msg as HubMsg;
@@ -602,39 +603,35 @@ async fn connect_admin_with(
     endpoint: &str,
     ca: Option<&str>,
 ) -> anyhow::Result<pb::hub_service_client::HubServiceClient<tonic::transport::Channel>> {
-    let target = hub_endpoint(endpoint, ca)?;
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
-        match target.connect().await {
+        match connect_hub(endpoint, ca).await {
             Ok(c) => return Ok(pb::hub_service_client::HubServiceClient::new(c)),
             Err(_) if Instant::now() < deadline => {
                 tokio::time::sleep(Duration::from_millis(50)).await
             }
-            Err(e) => return Err(e.into()),
+            Err(e) => return Err(e),
         }
     }
 }
 
-/// The hub at `endpoint`, trusting `ca` (PEM) when given (TLS).
-fn hub_endpoint(endpoint: &str, ca: Option<&str>) -> anyhow::Result<tonic::transport::Endpoint> {
-    let target = tonic::transport::Endpoint::from_shared(endpoint.to_owned())?;
-    Ok(match ca {
-        None => target,
-        Some(ca) => target.tls_config(
-            tonic::transport::ClientTlsConfig::new()
-                .ca_certificate(tonic::transport::Certificate::from_pem(ca)),
-        )?,
-    })
+/// The hub at `endpoint`, trusting `ca` (PEM) when given (TLS), dialed as
+/// the CLI dials it (naming the operator's role in the handshake).
+async fn connect_hub(
+    endpoint: &str,
+    ca: Option<&str>,
+) -> anyhow::Result<tonic::transport::Channel> {
+    let (target, dialer) = dial::prepare(endpoint, dial::Role::Operator, ca, None)?;
+    Ok(target.connect_with_connector(dialer).await?)
 }
 
 /// An operator's new connection (TLS when `ca` is given) and one call:
 /// how long it took, or `None` if it failed (the hub not up yet).
 async fn operator_call_us(endpoint: &str, ca: Option<&str>, token: &str) -> Option<u64> {
     let start = Instant::now();
-    let target = hub_endpoint(endpoint, ca).ok()?;
     let call = async {
         let mut client =
-            pb::hub_service_client::HubServiceClient::new(target.connect().await.ok()?);
+            pb::hub_service_client::HubServiceClient::new(connect_hub(endpoint, ca).await.ok()?);
         client
             .list_environments(authed(pb::ListEnvironmentsRequest::default(), token).ok()?)
             .await
