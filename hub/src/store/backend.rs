@@ -214,11 +214,22 @@ impl Backend {
     }
 }
 
+/// A store's connection pools.
+pub(super) struct Pools {
+    pub writer: AnyPool,
+    /// Reads of operators, the dashboard, promotion and sources.
+    pub readers: AnyPool,
+    /// Reads that open agent sessions (credential, heads): after a hub
+    /// restart ten thousand sessions make two each within seconds, and an
+    /// operator's reads must not queue behind them.
+    pub sessions: AnyPool,
+}
+
 /// Writer and reader pools of a SQLite file: WAL, `synchronous=FULL` (an
 /// acknowledged write survives power loss), foreign keys; one writer
 /// connection (SQLite has one writer anyway, so transactions never fail on
 /// lock upgrades), readers read-only.
-pub(super) async fn sqlite(path: &std::path::Path) -> StoreResult<(AnyPool, AnyPool)> {
+pub(super) async fn sqlite(path: &std::path::Path) -> StoreResult<Pools> {
     sqlx::any::install_default_drivers();
     let url = |mode: &str| format!("sqlite://{}?mode={mode}", path.display());
     let writer = AnyPoolOptions::new()
@@ -238,27 +249,32 @@ pub(super) async fn sqlite(path: &std::path::Path) -> StoreResult<(AnyPool, AnyP
         .await
         .map_err(db)?;
     // The file exists now (the writer created it).
-    let readers = AnyPoolOptions::new()
-        .max_connections(4)
-        .acquire_timeout(ACQUIRE_TIMEOUT)
-        .after_connect(|conn, _| {
-            Box::pin(async move {
-                sqlx::raw_sql("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
-                    .execute(&mut *conn)
-                    .await?;
-                Ok(())
+    let ro = url("ro");
+    let readers = |size| {
+        AnyPoolOptions::new()
+            .max_connections(size)
+            .acquire_timeout(ACQUIRE_TIMEOUT)
+            .after_connect(|conn, _| {
+                Box::pin(async move {
+                    sqlx::raw_sql("PRAGMA foreign_keys = ON; PRAGMA busy_timeout = 10000;")
+                        .execute(&mut *conn)
+                        .await?;
+                    Ok(())
+                })
             })
-        })
-        .connect(&url("ro"))
-        .await
-        .map_err(db)?;
-    Ok((writer, readers))
+            .connect(&ro)
+    };
+    Ok(Pools {
+        writer,
+        readers: readers(2).await.map_err(db)?,
+        sessions: readers(4).await.map_err(db)?,
+    })
 }
 
 /// Writer and reader pools of a PostgreSQL database. Pools reconnect by
 /// themselves after the server restarts; every connection has a statement
 /// timeout.
-pub(super) async fn postgres(url: &str) -> StoreResult<(AnyPool, AnyPool)> {
+pub(super) async fn postgres(url: &str) -> StoreResult<Pools> {
     sqlx::any::install_default_drivers();
     let pool = |size| {
         AnyPoolOptions::new()
@@ -272,7 +288,9 @@ pub(super) async fn postgres(url: &str) -> StoreResult<(AnyPool, AnyPool)> {
                 })
             })
     };
-    let writer = pool(4).connect(url).await.map_err(db)?;
-    let readers = pool(8).connect(url).await.map_err(db)?;
-    Ok((writer, readers))
+    Ok(Pools {
+        writer: pool(4).connect(url).await.map_err(db)?,
+        readers: pool(6).connect(url).await.map_err(db)?,
+        sessions: pool(4).connect(url).await.map_err(db)?,
+    })
 }

@@ -34,6 +34,8 @@ pub struct SqlStore {
     backend: Backend,
     writer: AnyPool,
     readers: AnyPool,
+    /// The reads that open agent sessions (see [`backend::Pools`]).
+    sessions: AnyPool,
     /// PostgreSQL: where to listen for announcements. Never logged (it may
     /// hold a password).
     url: Option<String>,
@@ -57,21 +59,27 @@ impl std::fmt::Debug for SqlStore {
 impl SqlStore {
     /// Opens (creating if needed) a SQLite database file and migrates it.
     pub async fn sqlite(path: &Path) -> StoreResult<SqlStore> {
-        let (writer, readers) = backend::sqlite(path).await?;
-        Self::ready(Backend::Sqlite, writer, readers, None).await
+        Self::ready(Backend::Sqlite, backend::sqlite(path).await?, None).await
     }
 
     /// Connects to PostgreSQL (`postgres://user:password@host/db`) and
     /// migrates the database.
     pub async fn postgres(url: &str) -> StoreResult<SqlStore> {
-        let (writer, readers) = backend::postgres(url).await?;
-        Self::ready(Backend::Postgres, writer, readers, Some(url.to_owned())).await
+        Self::ready(
+            Backend::Postgres,
+            backend::postgres(url).await?,
+            Some(url.to_owned()),
+        )
+        .await
     }
 
     async fn ready(
         backend: Backend,
-        writer: AnyPool,
-        readers: AnyPool,
+        backend::Pools {
+            writer,
+            readers,
+            sessions,
+        }: backend::Pools,
         url: Option<String>,
     ) -> StoreResult<SqlStore> {
         let mut conn = writer.acquire().await.map_err(db)?;
@@ -83,6 +91,7 @@ impl SqlStore {
             backend,
             writer,
             readers,
+            sessions,
             url,
             leader: tokio::sync::Mutex::new(None),
             committer,
@@ -346,7 +355,7 @@ impl Store for SqlStore {
             "SELECT {CLUSTER_COLUMNS} FROM clusters c WHERE c.token_hash = $1 AND c.revoked = 0"
         )))
         .bind(&token.0)
-        .fetch_optional(&self.readers)
+        .fetch_optional(&self.sessions)
         .await
         .map_err(db)?;
         row.as_ref().map(rows::cluster).transpose()
@@ -399,7 +408,7 @@ impl Store for SqlStore {
                  JOIN clusters c ON c.name = k.cluster WHERE k.fingerprint = $1 AND c.revoked = 0"
         )))
         .bind(fingerprint)
-        .fetch_optional(&self.readers)
+        .fetch_optional(&self.sessions)
         .await
         .map_err(db)?;
         row.as_ref().map(rows::cluster).transpose()
@@ -556,7 +565,7 @@ impl Store for SqlStore {
              WHERE u.environment = $1 ORDER BY u.name",
         )
         .bind(env.as_str())
-        .fetch_all(&self.readers)
+        .fetch_all(&self.sessions)
         .await
         .map_err(db)?;
         rows.iter().map(rows::head).collect()
@@ -1234,5 +1243,45 @@ async fn follow_announcements(
                 Err(e) => tracing::warn!(error = %e, "cannot reconnect the announcement listener"),
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::store::testing::store;
+
+    #[tokio::test]
+    async fn operators_reads_do_not_queue_behind_the_sessions_reads() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let dev: EnvName = "dev".parse().unwrap();
+        // Every connection the sessions read with is taken, as when ten
+        // thousand agents open sessions at once.
+        let mut held = Vec::new();
+        for _ in 0..store.sessions.options().get_max_connections() {
+            held.push(store.sessions.acquire().await.unwrap());
+        }
+        let reads = async {
+            let envs = store.list_environments().await.unwrap();
+            let token = store.operator_by_token(&TokenHash("none".into())).await;
+            (envs, token.unwrap())
+        };
+        let (envs, token) = tokio::time::timeout(Duration::from_secs(5), reads)
+            .await
+            .expect("an operator's reads are answered while the sessions' wait");
+        assert_eq!(envs.len(), 1);
+        assert!(token.is_none());
+        // The sessions' reads wait for their own connections.
+        let waiting = tokio::time::timeout(Duration::from_millis(200), store.heads(&dev)).await;
+        assert!(waiting.is_err(), "a session's read found a connection");
+        drop(held);
+        let heads = tokio::time::timeout(Duration::from_secs(5), store.heads(&dev))
+            .await
+            .expect("answered once a connection is free")
+            .unwrap();
+        assert!(heads.is_empty());
     }
 }
