@@ -1,7 +1,8 @@
 //! The registry side of a source, with Flux `OCIRepository` semantics: a
 //! digest pins, a semver range picks the highest matching tag, a tag is
 //! resolved to its manifest digest by a `HEAD` (then `GET`); the manifest
-//! is pulled by digest and the chosen layer's bytes are checked against
+//! is pulled by digest (read up to [`MAX_MANIFEST`]: a registry cannot make
+//! the hub hold more) and the chosen layer's bytes are checked against
 //! its digest. Errors say what failed, where, in words an operator can act
 //! on; credentials never appear in them.
 
@@ -11,9 +12,10 @@ use std::task::{Context, Poll};
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
-use oci_client::manifest::OciDescriptor;
+use oci_client::manifest::{OciDescriptor, OciImageManifest};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
+use sha2::Digest as _;
 
 use super::{ArtifactLimits, LAYER_TYPES};
 use crate::model::{OciAuth, OciRef, OciSpec};
@@ -21,9 +23,20 @@ use crate::model::{OciAuth, OciRef, OciSpec};
 /// The most tags a semver source looks through.
 const MAX_TAGS: usize = 100_000;
 
+/// The largest manifest read: what the OCI distribution spec asks
+/// registries to accept (the blob caps are [`ArtifactLimits`]).
+pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// The manifest types asked for (an artifact is an image manifest).
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+
 /// A registry repository as one source sees it.
 pub struct Registry {
     client: Client,
+    /// For the manifest's bounded `GET` (oci-client reads any size).
+    http: reqwest::Client,
+    /// Hosts reached over plain HTTP.
+    insecure_hosts: Vec<String>,
     auth: RegistryAuth,
     host: String,
     repo: String,
@@ -67,6 +80,19 @@ impl Registry {
         // reqwest (inside the client) uses the process's rustls provider:
         // unitsync's is ring.
         let _ = rustls::crypto::ring::default_provider().install_default();
+        let http = {
+            let mut b = reqwest::Client::builder()
+                .connect_timeout(std::time::Duration::from_secs(10))
+                .read_timeout(std::time::Duration::from_secs(60))
+                .user_agent(concat!("unitsync-hub/", env!("CARGO_PKG_VERSION")));
+            if !spec.ca_pem.is_empty() {
+                let ca = reqwest::Certificate::from_pem(spec.ca_pem.as_bytes())
+                    .map_err(|e| format!("registry CA for {host}: {e}"))?;
+                b = b.tls_certs_only([ca]);
+            }
+            b.build()
+                .map_err(|e| format!("registry client for {host}: {e}"))?
+        };
         let client = Client::try_from(ClientConfig {
             protocol,
             tls_certs_only,
@@ -85,6 +111,8 @@ impl Registry {
         };
         Ok(Registry {
             client,
+            http,
+            insecure_hosts: spec.insecure_hosts.clone(),
             auth,
             host,
             repo,
@@ -236,17 +264,7 @@ impl Registry {
         limits: &ArtifactLimits,
     ) -> Result<Artifact, String> {
         let image = self.pinned(digest);
-        let (manifest, got) = self
-            .client
-            .pull_image_manifest(&image, &self.auth)
-            .await
-            .map_err(|e| self.explain(&format!("manifest {digest}"), e))?;
-        if got != digest {
-            return Err(format!(
-                "manifest {digest} from registry {}: the registry sent {got}",
-                self.at()
-            ));
-        }
+        let manifest = self.manifest(digest).await?;
         let layer = choose_layer(&manifest.layers, layer_media_type)?;
         if u64::try_from(layer.size).unwrap_or(u64::MAX) > limits.max_blob {
             return Err(format!(
@@ -267,6 +285,101 @@ impl Registry {
             media_type: layer.media_type.clone(),
             annotations: manifest.annotations.unwrap_or_default(),
         })
+    }
+}
+
+impl Registry {
+    /// The image manifest `digest`, read up to [`MAX_MANIFEST`] bytes and
+    /// checked against its digest (authenticated as oci-client does:
+    /// its token for the repository, or the basic credentials).
+    async fn manifest(&self, digest: &str) -> Result<OciImageManifest, String> {
+        let image = &self.pinned(digest);
+        let what = format!("manifest {digest}");
+        let at = self.at();
+        let token = self
+            .client
+            .auth(image, &self.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.explain(&what, e))?;
+        // As oci-client addresses it (`docker.io` is `index.docker.io`).
+        let registry = image.resolve_registry();
+        let scheme = if self.insecure_hosts.iter().any(|h| h == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{digest}",
+            image.repository()
+        );
+        let mut request = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, MANIFEST_TYPES);
+        request = match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let unreachable = |e: reqwest::Error| {
+            let msg = crate::error::ErrorChain(&e).to_string();
+            format!(
+                "{what}: cannot reach registry {}: {}",
+                self.host,
+                crate::manifest::prefix(&msg)
+            )
+        };
+        let mut response = request.send().await.map_err(unreachable)?;
+        match response.status().as_u16() {
+            200 => {}
+            401 => {
+                return Err(format!(
+                    "{what}: registry {at} refused the credentials (401 Unauthorized)"
+                ));
+            }
+            403 => {
+                return Err(format!(
+                    "{what}: registry {at} answered 403 Forbidden: the credentials may not read this repository"
+                ));
+            }
+            404 => return Err(format!("{what}: not found in registry {at}")),
+            code => return Err(format!("{what}: registry {at} answered {code}")),
+        }
+        let too_large = || {
+            format!(
+                "{what} from registry {at} is larger than {} MiB; refused",
+                MAX_MANIFEST >> 20
+            )
+        };
+        if response
+            .content_length()
+            .is_some_and(|n| n > MAX_MANIFEST as u64)
+        {
+            return Err(too_large());
+        }
+        let mut body = Vec::new();
+        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
+            if body.len() + chunk.len() > MAX_MANIFEST {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
+        }
+        let got = match digest.split_once(':') {
+            Some(("sha256", _)) => format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
+            Some(("sha512", _)) => format!("sha512:{}", hex::encode(sha2::Sha512::digest(&body))),
+            _ => {
+                return Err(format!(
+                    "{what}: unsupported digest algorithm (sha256 or sha512)"
+                ));
+            }
+        };
+        if got != digest {
+            return Err(format!(
+                "{what} from registry {at}: the registry sent {got}"
+            ));
+        }
+        serde_json::from_slice(&body)
+            .map_err(|e| format!("{what} from registry {at}: not an image manifest ({e})"))
     }
 }
 
@@ -334,6 +447,93 @@ impl tokio::io::AsyncWrite for &mut CappedSink {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    /// A registry on a loopback port that answers `/v2/` and, for any
+    /// manifest, `head` then `body` (repeated `times`); the address.
+    async fn registry(head: &'static str, body: Vec<u8>, times: usize) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut tcp, _)) = listener.accept().await else {
+                    return;
+                };
+                let body = body.clone();
+                tokio::spawn(async move {
+                    let mut request = Vec::new();
+                    let mut buf = [0u8; 4096];
+                    while !request.ends_with(b"\r\n\r\n") {
+                        match tcp.read(&mut buf).await {
+                            Ok(0) | Err(_) => return,
+                            Ok(n) => request.extend_from_slice(&buf[..n]),
+                        }
+                    }
+                    if request.starts_with(b"GET /v2/ ") {
+                        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                        return;
+                    }
+                    let _ = tcp.write_all(head.as_bytes()).await;
+                    for _ in 0..times {
+                        if tcp.write_all(&body).await.is_err() {
+                            return;
+                        }
+                    }
+                });
+            }
+        });
+        addr
+    }
+
+    fn source(addr: &str) -> Registry {
+        let spec = OciSpec {
+            url: format!("oci://{addr}/app"),
+            reference: OciRef::Tag("v1".into()),
+            interval_seconds: 60,
+            mode: crate::model::SourceMode::Artifact,
+            layer_media_type: String::new(),
+            insecure_hosts: vec![addr.to_owned()],
+            ca_pem: String::new(),
+        };
+        Registry::new(&spec, &OciAuth::Anonymous).unwrap()
+    }
+
+    /// A chunk of HTTP/1.1 chunked encoding.
+    fn chunk(data: &[u8]) -> Vec<u8> {
+        let mut c = format!("{:x}\r\n", data.len()).into_bytes();
+        c.extend_from_slice(data);
+        c.extend_from_slice(b"\r\n");
+        c
+    }
+
+    #[tokio::test]
+    async fn a_manifest_is_read_up_to_its_cap_and_checked_against_its_digest() {
+        let wait = |f| tokio::time::timeout(std::time::Duration::from_secs(10), f);
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(manifest)));
+        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+        let mut body = chunk(manifest);
+        body.extend_from_slice(b"0\r\n\r\n");
+        let ok = source(&registry(head, body, 1).await);
+        let got = wait(ok.manifest(&digest)).await.unwrap().unwrap();
+        assert_eq!(got.schema_version, 2);
+        // Another digest than the bytes': refused.
+        let other = format!("sha256:{}", "0".repeat(64));
+        let e = wait(ok.manifest(&other)).await.unwrap().unwrap_err();
+        assert!(e.contains(&format!("the registry sent {digest}")), "{e}");
+        // Endless, without a length: refused once past the cap, not held.
+        let endless = source(&registry(head, chunk(&[b' '; 64 << 10]), usize::MAX).await);
+        let e = wait(endless.manifest(&digest))
+            .await
+            .expect("refused at the cap")
+            .unwrap_err();
+        assert!(e.contains("is larger than 4 MiB; refused"), "{e}");
+        // A length past the cap: refused before the body is read.
+        let long = "HTTP/1.1 200 OK\r\ncontent-length: 1073741824\r\nconnection: close\r\n\r\n";
+        let declared = source(&registry(long, Vec::new(), 0).await);
+        let e = wait(declared.manifest(&digest)).await.unwrap().unwrap_err();
+        assert!(e.contains("is larger than 4 MiB; refused"), "{e}");
+    }
 
     fn layer(media_type: &str) -> OciDescriptor {
         OciDescriptor {
