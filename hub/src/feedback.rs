@@ -61,8 +61,9 @@ impl Feedback {
 }
 /// How often acks are written.
 const ACK_INTERVAL: Duration = Duration::from_secs(1);
-/// Rows per transaction.
-const CHUNK: usize = 256;
+/// Rows per transaction: few enough that a commit waiting for the writer
+/// waits a few milliseconds.
+const CHUNK: usize = 2048;
 
 impl Feedback {
     fn lock(&self) -> std::sync::MutexGuard<'_, Pending> {
