@@ -219,9 +219,12 @@ pub(super) struct Pools {
     pub writer: AnyPool,
     /// Reads of operators, the dashboard, promotion and sources.
     pub readers: AnyPool,
-    /// Reads that open agent sessions (credential, heads): after a hub
-    /// restart ten thousand sessions make two each within seconds, and an
-    /// operator's reads must not queue behind them.
+    /// Agent sessions' reads (the credential at the session's start and
+    /// at each periodic re-check, the heads; also `reoffer_heads`): after
+    /// a hub restart ten thousand sessions make two each within seconds,
+    /// and an operator's reads must not queue behind them. SQLite: 4
+    /// connections, `readers` 2 (was one pool of 4); PostgreSQL: 4 and 6
+    /// (was 8), with the writer's 4 fourteen per replica.
     pub sessions: AnyPool,
 }
 
