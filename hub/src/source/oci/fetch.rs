@@ -27,8 +27,10 @@ const MAX_TAGS: usize = 100_000;
 /// registries to accept (the blob caps are [`ArtifactLimits`]).
 pub const MAX_MANIFEST: usize = 4 << 20;
 
-/// The manifest types asked for (an artifact is an image manifest).
-const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json";
+/// The manifest types asked for: an artifact is an image manifest; an
+/// index is accepted too, so that a digest naming one is refused as "not
+/// an image manifest" rather than reported missing.
+const MANIFEST_TYPES: &str = "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json, application/vnd.oci.image.index.v1+json, application/vnd.docker.distribution.manifest.list.v2+json";
 
 /// A registry repository as one source sees it.
 pub struct Registry {
