@@ -12,6 +12,12 @@
 //! terminator) that does not know the token negotiates `h2` alone; a client
 //! that sends none is handshaken as an agent is.
 //!
+//! The TCP connection is hyper-util's `HttpConnector`'s: every address the
+//! hub's name resolves to is tried in turn, each within its share of
+//! [`CONNECT_TIMEOUT`], and the other address family starts 300 ms after
+//! the first (Happy Eyeballs, RFC 8305), so one dead address (a blackholed
+//! IPv6 route, a node gone) does not stall the dial until the kernel gives up.
+//!
 //! ```no_run
 //! # async fn f() -> Result<(), Box<dyn std::error::Error>> {
 //! use unitsync_proto::dial::{self, Role};
@@ -22,16 +28,23 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::connect::dns::{GaiResolver, Name};
 use hyper_util::rt::TokioIo;
 use rustls::pki_types::pem::PemObject;
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 use tonic::transport::Endpoint;
+use tower::Service as _;
+
+/// How long the TCP connection may take, shared by the addresses tried.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// The protocol negotiated: HTTP/2.
 pub const ALPN_H2: &[u8] = b"h2";
@@ -70,6 +83,11 @@ impl Role {
 pub enum DialError {
     #[error("invalid hub address {0:?} (expected http://HOST:PORT or https://HOST:PORT)")]
     Address(String),
+    /// The address is not repeated: it carries a password.
+    #[error(
+        "the hub address carries credentials (USER:PASSWORD@); the hub does not take them there: use a token or a client certificate"
+    )]
+    Credentials,
     #[error("invalid CA certificate: {0}")]
     Ca(String),
     #[error("invalid client certificate or key: {0}")]
@@ -88,6 +106,10 @@ pub fn prepare(
     ca_pem: Option<&str>,
     identity: Option<(&str, &str)>,
 ) -> Result<(Endpoint, Dialer), DialError> {
+    // Before anything echoes the address back.
+    if address.contains('@') {
+        return Err(DialError::Credentials);
+    }
     let bad = || DialError::Address(address.to_owned());
     let uri: http::Uri = address.parse().map_err(|_| bad())?;
     let https = match uri.scheme_str() {
@@ -113,12 +135,13 @@ pub fn prepare(
     let endpoint = Endpoint::from_shared(format!("http://{authority}"))
         .map_err(|_| bad())?
         .origin(uri);
-    let dialer = Dialer {
-        host: Arc::from(host),
-        port,
-        tls,
-    };
-    Ok((endpoint, dialer))
+    let target = format!("http://{}:{port}", authority.host())
+        .parse()
+        .map_err(|_| bad())?;
+    Ok((
+        endpoint,
+        Dialer::new(target, tls, Resolver::System(GaiResolver::new())),
+    ))
 }
 
 fn client_config(
@@ -166,18 +189,51 @@ fn client_config(
 /// `https://` (a tower service of the endpoint's URI, which it ignores).
 #[derive(Clone)]
 pub struct Dialer {
-    host: Arc<str>,
-    port: u16,
+    tcp: HttpConnector<Resolver>,
+    /// `http://HOST:PORT`, what `tcp` connects to.
+    target: http::Uri,
     tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
 }
 
 impl std::fmt::Debug for Dialer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Dialer")
-            .field("host", &self.host)
-            .field("port", &self.port)
+            .field("target", &self.target)
             .field("tls", &self.tls.is_some())
             .finish()
+    }
+}
+
+/// Resolves the hub's name: the system's resolver (`getaddrinfo`, on a
+/// blocking thread), or in tests given addresses.
+#[derive(Clone)]
+enum Resolver {
+    System(GaiResolver),
+    #[cfg(test)]
+    Fixed(Arc<[SocketAddr]>),
+}
+
+impl tower::Service<Name> for Resolver {
+    type Response = std::vec::IntoIter<SocketAddr>;
+    type Error = io::Error;
+    type Future = Pin<Box<dyn Future<Output = io::Result<Self::Response>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, name: Name) -> Self::Future {
+        match self {
+            Resolver::System(gai) => {
+                let resolved = gai.call(name);
+                Box::pin(async move { Ok(resolved.await?.collect::<Vec<_>>().into_iter()) })
+            }
+            #[cfg(test)]
+            Resolver::Fixed(addrs) => {
+                let addrs = addrs.to_vec();
+                Box::pin(async move { Ok(addrs.into_iter()) })
+            }
+        }
     }
 }
 
@@ -186,10 +242,34 @@ pub trait Stream: AsyncRead + AsyncWrite + Send + Unpin {}
 impl<T: AsyncRead + AsyncWrite + Send + Unpin> Stream for T {}
 
 impl Dialer {
+    fn new(
+        target: http::Uri,
+        tls: Option<(Arc<rustls::ClientConfig>, ServerName<'static>)>,
+        resolver: Resolver,
+    ) -> Dialer {
+        let mut tcp = HttpConnector::new_with_resolver(resolver);
+        tcp.set_nodelay(true);
+        tcp.set_connect_timeout(Some(CONNECT_TIMEOUT));
+        Dialer { tcp, target, tls }
+    }
+
     /// One connection.
     pub async fn dial(&self) -> io::Result<Box<dyn Stream>> {
-        let tcp = TcpStream::connect((&*self.host, self.port)).await?;
-        tcp.set_nodelay(true)?;
+        let mut connector = self.tcp.clone();
+        std::future::poll_fn(|cx| connector.poll_ready(cx))
+            .await
+            .map_err(io::Error::other)?;
+        let tcp = connector
+            .call(self.target.clone())
+            .await
+            .map_err(|e| {
+                // Its kind is its cause's (refused, timed out...).
+                let kind = std::error::Error::source(&e)
+                    .and_then(|c| c.downcast_ref::<io::Error>())
+                    .map_or(io::ErrorKind::Other, io::Error::kind);
+                io::Error::new(kind, e)
+            })?
+            .into_inner();
         let Some((config, name)) = &self.tls else {
             return Ok(Box::new(tcp));
         };
@@ -259,8 +339,56 @@ mod tests {
             Err(DialError::Ca(_))
         ));
         let (_, dialer) = prepare("https://[::1]", Role::Operator, None, None).unwrap();
-        assert_eq!((&*dialer.host, dialer.port), ("::1", 443));
+        assert_eq!(dialer.target, "http://[::1]:443/");
         let (_, dialer) = prepare("http://127.0.0.1:7000", Role::Operator, None, None).unwrap();
         assert!(dialer.tls.is_none());
+    }
+
+    #[test]
+    fn an_address_with_credentials_is_refused_without_repeating_them() {
+        let e = prepare("https://ops:hunter2@hub:7443", Role::Operator, None, None).unwrap_err();
+        assert!(matches!(e, DialError::Credentials), "{e}");
+        assert!(!e.to_string().contains("hunter2"), "{e}");
+    }
+
+    /// An address that never answers: a listener whose accept queue is
+    /// full (the kernel drops further SYNs).
+    async fn unanswering() -> (tokio::net::TcpListener, Vec<tokio::net::TcpStream>) {
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(0).unwrap();
+        let address = listener.local_addr().unwrap();
+        let mut queued = Vec::new();
+        for _ in 0..16 {
+            let connect = tokio::net::TcpStream::connect(address);
+            match tokio::time::timeout(Duration::from_millis(300), connect).await {
+                Ok(tcp) => queued.push(tcp.unwrap()),
+                Err(_) => return (listener, queued),
+            }
+        }
+        panic!("the accept queue never filled");
+    }
+
+    #[tokio::test]
+    async fn an_address_that_never_answers_does_not_stall_the_dial() {
+        let (dead, _queued) = unanswering().await;
+        let port = dead.local_addr().unwrap().port();
+        // The hub's name resolves to the dead address first, then to one
+        // that answers.
+        let live = tokio::net::TcpListener::bind(("127.0.0.2", port))
+            .await
+            .unwrap();
+        let addrs: Arc<[SocketAddr]> =
+            Arc::new([dead.local_addr().unwrap(), live.local_addr().unwrap()]);
+        let target = format!("http://hub.test:{port}").parse().unwrap();
+        let dialer = Dialer::new(target, None, Resolver::Fixed(addrs));
+        // Within the dead address's share of the connect timeout, not the
+        // kernel's (minutes).
+        let dialed = tokio::time::timeout(CONNECT_TIMEOUT, dialer.dial()).await;
+        dialed.expect("dialed in time").expect("connected");
+        tokio::time::timeout(Duration::from_secs(5), live.accept())
+            .await
+            .expect("the live address was dialed")
+            .unwrap();
     }
 }

@@ -13,8 +13,8 @@
 //! (the accept lane, [`crate::lane`]) and its first call sends it home:
 //! `AgentService` to the main runtime, anything else to the control lane.
 //! The move takes the connection's task, its calls, its socket (registered
-//! again with the new runtime's reactor) and, when it next falls due, its
-//! keepalive timer.
+//! again with the new runtime's reactor) and its keepalive timer (made
+//! again on the new runtime's timer).
 //!
 //! A TLS client names its role in the ClientHello
 //! ([`unitsync_proto::dial`]: agents and the CLI do). The accept lane reads
@@ -24,8 +24,12 @@
 //! (and those of clients that name no role) stay on the accept lane:
 //! handshaken on the main runtime instead, a storm of 10,000 took 15-20%
 //! longer and more CPU (more threads contending for two cores, the
-//! sessions' store reads sooner in each other's way). The first call still
-//! decides where a connection is served.
+//! sessions' store reads sooner in each other's way). The role is
+//! unauthenticated (a hint), so at most [`CONTROL_HANDSHAKES`] handshakes
+//! run on the control lane at once; more operators' (a flood of
+//! ClientHellos claiming the role, say) are handshaken on the accept lane,
+//! and a flood cannot queue unbounded work ahead of operators' calls. The
+//! first call still decides where a connection is served.
 //!
 //! A connection has one home: behind an HTTP/2 proxy that carries
 //! operators' calls and agents' sessions on one upstream connection, they
@@ -40,11 +44,12 @@ use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use hyper_util::rt::{TokioIo, TokioTimer};
+use hyper_util::rt::TokioIo;
 use hyper_util::service::{TowerToHyperService, TowerToHyperServiceFuture};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::runtime::Handle;
+use tokio::sync::Semaphore;
 use tonic::service::Routes;
 use tonic::transport::server::{Connected, TcpConnectInfo};
 use unitsync_proto::dial::Role;
@@ -56,6 +61,10 @@ const AGENT_SERVICE: &str = <unitsync_proto::session::agent_service_server::Agen
 
 /// A TLS handshake that takes longer is dropped.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Operators' handshakes under way on the control lane at most; further
+/// ones are done on the accept lane.
+const CONTROL_HANDSHAKES: usize = 8;
 
 /// HTTP/2 settings of every connection.
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +106,7 @@ pub async fn serve(
     stop: impl Future<Output = ()>,
 ) {
     let routes = routes.prepare();
+    let control_handshakes = Arc::new(Semaphore::new(CONTROL_HANDSHAKES));
     // Every connection holds a receiver: the sender learns when all are
     // gone.
     let (closing, open) = tokio::sync::watch::channel(());
@@ -125,7 +135,11 @@ pub async fn serve(
         };
         match &tls {
             None => connection.spawn(tcp),
-            Some(config) => drop(tokio::spawn(connection.accept_tls(tcp, config.clone()))),
+            Some(config) => drop(tokio::spawn(connection.accept_tls(
+                tcp,
+                config.clone(),
+                control_handshakes.clone(),
+            ))),
         }
     }
     // Stop accepting at once (the port refuses new clients), then drain.
@@ -145,9 +159,15 @@ struct Connection {
 
 impl Connection {
     /// Reads the ClientHello here (the accept lane), then handshakes an
-    /// operator's connection on the control lane and any other here, and
-    /// serves the connection from there.
-    async fn accept_tls(self, tcp: Rehoming, config: Arc<rustls::ServerConfig>) {
+    /// operator's connection on the control lane (if one of its
+    /// `control_handshakes` is free) and any other here, and serves the
+    /// connection from there.
+    async fn accept_tls(
+        self,
+        tcp: Rehoming,
+        config: Arc<rustls::ServerConfig>,
+        control_handshakes: Arc<Semaphore>,
+    ) {
         let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
         let mut closing = self.closing.clone();
         let hello = tokio_rustls::LazyConfigAcceptor::new(rustls::server::Acceptor::default(), tcp);
@@ -163,6 +183,10 @@ impl Connection {
         };
         let operator =
             start.client_hello().alpn().and_then(Role::from_alpn) == Some(Role::Operator);
+        let slot = operator
+            .then(|| control_handshakes.try_acquire_owned().ok())
+            .flatten();
+        let on_control = slot.is_some();
         let home = self.home.clone();
         let handshake = async move {
             let mut closing = self.closing.clone();
@@ -170,13 +194,14 @@ impl Connection {
                 shaken = tokio::time::timeout_at(deadline, start.into_stream(config)) => shaken,
                 _ = closing.changed() => return,
             };
+            drop(slot);
             match shaken {
                 Ok(Ok(stream)) => self.spawn(stream),
                 Ok(Err(e)) => tracing::debug!(error = %e, "TLS handshake failed"),
                 Err(_) => tracing::debug!("TLS handshake timed out"),
             }
         };
-        if operator {
+        if on_control {
             // The socket follows on its next poll (see `Rehoming`).
             home.moves.fetch_add(1, Ordering::Release);
             drop(home.homes.control.spawn(handshake));
@@ -501,25 +526,55 @@ impl AsyncWrite for Rehoming {
 }
 
 /// hyper's timer (keepalive pings) on the runtime polling the
-/// connection: hyper-util's, except that a reset makes a new sleep (on the
-/// current runtime, so after a move it lives at the connection's home)
-/// where hyper-util's keeps the runtime it was first made on.
+/// connection: each sleep follows the connection (after a move, the
+/// runtime it was made on may be busy, or gone).
 #[derive(Clone, Copy, Debug)]
 struct HomeTimer;
 
 impl hyper::rt::Timer for HomeTimer {
     fn sleep(&self, duration: Duration) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        TokioTimer::new().sleep(duration)
+        Box::pin(HomeSleep::until(tokio::time::Instant::now() + duration))
     }
 
     fn sleep_until(&self, deadline: std::time::Instant) -> Pin<Box<dyn hyper::rt::Sleep>> {
-        TokioTimer::new().sleep_until(deadline)
+        Box::pin(HomeSleep::until(tokio::time::Instant::from_std(deadline)))
     }
 
     fn now(&self) -> std::time::Instant {
-        TokioTimer::new().now()
+        tokio::time::Instant::now().into_std()
     }
 }
+
+/// A sleep on the timer of the runtime that polls it: made again when
+/// polled by another task (a connection moves to a new task at its new
+/// home; the task id is a thread-local read, the runtime's handle an
+/// atomic count on every poll).
+struct HomeSleep {
+    sleep: Pin<Box<tokio::time::Sleep>>,
+    task: Option<tokio::task::Id>,
+}
+
+impl HomeSleep {
+    fn until(deadline: tokio::time::Instant) -> HomeSleep {
+        HomeSleep {
+            sleep: Box::pin(tokio::time::sleep_until(deadline)),
+            task: tokio::task::try_id(),
+        }
+    }
+}
+
+impl Future for HomeSleep {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if tokio::task::try_id() != self.task {
+            *self = HomeSleep::until(self.sleep.deadline());
+        }
+        self.sleep.as_mut().poll(cx)
+    }
+}
+
+impl hyper::rt::Sleep for HomeSleep {}
 
 #[cfg(test)]
 mod tests {
@@ -547,6 +602,24 @@ mod tests {
         }
     }
 
+    /// A connection that sends an operator's ClientHello and no more.
+    fn stalled_hello(to: std::net::SocketAddr) -> std::net::TcpStream {
+        let provider = Arc::new(rustls::crypto::ring::default_provider());
+        let mut config = rustls::ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .unwrap()
+            .with_root_certificates(rustls::RootCertStore::empty())
+            .with_no_client_auth();
+        config.alpn_protocols = vec![dial::ALPN_H2.to_vec(), dial::Role::Operator.alpn().to_vec()];
+        let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+        let mut tcp = std::net::TcpStream::connect(to).unwrap();
+        while tls.wants_write() {
+            tls.write_tls(&mut tcp).unwrap();
+        }
+        tcp
+    }
+
     fn lane() -> Runtime {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
@@ -556,7 +629,7 @@ mod tests {
     }
 
     #[test]
-    fn an_operators_tls_handshake_is_done_on_the_control_lane() {
+    fn operators_tls_handshakes_are_done_on_the_control_lane_up_to_a_bound() {
         let (accept, sessions, control, client) = (lane(), lane(), lane(), lane());
         assert_eq!(client.handle().runtime_flavor(), RuntimeFlavor::MultiThread);
         let provider = Arc::new(rustls::crypto::ring::default_provider());
@@ -580,6 +653,7 @@ mod tests {
             control: control.handle().clone(),
         };
         let listener = accept.block_on(TcpListener::bind("127.0.0.1:0")).unwrap();
+        let bound = listener.local_addr().unwrap();
         let address = format!(
             "https://localhost:{}",
             listener.local_addr().unwrap().port()
@@ -600,12 +674,9 @@ mod tests {
             },
         ));
         let ca = cert.cert.pem();
-        // One connection and one call (to a service of either home; none
-        // is served here, so the reply is UNIMPLEMENTED, a whole round
-        // trip); the runtime its handshake was done on.
-        let handshaken_on = |role: Option<dial::Role>, agent_call: bool| {
-            let call = async {
-                let channel = match role {
+        let connect = |role: Option<dial::Role>| {
+            let connect = async {
+                match role {
                     Some(role) => {
                         let (endpoint, dialer) =
                             dial::prepare(&address, role, Some(&ca), None).unwrap();
@@ -623,8 +694,18 @@ mod tests {
                             .connect()
                             .await
                     }
-                };
-                let channel = channel.expect("connected");
+                }
+            };
+            client
+                .block_on(async { tokio::time::timeout(Duration::from_secs(10), connect).await })
+                .expect("connected in time")
+                .expect("connected")
+        };
+        // One call (to a service of either home; none is served here, so
+        // the reply is UNIMPLEMENTED, a whole round trip).
+        let call = |channel: &tonic::transport::Channel, agent_call: bool| {
+            let channel = channel.clone();
+            let call = async move {
                 let status = if agent_call {
                     let mut c =
                         unitsync_proto::v1::agent_service_client::AgentServiceClient::new(channel);
@@ -642,16 +723,51 @@ mod tests {
             client
                 .block_on(async { tokio::time::timeout(Duration::from_secs(10), call).await })
                 .expect("answered in time");
-            noting.runtimes.lock().unwrap().pop().expect("handshaken")
+        };
+        // One connection and one call; the runtime its handshake was done on.
+        let handshaken_on = |role: Option<dial::Role>, agent_call: bool| {
+            let channel = connect(role);
+            call(&channel, agent_call);
+            let on = noting.runtimes.lock().unwrap().pop().expect("handshaken");
+            (on, channel)
         };
         let operator = Some(dial::Role::Operator);
         let agent = Some(dial::Role::Agent);
-        assert_eq!(handshaken_on(operator, false), control.handle().id());
-        assert_eq!(handshaken_on(agent, true), accept.handle().id());
-        assert_eq!(handshaken_on(None, false), accept.handle().id());
+        assert_eq!(handshaken_on(operator, false).0, control.handle().id());
+        assert_eq!(handshaken_on(agent, true).0, accept.handle().id());
+        assert_eq!(handshaken_on(None, false).0, accept.handle().id());
+
+        // ClientHellos that claim the operator's role and never finish
+        // their handshakes fill the control lane's handshakes; the next
+        // operator's is done on the accept lane.
+        let stalled: Vec<std::net::TcpStream> = (0..CONTROL_HANDSHAKES)
+            .map(|_| stalled_hello(bound))
+            .collect();
+        let waiting = std::time::Instant::now();
+        while noting.runtimes.lock().unwrap().len() < CONTROL_HANDSHAKES {
+            assert!(
+                waiting.elapsed() < Duration::from_secs(10),
+                "not handshaking"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        let on: Vec<_> = noting.runtimes.lock().unwrap().drain(..).collect();
+        assert!(on.iter().all(|id| *id == control.handle().id()));
+        assert_eq!(handshaken_on(operator, false).0, accept.handle().id());
+        // Their handshakes fail as they hang up, and free the lane.
+        drop(stalled);
+        let waiting = std::time::Instant::now();
+        while handshaken_on(operator, false).0 != control.handle().id() {
+            assert!(waiting.elapsed() < Duration::from_secs(10), "never freed");
+        }
+
         // A role that its first call contradicts: the connection (and its
-        // socket) moves on to the call's home and keeps working.
-        assert_eq!(handshaken_on(operator, true), control.handle().id());
+        // socket) moves on to the call's home and keeps working with the
+        // control lane gone.
+        let (on, channel) = handshaken_on(operator, true);
+        assert_eq!(on, control.handle().id());
+        control.shutdown_background();
+        call(&channel, true);
         drop(stop);
         accept
             .block_on(async { tokio::time::timeout(Duration::from_secs(10), served).await })
