@@ -5,10 +5,11 @@
 //! acks and heartbeats never wait on a database write, and a burst from
 //! thousands of agents becomes a few short transactions: statuses at once
 //! when the writer is idle (operators wait on them; under load, what arrives
-//! during a write is the next batch), acks at most once a second (they are
-//! advisory: the agent's version vector, not the hub's ack record, drives
-//! resync), and only those no status report of the same revision covers
-//! (the report records its receipt too). Written statuses are announced on the hub's
+//! during a write is the next batch), acks at most once a second and less
+//! often under load (they are advisory: the agent's version vector, not
+//! the hub's ack record, drives resync; see [`ack_interval`]), and only
+//! those no status report of the same revision covers (the report records
+//! its receipt too). Written statuses are announced on the hub's
 //! [`Events`].
 //! Batches are split into chunks so a commit never waits long for the
 //! store's single writer.
@@ -59,8 +60,33 @@ impl Feedback {
         }
     }
 }
-/// How often acks are written.
+/// How often acks are written at most.
 const ACK_INTERVAL: Duration = Duration::from_secs(1);
+/// How often acks are written at least.
+const MAX_ACK_INTERVAL: Duration = Duration::from_secs(10);
+/// Acks take at most one part in this many of the writer's time.
+const ACK_SHARE: u32 = 10;
+
+/// When acks are next written, after a batch of them took `took`: a
+/// second later, or ten times `took` later when that is longer (at most
+/// ten seconds). Each agent's acks of a unit coalesce meanwhile, so under
+/// load the writer (which commits and statuses wait for) spends about a
+/// tenth of its time on acks, and a unit's "received" is as fresh as that
+/// allows.
+fn ack_interval(took: Duration) -> Duration {
+    took.saturating_mul(ACK_SHARE)
+        .clamp(ACK_INTERVAL, MAX_ACK_INTERVAL)
+}
+
+/// What a flush did.
+#[derive(Debug)]
+pub struct Flushed {
+    /// Everything was written (else what was not is kept for the next
+    /// attempt).
+    pub written: bool,
+    /// How long the acks took to write.
+    pub acks: Duration,
+}
 /// Rows per transaction: few enough that a commit waiting for the writer
 /// waits a few milliseconds.
 const CHUNK: usize = 2048;
@@ -131,7 +157,7 @@ impl Feedback {
     /// Writes pending statuses (and acks when `with_acks`); on failure the
     /// entries are kept for the next attempt (newer feedback recorded
     /// meanwhile wins).
-    pub async fn flush(&self, store: &dyn Store, with_acks: bool) -> bool {
+    pub async fn flush(&self, store: &dyn Store, with_acks: bool) -> Flushed {
         let (acks, seen, statuses) = {
             let mut p = self.lock();
             let (acks, seen) = if with_acks {
@@ -168,6 +194,7 @@ impl Feedback {
                 .send(HubEvent::Statuses(Arc::new(chunk.to_vec())));
         }
         let mut written_acks = 0;
+        let acks_started = std::time::Instant::now();
         if failed.is_none() {
             for chunk in acks.chunks(CHUNK) {
                 if let Err(e) = store.record_acks(chunk).await {
@@ -177,6 +204,7 @@ impl Feedback {
                 written_acks += chunk.len();
             }
         }
+        let acks_took = acks_started.elapsed();
         let mut written_seen = 0;
         if failed.is_none() {
             for chunk in seen.chunks(CHUNK) {
@@ -187,7 +215,12 @@ impl Feedback {
                 written_seen += chunk.len();
             }
         }
-        let Some(e) = failed else { return true };
+        let Some(e) = failed else {
+            return Flushed {
+                written: true,
+                acks: acks_took,
+            };
+        };
         tracing::warn!(error = %ErrorChain(&e), "recording agent feedback failed; will retry");
         for a in acks.into_iter().skip(written_acks) {
             self.ack(&a.cluster, &a.unit.env, a.unit.name, a.revision);
@@ -201,7 +234,10 @@ impl Feedback {
                 .entry((r.cluster.clone(), r.unit.clone()))
                 .or_insert(r);
         }
-        false
+        Flushed {
+            written: false,
+            acks: acks_took,
+        }
     }
 
     /// The writer task: flushes until `shutdown`, then once more.
@@ -218,10 +254,11 @@ impl Feedback {
                 () = shutdown.cancelled() => break,
             }
             let with_acks = tokio::time::Instant::now() >= acks_due;
+            let flushed = self.flush(store.as_ref(), with_acks).await;
             if with_acks {
-                acks_due = tokio::time::Instant::now() + ACK_INTERVAL;
+                acks_due = tokio::time::Instant::now() + ack_interval(flushed.acks);
             }
-            if self.flush(store.as_ref(), with_acks).await {
+            if flushed.written {
                 retry = Duration::from_millis(100);
             } else {
                 tokio::time::sleep(retry).await;
@@ -279,7 +316,7 @@ mod tests {
         feedback.status(report.clone());
         let pending: usize = feedback.lock().acks.values().map(|a| a.units.len()).sum();
         assert_eq!(pending, 1, "web's ack rides with its status; api's waits");
-        assert!(feedback.flush(&store, true).await);
+        assert!(feedback.flush(&store, true).await.written);
         let cells: Vec<(String, u64, u64)> = store
             .statuses(Some(&dev), None, &Page::ALL)
             .await
@@ -304,7 +341,7 @@ mod tests {
             pending, 1,
             "the ack of revision 1 is not covered by a report of 9"
         );
-        assert!(feedback.flush(&store, true).await);
+        assert!(feedback.flush(&store, true).await.written);
         let web_cell = store
             .statuses(Some(&dev), Some(&web), &Page::ALL)
             .await
@@ -315,5 +352,16 @@ mod tests {
             (web_cell.status.acked.0, web_cell.status.revision.0),
             (1, 9)
         );
+    }
+
+    #[test]
+    fn acks_are_written_less_often_when_they_take_long() {
+        let ms = Duration::from_millis;
+        assert_eq!(ack_interval(ms(0)), ACK_INTERVAL);
+        assert_eq!(ack_interval(ms(100)), ACK_INTERVAL);
+        assert_eq!(ack_interval(ms(150)), ms(1_500));
+        assert_eq!(ack_interval(ms(400)), ms(4_000));
+        assert_eq!(ack_interval(Duration::from_secs(30)), MAX_ACK_INTERVAL);
+        assert_eq!(ack_interval(Duration::MAX), MAX_ACK_INTERVAL);
     }
 }
