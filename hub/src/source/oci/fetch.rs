@@ -40,11 +40,6 @@ pub struct Registry {
     /// Hosts reached over plain HTTP.
     insecure_hosts: Vec<String>,
     auth: RegistryAuth,
-    /// What the manifest's `GET` authenticated with last (a token, or
-    /// `None`: the basic credentials or none), kept until the registry
-    /// refuses it: authenticating costs two requests (`/v2/` and the
-    /// token), which oci-client's `auth` makes every time it is called.
-    pull_token: std::sync::Mutex<Option<Option<String>>>,
     host: String,
     repo: String,
 }
@@ -121,7 +116,6 @@ impl Registry {
             http,
             insecure_hosts: spec.insecure_hosts.clone(),
             auth,
-            pull_token: std::sync::Mutex::new(None),
             host,
             repo,
         })
@@ -298,33 +292,49 @@ impl Registry {
 
 impl Registry {
     /// The image manifest `digest`, read up to [`MAX_MANIFEST`] bytes and
-    /// checked against its digest (authenticated as oci-client does: its
-    /// token for the repository, or the basic credentials; a kept token
-    /// the registry refuses is replaced once).
+    /// checked against its digest (authenticated as oci-client does:
+    /// its token for the repository, or the basic credentials).
     async fn manifest(&self, digest: &str) -> Result<OciImageManifest, String> {
         let image = &self.pinned(digest);
         let what = format!("manifest {digest}");
         let at = self.at();
-        let kept = self.lock_token().clone();
-        let mut response = match kept {
-            Some(token) => {
-                let response = self.get_manifest(image, &what, token.as_deref()).await?;
-                if response.status() == reqwest::StatusCode::UNAUTHORIZED {
-                    let token = self.authenticate(image, &what).await?;
-                    self.get_manifest(image, &what, token.as_deref()).await?
-                } else {
-                    response
-                }
-            }
-            None => {
-                let token = self.authenticate(image, &what).await?;
-                self.get_manifest(image, &what, token.as_deref()).await?
-            }
+        let token = self
+            .client
+            .auth(image, &self.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.explain(&what, e))?;
+        // As oci-client addresses it (`docker.io` is `index.docker.io`).
+        let registry = image.resolve_registry();
+        let scheme = if self.insecure_hosts.iter().any(|h| h == registry) {
+            "http"
+        } else {
+            "https"
         };
+        let url = format!(
+            "{scheme}://{registry}/v2/{}/manifests/{digest}",
+            image.repository()
+        );
+        let mut request = self
+            .http
+            .get(url)
+            .header(reqwest::header::ACCEPT, MANIFEST_TYPES);
+        request = match (token, &self.auth) {
+            (Some(token), _) => request.bearer_auth(token),
+            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
+            (None, _) => request,
+        };
+        let unreachable = |e: reqwest::Error| {
+            let msg = crate::error::ErrorChain(&e).to_string();
+            format!(
+                "{what}: cannot reach registry {}: {}",
+                self.host,
+                crate::manifest::prefix(&msg)
+            )
+        };
+        let mut response = request.send().await.map_err(unreachable)?;
         match response.status().as_u16() {
             200 => {}
             401 => {
-                *self.lock_token() = None;
                 return Err(format!(
                     "{what}: registry {at} refused the credentials (401 Unauthorized)"
                 ));
@@ -337,7 +347,6 @@ impl Registry {
             404 => return Err(format!("{what}: not found in registry {at}")),
             code => return Err(format!("{what}: registry {at} answered {code}")),
         }
-        let unreachable = |e: reqwest::Error| self.unreachable(&what, &e);
         let too_large = || {
             format!(
                 "{what} from registry {at} is larger than {} MiB; refused",
@@ -373,65 +382,6 @@ impl Registry {
         }
         serde_json::from_slice(&body)
             .map_err(|e| format!("{what} from registry {at}: not an image manifest ({e})"))
-    }
-
-    fn lock_token(&self) -> std::sync::MutexGuard<'_, Option<Option<String>>> {
-        self.pull_token
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-    }
-
-    /// Authenticates to pull `image` as oci-client does (asks `/v2/` for
-    /// the challenge, then the realm for a token) and keeps the outcome.
-    async fn authenticate(&self, image: &Reference, what: &str) -> Result<Option<String>, String> {
-        let token = self
-            .client
-            .auth(image, &self.auth, oci_client::RegistryOperation::Pull)
-            .await
-            .map_err(|e| self.explain(what, e))?;
-        *self.lock_token() = Some(token.clone());
-        Ok(token)
-    }
-
-    /// Sends the manifest's `GET` with `token`, or else the basic
-    /// credentials if any.
-    async fn get_manifest(
-        &self,
-        image: &Reference,
-        what: &str,
-        token: Option<&str>,
-    ) -> Result<reqwest::Response, String> {
-        // As oci-client addresses it (`docker.io` is `index.docker.io`).
-        let registry = image.resolve_registry();
-        let scheme = if self.insecure_hosts.iter().any(|h| h == registry) {
-            "http"
-        } else {
-            "https"
-        };
-        let url = format!(
-            "{scheme}://{registry}/v2/{}/manifests/{}",
-            image.repository(),
-            image.digest().unwrap_or_default()
-        );
-        let request = self
-            .http
-            .get(url)
-            .header(reqwest::header::ACCEPT, MANIFEST_TYPES);
-        let request = match (token, &self.auth) {
-            (Some(token), _) => request.bearer_auth(token),
-            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
-            (None, _) => request,
-        };
-        request.send().await.map_err(|e| self.unreachable(what, &e))
-    }
-
-    fn unreachable(&self, what: &str, e: &reqwest::Error) -> String {
-        let msg = crate::error::ErrorChain(e).to_string();
-        format!(
-            "{what}: cannot reach registry {}: {}",
-            self.host,
-            crate::manifest::prefix(&msg)
-        )
     }
 }
 
@@ -501,22 +451,17 @@ mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// An HTTP/1.1 server on a loopback port answering each request (its
-    /// head) with what `respond` returns: a head, then a body repeated
-    /// some number of times; the address.
-    async fn serve<F>(respond: F) -> String
-    where
-        F: Fn(&str) -> (String, Vec<u8>, usize) + Send + Sync + 'static,
-    {
+    /// A registry on a loopback port that answers `/v2/` and, for any
+    /// manifest, `head` then `body` (repeated `times`); the address.
+    async fn registry(head: &'static str, body: Vec<u8>, times: usize) -> String {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
-        let respond = std::sync::Arc::new(respond);
         tokio::spawn(async move {
             loop {
                 let Ok((mut tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let respond = respond.clone();
+                let body = body.clone();
                 tokio::spawn(async move {
                     let mut request = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -526,7 +471,10 @@ mod tests {
                             Ok(n) => request.extend_from_slice(&buf[..n]),
                         }
                     }
-                    let (head, body, times) = respond(&String::from_utf8_lossy(&request));
+                    if request.starts_with(b"GET /v2/ ") {
+                        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
+                        return;
+                    }
                     let _ = tcp.write_all(head.as_bytes()).await;
                     for _ in 0..times {
                         if tcp.write_all(&body).await.is_err() {
@@ -537,20 +485,6 @@ mod tests {
             }
         });
         addr
-    }
-
-    /// A registry that answers `/v2/` and, for any manifest, `head` then
-    /// `body` (repeated `times`); the address.
-    async fn registry(head: &'static str, body: Vec<u8>, times: usize) -> String {
-        serve(move |request| {
-            if request.starts_with("GET /v2/ ") {
-                let ok = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
-                (ok.to_owned(), Vec::new(), 0)
-            } else {
-                (head.to_owned(), body.clone(), times)
-            }
-        })
-        .await
     }
 
     fn source(addr: &str) -> Registry {
@@ -566,9 +500,6 @@ mod tests {
         Registry::new(&spec, &OciAuth::Anonymous).unwrap()
     }
 
-    /// An image manifest with no layers.
-    const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-
     /// A chunk of HTTP/1.1 chunked encoding.
     fn chunk(data: &[u8]) -> Vec<u8> {
         let mut c = format!("{:x}\r\n", data.len()).into_bytes();
@@ -580,7 +511,7 @@ mod tests {
     #[tokio::test]
     async fn a_manifest_is_read_up_to_its_cap_and_checked_against_its_digest() {
         let wait = |f| tokio::time::timeout(std::time::Duration::from_secs(10), f);
-        let manifest = MANIFEST;
+        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
         let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(manifest)));
         let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
         let mut body = chunk(manifest);
@@ -604,109 +535,6 @@ mod tests {
         let declared = source(&registry(long, Vec::new(), 0).await);
         let e = wait(declared.manifest(&digest)).await.unwrap().unwrap_err();
         assert!(e.contains("is larger than 4 MiB; refused"), "{e}");
-    }
-
-    /// What a token-authenticating registry was asked, and the token it
-    /// accepts now.
-    #[derive(Default)]
-    struct TokenRegistry {
-        challenges: usize,
-        tokens: usize,
-        valid: Option<String>,
-        /// Tokens issued from now on are not accepted.
-        refuse: bool,
-    }
-
-    /// A registry that asks for a bearer token from its realm, as
-    /// Docker Hub, GHCR and Harbor do, and serves `manifest` to a request
-    /// carrying the token it issued last.
-    async fn token_registry(
-        manifest: &'static [u8],
-    ) -> (String, std::sync::Arc<std::sync::Mutex<TokenRegistry>>) {
-        let state = std::sync::Arc::new(std::sync::Mutex::new(TokenRegistry::default()));
-        let addr = std::sync::Arc::new(std::sync::OnceLock::<String>::new());
-        let (seen, at) = (state.clone(), addr.clone());
-        let bound = serve(move |request| {
-            let mut state = seen.lock().unwrap();
-            let challenge = format!(
-                "HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Bearer realm=\"http://{}/token\",service=\"test\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n",
-                at.get().unwrap()
-            );
-            let json = |body: String| {
-                let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", body.len());
-                (head, body.into_bytes(), 1)
-            };
-            if request.starts_with("GET /v2/ ") {
-                state.challenges += 1;
-                return (challenge, Vec::new(), 0);
-            }
-            if request.starts_with("GET /token?") {
-                assert!(request.contains("scope=repository%3Aapp%3Apull"), "{request}");
-                state.tokens += 1;
-                let token = format!("t{}", state.tokens);
-                if !state.refuse {
-                    state.valid = Some(token.clone());
-                }
-                return json(format!(r#"{{"token":"{token}"}}"#));
-            }
-            let carried = request
-                .lines()
-                .find_map(|l| l.strip_prefix("authorization: Bearer "))
-                .map(str::to_owned);
-            if carried.is_none() || carried != state.valid {
-                return (challenge, Vec::new(), 0);
-            }
-            let head = format!("HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n", manifest.len());
-            (head, manifest.to_vec(), 1)
-        })
-        .await;
-        addr.set(bound.clone()).unwrap();
-        (bound, state)
-    }
-
-    #[tokio::test]
-    async fn the_manifest_token_is_kept_until_refused_then_replaced_once() {
-        let wait = |f| tokio::time::timeout(std::time::Duration::from_secs(10), f);
-        let (addr, state) = token_registry(MANIFEST).await;
-        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(MANIFEST)));
-        let counts = || {
-            let s = state.lock().unwrap();
-            (s.challenges, s.tokens)
-        };
-        let registry = source(&addr);
-        for _ in 0..3 {
-            wait(registry.manifest(&digest)).await.unwrap().unwrap();
-        }
-        assert_eq!(
-            counts(),
-            (1, 1),
-            "one challenge and one token for three pulls"
-        );
-        // The registry forgets the token (it expired): one new token, and
-        // the pull goes on.
-        state.lock().unwrap().valid = None;
-        wait(registry.manifest(&digest)).await.unwrap().unwrap();
-        assert_eq!(counts(), (2, 2));
-        wait(registry.manifest(&digest)).await.unwrap().unwrap();
-        assert_eq!(counts(), (2, 2));
-        // It refuses every token: one new token per pull, then the error.
-        {
-            let mut s = state.lock().unwrap();
-            s.valid = None;
-            s.refuse = true;
-        }
-        let e = wait(registry.manifest(&digest)).await.unwrap().unwrap_err();
-        assert!(
-            e.contains("refused the credentials (401 Unauthorized)"),
-            "{e}"
-        );
-        assert_eq!(counts(), (3, 3));
-        let e = wait(registry.manifest(&digest)).await.unwrap().unwrap_err();
-        assert!(
-            e.contains("refused the credentials (401 Unauthorized)"),
-            "{e}"
-        );
-        assert_eq!(counts(), (4, 4), "a refused token is not tried again");
     }
 
     fn layer(media_type: &str) -> OciDescriptor {
