@@ -89,6 +89,9 @@ if cargo tree --workspace --locked -e normal,build -i openssl-sys >/dev/null 2>&
 fi
 
 say "dependency policy (cargo-deny: licenses, bans, sources; deny.toml)"
+# cargo-deny reads the metadata of every platform's dependencies, whose
+# sources a build on this one does not download: fetch them first.
+cargo fetch --locked --quiet
 cargo deny --offline check licenses bans sources
 # Advisories need RustSec's database from GitHub: checked when it can be
 # fetched, reported as skipped when it cannot.

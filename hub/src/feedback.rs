@@ -67,12 +67,12 @@ const MAX_ACK_INTERVAL: Duration = Duration::from_secs(10);
 /// Acks take at most one part in this many of the writer's time.
 const ACK_SHARE: u32 = 10;
 
-/// When acks are next written, after a batch of them took `took`: a
-/// second later, or ten times `took` later when that is longer (at most
-/// ten seconds). Each agent's acks of a unit coalesce meanwhile, so under
-/// load the writer (which commits and statuses wait for) spends about a
-/// tenth of its time on acks, and a unit's "received" is as fresh as that
-/// allows.
+/// When acks (and "last seen" records) are next written, after a batch of
+/// them took `took`: a second later, or ten times `took` later when that
+/// is longer (at most ten seconds). Each agent's acks of a unit coalesce
+/// meanwhile, so while a batch takes under a second the writer (which
+/// commits and statuses wait for) spends at most about a tenth of its time
+/// on them, and a unit's "received" is as fresh as that allows.
 fn ack_interval(took: Duration) -> Duration {
     took.saturating_mul(ACK_SHARE)
         .clamp(ACK_INTERVAL, MAX_ACK_INTERVAL)
@@ -84,7 +84,8 @@ pub struct Flushed {
     /// Everything was written (else what was not is kept for the next
     /// attempt).
     pub written: bool,
-    /// How long the acks took to write.
+    /// How long the acks (and "last seen" records, written with them)
+    /// took to write.
     pub acks: Duration,
 }
 /// Rows per transaction: few enough that a commit waiting for the writer
@@ -98,8 +99,9 @@ impl Feedback {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Records an ack (written with the next batch of acks, at most a
-    /// second later; acks do not wake the writer).
+    /// Records an ack (written with the next batch of acks, a second
+    /// later or, under load, up to [`MAX_ACK_INTERVAL`]; acks do not wake
+    /// the writer).
     pub fn ack(&self, cluster: &ClusterName, env: &EnvName, unit: UnitName, revision: RevisionNum) {
         let mut p = self.lock();
         let acks = match p.acks.get_mut(cluster) {
@@ -204,7 +206,6 @@ impl Feedback {
                 written_acks += chunk.len();
             }
         }
-        let acks_took = acks_started.elapsed();
         let mut written_seen = 0;
         if failed.is_none() {
             for chunk in seen.chunks(CHUNK) {
@@ -215,6 +216,7 @@ impl Feedback {
                 written_seen += chunk.len();
             }
         }
+        let acks_took = acks_started.elapsed();
         let Some(e) = failed else {
             return Flushed {
                 written: true,
