@@ -8,12 +8,17 @@
 //! holds every unit's last revision (the hub coalesces: an agent that is
 //! behind gets the latest revision, not each one; the bare server sends
 //! every message) for both, and the ratios; and how long a new connection
-//! making one call (as each CLI run does) takes meanwhile. `--storm`
+//! making one call (as each CLI run does) takes meanwhile. `--report` has
+//! every agent also report each revision Ready and follows the hub's
+//! `WatchStatus`: commit -> Ready in every cluster at the hub, what
+//! `unit update --wait` waits for (the bare server drains the reports).
+//! `--storm`
 //! instead SIGKILLs and restarts the hub under N real session clients
 //! (`--tls` with every agent's TLS handshake). Figures, not assertions.
 //!
 //! Run: `cargo run --release -p unitsync-tests --bin fanout-bench -- --agents 1000 --revisions 200`
 
+use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -50,6 +55,12 @@ struct Args {
     /// Only run the hub (skip the bare baseline).
     #[arg(long)]
     hub_only: bool,
+    /// Each agent also reports every revision it receives Ready (as a real
+    /// agent does once it is applied; here at once), and the hub's
+    /// `WatchStatus` is followed: prints commit → Ready in every cluster
+    /// at the hub (what `unit update --wait` waits for).
+    #[arg(long, conflicts_with = "storm")]
+    report: bool,
     /// Reconnect storm instead: the agents (the real session client, with
     /// its backoff) hold `--units` units; the hub is SIGKILLed and
     /// restarted; prints the time until every agent is back and resynced,
@@ -88,6 +99,10 @@ struct Figures {
     /// `None` for the bare server, which numbers nothing and delivers all.
     converged: Option<usize>,
     agents: usize,
+    /// With `--report`, for the hub: commit → Ready in every cluster at
+    /// the hub, sorted, in microseconds, and how many commits never got
+    /// there (the hub coalesces: a later revision of the unit counts).
+    ready: Option<(Vec<u64>, usize)>,
 }
 
 impl Figures {
@@ -145,6 +160,18 @@ impl Figures {
             "",
             self.elapsed.as_secs_f64() * 1000.0
         );
+        if let Some((ready_us, missing)) = &self.ready {
+            println!(
+                "{:<11} ready      {:>8}/{:<8} p50 {:>8.2} ms  p99 {:>8.2} ms  max {:>8.2} ms  (commit -> Ready in all {} clusters at the hub, over WatchStatus)",
+                "",
+                ready_us.len(),
+                ready_us.len() + missing,
+                percentile_ms(ready_us, 0.50),
+                percentile_ms(ready_us, 0.99),
+                percentile_ms(ready_us, 1.0),
+                self.agents,
+            );
+        }
     }
 }
 
@@ -217,7 +244,7 @@ async fn open_session(endpoint: &str, token: &str) -> anyhow::Result<Session> {
 }
 
 /// The latest revision an agent received, per unit.
-type Held = Arc<std::sync::Mutex<std::collections::HashMap<String, u64>>>;
+type Held = Arc<std::sync::Mutex<HashMap<String, u64>>>;
 
 /// One simulated agent: connect, hello, then receive and ack until `stop`.
 async fn agent(
@@ -227,6 +254,7 @@ async fn agent(
     held: Held,
     ready: mpsc::Sender<Result<(), String>>,
     mut stop: tokio::sync::watch::Receiver<bool>,
+    report: bool,
 ) -> anyhow::Result<()> {
     // Like a real agent, retry a refused or reset connection with backoff.
     let mut backoff = unitsync_proto::backoff::Backoff::default();
@@ -270,9 +298,19 @@ async fn agent(
                             }
                         }
                         *collector.last.lock().unwrap() = Some(Instant::now());
+                        let status = report.then(|| pb::StatusReport {
+                            unit: u.unit.clone(),
+                            revision: u.revision,
+                            phase: pb::Phase::Ready as i32,
+                            observed_at: Some(SystemTime::now().into()),
+                            ..Default::default()
+                        });
                         let _ = tx
                             .send(pb::AgentMessage { msg: Some(AgentMsg::Ack(pb::Ack { unit: u.unit, revision: u.revision })) })
                             .await;
+                        if let Some(status) = status {
+                            let _ = tx.send(pb::AgentMessage { msg: Some(AgentMsg::Status(status)) }).await;
+                        }
                     }
                     _ => {}
                 }
@@ -290,7 +328,12 @@ struct Fleet {
     tasks: Vec<tokio::task::JoinHandle<anyhow::Result<()>>>,
 }
 
-async fn connect_fleet(name: &str, endpoint: &str, tokens: &[String]) -> anyhow::Result<Fleet> {
+async fn connect_fleet(
+    name: &str,
+    endpoint: &str,
+    tokens: &[String],
+    report: bool,
+) -> anyhow::Result<Fleet> {
     let collector = Arc::new(Collector::default());
     let (ready_tx, mut ready_rx) = mpsc::channel(tokens.len().max(1));
     let (stop, stop_rx) = tokio::sync::watch::channel(false);
@@ -305,6 +348,7 @@ async fn connect_fleet(name: &str, endpoint: &str, tokens: &[String]) -> anyhow:
             held[i].clone(),
             ready.clone(),
             stop_rx.clone(),
+            report,
         );
         tasks.push(tokio::spawn(async move {
             let r = run.await;
@@ -357,9 +401,14 @@ async fn phase(
     agents: usize,
     interval: Option<Duration>,
     server_pid: u32,
+    watch: bool,
 ) -> anyhow::Result<Figures> {
     let collector = &fleet.collector;
     collector.reset();
+    let watching = match watch {
+        true => Some(follow_ready(endpoint, admin_token).await?),
+        false => None,
+    };
     let start = Instant::now();
     let cpu_before = cpu_seconds(server_pid);
     // The committing pipelines run on a thread of their own (as separate
@@ -374,6 +423,7 @@ async fn phase(
     });
     let Committed {
         round_trips: mut commits_us,
+        made,
         last,
         fresh: mut fresh_us,
     } = committer.await??;
@@ -410,6 +460,25 @@ async fn phase(
             })
             .count()
     });
+    let ready = match watching {
+        Some((log, stop)) => {
+            // Until every commit is Ready everywhere, or no status has
+            // come for 5 s.
+            let mut figures = ready_figures(&log, &made, agents);
+            let (mut count, mut quiet_since) = (0, Instant::now());
+            while figures.1 > 0 && quiet_since.elapsed() < Duration::from_secs(5) {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                let now: usize = log.lock().unwrap().values().map(Vec::len).sum();
+                if now != count {
+                    (count, quiet_since) = (now, Instant::now());
+                }
+                figures = ready_figures(&log, &made, agents);
+            }
+            drop(stop);
+            Some(figures)
+        }
+        None => None,
+    };
     let mut latencies = std::mem::take(&mut *collector.latencies.lock().unwrap());
     latencies.sort_unstable();
     Ok(Figures {
@@ -425,7 +494,124 @@ async fn phase(
         fresh_us,
         converged,
         agents,
+        ready,
     })
+}
+
+/// Each cluster's Ready revisions of each unit (by its name in the
+/// environment), as the hub's `WatchStatus` showed them, and when.
+type ReadyLog = Arc<std::sync::Mutex<HashMap<(String, String), Vec<(u64, Instant)>>>>;
+
+/// Follows the hub's `WatchStatus` of the `bench` environment into a log,
+/// once its snapshot is complete (changes only from there on), until the
+/// returned sender is dropped. It runs on a thread of its own, so that
+/// the time an event is seen does not include a wait behind this
+/// process's agents.
+async fn follow_ready(
+    endpoint: &str,
+    token: &str,
+) -> anyhow::Result<(ReadyLog, tokio::sync::oneshot::Sender<()>)> {
+    let log = ReadyLog::default();
+    let (started_tx, started_rx) = tokio::sync::oneshot::channel();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let (endpoint, token, kept) = (endpoint.to_owned(), token.to_owned(), log.clone());
+    std::thread::spawn(move || {
+        let follow = async move {
+            let mut stream = match subscribe_status(&endpoint, &token).await {
+                Ok(stream) => stream,
+                Err(e) => {
+                    let _ = started_tx.send(Err(e));
+                    return;
+                }
+            };
+            let _ = started_tx.send(Ok(()));
+            let events = async {
+                while let Ok(Some(event)) = stream.message().await {
+                    let now = Instant::now();
+                    let mut log = kept.lock().unwrap();
+                    for cell in event.cells {
+                        if cell.phase == pb::Phase::Ready as i32 {
+                            let unit = cell.unit.rsplit('/').next().unwrap_or_default();
+                            log.entry((cell.cluster, unit.to_owned()))
+                                .or_default()
+                                .push((cell.revision, now));
+                        }
+                    }
+                }
+            };
+            tokio::select! {
+                () = events => {}
+                _ = stopped => {}
+            }
+        };
+        match tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(runtime) => runtime.block_on(follow),
+            Err(e) => eprintln!("status watcher: {e}"),
+        }
+    });
+    started_rx.await.context("the status watcher ended")??;
+    Ok((log, stop))
+}
+
+/// `WatchStatus` of the `bench` environment, its snapshot read.
+async fn subscribe_status(
+    endpoint: &str,
+    token: &str,
+) -> anyhow::Result<Streaming<pb::StatusEvent>> {
+    let mut admin = connect_admin(endpoint).await?;
+    let request = pb::WatchStatusRequest {
+        environment: "bench".into(),
+        unit: String::new(),
+    };
+    let mut stream = admin
+        .watch_status(authed(request, token)?)
+        .await?
+        .into_inner();
+    loop {
+        let event = tokio::time::timeout(Duration::from_secs(60), stream.message())
+            .await
+            .context("no WatchStatus snapshot within 60 s")??
+            .context("WatchStatus ended before its snapshot")?;
+        if event.snapshot_complete {
+            return Ok(stream);
+        }
+    }
+}
+
+/// For each commit, how long until all `clusters` showed it (or a later
+/// revision of its unit) Ready, sorted, in µs; and how many commits did
+/// not get there.
+fn ready_figures(
+    log: &ReadyLog,
+    made: &[(usize, u64, Instant)],
+    clusters: usize,
+) -> (Vec<u64>, usize) {
+    let log = log.lock().unwrap();
+    let mut by_unit: HashMap<&str, Vec<&Vec<(u64, Instant)>>> = HashMap::new();
+    for ((_, unit), seen) in log.iter() {
+        by_unit.entry(unit.as_str()).or_default().push(seen);
+    }
+    let (mut ready_us, mut missing) = (Vec::new(), 0);
+    for (unit, number, at) in made {
+        let everywhere = by_unit
+            .get(format!("u{unit}").as_str())
+            .filter(|seen| seen.len() == clusters)
+            .and_then(|seen| {
+                seen.iter()
+                    .map(|s| s.iter().find(|(r, _)| r >= number).map(|(_, t)| *t))
+                    .collect::<Option<Vec<Instant>>>()
+            })
+            .and_then(|times| times.into_iter().max());
+        match everywhere {
+            Some(t) => ready_us.push(t.saturating_duration_since(*at).as_micros() as u64),
+            None => missing += 1,
+        }
+    }
+    ready_us.sort_unstable();
+    (ready_us, missing)
 }
 
 /// Commits `args.revisions` revisions over `args.units` units: one every
@@ -457,9 +643,14 @@ async fn commit_revisions(
         )
     };
     let commits = std::sync::Mutex::new(Vec::with_capacity(revisions));
-    let last = std::sync::Mutex::new(std::collections::HashMap::new());
-    let timed = |r: usize, took: Duration, number: u64| {
-        commits.lock().unwrap().push(took.as_micros() as u64);
+    let made = std::sync::Mutex::new(Vec::with_capacity(revisions));
+    let last = std::sync::Mutex::new(HashMap::new());
+    let timed = |r: usize, at: Instant, number: u64| {
+        commits
+            .lock()
+            .unwrap()
+            .push(at.elapsed().as_micros() as u64);
+        made.lock().unwrap().push((r % units, number, at));
         let mut last = last.lock().unwrap();
         let n = last.entry(r % units).or_insert(0);
         *n = number.max(*n);
@@ -481,7 +672,7 @@ async fn commit_revisions(
                     tokio::time::sleep_until((start + i * r as u32).into()).await;
                     let t = Instant::now();
                     let committed = admin.put_unit(put(r)?).await?;
-                    timed(r, t.elapsed(), committed.get_ref().number);
+                    timed(r, t, committed.get_ref().number);
                 }
             }
             None => {
@@ -492,7 +683,7 @@ async fn commit_revisions(
                         for r in (unit..revisions).step_by(units) {
                             let t = Instant::now();
                             let committed = admin.put_unit(put(r)?).await?;
-                            timed(r, t.elapsed(), committed.get_ref().number);
+                            timed(r, t, committed.get_ref().number);
                         }
                         anyhow::Ok(())
                     }
@@ -510,6 +701,7 @@ async fn commit_revisions(
     }
     Ok(Committed {
         round_trips: commits.into_inner().unwrap(),
+        made: made.into_inner().unwrap(),
         last: last.into_inner().unwrap(),
         fresh: fresh.into_inner().unwrap(),
     })
@@ -518,7 +710,9 @@ async fn commit_revisions(
 /// What a phase's committer saw.
 struct Committed {
     round_trips: Vec<u64>,
-    last: std::collections::HashMap<usize, u64>,
+    /// Each commit: its unit, its revision number and when it was sent.
+    made: Vec<(usize, u64, Instant)>,
+    last: HashMap<usize, u64>,
     /// A new connection and one call, in µs.
     fresh: Vec<u64>,
 }
@@ -531,8 +725,9 @@ async fn measure(
     admin_token: &str,
     tokens: &[String],
     server_pid: u32,
+    watch: bool,
 ) -> anyhow::Result<[Figures; 2]> {
-    let fleet = connect_fleet(names[0], endpoint, tokens).await?;
+    let fleet = connect_fleet(names[0], endpoint, tokens, args.report).await?;
     let interval = Duration::from_millis(args.interval_ms);
     let paced = phase(
         names[0],
@@ -543,6 +738,7 @@ async fn measure(
         tokens.len(),
         Some(interval),
         server_pid,
+        watch,
     )
     .await?;
     let burst = phase(
@@ -554,6 +750,7 @@ async fn measure(
         tokens.len(),
         None,
         server_pid,
+        watch,
     )
     .await?;
     fleet.close().await;
@@ -733,6 +930,7 @@ async fn run_hub(args: &Args) -> anyhow::Result<[Figures; 2]> {
         &admin_token,
         &tokens,
         child.0.id(),
+        args.report,
     )
     .await
 }
@@ -755,6 +953,7 @@ async fn run_baseline(args: &Args) -> anyhow::Result<[Figures; 2]> {
         "none",
         &tokens,
         child.0.id(),
+        false,
     )
     .await
 }
