@@ -10,8 +10,8 @@
 //! every message) for both, and the ratios; and how long a new connection
 //! making one call (as each CLI run does) takes meanwhile. `--report` has
 //! every agent also report each revision Ready and follows the hub's
-//! `WatchStatus`: commit -> Ready in every cluster at the hub, what
-//! `unit update --wait` waits for (the bare server drains the reports).
+//! `WatchStatus`: commit -> Ready (that revision or a later one) in every
+//! cluster at the hub (the bare server drains the reports).
 //! `--storm`
 //! instead SIGKILLs and restarts the hub under N real session clients
 //! (`--tls` with every agent's TLS handshake). Figures, not assertions.
@@ -57,8 +57,8 @@ struct Args {
     hub_only: bool,
     /// Each agent also reports every revision it receives Ready (as a real
     /// agent does once it is applied; here at once), and the hub's
-    /// `WatchStatus` is followed: prints commit → Ready in every cluster
-    /// at the hub (what `unit update --wait` waits for).
+    /// `WatchStatus` is followed: prints commit → Ready (that revision or
+    /// a later one) in every cluster at the hub.
     #[arg(long, conflicts_with = "storm")]
     report: bool,
     /// Reconnect storm instead: the agents (the real session client, with
@@ -471,8 +471,8 @@ async fn phase(
                 let now: usize = log.lock().unwrap().values().map(Vec::len).sum();
                 if now != count {
                     (count, quiet_since) = (now, Instant::now());
+                    figures = ready_figures(&log, &made, agents);
                 }
-                figures = ready_figures(&log, &made, agents);
             }
             drop(stop);
             Some(figures)
@@ -526,7 +526,15 @@ async fn follow_ready(
             };
             let _ = started_tx.send(Ok(()));
             let events = async {
-                while let Ok(Some(event)) = stream.message().await {
+                loop {
+                    let event = match stream.message().await {
+                        Ok(Some(event)) => event,
+                        Ok(None) => break,
+                        Err(e) => {
+                            eprintln!("status watcher: WatchStatus failed: {e}");
+                            break;
+                        }
+                    };
                     let now = Instant::now();
                     let mut log = kept.lock().unwrap();
                     for cell in event.cells {
@@ -581,9 +589,10 @@ async fn subscribe_status(
     }
 }
 
-/// For each commit, how long until all `clusters` showed it (or a later
-/// revision of its unit) Ready, sorted, in µs; and how many commits did
-/// not get there.
+/// For each commit, how long from sending it until all `clusters` showed
+/// it, or a later revision of its unit, Ready (the hub coalesces: an agent
+/// that is behind gets only the latest), sorted, in µs; and how many
+/// commits did not get there.
 fn ready_figures(
     log: &ReadyLog,
     made: &[(usize, u64, Instant)],
