@@ -353,6 +353,68 @@ async fn wait_fails_with_the_failing_clusters_message() {
 }
 
 #[tokio::test]
+async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    hub.ok(&["env", "create", "dev"]).await;
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    let mut agent = SimAgent::new(
+        &hub.endpoint,
+        Some(&hub.ca),
+        created["token"].as_str().unwrap(),
+    );
+    agent.start();
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    hub.ok(&["unit", "create", "dev/web", "-f", &v1]).await;
+    // Waits for revision 2 (far longer than the test's deadline).
+    let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
+    let mut cmd = hub.cmd();
+    cmd.args([
+        "unit",
+        "update",
+        "dev/web",
+        "-f",
+        &v2,
+        "--wait",
+        "--timeout",
+        "600",
+    ]);
+    let waiting = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    until("agent received web@2", || async {
+        agent.held().get("web") == Some(&(2, false))
+    })
+    .await;
+    // Another pipeline commits revision 3 before 2 was Ready; the cluster
+    // applies it.
+    let v3 = write(files.path(), "v3.yaml", &configmap("web", "3"));
+    hub.ok(&["unit", "update", "dev/web", "-f", &v3]).await;
+    until("agent received web@3", || async {
+        agent.held().get("web") == Some(&(3, false))
+    })
+    .await;
+    agent.report(StatusUpdate {
+        unit: "web".into(),
+        revision: 3,
+        phase: unitsync_agent::status::Phase::Ready,
+        message: String::new(),
+        resources: vec![],
+    });
+    let out = within("wait exits", waiting).await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("dev/web@2 was superseded before it was Ready in every cluster (0/1 were)")
+            && err.contains("dev-1: at revision 3"),
+        "{err}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn agent_install_with_secret_issues_a_fresh_per_cluster_token() {
     let hub = serve().await;
     hub.ok(&["env", "create", "dev"]).await;

@@ -1,6 +1,8 @@
 //! `--wait`: block until every cluster of a unit's environment reports the
 //! new revision Ready (or Destroyed), failing fast when one reports a
-//! failure for it. It follows `WatchStatus` (the hub pushes each status as
+//! failure for it, or moves on to a later revision before it got there
+//! (a commit made meanwhile supersedes it: the hub sends each cluster the
+//! unit's latest revision, so the wait could never end). It follows `WatchStatus` (the hub pushes each status as
 //! it is recorded): no polling interval.
 
 use std::collections::BTreeMap;
@@ -123,6 +125,15 @@ pub(super) async fn until_ready(
         if v.done == clusters.len() {
             return Ok(());
         }
+        if !v.superseded.is_empty() {
+            bail!(
+                "{unit}@{revision} was superseded before it was {} in every cluster ({}/{} were):\n  {}",
+                phase(want.into()),
+                v.done,
+                clusters.len(),
+                v.superseded.join("\n  ")
+            );
+        }
     }
 }
 
@@ -130,6 +141,8 @@ pub(super) async fn until_ready(
 struct Verdict {
     done: usize,
     failed: Vec<String>,
+    /// Clusters that moved on to a later revision (or set this one aside).
+    superseded: Vec<String>,
     waiting: Vec<String>,
 }
 
@@ -142,6 +155,7 @@ fn judge(
     let mut v = Verdict {
         done: 0,
         failed: vec![],
+        superseded: vec![],
         waiting: vec![],
     };
     for (name, connected) in clusters {
@@ -157,6 +171,13 @@ fn judge(
                 v.failed
                     .push(format!("{name}: {} {}", phase(s.phase), s.message));
             }
+            Some(s) if s.revision > revision || s.acked_revision > revision => {
+                let later = s.revision.max(s.acked_revision);
+                v.superseded.push(format!("{name}: at revision {later}"));
+            }
+            Some(s) if s.revision == revision && s.phase == i32::from(pb::Phase::Superseded) => {
+                v.superseded.push(format!("{name}: {}", phase(s.phase)));
+            }
             Some(s) if s.revision == revision => {
                 v.waiting.push(format!("{name}: {}", phase(s.phase)));
             }
@@ -168,4 +189,44 @@ fn judge(
         }
     }
     v
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cell(revision: u64, acked: u64, phase: pb::Phase) -> pb::ClusterUnitStatus {
+        pb::ClusterUnitStatus {
+            revision,
+            acked_revision: acked,
+            phase: phase.into(),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_cluster_past_the_revision_supersedes_the_wait() {
+        let clusters: BTreeMap<String, bool> =
+            ["a", "b", "c", "d"].map(|c| (c.to_owned(), true)).into();
+        let cells: BTreeMap<String, pb::ClusterUnitStatus> = [
+            ("a", cell(2, 2, pb::Phase::Ready)),
+            // Ready at 2 and has received 3: it was Ready at 2.
+            ("b", cell(2, 3, pb::Phase::Ready)),
+            ("c", cell(3, 3, pb::Phase::Ready)),
+            ("d", cell(1, 3, pb::Phase::Ready)),
+        ]
+        .map(|(c, s)| (c.to_owned(), s))
+        .into();
+        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        assert_eq!(v.done, 2);
+        assert_eq!(v.superseded, ["c: at revision 3", "d: at revision 3"]);
+        assert!(v.failed.is_empty() && v.waiting.is_empty());
+        // Still on its way to 2: waiting, not superseded.
+        let cells: BTreeMap<String, pb::ClusterUnitStatus> = [("a", cell(1, 2, pb::Phase::Ready))]
+            .map(|(c, s)| (c.to_owned(), s))
+            .into();
+        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        assert!(v.superseded.is_empty());
+        assert_eq!(v.waiting[0], "a: received");
+    }
 }
