@@ -122,6 +122,13 @@ impl Served {
         .unwrap()
     }
 
+    /// Runs a command in the background; its output once it exits.
+    fn background(&self, args: &[&str]) -> tokio::task::JoinHandle<Output> {
+        let mut c = self.cmd();
+        c.args(args);
+        tokio::task::spawn_blocking(move || c.output().unwrap())
+    }
+
     async fn ok(&self, args: &[&str]) -> String {
         let out = self.run(args).await;
         assert!(
@@ -281,10 +288,9 @@ async fn operator_cli_end_to_end() {
     agent.stop().await;
 }
 
-#[tokio::test]
-async fn wait_fails_with_the_failing_clusters_message() {
-    let hub = serve().await;
-    let files = tempfile::tempdir().unwrap();
+/// Environment `dev` with one cluster, `dev-1`, whose simulated agent is
+/// running and reports only what the test tells it to.
+async fn one_cluster(hub: &Served) -> SimAgent {
     hub.ok(&["env", "create", "dev"]).await;
     let created: serde_json::Value = serde_json::from_str(
         &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
@@ -297,9 +303,16 @@ async fn wait_fails_with_the_failing_clusters_message() {
         created["token"].as_str().unwrap(),
     );
     agent.start();
+    agent
+}
+
+#[tokio::test]
+async fn wait_fails_with_the_failing_clusters_message() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let mut agent = one_cluster(&hub).await;
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
-    let mut cmd = hub.cmd();
-    cmd.args([
+    let waiting = hub.background(&[
         "unit",
         "create",
         "dev/web",
@@ -309,7 +322,6 @@ async fn wait_fails_with_the_failing_clusters_message() {
         "--timeout",
         "60",
     ]);
-    let waiting = tokio::task::spawn_blocking(move || cmd.output().unwrap());
     until("agent received web", || async {
         agent.held().contains_key("web")
     })
@@ -356,24 +368,12 @@ async fn wait_fails_with_the_failing_clusters_message() {
 async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
     let hub = serve().await;
     let files = tempfile::tempdir().unwrap();
-    hub.ok(&["env", "create", "dev"]).await;
-    let created: serde_json::Value = serde_json::from_str(
-        &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
-            .await,
-    )
-    .unwrap();
-    let mut agent = SimAgent::new(
-        &hub.endpoint,
-        Some(&hub.ca),
-        created["token"].as_str().unwrap(),
-    );
-    agent.start();
+    let mut agent = one_cluster(&hub).await;
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
     hub.ok(&["unit", "create", "dev/web", "-f", &v1]).await;
     // Waits for revision 2 (far longer than the test's deadline).
     let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
-    let mut cmd = hub.cmd();
-    cmd.args([
+    let wait_for_2 = [
         "unit",
         "update",
         "dev/web",
@@ -382,8 +382,8 @@ async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
         "--wait",
         "--timeout",
         "600",
-    ]);
-    let waiting = tokio::task::spawn_blocking(move || cmd.output().unwrap());
+    ];
+    let waiting = hub.background(&wait_for_2);
     until("agent received web@2", || async {
         agent.held().get("web") == Some(&(2, false))
     })
