@@ -16,6 +16,7 @@ mod watch;
 /// `unitsync_proto::session` (updates encoded once for every session).
 pub fn services(
     hub: &std::sync::Arc<crate::control::Hub>,
+    stop: tokio_util::sync::CancellationToken,
 ) -> (
     unitsync_proto::session::agent_service_server::AgentServiceServer<agent::AgentService>,
     operator::OperatorAuth<
@@ -30,7 +31,7 @@ pub fn services(
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);
     let admin = unitsync_proto::v1::hub_service_server::HubServiceServer::new(
-        admin::AdminService::new(hub.clone()),
+        admin::AdminService::new(hub.clone(), stop),
     )
     .max_decoding_message_size(MAX_MESSAGE_BYTES)
     .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -314,7 +314,7 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         });
     }
 
-    let (agent, admin_svc) = crate::grpc::services(&hub);
+    let (agent, admin_svc) = crate::grpc::services(&hub, shutdown.clone());
     let routes = tonic::service::Routes::new(agent).add_service(admin_svc);
     let ca_pem = tls.as_ref().and_then(|t| t.ca_pem.clone());
     // Agents may present a client certificate from the hub CA (mutual

@@ -415,6 +415,54 @@ async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
 }
 
 #[tokio::test]
+async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
+    let mut hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let mut agent = one_cluster(&hub).await;
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    let create = [
+        "unit",
+        "create",
+        "dev/web",
+        "-f",
+        &v1,
+        "--wait",
+        "--timeout",
+        "600",
+    ];
+    let waiting = hub.background(&create);
+    until("agent received web@1", || async {
+        agent.held().get("web") == Some(&(1, false))
+    })
+    .await;
+    // SIGTERM, as Kubernetes stops a pod: the hub stops although a watch
+    // is open, and the wait says why it ended and what it waited for.
+    let pid = hub._child.0.id().to_string();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .unwrap()
+            .success()
+    );
+    let child = &mut hub._child.0;
+    until("the hub exits", || {
+        let exited = matches!(child.try_wait(), Ok(Some(_)));
+        async move { exited }
+    })
+    .await;
+    let out = within("wait exits", waiting).await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the hub ended the watch of dev/web@1 (the hub is shutting down)")
+            && err.contains("not Ready yet:\n  dev-1: "),
+        "{err}"
+    );
+    agent.stop().await;
+}
+
+#[tokio::test]
 async fn agent_install_with_secret_issues_a_fresh_per_cluster_token() {
     let hub = serve().await;
     hub.ok(&["env", "create", "dev"]).await;

@@ -158,3 +158,27 @@ async fn status_watch_redraws_the_matrix_as_statuses_arrive() {
     let _ = child.kill().await;
     let _ = within("exit", child.wait()).await;
 }
+
+#[tokio::test]
+async fn a_watch_ends_unavailable_when_the_hub_shuts_down_and_does_not_hold_it() {
+    let mut hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let mut stream = within(
+        "watch",
+        hub.admin().await.watch_status(pb::WatchStatusRequest {
+            environment: "dev".into(),
+            unit: String::new(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    until_event(&mut stream, "the snapshot", |e| e.snapshot_complete).await;
+    // The hub stops within the test's deadline (it waited for the stream
+    // to end, which it never did).
+    hub.stop().await;
+    let ended = within("the watch's end", stream.message()).await;
+    let status = ended.expect_err("the watch ends with a status");
+    assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
+    assert!(status.message().contains("shutting down"), "{status}");
+}

@@ -67,7 +67,15 @@ pub(super) async fn until_ready(
         let ev = match next {
             Ok(Ok(Some(ev))) => ev,
             Ok(Ok(None)) => bail!("the hub ended the status stream"),
-            Ok(Err(e)) => return Err(e.into()),
+            Ok(Err(e)) => {
+                let verdict = judge(&clusters, &cells, revision, want);
+                bail!(
+                    "the hub ended the watch of {unit}@{revision} ({}); not {} yet:\n  {}",
+                    e.message(),
+                    phase(want.into()),
+                    verdict.waiting.join("\n  ")
+                );
+            }
             Err(_) => {
                 let verdict = judge(&clusters, &cells, revision, want);
                 bail!(

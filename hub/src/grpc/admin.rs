@@ -6,6 +6,7 @@
 
 use std::sync::Arc;
 
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 use unitsync_proto::v1 as pb;
 
@@ -24,11 +25,13 @@ const MAX_PAGE: u32 = 5_000;
 
 pub struct AdminService {
     hub: Arc<Hub>,
+    /// The hub's shutdown: ends the streams that would outlive it.
+    stop: CancellationToken,
 }
 
 impl AdminService {
-    pub fn new(hub: Arc<Hub>) -> Self {
-        Self { hub }
+    pub fn new(hub: Arc<Hub>, stop: CancellationToken) -> Self {
+        Self { hub, stop }
     }
 }
 
@@ -387,6 +390,7 @@ impl pb::hub_service_server::HubService for AdminService {
                 self.hub.clone(),
                 super::watch::Scope { env, unit },
                 tx,
+                self.stop.clone(),
             ));
             let stream: Self::WatchStatusStream =
                 Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx));

@@ -66,6 +66,10 @@ const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// ones are done on the accept lane.
 const CONTROL_HANDSHAKES: usize = 8;
 
+/// How long connections may take to finish their calls once shutdown
+/// began; those still busy then are closed.
+pub const DRAIN: Duration = Duration::from_secs(5);
+
 /// HTTP/2 settings of every connection.
 #[derive(Clone, Copy, Debug)]
 pub struct Settings {
@@ -95,7 +99,8 @@ impl Homes {
 
 /// Serves `routes` on `listener` until `stop` completes, then lets every
 /// open connection finish gracefully (their streams must end: the caller
-/// ends the agent sessions) and returns once all are closed. Runs on the
+/// ends the agent sessions and the watches) and returns once all are
+/// closed, or after [`DRAIN`], closing those still busy. Runs on the
 /// accept lane: connections stay there until their first call.
 pub async fn serve(
     listener: TcpListener,
@@ -146,7 +151,15 @@ pub async fn serve(
     drop(listener);
     let _ = closing.send(());
     drop(open);
-    closing.closed().await;
+    if tokio::time::timeout(DRAIN, closing.closed()).await.is_err() {
+        tracing::warn!(
+            connections = closing.receiver_count(),
+            "gRPC connections still busy {}s after shutdown began; closing them",
+            DRAIN.as_secs()
+        );
+        let _ = closing.send(());
+        closing.closed().await;
+    }
 }
 
 /// One accepted connection, before it is served.
@@ -256,7 +269,11 @@ impl Connection {
                     }
                     return;
                 }
-                _ = closing.changed(), if !draining => {
+                _ = closing.changed() => {
+                    if draining {
+                        // The drain's time is up (or the listener gone).
+                        return;
+                    }
                     draining = true;
                     conn.as_mut().graceful_shutdown();
                 }

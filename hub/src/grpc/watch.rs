@@ -1,11 +1,14 @@
 //! `WatchStatus`: the matrix (in pages), then its changes as the hub's
 //! events announce them. A watcher that falls behind gets a fresh
-//! snapshot; one that leaves ends its task at once.
+//! snapshot; one that leaves ends its task at once; when the hub shuts
+//! down, every watch ends with `UNAVAILABLE` (an open stream would hold
+//! the listener's graceful drain).
 
 use std::sync::Arc;
 
 use tokio::sync::broadcast::error::RecvError;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 use tonic::Status;
 use unitsync_proto::v1 as pb;
 
@@ -39,12 +42,23 @@ impl Scope {
 }
 
 /// Streams the scope's matrix, then its changes, into `tx` until the
-/// watcher leaves.
-pub(super) async fn run(hub: Arc<Hub>, scope: Scope, tx: Tx) {
+/// watcher leaves or the hub `stop`s.
+pub(super) async fn run(hub: Arc<Hub>, scope: Scope, tx: Tx, stop: CancellationToken) {
+    tokio::select! {
+        () = follow(&hub, &scope, &tx) => {}
+        () = stop.cancelled() => {
+            let _ = tx
+                .send(Err(Status::unavailable("the hub is shutting down")))
+                .await;
+        }
+    }
+}
+
+async fn follow(hub: &Arc<Hub>, scope: &Scope, tx: &Tx) {
     loop {
         // Subscribe before reading: nothing falls between the two.
         let mut events = hub.subscribe();
-        match snapshot(&hub, &scope, &tx).await {
+        match snapshot(hub, scope, tx).await {
             Ok(true) => {}
             Ok(false) => return,
             Err(e) => {
@@ -58,7 +72,7 @@ pub(super) async fn run(hub: Arc<Hub>, scope: Scope, tx: Tx) {
                 e = events.recv() => e,
             };
             match event {
-                Ok(e) => match change(&hub, &scope, &e).await {
+                Ok(e) => match change(hub, scope, &e).await {
                     Ok(Some(ev)) => {
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
