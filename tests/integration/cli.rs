@@ -420,7 +420,8 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
     let files = tempfile::tempdir().unwrap();
     let mut agent = one_cluster(&hub).await;
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
-    let create = [
+    let mut cmd = tokio::process::Command::from(hub.cmd());
+    cmd.args([
         "unit",
         "create",
         "dev/web",
@@ -429,10 +430,22 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
         "--wait",
         "--timeout",
         "600",
-    ];
-    let waiting = hub.background(&create);
-    until("agent received web@1", || async {
-        agent.held().get("web") == Some(&(1, false))
+    ])
+    .stdout(Stdio::null())
+    .stderr(Stdio::piped())
+    .kill_on_drop(true);
+    let mut waiting = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(waiting.stderr.take().unwrap()).lines();
+    // Its first progress line: it follows the watch.
+    let mut said = Vec::new();
+    within("the wait's first progress line", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            let progress = line.starts_with("dev/web@1: 0/1 clusters Ready");
+            said.push(line);
+            if progress {
+                return;
+            }
+        }
     })
     .await;
     // SIGTERM, as Kubernetes stops a pod: the hub stops although a watch
@@ -451,9 +464,15 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
         async move { exited }
     })
     .await;
-    let out = within("wait exits", waiting).await.unwrap();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
+    within("the rest of what the wait says", async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            said.push(line);
+        }
+    })
+    .await;
+    let status = within("wait exits", waiting.wait()).await.unwrap();
+    assert!(!status.success());
+    let err = said.join("\n");
     assert!(
         err.contains("the hub ended the watch of dev/web@1 (the hub is shutting down)")
             && err.contains("not Ready yet:\n  dev-1: "),
