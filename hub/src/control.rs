@@ -320,6 +320,7 @@ impl Hub {
             .store
             .create_cluster(&name, &env, &labels, &token.hash(), audit)
             .await?;
+        self.events.send(crate::events::HubEvent::Clusters { env });
         Ok((cluster, token))
     }
 
@@ -458,6 +459,7 @@ impl Hub {
 
     /// Deletes a cluster: its credential stops working and its live session ends.
     pub async fn delete_cluster(&self, actor: Actor, name: ClusterName) -> Result<()> {
+        let (cluster, _) = self.get_cluster(&name).await?;
         let audit = NewAudit {
             actor,
             action: "cluster.delete",
@@ -466,6 +468,9 @@ impl Hub {
         };
         self.store.delete_cluster(&name, audit).await?;
         self.fanout.disconnect(&name);
+        self.events.send(crate::events::HubEvent::Clusters {
+            env: cluster.environment,
+        });
         Ok(())
     }
 

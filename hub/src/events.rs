@@ -22,6 +22,8 @@ pub enum HubEvent {
         env: EnvName,
         connected: bool,
     },
+    /// A cluster was created in `env` or deleted from it.
+    Clusters { env: EnvName },
 }
 
 impl HubEvent {
@@ -30,7 +32,7 @@ impl HubEvent {
         match self {
             HubEvent::Statuses(s) => s.iter().any(|r| r.unit == *unit),
             HubEvent::Committed(u) => u == unit,
-            HubEvent::Session { env, .. } => *env == unit.env,
+            HubEvent::Session { env, .. } | HubEvent::Clusters { env } => *env == unit.env,
         }
     }
 }

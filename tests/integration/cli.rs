@@ -482,6 +482,53 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
 }
 
 #[tokio::test]
+async fn a_wait_follows_clusters_deleted_while_it_waits() {
+    let hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let mut ready = one_cluster(&hub).await;
+    let created: serde_json::Value = serde_json::from_str(
+        &hub.ok(&["cluster", "create", "dev-2", "--env", "dev", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    let token = created["token"].as_str().unwrap();
+    let mut silent = SimAgent::new(&hub.endpoint, Some(&hub.ca), token);
+    silent.start();
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    let create = [
+        "unit",
+        "create",
+        "dev/web",
+        "-f",
+        &v1,
+        "--wait",
+        "--timeout",
+        "600",
+    ];
+    let waiting = hub.background(&create);
+    until("both agents received web@1", || async {
+        ready.held().contains_key("web") && silent.held().contains_key("web")
+    })
+    .await;
+    ready.report(StatusUpdate {
+        unit: "web".into(),
+        revision: 1,
+        phase: unitsync_agent::status::Phase::Ready,
+        message: String::new(),
+        resources: vec![],
+    });
+    // dev-2 never reports; once it is deleted (its agent connected), every
+    // cluster left is Ready and the wait succeeds.
+    hub.ok(&["cluster", "delete", "dev-2"]).await;
+    let out = within("wait exits", waiting).await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("dev/web@1: 1/1 clusters Ready"), "{err}");
+    ready.stop().await;
+    silent.stop().await;
+}
+
+#[tokio::test]
 async fn agent_install_with_secret_issues_a_fresh_per_cluster_token() {
     let hub = serve().await;
     hub.ok(&["env", "create", "dev"]).await;

@@ -182,3 +182,40 @@ async fn a_watch_ends_unavailable_when_the_hub_shuts_down_and_does_not_hold_it()
     assert_eq!(status.code(), tonic::Code::Unavailable, "{status}");
     assert!(status.message().contains("shutting down"), "{status}");
 }
+
+#[tokio::test]
+async fn a_cluster_created_or_deleted_brings_a_fresh_snapshot() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    hub.create_cluster("dev-1", "dev").await;
+    let mut stream = within(
+        "watch",
+        hub.admin().await.watch_status(pb::WatchStatusRequest {
+            environment: "dev".into(),
+            unit: String::new(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    let names = |e: &pb::StatusEvent| -> Vec<String> {
+        e.clusters.iter().map(|c| c.name.clone()).collect()
+    };
+    let first = until_event(&mut stream, "the snapshot", |e| e.snapshot_complete).await;
+    assert_eq!(names(&first), ["dev-1"]);
+    // A watcher waiting on the environment's clusters learns of a new one.
+    hub.create_cluster("dev-2", "dev").await;
+    let fresh = until_event(&mut stream, "a fresh snapshot", |e| e.snapshot).await;
+    assert!(fresh.snapshot_complete);
+    assert_eq!(names(&fresh), ["dev-1", "dev-2"]);
+    within(
+        "delete dev-1",
+        hub.admin().await.delete_cluster(pb::DeleteClusterRequest {
+            name: "dev-1".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let fresh = until_event(&mut stream, "a fresh snapshot", |e| e.snapshot).await;
+    assert_eq!(names(&fresh), ["dev-2"]);
+}

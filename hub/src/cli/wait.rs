@@ -61,6 +61,7 @@ pub(super) async fn until_ready(
     let mut clusters: BTreeMap<String, bool> = BTreeMap::new();
     let mut cells: BTreeMap<String, pb::ClusterUnitStatus> = BTreeMap::new();
     let mut ready = false;
+    let mut in_snapshot = false;
     let mut last_line = String::new();
     loop {
         let next = tokio::time::timeout_at(deadline, events.message()).await;
@@ -87,6 +88,13 @@ pub(super) async fn until_ready(
             }
         };
 
+        // A fresh snapshot (the hub starts over when clusters come or go,
+        // or the watch fell behind) replaces what was known.
+        if ev.snapshot && !in_snapshot {
+            clusters.clear();
+            cells.clear();
+        }
+        in_snapshot = ev.snapshot && !ev.snapshot_complete;
         for c in ev.clusters {
             clusters.insert(c.name, c.connected);
         }

@@ -1,6 +1,7 @@
 //! `WatchStatus`: the matrix (in pages), then its changes as the hub's
-//! events announce them. A watcher that falls behind gets a fresh
-//! snapshot; one that leaves ends its task at once; when the hub shuts
+//! events announce them. A watcher that falls behind, or whose
+//! environment gained or lost a cluster, gets a fresh snapshot (its first
+//! page says so: `snapshot` set; the watcher replaces what it holds); one that leaves ends its task at once; when the hub shuts
 //! down, every watch ends with `UNAVAILABLE` (an open stream would hold
 //! the listener's graceful drain).
 
@@ -73,12 +74,15 @@ async fn follow(hub: &Arc<Hub>, scope: &Scope, tx: &Tx) {
             };
             match event {
                 Ok(e) => match change(hub, scope, &e).await {
-                    Ok(Some(ev)) => {
+                    Ok(Change::Event(ev)) => {
                         if tx.send(Ok(ev)).await.is_err() {
                             return;
                         }
                     }
-                    Ok(None) => {}
+                    Ok(Change::None) => {}
+                    // The set of clusters changed: start over from the
+                    // store (the watcher replaces what it holds).
+                    Ok(Change::Clusters) => break,
                     Err(e) => {
                         let _ = tx.send(Err(e.into())).await;
                         return;
@@ -121,8 +125,16 @@ async fn snapshot(hub: &Hub, scope: &Scope, tx: &Tx) -> Result<bool> {
     }
 }
 
-/// The change an event makes to the scope, if any.
-async fn change(hub: &Hub, scope: &Scope, e: &HubEvent) -> Result<Option<pb::StatusEvent>> {
+/// What an event changes for a watcher.
+enum Change {
+    None,
+    Event(pb::StatusEvent),
+    /// Clusters came or went: a fresh snapshot says which are left.
+    Clusters,
+}
+
+/// The change an event makes to the scope.
+async fn change(hub: &Hub, scope: &Scope, e: &HubEvent) -> Result<Change> {
     let mut ev = pb::StatusEvent::default();
     match e {
         HubEvent::Statuses(reports) => {
@@ -150,11 +162,21 @@ async fn change(hub: &Hub, scope: &Scope, e: &HubEvent) -> Result<Option<pb::Sta
         }
         HubEvent::Session { cluster, env, .. } if scope.env_matches(env) => {
             // The registry is the truth (a replaced session ends after its
-            // successor started).
-            let (c, session) = hub.get_cluster(cluster).await?;
-            ev.clusters.push(convert::cluster(&c, session.as_deref()));
+            // successor started); a deleted cluster's session ends after
+            // it is gone, and its `Clusters` event follows.
+            match hub.get_cluster(cluster).await {
+                Ok((c, session)) => ev.clusters.push(convert::cluster(&c, session.as_deref())),
+                Err(crate::error::HubError::NotFound(_)) => {}
+                Err(e) => return Err(e),
+            }
         }
+        HubEvent::Clusters { env } if scope.env_matches(env) => return Ok(Change::Clusters),
         _ => {}
     }
-    Ok((!ev.cells.is_empty() || !ev.units.is_empty() || !ev.clusters.is_empty()).then_some(ev))
+    let empty = ev.cells.is_empty() && ev.units.is_empty() && ev.clusters.is_empty();
+    Ok(if empty {
+        Change::None
+    } else {
+        Change::Event(ev)
+    })
 }

@@ -65,6 +65,7 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
     let mut clusters: BTreeMap<String, pb::Cluster> = BTreeMap::new();
     let mut cells: BTreeMap<(String, String), pb::ClusterUnitStatus> = BTreeMap::new();
     let mut complete = false;
+    let mut in_snapshot = false;
     let mut drawn = Instant::now() - Duration::from_secs(1);
     let mut redraw: Option<Instant> = None;
     loop {
@@ -73,6 +74,13 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
                 let Some(ev) = m? else {
                     bail!("the hub ended the status stream");
                 };
+                // A fresh snapshot replaces what was shown.
+                if ev.snapshot && !in_snapshot {
+                    units.clear();
+                    clusters.clear();
+                    cells.clear();
+                }
+                in_snapshot = ev.snapshot && !ev.snapshot_complete;
                 for u in ev.units {
                     units.insert(u.unit.clone(), u);
                 }
@@ -83,7 +91,7 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
                     cells.insert((cell.unit.clone(), cell.cluster.clone()), cell);
                 }
                 complete |= ev.snapshot_complete;
-                if complete && redraw.is_none() {
+                if complete && !in_snapshot && redraw.is_none() {
                     redraw = Some((drawn + Duration::from_millis(100)).max(Instant::now()));
                 }
             }
