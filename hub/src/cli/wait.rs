@@ -99,7 +99,7 @@ pub(super) async fn until_ready(
             clusters.insert(c.name, c.connected);
         }
         for c in ev.cells {
-            cells.insert(c.cluster.clone(), c);
+            merge(&mut cells, c);
         }
         if ev.snapshot && !ev.snapshot_complete {
             continue;
@@ -149,6 +149,23 @@ pub(super) async fn until_ready(
                 clusters.len(),
                 v.superseded.join("\n  ")
             );
+        }
+    }
+}
+
+/// Keeps `cell` unless the one held for its cluster is newer: a change
+/// recorded before the watch's snapshot can arrive after it (the hub
+/// subscribes first, so nothing is lost), and must not undo what the
+/// snapshot showed (a stale `Degraded` would fail the wait).
+fn merge(cells: &mut BTreeMap<String, pb::ClusterUnitStatus>, cell: pb::ClusterUnitStatus) {
+    let at = |c: &pb::ClusterUnitStatus| {
+        let t = c.updated_at.unwrap_or_default();
+        (c.revision, t.seconds, t.nanos)
+    };
+    match cells.get(&cell.cluster) {
+        Some(held) if at(held) > at(&cell) => {}
+        _ => {
+            cells.insert(cell.cluster.clone(), cell);
         }
     }
 }
@@ -218,6 +235,26 @@ mod tests {
             phase: phase.into(),
             ..Default::default()
         }
+    }
+
+    #[test]
+    fn a_change_older_than_the_snapshot_does_not_undo_it() {
+        let at = |seconds, phase| pb::ClusterUnitStatus {
+            cluster: "a".into(),
+            updated_at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
+            ..cell(2, 2, phase)
+        };
+        let mut cells = BTreeMap::new();
+        merge(&mut cells, at(20, pb::Phase::Ready));
+        // Recorded at 10, broadcast after the snapshot read the state at 20.
+        merge(&mut cells, at(10, pb::Phase::Degraded));
+        assert_eq!(cells["a"].phase, i32::from(pb::Phase::Ready));
+        let clusters: BTreeMap<String, bool> = [("a".to_owned(), true)].into();
+        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        assert!(v.failed.is_empty() && v.done == 1);
+        // A newer one replaces it.
+        merge(&mut cells, at(30, pb::Phase::Degraded));
+        assert_eq!(cells["a"].phase, i32::from(pb::Phase::Degraded));
     }
 
     #[test]
