@@ -288,6 +288,31 @@ async fn operator_cli_end_to_end() {
     agent.stop().await;
 }
 
+/// `unit VERB dev/web -f FILE --wait`, for longer than any test waits.
+fn waiting_on<'a>(verb: &'a str, file: &'a str) -> [&'a str; 8] {
+    [
+        "unit",
+        verb,
+        "dev/web",
+        "-f",
+        file,
+        "--wait",
+        "--timeout",
+        "600",
+    ]
+}
+
+/// `web` Ready at `revision`, as the simulated agent reports it.
+fn ready_at(revision: u64) -> StatusUpdate {
+    StatusUpdate {
+        unit: "web".into(),
+        revision,
+        phase: unitsync_agent::status::Phase::Ready,
+        message: String::new(),
+        resources: vec![],
+    }
+}
+
 /// Environment `dev` with one cluster, `dev-1`, whose simulated agent is
 /// running and reports only what the test tells it to.
 async fn one_cluster(hub: &Served) -> SimAgent {
@@ -373,17 +398,7 @@ async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
     hub.ok(&["unit", "create", "dev/web", "-f", &v1]).await;
     // Waits for revision 2 (far longer than the test's deadline).
     let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
-    let wait_for_2 = [
-        "unit",
-        "update",
-        "dev/web",
-        "-f",
-        &v2,
-        "--wait",
-        "--timeout",
-        "600",
-    ];
-    let waiting = hub.background(&wait_for_2);
+    let waiting = hub.background(&waiting_on("update", &v2));
     until("agent received web@2", || async {
         agent.held().get("web") == Some(&(2, false))
     })
@@ -396,13 +411,7 @@ async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
         agent.held().get("web") == Some(&(3, false))
     })
     .await;
-    agent.report(StatusUpdate {
-        unit: "web".into(),
-        revision: 3,
-        phase: unitsync_agent::status::Phase::Ready,
-        message: String::new(),
-        resources: vec![],
-    });
+    agent.report(ready_at(3));
     let out = within("wait exits", waiting).await.unwrap();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -421,19 +430,10 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
     let mut agent = one_cluster(&hub).await;
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
     let mut cmd = tokio::process::Command::from(hub.cmd());
-    cmd.args([
-        "unit",
-        "create",
-        "dev/web",
-        "-f",
-        &v1,
-        "--wait",
-        "--timeout",
-        "600",
-    ])
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped())
-    .kill_on_drop(true);
+    cmd.args(waiting_on("create", &v1))
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .kill_on_drop(true);
     let mut waiting = cmd.spawn().unwrap();
     let mut lines = tokio::io::BufReader::new(waiting.stderr.take().unwrap()).lines();
     // Its first progress line: it follows the watch.
@@ -495,28 +495,12 @@ async fn a_wait_follows_clusters_deleted_while_it_waits() {
     let mut silent = SimAgent::new(&hub.endpoint, Some(&hub.ca), token);
     silent.start();
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
-    let create = [
-        "unit",
-        "create",
-        "dev/web",
-        "-f",
-        &v1,
-        "--wait",
-        "--timeout",
-        "600",
-    ];
-    let waiting = hub.background(&create);
+    let waiting = hub.background(&waiting_on("create", &v1));
     until("both agents received web@1", || async {
         ready.held().contains_key("web") && silent.held().contains_key("web")
     })
     .await;
-    ready.report(StatusUpdate {
-        unit: "web".into(),
-        revision: 1,
-        phase: unitsync_agent::status::Phase::Ready,
-        message: String::new(),
-        resources: vec![],
-    });
+    ready.report(ready_at(1));
     // dev-2 never reports; once it is deleted (its agent connected), every
     // cluster left is Ready and the wait succeeds.
     hub.ok(&["cluster", "delete", "dev-2"]).await;

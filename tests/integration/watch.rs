@@ -159,20 +159,23 @@ async fn status_watch_redraws_the_matrix_as_statuses_arrive() {
     let _ = within("exit", child.wait()).await;
 }
 
+/// A watch of environment `env`.
+async fn watch_env(hub: &TestHub, env: &str) -> tonic::Streaming<pb::StatusEvent> {
+    let request = pb::WatchStatusRequest {
+        environment: env.into(),
+        unit: String::new(),
+    };
+    within("watch", hub.admin().await.watch_status(request))
+        .await
+        .unwrap()
+        .into_inner()
+}
+
 #[tokio::test]
 async fn a_watch_ends_unavailable_when_the_hub_shuts_down_and_does_not_hold_it() {
     let mut hub = TestHub::start().await;
     hub.create_env("dev").await;
-    let mut stream = within(
-        "watch",
-        hub.admin().await.watch_status(pb::WatchStatusRequest {
-            environment: "dev".into(),
-            unit: String::new(),
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let mut stream = watch_env(&hub, "dev").await;
     until_event(&mut stream, "the snapshot", |e| e.snapshot_complete).await;
     // The hub stops within the test's deadline (it waited for the stream
     // to end, which it never did).
@@ -188,16 +191,7 @@ async fn a_cluster_created_or_deleted_brings_a_fresh_snapshot() {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     hub.create_cluster("dev-1", "dev").await;
-    let mut stream = within(
-        "watch",
-        hub.admin().await.watch_status(pb::WatchStatusRequest {
-            environment: "dev".into(),
-            unit: String::new(),
-        }),
-    )
-    .await
-    .unwrap()
-    .into_inner();
+    let mut stream = watch_env(&hub, "dev").await;
     let names = |e: &pb::StatusEvent| -> Vec<String> {
         e.clusters.iter().map(|c| c.name.clone()).collect()
     };
