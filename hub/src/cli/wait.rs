@@ -170,6 +170,16 @@ fn merge(cells: &mut BTreeMap<String, pb::ClusterUnitStatus>, cell: pb::ClusterU
     }
 }
 
+/// Said of a cluster whose agent is not connected (what it last reported
+/// will not change until it is).
+fn offline(connected: bool) -> &'static str {
+    if connected {
+        ""
+    } else {
+        " (agent not connected)"
+    }
+}
+
 /// Where a revision stands across the environment's clusters.
 struct Verdict {
     done: usize,
@@ -212,10 +222,12 @@ fn judge(
                 v.superseded.push(format!("{name}: {}", phase(s.phase)));
             }
             Some(s) if s.revision == revision => {
-                v.waiting.push(format!("{name}: {}", phase(s.phase)));
+                v.waiting
+                    .push(format!("{name}: {}{}", phase(s.phase), offline(*connected)));
             }
             Some(s) if s.acked_revision >= revision => {
-                v.waiting.push(format!("{name}: received"));
+                v.waiting
+                    .push(format!("{name}: received{}", offline(*connected)));
             }
             _ if !connected => v.waiting.push(format!("{name}: agent not connected")),
             _ => v.waiting.push(format!("{name}: pending")),
@@ -281,5 +293,9 @@ mod tests {
         let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
         assert!(v.superseded.is_empty());
         assert_eq!(v.waiting[0], "a: received");
+        // Its agent gone, it says so.
+        let clusters: BTreeMap<String, bool> = [("a".to_owned(), false)].into();
+        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        assert_eq!(v.waiting, ["a: received (agent not connected)"]);
     }
 }
