@@ -2,8 +2,9 @@
 //! new revision Ready (or Destroyed), failing fast when one reports a
 //! failure for it, or moves on to a later revision before it got there
 //! (a commit made meanwhile supersedes it: the hub sends each cluster the
-//! unit's latest revision, so the wait could never end). It follows `WatchStatus` (the hub pushes each status as
-//! it is recorded): no polling interval.
+//! unit's latest revision, so the wait could never end). It follows
+//! `WatchStatus` (the hub pushes each status as it is recorded): no
+//! polling interval.
 
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -65,23 +66,24 @@ pub(super) async fn until_ready(
     let mut last_line = String::new();
     loop {
         let next = tokio::time::timeout_at(deadline, events.message()).await;
-        let ev = match next {
-            Ok(Ok(Some(ev))) => ev,
+        let ended = match next {
+            Ok(Ok(Some(ev))) => Ok(ev),
             Ok(Ok(None)) => bail!("the hub ended the status stream"),
-            Ok(Err(e)) => {
+            Ok(Err(e)) => Err(format!(
+                "the hub ended the watch of {unit}@{revision} ({})",
+                e.message()
+            )),
+            Err(_) => Err(format!(
+                "timed out after {}s waiting for {unit}@{revision}",
+                timeout.as_secs()
+            )),
+        };
+        let ev = match ended {
+            Ok(ev) => ev,
+            Err(why) => {
                 let verdict = judge(&clusters, &cells, revision, want);
                 bail!(
-                    "the hub ended the watch of {unit}@{revision} ({}); not {} yet:\n  {}",
-                    e.message(),
-                    phase(want.into()),
-                    verdict.waiting.join("\n  ")
-                );
-            }
-            Err(_) => {
-                let verdict = judge(&clusters, &cells, revision, want);
-                bail!(
-                    "timed out after {}s waiting for {unit}@{revision}; not {} yet:\n  {}",
-                    timeout.as_secs(),
+                    "{why}; not {} yet:\n  {}",
                     phase(want.into()),
                     verdict.waiting.join("\n  ")
                 );

@@ -1,9 +1,10 @@
 //! `WatchStatus`: the matrix (in pages), then its changes as the hub's
 //! events announce them. A watcher that falls behind, or whose
 //! environment gained or lost a cluster, gets a fresh snapshot (its first
-//! page says so: `snapshot` set; the watcher replaces what it holds); one that leaves ends its task at once; when the hub shuts
-//! down, every watch ends with `UNAVAILABLE` (an open stream would hold
-//! the listener's graceful drain).
+//! page says so: `snapshot` set; the watcher replaces what it holds); one
+//! that leaves ends its task at once; when the hub shuts down, every watch
+//! ends with `UNAVAILABLE` (an open stream would hold the listener's
+//! graceful drain).
 
 use std::sync::Arc;
 
@@ -55,7 +56,7 @@ pub(super) async fn run(hub: Arc<Hub>, scope: Scope, tx: Tx, stop: CancellationT
     }
 }
 
-async fn follow(hub: &Arc<Hub>, scope: &Scope, tx: &Tx) {
+async fn follow(hub: &Hub, scope: &Scope, tx: &Tx) {
     loop {
         // Subscribe before reading: nothing falls between the two.
         let mut events = hub.subscribe();
