@@ -3,6 +3,7 @@
 
 mod client;
 mod commands;
+mod follow;
 mod install;
 mod output;
 mod source;

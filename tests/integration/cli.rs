@@ -23,7 +23,7 @@ fn unitsync_bin() -> PathBuf {
 }
 
 struct Served {
-    _child: KillOnDrop,
+    child: KillOnDrop,
     endpoint: String,
     data_dir: PathBuf,
     /// The hub's generated CA (PEM).
@@ -52,11 +52,32 @@ async fn serve() -> Served {
 async fn serve_with_log(filter: &str) -> Served {
     let dir = tempfile::tempdir().unwrap();
     let data_dir = dir.path().join("data");
+    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
+    let (child, addr) = spawn_hub("127.0.0.1:0", &data_dir, filter, &logs).await;
+    let ca = std::fs::read_to_string(data_dir.join("ca.crt")).expect("the hub wrote its CA");
+    Served {
+        child: KillOnDrop(child),
+        endpoint: format!("https://{addr}"),
+        data_dir,
+        ca,
+        logs,
+        _dir: dir,
+    }
+}
+
+/// Starts `unitsync serve` listening on `listen`, keeping its log lines in
+/// `logs`; the child and the address it logged.
+async fn spawn_hub(
+    listen: &str,
+    data_dir: &Path,
+    filter: &str,
+    logs: &Arc<Mutex<Vec<String>>>,
+) -> (Child, String) {
     let mut child = Command::new(unitsync_bin())
         .args([
             "serve",
             "--listen",
-            "127.0.0.1:0",
+            listen,
             "--no-http",
             "--log-format",
             "json",
@@ -64,7 +85,7 @@ async fn serve_with_log(filter: &str) -> Served {
             "2",
         ])
         .arg("--data-dir")
-        .arg(&data_dir)
+        .arg(data_dir)
         .env("UNITSYNC_LOG", filter)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -72,7 +93,6 @@ async fn serve_with_log(filter: &str) -> Served {
         .unwrap();
     let stderr = tokio::process::ChildStderr::from_std(child.stderr.take().unwrap()).unwrap();
     let mut lines = tokio::io::BufReader::new(stderr).lines();
-    let logs: Arc<Mutex<Vec<String>>> = Arc::default();
     let addr = within("hub logs its address", async {
         while let Some(line) = lines.next_line().await.unwrap() {
             logs.lock().unwrap().push(line.clone());
@@ -91,18 +111,20 @@ async fn serve_with_log(filter: &str) -> Served {
             kept.lock().unwrap().push(line);
         }
     });
-    let ca = std::fs::read_to_string(data_dir.join("ca.crt")).expect("the hub wrote its CA");
-    Served {
-        _child: KillOnDrop(child),
-        endpoint: format!("https://{addr}"),
-        data_dir,
-        ca,
-        logs,
-        _dir: dir,
-    }
+    (child, addr)
 }
 
 impl Served {
+    /// Kills the hub (SIGKILL) and starts it again on the same address and
+    /// data directory.
+    async fn restart(&mut self) {
+        let _ = self.child.0.kill();
+        let _ = self.child.0.wait();
+        let addr = self.endpoint.trim_start_matches("https://").to_owned();
+        let (child, _) = spawn_hub(&addr, &self.data_dir, "info", &self.logs).await;
+        self.child = KillOnDrop(child);
+    }
+
     fn cmd(&self) -> Command {
         let mut c = Command::new(unitsync_bin());
         c.env("UNITSYNC_HUB", &self.endpoint)
@@ -423,34 +445,46 @@ async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
     agent.stop().await;
 }
 
-#[tokio::test]
-async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
-    let mut hub = serve().await;
-    let files = tempfile::tempdir().unwrap();
-    let mut agent = one_cluster(&hub).await;
-    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+/// Runs `unitsync ARGS` with its stderr piped, line by line.
+fn spawn_reading(
+    hub: &Served,
+    args: &[&str],
+) -> (
+    tokio::process::Child,
+    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+) {
     let mut cmd = tokio::process::Command::from(hub.cmd());
-    cmd.args(waiting_on("create", &v1))
+    cmd.args(args)
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .kill_on_drop(true);
-    let mut waiting = cmd.spawn().unwrap();
-    let mut lines = tokio::io::BufReader::new(waiting.stderr.take().unwrap()).lines();
-    // Its first progress line: it follows the watch.
-    let mut said = Vec::new();
-    within("the wait's first progress line", async {
+    let mut child = cmd.spawn().unwrap();
+    let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
+    (child, lines)
+}
+
+/// Reads `lines` into `said` until one starts with `prefix`.
+async fn read_until(
+    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
+    said: &mut Vec<String>,
+    prefix: &str,
+) {
+    within(&format!("a line starting {prefix:?}"), async {
         while let Some(line) = lines.next_line().await.unwrap() {
-            let progress = line.starts_with("dev/web@1: 0/1 clusters Ready");
+            let found = line.starts_with(prefix);
             said.push(line);
-            if progress {
+            if found {
                 return;
             }
         }
+        panic!("no line starting {prefix:?} in {said:?}");
     })
     .await;
-    // SIGTERM, as Kubernetes stops a pod: the hub stops although a watch
-    // is open, and the wait says why it ended and what it waited for.
-    let pid = hub._child.0.id().to_string();
+}
+
+/// Stops the hub with SIGTERM, as Kubernetes stops a pod, and reaps it.
+async fn terminate(hub: &mut Served) {
+    let pid = hub.child.0.id().to_string();
     assert!(
         Command::new("kill")
             .args(["-TERM", &pid])
@@ -458,12 +492,74 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
             .unwrap()
             .success()
     );
-    let child = &mut hub._child.0;
+    let child = &mut hub.child.0;
     until("the hub exits", || {
         let exited = matches!(child.try_wait(), Ok(Some(_)));
         async move { exited }
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_wait_outlives_hub_restarts() {
+    let mut hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let mut agent = one_cluster(&hub).await;
+
+    // Stopped (SIGTERM) and started again: the wait says it lost the hub,
+    // reopens the watch and ends when the cluster is Ready.
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    let (mut waiting, mut lines) = spawn_reading(&hub, &waiting_on("create", &v1));
+    let mut said = Vec::new();
+    read_until(&mut lines, &mut said, "dev/web@1: 0/1 clusters Ready").await;
+    terminate(&mut hub).await;
+    read_until(
+        &mut lines,
+        &mut said,
+        "lost the hub (the hub is shutting down); reconnecting",
+    )
+    .await;
+    hub.restart().await;
+    until("the agent is back", || async { agent.connections() >= 2 }).await;
+    agent.report(ready_at(1));
+    read_until(&mut lines, &mut said, "dev/web@1: 1/1 clusters Ready").await;
+    let status = within("wait exits", waiting.wait()).await.unwrap();
+    assert!(status.success(), "{said:?}");
+
+    // Killed (SIGKILL: the connection breaks) and started again.
+    let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
+    let (mut waiting, mut lines) = spawn_reading(&hub, &waiting_on("update", &v2));
+    let mut said = Vec::new();
+    read_until(&mut lines, &mut said, "dev/web@2: 0/1 clusters Ready").await;
+    hub.restart().await;
+    read_until(&mut lines, &mut said, "lost the hub (").await;
+    until("the agent holds web@2 again", || async {
+        agent.connections() >= 3 && agent.held().get("web") == Some(&(2, false))
+    })
+    .await;
+    agent.report(ready_at(2));
+    let status = within("wait exits", waiting.wait()).await.unwrap();
+    assert!(status.success(), "{said:?}");
+
+    // Gone for good: the wait ends at its timeout, saying what it waited
+    // for and that the hub is out of reach.
+    let v3 = write(files.path(), "v3.yaml", &configmap("web", "3"));
+    let (mut waiting, mut lines) = spawn_reading(
+        &hub,
+        &[
+            "unit",
+            "update",
+            "dev/web",
+            "-f",
+            &v3,
+            "--wait",
+            "--timeout",
+            "8",
+        ],
+    );
+    let mut said = Vec::new();
+    read_until(&mut lines, &mut said, "dev/web@3: 0/1 clusters Ready").await;
+    terminate(&mut hub).await;
     within("the rest of what the wait says", async {
         while let Some(line) = lines.next_line().await.unwrap() {
             said.push(line);
@@ -474,10 +570,48 @@ async fn a_hub_stopping_ends_a_wait_with_what_it_waited_for() {
     assert!(!status.success());
     let err = said.join("\n");
     assert!(
-        err.contains("the hub ended the watch of dev/web@1 (the hub is shutting down)")
+        err.contains("timed out after 8s waiting for dev/web@3 (the hub is out of reach: ")
             && err.contains("not Ready yet:\n  dev-1: "),
         "{err}"
     );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn status_watch_outlives_a_hub_restart() {
+    let mut hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let mut agent = one_cluster(&hub).await;
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    hub.ok(&["unit", "create", "dev/web", "-f", &v1]).await;
+    let mut cmd = tokio::process::Command::from(hub.cmd());
+    cmd.args(["status", "--watch"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .kill_on_drop(true);
+    let mut watching = cmd.spawn().unwrap();
+    let mut lines = tokio::io::BufReader::new(watching.stdout.take().unwrap()).lines();
+    let mut said = Vec::new();
+    let mut read_until = async |matches: &dyn Fn(&str) -> bool| {
+        let read = tokio::time::timeout(unitsync_tests::DEADLINE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let found = matches(&line);
+                said.push(line);
+                if found {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(read == Ok(true), "status --watch printed {said:#?}");
+    };
+    read_until(&|l| l.contains("dev/web")).await;
+    hub.restart().await;
+    read_until(&|l| l.starts_with("--- lost the hub (")).await;
+    until("the agent is back", || async { agent.connections() >= 2 }).await;
+    agent.report(ready_at(1));
+    read_until(&|l| l.contains("dev/web") && l.contains("1 Ready")).await;
     agent.stop().await;
 }
 

@@ -23,7 +23,7 @@ pub mod wait;
 
 pub use hub::TestHub;
 pub use sim_agent::SimAgent;
-pub use wait::{until, within};
+pub use wait::{DEADLINE, until, within};
 
 /// A small valid unit: one ConfigMap whose data carries `value`.
 pub fn configmap(name: &str, value: &str) -> String {

@@ -87,6 +87,11 @@ pub(super) async fn connect(g: &Global) -> anyhow::Result<Client> {
     let channel = endpoint
         .connect_timeout(Duration::from_secs(10))
         .timeout(Duration::from_secs(60))
+        // A watch (`--wait`, `status --watch`) notices a hub that vanished
+        // without closing the connection (its node died, a partition).
+        .http2_keep_alive_interval(Duration::from_secs(15))
+        .keep_alive_timeout(Duration::from_secs(10))
+        .keep_alive_while_idle(true)
         .connect_with_connector(dialer)
         .await
         .with_context(|| format!("cannot reach the hub at {}", g.hub))?;

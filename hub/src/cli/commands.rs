@@ -122,12 +122,15 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
 
 /// Turns a gRPC status into a plain error message.
 pub(super) fn api<T>(r: Result<tonic::Response<T>, tonic::Status>) -> anyhow::Result<T> {
-    match r {
-        Ok(r) => Ok(r.into_inner()),
-        Err(s) if s.code() == tonic::Code::Unavailable => {
-            bail!("the hub is unavailable: {}", s.message())
-        }
-        Err(s) => bail!("{}", s.message()),
+    r.map(tonic::Response::into_inner).map_err(refused)
+}
+
+/// The hub's refusal, as the operator reads it.
+pub(super) fn refused(s: tonic::Status) -> anyhow::Error {
+    if s.code() == tonic::Code::Unavailable {
+        anyhow::anyhow!("the hub is unavailable: {}", s.message())
+    } else {
+        anyhow::anyhow!("{}", s.message())
     }
 }
 

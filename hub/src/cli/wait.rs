@@ -6,13 +6,13 @@
 //! `WatchStatus` (the hub pushes each status as it is recorded): no
 //! polling interval.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use anyhow::bail;
 use unitsync_proto::v1 as pb;
 
 use super::client::Client;
+use super::follow::{Followed, View, Watch};
 use super::output::phase;
 
 impl super::WaitArgs {
@@ -51,77 +51,67 @@ pub(super) async fn until_ready(
         pb::Phase::Ready
     };
     let deadline = tokio::time::Instant::now() + timeout;
-    // The hub pushes the unit's state, then every change to it.
-    let mut events = client
-        .watch_status(pb::WatchStatusRequest {
+    // The hub pushes the unit's state, then every change to it; after a
+    // restart of the hub, the watch reopens with its state again.
+    let mut watch = Watch::new(
+        client,
+        pb::WatchStatusRequest {
             environment: String::new(),
             unit: unit.to_owned(),
-        })
-        .await?
-        .into_inner();
-    let mut clusters: BTreeMap<String, bool> = BTreeMap::new();
-    let mut cells: BTreeMap<String, pb::ClusterUnitStatus> = BTreeMap::new();
-    let mut ready = false;
-    let mut in_snapshot = false;
+        },
+    );
+    let mut view = View::default();
     let mut last_line = String::new();
     loop {
-        let next = tokio::time::timeout_at(deadline, events.message()).await;
+        let next = tokio::time::timeout_at(deadline, watch.next()).await;
         let ended = match next {
-            Ok(Ok(Some(ev))) => Ok(ev),
-            Ok(Ok(None)) => bail!("the hub ended the status stream"),
+            Ok(Ok(Followed::Event(ev))) => Ok(ev),
+            Ok(Ok(Followed::Lost(why))) => {
+                eprintln!("lost the hub ({}); reconnecting", why.message());
+                view.lost();
+                last_line.clear();
+                continue;
+            }
             Ok(Err(e)) => Err(format!(
                 "the hub ended the watch of {unit}@{revision} ({})",
                 e.message()
             )),
             Err(_) => Err(format!(
-                "timed out after {}s waiting for {unit}@{revision}",
-                timeout.as_secs()
+                "timed out after {}s waiting for {unit}@{revision}{}",
+                timeout.as_secs(),
+                watch.lost().map_or(String::new(), |why| format!(
+                    " (the hub is out of reach: {})",
+                    why.message()
+                ))
             )),
         };
         let ev = match ended {
             Ok(ev) => ev,
             Err(why) => {
-                let verdict = judge(&clusters, &cells, revision, want);
+                let waiting = judge(&view, unit, revision, want).waiting;
+                if waiting.is_empty() {
+                    bail!("{why}; no status seen yet");
+                }
                 bail!(
                     "{why}; not {} yet:\n  {}",
                     phase(want.into()),
-                    verdict.waiting.join("\n  ")
+                    waiting.join("\n  ")
                 );
             }
         };
-
-        // A fresh snapshot (the hub starts over when clusters come or go,
-        // or the watch fell behind) replaces what was known.
-        if ev.snapshot && !in_snapshot {
-            clusters.clear();
-            cells.clear();
-        }
-        in_snapshot = ev.snapshot && !ev.snapshot_complete;
-        for c in ev.clusters {
-            clusters.insert(c.name, c.connected);
-        }
-        for c in ev.cells {
-            merge(&mut cells, c);
-        }
-        if ev.snapshot && !ev.snapshot_complete {
+        if !view.apply(ev) {
             continue;
         }
-        if ev.snapshot_complete {
-            ready = true;
-        }
-        if !ready {
-            continue;
-        }
-        if clusters.is_empty() {
+        if view.clusters.is_empty() {
             let env = unit.split_once('/').map_or("", |(e, _)| e);
             eprintln!("environment {env} has no clusters; nothing to wait for");
             return Ok(());
         }
-        let v = judge(&clusters, &cells, revision, want);
+        let v = judge(&view, unit, revision, want);
         let line = format!(
             "{unit}@{revision}: {}/{} clusters {}{}",
             v.done,
-            clusters.len(),
+            view.clusters.len(),
             phase(want.into()),
             if v.waiting.is_empty() {
                 String::new()
@@ -140,7 +130,7 @@ pub(super) async fn until_ready(
                 v.failed.join("\n  ")
             );
         }
-        if v.done == clusters.len() {
+        if v.done == view.clusters.len() {
             return Ok(());
         }
         if !v.superseded.is_empty() {
@@ -148,26 +138,9 @@ pub(super) async fn until_ready(
                 "{unit}@{revision} was superseded before it was {} in every cluster ({}/{} were):\n  {}",
                 phase(want.into()),
                 v.done,
-                clusters.len(),
+                view.clusters.len(),
                 v.superseded.join("\n  ")
             );
-        }
-    }
-}
-
-/// Keeps `cell` unless the one held for its cluster is newer: a change
-/// recorded before the watch's snapshot can arrive after it (the hub
-/// subscribes first, so nothing is lost), and must not undo what the
-/// snapshot showed (a stale `Degraded` would fail the wait).
-fn merge(cells: &mut BTreeMap<String, pb::ClusterUnitStatus>, cell: pb::ClusterUnitStatus) {
-    let at = |c: &pb::ClusterUnitStatus| {
-        let t = c.updated_at.unwrap_or_default();
-        (c.revision, t.seconds, t.nanos)
-    };
-    match cells.get(&cell.cluster) {
-        Some(held) if at(held) > at(&cell) => {}
-        _ => {
-            cells.insert(cell.cluster.clone(), cell);
         }
     }
 }
@@ -191,20 +164,17 @@ struct Verdict {
     waiting: Vec<String>,
 }
 
-fn judge(
-    clusters: &BTreeMap<String, bool>,
-    cells: &BTreeMap<String, pb::ClusterUnitStatus>,
-    revision: u64,
-    want: pb::Phase,
-) -> Verdict {
+/// Where `unit@revision` stands in every cluster the view holds.
+fn judge(view: &View, unit: &str, revision: u64, want: pb::Phase) -> Verdict {
     let mut v = Verdict {
         done: 0,
         failed: vec![],
         superseded: vec![],
         waiting: vec![],
     };
-    for (name, connected) in clusters {
-        match cells.get(name) {
+    for (name, cluster) in &view.clusters {
+        let connected = &cluster.connected;
+        match view.cell(unit, name) {
             Some(s) if s.revision == revision && s.phase == i32::from(want) => v.done += 1,
             Some(s)
                 if s.revision == revision
@@ -242,62 +212,70 @@ fn judge(
 mod tests {
     use super::*;
 
-    fn cell(revision: u64, acked: u64, phase: pb::Phase) -> pb::ClusterUnitStatus {
+    fn cell(cluster: &str, revision: u64, acked: u64) -> pb::ClusterUnitStatus {
         pb::ClusterUnitStatus {
+            unit: "dev/web".into(),
+            cluster: cluster.into(),
             revision,
             acked_revision: acked,
-            phase: phase.into(),
+            phase: pb::Phase::Ready.into(),
             ..Default::default()
         }
     }
 
-    #[test]
-    fn a_change_older_than_the_snapshot_does_not_undo_it() {
-        let at = |seconds, phase| pb::ClusterUnitStatus {
-            cluster: "a".into(),
-            updated_at: Some(prost_types::Timestamp { seconds, nanos: 0 }),
-            ..cell(2, 2, phase)
-        };
-        let mut cells = BTreeMap::new();
-        merge(&mut cells, at(20, pb::Phase::Ready));
-        // Recorded at 10, broadcast after the snapshot read the state at 20.
-        merge(&mut cells, at(10, pb::Phase::Degraded));
-        assert_eq!(cells["a"].phase, i32::from(pb::Phase::Ready));
-        let clusters: BTreeMap<String, bool> = [("a".to_owned(), true)].into();
-        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
-        assert!(v.failed.is_empty() && v.done == 1);
-        // A newer one replaces it.
-        merge(&mut cells, at(30, pb::Phase::Degraded));
-        assert_eq!(cells["a"].phase, i32::from(pb::Phase::Degraded));
+    /// A view of `clusters` (name, connected) and `cells` of `dev/web`.
+    fn view(clusters: &[(&str, bool)], cells: Vec<pb::ClusterUnitStatus>) -> View {
+        let mut view = View::default();
+        view.apply(pb::StatusEvent {
+            snapshot: true,
+            snapshot_complete: true,
+            clusters: clusters
+                .iter()
+                .map(|(name, connected)| pb::Cluster {
+                    name: (*name).into(),
+                    connected: *connected,
+                    ..Default::default()
+                })
+                .collect(),
+            cells,
+            ..Default::default()
+        });
+        view
     }
 
     #[test]
     fn a_cluster_past_the_revision_supersedes_the_wait() {
-        let clusters: BTreeMap<String, bool> =
-            ["a", "b", "c", "d"].map(|c| (c.to_owned(), true)).into();
-        let cells: BTreeMap<String, pb::ClusterUnitStatus> = [
-            ("a", cell(2, 2, pb::Phase::Ready)),
-            // Ready at 2 and has received 3: it was Ready at 2.
-            ("b", cell(2, 3, pb::Phase::Ready)),
-            ("c", cell(3, 3, pb::Phase::Ready)),
-            ("d", cell(1, 3, pb::Phase::Ready)),
-        ]
-        .map(|(c, s)| (c.to_owned(), s))
-        .into();
-        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        let clusters = ["a", "b", "c", "d"].map(|c| (c, true));
+        let v = view(
+            &clusters,
+            vec![
+                cell("a", 2, 2),
+                // Ready at 2 and has received 3: it was Ready at 2.
+                cell("b", 2, 3),
+                cell("c", 3, 3),
+                cell("d", 1, 3),
+            ],
+        );
+        let v = judge(&v, "dev/web", 2, pb::Phase::Ready);
         assert_eq!(v.done, 2);
         assert_eq!(v.superseded, ["c: at revision 3", "d: at revision 3"]);
         assert!(v.failed.is_empty() && v.waiting.is_empty());
         // Still on its way to 2: waiting, not superseded.
-        let cells: BTreeMap<String, pb::ClusterUnitStatus> = [("a", cell(1, 2, pb::Phase::Ready))]
-            .map(|(c, s)| (c.to_owned(), s))
-            .into();
-        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        let v = judge(
+            &view(&clusters[..1], vec![cell("a", 1, 2)]),
+            "dev/web",
+            2,
+            pb::Phase::Ready,
+        );
         assert!(v.superseded.is_empty());
         assert_eq!(v.waiting[0], "a: received");
         // Its agent gone, it says so.
-        let clusters: BTreeMap<String, bool> = [("a".to_owned(), false)].into();
-        let v = judge(&clusters, &cells, 2, pb::Phase::Ready);
+        let v = judge(
+            &view(&[("a", false)], vec![cell("a", 1, 2)]),
+            "dev/web",
+            2,
+            pb::Phase::Ready,
+        );
         assert_eq!(v.waiting, ["a: received (agent not connected)"]);
     }
 }

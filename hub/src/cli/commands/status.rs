@@ -49,49 +49,46 @@ pub(super) async fn status(c: &mut Client, f: Format, env: String) -> anyhow::Re
 }
 
 /// `status --watch`: the matrix, redrawn as the hub pushes changes (at
-/// most ten times a second).
+/// most ten times a second); while the hub is out of reach (restarting),
+/// the last matrix stays up under a line saying so, and the watch is
+/// reopened until it is back or the operator interrupts it.
 pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<()> {
-    use std::collections::BTreeMap;
     use std::io::IsTerminal;
     use tokio::time::{Duration, Instant};
-    let mut events = api(c
-        .watch_status(pb::WatchStatusRequest {
+
+    use crate::cli::follow::{Followed, View, Watch};
+    let mut watch = Watch::new(
+        c,
+        pb::WatchStatusRequest {
             environment: env,
             unit: String::new(),
-        })
-        .await)?;
+        },
+    );
     let tty = std::io::stdout().is_terminal();
-    let mut units: BTreeMap<String, pb::Unit> = BTreeMap::new();
-    let mut clusters: BTreeMap<String, pb::Cluster> = BTreeMap::new();
-    let mut cells: BTreeMap<(String, String), pb::ClusterUnitStatus> = BTreeMap::new();
-    let mut complete = false;
-    let mut in_snapshot = false;
+    let mut view = View::default();
+    let mut lost: Option<String> = None;
     let mut drawn = Instant::now() - Duration::from_secs(1);
     let mut redraw: Option<Instant> = None;
     loop {
         tokio::select! {
-            m = events.message() => {
-                let Some(ev) = m? else {
-                    bail!("the hub ended the status stream");
+            m = watch.next() => {
+                let whole = match m.map_err(refused)? {
+                    Followed::Event(ev) => {
+                        lost = None;
+                        view.apply(ev)
+                    }
+                    Followed::Lost(why) => {
+                        // Under what is drawn, at once (the hub may be
+                        // back before the next redraw), and under every
+                        // redraw until it is.
+                        view.lost();
+                        let line = format!("--- lost the hub ({}); reconnecting", why.message());
+                        print(&line);
+                        lost = Some(line);
+                        continue;
+                    }
                 };
-                // A fresh snapshot replaces what was shown.
-                if ev.snapshot && !in_snapshot {
-                    units.clear();
-                    clusters.clear();
-                    cells.clear();
-                }
-                in_snapshot = ev.snapshot && !ev.snapshot_complete;
-                for u in ev.units {
-                    units.insert(u.unit.clone(), u);
-                }
-                for cl in ev.clusters {
-                    clusters.insert(cl.name.clone(), cl);
-                }
-                for cell in ev.cells {
-                    cells.insert((cell.unit.clone(), cell.cluster.clone()), cell);
-                }
-                complete |= ev.snapshot_complete;
-                if complete && !in_snapshot && redraw.is_none() {
+                if whole && redraw.is_none() {
                     redraw = Some((drawn + Duration::from_millis(100)).max(Instant::now()));
                 }
             }
@@ -99,9 +96,9 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
                 redraw = None;
                 drawn = Instant::now();
                 let m = pb::StatusMatrix {
-                    units: units.values().cloned().collect(),
-                    clusters: clusters.values().cloned().collect(),
-                    cells: cells.values().cloned().collect(),
+                    units: view.units.values().cloned().collect(),
+                    clusters: view.clusters.values().cloned().collect(),
+                    cells: view.cells.values().cloned().collect(),
                     next_page_token: String::new(),
                 };
                 if tty {
@@ -110,6 +107,9 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
                     print(&format!("--- {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())));
                 }
                 print(&matrix(&m));
+                if let Some(line) = &lost {
+                    print(line);
+                }
             }
         }
     }
