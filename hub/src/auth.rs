@@ -97,21 +97,6 @@ impl Credential {
         }
         bearer(req.metadata()).map(|t| Credential::Token(hash_token(t)))
     }
-
-    /// Whether the credential still names this cluster (not revoked,
-    /// rotated away or deleted) — a revocation made by another hub replica
-    /// or directly in the store ends a live session this way.
-    pub async fn still_names(
-        &self,
-        store: &dyn Store,
-        cluster: &crate::model::ClusterName,
-    ) -> Result<bool> {
-        let found = match self {
-            Credential::Token(h) => store.cluster_by_token(h).await?,
-            Credential::Certificate(fp) => store.cluster_by_cert(fp).await?,
-        };
-        Ok(found.is_some_and(|c| c.name == *cluster))
-    }
 }
 
 /// Resolves the caller: a verified client certificate from the hub CA

@@ -15,6 +15,7 @@ use std::time::Instant;
 use tokio::sync::Notify;
 use tokio_util::sync::CancellationToken;
 
+use crate::auth::Credential;
 use crate::model::{ClusterName, Digest, EnvName, Revision, RevisionNum, UnitName, UnixMillis};
 
 /// One revision (or tombstone) on its way to agents; shared by all of them.
@@ -237,6 +238,9 @@ pub struct AgentConn {
     pub env: EnvName,
     pub session: u64,
     pub agent_version: String,
+    /// What the session authenticated with (re-checked against the store
+    /// by [`crate::grpc::agent::recheck_credentials`]).
+    pub credential: Option<Credential>,
     pub connected_at: UnixMillis,
     pub mailbox: Mailbox,
     /// Cancelled when the session ends (see [`AgentConn::close`]).
@@ -267,12 +271,14 @@ impl AgentConn {
         env: EnvName,
         session: u64,
         agent_version: String,
+        credential: Option<Credential>,
     ) -> AgentConn {
         AgentConn {
             cluster,
             env,
             session,
             agent_version,
+            credential,
             connected_at: UnixMillis::now(),
             mailbox: Mailbox::default(),
             kick: CancellationToken::new(),
@@ -418,6 +424,14 @@ impl Fanout {
             }
         }
         found
+    }
+
+    /// Every live session.
+    pub fn sessions(&self) -> Vec<Arc<AgentConn>> {
+        self.read()
+            .values()
+            .flat_map(|env| env.values().cloned())
+            .collect()
     }
 
     /// Environments with at least one live session.

@@ -254,6 +254,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub.clone()
             .auto_promote_loop(config.tuning.auto_promote_interval, shutdown.clone()),
     );
+    tokio::spawn(crate::grpc::agent::recheck_credentials(
+        hub.clone(),
+        shutdown.clone(),
+    ));
     // Revisions committed by other hubs sharing the store reach our agents too.
     if let Some(mut revisions) = hub.store.subscribe().await.map_err(StartError::Store)? {
         let hub = hub.clone();

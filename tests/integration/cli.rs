@@ -121,8 +121,9 @@ impl Served {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();
         let addr = self.endpoint.trim_start_matches("https://").to_owned();
-        let (child, _) = spawn_hub(&addr, &self.data_dir, "info", &self.logs).await;
+        let (child, again) = spawn_hub(&addr, &self.data_dir, "info", &self.logs).await;
         self.child = KillOnDrop(child);
+        assert_eq!(again, addr, "the hub came back on another address");
     }
 
     fn cmd(&self) -> Command {

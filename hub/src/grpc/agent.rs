@@ -11,9 +11,12 @@
 //!    every session); the receive loop records acks and statuses in memory
 //!    (flushed by the feedback writer) and never waits on the database; a
 //!    watchdog task keeps the session's timers (heartbeats while idle, the
-//!    silence deadline, the credential re-check), so neither stream polls
-//!    a timer per message. Ending the session closes its mailbox: the
-//!    outbound stream then tells the agent why.
+//!    silence deadline), so neither stream polls a timer per message.
+//!    Ending the session closes its mailbox: the outbound stream then
+//!    tells the agent why.
+//! 5. One task re-checks every live session's credential against the
+//!    store ([`recheck_credentials`]): a few batched queries a period for
+//!    the whole fleet, not a query per session.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -148,6 +151,7 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
             cluster.environment.clone(),
             hub.next_session_id(),
             hello.agent_version.clone(),
+            credential,
         ));
         // Registered until the receive loop takes over; an error, or the
         // agent going away mid-handshake (this future dropped), undoes it.
@@ -178,14 +182,7 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
         };
         let out = outbound(hub.clone(), conn.clone(), welcome, rx);
         registration.hand_over();
-        tokio::spawn(receive_loop(
-            hub.clone(),
-            conn,
-            cluster,
-            credential,
-            inbound,
-            tx,
-        ));
+        tokio::spawn(receive_loop(hub.clone(), conn, cluster, inbound, tx));
         Ok(Response::new(Box::pin(out)))
     }
 }
@@ -382,7 +379,6 @@ async fn receive_loop(
     hub: Arc<Hub>,
     conn: Arc<AgentConn>,
     cluster: Cluster,
-    credential: Option<Credential>,
     mut inbound: Streaming<pb::AgentMessage>,
     tx: mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) {
@@ -395,9 +391,9 @@ async fn receive_loop(
     conn.heard_now();
     let (verdict, mut ended) = tokio::sync::oneshot::channel();
     tokio::spawn({
-        let (hub, conn, cluster, tx) = (hub.clone(), conn.clone(), cluster.clone(), tx.clone());
+        let (hub, conn, tx) = (hub.clone(), conn.clone(), tx.clone());
         async move {
-            let _ = verdict.send(watchdog(&hub, &conn, &cluster, credential, &tx).await);
+            let _ = verdict.send(watchdog(&hub, &conn, &tx).await);
         }
     });
     let end = loop {
@@ -459,21 +455,16 @@ impl Drop for SessionEnd {
 }
 
 /// A session's timers, off its streams' per-message path: a heartbeat to
-/// the agent after `heartbeat` without sending, the end of the session
-/// after three heartbeats without hearing from it, and a periodic re-check
-/// of its credential. Returns why the session must end (the hub ended it,
-/// or one of these).
+/// the agent after `heartbeat` without sending, and the end of the session
+/// after three heartbeats without hearing from it. Returns why the session
+/// must end (the hub ended it, or silence).
 async fn watchdog(
     hub: &Hub,
     conn: &AgentConn,
-    cluster: &Cluster,
-    credential: Option<Credential>,
     tx: &mpsc::Sender<Result<pb::HubMessage, Status>>,
 ) -> String {
     let beat = hub.tuning.heartbeat;
     let silence = beat * 3;
-    let mut recheck = tokio::time::interval(hub.tuning.credential_recheck);
-    recheck.tick().await;
     let kicked = conn.kick.cancelled();
     tokio::pin!(kicked);
     // Moved only when they fall due (then compared with when the agent
@@ -482,37 +473,9 @@ async fn watchdog(
     tokio::pin!(quiet);
     let idle = tokio::time::sleep(beat);
     tokio::pin!(idle);
-    // A re-check in progress: the other timers keep running while it
-    // waits on the store (heartbeats never wait on the database).
-    let mut checking: Option<futures::future::BoxFuture<'_, Result<bool, HubError>>> = None;
     loop {
         tokio::select! {
             () = &mut kicked => return "ended by the hub".to_owned(),
-            _ = recheck.tick(), if checking.is_none() => {
-                checking = Some(match &credential {
-                    Some(c) => Box::pin(c.still_names(hub.store.as_ref(), &cluster.name)),
-                    None => Box::pin(std::future::ready(Ok(false))),
-                });
-            }
-            // Disabled (`None`) while no re-check runs.
-            Some(valid) = futures::future::OptionFuture::from(checking.as_mut()) => {
-                checking = None;
-                match valid {
-                    Ok(true) => {}
-                    Ok(false) => {
-                        conn.end(EndReason::CredentialRevoked);
-                        return "credential no longer valid".to_owned();
-                    }
-                    // Unknown is not valid: a revoked credential must not
-                    // ride out a database outage. The agent reconnects and
-                    // is checked afresh.
-                    Err(e) => {
-                        tracing::warn!(cluster = %cluster.name, error = %crate::error::ErrorChain(&e), "cannot re-check the session's credential; ending the session");
-                        conn.end(EndReason::Shutdown);
-                        return "credential re-check failed".to_owned();
-                    }
-                }
-            }
             () = &mut quiet => {
                 let heard = conn.last_heard();
                 if heard.elapsed() >= silence {
@@ -529,6 +492,48 @@ async fn watchdog(
                 } else {
                     idle.as_mut().reset(sent + beat);
                 }
+            }
+        }
+    }
+}
+
+/// Every `credential_recheck`, until `stop`: whether each live session's
+/// credential still names its cluster (a revocation, rotation or deletion
+/// made by another hub replica, or straight in the store, ends the
+/// session; this hub's own end its sessions at once). The whole fleet in
+/// a few batched queries, on a task of its own: heartbeats never wait on
+/// the database. A credential that cannot be checked is not valid (a
+/// revoked one must not ride out a database outage): those sessions end,
+/// and their agents reconnect and are checked afresh.
+pub async fn recheck_credentials(hub: Arc<Hub>, stop: tokio_util::sync::CancellationToken) {
+    let mut every = tokio::time::interval(hub.tuning.credential_recheck);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    every.tick().await;
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => return,
+            _ = every.tick() => {}
+        }
+        let live = hub.fanout.sessions();
+        let held: Vec<_> = live
+            .iter()
+            .filter_map(|c| Some((c.cluster.clone(), c.credential.clone()?)))
+            .collect();
+        let in_force = match hub.store.credentials_in_force(&held).await {
+            Ok(names) => names,
+            Err(e) => {
+                tracing::warn!(sessions = live.len(), error = %crate::error::ErrorChain(&e), "cannot re-check the sessions' credentials; ending them");
+                for conn in &live {
+                    conn.end(EndReason::Shutdown);
+                }
+                continue;
+            }
+        };
+        for conn in live {
+            let valid = conn.credential.is_some() && in_force.contains(&conn.cluster);
+            if !valid {
+                tracing::info!(cluster = %conn.cluster, "the session's credential no longer names its cluster; ending the session");
+                conn.end(EndReason::CredentialRevoked);
             }
         }
     }
@@ -647,6 +652,7 @@ mod tests {
             cluster.environment.clone(),
             1,
             "test".into(),
+            None,
         ));
         hub.fanout.register(conn.clone());
         let task = tokio::spawn({

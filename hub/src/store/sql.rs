@@ -428,6 +428,42 @@ impl Store for SqlStore {
         row.as_ref().map(rows::cluster).transpose()
     }
 
+    async fn credentials_in_force(
+        &self,
+        held: &[(ClusterName, crate::auth::Credential)],
+    ) -> StoreResult<std::collections::HashSet<ClusterName>> {
+        use crate::auth::Credential;
+        let (mut tokens, mut certs) = (Vec::new(), Vec::new());
+        for (name, credential) in held {
+            match credential {
+                Credential::Token(hash) => tokens.push((name, hash.0.as_str())),
+                Credential::Certificate(fingerprint) => certs.push((name, fingerprint.as_str())),
+            }
+        }
+        // As `cluster_by_token` and `cluster_by_cert` find them.
+        let by_token = "SELECT c.name FROM (VALUES {}) AS v
+             JOIN clusters c ON c.name = v.column1 AND c.token_hash = v.column2
+             WHERE c.revoked = 0";
+        let by_cert = "SELECT c.name FROM (VALUES {}) AS v
+             JOIN cluster_certs k ON k.cluster = v.column1 AND k.fingerprint = v.column2
+             JOIN clusters c ON c.name = k.cluster WHERE c.revoked = 0";
+        let mut in_force = std::collections::HashSet::new();
+        for (sql, held) in [(by_token, tokens), (by_cert, certs)] {
+            for chunk in held.chunks(STATEMENT_ROWS) {
+                let values = self.backend.values(chunk.len(), 2);
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.replace("{}", &values)));
+                for (name, credential) in chunk {
+                    q = q.bind(name.as_str()).bind(*credential);
+                }
+                for row in q.fetch_all(&self.sessions).await.map_err(db)? {
+                    let name: String = sqlx::Row::try_get(&row, 0).map_err(db)?;
+                    in_force.insert(rows::parse(&name, "cluster name")?);
+                }
+            }
+        }
+        Ok(in_force)
+    }
+
     async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
         self.cluster_write(
             "UPDATE clusters SET revoked = 1 WHERE name = $1",
@@ -1309,5 +1345,78 @@ mod tests {
             .expect("answered once a connection is free")
             .unwrap();
         assert!(heads.is_empty());
+    }
+
+    #[tokio::test]
+    async fn credentials_in_force_follow_revocation_rotation_and_deletion() {
+        use crate::auth::Credential;
+        let dir = tempfile::tempdir().unwrap();
+        let store = store(&dir).await;
+        let dev: EnvName = "dev".parse().unwrap();
+        let audit = || NewAudit {
+            actor: crate::model::Actor::Hub,
+            action: "test",
+            target: String::new(),
+            detail: String::new(),
+        };
+        let name = |n: &str| -> ClusterName { n.parse().unwrap() };
+        let token = |n: &str| Credential::Token(TokenHash(format!("hash-{n}")));
+        for n in [
+            "kept",
+            "revoked",
+            "rotated",
+            "deleted",
+            "certified",
+            "other",
+        ] {
+            let Credential::Token(hash) = token(n) else {
+                unreachable!()
+            };
+            store
+                .create_cluster(&name(n), &dev, &Default::default(), &hash, audit())
+                .await
+                .unwrap();
+        }
+        let cert = || Credential::Certificate("fp-certified".into());
+        store
+            .add_cluster_cert(
+                &name("certified"),
+                "fp-certified",
+                UnixMillis(i64::MAX),
+                audit(),
+            )
+            .await
+            .unwrap();
+        store
+            .revoke_cluster(&name("revoked"), audit())
+            .await
+            .unwrap();
+        store
+            .set_cluster_token(&name("rotated"), &TokenHash("hash-new".into()), audit())
+            .await
+            .unwrap();
+        store
+            .delete_cluster(&name("deleted"), audit())
+            .await
+            .unwrap();
+        let held = vec![
+            (name("kept"), token("kept")),
+            (name("revoked"), token("revoked")),
+            (name("rotated"), token("rotated")),
+            (name("deleted"), token("deleted")),
+            (name("certified"), cert()),
+            // Another cluster's certificate names that cluster, not this one.
+            (name("other"), cert()),
+            (name("unknown"), token("unknown")),
+        ];
+        let in_force = store.credentials_in_force(&held).await.unwrap();
+        assert_eq!(in_force, [name("kept"), name("certified")].into());
+        // Many sessions: more than one statement's rows.
+        let many: Vec<_> = (0..STATEMENT_ROWS * 2 + 1)
+            .map(|_| (name("kept"), token("kept")))
+            .collect();
+        let in_force = store.credentials_in_force(&many).await.unwrap();
+        assert_eq!(in_force, [name("kept")].into());
+        assert!(store.credentials_in_force(&[]).await.unwrap().is_empty());
     }
 }
