@@ -81,7 +81,7 @@ fn bearer(md: &MetadataMap) -> Option<&str> {
 }
 
 /// The credential a session was opened with, re-checked while it lives.
-#[derive(Clone, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Credential {
     Token(TokenHash),
     /// SHA-256 fingerprint of the client certificate.

@@ -41,7 +41,8 @@ pub struct Tuning {
     pub max_sessions: usize,
     /// How often environments with automatic promotion are checked.
     pub auto_promote_interval: Duration,
-    /// How often a live agent session re-checks its credential.
+    /// How often the hub re-checks every live agent session's credential
+    /// against the store (one batched pass for the fleet).
     pub credential_recheck: Duration,
 }
 

@@ -191,12 +191,12 @@ pub trait Store: Send + Sync + 'static {
     /// The cluster a client certificate belongs to (not revoked).
     async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>>;
     /// Of the clusters and the credentials their sessions opened with,
-    /// the clusters whose credential still names them (not revoked,
+    /// those whose credential still names the cluster (not revoked,
     /// rotated away or deleted), in a few batched queries.
     async fn credentials_in_force(
         &self,
         held: &[(ClusterName, crate::auth::Credential)],
-    ) -> StoreResult<std::collections::HashSet<ClusterName>>;
+    ) -> StoreResult<std::collections::HashSet<(ClusterName, crate::auth::Credential)>>;
     /// Revokes every credential of a cluster, for good (kept for the audit trail).
     async fn revoke_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()>;
     /// Replaces a cluster's credential.

@@ -1034,7 +1034,8 @@ async fn a_credential_recheck_stuck_in_the_store_does_not_stop_heartbeats() {
     assert!(matches!(next(&mut inbound).await, HubMsg::Welcome(_)));
     // The agent keeps talking: silence is not what is tested.
     let beats = keep_beating(tx);
-    // Hold the session's credential re-check in the store.
+    // Hold the hub's credential re-check (a batch with this session's) in
+    // the store.
     let lock = lock_table(&url, "clusters").await;
     until_a_query_waits(&url, "a re-check waits for the table", "token_hash").await;
     // The idle hub still beats to the agent meanwhile: three heartbeats

@@ -431,7 +431,7 @@ impl Store for SqlStore {
     async fn credentials_in_force(
         &self,
         held: &[(ClusterName, crate::auth::Credential)],
-    ) -> StoreResult<std::collections::HashSet<ClusterName>> {
+    ) -> StoreResult<std::collections::HashSet<(ClusterName, crate::auth::Credential)>> {
         use crate::auth::Credential;
         let (mut tokens, mut certs) = (Vec::new(), Vec::new());
         for (name, credential) in held {
@@ -440,15 +440,18 @@ impl Store for SqlStore {
                 Credential::Certificate(fingerprint) => certs.push((name, fingerprint.as_str())),
             }
         }
-        // As `cluster_by_token` and `cluster_by_cert` find them.
-        let by_token = "SELECT c.name FROM (VALUES {}) AS v
+        // As `cluster_by_token` and `cluster_by_cert` find them; each row
+        // names the pair it confirms.
+        let by_token = "SELECT c.name, v.column2 FROM (VALUES {}) AS v
              JOIN clusters c ON c.name = v.column1 AND c.token_hash = v.column2
              WHERE c.revoked = 0";
-        let by_cert = "SELECT c.name FROM (VALUES {}) AS v
+        let by_cert = "SELECT c.name, v.column2 FROM (VALUES {}) AS v
              JOIN cluster_certs k ON k.cluster = v.column1 AND k.fingerprint = v.column2
              JOIN clusters c ON c.name = k.cluster WHERE c.revoked = 0";
+        let token: fn(String) -> Credential = |hash| Credential::Token(TokenHash(hash));
+        let cert: fn(String) -> Credential = Credential::Certificate;
         let mut in_force = std::collections::HashSet::new();
-        for (sql, held) in [(by_token, tokens), (by_cert, certs)] {
+        for (sql, held, credential) in [(by_token, tokens, token), (by_cert, certs, cert)] {
             for chunk in held.chunks(STATEMENT_ROWS) {
                 let values = self.backend.values(chunk.len(), 2);
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(sql.replace("{}", &values)));
@@ -457,7 +460,8 @@ impl Store for SqlStore {
                 }
                 for row in q.fetch_all(&self.sessions).await.map_err(db)? {
                     let name: String = sqlx::Row::try_get(&row, 0).map_err(db)?;
-                    in_force.insert(rows::parse(&name, "cluster name")?);
+                    let held: String = sqlx::Row::try_get(&row, 1).map_err(db)?;
+                    in_force.insert((rows::parse(&name, "cluster name")?, credential(held)));
                 }
             }
         }
@@ -1410,13 +1414,27 @@ mod tests {
             (name("unknown"), token("unknown")),
         ];
         let in_force = store.credentials_in_force(&held).await.unwrap();
-        assert_eq!(in_force, [name("kept"), name("certified")].into());
+        assert_eq!(
+            in_force,
+            [(name("kept"), token("kept")), (name("certified"), cert()),].into()
+        );
+        // The same cluster held twice (a stale session beside a live one):
+        // each credential answers for itself.
+        let twice = [
+            (name("rotated"), token("rotated")),
+            (
+                name("rotated"),
+                Credential::Token(TokenHash("hash-new".into())),
+            ),
+        ];
+        let in_force = store.credentials_in_force(&twice).await.unwrap();
+        assert_eq!(in_force, [twice[1].clone()].into());
         // Many sessions: more than one statement's rows.
         let many: Vec<_> = (0..STATEMENT_ROWS * 2 + 1)
             .map(|_| (name("kept"), token("kept")))
             .collect();
         let in_force = store.credentials_in_force(&many).await.unwrap();
-        assert_eq!(in_force, [name("kept")].into());
+        assert_eq!(in_force, [(name("kept"), token("kept"))].into());
         assert!(store.credentials_in_force(&[]).await.unwrap().is_empty());
     }
 }
