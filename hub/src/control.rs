@@ -67,6 +67,8 @@ pub struct Hub {
     pub events: crate::events::Events,
     pub metrics: Arc<Metrics>,
     pub tuning: Tuning,
+    /// When status reports were received (see [`crate::model::StatusClock`]).
+    pub status_clock: crate::model::StatusClock,
     /// Head revision content per unit, shared by every session that needs it.
     heads: Mutex<HashMap<(EnvName, UnitName), Arc<Delivery>>>,
     next_session: AtomicU64,
@@ -176,6 +178,7 @@ impl Hub {
             claim: std::sync::RwLock::new(None),
             sources_changed: tokio::sync::Notify::new(),
             me: me.clone(),
+            status_clock: crate::model::StatusClock::default(),
             control,
             sessions: tokio::runtime::Handle::current(),
         }))

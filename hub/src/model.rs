@@ -241,6 +241,29 @@ impl UnixMillis {
     }
 }
 
+/// The times the hub gives status reports: the wall clock, but never
+/// earlier than a time it gave before or found in the store at start
+/// (written by this hub before a restart, or by one whose clock ran
+/// ahead). A cluster's statuses of one revision are ordered by this time
+/// (watchers keep the newer of two), so a wall clock stepped back must not
+/// make a new status look older than the last.
+#[derive(Debug, Default)]
+pub struct StatusClock(std::sync::atomic::AtomicI64);
+
+impl StatusClock {
+    /// Now, or the latest time given (or set with [`StatusClock::not_before`]).
+    pub fn now(&self) -> UnixMillis {
+        let wall = UnixMillis::now().0;
+        let before = self.0.fetch_max(wall, std::sync::atomic::Ordering::Relaxed);
+        UnixMillis(wall.max(before))
+    }
+
+    /// Never give a time before `t`.
+    pub fn not_before(&self, t: UnixMillis) {
+        self.0.fetch_max(t.0, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
 /// Who did something: recorded in every audit entry and revision.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub enum Actor {
@@ -686,6 +709,18 @@ pub struct NewAudit {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_status_clock_never_goes_back() {
+        let clock = StatusClock::default();
+        let first = clock.now();
+        assert!(clock.now() >= first);
+        // A time in the store from a clock an hour ahead.
+        let ahead = UnixMillis(UnixMillis::now().0 + 3_600_000);
+        clock.not_before(ahead);
+        assert_eq!(clock.now(), ahead);
+        assert!(clock.now() >= ahead);
+    }
 
     #[test]
     fn names_follow_dns1123_labels() {

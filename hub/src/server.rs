@@ -186,6 +186,13 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let hub = Hub::new(store.clone(), config.tuning.clone(), ca).map_err(StartError::Threads)?;
+    // Statuses recorded from now on are never older than those recorded.
+    hub.status_clock.not_before(
+        store
+            .latest_status_time()
+            .await
+            .map_err(StartError::Store)?,
+    );
     let shutdown = CancellationToken::new();
     // From here on, a start that fails (or a hub dropped without
     // `shutdown`) stops whatever was started: what runs on the hub's lanes

@@ -190,6 +190,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// The cluster a client certificate belongs to (not revoked).
     async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>>;
+    /// The latest time a status was recorded at (0 without any).
+    async fn latest_status_time(&self) -> StoreResult<crate::model::UnixMillis>;
     /// Of the clusters and the credentials their sessions opened with,
     /// those whose credential still names the cluster (not revoked,
     /// rotated away or deleted), in a few batched queries.

@@ -118,8 +118,19 @@ impl Served {
     /// Kills the hub (SIGKILL) and starts it again on the same address and
     /// data directory.
     async fn restart(&mut self) {
+        self.kill();
+        self.start_again().await;
+    }
+
+    /// Kills the hub (SIGKILL) and reaps it.
+    fn kill(&mut self) {
         let _ = self.child.0.kill();
         let _ = self.child.0.wait();
+    }
+
+    /// Starts the hub again (after [`Served::kill`]) on its address and
+    /// data directory.
+    async fn start_again(&mut self) {
         let addr = self.endpoint.trim_start_matches("https://").to_owned();
         let (child, again) = spawn_hub(&addr, &self.data_dir, "info", &self.logs).await;
         self.child = KillOnDrop(child);
@@ -575,6 +586,62 @@ async fn a_wait_outlives_hub_restarts() {
             && err.contains("not Ready yet:\n  dev-1: "),
         "{err}"
     );
+    agent.stop().await;
+}
+
+#[tokio::test]
+async fn a_status_after_a_restart_counts_although_the_clock_ran_behind() {
+    use sqlx::Connection;
+    let mut hub = serve().await;
+    let files = tempfile::tempdir().unwrap();
+    let mut agent = one_cluster(&hub).await;
+    let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
+    let (mut waiting, mut lines) = spawn_reading(&hub, &waiting_on("create", &v1));
+    let mut said = Vec::new();
+    read_until(
+        &mut lines,
+        &mut said,
+        "dev/web@1: 0/1 clusters Ready (dev-1: pending)",
+    )
+    .await;
+    agent.report(StatusUpdate {
+        phase: unitsync_agent::status::Phase::Progressing,
+        ..ready_at(1)
+    });
+    read_until(
+        &mut lines,
+        &mut said,
+        "dev/web@1: 0/1 clusters Ready (dev-1: Progressing)",
+    )
+    .await;
+    // The hub that recorded it had a clock an hour ahead of the one that
+    // starts next (a node's clock, or a step back of this one's).
+    hub.kill();
+    let url = format!("sqlite://{}", hub.data_dir.join("hub.db").display());
+    let mut db = sqlx::SqliteConnection::connect(&url).await.unwrap();
+    let moved = sqlx::query("UPDATE unit_status SET updated_at = updated_at + 3600000")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(moved.rows_affected(), 1);
+    db.close().await.unwrap();
+    hub.start_again().await;
+    // The wait is back on the hub and holds its snapshot (Progressing, an
+    // hour "later" than now) before the agent says more.
+    read_until(&mut lines, &mut said, "lost the hub (").await;
+    read_until(
+        &mut lines,
+        &mut said,
+        "dev/web@1: 0/1 clusters Ready (dev-1: Progressing",
+    )
+    .await;
+    until("the agent is back", || async { agent.connections() >= 2 }).await;
+    // Ready, received after the restart: newer than Progressing although
+    // the wall clock says otherwise. The wait ends.
+    agent.report(ready_at(1));
+    read_until(&mut lines, &mut said, "dev/web@1: 1/1 clusters Ready").await;
+    let status = within("wait exits", waiting.wait()).await.unwrap();
+    assert!(status.success(), "{said:?}");
     agent.stop().await;
 }
 

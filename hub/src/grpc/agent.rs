@@ -643,8 +643,8 @@ fn on_status(
             .map(convert::resource_from_pb)
             .collect(),
         // The hub's clock, not the agent's: soak time must not depend on
-        // how well an agent keeps time.
-        observed_at: UnixMillis::now(),
+        // how well an agent keeps time; and one that never goes back.
+        observed_at: hub.status_clock.now(),
     };
     hub.feedback.status(report);
 }

@@ -428,6 +428,16 @@ impl Store for SqlStore {
         row.as_ref().map(rows::cluster).transpose()
     }
 
+    async fn latest_status_time(&self) -> StoreResult<UnixMillis> {
+        let latest: i64 = sqlx::query_scalar(
+            "SELECT CAST(COALESCE(MAX(updated_at), 0) AS BIGINT) FROM unit_status",
+        )
+        .fetch_one(&self.readers)
+        .await
+        .map_err(db)?;
+        Ok(UnixMillis(latest))
+    }
+
     async fn credentials_in_force(
         &self,
         held: &[(ClusterName, crate::auth::Credential)],
