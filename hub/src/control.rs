@@ -4,6 +4,7 @@
 //! store is touched; commits are published to connected agents after they
 //! are durable; readers without the admin role never see Secret values.
 
+mod replicas;
 mod sources;
 pub use sources::{ReleaseOutcome, ReleaseUnit};
 

@@ -15,7 +15,7 @@ use tokio_util::sync::CancellationToken;
 use crate::auth::{OPERATOR_TOKEN_PREFIX, Secret};
 use crate::config::{Config, ConfigError};
 use crate::control::Hub;
-use crate::store::{Announcement, SqlStore, Store, StoreError};
+use crate::store::{SqlStore, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -265,42 +265,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         hub.clone(),
         shutdown.clone(),
     ));
-    // Revisions committed by other hubs sharing the store reach our agents too.
-    if let Some(mut revisions) = hub.store.subscribe().await.map_err(StartError::Store)? {
-        let hub = hub.clone();
-        let stop = shutdown.clone();
-        tokio::spawn(async move {
-            loop {
-                let next = tokio::select! {
-                    () = stop.cancelled() => return,
-                    n = futures::StreamExt::next(&mut revisions) => n,
-                };
-                match next {
-                    None => return,
-                    Some(Announcement::Revision(unit, number)) => {
-                        match hub.store.get_revision(&unit, number).await {
-                            Ok(Some(r)) => hub.offer(&r),
-                            Ok(None) => {}
-                            Err(e) => tracing::warn!(
-                                error = %crate::error::ErrorChain(&e),
-                                "loading an announced revision failed"
-                            ),
-                        }
-                    }
-                    // Announcements may have been missed: offer every head
-                    // again (offering one twice changes nothing).
-                    Some(Announcement::Resync) => match hub.reoffer_heads().await {
-                        Ok(n) => {
-                            tracing::info!(heads = n, "re-offered heads after missed announcements")
-                        }
-                        Err(e) => tracing::warn!(
-                            error = %crate::error::ErrorChain(&e),
-                            "re-offering heads failed"
-                        ),
-                    },
-                }
-            }
-        });
+    // What other hubs sharing the store announce: their commits reach our
+    // agents, their agents' statuses our watchers.
+    if let Some(announcements) = hub.store.subscribe().await.map_err(StartError::Store)? {
+        tokio::spawn(hub.clone().follow_replicas(announcements, shutdown.clone()));
     }
 
     if let Some(listener) = http_listener {

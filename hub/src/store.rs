@@ -75,6 +75,11 @@ pub enum Announcement {
     /// Announcements may have been missed (the listener reconnected):
     /// re-offer every head to connected agents.
     Resync,
+    /// Another replica recorded a cluster's status of a unit (its agent
+    /// is connected there): watchers here hear of it too.
+    Status(ClusterName, UnitRef),
+    /// Another replica created or deleted a cluster of the environment.
+    Clusters(EnvName),
 }
 
 /// Announcements from other hubs sharing the store.
@@ -190,6 +195,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<()>;
     /// The cluster a client certificate belongs to (not revoked).
     async fn cluster_by_cert(&self, fingerprint: &str) -> StoreResult<Option<Cluster>>;
+    /// The status cells of these clusters and units (those that exist).
+    async fn cells(&self, which: &[(ClusterName, UnitRef)]) -> StoreResult<Vec<StatusCell>>;
     /// The latest time a status was recorded at (0 without any).
     async fn latest_status_time(&self) -> StoreResult<crate::model::UnixMillis>;
     /// Of the clusters and the credentials their sessions opened with,

@@ -813,6 +813,7 @@ async fn every_revision_of_a_release_is_announced_to_other_replicas() {
                 heard.insert(unit.to_string());
             }
             Some(Announcement::Resync) => {}
+            Some(other) => panic!("a release announces its revisions only: {other:?}"),
             None => panic!("the announcement stream ended"),
         }
     }

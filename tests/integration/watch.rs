@@ -213,3 +213,33 @@ async fn a_cluster_created_or_deleted_brings_a_fresh_snapshot() {
     let fresh = until_event(&mut stream, "a fresh snapshot", |e| e.snapshot).await;
     assert_eq!(names(&fresh), ["dev-2"]);
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
+async fn a_watch_hears_of_agents_and_clusters_on_other_replicas() {
+    let url = unitsync_tests::hub::postgres_database().await;
+    let a = TestHub::start_on_postgres(&url, None).await;
+    let b = TestHub::start_on_postgres(&url, Some(&a)).await;
+    a.create_env("dev").await;
+    let token = a.create_cluster("dev-1", "dev").await;
+    a.put("dev/web", &configmap("web", "1")).await.unwrap();
+    let mut stream = watch_env(&a, "dev").await;
+    until_event(&mut stream, "the snapshot", |e| e.snapshot_complete).await;
+    // The agent talks to replica B, and reports Ready there: the watch
+    // through A hears of it as it is recorded.
+    let mut agent = SimAgent::new(&b.endpoint(), b.ca(), &token).auto_ready();
+    agent.start();
+    until_event(&mut stream, "dev-1 Ready at 1, through A", |e| {
+        e.cells.iter().any(|c| {
+            c.cluster == "dev-1" && c.revision == 1 && c.phase == i32::from(pb::Phase::Ready)
+        })
+    })
+    .await;
+    // A cluster created through B: the watch through A starts over with it.
+    b.create_cluster("dev-2", "dev").await;
+    until_event(&mut stream, "a fresh snapshot with dev-2", |e| {
+        e.snapshot && e.clusters.iter().any(|c| c.name == "dev-2")
+    })
+    .await;
+    agent.stop().await;
+}

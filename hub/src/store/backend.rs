@@ -2,7 +2,8 @@
 //! (SQLite pragmas, PostgreSQL timeouts), migrations and how their version
 //! is tracked, the locks a commit takes (PostgreSQL replicas serialize on
 //! per-unit advisory locks and row locks; SQLite has one writer), and the
-//! announcement of a commit to other replicas (`NOTIFY`).
+//! announcements replicas make to each other (`NOTIFY`): commits, statuses
+//! and clusters created or deleted.
 
 use std::time::Duration;
 
@@ -10,9 +11,12 @@ use sqlx::Connection;
 use sqlx::any::AnyPoolOptions;
 use sqlx::{AnyConnection, AnyPool};
 
-use super::StoreResult;
 use super::rows::{corrupt, db};
-use crate::model::{Digest, RevisionNum, UnitRef};
+use super::{Announcement, StoreResult};
+use crate::model::{ClusterName, Digest, EnvName, RevisionNum, UnitRef};
+
+/// A statement with owned arguments.
+pub(super) type Statement = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
 
 /// SQLite migrations, applied in order; the index + 1 is the schema
 /// version (`PRAGMA user_version`).
@@ -32,8 +36,50 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0003_cluster_seen.sql"),
 ];
 
-/// The channel commits are announced on (PostgreSQL).
+/// The channel replicas announce on (PostgreSQL): a commit as
+/// `ENV/UNIT:NUMBER`; a status recorded as `status:ORIGIN:CLUSTER:ENV/UNIT`
+/// and clusters of an environment created or deleted as
+/// `clusters:ORIGIN:ENV`, which the replica `ORIGIN` (the store that made
+/// them) ignores. Older replicas ignore what they cannot parse.
 pub(super) const CHANNEL: &str = "unitsync_revisions";
+
+/// A status recorded by the store `origin`.
+pub(super) fn status_payload(origin: &str, cluster: &ClusterName, unit: &UnitRef) -> String {
+    format!("status:{origin}:{cluster}:{unit}")
+}
+
+/// Clusters of `env` created or deleted by the store `origin`.
+pub(super) fn clusters_payload(origin: &str, env: &EnvName) -> String {
+    format!("clusters:{origin}:{env}")
+}
+
+/// What a payload announces, unless the store `own` made it (or it is not
+/// understood).
+pub(super) fn parse_announcement(payload: &str, own: &str) -> Option<Announcement> {
+    if let Some(rest) = payload.strip_prefix("status:") {
+        let (origin, rest) = rest.split_once(':')?;
+        let (cluster, unit) = rest.split_once(':')?;
+        return (origin != own)
+            .then(|| {
+                Some(Announcement::Status(
+                    cluster.parse().ok()?,
+                    unit.parse().ok()?,
+                ))
+            })
+            .flatten();
+    }
+    if let Some(rest) = payload.strip_prefix("clusters:") {
+        let (origin, env) = rest.split_once(':')?;
+        return (origin != own)
+            .then(|| Some(Announcement::Clusters(env.parse().ok()?)))
+            .flatten();
+    }
+    let (unit, number) = payload.rsplit_once(':')?;
+    Some(Announcement::Revision(
+        unit.parse().ok()?,
+        RevisionNum(number.parse().ok()?),
+    ))
+}
 
 /// Advisory-lock class of unit locks (the leader lock uses the single-key
 /// space, which never meets the two-key one).
@@ -129,23 +175,35 @@ impl Backend {
         tx: &mut AnyConnection,
         revisions: impl Iterator<Item = (&'a UnitRef, RevisionNum)>,
     ) -> StoreResult<()> {
-        if self == Backend::Sqlite {
-            return Ok(());
-        }
         let payloads: Vec<String> = revisions
             .map(|(unit, number)| format!("{unit}:{number}"))
             .collect();
-        for payloads in payloads.chunks(MAX_LIST) {
-            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
-                "SELECT pg_notify('{CHANNEL}', v.column1::text) FROM (VALUES {}) AS v",
-                self.values(payloads.len(), 1)
-            )));
-            for p in payloads {
-                q = q.bind(p.as_str());
-            }
+        for q in self.notifications(&payloads) {
             q.execute(&mut *tx).await.map_err(db)?;
         }
         Ok(())
+    }
+
+    /// PostgreSQL: the statements announcing `payloads` on [`CHANNEL`]
+    /// (delivered when their transaction commits), one per 8,000; none on
+    /// SQLite (one hub per file).
+    pub(super) fn notifications(self, payloads: &[String]) -> Vec<Statement> {
+        if self == Backend::Sqlite {
+            return Vec::new();
+        }
+        payloads
+            .chunks(MAX_LIST)
+            .map(|payloads| {
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                    "SELECT pg_notify('{CHANNEL}', v.column1::text) FROM (VALUES {}) AS v",
+                    self.values(payloads.len(), 1)
+                )));
+                for p in payloads {
+                    q = q.bind(p.clone());
+                }
+                q
+            })
+            .collect()
     }
 
     /// Applies the migrations this database has not seen; refuses a
@@ -296,4 +354,34 @@ pub(super) async fn postgres(url: &str) -> StoreResult<Pools> {
         readers: pool(6).connect(url).await.map_err(db)?,
         sessions: pool(4).connect(url).await.map_err(db)?,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn announcements_parse_and_a_replica_ignores_its_own() {
+        let unit: UnitRef = "dev/web".parse().unwrap();
+        let cluster: ClusterName = "dev-1".parse().unwrap();
+        let env: EnvName = "dev".parse().unwrap();
+        assert_eq!(
+            parse_announcement("dev/web:7", "me"),
+            Some(Announcement::Revision(unit.clone(), RevisionNum(7)))
+        );
+        let status = status_payload("them", &cluster, &unit);
+        assert_eq!(
+            parse_announcement(&status, "me"),
+            Some(Announcement::Status(cluster.clone(), unit.clone()))
+        );
+        assert_eq!(parse_announcement(&status, "them"), None);
+        let clusters = clusters_payload("them", &env);
+        assert_eq!(
+            parse_announcement(&clusters, "me"),
+            Some(Announcement::Clusters(env))
+        );
+        assert_eq!(parse_announcement(&clusters, "them"), None);
+        assert_eq!(parse_announcement("status:garbage", "me"), None);
+        assert_eq!(parse_announcement("dev/web:x", "me"), None);
+    }
 }

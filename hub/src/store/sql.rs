@@ -31,7 +31,7 @@ use crate::model::{
 };
 
 /// One statement of a batched write.
-type Write = sqlx::query::Query<'static, sqlx::Any, sqlx::any::AnyArguments>;
+type Write = backend::Statement;
 
 /// Rows per statement of a batched write (its statements share one
 /// transaction).
@@ -50,6 +50,9 @@ pub struct SqlStore {
     leader: tokio::sync::Mutex<Option<AnyConnection>>,
     /// Every commit goes through it (group commit, on `lane`).
     committer: Committer,
+    /// This store among the replicas sharing a database: announcements it
+    /// made come back to it, and are ignored.
+    origin: String,
     /// The store's own thread (after `committer`: dropped last): the
     /// committer and the batched writes run there.
     lane: Lane,
@@ -95,6 +98,7 @@ impl SqlStore {
         let lane = Lane::new("store-lane").map_err(|e| StoreError::Database(Box::new(e)))?;
         let committer = Committer::start(&lane, writer.clone(), backend);
         Ok(SqlStore {
+            origin: format!("{:016x}", rand::random::<u64>()),
             backend,
             writer,
             readers,
@@ -163,6 +167,18 @@ impl SqlStore {
 }
 
 impl SqlStore {
+    /// Announces (in `tx`) that clusters of `env` were created or deleted:
+    /// other replicas' watchers start over from the store.
+    async fn announce_clusters(&self, tx: &mut AnyConnection, env: &EnvName) -> StoreResult<()> {
+        for q in self
+            .backend
+            .notifications(&[backend::clusters_payload(&self.origin, env)])
+        {
+            q.execute(&mut *tx).await.map_err(db)?;
+        }
+        Ok(())
+    }
+
     /// An update of one source row (integer parameters, then the name),
     /// audited in the same transaction.
     async fn source_write(
@@ -322,6 +338,7 @@ impl Store for SqlStore {
         .await
         .map_err(already(|| format!("cluster {name}")))?;
         insert_audit(&mut tx, &audit).await?;
+        self.announce_clusters(&mut tx, env).await?;
         tx.commit().await.map_err(db)?;
         Ok(Cluster {
             name: name.clone(),
@@ -360,8 +377,43 @@ impl Store for SqlStore {
     }
 
     async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
-        self.cluster_write("DELETE FROM clusters WHERE name = $1", name, None, &audit)
-            .await
+        let mut tx = self.writer.begin().await.map_err(db)?;
+        let env: Option<String> =
+            sqlx::query_scalar("DELETE FROM clusters WHERE name = $1 RETURNING environment")
+                .bind(name.as_str())
+                .fetch_optional(&mut *tx)
+                .await
+                .map_err(db)?;
+        let Some(env) = env else {
+            return Err(StoreError::NotFound(format!("cluster {name}")));
+        };
+        insert_audit(&mut tx, &audit).await?;
+        self.announce_clusters(&mut tx, &rows::parse(&env, "environment")?)
+            .await?;
+        tx.commit().await.map_err(db)
+    }
+
+    async fn cells(&self, which: &[(ClusterName, UnitRef)]) -> StoreResult<Vec<StatusCell>> {
+        let mut cells = Vec::with_capacity(which.len());
+        for chunk in which.chunks(STATEMENT_ROWS) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "SELECT {STATUS_COLUMNS} FROM (VALUES {}) AS v
+                 JOIN units u ON u.environment = v.column2 AND u.name = v.column3
+                 JOIN unit_status s ON s.unit_id = u.id AND s.cluster = v.column1",
+                self.backend.values(chunk.len(), 3)
+            )));
+            for (cluster, unit) in chunk {
+                q = q
+                    .bind(cluster.as_str())
+                    .bind(unit.env.as_str())
+                    .bind(unit.name.as_str());
+            }
+            let rows = q.fetch_all(&self.readers).await.map_err(db)?;
+            for row in &rows {
+                cells.push(rows::status_cell(row)?);
+            }
+        }
+        Ok(cells)
     }
 
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>> {
@@ -733,6 +785,14 @@ impl Store for SqlStore {
             }
             writes.push(q);
         }
+        // Watchers of other replicas hear of them too.
+        if self.backend == Backend::Postgres {
+            let announced: Vec<String> = reports
+                .iter()
+                .map(|r| backend::status_payload(&self.origin, &r.cluster, &r.unit))
+                .collect();
+            writes.extend(self.backend.notifications(&announced));
+        }
         self.write_on_lane(writes).await
     }
 
@@ -960,7 +1020,7 @@ impl Store for SqlStore {
             .await
             .map_err(db)?;
         let (tx, rx) = tokio::sync::mpsc::channel(4096);
-        tokio::spawn(follow_announcements(url, listener, tx));
+        tokio::spawn(follow_announcements(url, listener, tx, self.origin.clone()));
         Ok(Some(Box::pin(tokio_stream::wrappers::ReceiverStream::new(
             rx,
         ))))
@@ -1261,6 +1321,7 @@ async fn follow_announcements(
     url: String,
     mut listener: sqlx::postgres::PgListener,
     tx: tokio::sync::mpsc::Sender<Announcement>,
+    origin: String,
 ) {
     let mut retry = Duration::from_millis(100);
     'connected: loop {
@@ -1275,12 +1336,7 @@ async fn follow_announcements(
                 };
                 match next {
                     Ok(Some(n)) => {
-                        let parsed = n.payload().rsplit_once(':').and_then(|(unit, number)| {
-                            Some(Announcement::Revision(
-                                unit.parse().ok()?,
-                                RevisionNum(number.parse().ok()?),
-                            ))
-                        });
+                        let parsed = backend::parse_announcement(n.payload(), &origin);
                         if let Some(a) = parsed
                             && tx.send(a).await.is_err()
                         {
