@@ -83,7 +83,10 @@ impl Hub {
 
     /// Statuses other replicas recorded, as the store holds them, to this
     /// hub's watchers (a later one of a cell may already be there: the
-    /// watcher keeps the newer).
+    /// watcher keeps the newer). This hub's status clock never stamps a
+    /// status earlier than one it has seen (an agent moving here from a
+    /// replica whose clock is ahead). If they cannot be read, the watchers
+    /// of their environments start over from the store.
     async fn replicas_statuses(&self, mut which: Vec<(ClusterName, UnitRef)>) {
         if which.is_empty() {
             return;
@@ -93,10 +96,19 @@ impl Hub {
         let cells = match self.store.cells(&which).await {
             Ok(cells) => cells,
             Err(e) => {
-                tracing::warn!(error = %crate::error::ErrorChain(&e), "reading statuses another replica recorded failed");
+                tracing::warn!(error = %crate::error::ErrorChain(&e), "reading statuses another replica recorded failed; watchers start over");
+                let mut envs: Vec<_> = which.into_iter().map(|(_, unit)| unit.env).collect();
+                envs.sort_unstable();
+                envs.dedup();
+                for env in envs {
+                    self.events.send(HubEvent::Clusters { env });
+                }
                 return;
             }
         };
+        if let Some(latest) = cells.iter().map(|c| c.status.updated_at).max() {
+            self.status_clock.not_before(latest);
+        }
         let reports: Vec<StatusReport> = cells
             .into_iter()
             .map(|c| StatusReport {

@@ -1324,11 +1324,17 @@ async fn follow_announcements(
     origin: String,
 ) {
     let mut retry = Duration::from_millis(100);
+    // After a reconnect: announced once listening again, so that nothing
+    // announced between the resync and the `LISTEN` is missed.
+    let mut resync_due = false;
     'connected: loop {
         if let Err(e) = listener.listen(CHANNEL).await {
             tracing::warn!(error = %e, "cannot listen for announcements; retrying");
         } else {
             retry = Duration::from_millis(100);
+            if std::mem::take(&mut resync_due) && tx.send(Announcement::Resync).await.is_err() {
+                return;
+            }
             loop {
                 let next = tokio::select! {
                     () = tx.closed() => return,
@@ -1367,9 +1373,7 @@ async fn follow_announcements(
             match sqlx::postgres::PgListener::connect(&url).await {
                 Ok(l) => {
                     listener = l;
-                    if tx.send(Announcement::Resync).await.is_err() {
-                        return;
-                    }
+                    resync_due = true;
                     continue 'connected;
                 }
                 Err(e) => tracing::warn!(error = %e, "cannot reconnect the announcement listener"),
