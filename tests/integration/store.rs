@@ -337,6 +337,27 @@ async fn contract(store: Arc<dyn Store>) {
         UnixMillis(4_000),
         "Ready again starts the soak over"
     );
+    // A report older than the one recorded (a late flush of the replica
+    // the agent left) changes nothing: of one revision the later wins, and
+    // a lower revision never replaces a higher one.
+    record(Phase::Degraded, 3_500).await;
+    let cell = read_cell().await;
+    assert_eq!(
+        (cell.status.phase, cell.status.updated_at),
+        (Phase::Ready, UnixMillis(4_000))
+    );
+    store
+        .record_statuses(&[StatusReport {
+            revision: RevisionNum(1),
+            ..report(Phase::Failed, 9_000)
+        }])
+        .await
+        .unwrap();
+    let cell = read_cell().await;
+    assert_eq!(
+        (cell.status.revision, cell.status.phase),
+        (RevisionNum(2), Phase::Ready)
+    );
 
     // Per cluster: its cells, and its units counted by phase (a report of
     // an older revision than the head counts as not there yet).

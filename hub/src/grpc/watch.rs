@@ -152,7 +152,9 @@ async fn change(hub: &Hub, scope: &Scope, e: &HubEvent) -> Result<Change> {
                     message: r.message.clone(),
                     resources: r.resources.iter().map(convert::resource_to_pb).collect(),
                     updated_at: convert::timestamp(r.observed_at),
-                    connected: true,
+                    // As the snapshot says it: a session here (a status
+                    // another replica recorded is of an agent there).
+                    connected: hub.fanout.session(&r.cluster).is_some(),
                 })
                 .collect();
         }

@@ -747,7 +747,9 @@ impl Store for SqlStore {
         }
         // One report per cluster and unit. A report of a revision says it
         // was received, too (of a revision the unit has: an agent's word
-        // does not outrun the store).
+        // does not outrun the store). One older than the recorded one (a
+        // lower revision, or the same one received earlier: a late flush
+        // of the replica an agent left) changes nothing.
         let mut writes = Vec::new();
         for reports in reports.chunks(STATEMENT_ROWS) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -769,7 +771,10 @@ impl Store for SqlStore {
                  THEN excluded.acked ELSE unit_status.acked END,
                revision = excluded.revision,
                phase = excluded.phase, message = excluded.message,
-               resources = excluded.resources, updated_at = excluded.updated_at",
+               resources = excluded.resources, updated_at = excluded.updated_at
+             WHERE unit_status.revision < excluded.revision
+               OR (unit_status.revision = excluded.revision
+                   AND unit_status.updated_at <= excluded.updated_at)",
             self.backend.values(reports.len(), 8)
         )));
             for r in reports {
