@@ -464,18 +464,15 @@ impl Hub {
 
     /// Deletes a cluster: its credential stops working and its live session ends.
     pub async fn delete_cluster(&self, actor: Actor, name: ClusterName) -> Result<()> {
-        let (cluster, _) = self.get_cluster(&name).await?;
         let audit = NewAudit {
             actor,
             action: "cluster.delete",
             target: format!("cluster/{name}"),
             detail: String::new(),
         };
-        self.store.delete_cluster(&name, audit).await?;
+        let env = self.store.delete_cluster(&name, audit).await?;
         self.fanout.disconnect(&name);
-        self.events.send(crate::events::HubEvent::Clusters {
-            env: cluster.environment,
-        });
+        self.events.send(crate::events::HubEvent::Clusters { env });
         Ok(())
     }
 

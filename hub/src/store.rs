@@ -182,8 +182,9 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Cluster>;
     async fn list_clusters(&self, env: Option<&EnvName>) -> StoreResult<Vec<Cluster>>;
     async fn get_cluster(&self, name: &ClusterName) -> StoreResult<Option<Cluster>>;
-    /// Deletes the cluster, its credential and its statuses.
-    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()>;
+    /// Deletes the cluster, its credential and its statuses; the
+    /// environment it was in.
+    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<EnvName>;
     async fn cluster_by_token(&self, token: &TokenHash) -> StoreResult<Option<Cluster>>;
     /// Registers a client certificate (by SHA-256 fingerprint) for a cluster.
     async fn add_cluster_cert(

@@ -376,7 +376,7 @@ impl Store for SqlStore {
         row.as_ref().map(rows::cluster).transpose()
     }
 
-    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<()> {
+    async fn delete_cluster(&self, name: &ClusterName, audit: NewAudit) -> StoreResult<EnvName> {
         let mut tx = self.writer.begin().await.map_err(db)?;
         let env: Option<String> =
             sqlx::query_scalar("DELETE FROM clusters WHERE name = $1 RETURNING environment")
@@ -388,9 +388,10 @@ impl Store for SqlStore {
             return Err(StoreError::NotFound(format!("cluster {name}")));
         };
         insert_audit(&mut tx, &audit).await?;
-        self.announce_clusters(&mut tx, &rows::parse(&env, "environment")?)
-            .await?;
-        tx.commit().await.map_err(db)
+        let env = rows::parse(&env, "environment")?;
+        self.announce_clusters(&mut tx, &env).await?;
+        tx.commit().await.map_err(db)?;
+        Ok(env)
     }
 
     async fn cells(&self, which: &[(ClusterName, UnitRef)]) -> StoreResult<Vec<StatusCell>> {
