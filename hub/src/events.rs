@@ -12,7 +12,9 @@ use crate::model::{ClusterName, EnvName, StatusReport, UnitRef};
 /// One thing that happened.
 #[derive(Clone, Debug)]
 pub enum HubEvent {
-    /// Statuses just written to the store (one flush chunk).
+    /// Statuses just written to the store (one flush chunk; one older
+    /// than the recorded one is not written, and watchers keep the newer),
+    /// or read from it after another replica announced them.
     Statuses(Arc<Vec<StatusReport>>),
     /// A revision committed (here, or by another replica of the store).
     Committed(UnitRef),
@@ -22,7 +24,9 @@ pub enum HubEvent {
         env: EnvName,
         connected: bool,
     },
-    /// A cluster was created in `env` or deleted from it.
+    /// A cluster was created in `env` or deleted from it (here or by
+    /// another replica), or announcements were missed: watchers of `env`
+    /// start over from the store.
     Clusters { env: EnvName },
 }
 

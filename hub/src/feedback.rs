@@ -10,7 +10,7 @@
 //! the hub's ack record, drives resync; see [`ack_interval`]), and only
 //! those no status report of the same revision covers (the report records
 //! its receipt too). Written statuses are announced on the hub's
-//! [`Events`].
+//! [`Events`] (and, by the store, to other replicas).
 //! Batches are split into chunks so a commit never waits long for the
 //! store's single writer.
 
@@ -354,6 +354,20 @@ mod tests {
             (web_cell.status.acked.0, web_cell.status.revision.0),
             (1, 9)
         );
+        // It does not hold the cell: a report of a revision the unit has,
+        // received later, replaces it although its number is lower.
+        feedback.status(StatusReport {
+            observed_at: UnixMillis(2_000),
+            ..report.clone()
+        });
+        assert!(feedback.flush(&store, true).await.written);
+        let web_cell = store
+            .statuses(Some(&dev), Some(&web), &Page::ALL)
+            .await
+            .unwrap()
+            .pop()
+            .unwrap();
+        assert_eq!(web_cell.status.revision.0, 1);
     }
 
     #[test]

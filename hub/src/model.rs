@@ -241,26 +241,38 @@ impl UnixMillis {
     }
 }
 
-/// The times the hub gives status reports: the wall clock, but never
-/// earlier than a time it gave before or found in the store at start
-/// (written by this hub before a restart, or by one whose clock ran
-/// ahead). A cluster's statuses of one revision are ordered by this time
-/// (watchers keep the newer of two), so a wall clock stepped back must not
-/// make a new status look older than the last.
+/// The times the hub gives status reports: the wall clock, moved ahead
+/// (never back) so that no time it gives is earlier than one it gave or
+/// was told of: the latest in the store at start (written before a
+/// restart, or by a replica whose clock runs ahead) and those other
+/// replicas recorded. A cluster's statuses of one revision are ordered by
+/// this time (watchers and the store keep the newer of two), and soak is
+/// measured on it. Moved ahead, it keeps running with the wall clock, so
+/// later statuses still get later times.
 #[derive(Debug, Default)]
-pub struct StatusClock(std::sync::atomic::AtomicI64);
+pub struct StatusClock {
+    /// How far ahead of the wall clock it runs, in milliseconds.
+    ahead: std::sync::atomic::AtomicI64,
+    /// The latest time given.
+    last: std::sync::atomic::AtomicI64,
+}
 
 impl StatusClock {
-    /// Now, or the latest time given (or set with [`StatusClock::not_before`]).
+    /// Now, on this clock.
     pub fn now(&self) -> UnixMillis {
-        let wall = UnixMillis::now().0;
-        let before = self.0.fetch_max(wall, std::sync::atomic::Ordering::Relaxed);
-        UnixMillis(wall.max(before))
+        use std::sync::atomic::Ordering::Relaxed;
+        let t = UnixMillis::now().0.saturating_add(self.ahead.load(Relaxed));
+        UnixMillis(t.max(self.last.fetch_max(t, Relaxed)))
     }
 
-    /// Never give a time before `t`.
-    pub fn not_before(&self, t: UnixMillis) {
-        self.0.fetch_max(t.0, std::sync::atomic::Ordering::Relaxed);
+    /// Never give a time before `t` (moving ahead of the wall clock if it
+    /// is behind `t`); how far ahead of the wall clock it now runs.
+    pub fn not_before(&self, t: UnixMillis) -> std::time::Duration {
+        use std::sync::atomic::Ordering::Relaxed;
+        let behind = t.0.saturating_sub(UnixMillis::now().0);
+        let ahead = self.ahead.fetch_max(behind, Relaxed).max(behind);
+        self.last.fetch_max(t.0, Relaxed);
+        std::time::Duration::from_millis(u64::try_from(ahead).unwrap_or(0))
     }
 }
 
@@ -711,15 +723,25 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_status_clock_never_goes_back() {
+    fn the_status_clock_never_goes_back_and_keeps_running() {
         let clock = StatusClock::default();
         let first = clock.now();
         assert!(clock.now() >= first);
         // A time in the store from a clock an hour ahead.
         let ahead = UnixMillis(UnixMillis::now().0 + 3_600_000);
-        clock.not_before(ahead);
-        assert_eq!(clock.now(), ahead);
-        assert!(clock.now() >= ahead);
+        assert!(clock.not_before(ahead) >= std::time::Duration::from_secs(3_599));
+        let then = clock.now();
+        assert!(then >= ahead);
+        // It runs on with the wall clock: a later status gets a later time.
+        let start = std::time::Instant::now();
+        while clock.now() == then {
+            assert!(start.elapsed() < std::time::Duration::from_secs(5));
+            std::thread::yield_now();
+        }
+        assert!(clock.now() > then);
+        // An earlier time changes nothing.
+        clock.not_before(UnixMillis(0));
+        assert!(clock.now() > then);
     }
 
     #[test]

@@ -186,13 +186,6 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     let http_addr = http_listener.as_ref().and_then(|l| l.local_addr().ok());
 
     let hub = Hub::new(store.clone(), config.tuning.clone(), ca).map_err(StartError::Threads)?;
-    // Statuses recorded from now on are never older than those recorded.
-    hub.status_clock.not_before(
-        store
-            .latest_status_time()
-            .await
-            .map_err(StartError::Store)?,
-    );
     let shutdown = CancellationToken::new();
     // From here on, a start that fails (or a hub dropped without
     // `shutdown`) stops whatever was started: what runs on the hub's lanes
@@ -269,6 +262,20 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
     // agents, their agents' statuses our watchers.
     if let Some(announcements) = hub.store.subscribe().await.map_err(StartError::Store)? {
         tokio::spawn(hub.clone().follow_replicas(announcements, shutdown.clone()));
+    }
+    // Statuses recorded from now on are never older than those recorded
+    // (read once listening: what other replicas record later is announced).
+    let latest = hub
+        .store
+        .latest_status_time()
+        .await
+        .map_err(StartError::Store)?;
+    let ahead = hub.status_clock.not_before(latest);
+    if ahead > Duration::from_secs(60) {
+        tracing::warn!(
+            ahead_seconds = ahead.as_secs(),
+            "a status in the store is later than this hub's clock: status times (and soak) run that far ahead; check the clocks of the hubs sharing the store"
+        );
     }
 
     if let Some(listener) = http_listener {

@@ -73,7 +73,8 @@ pub enum Announcement {
     /// A revision committed (by any replica).
     Revision(UnitRef, RevisionNum),
     /// Announcements may have been missed (the listener reconnected):
-    /// re-offer every head to connected agents.
+    /// re-offer every head to connected agents, and start every watcher
+    /// over from the store.
     Resync,
     /// Another replica recorded a cluster's status of a unit (its agent
     /// is connected there): watchers here hear of it too.
@@ -267,7 +268,10 @@ pub trait Store: Send + Sync + 'static {
     // coalesces them.
     /// Records acknowledged receipts (never lowers a recorded revision).
     async fn record_acks(&self, acks: &[Ack]) -> StoreResult<()>;
-    /// Records the latest status per (cluster, unit).
+    /// Records the latest status per (cluster, unit): one older than the
+    /// recorded one (a lower revision, or the same one received earlier)
+    /// is not written, unless the recorded one is of a revision the unit
+    /// did not have. Announced to other replicas.
     async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()>;
     /// Records when agents were last seen (never moves a cluster's time back).
     async fn record_seen(&self, seen: &[Seen]) -> StoreResult<()>;
@@ -332,8 +336,9 @@ pub trait Store: Send + Sync + 'static {
     async fn get_promotion(&self, id: u64) -> StoreResult<Option<Promotion>>;
 
     // --- replicas ---
-    /// Revisions committed by any hub sharing this store, as they commit
-    /// (`None`: the store is this hub's alone).
+    /// What the other hubs sharing this store announce (their commits,
+    /// statuses and cluster changes), as they commit (`None`: the store
+    /// is this hub's alone).
     async fn subscribe(&self) -> StoreResult<Option<RevisionStream>>;
 
     /// Whether this hub runs the store's singleton tasks (automatic

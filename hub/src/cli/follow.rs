@@ -17,9 +17,9 @@ use unitsync_proto::v1 as pb;
 
 use super::client::Client;
 
-/// The first pause before reopening a watch the hub ended (it restarts
-/// in tens of milliseconds); doubled after each attempt until a snapshot
-/// comes whole.
+/// The pause after a first attempt to reopen a watch the hub ended
+/// failed (the first is at once; the hub restarts in tens of
+/// milliseconds); doubled after each attempt until a snapshot comes whole.
 const FIRST_RETRY: Duration = Duration::from_millis(50);
 /// The longest pause between attempts.
 const LAST_RETRY: Duration = Duration::from_secs(2);
@@ -117,9 +117,9 @@ impl Watch {
     }
 
     /// The next event, or word that the hub went away (once per absence).
-    /// While it is away, the watch is reopened after a pause that doubles
-    /// from `FIRST_RETRY` up to `LAST_RETRY` until it answers (the pause
-    /// starts over once a snapshot is complete). An error that retrying
+    /// While it is away, the watch is reopened at once, then after a pause
+    /// that doubles from `FIRST_RETRY` up to `LAST_RETRY` until it answers
+    /// (the pauses start over once a snapshot is complete). An error that retrying
     /// cannot mend (no such unit, a credential revoked) ends the watch.
     pub(super) async fn next(&mut self) -> Result<Followed, Status> {
         loop {

@@ -1,5 +1,6 @@
 //! The gates of a target environment (health in every source cluster,
-//! soak time on the hub's clock, approvals from distinct operators) and
+//! soak time on the hub's status clock, the one statuses are stamped
+//! with, approvals from distinct operators) and
 //! approving.
 
 use super::*;
@@ -67,7 +68,9 @@ impl Hub {
         if to.policy.soak_seconds > 0 {
             let need = Duration::from_secs(to.policy.soak_seconds);
             let soaked = last_ready.filter(|_| not_ready.is_empty()).map(|since| {
-                Duration::from_millis(u64::try_from(UnixMillis::now().0 - since.0).unwrap_or(0))
+                Duration::from_millis(
+                    u64::try_from(self.status_clock.now().0 - since.0).unwrap_or(0),
+                )
             });
             gates.push(Gate {
                 name: "soak",

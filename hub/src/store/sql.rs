@@ -750,7 +750,10 @@ impl Store for SqlStore {
         // was received, too (of a revision the unit has: an agent's word
         // does not outrun the store). One older than the recorded one (a
         // lower revision, or the same one received earlier: a late flush
-        // of the replica an agent left) changes nothing.
+        // of the replica an agent left) changes nothing, unless the
+        // recorded one is of a revision the unit did not have (never
+        // counted as received: revision above acked), which never holds
+        // the cell.
         let mut writes = Vec::new();
         for reports in reports.chunks(STATEMENT_ROWS) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
@@ -773,7 +776,8 @@ impl Store for SqlStore {
                revision = excluded.revision,
                phase = excluded.phase, message = excluded.message,
                resources = excluded.resources, updated_at = excluded.updated_at
-             WHERE unit_status.revision < excluded.revision
+             WHERE unit_status.revision > unit_status.acked
+               OR unit_status.revision < excluded.revision
                OR (unit_status.revision = excluded.revision
                    AND unit_status.updated_at <= excluded.updated_at)",
             self.backend.values(reports.len(), 8)
