@@ -344,16 +344,16 @@ mod tests {
             "the ack of revision 1 is not covered by a report of 9"
         );
         assert!(feedback.flush(&store, true).await.written);
-        let web_cell = store
-            .statuses(Some(&dev), Some(&web), &Page::ALL)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(
-            (web_cell.status.acked.0, web_cell.status.revision.0),
-            (1, 9)
-        );
+        let web_cell = || async {
+            store
+                .statuses(Some(&dev), Some(&web), &Page::ALL)
+                .await
+                .unwrap()
+                .pop()
+                .unwrap()
+        };
+        let cell = web_cell().await;
+        assert_eq!((cell.status.acked.0, cell.status.revision.0), (1, 9));
         // It does not hold the cell: a report of a revision the unit has,
         // received later, replaces it although its number is lower.
         feedback.status(StatusReport {
@@ -361,13 +361,8 @@ mod tests {
             ..report.clone()
         });
         assert!(feedback.flush(&store, true).await.written);
-        let web_cell = store
-            .statuses(Some(&dev), Some(&web), &Page::ALL)
-            .await
-            .unwrap()
-            .pop()
-            .unwrap();
-        assert_eq!(web_cell.status.revision.0, 1);
+        let cell = web_cell().await;
+        assert_eq!(cell.status.revision.0, 1);
     }
 
     #[test]
