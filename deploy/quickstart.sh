@@ -6,7 +6,9 @@
 # with their CRDs, plus a Deployment) is created in ConfigHub and applied to
 # dev the way ConfigHub users do (`cub unit set-target`, `cub unit apply
 # --wait`), then promoted by unitsync to staging (with an override) and prod
-# (after an approval), waiting each time until every cluster reports Ready.
+# (after an approval), waiting each time until every cluster reports Ready;
+# the hub restarts (as in a rolling update) while the prod promotion waits,
+# and the wait carries on.
 # It prints what ConfigHub sees, the dashboard's fleet summary (logged in
 # over HTTP as an operator would) and unitsync's status matrix. Everything
 # runs on 127.0.0.1 and is removed on exit (KEEP=1 keeps it running until
@@ -53,14 +55,25 @@ chmod 600 "$WORK/worker.secret"
 GRPC=$(free_port); HTTP=$(free_port)
 export UNITSYNC_HUB="https://127.0.0.1:$GRPC"
 export UNITSYNC_DATA_DIR="$WORK/hub"
+start_hub() { # the hub on $GRPC/$HTTP with its data in $UNITSYNC_DATA_DIR; HUB_PID
+  "$BIN/unitsync" serve --listen "127.0.0.1:$GRPC" --http-listen "127.0.0.1:$HTTP" --data-dir "$UNITSYNC_DATA_DIR" \
+    --confighub-url "$CONFIGHUB_URL" --confighub-worker-id "$WORKER_ID" \
+    --confighub-worker-secret-file "$WORK/worker.secret" --confighub-environments dev \
+    >>"$WORK/hub.log" 2>&1 &
+  HUB_PID=$!
+  PIDS+=($HUB_PID)
+  wait_for "$UNITSYNC_DATA_DIR/admin.token" "the hub"
+  for _ in $(seq 1 100); do "$BIN/unitsync" env list >/dev/null 2>&1 && break; sleep 0.1; done
+}
+start_agent() { # env; AGENT_PID
+  "$BIN/unitsync-agent" --hub "$UNITSYNC_HUB" --ca-file "$UNITSYNC_DATA_DIR/ca.crt" --token-file "$WORK/$1.token" \
+    --kubeconfig "$WORK/$1.kubeconfig" --state-dir "$WORK/$1-agent" --drift-interval 10 --health-interval-ms 250 \
+    >>"$WORK/$1-agent.log" 2>&1 &
+  AGENT_PID=$!
+  PIDS+=($AGENT_PID)
+}
 say "starting the hub on $UNITSYNC_HUB as that ConfigHub worker for dev (TLS with its own CA; data in $UNITSYNC_DATA_DIR)"
-"$BIN/unitsync" serve --listen "127.0.0.1:$GRPC" --http-listen "127.0.0.1:$HTTP" --data-dir "$UNITSYNC_DATA_DIR" \
-  --confighub-url "$CONFIGHUB_URL" --confighub-worker-id "$WORKER_ID" \
-  --confighub-worker-secret-file "$WORK/worker.secret" --confighub-environments dev \
-  >"$WORK/hub.log" 2>&1 &
-PIDS+=($!)
-wait_for "$UNITSYNC_DATA_DIR/admin.token" "the hub"
-for _ in $(seq 1 100); do "$BIN/unitsync" env list >/dev/null 2>&1 && break; sleep 0.1; done
+start_hub
 
 for env in dev staging prod; do
   say "cluster $env-1: kube-sim and its agent"
@@ -71,11 +84,9 @@ for env in dev staging prod; do
   "$BIN/unitsync" cluster create "$env-1" --env "$env" -o json \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$WORK/$env.token"
   chmod 600 "$WORK/$env.token"
-  "$BIN/unitsync-agent" --hub "$UNITSYNC_HUB" --ca-file "$UNITSYNC_DATA_DIR/ca.crt" --token-file "$WORK/$env.token" \
-    --kubeconfig "$WORK/$env.kubeconfig" --state-dir "$WORK/$env-agent" --drift-interval 10 --health-interval-ms 250 \
-    >"$WORK/$env-agent.log" 2>&1 &
-  PIDS+=($!)
+  start_agent "$env"
 done
+PROD_AGENT=$AGENT_PID
 
 say "ConfigHub shows the hub's target for dev"
 for _ in $(seq 1 100); do cub target list --space "$SPACE" | grep -q unitsync-dev && break; sleep 0.1; done
@@ -114,7 +125,15 @@ say "promoting dev -> staging (gate: every dev cluster Ready)"
 say "promoting staging -> prod (gates: Ready in staging, one approval)"
 "$BIN/unitsync" promote --from staging --to prod --all --dry-run >/dev/null 2>&1 || echo "(blocked as expected: prod needs an approval)"
 for u in crds $UNITS; do "$BIN/unitsync" approve "staging/$u" --for prod; done
-"$BIN/unitsync" promote --from staging --to prod --all --wait --timeout 120
+say "with prod's agent away, the promotion's --wait waits; the hub restarts meanwhile (a rolling update)"
+kill "$PROD_AGENT"; wait "$PROD_AGENT" 2>/dev/null || true
+"$BIN/unitsync" promote --from staging --to prod --all --wait --timeout 120 &
+PROMOTING=$!
+for _ in $(seq 1 200); do "$BIN/unitsync" unit get prod/web >/dev/null 2>&1 && break; sleep 0.05; done
+kill -TERM "$HUB_PID"; wait "$HUB_PID" 2>/dev/null || true
+start_hub
+start_agent prod
+wait "$PROMOTING"
 
 say "the dashboard (http://127.0.0.1:$HTTP/ui/, logged in with admin.token): the fleet page says"
 python3 - "$HTTP" "$UNITSYNC_DATA_DIR/admin.token" <<'PY'

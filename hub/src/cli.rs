@@ -79,7 +79,8 @@ pub enum Command {
     Status {
         #[arg(long)]
         env: Option<String>,
-        /// Keep showing it: redrawn as statuses arrive (Ctrl-C ends).
+        /// Keep showing it: redrawn as statuses arrive, through hub restarts
+        /// (Ctrl-C ends).
         #[arg(long)]
         watch: bool,
     },
@@ -498,7 +499,9 @@ pub struct PutArgs {
 
 #[derive(Args, Debug, Clone, Copy)]
 pub struct WaitArgs {
-    /// Wait until every cluster of the environment reports the new revision Ready.
+    /// Wait until every cluster of the environment reports the new revision
+    /// Ready (fails fast on Failed/Degraded or a later commit; outlives hub
+    /// restarts).
     #[arg(long)]
     pub wait: bool,
     /// How long --wait waits, in seconds.

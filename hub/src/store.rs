@@ -84,7 +84,7 @@ pub enum Announcement {
 }
 
 /// Announcements from other hubs sharing the store.
-pub type RevisionStream = std::pin::Pin<Box<dyn futures::Stream<Item = Announcement> + Send>>;
+pub type AnnouncementStream = std::pin::Pin<Box<dyn futures::Stream<Item = Announcement> + Send>>;
 
 /// SHA-256 of a bearer token, the only form in which tokens are stored.
 #[derive(Clone, Debug, PartialEq, Eq, Hash)]
@@ -339,7 +339,7 @@ pub trait Store: Send + Sync + 'static {
     /// What the other hubs sharing this store announce (their commits,
     /// statuses and cluster changes), as they commit (`None`: the store
     /// is this hub's alone).
-    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>>;
+    async fn subscribe(&self) -> StoreResult<Option<AnnouncementStream>>;
 
     /// Whether this hub runs the store's singleton tasks (automatic
     /// promotion): always for a store of its own; for a shared store, the

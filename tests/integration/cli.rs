@@ -460,41 +460,84 @@ async fn wait_stops_when_a_later_commit_supersedes_the_revision() {
     agent.stop().await;
 }
 
-/// Runs `unitsync ARGS` with its stderr piped, line by line.
-fn spawn_reading(
-    hub: &Served,
-    args: &[&str],
-) -> (
-    tokio::process::Child,
-    tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
-) {
-    let mut cmd = tokio::process::Command::from(hub.cmd());
-    cmd.args(args)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .kill_on_drop(true);
-    let mut child = cmd.spawn().unwrap();
-    let lines = tokio::io::BufReader::new(child.stderr.take().unwrap()).lines();
-    (child, lines)
+/// A `unitsync` run in the background, one of its outputs read line by
+/// line; every line read is kept for the failure message.
+struct Reading {
+    child: tokio::process::Child,
+    lines: tokio::io::Lines<tokio::io::BufReader<Box<dyn tokio::io::AsyncRead + Unpin + Send>>>,
+    said: Vec<String>,
 }
 
-/// Reads `lines` into `said` until one starts with `prefix`.
-async fn read_until(
-    lines: &mut tokio::io::Lines<tokio::io::BufReader<tokio::process::ChildStderr>>,
-    said: &mut Vec<String>,
-    prefix: &str,
-) {
-    within(&format!("a line starting {prefix:?}"), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            let found = line.starts_with(prefix);
-            said.push(line);
-            if found {
-                return;
-            }
+impl Reading {
+    /// `unitsync ARGS`, reading its stderr (where `--wait` reports).
+    fn stderr(hub: &Served, args: &[&str]) -> Reading {
+        Self::spawn(hub, args, false)
+    }
+
+    /// `unitsync ARGS`, reading its stdout.
+    fn stdout(hub: &Served, args: &[&str]) -> Reading {
+        Self::spawn(hub, args, true)
+    }
+
+    fn spawn(hub: &Served, args: &[&str], stdout: bool) -> Reading {
+        let (piped, null) = (Stdio::piped, Stdio::null);
+        let mut cmd = tokio::process::Command::from(hub.cmd());
+        cmd.args(args)
+            .stdout(if stdout { piped() } else { null() })
+            .stderr(if stdout { null() } else { piped() })
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().unwrap();
+        let out: Box<dyn tokio::io::AsyncRead + Unpin + Send> = match stdout {
+            true => Box::new(child.stdout.take().unwrap()),
+            false => Box::new(child.stderr.take().unwrap()),
+        };
+        Reading {
+            child,
+            lines: tokio::io::BufReader::new(out).lines(),
+            said: Vec::new(),
         }
-        panic!("no line starting {prefix:?} in {said:?}");
-    })
-    .await;
+    }
+
+    /// Reads until a line `matches`; fails naming what was said if the
+    /// output ends first or the deadline passes.
+    async fn until(&mut self, what: &str, matches: impl Fn(&str) -> bool) {
+        let (lines, said) = (&mut self.lines, &mut self.said);
+        let read = tokio::time::timeout(unitsync_tests::DEADLINE, async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                let found = matches(&line);
+                said.push(line);
+                if found {
+                    return true;
+                }
+            }
+            false
+        })
+        .await;
+        assert!(read == Ok(true), "no line {what}; said {said:#?}");
+    }
+
+    /// Reads until a line starts with `prefix`.
+    async fn until_starting(&mut self, prefix: &str) {
+        self.until(&format!("starting {prefix:?}"), |l| l.starts_with(prefix))
+            .await;
+    }
+
+    /// Reads the rest of the output; all that was said.
+    async fn rest(&mut self) -> String {
+        let (lines, said) = (&mut self.lines, &mut self.said);
+        within("the rest of the output", async {
+            while let Some(line) = lines.next_line().await.unwrap() {
+                said.push(line);
+            }
+        })
+        .await;
+        said.join("\n")
+    }
+
+    /// Waits for the run to exit.
+    async fn exit(&mut self) -> std::process::ExitStatus {
+        within("the run exits", self.child.wait()).await.unwrap()
+    }
 }
 
 /// Stops the hub with SIGTERM, as Kubernetes stops a pod, and reaps it.
@@ -524,42 +567,41 @@ async fn a_wait_outlives_hub_restarts() {
     // Stopped (SIGTERM) and started again: the wait says it lost the hub,
     // reopens the watch and ends when the cluster is Ready.
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
-    let (mut waiting, mut lines) = spawn_reading(&hub, &waiting_on("create", &v1));
-    let mut said = Vec::new();
-    read_until(&mut lines, &mut said, "dev/web@1: 0/1 clusters Ready").await;
+    let mut waiting = Reading::stderr(&hub, &waiting_on("create", &v1));
+    waiting
+        .until_starting("dev/web@1: 0/1 clusters Ready")
+        .await;
     terminate(&mut hub).await;
-    read_until(
-        &mut lines,
-        &mut said,
-        "lost the hub (the hub is shutting down); reconnecting",
-    )
-    .await;
+    waiting
+        .until_starting("lost the hub (the hub is shutting down); reconnecting")
+        .await;
     hub.restart().await;
     until("the agent is back", || async { agent.connections() >= 2 }).await;
     agent.report(ready_at(1));
-    read_until(&mut lines, &mut said, "dev/web@1: 1/1 clusters Ready").await;
-    let status = within("wait exits", waiting.wait()).await.unwrap();
-    assert!(status.success(), "{said:?}");
+    waiting
+        .until_starting("dev/web@1: 1/1 clusters Ready")
+        .await;
+    assert!(waiting.exit().await.success(), "{:?}", waiting.said);
 
     // Killed (SIGKILL: the connection breaks) and started again.
     let v2 = write(files.path(), "v2.yaml", &configmap("web", "2"));
-    let (mut waiting, mut lines) = spawn_reading(&hub, &waiting_on("update", &v2));
-    let mut said = Vec::new();
-    read_until(&mut lines, &mut said, "dev/web@2: 0/1 clusters Ready").await;
+    let mut waiting = Reading::stderr(&hub, &waiting_on("update", &v2));
+    waiting
+        .until_starting("dev/web@2: 0/1 clusters Ready")
+        .await;
     hub.restart().await;
-    read_until(&mut lines, &mut said, "lost the hub (").await;
+    waiting.until_starting("lost the hub (").await;
     until("the agent holds web@2 again", || async {
         agent.connections() >= 3 && agent.held().get("web") == Some(&(2, false))
     })
     .await;
     agent.report(ready_at(2));
-    let status = within("wait exits", waiting.wait()).await.unwrap();
-    assert!(status.success(), "{said:?}");
+    assert!(waiting.exit().await.success(), "{:?}", waiting.said);
 
     // Gone for good: the wait ends at its timeout, saying what it waited
     // for and that the hub is out of reach.
     let v3 = write(files.path(), "v3.yaml", &configmap("web", "3"));
-    let (mut waiting, mut lines) = spawn_reading(
+    let mut waiting = Reading::stderr(
         &hub,
         &[
             "unit",
@@ -572,18 +614,12 @@ async fn a_wait_outlives_hub_restarts() {
             "8",
         ],
     );
-    let mut said = Vec::new();
-    read_until(&mut lines, &mut said, "dev/web@3: 0/1 clusters Ready").await;
+    waiting
+        .until_starting("dev/web@3: 0/1 clusters Ready")
+        .await;
     terminate(&mut hub).await;
-    within("the rest of what the wait says", async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            said.push(line);
-        }
-    })
-    .await;
-    let status = within("wait exits", waiting.wait()).await.unwrap();
-    assert!(!status.success());
-    let err = said.join("\n");
+    let err = waiting.rest().await;
+    assert!(!waiting.exit().await.success());
     assert!(
         err.contains("timed out after 8s waiting for dev/web@3 (the hub is out of reach: ")
             && err.contains("not Ready yet:\n  dev-1: "),
@@ -599,24 +635,17 @@ async fn a_status_after_a_restart_counts_although_the_clock_ran_behind() {
     let files = tempfile::tempdir().unwrap();
     let mut agent = one_cluster(&hub).await;
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
-    let (mut waiting, mut lines) = spawn_reading(&hub, &waiting_on("create", &v1));
-    let mut said = Vec::new();
-    read_until(
-        &mut lines,
-        &mut said,
-        "dev/web@1: 0/1 clusters Ready (dev-1: ",
-    )
-    .await;
+    let mut waiting = Reading::stderr(&hub, &waiting_on("create", &v1));
+    waiting
+        .until_starting("dev/web@1: 0/1 clusters Ready (dev-1: ")
+        .await;
     agent.report(StatusUpdate {
         phase: unitsync_agent::status::Phase::Progressing,
         ..ready_at(1)
     });
-    read_until(
-        &mut lines,
-        &mut said,
-        "dev/web@1: 0/1 clusters Ready (dev-1: Progressing)",
-    )
-    .await;
+    waiting
+        .until_starting("dev/web@1: 0/1 clusters Ready (dev-1: Progressing)")
+        .await;
     // The hub that recorded it had a clock an hour ahead of the one that
     // starts next (a node's clock, or a step back of this one's).
     hub.kill();
@@ -631,20 +660,18 @@ async fn a_status_after_a_restart_counts_although_the_clock_ran_behind() {
     hub.start_again().await;
     // The wait is back on the hub and holds its snapshot (Progressing, an
     // hour "later" than now) before the agent says more.
-    read_until(&mut lines, &mut said, "lost the hub (").await;
-    read_until(
-        &mut lines,
-        &mut said,
-        "dev/web@1: 0/1 clusters Ready (dev-1: Progressing",
-    )
-    .await;
+    waiting.until_starting("lost the hub (").await;
+    waiting
+        .until_starting("dev/web@1: 0/1 clusters Ready (dev-1: Progressing")
+        .await;
     until("the agent is back", || async { agent.connections() >= 2 }).await;
     // Ready, received after the restart: newer than Progressing although
     // the wall clock says otherwise. The wait ends.
     agent.report(ready_at(1));
-    read_until(&mut lines, &mut said, "dev/web@1: 1/1 clusters Ready").await;
-    let status = within("wait exits", waiting.wait()).await.unwrap();
-    assert!(status.success(), "{said:?}");
+    waiting
+        .until_starting("dev/web@1: 1/1 clusters Ready")
+        .await;
+    assert!(waiting.exit().await.success(), "{:?}", waiting.said);
     agent.stop().await;
 }
 
@@ -655,34 +682,19 @@ async fn status_watch_outlives_a_hub_restart() {
     let mut agent = one_cluster(&hub).await;
     let v1 = write(files.path(), "v1.yaml", &configmap("web", "1"));
     hub.ok(&["unit", "create", "dev/web", "-f", &v1]).await;
-    let mut cmd = tokio::process::Command::from(hub.cmd());
-    cmd.args(["status", "--watch"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .kill_on_drop(true);
-    let mut watching = cmd.spawn().unwrap();
-    let mut lines = tokio::io::BufReader::new(watching.stdout.take().unwrap()).lines();
-    let mut said = Vec::new();
-    let mut read_until = async |matches: &dyn Fn(&str) -> bool| {
-        let read = tokio::time::timeout(unitsync_tests::DEADLINE, async {
-            while let Some(line) = lines.next_line().await.unwrap() {
-                let found = matches(&line);
-                said.push(line);
-                if found {
-                    return true;
-                }
-            }
-            false
-        })
+    let mut watching = Reading::stdout(&hub, &["status", "--watch"]);
+    watching
+        .until("with dev/web", |l| l.contains("dev/web"))
         .await;
-        assert!(read == Ok(true), "status --watch printed {said:#?}");
-    };
-    read_until(&|l| l.contains("dev/web")).await;
     hub.restart().await;
-    read_until(&|l| l.starts_with("--- lost the hub (")).await;
+    watching.until_starting("--- lost the hub (").await;
     until("the agent is back", || async { agent.connections() >= 2 }).await;
     agent.report(ready_at(1));
-    read_until(&|l| l.contains("dev/web") && l.contains("1 Ready")).await;
+    watching
+        .until("with dev/web at 1 Ready", |l| {
+            l.contains("dev/web") && l.contains("1 Ready")
+        })
+        .await;
     agent.stop().await;
 }
 

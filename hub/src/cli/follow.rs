@@ -1,7 +1,7 @@
 //! Following the hub's `WatchStatus`, for `--wait` and `status --watch`:
-//! the view its events build, and the watch itself, reopened when the hub
-//! goes away (a restart ends every watch with `UNAVAILABLE`, a crash
-//! breaks the connection) for as long as the caller keeps asking.
+//! a watch reopened when the hub goes away (a restart ends every watch
+//! with `UNAVAILABLE`, a crash breaks the connection) for as long as the
+//! caller keeps asking, and the view its events build.
 //!
 //! Every watch the hub opens starts with a snapshot, which replaces the
 //! view; so does one it starts over with (clusters came or went, or the
@@ -60,7 +60,7 @@ impl View {
 
     /// The watch was cut: whatever it was sending is void, and the
     /// reopened watch's snapshot replaces the view.
-    pub(super) fn lost(&mut self) {
+    fn lost(&mut self) {
         self.in_snapshot = false;
     }
 
@@ -88,17 +88,20 @@ impl View {
 
 /// What following the watch brings.
 pub(super) enum Followed {
-    Event(pb::StatusEvent),
+    /// An event changed the view; whether it is whole now (see
+    /// [`View::apply`]).
+    Changed { whole: bool },
     /// The hub went away (said once per absence); the next call waits
     /// for it, and the watch reopens with a fresh snapshot.
     Lost(Status),
 }
 
-/// A `WatchStatus` that outlives the hub's restarts.
+/// A `WatchStatus` that outlives the hub's restarts, and what it showed.
 pub(super) struct Watch {
     client: Client,
     request: pb::WatchStatusRequest,
     events: Option<Streaming<pb::StatusEvent>>,
+    view: View,
     /// Why the hub is out of reach, while it is.
     lost: Option<Status>,
     pause: Duration,
@@ -111,12 +114,19 @@ impl Watch {
             client: client.clone(),
             request,
             events: None,
+            view: View::default(),
             lost: None,
             pause: Duration::ZERO,
         }
     }
 
-    /// The next event, or word that the hub went away (once per absence).
+    /// What the watch has shown (whole once [`Followed::Changed`] said so).
+    pub(super) fn view(&self) -> &View {
+        &self.view
+    }
+
+    /// The next event, applied to the view, or word that the hub went
+    /// away (once per absence).
     /// While it is away, the watch is reopened at once, then after a pause
     /// that doubles from `FIRST_RETRY` up to `LAST_RETRY` until it answers
     /// (the pauses start over once a snapshot is complete). An error that retrying
@@ -148,13 +158,15 @@ impl Watch {
                     if ev.snapshot_complete {
                         self.pause = Duration::ZERO;
                     }
-                    return Ok(Followed::Event(ev));
+                    let whole = self.view.apply(ev);
+                    return Ok(Followed::Changed { whole });
                 }
                 Ok(None) => Status::unavailable("the hub ended the watch"),
                 Err(e) if fatal(&e) => return Err(e),
                 Err(e) => e,
             };
             self.events = None;
+            self.view.lost();
             if self.lost.replace(why.clone()).is_none() {
                 return Ok(Followed::Lost(why));
             }

@@ -60,23 +60,21 @@ pub(super) async fn until_ready(
             unit: unit.to_owned(),
         },
     );
-    let mut view = View::default();
     let mut last_line = String::new();
     loop {
-        let next = tokio::time::timeout_at(deadline, watch.next()).await;
-        let ended = match next {
-            Ok(Ok(Followed::Event(ev))) => Ok(ev),
+        let ended = match tokio::time::timeout_at(deadline, watch.next()).await {
+            Ok(Ok(Followed::Changed { whole: true })) => None,
+            Ok(Ok(Followed::Changed { whole: false })) => continue,
             Ok(Ok(Followed::Lost(why))) => {
                 eprintln!("lost the hub ({}); reconnecting", why.message());
-                view.lost();
                 last_line.clear();
                 continue;
             }
-            Ok(Err(e)) => Err(format!(
+            Ok(Err(e)) => Some(format!(
                 "the hub ended the watch of {unit}@{revision} ({})",
                 e.message()
             )),
-            Err(_) => Err(format!(
+            Err(_) => Some(format!(
                 "timed out after {}s waiting for {unit}@{revision}{}",
                 timeout.as_secs(),
                 watch.lost().map_or(String::new(), |why| format!(
@@ -85,29 +83,24 @@ pub(super) async fn until_ready(
                 ))
             )),
         };
-        let ev = match ended {
-            Ok(ev) => ev,
-            Err(why) => {
-                let waiting = judge(&view, unit, revision, want).waiting;
-                if waiting.is_empty() {
-                    bail!("{why}; no status seen yet");
-                }
-                bail!(
-                    "{why}; not {} yet:\n  {}",
-                    phase(want.into()),
-                    waiting.join("\n  ")
-                );
+        let view = watch.view();
+        if let Some(why) = ended {
+            let waiting = judge(view, unit, revision, want).waiting;
+            if waiting.is_empty() {
+                bail!("{why}; no status seen yet");
             }
-        };
-        if !view.apply(ev) {
-            continue;
+            bail!(
+                "{why}; not {} yet:\n  {}",
+                phase(want.into()),
+                waiting.join("\n  ")
+            );
         }
         if view.clusters.is_empty() {
             let env = unit.split_once('/').map_or("", |(e, _)| e);
             eprintln!("environment {env} has no clusters; nothing to wait for");
             return Ok(());
         }
-        let v = judge(&view, unit, revision, want);
+        let v = judge(view, unit, revision, want);
         let line = format!(
             "{unit}@{revision}: {}/{} clusters {}{}",
             v.done,
@@ -173,7 +166,7 @@ fn judge(view: &View, unit: &str, revision: u64, want: pb::Phase) -> Verdict {
         waiting: vec![],
     };
     for (name, cluster) in &view.clusters {
-        let connected = &cluster.connected;
+        let connected = cluster.connected;
         match view.cell(unit, name) {
             Some(s) if s.revision == revision && s.phase == i32::from(want) => v.done += 1,
             Some(s)
@@ -195,11 +188,11 @@ fn judge(view: &View, unit: &str, revision: u64, want: pb::Phase) -> Verdict {
             }
             Some(s) if s.revision == revision => {
                 v.waiting
-                    .push(format!("{name}: {}{}", phase(s.phase), offline(*connected)));
+                    .push(format!("{name}: {}{}", phase(s.phase), offline(connected)));
             }
             Some(s) if s.acked_revision >= revision => {
                 v.waiting
-                    .push(format!("{name}: received{}", offline(*connected)));
+                    .push(format!("{name}: received{}", offline(connected)));
             }
             _ if !connected => v.waiting.push(format!("{name}: agent not connected")),
             _ => v.waiting.push(format!("{name}: pending")),

@@ -13,7 +13,7 @@ use tokio_util::sync::CancellationToken;
 use super::Hub;
 use crate::events::HubEvent;
 use crate::model::{ClusterName, StatusReport, UnitRef};
-use crate::store::{Announcement, RevisionStream};
+use crate::store::{Announcement, AnnouncementStream};
 
 /// Announcements handled together: the statuses among them are read in
 /// one batch.
@@ -23,7 +23,7 @@ impl Hub {
     /// Follows the other replicas' announcements until `stop`.
     pub async fn follow_replicas(
         self: Arc<Self>,
-        announcements: RevisionStream,
+        announcements: AnnouncementStream,
         stop: CancellationToken,
     ) {
         let mut batches = announcements.ready_chunks(BATCH);

@@ -43,6 +43,11 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
 /// them) ignores. Older replicas ignore what they cannot parse.
 pub(super) const CHANNEL: &str = "unitsync_revisions";
 
+/// A revision committed (by any replica).
+pub(super) fn revision_payload(unit: &UnitRef, number: RevisionNum) -> String {
+    format!("{unit}:{number}")
+}
+
 /// A status recorded by the store `origin`.
 pub(super) fn status_payload(origin: &str, cluster: &ClusterName, unit: &UnitRef) -> String {
     format!("status:{origin}:{cluster}:{unit}")
@@ -168,29 +173,30 @@ impl Backend {
         Ok(())
     }
 
-    /// PostgreSQL: announces commits to every replica (delivered when the
-    /// transaction commits), one statement per 8,000 of them.
-    pub(super) async fn announce<'a>(
+    /// PostgreSQL: announces `payloads` to every replica, in `tx`
+    /// (delivered when it commits); see [`Backend::notifications`].
+    pub(super) async fn announce(
         self,
         tx: &mut AnyConnection,
-        revisions: impl Iterator<Item = (&'a UnitRef, RevisionNum)>,
+        payloads: impl IntoIterator<Item = String>,
     ) -> StoreResult<()> {
-        let payloads: Vec<String> = revisions
-            .map(|(unit, number)| format!("{unit}:{number}"))
-            .collect();
-        for q in self.notifications(&payloads) {
+        for q in self.notifications(payloads) {
             q.execute(&mut *tx).await.map_err(db)?;
         }
         Ok(())
     }
 
     /// PostgreSQL: the statements announcing `payloads` on [`CHANNEL`]
-    /// (delivered when their transaction commits), one per 8,000; none on
-    /// SQLite (one hub per file).
-    pub(super) fn notifications(self, payloads: &[String]) -> Vec<Statement> {
+    /// (delivered when their transaction commits), one per 8,000. None on
+    /// SQLite, one hub per file: the payloads are not even made.
+    pub(super) fn notifications(
+        self,
+        payloads: impl IntoIterator<Item = String>,
+    ) -> Vec<Statement> {
         if self == Backend::Sqlite {
             return Vec::new();
         }
+        let payloads: Vec<String> = payloads.into_iter().collect();
         payloads
             .chunks(MAX_LIST)
             .map(|payloads| {
@@ -365,6 +371,7 @@ mod tests {
         let unit: UnitRef = "dev/web".parse().unwrap();
         let cluster: ClusterName = "dev-1".parse().unwrap();
         let env: EnvName = "dev".parse().unwrap();
+        assert_eq!(revision_payload(&unit, RevisionNum(7)), "dev/web:7");
         assert_eq!(
             parse_announcement("dev/web:7", "me"),
             Some(Announcement::Revision(unit.clone(), RevisionNum(7)))

@@ -22,7 +22,7 @@ use sqlx::any::{AnyArguments, AnyRow};
 use sqlx::{Any, AnyConnection, AnyPool};
 use tokio::sync::{mpsc, oneshot};
 
-use super::backend::Backend;
+use super::backend::{self, Backend};
 use super::rows::{Columns, corrupt, db, int, labels_json, num};
 use super::{NewPromotion, StoreError, StoreResult};
 use crate::lane::Lane;
@@ -418,7 +418,7 @@ impl Plan {
                 tx,
                 revisions
                     .iter()
-                    .map(|(_, number, rev)| (&rev.unit, *number)),
+                    .map(|(_, number, rev)| backend::revision_payload(&rev.unit, *number)),
             )
             .await?;
 

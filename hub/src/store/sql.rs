@@ -20,7 +20,7 @@ use super::backend::{self, Backend, CHANNEL, LEADER_LOCK};
 use super::commit::Committer;
 use super::rows::{self, ENV_COLUMNS, corrupt, db, int, is_unique_violation, labels_json};
 use super::{
-    Ack, Announcement, NewPromotion, Operator, Page, RevisionStream, Seen, Store, StoreError,
+    Ack, Announcement, AnnouncementStream, NewPromotion, Operator, Page, Seen, Store, StoreError,
     StoreResult, TokenHash,
 };
 use crate::lane::Lane;
@@ -167,18 +167,6 @@ impl SqlStore {
 }
 
 impl SqlStore {
-    /// Announces (in `tx`) that clusters of `env` were created or deleted:
-    /// other replicas' watchers start over from the store.
-    async fn announce_clusters(&self, tx: &mut AnyConnection, env: &EnvName) -> StoreResult<()> {
-        for q in self
-            .backend
-            .notifications(&[backend::clusters_payload(&self.origin, env)])
-        {
-            q.execute(&mut *tx).await.map_err(db)?;
-        }
-        Ok(())
-    }
-
     /// An update of one source row (integer parameters, then the name),
     /// audited in the same transaction.
     async fn source_write(
@@ -338,7 +326,9 @@ impl Store for SqlStore {
         .await
         .map_err(already(|| format!("cluster {name}")))?;
         insert_audit(&mut tx, &audit).await?;
-        self.announce_clusters(&mut tx, env).await?;
+        // Other replicas' watchers start over from the store.
+        let announced = backend::clusters_payload(&self.origin, env);
+        self.backend.announce(&mut tx, [announced]).await?;
         tx.commit().await.map_err(db)?;
         Ok(Cluster {
             name: name.clone(),
@@ -389,7 +379,8 @@ impl Store for SqlStore {
         };
         insert_audit(&mut tx, &audit).await?;
         let env = rows::parse(&env, "environment")?;
-        self.announce_clusters(&mut tx, &env).await?;
+        let announced = backend::clusters_payload(&self.origin, &env);
+        self.backend.announce(&mut tx, [announced]).await?;
         tx.commit().await.map_err(db)?;
         Ok(env)
     }
@@ -796,13 +787,13 @@ impl Store for SqlStore {
             writes.push(q);
         }
         // Watchers of other replicas hear of them too.
-        if self.backend == Backend::Postgres {
-            let announced: Vec<String> = reports
-                .iter()
-                .map(|r| backend::status_payload(&self.origin, &r.cluster, &r.unit))
-                .collect();
-            writes.extend(self.backend.notifications(&announced));
-        }
+        writes.extend(
+            self.backend.notifications(
+                reports
+                    .iter()
+                    .map(|r| backend::status_payload(&self.origin, &r.cluster, &r.unit)),
+            ),
+        );
         self.write_on_lane(writes).await
     }
 
@@ -1021,7 +1012,7 @@ impl Store for SqlStore {
         row.as_ref().map(rows::promotion).transpose()
     }
 
-    async fn subscribe(&self) -> StoreResult<Option<RevisionStream>> {
+    async fn subscribe(&self) -> StoreResult<Option<AnnouncementStream>> {
         let Some(url) = self.url.clone() else {
             return Ok(None);
         };

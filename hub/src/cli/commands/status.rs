@@ -56,7 +56,7 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
     use std::io::IsTerminal;
     use tokio::time::{Duration, Instant};
 
-    use crate::cli::follow::{Followed, View, Watch};
+    use crate::cli::follow::{Followed, Watch};
     let mut watch = Watch::new(
         c,
         pb::WatchStatusRequest {
@@ -64,37 +64,26 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
             unit: String::new(),
         },
     );
+    let lost = |why: &tonic::Status| format!("--- lost the hub ({}); reconnecting", why.message());
     let tty = std::io::stdout().is_terminal();
-    let mut view = View::default();
-    let mut lost: Option<String> = None;
     let mut drawn = Instant::now() - Duration::from_secs(1);
     let mut redraw: Option<Instant> = None;
     loop {
         tokio::select! {
-            m = watch.next() => {
-                let whole = match m.map_err(refused)? {
-                    Followed::Event(ev) => {
-                        lost = None;
-                        view.apply(ev)
+            m = watch.next() => match m.map_err(refused)? {
+                Followed::Changed { whole } => {
+                    if whole && redraw.is_none() {
+                        redraw = Some((drawn + Duration::from_millis(100)).max(Instant::now()));
                     }
-                    Followed::Lost(why) => {
-                        // Under what is drawn, at once (the hub may be
-                        // back before the next redraw), and under every
-                        // redraw until it is.
-                        view.lost();
-                        let line = format!("--- lost the hub ({}); reconnecting", why.message());
-                        print(&line);
-                        lost = Some(line);
-                        continue;
-                    }
-                };
-                if whole && redraw.is_none() {
-                    redraw = Some((drawn + Duration::from_millis(100)).max(Instant::now()));
                 }
-            }
+                // Under what is drawn, at once (the hub may be back before
+                // the next redraw), and under every redraw until it is.
+                Followed::Lost(why) => print(&lost(&why)),
+            },
             () = tokio::time::sleep_until(redraw.unwrap_or_else(Instant::now)), if redraw.is_some() => {
                 redraw = None;
                 drawn = Instant::now();
+                let view = watch.view();
                 let m = pb::StatusMatrix {
                     units: view.units.values().cloned().collect(),
                     clusters: view.clusters.values().cloned().collect(),
@@ -107,8 +96,8 @@ pub(super) async fn status_watch(c: &mut Client, env: String) -> anyhow::Result<
                     print(&format!("--- {}", humantime::format_rfc3339_seconds(std::time::SystemTime::now())));
                 }
                 print(&matrix(&m));
-                if let Some(line) = &lost {
-                    print(line);
+                if let Some(why) = watch.lost() {
+                    print(&lost(why));
                 }
             }
         }
