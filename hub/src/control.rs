@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use crate::auth::{AGENT_TOKEN_PREFIX, OPERATOR_TOKEN_PREFIX, Secret};
 use crate::error::{HubError, Result};
-use crate::fanout::{AgentConn, Delivery, Fanout};
+use crate::fanout::{Delivery, Fanout};
 use crate::feedback::Feedback;
 use crate::manifest::{self, Limits, Validated};
 use crate::metrics::Metrics;
@@ -45,6 +45,11 @@ pub struct Tuning {
     /// How often the hub re-checks every live agent session's credential
     /// against the store (one batched pass for the fleet).
     pub credential_recheck: Duration,
+    /// With replicas sharing a store: how long another replica counts
+    /// this hub's agent sessions after it last renewed its lease on them
+    /// (renewed every third of it; a crashed replica's sessions count as
+    /// closed once it runs out).
+    pub session_lease: Duration,
 }
 
 impl Default for Tuning {
@@ -55,6 +60,7 @@ impl Default for Tuning {
             max_sessions: 20_000,
             auto_promote_interval: Duration::from_secs(5),
             credential_recheck: Duration::from_secs(30),
+            session_lease: Duration::from_secs(15),
         }
     }
 }
@@ -87,6 +93,21 @@ pub struct Hub {
     /// The runtime serving the agent sessions (the one the hub was made
     /// on): commits are offered to the sessions there.
     sessions: tokio::runtime::Handle,
+    /// Agent sessions other replicas sharing the store hold, by cluster
+    /// (see [`Hub::share_sessions`]).
+    elsewhere: std::sync::RwLock<HashMap<ClusterName, (EnvName, crate::store::Seen)>>,
+    /// A session opened or closed here (wakes [`Hub::share_sessions`]).
+    sessions_changed: tokio::sync::Notify,
+}
+
+/// A cluster's agent session as views show it: held here, or by another
+/// replica sharing the store.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Connection {
+    pub connected_at: UnixMillis,
+    pub agent_version: String,
+    /// Held by another replica.
+    pub elsewhere: bool,
 }
 
 /// A source's claim on environments: promotions into them are refused and
@@ -133,7 +154,7 @@ pub struct UnitView {
 #[derive(Clone, Debug, Default)]
 pub struct StatusView {
     pub units: Vec<Unit>,
-    pub clusters: Vec<(Cluster, Option<Arc<AgentConn>>)>,
+    pub clusters: Vec<(Cluster, Option<Connection>)>,
     pub cells: Vec<StatusCell>,
     pub connected: HashSet<ClusterName>,
     pub next: Option<Page>,
@@ -182,6 +203,8 @@ impl Hub {
             status_clock: crate::model::StatusClock::default(),
             control,
             sessions: tokio::runtime::Handle::current(),
+            elsewhere: std::sync::RwLock::default(),
+            sessions_changed: tokio::sync::Notify::new(),
         }))
     }
 
@@ -333,27 +356,24 @@ impl Hub {
     pub async fn list_clusters(
         &self,
         env: Option<&EnvName>,
-    ) -> Result<Vec<(Cluster, Option<Arc<AgentConn>>)>> {
+    ) -> Result<Vec<(Cluster, Option<Connection>)>> {
         let clusters = self.store.list_clusters(env).await?;
         Ok(clusters
             .into_iter()
             .map(|c| {
-                let s = self.fanout.session(&c.name);
+                let s = self.connection(&c.name);
                 (c, s)
             })
             .collect())
     }
 
-    pub async fn get_cluster(
-        &self,
-        name: &ClusterName,
-    ) -> Result<(Cluster, Option<Arc<AgentConn>>)> {
+    pub async fn get_cluster(&self, name: &ClusterName) -> Result<(Cluster, Option<Connection>)> {
         let c = self
             .store
             .get_cluster(name)
             .await?
             .ok_or_else(|| HubError::NotFound(format!("cluster {name}")))?;
-        Ok((c, self.fanout.session(name)))
+        Ok((c, self.connection(name)))
     }
 
     /// Issues a new agent token; the old one stops working at once.
@@ -628,7 +648,7 @@ impl Hub {
             .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?;
         let mut u = u;
         if role == Role::ReadOnly {
-            u.overrides = u.overrides.iter().map(Override::masked).collect();
+            u = u.masked();
         }
         let mut head = self.store.get_revision(unit, u.head).await?;
         if let Some(h) = head.as_mut() {
@@ -647,12 +667,15 @@ impl Hub {
             unit: u,
             head,
             cells,
-            connected: self.fanout.connected(),
+            connected: self.connected(),
         })
     }
 
+    /// Units (of an environment, or all), Secret override values masked
+    /// (only [`Hub::get_unit`] shows them, to admins).
     pub async fn list_units(&self, env: Option<&EnvName>) -> Result<Vec<Unit>> {
-        Ok(self.store.list_units(env).await?)
+        let units = self.store.list_units(env).await?;
+        Ok(units.into_iter().map(Unit::masked).collect())
     }
 
     /// All revisions of a unit, oldest first, without content.
@@ -705,7 +728,7 @@ impl Hub {
         let cells = self.store.statuses(env, unit, page).await?;
         Ok(StatusView {
             units: if first {
-                let mut units = self.store.list_units(env).await?;
+                let mut units = self.list_units(env).await?;
                 units.retain(|u| unit.is_none_or(|x| u.unit == *x));
                 units
             } else {
@@ -718,7 +741,7 @@ impl Hub {
             },
             next: next_page(page, &cells),
             cells,
-            connected: self.fanout.connected(),
+            connected: self.connected(),
         })
     }
 

@@ -18,12 +18,8 @@ pub enum HubEvent {
     Statuses(Arc<Vec<StatusReport>>),
     /// A revision committed (here, or by another replica of the store).
     Committed(UnitRef),
-    /// An agent session opened (`connected`) or closed.
-    Session {
-        cluster: ClusterName,
-        env: EnvName,
-        connected: bool,
-    },
+    /// An agent session opened or closed (here, or on another replica).
+    Session { cluster: ClusterName, env: EnvName },
     /// A cluster was created in `env` or deleted from it (here or by
     /// another replica), or announcements were missed: watchers of `env`
     /// start over from the store.

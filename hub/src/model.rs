@@ -431,6 +431,15 @@ pub struct Unit {
     pub source: String,
 }
 
+impl Unit {
+    /// The unit with its Secret override values masked (as listings and
+    /// read-only readers show it).
+    pub fn masked(mut self) -> Unit {
+        self.overrides = self.overrides.iter().map(Override::masked).collect();
+        self
+    }
+}
+
 /// An immutable revision of a unit. `manifests` is empty for a tombstone and
 /// in listings that leave content out.
 #[derive(Clone, Debug, PartialEq)]

@@ -259,10 +259,15 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
         shutdown.clone(),
     ));
     // What other hubs sharing the store announce: their commits reach our
-    // agents, their agents' statuses our watchers.
-    if let Some(announcements) = hub.store.subscribe().await.map_err(StartError::Store)? {
-        tokio::spawn(hub.clone().follow_replicas(announcements, shutdown.clone()));
-    }
+    // agents, their agents' statuses and sessions our views and watchers;
+    // and ours theirs.
+    let sharing = match hub.store.subscribe().await.map_err(StartError::Store)? {
+        Some(announcements) => {
+            tokio::spawn(hub.clone().follow_replicas(announcements, shutdown.clone()));
+            Some(tokio::spawn(hub.clone().share_sessions(shutdown.clone())))
+        }
+        None => None,
+    };
     // Statuses recorded from now on are never older than those recorded
     // (read once listening: what other replicas record later is announced).
     let latest = hub
@@ -347,6 +352,10 @@ pub async fn start(config: Config) -> Result<RunningHub, StartError> {
             let _ = tokio::time::timeout(Duration::from_secs(10), w).await;
         }
         let _ = tokio::time::timeout(Duration::from_secs(10), oci_task).await;
+        // Other replicas stop counting this one's sessions at once.
+        if let Some(sharing) = sharing {
+            let _ = tokio::time::timeout(Duration::from_secs(10), sharing).await;
+        }
         // Stop the feedback writer only after the sessions are gone, so
         // their last acks and statuses are flushed.
         hub_for_task.fanout.disconnect_all();

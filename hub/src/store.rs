@@ -81,6 +81,8 @@ pub enum Announcement {
     Status(ClusterName, UnitRef),
     /// Another replica created or deleted a cluster of the environment.
     Clusters(EnvName),
+    /// Another replica's agent sessions opened or closed.
+    Sessions,
 }
 
 /// Announcements from other hubs sharing the store.
@@ -340,6 +342,24 @@ pub trait Store: Send + Sync + 'static {
     /// statuses and cluster changes), as they commit (`None`: the store
     /// is this hub's alone).
     async fn subscribe(&self) -> StoreResult<Option<AnnouncementStream>>;
+
+    /// Records the agent sessions this hub opened (replacing the cluster's
+    /// previous one here) and closed, and holds them all under a lease
+    /// until `lease_until`: past it, other replicas count them closed (this
+    /// hub stopped or crashed). Announced to other replicas.
+    async fn record_sessions(
+        &self,
+        opened: &[Seen],
+        closed: &[ClusterName],
+        lease_until: crate::model::UnixMillis,
+    ) -> StoreResult<()>;
+    /// The agent sessions other replicas hold under a lease running at
+    /// `now`, with their clusters' environments (a deleted cluster's are
+    /// left out), ordered by cluster and then by when they opened.
+    async fn sessions_elsewhere(
+        &self,
+        now: crate::model::UnixMillis,
+    ) -> StoreResult<Vec<(EnvName, Seen)>>;
 
     /// Whether this hub runs the store's singleton tasks (automatic
     /// promotion): always for a store of its own; for a shared store, the

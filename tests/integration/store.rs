@@ -978,3 +978,86 @@ async fn the_two_migration_sets_make_the_same_schema() {
     );
     assert!(sqlite.len() > 40, "{} columns", sqlite.len());
 }
+
+#[tokio::test]
+#[ignore = "needs PostgreSQL: set UNITSYNC_TEST_POSTGRES_URL (deploy/test.sh does)"]
+async fn replicas_see_each_others_agent_sessions_while_the_lease_runs() {
+    use futures::StreamExt;
+    use unitsync_hub::model::UnixMillis;
+    use unitsync_hub::store::{Announcement, Seen};
+    use unitsync_tests::within;
+    let url = unitsync_tests::hub::postgres_database().await;
+    let a = within("replica a", SqlStore::postgres(&url)).await.unwrap();
+    let b = within("replica b", SqlStore::postgres(&url)).await.unwrap();
+    let mut announced = within("subscribe", b.subscribe())
+        .await
+        .unwrap()
+        .expect("PostgreSQL announces");
+    a.create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+        .await
+        .unwrap();
+    for (name, token) in [("dev-1", "h1"), ("dev-2", "h2"), ("dev-3", "h3")] {
+        a.create_cluster(
+            &name.parse().unwrap(),
+            &env("dev"),
+            &Default::default(),
+            &TokenHash(token.into()),
+            audit("cluster.create", name),
+        )
+        .await
+        .unwrap();
+    }
+    let session = |cluster: &str, at: i64| Seen {
+        cluster: cluster.parse().unwrap(),
+        agent_version: "1.2.3".into(),
+        at: UnixMillis(at),
+    };
+    let now = UnixMillis::now();
+    let lease = UnixMillis(now.0 + 60_000);
+    // A opens sessions; B hears of them and reads them (A does not count
+    // its own as elsewhere).
+    within(
+        "a's sessions",
+        a.record_sessions(&[session("dev-1", 1), session("dev-2", 2)], &[], lease),
+    )
+    .await
+    .unwrap();
+    loop {
+        match within("an announcement", announced.next()).await {
+            Some(Announcement::Sessions) => break,
+            Some(_) => {}
+            None => panic!("the announcement stream ended"),
+        }
+    }
+    assert_eq!(sessions(&b, now).await, ["dev:dev-1@1", "dev:dev-2@2"]);
+    assert!(sessions(&a, now).await.is_empty());
+    // B holds one too; a session replaced on A moves, one closed goes.
+    b.record_sessions(&[session("dev-3", 3)], &[], lease)
+        .await
+        .unwrap();
+    a.record_sessions(&[session("dev-1", 10)], &["dev-2".parse().unwrap()], lease)
+        .await
+        .unwrap();
+    assert_eq!(sessions(&b, now).await, ["dev:dev-1@10"]);
+    assert_eq!(sessions(&a, now).await, ["dev:dev-3@3"]);
+    // A deleted cluster's session is no one's.
+    a.delete_cluster(&"dev-3".parse().unwrap(), audit("cluster.delete", "dev-3"))
+        .await
+        .unwrap();
+    assert!(sessions(&a, now).await.is_empty());
+    // Past A's lease (A crashed), its sessions no longer count; a lease
+    // ended (A stopped) ends them at once.
+    assert!(sessions(&b, UnixMillis(lease.0 + 1)).await.is_empty());
+    a.record_sessions(&[], &[], UnixMillis(0)).await.unwrap();
+    assert!(sessions(&b, now).await.is_empty());
+}
+
+/// The sessions other replicas hold as `ENV:CLUSTER@CONNECTED_AT`.
+async fn sessions(store: &SqlStore, at: unitsync_hub::model::UnixMillis) -> Vec<String> {
+    let read = unitsync_tests::within("sessions elsewhere", store.sessions_elsewhere(at))
+        .await
+        .unwrap();
+    read.into_iter()
+        .map(|(env, s)| format!("{env}:{}@{}", s.cluster, s.at.0))
+        .collect()
+}

@@ -684,6 +684,49 @@ async fn secret_override_values_stay_hidden() {
         "\"prod-override-value\""
     );
     assert_eq!(get(token.clone()).await[0].value_json, "\"***\"");
+    // Listings show them to no one (`unit get` is where admins read them):
+    // units, the status matrix, a watch's snapshot and its commit events.
+    for who in [hub.admin_token.clone(), token.clone()] {
+        let mut client = hub.client(&who).await;
+        let mut watch = within(
+            "watch",
+            client.watch_status(pb::WatchStatusRequest::default()),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        let snapshot = within("the snapshot", watch.message()).await.unwrap();
+        hub.put("prod/web", &secret.replace("dev-password", "rotated"))
+            .await
+            .unwrap();
+        let committed = within("the commit event", async {
+            loop {
+                let ev = watch.message().await.unwrap().unwrap();
+                if !ev.units.is_empty() {
+                    return ev;
+                }
+            }
+        })
+        .await;
+        let listed = within(
+            "list units",
+            client.list_units(pb::ListUnitsRequest::default()),
+        )
+        .await
+        .unwrap();
+        let status = within("status", client.get_status(pb::GetStatusRequest::default()))
+            .await
+            .unwrap();
+        for shown in [
+            format!("{listed:?}"),
+            format!("{status:?}"),
+            format!("{snapshot:?}"),
+            format!("{committed:?}"),
+        ] {
+            assert!(shown.contains("***"), "{shown}");
+            assert!(!shown.contains("prod-override-value"), "{shown}");
+        }
+    }
     // No page shows them, and the audit never recorded them.
     for who in [hub.admin_token.clone(), token] {
         let b = Browserless::for_hub(&hub);

@@ -219,7 +219,7 @@ async fn a_cluster_created_or_deleted_brings_a_fresh_snapshot() {
 async fn a_watch_hears_of_agents_and_clusters_on_other_replicas() {
     let url = unitsync_tests::hub::postgres_database().await;
     let a = TestHub::start_on_postgres(&url, None).await;
-    let b = TestHub::start_on_postgres(&url, Some(&a)).await;
+    let mut b = TestHub::start_on_postgres(&url, Some(&a)).await;
     a.create_env("dev").await;
     let token = a.create_cluster("dev-1", "dev").await;
     a.put("dev/web", &configmap("web", "1")).await.unwrap();
@@ -229,17 +229,56 @@ async fn a_watch_hears_of_agents_and_clusters_on_other_replicas() {
     // through A hears of it as it is recorded.
     let mut agent = SimAgent::new(&b.endpoint(), b.ca(), &token).auto_ready();
     agent.start();
-    until_event(&mut stream, "dev-1 Ready at 1, through A", |e| {
-        e.cells.iter().any(|c| {
-            c.cluster == "dev-1" && c.revision == 1 && c.phase == i32::from(pb::Phase::Ready)
-        })
-    })
+    // Through A, dev-1's agent is connected (to B), and A's views say so.
+    let dev1_connected = |connected: bool| {
+        move |e: &pb::StatusEvent| {
+            e.clusters
+                .iter()
+                .any(|c| c.name == "dev-1" && c.connected == connected)
+        }
+    };
+    let (mut ready, mut connected) = (false, false);
+    until_event(
+        &mut stream,
+        "dev-1 connected and Ready at 1, through A",
+        |e| {
+            ready |= e.cells.iter().any(|c| {
+                c.cluster == "dev-1" && c.revision == 1 && c.phase == i32::from(pb::Phase::Ready)
+            });
+            connected |= dev1_connected(true)(e);
+            ready && connected
+        },
+    )
     .await;
+    let listed = a
+        .admin()
+        .await
+        .list_clusters(pb::ListClustersRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .clusters;
+    assert!(
+        listed.iter().any(|c| c.name == "dev-1" && c.connected),
+        "{listed:?}"
+    );
     // A cluster created through B: the watch through A starts over with it.
     b.create_cluster("dev-2", "dev").await;
     until_event(&mut stream, "a fresh snapshot with dev-2", |e| {
         e.snapshot && e.clusters.iter().any(|c| c.name == "dev-2")
     })
+    .await;
+    // The agent goes, comes back, and its replica stops: A hears each.
+    agent.stop().await;
+    until_event(&mut stream, "dev-1 gone, through A", dev1_connected(false)).await;
+    agent.start();
+    until_event(&mut stream, "dev-1 back, through A", dev1_connected(true)).await;
+    b.stop().await;
+    until_event(
+        &mut stream,
+        "dev-1's replica stopped",
+        dev1_connected(false),
+    )
     .await;
     agent.stop().await;
 }

@@ -148,7 +148,7 @@ impl pb::hub_service_server::HubService for AdminService {
             Ok(pb::ListClustersResponse {
                 clusters: clusters
                     .iter()
-                    .map(|(c, s)| convert::cluster(c, s.as_deref()))
+                    .map(|(c, s)| convert::cluster(c, s.as_ref()))
                     .collect(),
             })
         }
@@ -159,7 +159,7 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             Operator::of(&req)?;
             let (c, s) = self.hub.get_cluster(&parse(&req.get_ref().name)?).await?;
-            Ok(convert::cluster(&c, s.as_deref()))
+            Ok(convert::cluster(&c, s.as_ref()))
         }
         .await)
     }

@@ -158,7 +158,7 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
         let registration = Registration::new(hub, conn.clone());
         let resync = resync(hub, &cluster, &conn.mailbox, &hello.units).await?;
         hub.metrics.connected_agents.inc();
-        session_changed(hub, &cluster, &hello.agent_version, true);
+        session_changed(hub, &cluster, &hello.agent_version);
         tracing::info!(
             cluster = %cluster.name,
             env = %cluster.environment,
@@ -449,7 +449,7 @@ impl Drop for SessionEnd {
         conn.close();
         hub.fanout.unregister(conn);
         hub.metrics.connected_agents.dec();
-        session_changed(hub, cluster, &conn.agent_version, false);
+        session_changed(hub, cluster, &conn.agent_version);
         tracing::info!(cluster = %cluster.name, reason = %why, "agent session closed");
     }
 }
@@ -563,16 +563,16 @@ async fn recheck_once(hub: &Hub) {
 
 /// A session opened or closed: when the cluster was last seen (written
 /// with the acks) and the event for watchers.
-fn session_changed(hub: &Hub, cluster: &Cluster, agent_version: &str, connected: bool) {
+fn session_changed(hub: &Hub, cluster: &Cluster, agent_version: &str) {
     hub.feedback.seen(crate::store::Seen {
         cluster: cluster.name.clone(),
         agent_version: agent_version.to_owned(),
         at: UnixMillis::now(),
     });
+    hub.session_changed();
     hub.events.send(crate::events::HubEvent::Session {
         cluster: cluster.name.clone(),
         env: cluster.environment.clone(),
-        connected,
     });
 }
 

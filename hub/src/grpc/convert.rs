@@ -4,8 +4,9 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use unitsync_proto::v1 as pb;
 
+use crate::control::Connection;
 use crate::error::{HubError, Result};
-use crate::fanout::{AgentConn, Delivery};
+use crate::fanout::Delivery;
 use crate::model::Override;
 use crate::model::{
     AuditEntry, Cluster, Environment, Phase, ResourceState, Revision, StatusCell, Unit, UnitStatus,
@@ -135,7 +136,7 @@ pub fn environment(e: &Environment) -> pb::Environment {
     }
 }
 
-pub fn cluster(c: &Cluster, session: Option<&AgentConn>) -> pb::Cluster {
+pub fn cluster(c: &Cluster, session: Option<&Connection>) -> pb::Cluster {
     pb::Cluster {
         name: c.name.to_string(),
         environment: c.environment.to_string(),
@@ -331,7 +332,7 @@ pub fn status_view(
         v.units.iter().map(unit).collect(),
         v.clusters
             .iter()
-            .map(|(c, s)| cluster(c, s.as_deref()))
+            .map(|(c, s)| cluster(c, s.as_ref()))
             .collect(),
         v.cells
             .iter()

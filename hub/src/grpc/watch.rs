@@ -152,15 +152,15 @@ async fn change(hub: &Hub, scope: &Scope, e: &HubEvent) -> Result<Change> {
                     message: r.message.clone(),
                     resources: r.resources.iter().map(convert::resource_to_pb).collect(),
                     updated_at: convert::timestamp(r.observed_at),
-                    // As the snapshot says it: a session here (a status
-                    // another replica recorded is of an agent there).
-                    connected: hub.fanout.session(&r.cluster).is_some(),
+                    // As the snapshot says it: a session here or on
+                    // another replica.
+                    connected: hub.is_connected(&r.cluster),
                 })
                 .collect();
         }
         HubEvent::Committed(unit) if scope.unit_matches(unit) => {
             if let Some(u) = hub.store.get_unit(unit).await? {
-                ev.units.push(convert::unit(&u));
+                ev.units.push(convert::unit(&u.masked()));
             }
         }
         HubEvent::Session { cluster, env, .. } if scope.env_matches(env) => {
@@ -168,7 +168,7 @@ async fn change(hub: &Hub, scope: &Scope, e: &HubEvent) -> Result<Change> {
             // successor started); a deleted cluster's session ends after
             // it is gone, and its `Clusters` event follows.
             match hub.get_cluster(cluster).await {
-                Ok((c, session)) => ev.clusters.push(convert::cluster(&c, session.as_deref())),
+                Ok((c, session)) => ev.clusters.push(convert::cluster(&c, session.as_ref())),
                 Err(crate::error::HubError::NotFound(_)) => {}
                 Err(e) => return Err(e),
             }

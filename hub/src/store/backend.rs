@@ -26,6 +26,7 @@ const SQLITE_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_cluster_certificates.sql"),
     include_str!("../../migrations/0004_sources.sql"),
     include_str!("../../migrations/0005_cluster_seen.sql"),
+    include_str!("../../migrations/0006_sessions.sql"),
 ];
 
 /// PostgreSQL migrations (version tracked in `schema_version`). The same
@@ -34,12 +35,14 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/postgres/0001_schema.sql"),
     include_str!("../../migrations/postgres/0002_sources.sql"),
     include_str!("../../migrations/postgres/0003_cluster_seen.sql"),
+    include_str!("../../migrations/postgres/0004_sessions.sql"),
 ];
 
 /// The channel replicas announce on (PostgreSQL): a commit as
-/// `ENV/UNIT:NUMBER`; a status recorded as `status:ORIGIN:CLUSTER:ENV/UNIT`
-/// and clusters of an environment created or deleted as
-/// `clusters:ORIGIN:ENV`, which the replica `ORIGIN` (the store that made
+/// `ENV/UNIT:NUMBER`; a status recorded as `status:ORIGIN:CLUSTER:ENV/UNIT`,
+/// clusters of an environment created or deleted as
+/// `clusters:ORIGIN:ENV` and agent sessions opened or closed as
+/// `sessions:ORIGIN`, which the replica `ORIGIN` (the store that made
 /// them) ignores. Older replicas ignore what they cannot parse.
 pub(super) const CHANNEL: &str = "unitsync_revisions";
 
@@ -58,6 +61,11 @@ pub(super) fn clusters_payload(origin: &str, env: &EnvName) -> String {
     format!("clusters:{origin}:{env}")
 }
 
+/// Agent sessions opened or closed on the store `origin`'s hub.
+pub(super) fn sessions_payload(origin: &str) -> String {
+    format!("sessions:{origin}")
+}
+
 /// What a payload announces, unless the store `own` made it (or it is not
 /// understood).
 pub(super) fn parse_announcement(payload: &str, own: &str) -> Option<Announcement> {
@@ -72,6 +80,9 @@ pub(super) fn parse_announcement(payload: &str, own: &str) -> Option<Announcemen
                 ))
             })
             .flatten();
+    }
+    if let Some(origin) = payload.strip_prefix("sessions:") {
+        return (origin != own).then_some(Announcement::Sessions);
     }
     if let Some(rest) = payload.strip_prefix("clusters:") {
         let (origin, env) = rest.split_once(':')?;
@@ -388,6 +399,12 @@ mod tests {
             Some(Announcement::Clusters(env))
         );
         assert_eq!(parse_announcement(&clusters, "them"), None);
+        let sessions = sessions_payload("them");
+        assert_eq!(
+            parse_announcement(&sessions, "me"),
+            Some(Announcement::Sessions)
+        );
+        assert_eq!(parse_announcement(&sessions, "them"), None);
         assert_eq!(parse_announcement("status:garbage", "me"), None);
         assert_eq!(parse_announcement("dev/web:x", "me"), None);
     }

@@ -4,11 +4,11 @@
 use std::str::FromStr;
 use std::sync::Arc;
 
-use super::{Operator, StoreError, StoreResult};
+use super::{Operator, Seen, StoreError, StoreResult};
 use crate::model::{
-    AuditEntry, Cluster, Digest, EnvPolicy, Environment, HeadRef, Labels, Phase, Promotion,
-    ResourceState, Revision, RevisionNum, Role, StatusCell, Unit, UnitName, UnitRef, UnitStatus,
-    UnixMillis,
+    AuditEntry, Cluster, Digest, EnvName, EnvPolicy, Environment, HeadRef, Labels, Phase,
+    Promotion, ResourceState, Revision, RevisionNum, Role, StatusCell, Unit, UnitName, UnitRef,
+    UnitStatus, UnixMillis,
 };
 
 /// Typed column access, implemented for each database's row type.
@@ -99,6 +99,18 @@ pub(super) fn cluster(row: &impl Columns) -> StoreResult<Cluster> {
         agent_version: row.text("agent_version")?,
         cert_expires: Some(UnixMillis(row.int("cert_expires")?)).filter(|t| t.0 > 0),
     })
+}
+
+/// An agent session another replica holds, with its cluster's environment.
+pub(super) fn session(row: &impl Columns) -> StoreResult<(EnvName, Seen)> {
+    Ok((
+        parse(&row.text("environment")?, "environment name")?,
+        Seen {
+            cluster: parse(&row.text("cluster")?, "cluster name")?,
+            agent_version: row.text("agent_version")?,
+            at: UnixMillis(row.int("connected_at")?),
+        },
+    ))
 }
 
 /// A unit's address from its `environment` and `name` columns.

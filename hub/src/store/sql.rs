@@ -37,6 +37,10 @@ type Write = backend::Statement;
 /// transaction).
 const STATEMENT_ROWS: usize = 256;
 
+/// A replica's lease that ran out this long ago is deleted, with its
+/// agent sessions (until then they are kept, and ignored).
+const FORGET_LEASES_AFTER: Duration = Duration::from_secs(3600);
+
 pub struct SqlStore {
     backend: Backend,
     writer: AnyPool,
@@ -731,6 +735,89 @@ impl Store for SqlStore {
             writes.push(q);
         }
         self.write_on_lane(writes).await
+    }
+
+    async fn record_sessions(
+        &self,
+        opened: &[Seen],
+        closed: &[ClusterName],
+        lease_until: UnixMillis,
+    ) -> StoreResult<()> {
+        let me = self.origin.as_str();
+        let mut writes = vec![
+            sqlx::query(
+                "INSERT INTO replica_leases (replica, expires_at) VALUES ($1, $2)
+                 ON CONFLICT (replica) DO UPDATE SET expires_at = excluded.expires_at",
+            )
+            .bind(me.to_owned())
+            .bind(lease_until.0),
+        ];
+        for closed in closed.chunks(STATEMENT_ROWS) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM agent_sessions WHERE EXISTS (SELECT 1 FROM (VALUES {}) AS v
+                 WHERE v.column1 = agent_sessions.replica AND v.column2 = agent_sessions.cluster)",
+                self.backend.values(closed.len(), 2)
+            )));
+            for c in closed {
+                q = q.bind(me.to_owned()).bind(c.as_str().to_owned());
+            }
+            writes.push(q);
+        }
+        for opened in opened.chunks(STATEMENT_ROWS) {
+            let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO agent_sessions (replica, cluster, agent_version, connected_at)
+                 SELECT v.column1, v.column2, v.column3, v.column4 FROM (VALUES {}) AS v WHERE true
+                 ON CONFLICT (replica, cluster) DO UPDATE SET
+                   agent_version = excluded.agent_version, connected_at = excluded.connected_at",
+                self.backend.values(opened.len(), 4)
+            )));
+            for s in opened {
+                q = q
+                    .bind(me.to_owned())
+                    .bind(s.cluster.as_str().to_owned())
+                    .bind(s.agent_version.clone())
+                    .bind(s.at.0);
+            }
+            writes.push(q);
+        }
+        // Leases that ran out long ago (replicas that crashed) go, with
+        // their sessions.
+        let forgotten = UnixMillis::now().0 - FORGET_LEASES_AFTER.as_millis() as i64;
+        writes.push(
+            sqlx::query(
+                "DELETE FROM agent_sessions WHERE replica IN
+                 (SELECT replica FROM replica_leases WHERE expires_at < $1)",
+            )
+            .bind(forgotten),
+        );
+        writes
+            .push(sqlx::query("DELETE FROM replica_leases WHERE expires_at < $1").bind(forgotten));
+        // Other replicas re-read sessions when some opened or closed, or
+        // the lease ended (they re-read as the leases run, too).
+        if !opened.is_empty() || !closed.is_empty() || lease_until <= UnixMillis::now() {
+            writes.extend(
+                self.backend
+                    .notifications([backend::sessions_payload(&self.origin)]),
+            );
+        }
+        self.write_on_lane(writes).await
+    }
+
+    async fn sessions_elsewhere(&self, now: UnixMillis) -> StoreResult<Vec<(EnvName, Seen)>> {
+        let rows = sqlx::query(
+            "SELECT s.cluster, c.environment, s.agent_version, s.connected_at
+             FROM agent_sessions s
+             JOIN replica_leases r ON r.replica = s.replica
+             JOIN clusters c ON c.name = s.cluster
+             WHERE s.replica <> $1 AND r.expires_at > $2
+             ORDER BY s.cluster, s.connected_at",
+        )
+        .bind(self.origin.clone())
+        .bind(now.0)
+        .fetch_all(&self.readers)
+        .await
+        .map_err(db)?;
+        rows.iter().map(rows::session).collect()
     }
 
     async fn record_statuses(&self, reports: &[StatusReport]) -> StoreResult<()> {

@@ -10,7 +10,7 @@ use maud::{Markup, html};
 
 use super::layout::{self, Nav};
 use super::{Page, Ui, Viewer};
-use crate::fanout::AgentConn;
+use crate::control::Connection;
 use crate::model::{Cluster, ClusterName, Phase, UnixMillis};
 
 /// A certificate closer to expiry than this is flagged.
@@ -39,9 +39,9 @@ pub(super) async fn page(State(ui): State<Arc<Ui>>, viewer: Viewer) -> Page {
                         tr data-cluster=(c.name) {
                             td { a href=(format!("/ui/clusters/{}", c.name)) { (c.name) } }
                             td { (c.environment) }
-                            td { (state(c, session.as_deref())) }
-                            td { (version(c, session.as_deref())) }
-                            td { (seen(c, session.as_deref())) }
+                            td { (state(c, session.as_ref())) }
+                            td { (version(c, session.as_ref())) }
+                            td { (seen(c, session.as_ref())) }
                             td { (certificate(c)) }
                             td { @if let Some(by) = phases.get(&c.name) {
                                 @for (p, n) in by { span.count { (layout::phase(*p)) " " (n) } " " }
@@ -76,10 +76,13 @@ pub(super) async fn detail(
     let live = html! {
         dl.facts {
             dt { "Environment" } dd { (cluster.environment) }
-            dt { "Agent" } dd { (state(&cluster, session.as_deref())) }
-            dt { "Version" } dd { (version(&cluster, session.as_deref())) }
-            dt { "Last seen" } dd { (seen(&cluster, session.as_deref())) }
-            @if let Some(s) = &session { dt { "Connected since" } dd { (layout::time(s.connected_at)) } }
+            dt { "Agent" } dd { (state(&cluster, session.as_ref())) }
+            dt { "Version" } dd { (version(&cluster, session.as_ref())) }
+            dt { "Last seen" } dd { (seen(&cluster, session.as_ref())) }
+            @if let Some(s) = &session {
+                dt { "Connected since" }
+                dd { (layout::time(s.connected_at)) @if s.elsewhere { " (to another hub replica)" } }
+            }
             dt { "Certificate" } dd { (certificate(&cluster)) }
             dt { "Created" } dd { (layout::time(cluster.created_at)) }
         }
@@ -118,7 +121,7 @@ pub(super) async fn detail(
     ))
 }
 
-fn state(c: &Cluster, session: Option<&AgentConn>) -> Markup {
+fn state(c: &Cluster, session: Option<&Connection>) -> Markup {
     html! {
         @if c.revoked {
             span.badge.bad { "✗ revoked" }
@@ -130,12 +133,12 @@ fn state(c: &Cluster, session: Option<&AgentConn>) -> Markup {
     }
 }
 
-fn version(c: &Cluster, session: Option<&AgentConn>) -> Markup {
+fn version(c: &Cluster, session: Option<&Connection>) -> Markup {
     let v = session.map_or(c.agent_version.as_str(), |s| s.agent_version.as_str());
     html! { @if v.is_empty() { span.muted { "—" } } @else { code { (v) } } }
 }
 
-fn seen(c: &Cluster, session: Option<&AgentConn>) -> Markup {
+fn seen(c: &Cluster, session: Option<&Connection>) -> Markup {
     html! {
         @if session.is_some() { "now" } @else { (layout::time(c.last_seen)) }
     }

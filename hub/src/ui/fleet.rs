@@ -13,9 +13,9 @@ use serde::Deserialize;
 
 use super::layout::{self, Nav};
 use super::{Page, Ui, Viewer};
+use crate::control::Connection;
 use crate::control::Hub;
 use crate::error::Result;
-use crate::fanout::AgentConn;
 use crate::model::{
     Cluster, ClusterName, EnvName, Environment, Phase, StatusCell, Unit, UnitName, UnitRef,
     UnitStatus,
@@ -28,7 +28,7 @@ const CHIPS: usize = 6;
 /// show them as chips, phase counts per unit for the rest.
 struct Fleet {
     units: Vec<Unit>,
-    clusters: Vec<(Cluster, Option<Arc<AgentConn>>)>,
+    clusters: Vec<(Cluster, Option<Connection>)>,
     /// The cells of environments with at most [`CHIPS`] clusters.
     cells: Vec<StatusCell>,
     /// Clusters per unit at its head, by phase (`None`: behind).
