@@ -534,6 +534,76 @@ async fn automatic_promotion_follows_the_gates() {
     assert!(p[0].automatic && p[0].actor == "hub", "{:?}", p[0]);
 }
 
+/// A rollback in an environment with automatic promotion stands until
+/// the upstream unit moves on: the hub does not promote again what the
+/// rollback took back.
+#[tokio::test]
+async fn automatic_promotion_leaves_a_rollback_be_until_upstream_moves() {
+    let hub = pipeline(Tuning {
+        auto_promote_interval: Duration::from_secs(3600),
+        ..Tuning::default()
+    })
+    .await;
+    let _dev = healthy_dev(&hub).await;
+    let mut admin = hub.admin().await;
+    let auto = || async {
+        within("automatic promotion", hub.running().hub.auto_promote_once())
+            .await
+            .unwrap()
+    };
+    let staging_head = || async {
+        hub.unit("staging/web")
+            .await
+            .unwrap()
+            .head
+            .unwrap()
+            .manifests
+    };
+    hub.put("dev/web", &web("web:1", 2)).await.unwrap();
+    ready_in(&hub, "dev/web", 1).await;
+    admin
+        .link_unit(pb::LinkUnitRequest {
+            unit: "staging/web".into(),
+            upstream: "dev/web".into(),
+            message: String::new(),
+        })
+        .await
+        .unwrap();
+    admin
+        .set_environment_policy(pb::SetEnvironmentPolicyRequest {
+            name: "staging".into(),
+            policy: Some(pb::EnvironmentPolicy {
+                auto_promote: true,
+                ..Default::default()
+            }),
+        })
+        .await
+        .unwrap();
+    auto().await;
+    assert!(staging_head().await.contains("web:1"));
+    hub.put("dev/web", &web("web:2", 2)).await.unwrap();
+    ready_in(&hub, "dev/web", 2).await;
+    assert_eq!(auto().await, 1);
+    assert!(staging_head().await.contains("web:2"));
+    // Rolled back: web:1 stays although dev's web:2 still passes the gates.
+    let first = hub.unit("staging/web").await.unwrap().head.unwrap().number - 1;
+    admin
+        .rollback_unit(pb::RollbackUnitRequest {
+            unit: "staging/web".into(),
+            to_revision: first,
+            message: "web:2 breaks staging".into(),
+        })
+        .await
+        .unwrap();
+    assert_eq!(auto().await, 0, "the rollback was promoted over");
+    assert!(staging_head().await.contains("web:1"));
+    // Upstream moves on: that is promoted.
+    hub.put("dev/web", &web("web:3", 2)).await.unwrap();
+    ready_in(&hub, "dev/web", 3).await;
+    assert_eq!(auto().await, 1);
+    assert!(staging_head().await.contains("web:3"));
+}
+
 #[tokio::test]
 async fn rollback_of_a_unit_and_of_a_release_set() {
     let hub = pipeline(Tuning::default()).await;

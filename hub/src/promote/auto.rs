@@ -1,5 +1,6 @@
-//! Automatic promotion: linked units whose upstream head moved, promoted
-//! as soon as their gates pass (the leader of a shared store does it).
+//! Automatic promotion: linked units whose upstream head moved past what
+//! was ever promoted into them, promoted as soon as their gates pass (the
+//! leader of a shared store does it); a rollback stands until then.
 
 use super::*;
 
@@ -26,6 +27,13 @@ impl Hub {
                     continue;
                 };
                 if src.destroyed || t.head_source == src.head {
+                    continue;
+                }
+                // A rollback (of the unit, or of a promotion) took the
+                // target back from an upstream revision promoted already:
+                // it stands until upstream moves on.
+                let history = self.store.history(&t.unit).await?;
+                if history.iter().any(|r| r.source_revision >= src.head) {
                     continue;
                 }
                 let out = self
