@@ -459,16 +459,68 @@ impl Applier {
         }
     }
 
+    /// The API of an inventory entry's type (`None`: the type is gone, and
+    /// its objects with it). An object outlives a version of its type: when
+    /// the recorded version is not served (any more: `recheck` looks again,
+    /// after it answered 404), the version the group serves the kind at
+    /// addresses the same object.
+    async fn entry_api(
+        &self,
+        e: &Entry,
+        recheck: bool,
+    ) -> Result<Option<Api<DynamicObject>>, ApplyError> {
+        let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
+        if recheck {
+            let gvk = GroupVersionKind::gvk(&e.group, &e.version, &e.kind);
+            self.kinds.write().await.remove(&gvk);
+        }
+        let served = |r: Result<Api<DynamicObject>, ApplyError>| match r {
+            Ok(api) => Ok(Some(api)),
+            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => Ok(None),
+            Err(other) => Err(other),
+        };
+        if let Some(api) = served(self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await)? {
+            return Ok(Some(api));
+        }
+        match self.served_version(&e.group, &e.kind).await? {
+            Some(v) if v != e.version => served(self.api(&e.group, &v, &e.kind, ns, &e.id()).await),
+            _ => Ok(None),
+        }
+    }
+
+    /// The version a group serves a kind at now (its preferred one), if
+    /// any; core kinds are served at `v1` for good.
+    async fn served_version(&self, group: &str, kind: &str) -> Result<Option<String>, ApplyError> {
+        if group.is_empty() {
+            return Ok(None);
+        }
+        match kube::discovery::group(&self.client, group).await {
+            Ok(g) => Ok(g.recommended_kind(kind).map(|(ar, _)| ar.version)),
+            Err(kube::Error::Api(s)) if s.code == 404 => Ok(None),
+            Err(kube::Error::Discovery(_)) => Ok(None),
+            Err(other) => Err(classify(other)),
+        }
+    }
+
     /// Live state of an inventory entry (`None`: gone).
     pub async fn get(&self, e: &Entry) -> Result<Option<Value>, ApplyError> {
-        let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
-        let api = match self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await {
-            Ok(a) => a,
-            // The type is gone (CRD deleted): so is the object.
-            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => return Ok(None),
-            Err(u) => return Err(u),
+        let mut recheck = false;
+        let o = loop {
+            let Some(api) = self.entry_api(e, recheck).await? else {
+                // The type is gone (CRD deleted): so is the object.
+                return Ok(None);
+            };
+            match api.get_opt(&e.name).await {
+                Ok(Some(o)) => break Some(o),
+                // Not found: unless its version stopped being served (an
+                // unserved version's path answers a bare 404).
+                Ok(None) if !recheck => recheck = true,
+                Err(kube::Error::Api(s)) if s.code == 404 && !recheck => recheck = true,
+                Ok(None) => break None,
+                Err(kube::Error::Api(s)) if s.code == 404 => break None,
+                Err(other) => return Err(classify(other)),
+            }
         };
-        let o = api.get_opt(&e.name).await.map_err(classify)?;
         Ok(
             o.filter(|o| e.uid.is_empty() || o.metadata.uid.as_deref() == Some(e.uid.as_str()))
                 .map(|o| serde_json::to_value(o).unwrap_or_default()),
@@ -502,26 +554,25 @@ impl Applier {
         if e.uid.is_empty() {
             return Ok(());
         }
-        let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
-        let api = match self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await {
-            Ok(a) => a,
-            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => {
-                // Its type is gone, and the object with it.
-                self.own.forget_uid(&e.uid);
-                return Ok(());
-            }
-            Err(other) => return Err(other),
-        };
         let mut dp = DeleteParams::foreground();
         dp.preconditions = Some(kube::api::Preconditions {
             uid: Some(e.uid.clone()),
             resource_version: None,
         });
-        match api.delete(&e.name, &dp).await {
-            // Deleted, gone, or (409: the precondition) replaced by another.
-            Ok(_) => {}
-            Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => {}
-            Err(other) => return Err(classify(other)),
+        let mut recheck = false;
+        loop {
+            // No API: its type is gone, and the object with it.
+            let Some(api) = self.entry_api(e, recheck).await? else {
+                break;
+            };
+            match api.delete(&e.name, &dp).await {
+                Ok(_) => break,
+                // Not found: unless its version stopped being served.
+                Err(kube::Error::Api(s)) if s.code == 404 && !recheck => recheck = true,
+                // Gone, or (409: the precondition) replaced by another.
+                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => break,
+                Err(other) => return Err(classify(other)),
+            }
         }
         self.own.forget_uid(&e.uid);
         Ok(())

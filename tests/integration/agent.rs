@@ -805,3 +805,85 @@ pub(crate) fn sample(text: &str, series: &str) -> f64 {
         .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
         .unwrap_or(0.0)
 }
+
+/// A CRD serving `v1beta1` and `v1` of `Widget` (only `v1` when
+/// `beta_served` is false), applied behind the agent's back.
+async fn widgets_crd(cluster: &TestCluster, beta_served: bool) {
+    let schema = json!({"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}});
+    cluster
+        .apply_json(json!({
+            "apiVersion": "apiextensions.k8s.io/v1",
+            "kind": "CustomResourceDefinition",
+            "metadata": {"name": "widgets.example.com"},
+            "spec": {
+                "group": "example.com",
+                "scope": "Namespaced",
+                "names": {"kind": "Widget", "plural": "widgets", "singular": "widget"},
+                "versions": [
+                    {"name": "v1beta1", "served": beta_served, "storage": false, "schema": schema, "subresources": {"status": {}}},
+                    {"name": "v1", "served": true, "storage": true, "schema": schema, "subresources": {"status": {}}},
+                ],
+            },
+        }))
+        .await;
+    let beta = cluster.api("example.com/v1beta1", "Widget", "widgets", Some("default"));
+    until("the CRD's versions served as asked", || async {
+        let served = match beta.list(&Default::default()).await {
+            Ok(_) => true,
+            Err(kube::Error::Api(s)) if s.code == 404 => false,
+            Err(e) => panic!("listing widgets: {e}"),
+        };
+        served == beta_served
+    })
+    .await;
+}
+
+fn widget(name: &str) -> String {
+    format!(
+        "apiVersion: example.com/v1beta1\nkind: Widget\nmetadata:\n  name: {name}\n  namespace: default\nspec:\n  size: 1\n"
+    )
+}
+
+fn config(name: &str) -> String {
+    format!(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: default\ndata:\n  a: \"1\"\n"
+    )
+}
+
+/// An object outlives a version of its type: once `v1beta1` is no longer
+/// served, pruning or destroying what was applied as `v1beta1` deletes it
+/// through `v1` (the unit was stuck before: "not pruning …: 404 page not
+/// found", and the destroy never finished).
+#[tokio::test]
+async fn objects_of_a_version_no_longer_served_are_still_pruned_and_destroyed() {
+    let (hub, cluster) = setup().await;
+    widgets_crd(&cluster, true).await;
+    let configs = ["a", "b", "c"].map(config).join("---\n");
+    hub.put("dev/app", &format!("{configs}---\n{}", widget("pruned")))
+        .await
+        .unwrap();
+    hub.put(
+        "dev/other",
+        &format!("{}---\n{}", config("d"), widget("destroyed")),
+    )
+    .await
+    .unwrap();
+    wait_phase(&hub, "dev/app", 1, pb::Phase::Ready).await;
+    wait_phase(&hub, "dev/other", 1, pb::Phase::Ready).await;
+    widgets_crd(&cluster, false).await;
+    let exists = |name: &str| {
+        cluster
+            .object("example.com/v1", "widgets", "default", name)
+            .is_some()
+    };
+    assert!(exists("pruned") && exists("destroyed"));
+    hub.put("dev/app", &configs).await.unwrap();
+    wait_phase(&hub, "dev/app", 2, pb::Phase::Ready).await;
+    assert!(!exists("pruned"), "the Widget left the unit but still runs");
+    hub.destroy("dev/other").await.unwrap();
+    wait_phase(&hub, "dev/other", 2, pb::Phase::Destroyed).await;
+    assert!(
+        !exists("destroyed"),
+        "the unit read Destroyed with its Widget running"
+    );
+}

@@ -112,6 +112,9 @@ fn write_status(state: &mut State, key: &Key, mut obj: Value, status: Value) {
         return;
     };
     obj["status"] = status;
+    // Written at the version the controller addresses (an object of a
+    // type served at several versions may have been read at another).
+    obj["apiVersion"] = json!(ty.api_version());
     if !ty.status_subresource {
         let opts = WriteOpts {
             manager: "kube-controller-manager".into(),
