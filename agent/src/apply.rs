@@ -60,6 +60,9 @@ pub struct Applier {
     client: kube::Client,
     /// Served kinds resolved so far: resource and whether namespaced.
     kinds: RwLock<HashMap<GroupVersionKind, (ApiResource, bool)>>,
+    /// Versions inventory entries were recorded at that are no longer
+    /// served, and the version their objects are addressed at instead.
+    moved: RwLock<HashMap<GroupVersionKind, String>>,
     /// One listable version per served group and kind, for recovering a
     /// unit's membership from labels.
     scan_types: RwLock<HashMap<(String, String), (ApiResource, bool)>>,
@@ -151,6 +154,12 @@ fn not_served(gvk: &GroupVersionKind) -> ApplyError {
     ))
 }
 
+/// A bare 404 (no `NotFound` status): the path is not served (a version
+/// of a type that stopped being served), which says nothing of the object.
+fn unserved_path(s: &kube::core::Status) -> bool {
+    s.code == 404 && s.reason != "NotFound"
+}
+
 impl Applier {
     /// Reads the served kinds once (which also proves the API reachable).
     pub async fn new(client: kube::Client, crd_timeout: Duration) -> Result<Applier, ApplyError> {
@@ -179,6 +188,7 @@ impl Applier {
         Ok(Applier {
             client,
             kinds: RwLock::new(kinds),
+            moved: RwLock::default(),
             scan_types: RwLock::new(scan_types),
             scanned: tokio::sync::Mutex::new(None),
             crd_timeout,
@@ -462,30 +472,40 @@ impl Applier {
     /// The API of an inventory entry's type (`None`: the type is gone, and
     /// its objects with it). An object outlives a version of its type: when
     /// the recorded version is not served (any more: `recheck` looks again,
-    /// after it answered 404), the version the group serves the kind at
-    /// addresses the same object.
+    /// after its path answered a bare 404), the version the group serves
+    /// the kind at addresses the same object (remembered). Any other
+    /// failure is an error, never "gone".
     async fn entry_api(
         &self,
         e: &Entry,
         recheck: bool,
     ) -> Result<Option<Api<DynamicObject>>, ApplyError> {
         let ns = (!e.namespace.is_empty()).then_some(e.namespace.as_str());
+        let gvk = GroupVersionKind::gvk(&e.group, &e.version, &e.kind);
         if recheck {
-            let gvk = GroupVersionKind::gvk(&e.group, &e.version, &e.kind);
-            self.kinds.write().await.remove(&gvk);
+            self.moved.write().await.remove(&gvk);
         }
-        let served = |r: Result<Api<DynamicObject>, ApplyError>| match r {
-            Ok(api) => Ok(Some(api)),
-            Err(ApplyError::Rejected(_) | ApplyError::NotServed(_)) => Ok(None),
-            Err(other) => Err(other),
+        let version = self.moved.read().await.get(&gvk).cloned();
+        let version = version.unwrap_or_else(|| e.version.clone());
+        if recheck {
+            let at = GroupVersionKind::gvk(&e.group, &version, &e.kind);
+            self.kinds.write().await.remove(&at);
+        }
+        match self.api(&e.group, &version, &e.kind, ns, &e.id()).await {
+            Ok(api) => return Ok(Some(api)),
+            Err(ApplyError::NotServed(_)) => {}
+            Err(other) => return Err(other),
+        }
+        let Some(served) = self.served_version(&e.group, &e.kind).await? else {
+            return Ok(None);
         };
-        if let Some(api) = served(self.api(&e.group, &e.version, &e.kind, ns, &e.id()).await)? {
-            return Ok(Some(api));
+        if served == version {
+            // Discovery disagrees with itself (a CRD changing): try later.
+            return Err(not_served(&gvk));
         }
-        match self.served_version(&e.group, &e.kind).await? {
-            Some(v) if v != e.version => served(self.api(&e.group, &v, &e.kind, ns, &e.id()).await),
-            _ => Ok(None),
-        }
+        let api = self.api(&e.group, &served, &e.kind, ns, &e.id()).await?;
+        self.moved.write().await.insert(gvk, served);
+        Ok(Some(api))
     }
 
     /// The version a group serves a kind at now (its preferred one), if
@@ -511,13 +531,8 @@ impl Applier {
                 return Ok(None);
             };
             match api.get_opt(&e.name).await {
-                Ok(Some(o)) => break Some(o),
-                // Not found: unless its version stopped being served (an
-                // unserved version's path answers a bare 404).
-                Ok(None) if !recheck => recheck = true,
-                Err(kube::Error::Api(s)) if s.code == 404 && !recheck => recheck = true,
-                Ok(None) => break None,
-                Err(kube::Error::Api(s)) if s.code == 404 => break None,
+                Ok(o) => break o,
+                Err(kube::Error::Api(s)) if unserved_path(&s) && !recheck => recheck = true,
                 Err(other) => return Err(classify(other)),
             }
         };
@@ -567,10 +582,13 @@ impl Applier {
             };
             match api.delete(&e.name, &dp).await {
                 Ok(_) => break,
-                // Not found: unless its version stopped being served.
-                Err(kube::Error::Api(s)) if s.code == 404 && !recheck => recheck = true,
+                Err(kube::Error::Api(s)) if unserved_path(&s) && !recheck => recheck = true,
                 // Gone, or (409: the precondition) replaced by another.
-                Err(kube::Error::Api(s)) if s.code == 404 || s.code == 409 => break,
+                Err(kube::Error::Api(s))
+                    if !unserved_path(&s) && (s.code == 404 || s.code == 409) =>
+                {
+                    break;
+                }
                 Err(other) => return Err(classify(other)),
             }
         }

@@ -83,6 +83,8 @@ pub enum Announcement {
     Clusters(EnvName),
     /// Another replica's agent sessions opened or closed.
     Sessions,
+    /// Another replica revoked, rotated or deleted a cluster's credential.
+    Credentials(ClusterName),
 }
 
 /// Announcements from other hubs sharing the store.
@@ -344,22 +346,24 @@ pub trait Store: Send + Sync + 'static {
     async fn subscribe(&self) -> StoreResult<Option<AnnouncementStream>>;
 
     /// Records the agent sessions this hub opened (replacing the cluster's
-    /// previous one here) and closed, and holds them all under a lease
-    /// until `lease_until`: past it, other replicas count them closed (this
-    /// hub stopped or crashed). Announced to other replicas.
+    /// previous one here) and closed (with `replace`, first drops every
+    /// one it recorded: `opened` are then all it holds), and holds them
+    /// under a lease for `lease` on the store's clock (replicas' clocks may
+    /// differ): past it, other replicas count them closed (this hub
+    /// crashed); a zero lease ends them at once (it stops). Announced to
+    /// other replicas when anything but the lease changed.
     async fn record_sessions(
         &self,
         opened: &[Seen],
         closed: &[ClusterName],
-        lease_until: crate::model::UnixMillis,
+        replace: bool,
+        lease: std::time::Duration,
     ) -> StoreResult<()>;
-    /// The agent sessions other replicas hold under a lease running at
-    /// `now`, with their clusters' environments (a deleted cluster's are
-    /// left out), ordered by cluster and then by when they opened.
-    async fn sessions_elsewhere(
-        &self,
-        now: crate::model::UnixMillis,
-    ) -> StoreResult<Vec<(EnvName, Seen)>>;
+    /// The agent sessions other replicas hold under a lease running now
+    /// (the store's clock), with their clusters' environments (a deleted
+    /// cluster's are left out), ordered by cluster and then by when they
+    /// opened.
+    async fn sessions_elsewhere(&self) -> StoreResult<Vec<(EnvName, Seen)>>;
 
     /// Whether this hub runs the store's singleton tasks (automatic
     /// promotion): always for a store of its own; for a shared store, the

@@ -634,6 +634,42 @@ async fn a_revocation_in_the_store_ends_only_that_session(hub: &TestHub) {
     stop.cancel();
 }
 
+/// A revocation through one replica ends the agent's session on another at
+/// once (announced), not at that replica's next periodic re-check (30 s).
+#[tokio::test]
+#[ignore = "needs PostgreSQL (UNITSYNC_TEST_POSTGRES_URL)"]
+async fn a_revocation_through_another_replica_ends_the_session_at_once() {
+    let url = unitsync_tests::hub::postgres_database().await;
+    let a = TestHub::start_on_postgres(&url, None).await;
+    let b = TestHub::start_on_postgres(&url, Some(&a)).await;
+    a.create_env("prod").await;
+    let token = a.create_cluster("prod", "prod").await;
+    a.put("prod/web", &configmap("web", "1")).await.unwrap();
+    let agent = SimAgent::new(&b.endpoint(), b.ca(), &token);
+    let stop = CancellationToken::new();
+    let session = agent.session_once(&stop);
+    tokio::pin!(session);
+    until_holding(session.as_mut(), &agent, "web").await;
+    within(
+        "revoke through a",
+        a.admin().await.revoke_cluster(pb::RevokeClusterRequest {
+            name: "prod".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let ended = tokio::time::timeout(Duration::from_secs(5), &mut session)
+        .await
+        .expect("the session on b ends at once, not at b's next re-check");
+    match ended {
+        Err(SessionError::Refused(s) | SessionError::Stream(s)) => {
+            assert_eq!(s.code(), Code::Unauthenticated, "{s:?}");
+        }
+        other => panic!("expected the hub to end the session, got {other:?}"),
+    }
+    stop.cancel();
+}
+
 /// Drives a live session until the agent holds `unit`; fails if the session
 /// ends first.
 async fn until_holding<F>(mut session: std::pin::Pin<&mut F>, agent: &SimAgent, unit: &str)

@@ -534,6 +534,40 @@ async fn automatic_promotion_follows_the_gates() {
     assert!(p[0].automatic && p[0].actor == "hub", "{:?}", p[0]);
 }
 
+/// A revoked cluster never reports again: the health gate does not wait
+/// for it (and says so), as it did until the cluster was deleted.
+#[tokio::test]
+async fn a_revoked_cluster_does_not_hold_promotions_up() {
+    let hub = pipeline(Tuning::default()).await;
+    let _dev = healthy_dev(&hub).await;
+    hub.create_cluster("dev-2", "dev").await;
+    let mut admin = hub.admin().await;
+    within(
+        "revoke dev-2",
+        admin.revoke_cluster(pb::RevokeClusterRequest {
+            name: "dev-2".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    hub.put("dev/web", &web("web:1", 2)).await.unwrap();
+    until("dev/web@1 Ready in dev-1", || async {
+        hub.unit("dev/web").await.is_ok_and(|d| {
+            d.clusters.iter().any(|c| {
+                c.cluster == "dev-1" && c.revision == 1 && c.phase == i32::from(pb::Phase::Ready)
+            })
+        })
+    })
+    .await;
+    let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
+    assert!(!r.blocked, "{}", r.message);
+    let health = &r.items[0].gates[0];
+    assert!(
+        health.passed && health.detail.contains("revoked, not counted: dev-2"),
+        "{health:?}"
+    );
+}
+
 /// A rollback in an environment with automatic promotion stands until
 /// the upstream unit moves on: the hub does not promote again what the
 /// rollback took back.

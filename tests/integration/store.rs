@@ -1012,13 +1012,17 @@ async fn replicas_see_each_others_agent_sessions_while_the_lease_runs() {
         agent_version: "1.2.3".into(),
         at: UnixMillis(at),
     };
-    let now = UnixMillis::now();
-    let lease = UnixMillis(now.0 + 60_000);
+    let lease = std::time::Duration::from_secs(60);
     // A opens sessions; B hears of them and reads them (A does not count
     // its own as elsewhere).
     within(
         "a's sessions",
-        a.record_sessions(&[session("dev-1", 1), session("dev-2", 2)], &[], lease),
+        a.record_sessions(
+            &[session("dev-1", 1), session("dev-2", 2)],
+            &[],
+            false,
+            lease,
+        ),
     )
     .await
     .unwrap();
@@ -1029,32 +1033,55 @@ async fn replicas_see_each_others_agent_sessions_while_the_lease_runs() {
             None => panic!("the announcement stream ended"),
         }
     }
-    assert_eq!(sessions(&b, now).await, ["dev:dev-1@1", "dev:dev-2@2"]);
-    assert!(sessions(&a, now).await.is_empty());
+    assert_eq!(sessions(&b).await, ["dev:dev-1@1", "dev:dev-2@2"]);
+    assert!(sessions(&a).await.is_empty());
     // B holds one too; a session replaced on A moves, one closed goes.
-    b.record_sessions(&[session("dev-3", 3)], &[], lease)
+    b.record_sessions(&[session("dev-3", 3)], &[], false, lease)
         .await
         .unwrap();
-    a.record_sessions(&[session("dev-1", 10)], &["dev-2".parse().unwrap()], lease)
-        .await
-        .unwrap();
-    assert_eq!(sessions(&b, now).await, ["dev:dev-1@10"]);
-    assert_eq!(sessions(&a, now).await, ["dev:dev-3@3"]);
+    a.record_sessions(
+        &[session("dev-1", 10)],
+        &["dev-2".parse().unwrap()],
+        false,
+        lease,
+    )
+    .await
+    .unwrap();
+    assert_eq!(sessions(&b).await, ["dev:dev-1@10"]);
+    assert_eq!(sessions(&a).await, ["dev:dev-3@3"]);
     // A deleted cluster's session is no one's.
     a.delete_cluster(&"dev-3".parse().unwrap(), audit("cluster.delete", "dev-3"))
         .await
         .unwrap();
-    assert!(sessions(&a, now).await.is_empty());
-    // Past A's lease (A crashed), its sessions no longer count; a lease
-    // ended (A stopped) ends them at once.
-    assert!(sessions(&b, UnixMillis(lease.0 + 1)).await.is_empty());
-    a.record_sessions(&[], &[], UnixMillis(0)).await.unwrap();
-    assert!(sessions(&b, now).await.is_empty());
+    assert!(sessions(&a).await.is_empty());
+    // Writing all again replaces what was recorded.
+    a.record_sessions(&[session("dev-2", 20)], &[], true, lease)
+        .await
+        .unwrap();
+    assert_eq!(sessions(&b).await, ["dev:dev-2@20"]);
+    // A lease that ran out (A crashed two seconds into its last one) ends
+    // them; a lease ended (A stopped) ends them at once.
+    a.record_sessions(&[], &[], false, std::time::Duration::from_secs(2))
+        .await
+        .unwrap();
+    assert_eq!(sessions(&b).await, ["dev:dev-2@20"]);
+    unitsync_tests::until("a's lease runs out", || async {
+        sessions(&b).await.is_empty()
+    })
+    .await;
+    a.record_sessions(&[session("dev-2", 30)], &[], true, lease)
+        .await
+        .unwrap();
+    assert_eq!(sessions(&b).await, ["dev:dev-2@30"]);
+    a.record_sessions(&[], &[], false, std::time::Duration::ZERO)
+        .await
+        .unwrap();
+    assert!(sessions(&b).await.is_empty());
 }
 
 /// The sessions other replicas hold as `ENV:CLUSTER@CONNECTED_AT`.
-async fn sessions(store: &SqlStore, at: unitsync_hub::model::UnixMillis) -> Vec<String> {
-    let read = unitsync_tests::within("sessions elsewhere", store.sessions_elsewhere(at))
+async fn sessions(store: &SqlStore) -> Vec<String> {
+    let read = unitsync_tests::within("sessions elsewhere", store.sessions_elsewhere())
         .await
         .unwrap();
     read.into_iter()

@@ -95,16 +95,18 @@ pub(super) async fn until_ready(
                 waiting.join("\n  ")
             );
         }
-        if view.clusters.is_empty() {
+        let v = judge(view, unit, revision, want);
+        if v.clusters == 0 {
             let env = unit.split_once('/').map_or("", |(e, _)| e);
-            eprintln!("environment {env} has no clusters; nothing to wait for");
+            eprintln!(
+                "environment {env} has no clusters (revoked ones do not count); nothing to wait for"
+            );
             return Ok(());
         }
-        let v = judge(view, unit, revision, want);
         let line = format!(
             "{unit}@{revision}: {}/{} clusters {}{}",
             v.done,
-            view.clusters.len(),
+            v.clusters,
             phase(want.into()),
             if v.waiting.is_empty() {
                 String::new()
@@ -123,7 +125,7 @@ pub(super) async fn until_ready(
                 v.failed.join("\n  ")
             );
         }
-        if v.done == view.clusters.len() {
+        if v.done == v.clusters {
             return Ok(());
         }
         if !v.superseded.is_empty() {
@@ -131,7 +133,7 @@ pub(super) async fn until_ready(
                 "{unit}@{revision} was superseded before it was {} in every cluster ({}/{} were):\n  {}",
                 phase(want.into()),
                 v.done,
-                view.clusters.len(),
+                v.clusters,
                 v.superseded.join("\n  ")
             );
         }
@@ -150,6 +152,8 @@ fn offline(connected: bool) -> &'static str {
 
 /// Where a revision stands across the environment's clusters.
 struct Verdict {
+    /// The clusters that count (a revoked one never reports again).
+    clusters: usize,
     done: usize,
     failed: Vec<String>,
     /// Clusters that moved on to a later revision (or set this one aside).
@@ -160,12 +164,14 @@ struct Verdict {
 /// Where `unit@revision` stands in every cluster the view holds.
 fn judge(view: &View, unit: &str, revision: u64, want: pb::Phase) -> Verdict {
     let mut v = Verdict {
+        clusters: 0,
         done: 0,
         failed: vec![],
         superseded: vec![],
         waiting: vec![],
     };
-    for (name, cluster) in &view.clusters {
+    for (name, cluster) in view.clusters.iter().filter(|(_, c)| !c.revoked) {
+        v.clusters += 1;
         let connected = cluster.connected;
         match view.cell(unit, name) {
             Some(s) if s.revision == revision && s.phase == i32::from(want) => v.done += 1,
@@ -270,5 +276,22 @@ mod tests {
             pb::Phase::Ready,
         );
         assert_eq!(v.waiting, ["a: received (agent not connected)"]);
+    }
+
+    #[test]
+    fn a_revoked_cluster_is_not_waited_for() {
+        let mut v = view(&[("a", true), ("b", false)], vec![cell("a", 2, 2)]);
+        // b is revoked: it never reports again.
+        v.apply(pb::StatusEvent {
+            clusters: vec![pb::Cluster {
+                name: "b".into(),
+                revoked: true,
+                ..Default::default()
+            }],
+            ..Default::default()
+        });
+        let j = judge(&v, "dev/web", 2, pb::Phase::Ready);
+        assert_eq!((j.done, j.clusters), (1, 1));
+        assert!(j.waiting.is_empty(), "{:?}", j.waiting);
     }
 }

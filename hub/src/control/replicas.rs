@@ -5,7 +5,9 @@
 //! `status --watch`, the dashboard, the ConfigHub worker's waits), which
 //! would otherwise know only of agents connected here. Each replica shares
 //! its own sessions under a lease ([`Hub::share_sessions`]): those of a
-//! replica that crashed count as closed once its lease runs out.
+//! replica that crashed count as closed once its lease runs out. A
+//! credential revoked, rotated or deleted through another replica ends
+//! this one's session of it at once.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,12 +18,20 @@ use tokio_util::sync::CancellationToken;
 
 use super::{Connection, Hub};
 use crate::events::HubEvent;
+use crate::fanout::{AgentConn, EndReason};
 use crate::model::{ClusterName, EnvName, StatusReport, UnitRef, UnixMillis};
 use crate::store::{Announcement, AnnouncementStream, Seen};
 
 /// Announcements handled together: the statuses among them are read in
 /// one batch.
 const BATCH: usize = 1_024;
+
+/// How long a failed credential re-check waits before its one retry.
+const RECHECK_RETRY: Duration = Duration::from_secs(1);
+
+/// How often a replica writes all its agent sessions again (in between, what
+/// opened and closed).
+const REWRITE_SESSIONS: Duration = Duration::from_secs(300);
 
 impl Hub {
     /// A cluster's agent session, here or on another replica.
@@ -77,16 +87,21 @@ impl Hub {
     /// Shares this hub's agent sessions with the replicas of its store
     /// until `stop`: what opened and closed, soon after (a burst of them
     /// in one write), under a lease renewed every third of
-    /// [`super::Tuning::session_lease`]; stopping ends the lease at once.
+    /// [`super::Tuning::session_lease`]; all of them again after a failed
+    /// write and every [`REWRITE_SESSIONS`] (what the store holds may have
+    /// been lost meanwhile); stopping ends the lease at once.
     pub async fn share_sessions(self: Arc<Self>, stop: CancellationToken) {
         let lease = self.tuning.session_lease;
         let mut written: HashMap<ClusterName, UnixMillis> = HashMap::new();
+        let mut rewritten = tokio::time::Instant::now();
+        let mut replace = true;
         let mut retry = Duration::from_millis(100);
         loop {
+            replace |= rewritten.elapsed() >= REWRITE_SESSIONS;
             let open = self.fanout.sessions();
             let opened: Vec<Seen> = open
                 .iter()
-                .filter(|s| written.get(&s.cluster) != Some(&s.connected_at))
+                .filter(|s| replace || written.get(&s.cluster) != Some(&s.connected_at))
                 .map(|s| Seen {
                     cluster: s.cluster.clone(),
                     agent_version: s.agent_version.clone(),
@@ -94,14 +109,26 @@ impl Hub {
                 })
                 .collect();
             let still: HashSet<&ClusterName> = open.iter().map(|s| &s.cluster).collect();
-            let closed: Vec<ClusterName> = written
-                .keys()
-                .filter(|c| !still.contains(c))
-                .cloned()
-                .collect();
-            let until = UnixMillis(UnixMillis::now().0 + lease.as_millis() as i64);
-            let pause = match self.store.record_sessions(&opened, &closed, until).await {
+            let closed: Vec<ClusterName> = if replace {
+                Vec::new()
+            } else {
+                written
+                    .keys()
+                    .filter(|c| !still.contains(c))
+                    .cloned()
+                    .collect()
+            };
+            let wrote = self
+                .store
+                .record_sessions(&opened, &closed, replace, lease)
+                .await;
+            let pause = match wrote {
                 Ok(()) => {
+                    if replace {
+                        written.clear();
+                        rewritten = tokio::time::Instant::now();
+                        replace = false;
+                    }
                     for c in &closed {
                         written.remove(c);
                     }
@@ -111,6 +138,7 @@ impl Hub {
                 }
                 Err(e) => {
                     tracing::warn!(error = %crate::error::ErrorChain(&e), "sharing agent sessions with other replicas failed; will retry");
+                    replace = true;
                     retry = (retry * 2).min(lease / 3);
                     retry
                 }
@@ -121,8 +149,56 @@ impl Hub {
                 () = tokio::time::sleep(pause) => {}
             }
         }
-        if let Err(e) = self.store.record_sessions(&[], &[], UnixMillis(0)).await {
+        if let Err(e) = self
+            .store
+            .record_sessions(&[], &[], false, Duration::ZERO)
+            .await
+        {
             tracing::warn!(error = %crate::error::ErrorChain(&e), "ending this replica's lease on its agent sessions failed; other replicas count them until it runs out");
+        }
+    }
+
+    /// Whether each of these sessions' credential still names its cluster:
+    /// a session whose credential was revoked, rotated or deleted ends.
+    /// The lot in a few batched queries. A credential that cannot be
+    /// checked is not valid (a revoked one must not ride out a database
+    /// outage), but one failed batch is tried again after
+    /// [`RECHECK_RETRY`] first (a blip must not end the whole fleet's
+    /// sessions at once); then those sessions end, and their agents
+    /// reconnect and are checked afresh.
+    pub async fn recheck_credentials(&self, live: Vec<Arc<AgentConn>>) {
+        if live.is_empty() {
+            return;
+        }
+        let held: Vec<_> = live
+            .iter()
+            .filter_map(|c| Some((c.cluster.clone(), c.credential.clone()?)))
+            .collect();
+        let mut answer = self.store.credentials_in_force(&held).await;
+        if answer.is_err() {
+            tokio::time::sleep(RECHECK_RETRY).await;
+            answer = self.store.credentials_in_force(&held).await;
+        }
+        let in_force = match answer {
+            Ok(in_force) => in_force,
+            Err(e) => {
+                tracing::warn!(sessions = live.len(), error = %crate::error::ErrorChain(&e), "cannot re-check the sessions' credentials; ending them");
+                for conn in &live {
+                    conn.end(EndReason::Shutdown);
+                }
+                return;
+            }
+        };
+        for conn in live {
+            let valid = conn
+                .credential
+                .as_ref()
+                .is_some_and(|c| in_force.contains(&(conn.cluster.clone(), c.clone())));
+            // A session that ended meanwhile (replaced, say) is left be.
+            if !valid && conn.end_reason().is_none() {
+                tracing::info!(cluster = %conn.cluster, "the session's credential no longer names its cluster; ending the session");
+                conn.end(EndReason::CredentialRevoked);
+            }
         }
     }
 
@@ -137,11 +213,12 @@ impl Hub {
         let mut batches = announcements.ready_chunks(BATCH);
         let mut leases = tokio::time::interval(self.tuning.session_lease / 3);
         leases.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut sessions_read = tokio::time::Instant::now();
         loop {
             let batch = tokio::select! {
                 () = stop.cancelled() => return,
                 _ = leases.tick() => {
-                    self.sessions_elsewhere().await;
+                    self.sessions_elsewhere(&mut sessions_read).await;
                     continue;
                 }
                 b = batches.next() => match b {
@@ -151,6 +228,7 @@ impl Hub {
             };
             let mut statuses = Vec::new();
             let mut sessions = false;
+            let mut credentials = Vec::new();
             for announced in batch {
                 match announced {
                     Announcement::Revision(unit, number) => {
@@ -163,32 +241,50 @@ impl Hub {
                             ),
                         }
                     }
-                    Announcement::Resync => self.resync().await,
+                    Announcement::Resync => {
+                        self.resync().await;
+                        sessions = true;
+                    }
                     Announcement::Status(cluster, unit) => statuses.push((cluster, unit)),
                     Announcement::Clusters(env) => self.events.send(HubEvent::Clusters { env }),
                     Announcement::Sessions => sessions = true,
+                    Announcement::Credentials(cluster) => {
+                        credentials.extend(self.fanout.session(&cluster));
+                    }
                 }
+            }
+            // Off this loop: a retry must not hold the announcements up.
+            if !credentials.is_empty() {
+                let hub = self.clone();
+                tokio::spawn(async move { hub.recheck_credentials(credentials).await });
             }
             self.replicas_statuses(statuses).await;
             if sessions {
-                self.sessions_elsewhere().await;
+                self.sessions_elsewhere(&mut sessions_read).await;
             }
         }
     }
 
     /// Reads the agent sessions other replicas hold under a running lease;
     /// watchers hear of each cluster whose sessions changed. If they cannot
-    /// be read, what was read last stands until the next try.
-    async fn sessions_elsewhere(&self) {
-        let read = match self.store.sessions_elsewhere(UnixMillis::now()).await {
-            Ok(read) => read,
+    /// be read, what was read last (at `read`) stands until a lease could
+    /// have run out since, and then none count.
+    async fn sessions_elsewhere(&self, read: &mut tokio::time::Instant) {
+        let now = match self.store.sessions_elsewhere().await {
+            Ok(now) => {
+                *read = tokio::time::Instant::now();
+                now
+            }
             Err(e) => {
                 tracing::warn!(error = %crate::error::ErrorChain(&e), "reading other replicas' agent sessions failed");
-                return;
+                if read.elapsed() < self.tuning.session_lease {
+                    return;
+                }
+                Vec::new()
             }
         };
         // The latest of a cluster's sessions (the rows come oldest first).
-        let now: HashMap<ClusterName, (EnvName, Seen)> = read
+        let now: HashMap<ClusterName, (EnvName, Seen)> = now
             .into_iter()
             .map(|(env, s)| (s.cluster.clone(), (env, s)))
             .collect();

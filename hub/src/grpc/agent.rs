@@ -498,15 +498,11 @@ async fn watchdog(
 }
 
 /// Every `credential_recheck`, until `stop`: whether each live session's
-/// credential still names its cluster (a revocation, rotation or deletion
-/// made by another hub replica, or straight in the store, ends the
-/// session; this hub's own end its sessions at once). The whole fleet in
-/// a few batched queries, on a task of its own: heartbeats never wait on
-/// the database. A credential that cannot be checked is not valid (a
-/// revoked one must not ride out a database outage), but one failed batch
-/// is tried again after [`RECHECK_RETRY`] first (a blip must not end the
-/// whole fleet's sessions at once); then those sessions end, and their
-/// agents reconnect and are checked afresh.
+/// credential still names its cluster (see [`Hub::recheck_credentials`];
+/// a revocation, rotation or deletion made by another hub replica is
+/// announced and checked at once, one made straight in the store is found
+/// here; this hub's own end its sessions at once). On a task of its own:
+/// heartbeats never wait on the database.
 pub async fn recheck_credentials(hub: Arc<Hub>, stop: tokio_util::sync::CancellationToken) {
     let mut every = tokio::time::interval(hub.tuning.credential_recheck);
     every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -518,45 +514,7 @@ pub async fn recheck_credentials(hub: Arc<Hub>, stop: tokio_util::sync::Cancella
         }
         tokio::select! {
             () = stop.cancelled() => return,
-            () = recheck_once(&hub) => {}
-        }
-    }
-}
-
-/// How long a failed re-check waits before its one retry.
-const RECHECK_RETRY: Duration = Duration::from_secs(1);
-
-/// One re-check of every live session's credential.
-async fn recheck_once(hub: &Hub) {
-    let live = hub.fanout.sessions();
-    let held: Vec<_> = live
-        .iter()
-        .filter_map(|c| Some((c.cluster.clone(), c.credential.clone()?)))
-        .collect();
-    let mut answer = hub.store.credentials_in_force(&held).await;
-    if answer.is_err() {
-        tokio::time::sleep(RECHECK_RETRY).await;
-        answer = hub.store.credentials_in_force(&held).await;
-    }
-    let in_force = match answer {
-        Ok(in_force) => in_force,
-        Err(e) => {
-            tracing::warn!(sessions = live.len(), error = %crate::error::ErrorChain(&e), "cannot re-check the sessions' credentials; ending them");
-            for conn in &live {
-                conn.end(EndReason::Shutdown);
-            }
-            return;
-        }
-    };
-    for conn in live {
-        let valid = conn
-            .credential
-            .as_ref()
-            .is_some_and(|c| in_force.contains(&(conn.cluster.clone(), c.clone())));
-        // A session that ended meanwhile (replaced, say) is left be.
-        if !valid && conn.end_reason().is_none() {
-            tracing::info!(cluster = %conn.cluster, "the session's credential no longer names its cluster; ending the session");
-            conn.end(EndReason::CredentialRevoked);
+            () = hub.recheck_credentials(hub.fanout.sessions()) => {}
         }
     }
 }

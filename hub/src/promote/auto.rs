@@ -32,9 +32,13 @@ impl Hub {
                 // A rollback (of the unit, or of a promotion) took the
                 // target back from an upstream revision promoted already:
                 // it stands until upstream moves on.
-                let history = self.store.history(&t.unit).await?;
-                if history.iter().any(|r| r.source_revision >= src.head) {
-                    continue;
+                match self.store.history(&t.unit).await {
+                    Ok(h) if h.iter().any(|r| r.source_revision >= src.head) => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(unit = %t.unit, error = %ErrorChain(&e), "reading the unit's history for automatic promotion failed");
+                        continue;
+                    }
                 }
                 let out = self
                     .promote(PromoteRequest {

@@ -1,7 +1,6 @@
-//! The gates of a target environment (health in every source cluster,
-//! soak time on the hub's status clock, the one statuses are stamped
-//! with, approvals from distinct operators) and
-//! approving.
+//! The gates of a target environment (health in every source cluster but
+//! revoked ones, soak time on the hub's status clock, the one statuses are
+//! stamped with, approvals from distinct operators) and approving.
 
 use super::*;
 
@@ -21,9 +20,11 @@ impl Hub {
             .filter(|c| c.unit == *source)
             .map(|c| (c.cluster.as_str(), c))
             .collect();
+        // A revoked cluster never reports again: it does not count.
+        let (revoked, clusters): (Vec<_>, Vec<_>) = clusters.iter().partition(|c| c.revoked);
         let mut not_ready = Vec::new();
         let mut last_ready: Option<UnixMillis> = None;
-        for c in clusters {
+        for c in &clusters {
             match mine.get(c.name.as_str()) {
                 Some(cell)
                     if cell.status.revision == revision && cell.status.phase == Phase::Ready =>
@@ -59,11 +60,20 @@ impl Hub {
         gates.push(Gate {
             name: "health",
             passed: not_ready.is_empty(),
-            detail: if not_ready.is_empty() {
-                format!("{source}@{revision} Ready in {} cluster(s)", clusters.len())
-            } else {
-                format!("{source}@{revision} not Ready: {}", not_ready.join("; "))
-            },
+            detail: format!(
+                "{}{}",
+                if not_ready.is_empty() {
+                    format!("{source}@{revision} Ready in {} cluster(s)", clusters.len())
+                } else {
+                    format!("{source}@{revision} not Ready: {}", not_ready.join("; "))
+                },
+                if revoked.is_empty() {
+                    String::new()
+                } else {
+                    let names: Vec<&str> = revoked.iter().map(|c| c.name.as_str()).collect();
+                    format!(" (revoked, not counted: {})", names.join(", "))
+                }
+            ),
         });
         if to.policy.soak_seconds > 0 {
             let need = Duration::from_secs(to.policy.soak_seconds);

@@ -41,8 +41,9 @@ const POSTGRES_MIGRATIONS: &[&str] = &[
 /// The channel replicas announce on (PostgreSQL): a commit as
 /// `ENV/UNIT:NUMBER`; a status recorded as `status:ORIGIN:CLUSTER:ENV/UNIT`,
 /// clusters of an environment created or deleted as
-/// `clusters:ORIGIN:ENV` and agent sessions opened or closed as
-/// `sessions:ORIGIN`, which the replica `ORIGIN` (the store that made
+/// `clusters:ORIGIN:ENV`, agent sessions opened or closed as
+/// `sessions:ORIGIN` and a cluster's credential revoked, rotated or deleted
+/// as `credentials:ORIGIN:CLUSTER`, which the replica `ORIGIN` (the store that made
 /// them) ignores. Older replicas ignore what they cannot parse.
 pub(super) const CHANNEL: &str = "unitsync_revisions";
 
@@ -59,6 +60,11 @@ pub(super) fn status_payload(origin: &str, cluster: &ClusterName, unit: &UnitRef
 /// Clusters of `env` created or deleted by the store `origin`.
 pub(super) fn clusters_payload(origin: &str, env: &EnvName) -> String {
     format!("clusters:{origin}:{env}")
+}
+
+/// A cluster's credential revoked, rotated or deleted by the store `origin`.
+pub(super) fn credentials_payload(origin: &str, cluster: &ClusterName) -> String {
+    format!("credentials:{origin}:{cluster}")
 }
 
 /// Agent sessions opened or closed on the store `origin`'s hub.
@@ -79,6 +85,12 @@ pub(super) fn parse_announcement(payload: &str, own: &str) -> Option<Announcemen
                     unit.parse().ok()?,
                 ))
             })
+            .flatten();
+    }
+    if let Some(rest) = payload.strip_prefix("credentials:") {
+        let (origin, cluster) = rest.split_once(':')?;
+        return (origin != own)
+            .then(|| Some(Announcement::Credentials(cluster.parse().ok()?)))
             .flatten();
     }
     if let Some(origin) = payload.strip_prefix("sessions:") {
@@ -134,6 +146,15 @@ impl Backend {
     /// ($3, $4)`; on SQLite anonymous ones, `(?, ?), (?, ?)` (SQLite looks a
     /// numbered parameter's name up by a linear scan, which sqlx does for
     /// every parameter: quadratic in a long list).
+    /// The database's clock in Unix milliseconds, as an SQL expression
+    /// (one clock for every replica).
+    pub(super) fn now_millis(self) -> &'static str {
+        match self {
+            Backend::Sqlite => "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)",
+            Backend::Postgres => "CAST(EXTRACT(EPOCH FROM clock_timestamp()) * 1000 AS BIGINT)",
+        }
+    }
+
     pub(super) fn values(self, rows: usize, cols: usize) -> String {
         (0..rows)
             .map(|r| {
@@ -405,6 +426,12 @@ mod tests {
             Some(Announcement::Sessions)
         );
         assert_eq!(parse_announcement(&sessions, "them"), None);
+        let credentials = credentials_payload("them", &cluster);
+        assert_eq!(
+            parse_announcement(&credentials, "me"),
+            Some(Announcement::Credentials(cluster.clone()))
+        );
+        assert_eq!(parse_announcement(&credentials, "them"), None);
         assert_eq!(parse_announcement("status:garbage", "me"), None);
         assert_eq!(parse_announcement("dev/web:x", "me"), None);
     }

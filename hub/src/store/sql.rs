@@ -142,9 +142,10 @@ impl SqlStore {
         &self.writer
     }
 
-    /// One statement on one cluster's row (`value`, if any, binds first as
-    /// `$1`, then the name) with its audit entry; `NotFound` when no row
-    /// matched.
+    /// One statement on one cluster's credential (`value`, if any, binds
+    /// first as `$1`, then the name) with its audit entry, announced to
+    /// other replicas (their sessions of it are checked at once);
+    /// `NotFound` when no row matched.
     async fn cluster_write(
         &self,
         sql: &'static str,
@@ -166,6 +167,8 @@ impl SqlStore {
             return Err(StoreError::NotFound(format!("cluster {name}")));
         }
         insert_audit(&mut tx, audit).await?;
+        let announced = backend::credentials_payload(&self.origin, name);
+        self.backend.announce(&mut tx, [announced]).await?;
         tx.commit().await.map_err(db)
     }
 }
@@ -383,8 +386,11 @@ impl Store for SqlStore {
         };
         insert_audit(&mut tx, &audit).await?;
         let env = rows::parse(&env, "environment")?;
-        let announced = backend::clusters_payload(&self.origin, &env);
-        self.backend.announce(&mut tx, [announced]).await?;
+        let announced = [
+            backend::clusters_payload(&self.origin, &env),
+            backend::credentials_payload(&self.origin, name),
+        ];
+        self.backend.announce(&mut tx, announced).await?;
         tx.commit().await.map_err(db)?;
         Ok(env)
     }
@@ -741,17 +747,26 @@ impl Store for SqlStore {
         &self,
         opened: &[Seen],
         closed: &[ClusterName],
-        lease_until: UnixMillis,
+        replace: bool,
+        lease: Duration,
     ) -> StoreResult<()> {
         let me = self.origin.as_str();
+        let now = self.backend.now_millis();
+        let lease_ms = i64::try_from(lease.as_millis()).unwrap_or(i64::MAX / 2);
         let mut writes = vec![
-            sqlx::query(
-                "INSERT INTO replica_leases (replica, expires_at) VALUES ($1, $2)
-                 ON CONFLICT (replica) DO UPDATE SET expires_at = excluded.expires_at",
-            )
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "INSERT INTO replica_leases (replica, expires_at)
+                 VALUES ($1, CASE WHEN $2 > 0 THEN {now} + $2 ELSE 0 END)
+                 ON CONFLICT (replica) DO UPDATE SET expires_at = excluded.expires_at"
+            )))
             .bind(me.to_owned())
-            .bind(lease_until.0),
+            .bind(lease_ms),
         ];
+        if replace {
+            writes.push(
+                sqlx::query("DELETE FROM agent_sessions WHERE replica = $1").bind(me.to_owned()),
+            );
+        }
         for closed in closed.chunks(STATEMENT_ROWS) {
             let mut q = sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM agent_sessions WHERE EXISTS (SELECT 1 FROM (VALUES {}) AS v
@@ -782,19 +797,23 @@ impl Store for SqlStore {
         }
         // Leases that ran out long ago (replicas that crashed) go, with
         // their sessions.
-        let forgotten = UnixMillis::now().0 - FORGET_LEASES_AFTER.as_millis() as i64;
+        let forget = i64::try_from(FORGET_LEASES_AFTER.as_millis()).unwrap_or(i64::MAX / 2);
         writes.push(
-            sqlx::query(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
                 "DELETE FROM agent_sessions WHERE replica IN
-                 (SELECT replica FROM replica_leases WHERE expires_at < $1)",
-            )
-            .bind(forgotten),
+                 (SELECT replica FROM replica_leases WHERE expires_at < {now} - $1)"
+            )))
+            .bind(forget),
         );
-        writes
-            .push(sqlx::query("DELETE FROM replica_leases WHERE expires_at < $1").bind(forgotten));
+        writes.push(
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "DELETE FROM replica_leases WHERE expires_at < {now} - $1"
+            )))
+            .bind(forget),
+        );
         // Other replicas re-read sessions when some opened or closed, or
-        // the lease ended (they re-read as the leases run, too).
-        if !opened.is_empty() || !closed.is_empty() || lease_until <= UnixMillis::now() {
+        // the lease ended (they re-read as leases run, too).
+        if replace || !opened.is_empty() || !closed.is_empty() || lease.is_zero() {
             writes.extend(
                 self.backend
                     .notifications([backend::sessions_payload(&self.origin)]),
@@ -803,17 +822,17 @@ impl Store for SqlStore {
         self.write_on_lane(writes).await
     }
 
-    async fn sessions_elsewhere(&self, now: UnixMillis) -> StoreResult<Vec<(EnvName, Seen)>> {
-        let rows = sqlx::query(
+    async fn sessions_elsewhere(&self) -> StoreResult<Vec<(EnvName, Seen)>> {
+        let now = self.backend.now_millis();
+        let rows = sqlx::query(sqlx::AssertSqlSafe(format!(
             "SELECT s.cluster, c.environment, s.agent_version, s.connected_at
              FROM agent_sessions s
              JOIN replica_leases r ON r.replica = s.replica
              JOIN clusters c ON c.name = s.cluster
-             WHERE s.replica <> $1 AND r.expires_at > $2
-             ORDER BY s.cluster, s.connected_at",
-        )
+             WHERE s.replica <> $1 AND r.expires_at > {now}
+             ORDER BY s.cluster, s.connected_at"
+        )))
         .bind(self.origin.clone())
-        .bind(now.0)
         .fetch_all(&self.readers)
         .await
         .map_err(db)?;

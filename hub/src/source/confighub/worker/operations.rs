@@ -768,7 +768,12 @@ impl Worker {
         let mut last_progress = tokio::time::Instant::now() - PROGRESS_EVERY;
         loop {
             let clusters = match self.hub.list_clusters(Some(&unit.env)).await {
-                Ok(c) => c.into_iter().map(|(c, _)| c.name).collect::<Vec<_>>(),
+                // A revoked cluster never reports again: it does not count.
+                Ok(c) => c
+                    .into_iter()
+                    .filter(|(c, _)| !c.revoked)
+                    .map(|(c, _)| c.name)
+                    .collect::<Vec<_>>(),
                 Err(e) => return Outcome::failed(failed, e.to_string()),
             };
             let cells = match self.hub.unit_cells(unit).await {
