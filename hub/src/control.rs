@@ -803,6 +803,21 @@ impl Hub {
             target: unit.to_string(),
             detail,
         };
+        // Setting them says the upstream as it is now was seen: a change of
+        // an overridden field up to its head is no longer a conflict.
+        let upstream = match self.store.get_unit(&unit).await? {
+            Some(u) => u.upstream,
+            None => None,
+        };
+        let reviewed_at = match upstream {
+            Some(up) => self.store.get_unit(&up).await?.map(|u| u.head),
+            None => None,
+        }
+        .unwrap_or_default();
+        let overrides: Vec<Override> = overrides
+            .into_iter()
+            .map(|o| Override { reviewed_at, ..o })
+            .collect();
         Ok(self.store.set_overrides(&unit, &overrides, audit).await?)
     }
 

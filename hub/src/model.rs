@@ -172,7 +172,9 @@ impl fmt::Display for UnitRef {
 }
 
 /// A revision number, counted per unit from 1.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize)]
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
 pub struct RevisionNum(pub u64);
 
 impl RevisionNum {
@@ -180,6 +182,11 @@ impl RevisionNum {
 
     pub fn next(self) -> RevisionNum {
         RevisionNum(self.0 + 1)
+    }
+
+    /// No revision (nothing promoted, reviewed or numbered yet).
+    pub fn is_zero(&self) -> bool {
+        self.0 == 0
     }
 }
 
@@ -369,6 +376,10 @@ pub struct Override {
     /// Dot-separated field path (`spec.replicas`).
     pub path: String,
     pub value: serde_json::Value,
+    /// The upstream head when the override was last set: a change of the
+    /// field upstream up to there was seen and is no conflict.
+    #[serde(default, skip_serializing_if = "RevisionNum::is_zero")]
+    pub reviewed_at: RevisionNum,
 }
 
 impl Override {

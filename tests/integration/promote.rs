@@ -179,7 +179,7 @@ async fn overrides_survive_promotions_and_conflicts_are_reported() {
         "overrides",
         admin.set_overrides(pb::SetOverridesRequest {
             unit: "staging/web".into(),
-            overrides: vec![replicas],
+            overrides: vec![replicas.clone()],
         }),
     )
     .await
@@ -215,6 +215,13 @@ async fn overrides_survive_promotions_and_conflicts_are_reported() {
     let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
     assert!(r.blocked);
     assert!(r.items[0].skipped.contains("override conflict: Deployment web spec.replicas: upstream changed it from 2 to 4, overridden here as 5"), "{}", r.items[0].skipped);
+    assert!(
+        r.items[0]
+            .skipped
+            .contains("set the overrides of staging/web again"),
+        "{}",
+        r.items[0].skipped
+    );
     assert_eq!(
         hub.unit("staging/web")
             .await
@@ -223,6 +230,31 @@ async fn overrides_survive_promotions_and_conflicts_are_reported() {
             .unwrap()
             .head_revision,
         before
+    );
+    // Setting the override again keeps it: the change it saw upstream is no
+    // conflict any more, and the promotion goes through with the override.
+    within(
+        "overrides again",
+        admin.set_overrides(pb::SetOverridesRequest {
+            unit: "staging/web".into(),
+            overrides: vec![replicas],
+        }),
+    )
+    .await
+    .unwrap();
+    let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
+    assert!(!r.blocked, "{}", r.message);
+    let head = hub.unit("staging/web").await.unwrap().head.unwrap();
+    assert!(head.manifests.contains("replicas: 5"), "{}", head.manifests);
+    // A later change of the field upstream is a conflict again.
+    hub.put("dev/web", &web("web:3", 6)).await.unwrap();
+    ready_in(&hub, "dev/web", 5).await;
+    let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
+    assert!(r.blocked);
+    assert!(
+        r.items[0].skipped.contains("from 4 to 6"),
+        "{}",
+        r.items[0].skipped
     );
 }
 

@@ -204,6 +204,8 @@ pub fn override_from_pb(o: pb::Override) -> Result<Override> {
         namespace: (!o.namespace.is_empty()).then_some(o.namespace),
         path: o.path,
         value,
+        // Stamped when the overrides are set.
+        reviewed_at: crate::model::RevisionNum(0),
     })
 }
 

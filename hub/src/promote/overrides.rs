@@ -121,6 +121,7 @@ mod tests {
             namespace: None,
             path: "spec.replicas".into(),
             value: serde_json::json!(3),
+            reviewed_at: RevisionNum(0),
         };
         let out = apply_overrides(&unit, text, std::slice::from_ref(&o)).unwrap();
         assert!(out.contains("replicas: 3"), "{out}");
@@ -155,6 +156,7 @@ mod tests {
             namespace: None,
             path: "stringData.password".into(),
             value: serde_json::json!("override-value"),
+            reviewed_at: RevisionNum(0),
         };
         let c = override_conflicts(before, &after, std::slice::from_ref(&o));
         assert_eq!(c.len(), 1);

@@ -120,19 +120,30 @@ impl Hub {
                 Some(t) => self.store.get_revision(&target, t.head).await?,
                 None => None,
             };
-            // Overridden fields the upstream changed since the last promotion.
-            if let Some(h) = head
-                .as_ref()
-                .filter(|h| h.source_revision.0 > 0 && h.source_revision != rev_no)
-                && let Some(prev) = self.store.get_revision(&s.unit, h.source_revision).await?
-            {
-                let conflicts = override_conflicts(&prev.manifests, &src.manifests, &overrides);
-                if !conflicts.is_empty() {
-                    item.skipped = Some(format!("override conflict: {}", conflicts.join("; ")));
-                    item.blocking = true;
-                    items.push(item);
-                    continue;
+            // Overridden fields the upstream changed since the last
+            // promotion, or since the override was set if that was later.
+            let promoted = head.as_ref().map_or(RevisionNum(0), |h| h.source_revision);
+            let mut conflicts = Vec::new();
+            let mut bases: BTreeMap<RevisionNum, Vec<Override>> = BTreeMap::new();
+            for o in &overrides {
+                let base = promoted.max(o.reviewed_at);
+                if !base.is_zero() && base != rev_no {
+                    bases.entry(base).or_default().push(o.clone());
                 }
+            }
+            for (base, group) in &bases {
+                if let Some(prev) = self.store.get_revision(&s.unit, *base).await? {
+                    conflicts.extend(override_conflicts(&prev.manifests, &src.manifests, group));
+                }
+            }
+            if !conflicts.is_empty() {
+                item.skipped = Some(format!(
+                    "override conflict: {}; set the overrides of {target} again to keep them, or remove them to take upstream's",
+                    conflicts.join("; ")
+                ));
+                item.blocking = true;
+                items.push(item);
+                continue;
             }
             let content = apply_overrides(&target, &src.manifests, &overrides)?;
             let (valid, content) = self.validate(&target, content).await?;
