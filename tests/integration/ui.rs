@@ -272,8 +272,9 @@ async fn login_and_actions_refuse_forged_forms() {
         b.login(&hub.admin_token).await.status,
         StatusCode::SEE_OTHER
     );
-    let fleet = b.get("/ui/").await;
-    let csrf = fleet.csrf();
+    let confirm = b.get("/ui/confirm/promote?from=dev&to=prod&unit=web").await;
+    let csrf = confirm.csrf();
+    let plan = field_value(&confirm.body, "plan").expect("the plan rides with the form");
     // A forced promotion would go through (gates or not) if the form were
     // taken.
     let promote = [
@@ -281,6 +282,7 @@ async fn login_and_actions_refuse_forged_forms() {
         ("to", "prod"),
         ("unit", "web"),
         ("reason", "forged"),
+        ("plan", plan.as_str()),
     ];
     // No CSRF token: refused, nothing promoted.
     let no_token = b.post("/ui/actions/promote", &promote).await;
@@ -325,6 +327,7 @@ async fn admin_approves_promotes_and_rolls_back_from_the_dashboard() {
         "a confirmation page changes nothing"
     );
     let csrf = confirm.csrf();
+    let plan = field_value(&confirm.body, "plan").expect("the plan rides with the form");
 
     let approved = b
         .post(
@@ -346,6 +349,7 @@ async fn admin_approves_promotes_and_rolls_back_from_the_dashboard() {
                 ("from", "dev"),
                 ("to", "prod"),
                 ("unit", "web"),
+                ("plan", &plan),
                 ("csrf", &csrf),
             ],
         )
@@ -366,6 +370,7 @@ async fn admin_approves_promotes_and_rolls_back_from_the_dashboard() {
                 ("to", "prod"),
                 ("unit", "web"),
                 ("reason", "hotfix INC-42"),
+                ("plan", &plan),
                 ("csrf", &csrf),
             ],
         )
@@ -378,17 +383,42 @@ async fn admin_approves_promotes_and_rolls_back_from_the_dashboard() {
     assert!(after.body.contains("class=\"flash"), "{}", after.body);
     assert!(!b.get("/ui/promotions").await.body.contains("class=\"flash"));
 
-    // Roll dev back to r1 after an update: a new revision, history kept.
+    // Roll dev back to r1 after an update: a new revision, history kept;
+    // unless the unit moved on since the rollback's diff was confirmed.
     hub.put("dev/web", &configmap("web", "2")).await.unwrap();
-    let rolled = b
-        .post(
-            "/ui/actions/rollback-unit",
-            &[("unit", "dev/web"), ("revision", "1"), ("csrf", &csrf)],
-        )
+    let confirm = b
+        .get("/ui/confirm/rollback-unit?unit=dev/web&revision=1")
         .await;
+    let head = field_value(&confirm.body, "plan").expect("the head rides with the form");
+    assert_eq!(head, "2");
+    hub.put("dev/web", &configmap("web", "3")).await.unwrap();
+    let rollback = [
+        ("unit", "dev/web"),
+        ("revision", "1"),
+        ("plan", head.as_str()),
+        ("csrf", &csrf),
+    ];
+    let stale = b.post("/ui/actions/rollback-unit", &rollback).await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert!(
+        stale.body.contains("changed since you confirmed"),
+        "{}",
+        stale.body
+    );
+    let confirm = b
+        .get("/ui/confirm/rollback-unit?unit=dev/web&revision=1")
+        .await;
+    let head = field_value(&confirm.body, "plan").unwrap();
+    let rollback = [
+        ("unit", "dev/web"),
+        ("revision", "1"),
+        ("plan", head.as_str()),
+        ("csrf", &csrf),
+    ];
+    let rolled = b.post("/ui/actions/rollback-unit", &rollback).await;
     assert_eq!(rolled.status, StatusCode::SEE_OTHER, "{}", rolled.body);
     let dev = hub.unit("dev/web").await.unwrap();
-    assert_eq!(dev.unit.unwrap().head_revision, 3);
+    assert_eq!(dev.unit.unwrap().head_revision, 4);
 
     // Every change is audited under the operator's name, like the CLI's.
     let entries = audit(&hub).await;
@@ -600,7 +630,7 @@ async fn a_promotion_confirmed_on_a_stale_plan_is_refused() {
     let confirm = b.get("/ui/confirm/promote?from=dev&to=prod").await;
     assert_eq!(confirm.status, StatusCode::OK, "{}", confirm.body);
     let plan = field_value(&confirm.body, "plan").expect("the plan rides with the form");
-    assert_eq!(plan, "dev/web@1");
+    assert!(plan.starts_with("dev/web@1=prod/web@0:"), "{plan}");
     // dev moves on while the operator reads the page.
     hub.put("dev/web", &configmap("web", "2")).await.unwrap();
     let csrf = confirm.csrf();
@@ -622,7 +652,7 @@ async fn a_promotion_confirmed_on_a_stale_plan_is_refused() {
         "blocked: a reason is asked for"
     );
     let plan = field_value(&again.body, "plan").unwrap();
-    assert_eq!(plan, "dev/web@2");
+    assert!(plan.starts_with("dev/web@2=prod/web@0:"), "{plan}");
     let form = [
         ("from", "dev"),
         ("to", "prod"),
@@ -634,6 +664,84 @@ async fn a_promotion_confirmed_on_a_stale_plan_is_refused() {
     assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
     let prod = hub.unit("prod/web").await.unwrap();
     assert_eq!(prod.unit.unwrap().head_revision, 1);
+}
+
+/// A plan shown before the target changed (rolled back during an incident)
+/// is not promoted: "web is up to date" no longer holds, and confirming the
+/// page would have promoted web again unseen.
+#[tokio::test]
+async fn a_promotion_confirmed_before_the_target_was_rolled_back_is_refused() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    hub.create_env("prod").await;
+    let mut admin = hub.admin().await;
+    for v in ["1", "2"] {
+        hub.put("dev/web", &configmap("web", v)).await.unwrap();
+        let r = within(
+            "promote web",
+            admin.promote(pb::PromoteRequest {
+                from: "dev".into(),
+                to: "prod".into(),
+                units: vec!["web".into()],
+                force: true,
+                reason: "no dev cluster".into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap()
+        .into_inner();
+        assert!(!r.blocked, "{}", r.message);
+    }
+    hub.put("dev/api", &configmap("api", "1")).await.unwrap();
+    let b = Browserless::for_hub(&hub);
+    b.login(&hub.admin_token).await;
+    let confirm = b.get("/ui/confirm/promote?from=dev&to=prod").await;
+    let plan = field_value(&confirm.body, "plan").expect("the plan rides with the form");
+    assert!(plan.contains("prod/web@2:skip"), "{plan}");
+    within(
+        "roll prod/web back",
+        admin.rollback_unit(pb::RollbackUnitRequest {
+            unit: "prod/web".into(),
+            to_revision: 1,
+            message: "incident".into(),
+        }),
+    )
+    .await
+    .unwrap();
+    let csrf = confirm.csrf();
+    let form = [
+        ("from", "dev"),
+        ("to", "prod"),
+        ("plan", plan.as_str()),
+        ("reason", "no dev cluster"),
+        ("csrf", &csrf),
+    ];
+    let stale = b.post("/ui/actions/promote", &form).await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
+    assert!(stale.body.contains("plan changed"), "{}", stale.body);
+    let web = hub.unit("prod/web").await.unwrap();
+    assert_eq!(web.unit.unwrap().head_revision, 3, "the rollback stands");
+    assert!(hub.unit("prod/api").await.is_err(), "nothing was promoted");
+    // A form that never went through the confirmation page is refused too.
+    let unconfirmed = b
+        .post(
+            "/ui/actions/promote",
+            &[
+                ("from", "dev"),
+                ("to", "prod"),
+                ("reason", "no dev cluster"),
+                ("csrf", &csrf),
+            ],
+        )
+        .await;
+    assert_eq!(
+        unconfirmed.status,
+        StatusCode::CONFLICT,
+        "{}",
+        unconfirmed.body
+    );
+    assert!(hub.unit("prod/api").await.is_err(), "nothing was promoted");
 }
 
 #[tokio::test]

@@ -65,6 +65,17 @@ fn parsed<T: std::str::FromStr<Err = crate::model::NameError>>(
         .map_err(|e| UiError::from(HubError::from(e)))
 }
 
+/// What the operator confirmed (the confirmation page's `plan`): an action
+/// that changes what that page showed comes through it, or not at all.
+fn confirmed_plan(p: &Params) -> Result<&str, UiError> {
+    field(p, "plan").map_err(|_| {
+        UiError::new(
+            StatusCode::CONFLICT,
+            "nothing was confirmed; review the change on its confirmation page first",
+        )
+    })
+}
+
 fn number(p: &Params, name: &str) -> Result<u64, UiError> {
     field(p, name)?
         .parse()
@@ -232,6 +243,7 @@ pub(super) async fn confirm(
             let head = hub
                 .get_revision(unit, RevisionNum(0), Role::ReadOnly)
                 .await?;
+            pinned = Some(head.number.0.to_string());
             (
                 html! {
                     p { "Commits a new revision of " strong { (unit) } " with the content of "
@@ -332,20 +344,19 @@ pub(super) async fn act(
         Action::Promote { from, to, unit } => {
             let reason = p.get("reason").map(|s| s.trim()).unwrap_or_default();
             // Promote what the operator confirmed, or nothing.
-            if let Some(confirmed) = p.get("plan") {
-                let (f, t) = environments(hub, from, to).await?;
-                let now = super::promotions::plan(hub, &viewer, &f, &t, unit.clone())
-                    .await
-                    .map_err(|why| UiError::new(StatusCode::CONFLICT, why))?;
-                if super::promotions::fingerprint(&now) != *confirmed {
-                    return Err(UiError::new(
-                        StatusCode::CONFLICT,
-                        format!(
-                            "the plan changed since you confirmed it (now: {}); nothing was promoted. Review it again.",
-                            super::promotions::fingerprint(&now)
-                        ),
-                    ));
-                }
+            let confirmed = confirmed_plan(&p)?;
+            let (f, t) = environments(hub, from, to).await?;
+            let now = super::promotions::plan(hub, &viewer, &f, &t, unit.clone())
+                .await
+                .map_err(|why| UiError::new(StatusCode::CONFLICT, why))?;
+            if super::promotions::fingerprint(&now) != confirmed {
+                return Err(UiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "the plan changed since you confirmed it (now: {}); nothing was promoted. Review it again.",
+                        super::promotions::fingerprint(&now)
+                    ),
+                ));
             }
             let out = hub
                 .promote(PromoteRequest {
@@ -372,6 +383,21 @@ pub(super) async fn act(
         }
         Action::RollbackUnit { unit, revision } => {
             let message = p.get("message").map(|s| s.trim()).unwrap_or_default();
+            // Replace the head whose diff the operator confirmed, or nothing.
+            let confirmed = confirmed_plan(&p)?;
+            let head = hub
+                .get_revision(unit, RevisionNum(0), Role::ReadOnly)
+                .await?
+                .number;
+            if head.0.to_string() != confirmed {
+                return Err(UiError::new(
+                    StatusCode::CONFLICT,
+                    format!(
+                        "{unit} changed since you confirmed the rollback (its head is now {}); nothing was rolled back. Review it again.",
+                        layout::rev(head.0)
+                    ),
+                ));
+            }
             let r = hub
                 .rollback(actor, unit.clone(), *revision, message.to_owned())
                 .await?;

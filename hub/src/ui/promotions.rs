@@ -76,13 +76,28 @@ pub(super) async fn plan(
     hub.promote(req).await.map_err(|e| UiError::from(e).message)
 }
 
-/// What a plan covers, as `source@revision` of every unit in it: the
-/// confirmation page posts it back, and the action refuses when the plan
-/// has changed since (a newer head, a unit more or less).
+/// What a plan does, unit by unit: `source@revision=target@head` and
+/// whether it is promoted (`:promote`) or skipped (`:skip`). The confirmation page
+/// posts it back, and the action refuses when the plan has changed since
+/// (a newer source head, a target rolled back or changed, a unit more or
+/// less, one skipped now or no longer).
 pub(super) fn fingerprint(out: &Outcome) -> String {
     out.items
         .iter()
-        .map(|i| format!("{}@{}", i.source, i.source_revision.0))
+        .map(|i| {
+            format!(
+                "{}@{}={}@{}:{}",
+                i.source,
+                i.source_revision.0,
+                i.target,
+                i.previous.0,
+                if i.skipped.is_some() {
+                    "skip"
+                } else {
+                    "promote"
+                }
+            )
+        })
         .collect::<Vec<_>>()
         .join(",")
 }
