@@ -521,6 +521,54 @@ async fn a_newer_apply_supersedes_a_running_one() {
     assert_eq!(cm["data"]["value"], "2");
 }
 
+/// An Apply of a unit of another space with the same slug and target is
+/// not a newer Apply of this one: the running one goes on (it was aborted,
+/// and then the other was refused anyway: the hub's unit is this space's).
+#[tokio::test]
+async fn an_apply_from_another_space_does_not_supersede_a_running_one() {
+    let mut s = setup(Transport::LongPoll, 1).await;
+    s.unit("a", &configmap("a", "1")).await;
+    s.clusters[0].stop_agent().await;
+    let first = s.queue("a", "apply").await;
+    s.wait_event(&op_id(&first), "the first apply committed", |e| {
+        e.result == "ApplySynced"
+    })
+    .await;
+    let other = "messagewall-other";
+    within("space", s.cub.space_create(other)).await.unwrap();
+    within(
+        "unit create",
+        s.cub
+            .unit_create(other, "a", &configmap("a", "9"), None, &[]),
+    )
+    .await
+    .unwrap();
+    within("set-target", s.cub.set_target_of(other, "a", SPACE, TARGET))
+        .await
+        .unwrap();
+    let second = within("apply", s.cub.queue(other, "a", "apply", false))
+        .await
+        .unwrap();
+    let refused = within("second", s.cub.wait(other, "a", &second, WAIT))
+        .await
+        .unwrap();
+    assert_ne!(refused.result(), "ApplyCompleted", "{refused:?}");
+    assert!(
+        s.terminal(&op_id(&first)).is_empty(),
+        "the first apply ended: {:?}",
+        s.terminal(&op_id(&first))
+    );
+    s.clusters[0].start_agent();
+    let done = within("first", s.cub.wait(SPACE, "a", &first, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(done.result(), "ApplyCompleted", "{done:?}");
+    let cm = s.clusters[0]
+        .object("v1", "configmaps", "apps", "a")
+        .unwrap();
+    assert_eq!(cm["data"]["value"], "1");
+}
+
 /// Two Applies delivered together: the older ends `Aborted` whether or not
 /// it committed, nothing is reported for it afterwards, and the newer
 /// content is what the clusters run.

@@ -226,11 +226,23 @@ impl Cub {
 
     /// `cub unit set-target TARGET --unit U` (`-` unsets it).
     pub async fn set_target(&self, space: &str, unit: &str, target: &str) -> anyhow::Result<()> {
+        self.set_target_of(space, unit, space, target).await
+    }
+
+    /// The same with a target of another space (`target_space`).
+    pub async fn set_target_of(
+        &self,
+        space: &str,
+        unit: &str,
+        target_space: &str,
+        target: &str,
+    ) -> anyhow::Result<()> {
         let sid = self.space_id(space).await?;
         let tid = if target == "-" {
             NIL_UUID.to_owned()
         } else {
-            self.target_id(&sid, target).await?
+            let target_sid = self.space_id(target_space).await?;
+            self.target_id(&target_sid, target).await?
         };
         let uid = self.unit_id(&sid, unit).await?;
         self.call(

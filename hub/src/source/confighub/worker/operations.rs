@@ -108,7 +108,7 @@ impl Worker {
             return;
         }
         if matches!(op.action.as_str(), action::APPLY | action::DESTROY) {
-            self.supersede(&op.unit, &op.id);
+            self.supersede(&detail.unit_id, &op.id);
         }
         self.spawn(op, detail);
     }
@@ -140,13 +140,15 @@ impl Worker {
         });
     }
 
-    /// A newer Apply or Destroy of a unit ends the one running: `Aborted`.
-    fn supersede(self: &Arc<Self>, unit: &str, newer: &str) {
+    /// A newer Apply or Destroy of a ConfigHub unit (by its id: units of
+    /// other spaces may share its slug and target) ends the one running:
+    /// `Aborted`.
+    fn supersede(self: &Arc<Self>, unit_id: &str, newer: &str) {
         let older: Vec<(String, Arc<Running>)> = self
             .lock_running()
             .iter()
             .filter(|(id, r)| {
-                r.unit == unit
+                r.detail.unit_id == unit_id
                     && *id != newer
                     && matches!(r.action.as_str(), action::APPLY | action::DESTROY)
             })
