@@ -143,6 +143,19 @@ impl Setup {
             .unwrap()
     }
 
+    /// An Apply of unit `a` committed and waiting for the first cluster,
+    /// whose agent is stopped.
+    async fn apply_waiting_for_its_cluster(&mut self) -> Value {
+        self.unit("a", &configmap("a", "1")).await;
+        self.clusters[0].stop_agent().await;
+        let op = self.queue("a", "apply").await;
+        self.wait_event(&op_id(&op), "the apply committed", |e| {
+            e.result == "ApplySynced"
+        })
+        .await;
+        op
+    }
+
     /// Every event ConfigHub recorded for an operation.
     fn events(&self, op: &str) -> Vec<UnitEvent> {
         self.sim.with_state(|s| s.events_of(op))
@@ -481,13 +494,7 @@ async fn a_dropped_stream_mid_operation_still_ends_the_operation_once() {
 #[tokio::test]
 async fn a_newer_apply_supersedes_a_running_one() {
     let mut s = setup(Transport::LongPoll, 1).await;
-    s.unit("a", &configmap("a", "1")).await;
-    s.clusters[0].stop_agent().await;
-    let first = s.queue("a", "apply").await;
-    s.wait_event(&op_id(&first), "the first apply committed", |e| {
-        e.result == "ApplySynced"
-    })
-    .await;
+    let first = s.apply_waiting_for_its_cluster().await;
     within(
         "update",
         s.cub.unit_update(SPACE, "a", &configmap("a", "2")),
@@ -527,13 +534,7 @@ async fn a_newer_apply_supersedes_a_running_one() {
 #[tokio::test]
 async fn an_apply_from_another_space_does_not_supersede_a_running_one() {
     let mut s = setup(Transport::LongPoll, 1).await;
-    s.unit("a", &configmap("a", "1")).await;
-    s.clusters[0].stop_agent().await;
-    let first = s.queue("a", "apply").await;
-    s.wait_event(&op_id(&first), "the first apply committed", |e| {
-        e.result == "ApplySynced"
-    })
-    .await;
+    let first = s.apply_waiting_for_its_cluster().await;
     let other = "messagewall-other";
     within("space", s.cub.space_create(other)).await.unwrap();
     within(

@@ -146,6 +146,32 @@ async fn healthy_dev(hub: &TestHub) -> SimAgent {
     agent
 }
 
+/// Links staging/web to dev/web and has staging promote automatically.
+async fn link_with_automatic_promotion(admin: &mut Admin) {
+    within(
+        "link",
+        admin.link_unit(pb::LinkUnitRequest {
+            unit: "staging/web".into(),
+            upstream: "dev/web".into(),
+            message: String::new(),
+        }),
+    )
+    .await
+    .unwrap();
+    within(
+        "policy",
+        admin.set_environment_policy(pb::SetEnvironmentPolicyRequest {
+            name: "staging".into(),
+            policy: Some(pb::EnvironmentPolicy {
+                auto_promote: true,
+                ..Default::default()
+            }),
+        }),
+    )
+    .await
+    .unwrap();
+}
+
 fn web(image: &str, replicas: u32) -> String {
     WEB.replace("web:1.0.0", image)
         .replace("replicas: 2", &format!("replicas: {replicas}"))
@@ -530,24 +556,7 @@ async fn automatic_promotion_follows_the_gates() {
     let mut admin = hub.admin().await;
     hub.put("dev/web", &web("web:1", 2)).await.unwrap();
     ready_in(&hub, "dev/web", 1).await;
-    admin
-        .link_unit(pb::LinkUnitRequest {
-            unit: "staging/web".into(),
-            upstream: "dev/web".into(),
-            message: String::new(),
-        })
-        .await
-        .unwrap();
-    admin
-        .set_environment_policy(pb::SetEnvironmentPolicyRequest {
-            name: "staging".into(),
-            policy: Some(pb::EnvironmentPolicy {
-                auto_promote: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    link_with_automatic_promotion(&mut admin).await;
     hub.put("dev/web", &web("web:2", 2)).await.unwrap();
     until("auto-promoted", || async {
         hub.unit("staging/web")
@@ -627,24 +636,7 @@ async fn automatic_promotion_leaves_a_rollback_be_until_upstream_moves() {
     };
     hub.put("dev/web", &web("web:1", 2)).await.unwrap();
     ready_in(&hub, "dev/web", 1).await;
-    admin
-        .link_unit(pb::LinkUnitRequest {
-            unit: "staging/web".into(),
-            upstream: "dev/web".into(),
-            message: String::new(),
-        })
-        .await
-        .unwrap();
-    admin
-        .set_environment_policy(pb::SetEnvironmentPolicyRequest {
-            name: "staging".into(),
-            policy: Some(pb::EnvironmentPolicy {
-                auto_promote: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    link_with_automatic_promotion(&mut admin).await;
     auto().await;
     assert!(staging_head().await.contains("web:1"));
     hub.put("dev/web", &web("web:2", 2)).await.unwrap();

@@ -805,19 +805,7 @@ async fn every_revision_of_a_release_is_announced_to_other_replicas() {
     use futures::StreamExt;
     use unitsync_hub::store::Announcement;
     use unitsync_tests::within;
-    let url = unitsync_tests::hub::postgres_database().await;
-    let a = within("replica a", SqlStore::postgres(&url)).await.unwrap();
-    let b = within("replica b", SqlStore::postgres(&url)).await.unwrap();
-    let mut announced = within("subscribe", b.subscribe())
-        .await
-        .unwrap()
-        .expect("PostgreSQL announces");
-    within(
-        "create dev",
-        a.create_environment(&env("dev"), None, audit("environment.create", "env/dev")),
-    )
-    .await
-    .unwrap();
+    let (a, _b, mut announced) = replicas_with_dev().await;
     let names: Vec<String> = (0..40).map(|i| format!("dev/u{i:02}")).collect();
     let release = names
         .iter()
@@ -986,16 +974,7 @@ async fn replicas_see_each_others_agent_sessions_while_the_lease_runs() {
     use unitsync_hub::model::UnixMillis;
     use unitsync_hub::store::{Announcement, Seen};
     use unitsync_tests::within;
-    let url = unitsync_tests::hub::postgres_database().await;
-    let a = within("replica a", SqlStore::postgres(&url)).await.unwrap();
-    let b = within("replica b", SqlStore::postgres(&url)).await.unwrap();
-    let mut announced = within("subscribe", b.subscribe())
-        .await
-        .unwrap()
-        .expect("PostgreSQL announces");
-    a.create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
-        .await
-        .unwrap();
+    let (a, b, mut announced) = replicas_with_dev().await;
     for (name, token) in [("dev-1", "h1"), ("dev-2", "h2"), ("dev-3", "h3")] {
         a.create_cluster(
             &name.parse().unwrap(),
@@ -1087,4 +1066,24 @@ async fn sessions(store: &SqlStore) -> Vec<String> {
     read.into_iter()
         .map(|(env, s)| format!("{env}:{}@{}", s.cluster, s.at.0))
         .collect()
+}
+
+/// Two replicas' stores on a fresh PostgreSQL database with environment
+/// `dev`, and what the second hears announced.
+async fn replicas_with_dev() -> (SqlStore, SqlStore, unitsync_hub::store::AnnouncementStream) {
+    use unitsync_tests::within;
+    let url = unitsync_tests::hub::postgres_database().await;
+    let a = within("replica a", SqlStore::postgres(&url)).await.unwrap();
+    let b = within("replica b", SqlStore::postgres(&url)).await.unwrap();
+    let announced = within("subscribe", b.subscribe())
+        .await
+        .unwrap()
+        .expect("PostgreSQL announces");
+    within(
+        "create dev",
+        a.create_environment(&env("dev"), None, audit("environment.create", "env/dev")),
+    )
+    .await
+    .unwrap();
+    (a, b, announced)
 }
