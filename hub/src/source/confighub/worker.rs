@@ -89,6 +89,69 @@ struct Running {
     cancel: CancellationToken,
     /// Set by whoever decides the terminal report first.
     decided: AtomicBool,
+    /// While it commits (`Some`): an ending asked for meanwhile (a cancel,
+    /// a newer operation), held until the commit is done, so the report
+    /// says what the commit did.
+    committing: std::sync::Mutex<Option<Option<(&'static str, String)>>>,
+}
+
+/// What asking a running operation to end did.
+#[derive(Debug, PartialEq, Eq)]
+enum Ending {
+    /// Decided now: report it.
+    Decided,
+    /// It is committing: held until the commit is done.
+    Held,
+    /// Something else decided it first.
+    Already,
+}
+
+impl Running {
+    fn new(unit: String, action: String, detail: Detail, decided: bool) -> Running {
+        Running {
+            unit,
+            action,
+            detail,
+            cancel: CancellationToken::new(),
+            decided: AtomicBool::new(decided),
+            committing: std::sync::Mutex::default(),
+        }
+    }
+
+    fn lock_committing(&self) -> std::sync::MutexGuard<'_, Option<Option<(&'static str, String)>>> {
+        self.committing
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Asks the operation to end with `status`: decided at once, unless it
+    /// is committing (then held until the commit is done).
+    fn end(&self, status: &'static str, message: &str) -> Ending {
+        let mut c = self.lock_committing();
+        if let Some(held) = c.as_mut() {
+            held.get_or_insert((status, message.to_owned()));
+            return Ending::Held;
+        }
+        if self.decided.swap(true, Ordering::SeqCst) {
+            return Ending::Already;
+        }
+        Ending::Decided
+    }
+
+    /// Enters the commit section, unless the operation was ended.
+    fn start_commit(&self) -> bool {
+        let mut c = self.lock_committing();
+        if self.decided.load(Ordering::SeqCst) || self.cancel.is_cancelled() {
+            return false;
+        }
+        *c = Some(None);
+        true
+    }
+
+    /// Leaves the commit section: the ending asked for meanwhile, if any.
+    fn end_commit(&self) -> Option<(&'static str, String)> {
+        self.lock_committing().take().flatten()
+    }
 }
 
 /// The work done under one lease (or one stream): its operations stop
@@ -322,6 +385,20 @@ fn retry(initial: Duration, cap: Duration) -> Backoff {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_ending_asked_for_while_committing_is_held_until_the_commit_is_done() {
+        let r = Running::new("dev/web".into(), "Apply".into(), Detail::default(), false);
+        assert!(r.start_commit());
+        assert_eq!(r.end(status::CANCELED, "cancelled"), Ending::Held);
+        assert_eq!(r.end(status::ABORTED, "newer"), Ending::Held);
+        // The first one asked for is what the report says.
+        assert_eq!(r.end_commit(), Some((status::CANCELED, "cancelled".into())));
+        assert_eq!(r.end(status::CANCELED, "cancelled"), Ending::Decided);
+        assert_eq!(r.end(status::CANCELED, "cancelled"), Ending::Already);
+        // Ended: it never enters the commit.
+        assert!(!r.start_commit());
+    }
 
     #[test]
     fn wait_timeouts_come_from_the_target_and_never_mean_forever() {

@@ -119,13 +119,12 @@ impl Worker {
             // Between leases: the next holder resumes it from the store.
             return;
         }
-        let running = Arc::new(Running {
-            unit: op.unit.clone(),
-            action: op.action.clone(),
+        let running = Arc::new(Running::new(
+            op.unit.clone(),
+            op.action.clone(),
             detail,
-            cancel: CancellationToken::new(),
-            decided: AtomicBool::new(false),
-        });
+            false,
+        ));
         self.lock_running().insert(op.id.clone(), running.clone());
         let this = self.clone();
         shift.tasks.spawn(async move {
@@ -184,16 +183,20 @@ impl Worker {
         }
     }
 
-    /// Ends a running operation from outside (supersede, cancel).
+    /// Ends a running operation from outside (supersede, cancel); one that
+    /// is committing reports it once the commit is done (see
+    /// [`Running::end`]).
     pub(super) fn end(
         self: &Arc<Self>,
         id: &str,
         r: &Arc<Running>,
-        st: &str,
+        st: &'static str,
         message: &str,
     ) -> bool {
-        if r.decided.swap(true, Ordering::SeqCst) {
-            return false;
+        match r.end(st, message) {
+            Ending::Decided => {}
+            Ending::Held => return true,
+            Ending::Already => return false,
         }
         r.cancel.cancel();
         let report = self.result(id, &r.action, &r.detail, result::NONE, st, message);
@@ -465,13 +468,12 @@ impl Worker {
             }
             tracing::info!(op = %op.id, "sending a recorded terminal report");
             // Decided already: a cancel or a newer operation leaves it be.
-            let r = Arc::new(Running {
-                unit: op.unit.clone(),
-                action: op.action.clone(),
-                detail: Detail::default(),
-                cancel: CancellationToken::new(),
-                decided: AtomicBool::new(true),
-            });
+            let r = Arc::new(Running::new(
+                op.unit.clone(),
+                op.action.clone(),
+                Detail::default(),
+                true,
+            ));
             self.lock_running().insert(op.id.clone(), r.clone());
             let this = self.clone();
             shift.tasks.spawn(async move {
@@ -545,7 +547,7 @@ impl Worker {
                 };
             }
             let guard = self.commit_lock(&unit).await;
-            if r.cancel.is_cancelled() {
+            if !r.start_commit() {
                 return Outcome::done(result::NONE, "ended before committing");
             }
             let committed = self
@@ -564,9 +566,12 @@ impl Worker {
                     ),
                 })
                 .await;
+            let held = r.end_commit();
             match committed {
                 Ok(rev) => revision = rev.number,
-                Err(e) => return failed_validation(&e),
+                Err(e) => {
+                    return held_ending(held, &unit, None).unwrap_or_else(|| failed_validation(&e));
+                }
             }
             let mut recorded = op.clone();
             recorded.hub_revision = revision;
@@ -578,6 +583,9 @@ impl Worker {
                 tracing::warn!(op = %op.id, error = %ErrorChain(&e), "cannot record the committed revision");
             }
             drop(guard);
+            if let Some(o) = held_ending(held, &unit, Some(revision)) {
+                return o;
+            }
         }
         self.progress(
             op,
@@ -619,7 +627,7 @@ impl Worker {
         }
         if revision.0 == 0 {
             let guard = self.commit_lock(&unit).await;
-            if r.cancel.is_cancelled() {
+            if !r.start_commit() {
                 return Outcome::done(result::NONE, "ended before committing");
             }
             let destroyed = self
@@ -632,15 +640,21 @@ impl Worker {
                     format!("ConfigHub destroy of {}/{}", d.space_slug, d.unit_slug),
                 )
                 .await;
+            let held = r.end_commit();
             match destroyed {
                 Ok(Some(rev)) => revision = rev.number,
                 Ok(None) => {
-                    return Outcome::done(
-                        result::DESTROY_COMPLETED,
-                        format!("{unit} has nothing to destroy"),
-                    );
+                    return held_ending(held, &unit, None).unwrap_or_else(|| {
+                        Outcome::done(
+                            result::DESTROY_COMPLETED,
+                            format!("{unit} has nothing to destroy"),
+                        )
+                    });
                 }
-                Err(e) => return Outcome::failed(result::DESTROY_FAILED, e.to_string()),
+                Err(e) => {
+                    return held_ending(held, &unit, None)
+                        .unwrap_or_else(|| Outcome::failed(result::DESTROY_FAILED, e.to_string()));
+                }
             }
             let mut recorded = op.clone();
             recorded.hub_revision = revision;
@@ -648,6 +662,9 @@ impl Worker {
                 tracing::warn!(op = %op.id, error = %ErrorChain(&e), "cannot record the committed revision");
             }
             drop(guard);
+            if let Some(o) = held_ending(held, &unit, Some(revision)) {
+                return o;
+            }
         }
         self.progress(
             op,
@@ -855,4 +872,30 @@ impl Worker {
             }
         }
     }
+}
+
+/// The report of an ending asked for while the operation committed (a
+/// cancel, a newer operation): as asked, saying what the commit did (a
+/// committed revision rolls out; it is not waited for).
+fn held_ending(
+    held: Option<(&'static str, String)>,
+    unit: &UnitRef,
+    committed: Option<RevisionNum>,
+) -> Option<Outcome> {
+    let (status, why) = held?;
+    let mut o = Outcome::done(
+        result::NONE,
+        match committed {
+            Some(rev) => format!(
+                "{why}; it came while {unit} was committed as revision {rev}, which rolls out to every cluster of {} (not waited for)",
+                unit.env
+            ),
+            None => format!("{why}; nothing was committed"),
+        },
+    );
+    o.status = status;
+    Some(match committed {
+        Some(rev) => o.with_bridge(unit, rev),
+        None => o,
+    })
 }
