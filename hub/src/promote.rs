@@ -72,6 +72,28 @@ pub struct PlanItem {
     provenance: Option<String>,
 }
 
+impl PlanItem {
+    /// What the item does, for a confirmation to pin:
+    /// `SOURCE@REV=TARGET@HEAD:` and the digest of the content it commits
+    /// (whatever the gates say: forcing them commits it), or of why it
+    /// commits nothing (`skip-…`), or `destroy`. The content covers the
+    /// target's overrides, which change without a revision.
+    pub fn fingerprint(&self) -> String {
+        let what = match (&self.content, &self.skipped) {
+            (Some((_, valid)), _) => valid.digest.to_hex()[..16].to_owned(),
+            (None, Some(why)) => format!(
+                "skip-{}",
+                &crate::model::Digest::of(why.as_bytes()).to_hex()[..16]
+            ),
+            (None, None) => "destroy".to_owned(),
+        };
+        format!(
+            "{}@{}={}@{}:{what}",
+            self.source, self.source_revision, self.target, self.previous
+        )
+    }
+}
+
 #[derive(Clone, Debug)]
 pub struct Outcome {
     pub promotion: Option<u64>,

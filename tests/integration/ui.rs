@@ -698,7 +698,7 @@ async fn a_promotion_confirmed_before_the_target_was_rolled_back_is_refused() {
     b.login(&hub.admin_token).await;
     let confirm = b.get("/ui/confirm/promote?from=dev&to=prod").await;
     let plan = field_value(&confirm.body, "plan").expect("the plan rides with the form");
-    assert!(plan.contains("prod/web@2:skip"), "{plan}");
+    assert!(plan.contains("prod/web@2:skip-"), "{plan}");
     within(
         "roll prod/web back",
         admin.rollback_unit(pb::RollbackUnitRequest {
@@ -741,6 +741,35 @@ async fn a_promotion_confirmed_before_the_target_was_rolled_back_is_refused() {
         "{}",
         unconfirmed.body
     );
+    assert!(hub.unit("prod/api").await.is_err(), "nothing was promoted");
+    // Overrides change what a promotion commits without a revision: an
+    // override set after the page was shown changes the plan too.
+    let confirm = b.get("/ui/confirm/promote?from=dev&to=prod").await;
+    let plan = field_value(&confirm.body, "plan").unwrap();
+    within(
+        "override",
+        admin.set_overrides(pb::SetOverridesRequest {
+            unit: "prod/web".into(),
+            overrides: vec![pb::Override {
+                kind: "ConfigMap".into(),
+                name: "web".into(),
+                namespace: "apps".into(),
+                path: "data.value".into(),
+                value_json: "\"0\"".into(),
+            }],
+        }),
+    )
+    .await
+    .unwrap();
+    let form = [
+        ("from", "dev"),
+        ("to", "prod"),
+        ("plan", plan.as_str()),
+        ("reason", "no dev cluster"),
+        ("csrf", &csrf),
+    ];
+    let stale = b.post("/ui/actions/promote", &form).await;
+    assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
     assert!(hub.unit("prod/api").await.is_err(), "nothing was promoted");
 }
 

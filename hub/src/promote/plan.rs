@@ -126,7 +126,13 @@ impl Hub {
             let mut conflicts = Vec::new();
             let mut bases: BTreeMap<RevisionNum, Vec<Override>> = BTreeMap::new();
             for o in &overrides {
-                let base = promoted.max(o.reviewed_at);
+                // Reviewed against a later upstream than the one promoted
+                // (`--revision` of an older one): from the last promotion.
+                let base = if o.reviewed_at <= rev_no {
+                    promoted.max(o.reviewed_at)
+                } else {
+                    promoted
+                };
                 if !base.is_zero() && base != rev_no {
                     bases.entry(base).or_default().push(o.clone());
                 }

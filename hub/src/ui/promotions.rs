@@ -76,28 +76,14 @@ pub(super) async fn plan(
     hub.promote(req).await.map_err(|e| UiError::from(e).message)
 }
 
-/// What a plan does, unit by unit: `source@revision=target@head` and
-/// whether it is promoted (`:promote`) or skipped (`:skip`). The confirmation page
-/// posts it back, and the action refuses when the plan has changed since
-/// (a newer source head, a target rolled back or changed, a unit more or
-/// less, one skipped now or no longer).
+/// What a plan does, unit by unit (see [`crate::promote::PlanItem::fingerprint`]):
+/// the confirmation page posts it back, and the action refuses when it
+/// changed since (a newer source head, a target rolled back or its
+/// overrides changed, a unit more or less, one skipped now or no longer).
 pub(super) fn fingerprint(out: &Outcome) -> String {
     out.items
         .iter()
-        .map(|i| {
-            format!(
-                "{}@{}={}@{}:{}",
-                i.source,
-                i.source_revision.0,
-                i.target,
-                i.previous.0,
-                if i.skipped.is_some() {
-                    "skip"
-                } else {
-                    "promote"
-                }
-            )
-        })
+        .map(crate::promote::PlanItem::fingerprint)
         .collect::<Vec<_>>()
         .join(",")
 }

@@ -130,6 +130,16 @@ impl Worker {
         shift.tasks.spawn(async move {
             let outcome = tokio::select! {
                 () = shift.stop.cancelled() => {
+                    // An ending held while it committed is recorded now
+                    // (whoever holds the lease next sends it).
+                    if let Some((st, why)) = running.end_commit() {
+                        this.end(
+                            &op.id,
+                            &running,
+                            st,
+                            &format!("{why} (the hub stopped while it committed; the commit may have gone through)"),
+                        );
+                    }
                     this.forget(&op.id, &running);
                     return;
                 }
@@ -566,11 +576,11 @@ impl Worker {
                     ),
                 })
                 .await;
-            let held = r.end_commit();
             match committed {
                 Ok(rev) => revision = rev.number,
                 Err(e) => {
-                    return held_ending(held, &unit, None).unwrap_or_else(|| failed_validation(&e));
+                    return held_ending(r.end_commit(), &unit, None)
+                        .unwrap_or_else(|| failed_validation(&e));
                 }
             }
             let mut recorded = op.clone();
@@ -583,7 +593,7 @@ impl Worker {
                 tracing::warn!(op = %op.id, error = %ErrorChain(&e), "cannot record the committed revision");
             }
             drop(guard);
-            if let Some(o) = held_ending(held, &unit, Some(revision)) {
+            if let Some(o) = held_ending(r.end_commit(), &unit, Some(revision)) {
                 return o;
             }
         }
@@ -640,11 +650,10 @@ impl Worker {
                     format!("ConfigHub destroy of {}/{}", d.space_slug, d.unit_slug),
                 )
                 .await;
-            let held = r.end_commit();
             match destroyed {
                 Ok(Some(rev)) => revision = rev.number,
                 Ok(None) => {
-                    return held_ending(held, &unit, None).unwrap_or_else(|| {
+                    return held_ending(r.end_commit(), &unit, None).unwrap_or_else(|| {
                         Outcome::done(
                             result::DESTROY_COMPLETED,
                             format!("{unit} has nothing to destroy"),
@@ -652,7 +661,7 @@ impl Worker {
                     });
                 }
                 Err(e) => {
-                    return held_ending(held, &unit, None)
+                    return held_ending(r.end_commit(), &unit, None)
                         .unwrap_or_else(|| Outcome::failed(result::DESTROY_FAILED, e.to_string()));
                 }
             }
@@ -662,7 +671,7 @@ impl Worker {
                 tracing::warn!(op = %op.id, error = %ErrorChain(&e), "cannot record the committed revision");
             }
             drop(guard);
-            if let Some(o) = held_ending(held, &unit, Some(revision)) {
+            if let Some(o) = held_ending(r.end_commit(), &unit, Some(revision)) {
                 return o;
             }
         }
