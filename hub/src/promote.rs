@@ -42,6 +42,19 @@ pub struct PromoteRequest {
     pub automatic: bool,
     /// Who reads the diffs (read-only operators see Secret values masked).
     pub reader: Role,
+    /// Commit only if the plan is still this one (its [`fingerprint`]):
+    /// what an operator confirmed, checked where the commit's expected
+    /// heads are read.
+    pub confirmed: Option<String>,
+}
+
+/// What a plan does, unit by unit (see [`PlanItem::fingerprint`]).
+pub fn fingerprint(items: &[PlanItem]) -> String {
+    items
+        .iter()
+        .map(PlanItem::fingerprint)
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 /// One gate's verdict.

@@ -523,6 +523,7 @@ impl pb::hub_service_server::HubService for AdminService {
                     force: r.force.then_some(r.reason),
                     automatic: false,
                     reader: role,
+                    confirmed: None,
                 })
                 .await?;
             Ok(pb::PromoteResponse {
@@ -567,6 +568,7 @@ impl pb::hub_service_server::HubService for AdminService {
                     parse(&r.unit)?,
                     RevisionNum(r.to_revision),
                     r.message,
+                    None,
                 )
                 .await?;
             let mut out = convert::revision(&rev);

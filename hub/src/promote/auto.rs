@@ -51,6 +51,7 @@ impl Hub {
                         force: None,
                         automatic: true,
                         reader: Role::Admin,
+                        confirmed: None,
                     })
                     .await;
                 // One unit's problem blocks that unit only.

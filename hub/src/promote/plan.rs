@@ -188,6 +188,16 @@ impl Hub {
             item.content = Some((content, valid));
             items.push(item);
         }
+        // What the operator confirmed, or nothing (the commit expects the
+        // targets' heads read here).
+        if let Some(confirmed) = &req.confirmed
+            && fingerprint(&items) != *confirmed
+        {
+            return Err(HubError::FailedPrecondition(format!(
+                "the plan changed since you confirmed it (now: {}); nothing was promoted. Review it again.",
+                fingerprint(&items)
+            )));
+        }
         let blocked = items.iter().any(|i| i.blocking);
         let message = summary(&items, blocked, req.dry_run);
         if blocked
@@ -293,6 +303,7 @@ impl Hub {
                 force: None,
                 automatic: false,
                 reader: Role::Admin,
+                confirmed: None,
             })
             .await?;
         let item = out

@@ -4,13 +4,16 @@
 use super::*;
 
 impl Hub {
-    /// A new revision with an old revision's content (history stays append-only).
+    /// A new revision with an old revision's content (history stays
+    /// append-only), replacing the head, or only `expected` (what an
+    /// operator confirmed) when given.
     pub async fn rollback(
         &self,
         actor: Actor,
         unit: UnitRef,
         to: RevisionNum,
         message: String,
+        expected: Option<RevisionNum>,
     ) -> Result<Revision> {
         let old = self
             .store
@@ -28,6 +31,7 @@ impl Hub {
             .await?
             .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?
             .head;
+        let head = expected.unwrap_or(head);
         let origin = format!("rollback to {to}");
         let rev = NewRevision {
             mode: PutMode::Update,

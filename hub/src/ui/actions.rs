@@ -232,7 +232,8 @@ pub(super) async fn confirm(
                         p.muted { (out.message) }
                     },
                     {
-                        pinned = Some(super::promotions::fingerprint(&out));
+                        // Posted back: the promotion commits only this plan.
+                        pinned = Some(crate::promote::fingerprint(&out.items));
                         out.blocked
                     },
                 ),
@@ -344,20 +345,7 @@ pub(super) async fn act(
         Action::Promote { from, to, unit } => {
             let reason = p.get("reason").map(|s| s.trim()).unwrap_or_default();
             // Promote what the operator confirmed, or nothing.
-            let confirmed = confirmed_plan(&p)?;
-            let (f, t) = environments(hub, from, to).await?;
-            let now = super::promotions::plan(hub, &viewer, &f, &t, unit.clone())
-                .await
-                .map_err(|why| UiError::new(StatusCode::CONFLICT, why))?;
-            if super::promotions::fingerprint(&now) != confirmed {
-                return Err(UiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "the plan changed since you confirmed it (now: {}); nothing was promoted. Review it again.",
-                        super::promotions::fingerprint(&now)
-                    ),
-                ));
-            }
+            let confirmed = confirmed_plan(&p)?.to_owned();
             let out = hub
                 .promote(PromoteRequest {
                     actor,
@@ -371,6 +359,7 @@ pub(super) async fn act(
                     force: (!reason.is_empty()).then(|| reason.to_owned()),
                     automatic: false,
                     reader: Role::ReadOnly,
+                    confirmed: Some(confirmed),
                 })
                 .await?;
             if out.blocked {
@@ -399,7 +388,13 @@ pub(super) async fn act(
                 ));
             }
             let r = hub
-                .rollback(actor, unit.clone(), *revision, message.to_owned())
+                .rollback(
+                    actor,
+                    unit.clone(),
+                    *revision,
+                    message.to_owned(),
+                    Some(head),
+                )
                 .await?;
             format!(
                 "{unit} rolled back to the content of {} as {}.",

@@ -71,21 +71,10 @@ pub(super) async fn plan(
         force: None,
         automatic: false,
         reader: Role::ReadOnly,
+        confirmed: None,
     };
     // Through UiError: an internal failure is logged, not shown.
     hub.promote(req).await.map_err(|e| UiError::from(e).message)
-}
-
-/// What a plan does, unit by unit (see [`crate::promote::PlanItem::fingerprint`]):
-/// the confirmation page posts it back, and the action refuses when it
-/// changed since (a newer source head, a target rolled back or its
-/// overrides changed, a unit more or less, one skipped now or no longer).
-pub(super) fn fingerprint(out: &Outcome) -> String {
-    out.items
-        .iter()
-        .map(crate::promote::PlanItem::fingerprint)
-        .collect::<Vec<_>>()
-        .join(",")
 }
 
 fn policy(e: &Environment) -> Markup {
