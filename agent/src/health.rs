@@ -123,14 +123,45 @@ pub fn assess(obj: &Value, pods: &[Value]) -> Assessment {
                 );
             }
             let ready = int(&status["readyReplicas"]);
-            if ready < spec_replicas
-                || int(&status["currentReplicas"]) < spec_replicas
-                || status["currentRevision"] != status["updateRevision"]
-            {
-                return a(
+            let in_progress = || {
+                a(
                     Health::InProgress,
                     format!("{ready}/{spec_replicas} replicas ready"),
+                )
+            };
+            if ready < spec_replicas {
+                return in_progress();
+            }
+            // As kstatus reads it: pods of an `OnDelete` set update when
+            // deleted; a partitioned rollout updates those above it only.
+            let strategy = &obj["spec"]["updateStrategy"];
+            if strategy["type"] == "OnDelete" {
+                return a(
+                    Health::Ready,
+                    format!("{ready}/{spec_replicas} replicas ready (updated on delete)"),
                 );
+            }
+            let partition = int(&strategy["rollingUpdate"]["partition"]);
+            if partition > 0 {
+                let updated = int(&status["updatedReplicas"]);
+                let want = (spec_replicas - partition).max(0);
+                if updated < want {
+                    return a(
+                        Health::InProgress,
+                        format!("partitioned rollout: {updated}/{want} replicas updated"),
+                    );
+                }
+                return a(
+                    Health::Ready,
+                    format!(
+                        "{ready}/{spec_replicas} replicas ready; partitioned rollout complete ({updated} updated)"
+                    ),
+                );
+            }
+            if int(&status["currentReplicas"]) < spec_replicas
+                || status["currentRevision"] != status["updateRevision"]
+            {
+                return in_progress();
             }
             a(
                 Health::Ready,
@@ -309,6 +340,43 @@ mod tests {
         let s = assess(&d(json!({"observedGeneration": 2})), &[pod]);
         assert_eq!(s.health, Health::Stuck);
         assert!(s.message.contains("ImagePullBackOff"));
+    }
+
+    /// A partitioned rollout (a canary) is done once the replicas above
+    /// the partition are updated; an `OnDelete` StatefulSet once its pods
+    /// are ready (its pods update when deleted). Both stayed in progress
+    /// for good, blocking promotions.
+    #[test]
+    fn statefulsets_with_a_partition_or_on_delete() {
+        let sts = |strategy: Value, status: Value| json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"generation": 2}, "spec": {"replicas": 3, "updateStrategy": strategy}, "status": status});
+        let partition = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 2}});
+        let canary = json!({"observedGeneration": 2, "replicas": 3, "readyReplicas": 3, "currentReplicas": 2, "updatedReplicas": 1, "currentRevision": "db-1", "updateRevision": "db-2"});
+        assert_eq!(
+            assess(&sts(partition.clone(), canary.clone()), &[]).health,
+            Health::Ready
+        );
+        let mut not_yet = canary.clone();
+        not_yet["updatedReplicas"] = json!(0);
+        assert_eq!(
+            assess(&sts(partition, not_yet), &[]).health,
+            Health::InProgress
+        );
+        let on_delete = json!({"type": "OnDelete"});
+        assert_eq!(
+            assess(&sts(on_delete.clone(), canary.clone()), &[]).health,
+            Health::Ready
+        );
+        let mut unready = canary.clone();
+        unready["readyReplicas"] = json!(2);
+        assert_eq!(
+            assess(&sts(on_delete, unready), &[]).health,
+            Health::InProgress
+        );
+        // A plain rolling update still waits for every replica's revision.
+        assert_eq!(
+            assess(&sts(json!({"type": "RollingUpdate"}), canary), &[]).health,
+            Health::InProgress
+        );
     }
 
     #[test]

@@ -166,6 +166,10 @@ fn status_pb(u: &StatusUpdate) -> pb::StatusReport {
 #[derive(Default)]
 pub struct StatusQueue {
     pending: Mutex<BTreeMap<String, StatusUpdate>>,
+    /// Each unit's latest report, sent or not: queued again for a new
+    /// session (one taken for a session that broke may never have arrived,
+    /// and a unit reports again only when its status changes).
+    last: Mutex<BTreeMap<String, StatusUpdate>>,
     notify: Notify,
 }
 
@@ -177,7 +181,28 @@ impl StatusQueue {
     }
 
     pub fn push(&self, s: StatusUpdate) {
+        self.lock_last().insert(s.unit.clone(), s.clone());
         self.lock().insert(s.unit.clone(), s);
+        self.notify.notify_one();
+    }
+
+    fn lock_last(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StatusUpdate>> {
+        self.last
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// Queues the latest report of every unit `held` again (a newer one
+    /// queued meanwhile stays); those of other units are forgotten.
+    fn requeue_last(&self, held: &std::collections::HashSet<String>) {
+        let mut last = self.lock_last();
+        last.retain(|unit, _| held.contains(unit));
+        let mut p = self.lock();
+        for (unit, s) in last.iter() {
+            p.entry(unit.clone()).or_insert_with(|| s.clone());
+        }
+        drop(p);
+        drop(last);
         self.notify.notify_one();
     }
 
@@ -228,6 +253,9 @@ pub struct HubClient {
     desired: Arc<dyn DesiredStore>,
     statuses: Arc<StatusQueue>,
     events: mpsc::UnboundedSender<HubEvent>,
+    /// Units found in the cluster (their inventories) that the record
+    /// does not hold, until the hub has said what they should be.
+    found: std::sync::Mutex<std::collections::BTreeSet<String>>,
 }
 
 /// Keepalive sent by the agent when the hub gives none.
@@ -248,7 +276,24 @@ impl HubClient {
             desired,
             statuses,
             events,
+            found: std::sync::Mutex::default(),
         }
+    }
+
+    /// Units found in the cluster that the record does not hold (a lost
+    /// state directory): the hello says it holds them at revision 0, so the
+    /// hub sends what they should be, a destroy included (a unit it does
+    /// not hold and whose head is a destroy is otherwise in sync).
+    #[must_use]
+    pub fn with_found(self, units: impl IntoIterator<Item = String>) -> HubClient {
+        self.lock_found().extend(units);
+        self
+    }
+
+    fn lock_found(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+        self.found
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// Renew the client certificate with this validity, keeping renewed
@@ -442,7 +487,7 @@ impl HubClient {
             |(): &mut ()| futures::stream::PollNext::Left,
         );
 
-        let held: Vec<pb::HeldUnit> = self
+        let mut held: Vec<pb::HeldUnit> = self
             .desired
             .load()
             .into_iter()
@@ -452,6 +497,21 @@ impl HubClient {
                 digest: u.digest,
             })
             .collect();
+        let found: Vec<String> = {
+            let found = self.lock_found();
+            found
+                .iter()
+                .filter(|f| !held.iter().any(|h| h.unit == **f))
+                .cloned()
+                .collect()
+        };
+        held.extend(found.into_iter().map(|unit| pb::HeldUnit {
+            unit,
+            revision: 0,
+            digest: String::new(),
+        }));
+        let held_units: std::collections::HashSet<String> =
+            held.iter().map(|h| h.unit.clone()).collect();
         let hello = pb::AgentMessage {
             msg: Some(AgentMsg::Hello(pb::Hello {
                 protocol_version: unitsync_proto::PROTOCOL_VERSION,
@@ -517,6 +577,8 @@ impl HubClient {
                             ticker = tokio::time::interval(heartbeat);
                             ticker.tick().await;
                             let _ = self.events.send(HubEvent::Connected { cluster: w.cluster, environment: w.environment });
+                            // What the last session may have lost.
+                            self.statuses.requeue_last(&held_units);
                         }
                         HubMsg::Update(u) => {
                             if let Err(e) = self.on_update(u, &prio_tx).await {
@@ -560,6 +622,7 @@ impl HubClient {
             .record(desired.clone())
             .await
             .map_err(SessionError::Record)?;
+        self.lock_found().remove(&desired.unit);
         let ack = pb::Ack {
             unit: desired.unit.clone(),
             revision: desired.revision,
@@ -577,6 +640,39 @@ impl HubClient {
 mod tests {
     use super::*;
     use crate::desired::MemoryStore;
+
+    fn report(unit: &str, revision: u64, phase: crate::status::Phase) -> StatusUpdate {
+        StatusUpdate {
+            unit: unit.into(),
+            revision,
+            phase,
+            message: String::new(),
+            resources: vec![],
+        }
+    }
+
+    /// Reports taken for a session that broke may never have arrived, and
+    /// a unit reports again only when its status changes: a new session
+    /// gets every held unit's latest report again (a final Ready lost with
+    /// a session left the hub showing Applied for good).
+    #[test]
+    fn a_new_session_gets_each_held_units_latest_report_again() {
+        use crate::status::Phase;
+        let q = StatusQueue::default();
+        q.push(report("web", 2, Phase::Ready));
+        q.push(report("gone", 1, Phase::Ready));
+        assert_eq!(q.take().len(), 2, "taken for a session that broke");
+        let held: std::collections::HashSet<String> = ["web".to_owned()].into();
+        q.requeue_last(&held);
+        assert_eq!(q.take(), [report("web", 2, Phase::Ready)]);
+        // A report queued meanwhile is newer: it stays.
+        q.push(report("web", 3, Phase::Applied));
+        q.requeue_last(&held);
+        assert_eq!(q.take(), [report("web", 3, Phase::Applied)]);
+        // A unit no longer held is forgotten.
+        q.requeue_last(&held);
+        assert_eq!(q.take(), [report("web", 3, Phase::Applied)]);
+    }
 
     /// The session died between recording an update and acknowledging it
     /// (a hub killed right after a commit): the revision is still handed to

@@ -165,6 +165,27 @@ impl InventoryStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
+    /// The units with an inventory in the cluster.
+    pub async fn units(&self) -> Result<Vec<String>, InventoryError> {
+        let lp = kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
+        let list = self
+            .api
+            .list(&lp)
+            .await
+            .map_err(InventoryError::Unreachable)?;
+        Ok(list
+            .items
+            .into_iter()
+            .filter(|cm| {
+                cm.metadata
+                    .name
+                    .as_deref()
+                    .is_some_and(|n| n.starts_with("unitsync-inventory-"))
+            })
+            .filter_map(|cm| cm.metadata.labels?.get(LABEL_UNIT).cloned())
+            .collect())
+    }
+
     /// The unit's inventory; `None` when it has none (a new unit, or one
     /// whose inventory was lost).
     pub async fn load(&self, unit: &str) -> Result<Option<Inventory>, InventoryError> {

@@ -173,6 +173,15 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     if let Err(e) = inventory.ensure_namespace().await {
         tracing::warn!(namespace = %config.namespace, error = %e, "cannot create the agent namespace");
     }
+    // Units whose objects are in the cluster though the record (a lost
+    // state directory) does not hold them: the hub says what they should be.
+    let found = match inventory.units().await {
+        Ok(units) => units,
+        Err(e) => {
+            tracing::warn!(error = %e, "listing the units' inventories failed; only the record counts");
+            Vec::new()
+        }
+    };
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let statuses = Arc::new(StatusQueue::default());
     let reconciler = Reconciler::new(
@@ -202,7 +211,8 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         conn.identity = Some((c, k));
     }
     let hub = HubClient::new(conn, desired, statuses, events_tx)
-        .with_renewal(config.cert_validity, Some(config.state_dir.clone()));
+        .with_renewal(config.cert_validity, Some(config.state_dir.clone()))
+        .with_found(found);
     let pump = {
         let reconciler = reconciler.clone();
         async move {

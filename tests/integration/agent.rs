@@ -887,3 +887,25 @@ async fn objects_of_a_version_no_longer_served_are_still_pruned_and_destroyed() 
         "the unit read Destroyed with its Widget running"
     );
 }
+
+/// A unit destroyed while its agent was down with its state lost (a pod
+/// replaced, its `emptyDir` gone) is destroyed when the agent comes back:
+/// it finds the unit's inventory in the cluster (its objects stayed
+/// running, and the hub showed the old Ready cell, before).
+#[tokio::test]
+async fn a_unit_destroyed_while_the_agent_lost_its_state_is_destroyed_on_return() {
+    let (hub, mut cluster) = setup().await;
+    hub.put("dev/web", &config("web")).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    cluster.stop_agent().await;
+    cluster.forget_state();
+    hub.destroy("dev/web").await.unwrap();
+    cluster.start_agent();
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Destroyed).await;
+    assert!(
+        cluster
+            .object("v1", "configmaps", "default", "web")
+            .is_none(),
+        "the destroyed unit's object still runs"
+    );
+}

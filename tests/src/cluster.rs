@@ -104,6 +104,17 @@ impl TestCluster {
         self.agent = Some((stop, task));
     }
 
+    /// Loses the stopped agent's state directory (a replaced pod whose
+    /// state was an `emptyDir`).
+    pub fn forget_state(&self) {
+        assert!(self.agent.is_none(), "the agent is running");
+        match std::fs::remove_dir_all(&self.config.state_dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+            Err(e) => panic!("removing the state directory: {e}"),
+        }
+    }
+
     pub async fn stop_agent(&mut self) {
         if let Some((stop, task)) = self.agent.take() {
             stop.cancel();
