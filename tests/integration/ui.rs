@@ -126,6 +126,19 @@ impl Browserless {
         self.post_from(&self.base, path, form).await
     }
 
+    /// Posts the dev → prod promotion confirmed as `plan`, forced with
+    /// `reason`.
+    async fn promote_confirmed(&self, plan: &str, reason: &str, csrf: &str) -> Page {
+        let form = [
+            ("from", "dev"),
+            ("to", "prod"),
+            ("plan", plan),
+            ("reason", reason),
+            ("csrf", csrf),
+        ];
+        self.post("/ui/actions/promote", &form).await
+    }
+
     async fn post_from(&self, origin: &str, path: &str, form: &[(&str, &str)]) -> Page {
         let req = self
             .http
@@ -653,14 +666,9 @@ async fn a_promotion_confirmed_on_a_stale_plan_is_refused() {
     );
     let plan = field_value(&again.body, "plan").unwrap();
     assert!(plan.starts_with("dev/web@2=prod/web@0:"), "{plan}");
-    let form = [
-        ("from", "dev"),
-        ("to", "prod"),
-        ("plan", plan.as_str()),
-        ("reason", "no dev cluster yet"),
-        ("csrf", &csrf),
-    ];
-    let done = b.post("/ui/actions/promote", &form).await;
+    let done = b
+        .promote_confirmed(&plan, "no dev cluster yet", &csrf)
+        .await;
     assert_eq!(done.status, StatusCode::SEE_OTHER, "{}", done.body);
     let prod = hub.unit("prod/web").await.unwrap();
     assert_eq!(prod.unit.unwrap().head_revision, 1);
@@ -710,14 +718,7 @@ async fn a_promotion_confirmed_before_the_target_was_rolled_back_is_refused() {
     .await
     .unwrap();
     let csrf = confirm.csrf();
-    let form = [
-        ("from", "dev"),
-        ("to", "prod"),
-        ("plan", plan.as_str()),
-        ("reason", "no dev cluster"),
-        ("csrf", &csrf),
-    ];
-    let stale = b.post("/ui/actions/promote", &form).await;
+    let stale = b.promote_confirmed(&plan, "no dev cluster", &csrf).await;
     assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
     assert!(stale.body.contains("plan changed"), "{}", stale.body);
     let web = hub.unit("prod/web").await.unwrap();
@@ -761,14 +762,7 @@ async fn a_promotion_confirmed_before_the_target_was_rolled_back_is_refused() {
     )
     .await
     .unwrap();
-    let form = [
-        ("from", "dev"),
-        ("to", "prod"),
-        ("plan", plan.as_str()),
-        ("reason", "no dev cluster"),
-        ("csrf", &csrf),
-    ];
-    let stale = b.post("/ui/actions/promote", &form).await;
+    let stale = b.promote_confirmed(&plan, "no dev cluster", &csrf).await;
     assert_eq!(stale.status, StatusCode::CONFLICT, "{}", stale.body);
     assert!(hub.unit("prod/api").await.is_err(), "nothing was promoted");
 }
