@@ -166,10 +166,11 @@ fn status_pb(u: &StatusUpdate) -> pb::StatusReport {
 #[derive(Default)]
 pub struct StatusQueue {
     pending: Mutex<BTreeMap<String, StatusUpdate>>,
-    /// Each unit's latest report, sent or not: queued again for a new
-    /// session (one taken for a session that broke may never have arrived,
-    /// and a unit reports again only when its status changes).
-    last: Mutex<BTreeMap<String, StatusUpdate>>,
+    /// Each unit's latest report taken for sending, and when: those taken
+    /// in the last moments of a session may never have arrived (a silent
+    /// partition, a hub killed before writing them), and a unit reports
+    /// again only when its status changes.
+    sent: Mutex<BTreeMap<String, (std::time::Instant, StatusUpdate)>>,
     notify: Notify,
 }
 
@@ -181,33 +182,40 @@ impl StatusQueue {
     }
 
     pub fn push(&self, s: StatusUpdate) {
-        self.lock_last().insert(s.unit.clone(), s.clone());
         self.lock().insert(s.unit.clone(), s);
         self.notify.notify_one();
     }
 
-    fn lock_last(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, StatusUpdate>> {
-        self.last
+    fn lock_sent(
+        &self,
+    ) -> std::sync::MutexGuard<'_, BTreeMap<String, (std::time::Instant, StatusUpdate)>> {
+        self.sent
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    /// Queues the latest report of every unit `held` again (a newer one
-    /// queued meanwhile stays); those of other units are forgotten.
-    fn requeue_last(&self, held: &std::collections::HashSet<String>) {
-        let mut last = self.lock_last();
-        last.retain(|unit, _| held.contains(unit));
-        let mut p = self.lock();
-        for (unit, s) in last.iter() {
-            p.entry(unit.clone()).or_insert_with(|| s.clone());
+    /// Takes the pending reports for sending (and notes when).
+    fn take(&self) -> Vec<StatusUpdate> {
+        let taken: Vec<StatusUpdate> = std::mem::take(&mut *self.lock()).into_values().collect();
+        let now = std::time::Instant::now();
+        let mut sent = self.lock_sent();
+        for s in &taken {
+            sent.insert(s.unit.clone(), (now, s.clone()));
         }
-        drop(p);
-        drop(last);
-        self.notify.notify_one();
+        taken
     }
 
-    fn take(&self) -> Vec<StatusUpdate> {
-        std::mem::take(&mut *self.lock()).into_values().collect()
+    /// A session ended: the reports taken since `since` go out again with
+    /// the next one (unless a newer one is queued by then); older ones
+    /// arrived.
+    fn resend_since(&self, since: std::time::Instant) {
+        let sent = std::mem::take(&mut *self.lock_sent());
+        let mut p = self.lock();
+        for (unit, (at, s)) in sent {
+            if at >= since {
+                p.entry(unit).or_insert(s);
+            }
+        }
     }
 
     /// Puts unsent reports back unless a newer one arrived meanwhile.
@@ -510,8 +518,7 @@ impl HubClient {
             revision: 0,
             digest: String::new(),
         }));
-        let held_units: std::collections::HashSet<String> =
-            held.iter().map(|h| h.unit.clone()).collect();
+
         let hello = pb::AgentMessage {
             msg: Some(AgentMsg::Hello(pb::Hello {
                 protocol_version: unitsync_proto::PROTOCOL_VERSION,
@@ -577,8 +584,6 @@ impl HubClient {
                             ticker = tokio::time::interval(heartbeat);
                             ticker.tick().await;
                             let _ = self.events.send(HubEvent::Connected { cluster: w.cluster, environment: w.environment });
-                            // What the last session may have lost.
-                            self.statuses.requeue_last(&held_units);
                         }
                         HubMsg::Update(u) => {
                             if let Err(e) = self.on_update(u, &prio_tx).await {
@@ -595,6 +600,14 @@ impl HubClient {
             }
         };
         self.statuses.restore(in_flight);
+        // What the session sent in its last moments (within a keepalive
+        // timeout of its end, three keepalive intervals) may be lost.
+        let window = self.conn.keepalive.saturating_mul(3);
+        self.statuses.resend_since(
+            std::time::Instant::now()
+                .checked_sub(window)
+                .unwrap_or_else(std::time::Instant::now),
+        );
         result
     }
 }
@@ -651,27 +664,30 @@ mod tests {
         }
     }
 
-    /// Reports taken for a session that broke may never have arrived, and
-    /// a unit reports again only when its status changes: a new session
-    /// gets every held unit's latest report again (a final Ready lost with
-    /// a session left the hub showing Applied for good).
+    /// Reports taken in the last moments of a session that broke may never
+    /// have arrived, and a unit reports again only when its status changes:
+    /// they go out again with the next session (a final Ready lost with a
+    /// session left the hub showing Applied for good); older ones arrived.
     #[test]
-    fn a_new_session_gets_each_held_units_latest_report_again() {
+    fn reports_sent_as_a_session_ended_go_out_again() {
         use crate::status::Phase;
         let q = StatusQueue::default();
+        q.push(report("old", 1, Phase::Ready));
+        assert_eq!(q.take().len(), 1, "sent long before the end");
+        let end_window = std::time::Instant::now();
         q.push(report("web", 2, Phase::Ready));
-        q.push(report("gone", 1, Phase::Ready));
-        assert_eq!(q.take().len(), 2, "taken for a session that broke");
-        let held: std::collections::HashSet<String> = ["web".to_owned()].into();
-        q.requeue_last(&held);
-        assert_eq!(q.take(), [report("web", 2, Phase::Ready)]);
+        q.push(report("gone", 1, Phase::Destroyed));
+        assert_eq!(q.take().len(), 2, "sent as the session broke");
         // A report queued meanwhile is newer: it stays.
         q.push(report("web", 3, Phase::Applied));
-        q.requeue_last(&held);
-        assert_eq!(q.take(), [report("web", 3, Phase::Applied)]);
-        // A unit no longer held is forgotten.
-        q.requeue_last(&held);
-        assert_eq!(q.take(), [report("web", 3, Phase::Applied)]);
+        q.resend_since(end_window);
+        assert_eq!(
+            q.take(),
+            [
+                report("gone", 1, Phase::Destroyed),
+                report("web", 3, Phase::Applied)
+            ]
+        );
     }
 
     /// The session died between recording an update and acknowledging it
