@@ -134,6 +134,27 @@ async fn serve_health(
     Ok(())
 }
 
+/// The units with an inventory in the cluster, tried a few times (a blip
+/// must not skip the recovery); none if it still fails.
+async fn found_units(inventory: &InventoryStore, shutdown: &CancellationToken) -> Vec<String> {
+    let mut delay = std::time::Duration::from_millis(200);
+    for attempt in 1..=5 {
+        match inventory.units().await {
+            Ok(units) => return units,
+            Err(e) => {
+                tracing::warn!(attempt, error = %e, "listing the units' inventories failed");
+            }
+        }
+        tokio::select! {
+            () = shutdown.cancelled() => break,
+            () = tokio::time::sleep(delay) => {}
+        }
+        delay *= 2;
+    }
+    tracing::warn!("could not list the units' inventories; only the record counts");
+    Vec::new()
+}
+
 /// Runs the agent until `shutdown`.
 pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(), RunError> {
     config.validate()?;
@@ -175,13 +196,7 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
     }
     // Units whose objects are in the cluster though the record (a lost
     // state directory) does not hold them: the hub says what they should be.
-    let found = match inventory.units().await {
-        Ok(units) => units,
-        Err(e) => {
-            tracing::warn!(error = %e, "listing the units' inventories failed; only the record counts");
-            Vec::new()
-        }
-    };
+    let found = found_units(&inventory, &shutdown).await;
     ready.store(true, std::sync::atomic::Ordering::Relaxed);
     let statuses = Arc::new(StatusQueue::default());
     let reconciler = Reconciler::new(
