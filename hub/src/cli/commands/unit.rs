@@ -2,6 +2,54 @@
 
 use super::*;
 
+/// Overrides as a file lists them (`[{kind, name, namespace, path,
+/// value}]`); an entry missing a field, with one misspelt or of the wrong
+/// type is refused, naming the file, the entry and the field (a misspelt
+/// `value` once became `null` and reached production as such).
+fn overrides_from(file: &std::path::Path, text: &str) -> anyhow::Result<Vec<pb::Override>> {
+    const FIELDS: [&str; 5] = ["kind", "name", "namespace", "path", "value"];
+    let list: Vec<serde_json::Value> = serde_saphyr::from_str(text).with_context(|| {
+        format!(
+            "{}: overrides must be a YAML list of {{kind, name, namespace, path, value}}",
+            file.display()
+        )
+    })?;
+    list.iter()
+        .enumerate()
+        .map(|(i, o)| {
+            let at = format!("{}: override {i}", file.display());
+            let map = o.as_object().with_context(|| {
+                format!("{at}: not a mapping of {{kind, name, namespace, path, value}}")
+            })?;
+            if let Some(k) = map.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+                anyhow::bail!(
+                    "{at}: unknown field `{k}` (the fields are kind, name, namespace, path, value)"
+                );
+            }
+            let text = |field: &str, required: bool| -> anyhow::Result<String> {
+                match map.get(field) {
+                    Some(serde_json::Value::String(s)) if !s.is_empty() => Ok(s.clone()),
+                    None if !required => Ok(String::new()),
+                    Some(serde_json::Value::String(_)) | None => {
+                        anyhow::bail!("{at}: `{field}` is required")
+                    }
+                    Some(_) => anyhow::bail!("{at}: `{field}` must be a string"),
+                }
+            };
+            let value = map.get("value").with_context(|| {
+                format!("{at}: `value` is required (write `value: null` for null)")
+            })?;
+            Ok(pb::Override {
+                kind: text("kind", true)?,
+                name: text("name", true)?,
+                namespace: text("namespace", false)?,
+                path: text("path", true)?,
+                value_json: value.to_string(),
+            })
+        })
+        .collect()
+}
+
 pub(super) fn read_manifests(path: &std::path::Path) -> anyhow::Result<String> {
     if path.as_os_str() == "-" {
         let mut s = String::new();
@@ -256,19 +304,8 @@ pub(super) async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow:
             let overrides = if clear {
                 Vec::new()
             } else {
-                let text = read_manifests(file.as_ref().context("-f FILE is required")?)?;
-                let list: Vec<serde_json::Value> = serde_saphyr::from_str(&text).context(
-                    "overrides must be a YAML list of {kind, name, namespace, path, value}",
-                )?;
-                list.into_iter()
-                    .map(|o| pb::Override {
-                        kind: o["kind"].as_str().unwrap_or_default().into(),
-                        name: o["name"].as_str().unwrap_or_default().into(),
-                        namespace: o["namespace"].as_str().unwrap_or_default().into(),
-                        path: o["path"].as_str().unwrap_or_default().into(),
-                        value_json: o["value"].to_string(),
-                    })
-                    .collect()
+                let file = file.as_ref().context("-f FILE is required")?;
+                overrides_from(file, &read_manifests(file)?)?
             };
             let u = api(c
                 .set_overrides(pb::SetOverridesRequest {
@@ -301,4 +338,54 @@ pub(super) async fn unit(c: &mut Client, f: Format, cmd: UnitCommand) -> anyhow:
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn override_files_name_the_file_entry_and_field_of_a_mistake() {
+        let file = std::path::Path::new("o.yaml");
+        let ok = overrides_from(
+            file,
+            "- {kind: Deployment, name: web, path: spec.replicas, value: 5}\n",
+        )
+        .unwrap();
+        assert_eq!(ok[0].value_json, "5");
+        assert_eq!(ok[0].namespace, "");
+        for (text, says) in [
+            (
+                "- {kind: Deployment, name: web, path: spec.replicas, vaule: 5}\n",
+                "o.yaml: override 0: unknown field `vaule`",
+            ),
+            (
+                "- {kind: Deployment, name: web, path: spec.replicas}\n",
+                "o.yaml: override 0: `value` is required",
+            ),
+            (
+                "- {kind: Deployment, name: web, path: spec.replicas, value: 1}\n- {kind: Deployment, path: x, value: 1}\n",
+                "o.yaml: override 1: `name` is required",
+            ),
+            (
+                "- {kind: 3, name: web, path: x, value: 1}\n",
+                "o.yaml: override 0: `kind` must be a string",
+            ),
+            ("- just text\n", "o.yaml: override 0: not a mapping"),
+            (
+                "kind: Deployment\n",
+                "o.yaml: overrides must be a YAML list",
+            ),
+        ] {
+            let e = format!("{:#}", overrides_from(file, text).unwrap_err());
+            assert!(e.contains(says), "{e}");
+        }
+        // An explicit null is taken as written.
+        let null = overrides_from(
+            file,
+            "- {kind: Deployment, name: web, path: spec.x, value: null}\n",
+        )
+        .unwrap();
+        assert_eq!(null[0].value_json, "null");
+    }
 }
