@@ -135,8 +135,11 @@ struct Written {
     uid: Option<String>,
 }
 
+/// Inventory ConfigMaps are named this and the unit's name.
+const CM_PREFIX: &str = "unitsync-inventory-";
+
 fn cm_name(unit: &str) -> String {
-    format!("unitsync-inventory-{unit}")
+    format!("{CM_PREFIX}{unit}")
 }
 
 impl InventoryStore {
@@ -180,7 +183,7 @@ impl InventoryStore {
                 cm.metadata
                     .name
                     .as_deref()
-                    .is_some_and(|n| n.starts_with("unitsync-inventory-"))
+                    .is_some_and(|n| n.starts_with(CM_PREFIX))
             })
             .filter_map(|cm| cm.metadata.labels?.get(LABEL_UNIT).cloned())
             .collect())

@@ -137,7 +137,7 @@ async fn serve_health(
 /// The units with an inventory in the cluster, tried a few times (a blip
 /// must not skip the recovery); none if it still fails.
 async fn found_units(inventory: &InventoryStore, shutdown: &CancellationToken) -> Vec<String> {
-    let mut delay = std::time::Duration::from_millis(200);
+    let mut backoff = unitsync_proto::backoff::Backoff::default();
     for attempt in 1..=5 {
         match inventory.units().await {
             Ok(units) => return units,
@@ -147,9 +147,8 @@ async fn found_units(inventory: &InventoryStore, shutdown: &CancellationToken) -
         }
         tokio::select! {
             () = shutdown.cancelled() => break,
-            () = tokio::time::sleep(delay) => {}
+            () = tokio::time::sleep(backoff.next_delay()) => {}
         }
-        delay *= 2;
     }
     tracing::warn!("could not list the units' inventories; only the record counts");
     Vec::new()

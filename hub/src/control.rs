@@ -805,10 +805,7 @@ impl Hub {
         };
         // Setting them says the upstream as it is now was seen: a change of
         // an overridden field up to its head is no longer a conflict.
-        let upstream = match self.store.get_unit(&unit).await? {
-            Some(u) => u.upstream,
-            None => None,
-        };
+        let upstream = self.store.get_unit(&unit).await?.and_then(|u| u.upstream);
         let reviewed_at = match upstream {
             Some(up) => self.store.get_unit(&up).await?.map(|u| u.head),
             None => None,

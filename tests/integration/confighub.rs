@@ -1056,16 +1056,7 @@ async fn promotions_carry_confighub_revisions_and_stop_at_confighub_environments
         Some("messagewall")
     );
     let mut admin = hub.admin().await;
-    within(
-        "link",
-        admin.link_unit(pb::LinkUnitRequest {
-            unit: "staging/web".into(),
-            upstream: "dev/web".into(),
-            message: String::new(),
-        }),
-    )
-    .await
-    .expect("linked");
+    hub.link("staging/web", "dev/web").await;
     let promote = |from: &str, to: &str| pb::PromoteRequest {
         from: from.into(),
         to: to.into(),

@@ -518,16 +518,7 @@ async fn one_units_automatic_promotion_error_does_not_stop_the_others() {
         })
         .await;
     }
-    admin
-        .set_environment_policy(pb::SetEnvironmentPolicyRequest {
-            name: "staging".into(),
-            policy: Some(pb::EnvironmentPolicy {
-                auto_promote: true,
-                ..Default::default()
-            }),
-        })
-        .await
-        .unwrap();
+    hub.auto_promote("staging").await;
     let promoted = within("automatic promotion", hub.running().hub.auto_promote_once())
         .await
         .expect("one unit's error is not the run's");

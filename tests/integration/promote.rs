@@ -146,32 +146,6 @@ async fn healthy_dev(hub: &TestHub) -> SimAgent {
     agent
 }
 
-/// Links staging/web to dev/web and has staging promote automatically.
-async fn link_with_automatic_promotion(admin: &mut Admin) {
-    within(
-        "link",
-        admin.link_unit(pb::LinkUnitRequest {
-            unit: "staging/web".into(),
-            upstream: "dev/web".into(),
-            message: String::new(),
-        }),
-    )
-    .await
-    .unwrap();
-    within(
-        "policy",
-        admin.set_environment_policy(pb::SetEnvironmentPolicyRequest {
-            name: "staging".into(),
-            policy: Some(pb::EnvironmentPolicy {
-                auto_promote: true,
-                ..Default::default()
-            }),
-        }),
-    )
-    .await
-    .unwrap();
-}
-
 fn web(image: &str, replicas: u32) -> String {
     WEB.replace("web:1.0.0", image)
         .replace("replicas: 2", &format!("replicas: {replicas}"))
@@ -184,16 +158,7 @@ async fn overrides_survive_promotions_and_conflicts_are_reported() {
     let mut admin = hub.admin().await;
     hub.put("dev/web", &web("web:1", 2)).await.unwrap();
     ready_in(&hub, "dev/web", 1).await;
-    within(
-        "link",
-        admin.link_unit(pb::LinkUnitRequest {
-            unit: "staging/web".into(),
-            upstream: "dev/web".into(),
-            message: String::new(),
-        }),
-    )
-    .await
-    .unwrap();
+    hub.link("staging/web", "dev/web").await;
     let replicas = pb::Override {
         kind: "Deployment".into(),
         name: "web".into(),
@@ -556,7 +521,8 @@ async fn automatic_promotion_follows_the_gates() {
     let mut admin = hub.admin().await;
     hub.put("dev/web", &web("web:1", 2)).await.unwrap();
     ready_in(&hub, "dev/web", 1).await;
-    link_with_automatic_promotion(&mut admin).await;
+    hub.link("staging/web", "dev/web").await;
+    hub.auto_promote("staging").await;
     hub.put("dev/web", &web("web:2", 2)).await.unwrap();
     until("auto-promoted", || async {
         hub.unit("staging/web")
@@ -636,7 +602,8 @@ async fn automatic_promotion_leaves_a_rollback_be_until_upstream_moves() {
     };
     hub.put("dev/web", &web("web:1", 2)).await.unwrap();
     ready_in(&hub, "dev/web", 1).await;
-    link_with_automatic_promotion(&mut admin).await;
+    hub.link("staging/web", "dev/web").await;
+    hub.auto_promote("staging").await;
     auto().await;
     assert!(staging_head().await.contains("web:1"));
     hub.put("dev/web", &web("web:2", 2)).await.unwrap();

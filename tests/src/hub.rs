@@ -277,6 +277,38 @@ impl TestHub {
         .token
     }
 
+    /// Links `unit` to `upstream` (`unit create UNIT --from UPSTREAM`).
+    pub async fn link(&self, unit: &str, upstream: &str) {
+        within(
+            "link",
+            self.admin().await.link_unit(pb::LinkUnitRequest {
+                unit: unit.into(),
+                upstream: upstream.into(),
+                message: String::new(),
+            }),
+        )
+        .await
+        .expect("linked");
+    }
+
+    /// Has `env` promote its linked units automatically.
+    pub async fn auto_promote(&self, env: &str) {
+        within(
+            "policy",
+            self.admin()
+                .await
+                .set_environment_policy(pb::SetEnvironmentPolicyRequest {
+                    name: env.into(),
+                    policy: Some(pb::EnvironmentPolicy {
+                        auto_promote: true,
+                        ..Default::default()
+                    }),
+                }),
+        )
+        .await
+        .expect("policy set");
+    }
+
     /// Creates a cluster and returns its agent token.
     pub async fn create_cluster(&self, name: &str, env: &str) -> String {
         within(

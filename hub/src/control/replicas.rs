@@ -43,40 +43,34 @@ impl Hub {
                 elsewhere: false,
             });
         }
-        self.elsewhere
-            .read()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .get(cluster)
-            .map(|(_, s)| Connection {
-                connected_at: s.at,
-                agent_version: s.agent_version.clone(),
-                elsewhere: true,
-            })
+        self.read_elsewhere().get(cluster).map(|(_, s)| Connection {
+            connected_at: s.at,
+            agent_version: s.agent_version.clone(),
+            elsewhere: true,
+        })
     }
 
     /// Whether a cluster's agent holds a session here or on another
     /// replica.
     pub fn is_connected(&self, cluster: &ClusterName) -> bool {
-        self.fanout.session(cluster).is_some()
-            || self
-                .elsewhere
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .contains_key(cluster)
+        self.fanout.session(cluster).is_some() || self.read_elsewhere().contains_key(cluster)
     }
 
     /// The clusters whose agent holds a session here or on another
     /// replica, read once (for views that check many cells).
     pub fn connected(&self) -> HashSet<ClusterName> {
         let mut connected = self.fanout.connected();
-        connected.extend(
-            self.elsewhere
-                .read()
-                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                .keys()
-                .cloned(),
-        );
+        connected.extend(self.read_elsewhere().keys().cloned());
         connected
+    }
+
+    /// The sessions other replicas hold, as last read.
+    fn read_elsewhere(
+        &self,
+    ) -> std::sync::RwLockReadGuard<'_, HashMap<ClusterName, (EnvName, Seen)>> {
+        self.elsewhere
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
     /// A session opened or closed here: other replicas hear of it.

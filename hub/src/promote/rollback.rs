@@ -31,7 +31,13 @@ impl Hub {
             .await?
             .ok_or_else(|| HubError::NotFound(format!("unit {unit}")))?
             .head;
-        let head = expected.unwrap_or(head);
+        if let Some(confirmed) = expected
+            && confirmed != head
+        {
+            return Err(HubError::FailedPrecondition(format!(
+                "{unit} changed since you confirmed the rollback (its head is now revision {head}, not {confirmed}); nothing was rolled back. Review it again."
+            )));
+        }
         let origin = format!("rollback to {to}");
         let rev = NewRevision {
             mode: PutMode::Update,

@@ -373,20 +373,9 @@ pub(super) async fn act(
         Action::RollbackUnit { unit, revision } => {
             let message = p.get("message").map(|s| s.trim()).unwrap_or_default();
             // Replace the head whose diff the operator confirmed, or nothing.
-            let confirmed = confirmed_plan(&p)?;
-            let head = hub
-                .get_revision(unit, RevisionNum(0), Role::ReadOnly)
-                .await?
-                .number;
-            if head.0.to_string() != confirmed {
-                return Err(UiError::new(
-                    StatusCode::CONFLICT,
-                    format!(
-                        "{unit} changed since you confirmed the rollback (its head is now {}); nothing was rolled back. Review it again.",
-                        layout::rev(head.0)
-                    ),
-                ));
-            }
+            let head = confirmed_plan(&p)?.parse().map(RevisionNum).map_err(|_| {
+                UiError::new(StatusCode::BAD_REQUEST, "plan must be a revision number")
+            })?;
             let r = hub
                 .rollback(
                     actor,
