@@ -70,8 +70,30 @@ pub struct Applier {
     /// lost (or never had) an inventory at about the same time.
     scanned: tokio::sync::Mutex<Option<(tokio::time::Instant, Arc<Membership>)>>,
     pub crd_timeout: Duration,
+    /// The namespaces the agent may change (empty: the whole cluster).
+    namespaces: Vec<String>,
     /// What this agent wrote (its own writes wake no drift check).
     own: Arc<crate::drift::OwnWrites>,
+}
+
+/// Where to list or watch a type: the whole cluster, or each allowed
+/// namespace when the agent is confined to some (a namespaced install's
+/// Roles allow nothing at the cluster scope, so a cluster-wide list of a
+/// namespaced type is refused).
+pub fn scoped_apis(
+    client: &kube::Client,
+    ar: &ApiResource,
+    namespaced: bool,
+    namespaces: &[String],
+) -> Vec<Api<DynamicObject>> {
+    if namespaced && !namespaces.is_empty() {
+        namespaces
+            .iter()
+            .map(|ns| Api::namespaced_with(client.clone(), ns, ar))
+            .collect()
+    } else {
+        vec![Api::all_with(client.clone(), ar)]
+    }
 }
 
 /// Objects carrying `unitsync.dev/unit` annotations, by that annotation
@@ -162,7 +184,12 @@ fn unserved_path(s: &kube::core::Status) -> bool {
 
 impl Applier {
     /// Reads the served kinds once (which also proves the API reachable).
-    pub async fn new(client: kube::Client, crd_timeout: Duration) -> Result<Applier, ApplyError> {
+    /// `namespaces`: those the agent may change (empty: any).
+    pub async fn new(
+        client: kube::Client,
+        crd_timeout: Duration,
+        namespaces: Vec<String>,
+    ) -> Result<Applier, ApplyError> {
         let discovery = Discovery::new(client.clone())
             .run()
             .await
@@ -192,6 +219,7 @@ impl Applier {
             scan_types: RwLock::new(scan_types),
             scanned: tokio::sync::Mutex::new(None),
             crd_timeout,
+            namespaces,
             own: Arc::default(),
         })
     }
@@ -207,10 +235,11 @@ impl Applier {
     /// missing finds its objects. A scan that started after `not_before`
     /// (and a few seconds ago at most) is reused, so units created together
     /// share one scan; pass the time the caller last wrote the unit's
-    /// objects, so a scan older than them never hides them. Types the agent
-    /// may not list (403) cannot hold objects it created and are skipped;
-    /// any other failure fails the scan (an incomplete membership must not
-    /// look complete).
+    /// objects, so a scan older than them never hides them. An agent
+    /// confined to some namespaces lists namespaced types in each of them.
+    /// Types the agent may not list (403) cannot hold objects it created
+    /// and are skipped; any other failure fails the scan (an incomplete
+    /// membership must not look complete).
     pub async fn membership(
         &self,
         not_before: Option<tokio::time::Instant>,
@@ -228,13 +257,15 @@ impl Applier {
         let mut out = Membership::new();
         let lp = ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
         for (ar, namespaced) in types {
-            let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
-            let list = match api.list(&lp).await {
-                Ok(l) => l,
-                Err(kube::Error::Api(s)) if (403..=405).contains(&s.code) => continue,
-                Err(e) => return Err(classify(e)),
-            };
-            for o in list.items {
+            let mut items = Vec::new();
+            for api in scoped_apis(&self.client, &ar, namespaced, &self.namespaces) {
+                match api.list(&lp).await {
+                    Ok(l) => items.extend(l.items),
+                    Err(kube::Error::Api(s)) if (403..=405).contains(&s.code) => {}
+                    Err(e) => return Err(classify(e)),
+                }
+            }
+            for o in items {
                 let Some(unit) = o
                     .metadata
                     .annotations
@@ -298,11 +329,13 @@ impl Applier {
     }
 
     /// The served resource of a kind (for watching it).
-    pub async fn resource(&self, group: &str, version: &str, kind: &str) -> Option<ApiResource> {
-        self.resolve(group, version, kind)
-            .await
-            .ok()
-            .map(|(ar, _)| ar)
+    pub async fn resource(
+        &self,
+        group: &str,
+        version: &str,
+        kind: &str,
+    ) -> Option<(ApiResource, bool)> {
+        self.resolve(group, version, kind).await.ok()
     }
 
     async fn api_for(&self, obj: &Object) -> Result<Api<DynamicObject>, ApplyError> {

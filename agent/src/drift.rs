@@ -81,6 +81,8 @@ struct OwnWrite {
     resource_version: String,
     generation: Option<i64>,
     kind: String,
+    /// Empty for a cluster-scoped object.
+    namespace: String,
 }
 
 /// A type's name in [`OwnWrites`]: `kind.group` (`ConfigMap.` for core).
@@ -127,6 +129,7 @@ impl OwnWrites {
                 resource_version: rv.clone(),
                 generation: meta.generation,
                 kind,
+                namespace: meta.namespace.clone().unwrap_or_default(),
             };
             let mut writes = self.lock();
             writes.insert(uid.clone(), write);
@@ -150,11 +153,14 @@ impl OwnWrites {
         }
     }
 
-    /// A re-list of `kind` showed exactly `listed`: the others of that type
-    /// were deleted meanwhile.
-    fn keep_listed(&self, kind: &str, listed: &HashSet<String>) {
+    /// A re-list of `kind` (in `namespace`, or the whole cluster) showed
+    /// exactly `listed`: the others of that type there were deleted
+    /// meanwhile.
+    fn keep_listed(&self, kind: &str, namespace: Option<&str>, listed: &HashSet<String>) {
         let mut writes = self.lock();
-        writes.retain(|uid, w| w.kind != kind || listed.contains(uid));
+        writes.retain(|uid, w| {
+            w.kind != kind || namespace.is_some_and(|ns| w.namespace != ns) || listed.contains(uid)
+        });
         self.resized(&writes);
     }
 
@@ -190,6 +196,8 @@ impl Waker {
 
 pub struct DriftWatch {
     client: kube::Client,
+    /// The namespaces the agent may change (empty: the whole cluster).
+    namespaces: Vec<String>,
     own: Arc<OwnWrites>,
     watched: Mutex<HashSet<(String, String, String)>>,
     wakers: Arc<Mutex<HashMap<String, Arc<Waker>>>>,
@@ -199,11 +207,13 @@ pub struct DriftWatch {
 impl DriftWatch {
     pub fn new(
         client: kube::Client,
+        namespaces: Vec<String>,
         own: Arc<OwnWrites>,
         shutdown: CancellationToken,
     ) -> DriftWatch {
         DriftWatch {
             client,
+            namespaces,
             own,
             watched: Mutex::default(),
             wakers: Arc::default(),
@@ -228,8 +238,9 @@ impl DriftWatch {
             .remove(unit);
     }
 
-    /// Starts watching a type, once.
-    pub fn watch(&self, ar: &ApiResource) {
+    /// Starts watching a type, once: across the cluster, or in each
+    /// namespace the agent may change when it is confined to some.
+    pub fn watch(&self, ar: &ApiResource, namespaced: bool) {
         let key = (ar.group.clone(), ar.version.clone(), ar.kind.clone());
         if !self
             .watched
@@ -239,89 +250,127 @@ impl DriftWatch {
         {
             return;
         }
-        let api: Api<DynamicObject> = Api::all_with(self.client.clone(), ar);
-        let config = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
-        let wakers = self.wakers.clone();
-        let own = self.own.clone();
-        let stop = self.shutdown.clone();
-        let kind = ar.kind.clone();
-        let own_kind = qualified_kind(&ar.group, &ar.kind);
-        tokio::spawn(async move {
-            let backoff = ResetTimerBackoff::new(WatchBackoff::new(), WATCH_BACKOFF_RESET);
-            let stream = watcher::watcher(api, config).backoff(backoff);
-            let mut stream = std::pin::pin!(stream);
-            let mut listed = false;
-            // The uids of the list in progress.
-            let mut listing: HashSet<String> = HashSet::new();
-            loop {
-                let ev = tokio::select! {
-                    () = stop.cancelled() => return,
-                    ev = stream.next() => ev,
-                };
-                let (obj, change) = match ev {
-                    None => return,
-                    Some(Ok(Event::Apply(o))) => {
-                        let c = own.classify(&o.metadata);
-                        (o, c)
-                    }
-                    Some(Ok(Event::Delete(o))) => {
-                        own.forget(&o.metadata);
-                        (o, Change::Spec)
-                    }
-                    Some(Ok(Event::Init)) => {
-                        listing.clear();
-                        continue;
-                    }
-                    Some(Ok(Event::InitApply(o))) => {
-                        listing.extend(o.metadata.uid);
-                        continue;
-                    }
-                    // A re-list (the watch fell behind: 410 Gone) reports
-                    // what exists, not what changed or went meanwhile:
-                    // every unit checks its objects.
-                    Some(Ok(Event::InitDone)) => {
-                        own.keep_listed(&own_kind, &std::mem::take(&mut listing));
-                        if std::mem::replace(&mut listed, true) {
-                            tracing::debug!(%kind, "watch re-listed; checking every unit for drift");
-                            let all: Vec<_> = wakers
-                                .lock()
-                                .unwrap_or_else(std::sync::PoisonError::into_inner)
-                                .values()
-                                .cloned()
-                                .collect();
-                            for w in all {
-                                w.drifted.store(true, std::sync::atomic::Ordering::SeqCst);
-                                w.notify.notify_one();
-                            }
-                        }
-                        continue;
-                    }
-                    Some(Err(e)) => {
-                        tracing::debug!(%kind, error = %e, "watch interrupted; resuming");
-                        continue;
-                    }
-                };
-                let Some(unit) = obj.metadata.labels.as_ref().and_then(|l| l.get(LABEL_UNIT))
-                else {
-                    continue;
-                };
-                let waker = wakers
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner)
-                    .get(unit)
-                    .cloned();
-                if let Some(w) = waker {
-                    match change {
-                        Change::Own => {}
-                        Change::Status => w.notify.notify_one(),
-                        Change::Spec => {
-                            w.drifted.store(true, std::sync::atomic::Ordering::SeqCst);
-                            w.notify.notify_one();
-                        }
+        for api in crate::apply::scoped_apis(&self.client, ar, namespaced, &self.namespaces) {
+            tokio::spawn(follow(
+                api,
+                ar.clone(),
+                self.wakers.clone(),
+                self.own.clone(),
+                self.shutdown.clone(),
+            ));
+        }
+    }
+}
+
+/// Whether a watch failed because the agent may not watch there (401 or
+/// 403): it retries, but the operator has permissions to fix.
+fn refused(e: &watcher::Error) -> bool {
+    let code = match e {
+        watcher::Error::InitialListFailed(kube::Error::Api(s))
+        | watcher::Error::WatchStartFailed(kube::Error::Api(s))
+        | watcher::Error::WatchFailed(kube::Error::Api(s)) => s.code,
+        watcher::Error::WatchError(s) => s.code,
+        _ => 0,
+    };
+    matches!(code, 401 | 403)
+}
+
+/// Follows one watch of a type, waking the units whose objects changed.
+async fn follow(
+    api: Api<DynamicObject>,
+    ar: ApiResource,
+    wakers: Arc<Mutex<HashMap<String, Arc<Waker>>>>,
+    own: Arc<OwnWrites>,
+    stop: CancellationToken,
+) {
+    let scope = api.namespace().map(str::to_owned);
+    let config = watcher::Config::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
+    let kind = ar.kind.clone();
+    let own_kind = qualified_kind(&ar.group, &ar.kind);
+    let backoff = ResetTimerBackoff::new(WatchBackoff::new(), WATCH_BACKOFF_RESET);
+    let stream = watcher::watcher(api, config).backoff(backoff);
+    let mut stream = std::pin::pin!(stream);
+    let mut listed = false;
+    // The uids of the list in progress.
+    let mut listing: HashSet<String> = HashSet::new();
+    // A refusal was logged since the watch last worked.
+    let mut told = false;
+    loop {
+        let ev = tokio::select! {
+            () = stop.cancelled() => return,
+            ev = stream.next() => ev,
+        };
+        let (obj, change) = match ev {
+            None => return,
+            Some(Ok(Event::Apply(o))) => {
+                let c = own.classify(&o.metadata);
+                (o, c)
+            }
+            Some(Ok(Event::Delete(o))) => {
+                own.forget(&o.metadata);
+                (o, Change::Spec)
+            }
+            Some(Ok(Event::Init)) => {
+                listing.clear();
+                continue;
+            }
+            Some(Ok(Event::InitApply(o))) => {
+                listing.extend(o.metadata.uid);
+                continue;
+            }
+            // A re-list (the watch fell behind: 410 Gone) reports
+            // what exists, not what changed or went meanwhile:
+            // every unit checks its objects.
+            Some(Ok(Event::InitDone)) => {
+                told = false;
+                own.keep_listed(&own_kind, scope.as_deref(), &std::mem::take(&mut listing));
+                if std::mem::replace(&mut listed, true) {
+                    tracing::debug!(%kind, "watch re-listed; checking every unit for drift");
+                    let all: Vec<_> = wakers
+                        .lock()
+                        .unwrap_or_else(std::sync::PoisonError::into_inner)
+                        .values()
+                        .cloned()
+                        .collect();
+                    for w in all {
+                        w.drifted.store(true, std::sync::atomic::Ordering::SeqCst);
+                        w.notify.notify_one();
                     }
                 }
+                continue;
             }
-        });
+            Some(Err(e)) if refused(&e) && !std::mem::replace(&mut told, true) => {
+                tracing::warn!(
+                    %kind,
+                    namespace = scope.as_deref().unwrap_or("(all)"),
+                    error = %e,
+                    "may not watch this type; drift is found by the periodic check only until the agent's permissions allow it"
+                );
+                continue;
+            }
+            Some(Err(e)) => {
+                tracing::debug!(%kind, error = %e, "watch interrupted; resuming");
+                continue;
+            }
+        };
+        let Some(unit) = obj.metadata.labels.as_ref().and_then(|l| l.get(LABEL_UNIT)) else {
+            continue;
+        };
+        let waker = wakers
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(unit)
+            .cloned();
+        if let Some(w) = waker {
+            match change {
+                Change::Own => {}
+                Change::Status => w.notify.notify_one(),
+                Change::Spec => {
+                    w.drifted.store(true, std::sync::atomic::Ordering::SeqCst);
+                    w.notify.notify_one();
+                }
+            }
+        }
     }
 }
 
@@ -393,10 +442,26 @@ mod tests {
         assert_eq!(own.classify(&meta("d1", "10", Some(1))), Change::Spec);
         // A re-list of Deployments shows no d2 (deleted while the watch
         // was down); ConfigMaps are another type's business.
-        own.keep_listed(&deployment, &HashSet::new());
+        own.keep_listed(&deployment, None, &HashSet::new());
         assert_eq!(own.lock().len(), 1);
         assert_eq!(own.classify(&meta("c1", "12", None)), Change::Own);
-        own.keep_listed(&configmap, &HashSet::from(["c1".to_owned()]));
+        own.keep_listed(&configmap, None, &HashSet::from(["c1".to_owned()]));
         assert_eq!(own.classify(&meta("c1", "12", None)), Change::Own);
+    }
+
+    #[test]
+    fn a_namespace_s_re_list_forgets_only_that_namespace_s_objects() {
+        let own = OwnWrites::default();
+        let configmap = qualified_kind("", "ConfigMap");
+        let in_ns = |uid: &str, ns: &str| ObjectMeta {
+            namespace: Some(ns.into()),
+            ..meta(uid, "1", None)
+        };
+        own.record(configmap.clone(), &in_ns("a1", "a"));
+        own.record(configmap.clone(), &in_ns("b1", "b"));
+        // The watch of namespace `a` re-listed and found nothing there.
+        own.keep_listed(&configmap, Some("a"), &HashSet::new());
+        assert_eq!(own.classify(&in_ns("a1", "a")), Change::Spec);
+        assert_eq!(own.classify(&in_ns("b1", "b")), Change::Own);
     }
 }

@@ -233,15 +233,24 @@ impl InventoryStore {
     /// Creates the agent namespace if it is missing.
     pub async fn ensure_namespace(&self) -> Result<(), InventoryError> {
         let ns = serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": self.namespace}});
-        self.namespaces
+        match self
+            .namespaces
             .patch(
                 &self.namespace,
                 &PatchParams::apply(crate::apply::FIELD_MANAGER),
                 &Patch::Apply(ns),
             )
             .await
-            .map(|_| ())
-            .map_err(InventoryError::Unreachable)
+        {
+            Ok(_) => Ok(()),
+            // A namespaced install grants nothing on namespaces: the
+            // install created it.
+            Err(kube::Error::Api(s)) if s.code == 403 => {
+                tracing::debug!(namespace = %self.namespace, "may not manage the agent namespace; leaving it to the install");
+                Ok(())
+            }
+            Err(e) => Err(InventoryError::Unreachable(e)),
+        }
     }
 
     async fn write(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {

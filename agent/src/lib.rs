@@ -173,7 +173,13 @@ pub async fn run(config: AgentConfig, shutdown: CancellationToken) -> Result<(),
         Arc::new(FileStore::open(&config.state_dir.join("desired")).map_err(RunError::Record)?);
     // Discovery needs the API server; keep trying while it is down.
     let applier = loop {
-        match Applier::new(client.clone(), config.crd_timeout).await {
+        match Applier::new(
+            client.clone(),
+            config.crd_timeout,
+            config.allowed_namespaces.clone(),
+        )
+        .await
+        {
             Ok(a) => break Arc::new(a),
             Err(e) => {
                 tracing::warn!(

@@ -223,6 +223,7 @@ impl Reconciler {
             permits: Arc::new(Semaphore::new(tuning.concurrency.max(1))),
             drift: DriftWatch::new(
                 applier.client().clone(),
+                allowed_namespaces.clone(),
                 applier.own_writes(),
                 shutdown.clone(),
             ),
@@ -491,6 +492,15 @@ impl Reconciler {
         }
     }
 
+    /// Whether the object is in a namespace the agent may change (any,
+    /// unless it is confined to some; then nothing cluster-scoped).
+    fn may_change(&self, o: &Object) -> bool {
+        self.allowed_namespaces.is_empty()
+            || o.namespace
+                .as_ref()
+                .is_some_and(|ns| self.allowed_namespaces.contains(ns))
+    }
+
     /// HPA-owned replicas: a Deployment that a HorizontalPodAutoscaler (in
     /// the cluster or in the unit itself) scales is applied without
     /// `spec.replicas`, leaving the field to the autoscaler. When the
@@ -510,9 +520,11 @@ impl Reconciler {
                 ))
             })
             .collect();
+        // Outside the allowed namespaces nothing is applied (the object
+        // fails, naming why), and the agent may not list there.
         let namespaces: BTreeSet<String> = objs
             .iter()
-            .filter(|o| o.kind == "Deployment")
+            .filter(|o| o.kind == "Deployment" && self.may_change(o))
             .filter_map(|o| o.namespace.clone())
             .collect();
         for ns in namespaces {
@@ -618,12 +630,7 @@ impl Reconciler {
                 }
             }
             let force = o.annotation(ANNOTATION_FORCE) == Some("enabled");
-            let outside = !self.allowed_namespaces.is_empty()
-                && !o
-                    .namespace
-                    .as_ref()
-                    .is_some_and(|ns| self.allowed_namespaces.contains(ns));
-            let result = if outside {
+            let result = if !self.may_change(o) {
                 Err(ApplyError::Rejected(format!(
                     "{} is outside the namespaces this agent may change ({})",
                     o.id(),
@@ -634,8 +641,10 @@ impl Reconciler {
             };
             match result {
                 Ok((_, entry)) => {
-                    if let Some(ar) = self.applier.resource(o.group(), o.version(), &o.kind).await {
-                        self.drift.watch(&ar);
+                    if let Some((ar, namespaced)) =
+                        self.applier.resource(o.group(), o.version(), &o.kind).await
+                    {
+                        self.drift.watch(&ar, namespaced);
                     }
                     if o.is_crd() {
                         crds.push(o.name.clone());

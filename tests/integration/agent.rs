@@ -31,7 +31,12 @@ async fn status(hub: &TestHub, unit: &str) -> Option<(u64, pb::Phase, String)> {
     ))
 }
 
-async fn wait_phase(hub: &TestHub, unit: &str, revision: u64, phase: pb::Phase) -> String {
+pub(super) async fn wait_phase(
+    hub: &TestHub,
+    unit: &str,
+    revision: u64,
+    phase: pb::Phase,
+) -> String {
     let mut last = None;
     let waited = tokio::time::timeout(unitsync_tests::wait::DEADLINE, async {
         loop {

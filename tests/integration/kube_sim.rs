@@ -1211,6 +1211,180 @@ async fn tls_tokens_and_faults() {
     assert!(t.elapsed() >= Duration::from_millis(30));
 }
 
+/// A client acting as the service account `ns/name` (kube-sim's RBAC).
+async fn service_account(sim: &KubeSim, ns: &str, name: &str) -> kube::Client {
+    let kc: kube::config::Kubeconfig =
+        serde_saphyr::from_str(&sim.service_account_kubeconfig(ns, name)).unwrap();
+    let cfg = kube::Config::from_custom_kubeconfig(kc, &Default::default())
+        .await
+        .unwrap();
+    kube::Client::try_from(cfg).unwrap()
+}
+
+#[tokio::test]
+async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
+    let (sim, admin) = sim().await;
+    namespace(&admin, "apps").await;
+    namespace(&admin, "other").await;
+    let agent = service_account(&sim, "system", "agent").await;
+    let rbac = |kind: &str, plural: &str, ns: Option<&str>| {
+        api(
+            &admin,
+            ("rbac.authorization.k8s.io", "v1", kind),
+            plural,
+            ns,
+        )
+    };
+    let subject = json!([{"kind": "ServiceAccount", "name": "agent", "namespace": "system"}]);
+
+    // Nothing bound: the API server's 403, naming user, verb, resource and scope.
+    let e = api_err(
+        within("list", cms(&agent, "apps").list(&ListParams::default()))
+            .await
+            .unwrap_err(),
+    );
+    assert_eq!((e.code, e.reason.as_str()), (403, "Forbidden"));
+    assert_eq!(
+        e.message,
+        "configmaps is forbidden: User \"system:serviceaccount:system:agent\" cannot list resource \"configmaps\" in API group \"\" in the namespace \"apps\""
+    );
+    // Discovery is open to everyone.
+    within("discovery", Discovery::new(agent.clone()).run())
+        .await
+        .expect("discovery");
+
+    // A Role bound in `apps` grants there, not elsewhere nor cluster-wide.
+    apply(
+        &rbac("Role", "roles", Some("apps")),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "config", "namespace": "apps"},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "patch"]}]}),
+        false,
+    )
+    .await
+    .unwrap();
+    apply(
+        &rbac("RoleBinding", "rolebindings", Some("apps")),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "metadata": {"name": "config", "namespace": "apps"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "config"},
+               "subjects": subject}),
+        false,
+    )
+    .await
+    .unwrap();
+    apply(
+        &cms(&agent, "apps"),
+        "agent",
+        cm("c", json!({"a": "1"})),
+        false,
+    )
+    .await
+    .expect("patch (apply) allowed in apps");
+    within("list", cms(&agent, "apps").list(&ListParams::default()))
+        .await
+        .expect("list allowed in apps");
+    let e = api_err(
+        within(
+            "delete",
+            cms(&agent, "apps").delete("c", &DeleteParams::default()),
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        e.message,
+        "configmaps \"c\" is forbidden: User \"system:serviceaccount:system:agent\" cannot delete resource \"configmaps\" in API group \"\" in the namespace \"apps\""
+    );
+    for denied in [
+        api(&agent, ("", "v1", "ConfigMap"), "configmaps", None),
+        cms(&agent, "other"),
+    ] {
+        let e = api_err(
+            within("list", denied.list(&ListParams::default()))
+                .await
+                .unwrap_err(),
+        );
+        assert_eq!(e.code, 403, "{}", e.message);
+    }
+    let all = api(&agent, ("", "v1", "ConfigMap"), "configmaps", None);
+    let e = api_err(
+        within("list", all.list(&ListParams::default()))
+            .await
+            .unwrap_err(),
+    );
+    assert!(e.message.ends_with("at the cluster scope"), "{}", e.message);
+
+    // An aggregated ClusterRole holds the rules of the roles it selects,
+    // including ones labelled after it was bound.
+    apply(
+        &rbac("ClusterRole", "clusterroles", None),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "agent"},
+               "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"example.com/aggregate-to-agent": "true"}}]},
+               "rules": []}),
+        false,
+    )
+    .await
+    .unwrap();
+    apply(
+        &rbac("ClusterRoleBinding", "clusterrolebindings", None),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "agent"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "agent"},
+               "subjects": subject}),
+        false,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        api_err(
+            within("list", all.list(&ListParams::default()))
+                .await
+                .unwrap_err()
+        )
+        .code,
+        403,
+        "nothing aggregated yet"
+    );
+    apply(
+        &rbac("ClusterRole", "clusterroles", None),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "read-config", "labels": {"example.com/aggregate-to-agent": "true"}},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}]}),
+        false,
+    )
+    .await
+    .unwrap();
+    within("list", all.list(&ListParams::default()))
+        .await
+        .expect("list allowed cluster-wide through the aggregated role");
+
+    // cluster-admin exists, as in every cluster, and grants everything.
+    apply(
+        &rbac("ClusterRoleBinding", "clusterrolebindings", None),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "metadata": {"name": "agent-admin"},
+               "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
+               "subjects": subject}),
+        false,
+    )
+    .await
+    .unwrap();
+    within(
+        "delete",
+        cms(&agent, "apps").delete("c", &DeleteParams::default()),
+    )
+    .await
+    .expect("delete allowed as cluster-admin");
+}
+
 #[tokio::test]
 async fn kubectl_works_against_kube_sim() {
     init();

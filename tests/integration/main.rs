@@ -12,6 +12,7 @@ mod delivery;
 mod deploy;
 mod hub_faults;
 mod kube_sim;
+mod least_privilege;
 mod oci;
 mod promote;
 mod protocol;

@@ -104,6 +104,21 @@ impl TestCluster {
         self.agent = Some((stop, task));
     }
 
+    /// Runs the agent as the service account `namespace/name`: its requests
+    /// are then allowed only by the RBAC objects in the cluster (what an
+    /// install's Roles and bindings grant), as a real API server allows an
+    /// in-cluster agent's.
+    pub fn run_as(&mut self, namespace: &str, name: &str) {
+        assert!(self.agent.is_none(), "the agent is running");
+        let path = self.dir.path().join("service-account.kubeconfig");
+        std::fs::write(&path, self.sim.service_account_kubeconfig(namespace, name))
+            .expect("kubeconfig");
+        self.config.kube = KubeTarget::Kubeconfig {
+            path,
+            context: None,
+        };
+    }
+
     /// Loses the stopped agent's state directory (a replaced pod whose
     /// state was an `emptyDir`).
     pub fn forget_state(&self) {

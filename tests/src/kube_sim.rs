@@ -3,7 +3,8 @@
 //! `kubectl`) can be tested against it: discovery, CRDs, server-side apply
 //! with managedFields and conflicts, patches, finalizers and garbage
 //! collection, list/watch with selectors, pagination, bookmarks and 410s,
-//! simulated controllers, TLS, bearer tokens and fault injection.
+//! simulated controllers, TLS, bearer tokens, RBAC for service accounts and
+//! fault injection.
 //!
 //! ```no_run
 //! # async fn f() -> anyhow::Result<()> {
@@ -17,6 +18,7 @@ mod controllers;
 mod discovery;
 mod errors;
 mod fields;
+mod rbac;
 mod registry;
 mod routes;
 mod selector;

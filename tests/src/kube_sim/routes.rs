@@ -14,6 +14,7 @@ use serde_json::{Value, json};
 
 use super::discovery::{aggregated_discovery, discovery};
 use super::errors::ApiError;
+use super::rbac::{Attributes, authorize};
 use super::registry::ResourceType;
 use super::selector::LabelSelector;
 use super::server::{Body, Inner, error, json_response, not_found_page, write_key};
@@ -127,17 +128,21 @@ pub(super) async fn guard(
         return unavailable();
     }
     if let Some(token) = &inner.options.token {
-        let ok = req
-            .headers()
-            .get(header::AUTHORIZATION)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.strip_prefix("Bearer "))
-            .is_some_and(|t| t == token);
+        let ok = bearer(req.headers())
+            .is_some_and(|t| t == token || inner.accounts.lock().unwrap().contains_key(t));
         if !ok {
             return error(&ApiError::new(401, "Unauthorized", "Unauthorized")).into_response();
         }
     }
     next.run(req).await
+}
+
+/// The request's bearer token.
+fn bearer(headers: &http::HeaderMap) -> Option<&str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
 }
 
 /// Discovery documents (GET only); anything else is not found.
@@ -231,11 +236,26 @@ impl axum::extract::FromRequestParts<Arc<Inner>> for Resource {
             ["apis", g, v, rest @ ..] => (*g, *v, rest),
             _ => return Err(not_found_page()),
         };
+        let q = query(parts.uri.query());
+        let account =
+            bearer(&parts.headers).and_then(|t| inner.accounts.lock().unwrap().get(t).cloned());
         let target = {
             let state = inner.state.lock().unwrap();
-            resolve(&state, group, version, rest)
-        }
-        .ok_or_else(not_found_page)?;
+            let target = resolve(&state, group, version, rest).ok_or_else(not_found_page)?;
+            if let Some(who) = &account {
+                let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
+                let attributes = Attributes {
+                    verb: Attributes::verb(&parts.method, target.name.is_some(), watch),
+                    group: &target.ty.group,
+                    resource: &target.ty.plural,
+                    subresource: target.sub.as_deref(),
+                    namespace: &target.namespace,
+                    name: target.name.as_deref(),
+                };
+                authorize(&state, who, &attributes).map_err(|e| error(&e))?;
+            }
+            target
+        };
         let header = |name: header::HeaderName| {
             parts
                 .headers
@@ -253,7 +273,6 @@ impl axum::extract::FromRequestParts<Arc<Inner>> for Resource {
                 "the body of the request was in an unknown format - accepted media types include: application/json, application/yaml",
             )));
         }
-        let q = query(parts.uri.query());
         let dry_run = match q.get("dryRun").map(String::as_str) {
             None | Some("") => false,
             Some("All") => true,

@@ -3,7 +3,7 @@
 //! endpoint (faults, resets, write counts) and the response helpers every
 //! route uses.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::controllers;
 use super::errors::ApiError;
+use super::rbac::Account;
 use super::routes::api_router;
 use super::store::{State, WriteOpts};
 use super::tls;
@@ -178,6 +179,10 @@ pub(crate) struct Inner {
     /// Non-dry-run writes (create, update, patch, apply, delete) per
     /// object: `apiVersion/plural/namespace/name`.
     pub(super) writes: Mutex<BTreeMap<String, u64>>,
+    /// Service account tokens minted by
+    /// [`KubeSim::service_account_kubeconfig`]: their requests are
+    /// authorized by the cluster's RBAC objects.
+    pub(super) accounts: Mutex<HashMap<String, Account>>,
 }
 
 /// A fresh store with the namespaces every cluster has.
@@ -195,6 +200,26 @@ fn seeded_state(history: usize) -> State {
             },
         );
     }
+    // Every cluster's bootstrap ClusterRole for administrators.
+    let ty = state
+        .find_type("rbac.authorization.k8s.io", "v1", "clusterroles")
+        .expect("clusterroles");
+    let _ = state.create(
+        &ty,
+        "",
+        json!({
+            "apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+            "metadata": {"name": "cluster-admin", "labels": {"kubernetes.io/bootstrapping": "rbac-defaults"}},
+            "rules": [
+                {"apiGroups": ["*"], "resources": ["*"], "verbs": ["*"]},
+                {"nonResourceURLs": ["*"], "verbs": ["*"]}
+            ]
+        }),
+        &WriteOpts {
+            manager: "kube-apiserver".into(),
+            ..WriteOpts::default()
+        },
+    );
     state
 }
 
@@ -236,6 +261,7 @@ impl KubeSim {
             addr,
             drop_watches,
             writes: Mutex::default(),
+            accounts: Mutex::default(),
             changed: tokio::sync::Notify::new(),
         });
         let shutdown = CancellationToken::new();
@@ -310,11 +336,6 @@ impl KubeSim {
 
     /// A kubeconfig for this cluster (CA and token embedded).
     pub fn kubeconfig(&self, name: &str) -> String {
-        let mut cluster = json!({"server": self.url()});
-        if let Some(ca) = &self.ca_pem {
-            cluster["certificate-authority-data"] =
-                json!(base64::engine::general_purpose::STANDARD.encode(ca));
-        }
         // kubectl prompts for a password when a user has no credential at
         // all; without required auth any token is accepted.
         let token = self
@@ -323,6 +344,15 @@ impl KubeSim {
             .token
             .clone()
             .unwrap_or_else(|| "kube-sim".into());
+        self.kubeconfig_with(name, &token)
+    }
+
+    fn kubeconfig_with(&self, name: &str, token: &str) -> String {
+        let mut cluster = json!({"server": self.url()});
+        if let Some(ca) = &self.ca_pem {
+            cluster["certificate-authority-data"] =
+                json!(base64::engine::general_purpose::STANDARD.encode(ca));
+        }
         let user = json!({"token": token});
         let cfg = json!({
             "apiVersion": "v1",
@@ -342,6 +372,22 @@ impl KubeSim {
             kube::Config::from_custom_kubeconfig(kc, &kube::config::KubeConfigOptions::default())
                 .await?;
         Ok(kube::Client::try_from(config)?)
+    }
+
+    /// A kubeconfig acting as the service account `namespace/name`: its
+    /// requests are allowed only by the Roles, ClusterRoles and bindings in
+    /// this cluster, as the API server's RBAC authorizer allows them (see
+    /// [`rbac`](super::rbac)). The account itself need not exist.
+    pub fn service_account_kubeconfig(&self, namespace: &str, name: &str) -> String {
+        let token = format!("sa-{}", uuid::Uuid::new_v4().simple());
+        self.inner.accounts.lock().unwrap().insert(
+            token.clone(),
+            Account {
+                namespace: namespace.into(),
+                name: name.into(),
+            },
+        );
+        self.kubeconfig_with(&format!("{namespace}-{name}"), &token)
     }
 
     /// Runs `f` on the simulator's state (for test set-up and inspection).
