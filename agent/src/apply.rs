@@ -76,23 +76,24 @@ pub struct Applier {
     own: Arc<crate::drift::OwnWrites>,
 }
 
-/// Where to list or watch a type: the whole cluster, or each allowed
-/// namespace when the agent is confined to some (a namespaced install's
-/// Roles allow nothing at the cluster scope, so a cluster-wide list of a
-/// namespaced type is refused).
+/// Where to list or watch a type for the agent's objects: the whole
+/// cluster, or each allowed namespace when the agent is confined to some (a
+/// namespaced install's Roles allow nothing at the cluster scope, so a
+/// cluster-wide list of a namespaced type is refused); nowhere for a
+/// cluster-scoped type then (a confined agent applies none).
 pub fn scoped_apis(
     client: &kube::Client,
     ar: &ApiResource,
     namespaced: bool,
     namespaces: &[String],
 ) -> Vec<Api<DynamicObject>> {
-    if namespaced && !namespaces.is_empty() {
-        namespaces
+    match (namespaced, namespaces.is_empty()) {
+        (_, true) => vec![Api::all_with(client.clone(), ar)],
+        (true, false) => namespaces
             .iter()
             .map(|ns| Api::namespaced_with(client.clone(), ns, ar))
-            .collect()
-    } else {
-        vec![Api::all_with(client.clone(), ar)]
+            .collect(),
+        (false, false) => Vec::new(),
     }
 }
 
@@ -557,6 +558,16 @@ impl Applier {
 
     /// Live state of an inventory entry (`None`: gone).
     pub async fn get(&self, e: &Entry) -> Result<Option<Value>, ApplyError> {
+        self.read(e, false).await
+    }
+
+    /// [`Applier::get`]; with `forbidden_is_absent`, an object the agent may
+    /// not read (403) reads as none.
+    async fn read(
+        &self,
+        e: &Entry,
+        forbidden_is_absent: bool,
+    ) -> Result<Option<Value>, ApplyError> {
         let mut recheck = false;
         let o = loop {
             let Some(api) = self.entry_api(e, recheck).await? else {
@@ -566,6 +577,7 @@ impl Applier {
             match api.get_opt(&e.name).await {
                 Ok(o) => break o,
                 Err(kube::Error::Api(s)) if unserved_path(&s) && !recheck => recheck = true,
+                Err(kube::Error::Api(s)) if forbidden_is_absent && s.code == 403 => break None,
                 Err(other) => return Err(classify(other)),
             }
         };
@@ -577,9 +589,10 @@ impl Applier {
 
     /// The live object of an entry written ahead of its apply (no uid
     /// known), if it exists and belongs to `unit` (`ENV/UNIT`): only then
-    /// may it be pruned.
+    /// may it be pruned. One the agent may not read (its apply was refused,
+    /// or never allowed) was not created by it.
     pub async fn owned(&self, e: &Entry, unit: &str) -> Result<Option<Entry>, ApplyError> {
-        let Some(live) = self.get(e).await? else {
+        let Some(live) = self.read(e, true).await? else {
             return Ok(None);
         };
         if live["metadata"]["annotations"][ANNOTATION_UNIT] != unit {

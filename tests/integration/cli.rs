@@ -5,6 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
 
+use serde_json::json;
 use tokio::io::AsyncBufReadExt;
 use unitsync_agent::hub_client::StatusUpdate;
 use unitsync_tests::{SimAgent, configmap, until, within};
@@ -1029,12 +1030,47 @@ async fn promotion_through_the_cli() {
             && text.contains("gate approvals FAILED: 0 of 1 approvals"),
         "{text}"
     );
+    // As JSON: the whole answer, gates as fields.
+    let out = hub
+        .run(&[
+            "promote",
+            "--from",
+            "dev",
+            "--to",
+            "staging",
+            "web",
+            "--dry-run",
+            "-o",
+            "json",
+        ])
+        .await;
+    assert!(!out.status.success());
+    let plan: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        (&plan["blocked"], &plan["promotion_id"]),
+        (&json!(true), &json!(null)),
+        "{plan}"
+    );
+    assert!(
+        plan["items"][0]["gates"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|g| g["gate"] == "approvals" && g["passed"] == false),
+        "{plan}"
+    );
     hub.ok(&["approve", "dev/web", "--for", "staging"]).await;
     let out = hub
-        .ok(&["promote", "--from", "dev", "--to", "staging", "--all"])
+        .ok(&[
+            "promote", "--from", "dev", "--to", "staging", "--all", "-o", "json",
+        ])
         .await;
+    let promoted: serde_json::Value = serde_json::from_str(&out).unwrap();
     assert!(
-        out.contains("dev/web@2 -> staging/web: promoted as revision 2"),
+        promoted["message"]
+            .as_str()
+            .unwrap()
+            .contains("dev/web@2 -> staging/web: promoted as revision 2"),
         "{out}"
     );
     let head = hub.ok(&["unit", "get", "staging/web", "--manifests"]).await;
@@ -1045,6 +1081,10 @@ async fn promotion_through_the_cli() {
     let promotions = hub.ok(&["promotion", "list", "-o", "json"]).await;
     let list: serde_json::Value = serde_json::from_str(&promotions).unwrap();
     let id = list[0]["id"].as_u64().unwrap();
+    assert_eq!(
+        promoted["promotion_id"], id,
+        "the promotion's id, to undo it"
+    );
     hub.ok(&["promotion", "rollback", &id.to_string()]).await;
     hub.ok(&["unit", "rollback", "dev/web", "--to", "1"]).await;
     let history = hub.ok(&["unit", "history", "dev/web", "-o", "json"]).await;

@@ -1275,6 +1275,29 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
     )
     .await
     .unwrap();
+    // A server-side apply that would create the object needs `create` too.
+    let e = api_err(
+        apply(
+            &cms(&agent, "apps"),
+            "agent",
+            cm("c", json!({"a": "1"})),
+            false,
+        )
+        .await
+        .unwrap_err(),
+    );
+    assert_eq!(
+        e.message,
+        "configmaps \"c\" is forbidden: User \"system:serviceaccount:system:agent\" cannot create resource \"configmaps\" in API group \"\" in the namespace \"apps\""
+    );
+    apply(
+        &cms(&admin, "apps"),
+        "test",
+        cm("c", json!({"b": "0"})),
+        false,
+    )
+    .await
+    .unwrap();
     apply(
         &cms(&agent, "apps"),
         "agent",
@@ -1282,7 +1305,7 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
         false,
     )
     .await
-    .expect("patch (apply) allowed in apps");
+    .expect("apply (patch) of an existing object allowed in apps");
     within("list", cms(&agent, "apps").list(&ListParams::default()))
         .await
         .expect("list allowed in apps");
@@ -1317,8 +1340,45 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
     );
     assert!(e.message.ends_with("at the cluster scope"), "{}", e.message);
 
-    // An aggregated ClusterRole holds the rules of the roles it selects,
-    // including ones labelled after it was bound.
+    // A Namespace's own requests are in it: a Role there may grant them.
+    let namespaces = api(&agent, ("", "v1", "Namespace"), "namespaces", None);
+    assert_eq!(
+        api_err(within("get", namespaces.get("apps")).await.unwrap_err()).code,
+        403
+    );
+    apply(
+        &rbac("Role", "roles", Some("apps")),
+        "test",
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+               "metadata": {"name": "config", "namespace": "apps"},
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "patch"]},
+                         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]}),
+        false,
+    )
+    .await
+    .unwrap();
+    within("get", namespaces.get("apps"))
+        .await
+        .expect("get of its own namespace allowed");
+    // Authorization comes before routing: an unserved type is forbidden.
+    let unserved = api(
+        &agent,
+        ("example.com", "v1", "Widget"),
+        "widgets",
+        Some("apps"),
+    );
+    assert_eq!(
+        api_err(
+            within("list", unserved.list(&ListParams::default()))
+                .await
+                .unwrap_err()
+        )
+        .code,
+        403
+    );
+
+    // An aggregated ClusterRole holds the rules of the roles it selects
+    // (aggregated ones too), including ones labelled after it was bound.
     apply(
         &rbac("ClusterRole", "clusterroles", None),
         "test",
@@ -1351,16 +1411,24 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
         403,
         "nothing aggregated yet"
     );
-    apply(
-        &rbac("ClusterRole", "clusterroles", None),
-        "test",
+    for role in [
         json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
-               "metadata": {"name": "read-config", "labels": {"example.com/aggregate-to-agent": "true"}},
+               "metadata": {"name": "reader", "labels": {"example.com/aggregate-to-agent": "true"}},
+               "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"example.com/aggregate-to-reader": "true"}}]},
+               "rules": []}),
+        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+               "metadata": {"name": "read-config", "labels": {"example.com/aggregate-to-reader": "true"}},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}]}),
-        false,
-    )
-    .await
-    .unwrap();
+    ] {
+        apply(
+            &rbac("ClusterRole", "clusterroles", None),
+            "test",
+            role,
+            false,
+        )
+        .await
+        .unwrap();
+    }
     within("list", all.list(&ListParams::default()))
         .await
         .expect("list allowed cluster-wide through the aggregated role");

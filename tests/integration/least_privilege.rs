@@ -181,4 +181,11 @@ async fn an_object_outside_a_namespaced_install_fails_the_unit_naming_it() {
         "{message}"
     );
     assert!(cluster.object("v1", "configmaps", "apps", "a").is_some());
+    // What was refused was never the agent's: dropping it, and destroying
+    // the unit, finish although the agent may not even read it.
+    hub.put("dev/app", &config_map("a", "1")).await.unwrap();
+    wait_phase(&hub, "dev/app", 2, pb::Phase::Ready).await;
+    hub.destroy("dev/app").await.unwrap();
+    wait_phase(&hub, "dev/app", 3, pb::Phase::Destroyed).await;
+    assert!(cluster.object("v1", "configmaps", "apps", "a").is_none());
 }

@@ -52,26 +52,44 @@ impl Account {
     }
 }
 
-/// What a request asks to do, in RBAC's terms.
-#[derive(Debug)]
-pub(crate) struct Attributes<'a> {
-    pub verb: &'a str,
-    pub group: &'a str,
+/// What a request asks to do, in RBAC's terms (the API server's
+/// `RequestInfo`, read from the path alone: whether the type is served
+/// does not matter, so an unserved type is forbidden before it is unknown).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Attributes {
+    pub verb: &'static str,
+    pub group: String,
     /// The plural, without the subresource.
-    pub resource: &'a str,
-    pub subresource: Option<&'a str>,
-    /// Empty: the cluster scope.
-    pub namespace: &'a str,
-    pub name: Option<&'a str>,
+    pub resource: String,
+    pub subresource: Option<String>,
+    /// Empty: the cluster scope. A Namespace's own requests are in it.
+    pub namespace: String,
+    pub name: Option<String>,
 }
 
-impl Attributes<'_> {
-    /// The verb of a request to a resource: `get`, `list` and `watch` for
-    /// reads, `deletecollection` for a DELETE without a name.
-    pub(crate) fn verb(method: &http::Method, named: bool, watch: bool) -> &'static str {
-        match (method.as_str(), named) {
-            ("GET" | "HEAD", _) if watch => "watch",
+impl Attributes {
+    /// A request to `rest` (what follows `/api/v1` or `/apis/GROUP/VERSION`)
+    /// of `group`, with its query.
+    pub(crate) fn of(
+        method: &http::Method,
+        group: &str,
+        rest: &[&str],
+        q: &std::collections::BTreeMap<String, String>,
+    ) -> Attributes {
+        let (namespace, parts): (String, Vec<&str>) = match rest {
+            ["namespaces", ns, next, tail @ ..] if !matches!(*next, "status" | "finalize") => (
+                (*ns).to_owned(),
+                std::iter::once(*next).chain(tail.iter().copied()).collect(),
+            ),
+            ["namespaces", ns, ..] => ((*ns).to_owned(), rest.to_vec()),
+            _ => (String::new(), rest.to_vec()),
+        };
+        let named = parts.len() > 1;
+        let verb = match (method.as_str(), named) {
             ("GET" | "HEAD", true) => "get",
+            ("GET" | "HEAD", false) if q.get("watch").is_some_and(|w| w == "true" || w == "1") => {
+                "watch"
+            }
             ("GET" | "HEAD", false) => "list",
             ("POST", _) => "create",
             ("PUT", _) => "update",
@@ -79,19 +97,44 @@ impl Attributes<'_> {
             ("DELETE", true) => "delete",
             ("DELETE", false) => "deletecollection",
             _ => "unknown",
+        };
+        // A list or watch of one object by name is about that object.
+        let name = if named {
+            parts.get(1).map(|s| (*s).to_owned())
+        } else {
+            q.get("fieldSelector")
+                .and_then(|f| f.split(',').find_map(|r| r.strip_prefix("metadata.name=")))
+                .map(str::to_owned)
+        };
+        Attributes {
+            verb,
+            group: group.to_owned(),
+            resource: parts.first().map(|s| (*s).to_owned()).unwrap_or_default(),
+            subresource: parts.get(2).map(|s| (*s).to_owned()),
+            namespace,
+            name,
+        }
+    }
+
+    /// The same request with another verb (an apply that creates is also a
+    /// create).
+    pub(crate) fn as_verb(&self, verb: &'static str) -> Attributes {
+        Attributes {
+            verb,
+            ..self.clone()
         }
     }
 
     fn full_resource(&self) -> String {
-        match self.subresource {
+        match &self.subresource {
             Some(s) => format!("{}/{s}", self.resource),
-            None => self.resource.to_owned(),
+            None => self.resource.clone(),
         }
     }
 }
 
 /// Whether one PolicyRule allows the request.
-fn allows(rule: &Value, a: &Attributes<'_>) -> bool {
+fn allows(rule: &Value, a: &Attributes) -> bool {
     let has = |field: &str, want: &dyn Fn(&str) -> bool| {
         rule[field]
             .as_array()
@@ -99,16 +142,22 @@ fn allows(rule: &Value, a: &Attributes<'_>) -> bool {
     };
     let resource = a.full_resource();
     let names_ok = match rule["resourceNames"].as_array() {
-        Some(names) if !names.is_empty() => a.name.is_some_and(|n| names.iter().any(|x| x == n)),
+        Some(names) if !names.is_empty() => a
+            .name
+            .as_ref()
+            .is_some_and(|n| names.iter().any(|x| x == n.as_str())),
         _ => true,
     };
     has("verbs", &|v| v == "*" || v == a.verb)
         && has("apiGroups", &|g| g == "*" || g == a.group)
+        // `*`, the resource (with its subresource), or `*/SUBRESOURCE`.
         && has("resources", &|r| {
             r == "*"
                 || r == resource
-                || a.subresource
-                    .is_some_and(|s| r == format!("{}/*", a.resource) || r == format!("*/{s}"))
+                || a
+                    .subresource
+                    .as_ref()
+                    .is_some_and(|s| r.strip_prefix("*/") == Some(s.as_str()))
         })
         && names_ok
 }
@@ -143,8 +192,7 @@ fn selector(s: &Value) -> Option<LabelSelector> {
 }
 
 /// The rules a binding's `roleRef` grants: a Role in the binding's
-/// namespace, or a ClusterRole (an aggregated one holds the rules of the
-/// ClusterRoles its selectors match).
+/// namespace, or a ClusterRole.
 fn rules(state: &State, role_ref: &Value, binding_namespace: &str) -> Vec<Value> {
     let name = role_ref["name"].as_str().unwrap_or_default();
     let find = |plural: &str, ns: &str| {
@@ -152,35 +200,47 @@ fn rules(state: &State, role_ref: &Value, binding_namespace: &str) -> Vec<Value>
             .find_type(GROUP, "v1", plural)
             .and_then(|ty| state.get(&ty, ns, name).ok())
     };
-    let role = match role_ref["kind"].as_str() {
-        Some("Role") if !binding_namespace.is_empty() => find("roles", binding_namespace),
-        Some("ClusterRole") => find("clusterroles", ""),
-        _ => None,
-    };
-    let Some(role) = role else {
-        return Vec::new();
-    };
+    match role_ref["kind"].as_str() {
+        Some("Role") if !binding_namespace.is_empty() => find("roles", binding_namespace)
+            .and_then(|r| r["rules"].as_array().cloned())
+            .unwrap_or_default(),
+        Some("ClusterRole") => find("clusterroles", "")
+            .map(|r| cluster_role_rules(state, &r, &mut Vec::new()))
+            .unwrap_or_default(),
+        _ => Vec::new(),
+    }
+}
+
+/// A ClusterRole's rules; an aggregated one's are those of the ClusterRoles
+/// its selectors match, aggregated ones among them included (`seen`: the
+/// roles on the way, so that a cycle ends).
+fn cluster_role_rules(state: &State, role: &Value, seen: &mut Vec<String>) -> Vec<Value> {
     let Some(selectors) = role["aggregationRule"]["clusterRoleSelectors"].as_array() else {
         return role["rules"].as_array().cloned().unwrap_or_default();
     };
+    seen.push(
+        role["metadata"]["name"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned(),
+    );
     let selectors: Vec<LabelSelector> = selectors.iter().filter_map(selector).collect();
     let Some(ty) = state.find_type(GROUP, "v1", "clusterroles") else {
         return Vec::new();
     };
-    state
-        .list(&ty, None)
-        .iter()
-        .filter(|r| r["metadata"]["name"] != role["metadata"]["name"])
-        .filter(|r| {
-            let labels = r["metadata"]["labels"].as_object();
-            selectors.iter().any(|s| s.matches(labels))
-        })
-        .flat_map(|r| r["rules"].as_array().cloned().unwrap_or_default())
-        .collect()
+    let mut out = Vec::new();
+    for r in state.list(&ty, None) {
+        let name = r["metadata"]["name"].as_str().unwrap_or_default();
+        let labels = r["metadata"]["labels"].as_object();
+        if !seen.iter().any(|s| s == name) && selectors.iter().any(|s| s.matches(labels)) {
+            out.extend(cluster_role_rules(state, &r, seen));
+        }
+    }
+    out
 }
 
 /// Allowed, or the API server's 403 for it.
-pub(crate) fn authorize(state: &State, who: &Account, a: &Attributes<'_>) -> Result<(), ApiError> {
+pub(crate) fn authorize(state: &State, who: &Account, a: &Attributes) -> Result<(), ApiError> {
     let bindings = |plural: &str, ns: Option<&str>| {
         state
             .find_type(GROUP, "v1", plural)
@@ -189,7 +249,7 @@ pub(crate) fn authorize(state: &State, who: &Account, a: &Attributes<'_>) -> Res
     };
     let mut granted = bindings("clusterrolebindings", None);
     if !a.namespace.is_empty() {
-        granted.extend(bindings("rolebindings", Some(a.namespace)));
+        granted.extend(bindings("rolebindings", Some(&a.namespace)));
     }
     let allowed = granted.iter().any(|b| {
         let ns = b["metadata"]["namespace"].as_str().unwrap_or_default();
@@ -202,11 +262,11 @@ pub(crate) fn authorize(state: &State, who: &Account, a: &Attributes<'_>) -> Res
         return Ok(());
     }
     let qualified = if a.group.is_empty() {
-        a.resource.to_owned()
+        a.resource.clone()
     } else {
         format!("{}.{}", a.resource, a.group)
     };
-    let subject = match a.name {
+    let subject = match &a.name {
         Some(n) => format!("{qualified} \"{n}\""),
         None => qualified,
     };
@@ -216,7 +276,7 @@ pub(crate) fn authorize(state: &State, who: &Account, a: &Attributes<'_>) -> Res
         format!("in the namespace \"{}\"", a.namespace)
     };
     let mut details = json!({"kind": a.resource});
-    if let Some(n) = a.name {
+    if let Some(n) = &a.name {
         details["name"] = json!(n);
     }
     if !a.group.is_empty() {
@@ -239,51 +299,83 @@ pub(crate) fn authorize(state: &State, who: &Account, a: &Attributes<'_>) -> Res
 #[cfg(test)]
 mod tests {
     use super::*;
+    use http::Method;
+    use std::collections::BTreeMap;
 
-    fn attrs<'a>(verb: &'a str, resource: &'a str, sub: Option<&'a str>) -> Attributes<'a> {
-        Attributes {
-            verb,
-            group: "apps",
-            resource,
-            subresource: sub,
-            namespace: "web",
-            name: Some("api"),
-        }
+    fn attrs(method: Method, path: &str, query: &[(&str, &str)]) -> Attributes {
+        let rest: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
+        let q: BTreeMap<String, String> = query
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        Attributes::of(&method, "apps", &rest, &q)
+    }
+
+    #[test]
+    fn request_attributes_follow_the_path_method_and_query() {
+        let a = attrs(Method::PATCH, "namespaces/web/deployments/api/status", &[]);
+        assert_eq!(
+            (a.verb, a.namespace.as_str(), a.resource.as_str()),
+            ("patch", "web", "deployments")
+        );
+        assert_eq!(
+            (a.name.as_deref(), a.subresource.as_deref()),
+            (Some("api"), Some("status"))
+        );
+        let a = attrs(Method::GET, "deployments", &[("watch", "true")]);
+        assert_eq!((a.verb, a.namespace.as_str()), ("watch", ""));
+        let a = attrs(
+            Method::GET,
+            "namespaces/web/deployments",
+            &[("fieldSelector", "metadata.name=api")],
+        );
+        assert_eq!((a.verb, a.name.as_deref()), ("list", Some("api")));
+        let a = attrs(
+            Method::GET,
+            "namespaces/web/deployments/api",
+            &[("watch", "1")],
+        );
+        assert_eq!(a.verb, "get", "a named GET is a get");
+        let a = attrs(Method::DELETE, "namespaces/web/deployments", &[]);
+        assert_eq!(a.verb, "deletecollection");
+        // A Namespace's own requests are in that namespace.
+        let a = attrs(Method::GET, "namespaces/web", &[]);
+        assert_eq!(
+            (a.resource.as_str(), a.namespace.as_str(), a.name.as_deref()),
+            ("namespaces", "web", Some("web"))
+        );
+        let a = attrs(Method::PUT, "namespaces/web/finalize", &[]);
+        assert_eq!(
+            (a.resource.as_str(), a.subresource.as_deref()),
+            ("namespaces", Some("finalize"))
+        );
     }
 
     #[test]
     fn rules_match_verbs_groups_resources_subresources_and_names() {
+        let mut a = attrs(Method::GET, "namespaces/web/deployments/api", &[]);
         let rule =
             json!({"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "patch"]});
-        assert!(allows(&rule, &attrs("get", "deployments", None)));
-        assert!(!allows(&rule, &attrs("delete", "deployments", None)));
-        assert!(!allows(&rule, &attrs("get", "statefulsets", None)));
+        assert!(allows(&rule, &a));
+        assert!(!allows(&rule, &a.as_verb("delete")));
+        let other_kind =
+            json!({"apiGroups": ["apps"], "resources": ["statefulsets"], "verbs": ["get"]});
+        assert!(!allows(&other_kind, &a));
+        let scale = attrs(Method::GET, "namespaces/web/deployments/api/scale", &[]);
+        assert!(!allows(&rule, &scale), "a subresource is its own resource");
+        let any_scale = json!({"apiGroups": ["*"], "resources": ["*/scale"], "verbs": ["*"]});
+        assert!(allows(&any_scale, &scale));
+        assert!(!allows(&any_scale, &a));
+        let all_subs = json!({"apiGroups": ["*"], "resources": ["deployments/*"], "verbs": ["*"]});
+        assert!(!allows(&all_subs, &scale), "RBAC has no RESOURCE/* form");
+        let named = json!({"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get", "list"], "resourceNames": ["api"]});
+        assert!(allows(&named, &a));
+        a.name = Some("db".into());
+        assert!(!allows(&named, &a));
+        let list = attrs(Method::GET, "namespaces/web/deployments", &[]);
         assert!(
-            !allows(&rule, &attrs("get", "deployments", Some("scale"))),
-            "a subresource is its own resource"
-        );
-        let sub = json!({"apiGroups": ["*"], "resources": ["deployments/*"], "verbs": ["*"]});
-        assert!(allows(&sub, &attrs("update", "deployments", Some("scale"))));
-        assert!(!allows(&sub, &attrs("update", "deployments", None)));
-        let named = json!({"apiGroups": ["apps"], "resources": ["deployments"], "verbs": ["get"], "resourceNames": ["api"]});
-        assert!(allows(&named, &attrs("get", "deployments", None)));
-        let mut other = attrs("get", "deployments", None);
-        other.name = Some("db");
-        assert!(!allows(&named, &other));
-        other.name = None;
-        assert!(!allows(&named, &other), "resourceNames never match a list");
-    }
-
-    #[test]
-    fn verbs_follow_the_method_and_whether_an_object_is_named() {
-        use http::Method;
-        assert_eq!(Attributes::verb(&Method::GET, false, true), "watch");
-        assert_eq!(Attributes::verb(&Method::GET, false, false), "list");
-        assert_eq!(Attributes::verb(&Method::GET, true, false), "get");
-        assert_eq!(Attributes::verb(&Method::PATCH, true, false), "patch");
-        assert_eq!(
-            Attributes::verb(&Method::DELETE, false, false),
-            "deletecollection"
+            !allows(&named, &list),
+            "resourceNames never match a whole list"
         );
     }
 

@@ -241,18 +241,25 @@ impl axum::extract::FromRequestParts<Arc<Inner>> for Resource {
             bearer(&parts.headers).and_then(|t| inner.accounts.lock().unwrap().get(t).cloned());
         let target = {
             let state = inner.state.lock().unwrap();
-            let target = resolve(&state, group, version, rest).ok_or_else(not_found_page)?;
+            // Authorization comes first: a type the caller may not use is
+            // forbidden before it is unknown.
+            let attributes = Attributes::of(&parts.method, group, rest, &q);
             if let Some(who) = &account {
-                let watch = q.get("watch").is_some_and(|w| w == "true" || w == "1");
-                let attributes = Attributes {
-                    verb: Attributes::verb(&parts.method, target.name.is_some(), watch),
-                    group: &target.ty.group,
-                    resource: &target.ty.plural,
-                    subresource: target.sub.as_deref(),
-                    namespace: &target.namespace,
-                    name: target.name.as_deref(),
-                };
                 authorize(&state, who, &attributes).map_err(|e| error(&e))?;
+            }
+            let target = resolve(&state, group, version, rest).ok_or_else(not_found_page)?;
+            // A server-side apply that creates the object is a create too.
+            let applying = parts
+                .headers
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|c| c.starts_with("application/apply-patch"));
+            if let (Some(who), Some(name)) = (&account, &target.name)
+                && applying
+                && target.sub.is_none()
+                && state.get(&target.ty, &target.namespace, name).is_err()
+            {
+                authorize(&state, who, &attributes.as_verb("create")).map_err(|e| error(&e))?;
             }
             target
         };

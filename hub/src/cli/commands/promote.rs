@@ -17,38 +17,55 @@ pub(super) async fn promote(c: &mut Client, f: Format, args: PromoteArgs) -> any
         })
         .await)?;
     #[derive(serde::Serialize)]
+    struct Gate<'a> {
+        gate: &'a str,
+        passed: bool,
+        detail: &'a str,
+    }
+    #[derive(serde::Serialize)]
     struct Item<'a> {
         source: String,
         target: &'a str,
         target_revision: u64,
         skipped: &'a str,
-        gates: Vec<String>,
+        gates: Vec<Gate<'a>>,
         diff: &'a str,
     }
-    let items: Vec<Item<'_>> = r
-        .items
-        .iter()
-        .map(|i| Item {
-            source: format!("{}@{}", i.source_unit, i.source_revision),
-            target: &i.target_unit,
-            target_revision: i.target_revision,
-            skipped: &i.skipped,
-            gates: i
-                .gates
-                .iter()
-                .map(|g| {
-                    format!(
-                        "{} {}: {}",
-                        g.gate,
-                        if g.passed { "passed" } else { "FAILED" },
-                        g.detail
-                    )
-                })
-                .collect(),
-            diff: &i.diff,
-        })
-        .collect();
-    match structured(f, &items) {
+    /// The whole answer: what a script needs to follow or undo it.
+    #[derive(serde::Serialize)]
+    struct Outcome<'a> {
+        /// `null` when nothing was recorded (a dry run, or nothing to do).
+        promotion_id: Option<u64>,
+        blocked: bool,
+        message: &'a str,
+        items: Vec<Item<'a>>,
+    }
+    let outcome = Outcome {
+        promotion_id: (r.promotion_id > 0).then_some(r.promotion_id),
+        blocked: r.blocked,
+        message: &r.message,
+        items: r
+            .items
+            .iter()
+            .map(|i| Item {
+                source: format!("{}@{}", i.source_unit, i.source_revision),
+                target: &i.target_unit,
+                target_revision: i.target_revision,
+                skipped: &i.skipped,
+                gates: i
+                    .gates
+                    .iter()
+                    .map(|g| Gate {
+                        gate: &g.gate,
+                        passed: g.passed,
+                        detail: &g.detail,
+                    })
+                    .collect(),
+                diff: &i.diff,
+            })
+            .collect(),
+    };
+    match structured(f, &outcome) {
         Some(s) => print(&s),
         None => {
             if args.dry_run {
