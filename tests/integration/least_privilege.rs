@@ -189,3 +189,34 @@ async fn an_object_outside_a_namespaced_install_fails_the_unit_naming_it() {
     wait_phase(&hub, "dev/app", 3, pb::Phase::Destroyed).await;
     assert!(cluster.object("v1", "configmaps", "apps", "a").is_none());
 }
+
+#[tokio::test]
+async fn the_messagewall_example_needs_only_the_default_install_and_its_crossplane_role() {
+    let (hub, mut cluster) = setup(&[]).await;
+    let extension = include_str!("../../deploy/kubernetes/agent-crossplane-aws.yaml");
+    for doc in serde_saphyr::from_multiple::<Value>(extension).expect("YAML") {
+        cluster.apply_json(doc).await;
+    }
+    cluster.start_agent();
+    let example: Vec<String> = [
+        include_str!("../../deploy/examples/messagewall/crds.yaml"),
+        include_str!("../../deploy/examples/messagewall/dynamodb.yaml"),
+        include_str!("../../deploy/examples/messagewall/eventbridge.yaml"),
+        include_str!("../../deploy/examples/messagewall/function-url.yaml"),
+        include_str!("../../deploy/examples/messagewall/iam.yaml"),
+        include_str!("../../deploy/examples/messagewall/lambda.yaml"),
+        include_str!("../../deploy/examples/messagewall/s3.yaml"),
+        include_str!("../../deploy/examples/messagewall/web.yaml"),
+    ]
+    .map(str::to_owned)
+    .into();
+    hub.put("dev/messagewall", &unit(&example)).await.unwrap();
+    wait_phase(&hub, "dev/messagewall", 1, pb::Phase::Ready).await;
+    hub.destroy("dev/messagewall").await.unwrap();
+    wait_phase(&hub, "dev/messagewall", 2, pb::Phase::Destroyed).await;
+    assert!(
+        cluster
+            .object("apps/v1", "deployments", "messagewall", "web")
+            .is_none()
+    );
+}
