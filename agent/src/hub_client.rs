@@ -19,6 +19,8 @@ use tonic::transport::Channel;
 use unitsync_proto::backoff::Backoff;
 use unitsync_proto::dial::{self, Role};
 use unitsync_proto::v1 as pb;
+
+use crate::inventory::FoundUnit;
 use unitsync_proto::v1::agent_message::Msg as AgentMsg;
 use unitsync_proto::v1::hub_message::Msg as HubMsg;
 
@@ -263,7 +265,7 @@ pub struct HubClient {
     events: mpsc::UnboundedSender<HubEvent>,
     /// Units found in the cluster (their inventories) that the record
     /// does not hold, until the hub has said what they should be.
-    found: std::sync::Mutex<std::collections::BTreeSet<String>>,
+    found: std::sync::Mutex<std::collections::BTreeSet<FoundUnit>>,
 }
 
 /// Keepalive sent by the agent when the hub gives none.
@@ -293,12 +295,12 @@ impl HubClient {
     /// hub sends what they should be, a destroy included (a unit it does
     /// not hold and whose head is a destroy is otherwise in sync).
     #[must_use]
-    pub fn with_found(self, units: impl IntoIterator<Item = String>) -> HubClient {
+    pub fn with_found(self, units: impl IntoIterator<Item = FoundUnit>) -> HubClient {
         self.lock_found().extend(units);
         self
     }
 
-    fn lock_found(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<String>> {
+    fn lock_found(&self) -> std::sync::MutexGuard<'_, std::collections::BTreeSet<FoundUnit>> {
         self.found
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -503,20 +505,24 @@ impl HubClient {
                 unit: u.unit,
                 revision: u.revision,
                 digest: u.digest,
+                // Only a found unit's is told: what the record holds is
+                // this agent's, whatever the environment.
+                environment: String::new(),
             })
             .collect();
-        let found: Vec<String> = {
+        let found: Vec<FoundUnit> = {
             let found = self.lock_found();
             found
                 .iter()
-                .filter(|f| !held.iter().any(|h| h.unit == **f))
+                .filter(|f| !held.iter().any(|h| h.unit == f.unit))
                 .cloned()
                 .collect()
         };
-        held.extend(found.into_iter().map(|unit| pb::HeldUnit {
-            unit,
+        held.extend(found.into_iter().map(|f| pb::HeldUnit {
+            unit: f.unit,
             revision: 0,
             digest: String::new(),
+            environment: f.environment,
         }));
 
         let hello = pb::AgentMessage {
@@ -635,7 +641,7 @@ impl HubClient {
             .record(desired.clone())
             .await
             .map_err(SessionError::Record)?;
-        self.lock_found().remove(&desired.unit);
+        self.lock_found().retain(|f| f.unit != desired.unit);
         let ack = pb::Ack {
             unit: desired.unit.clone(),
             revision: desired.revision,

@@ -6,7 +6,10 @@
 //! and what is about to be applied; entries not applied yet have no uid)
 //! and shrunk after prune, so an interrupted apply leaves no object outside
 //! every inventory. A missing agent namespace is re-created on save; an
-//! unreadable inventory is an error, never an empty one.
+//! unreadable inventory is an error, never an empty one. Each inventory is
+//! labelled with its unit's environment, and one of another environment
+//! (another agent's, in a namespace two agents were given) is refused,
+//! never applied over, pruned from or destroyed.
 
 use std::collections::BTreeMap;
 
@@ -14,7 +17,7 @@ use k8s_openapi::api::core::v1::ConfigMap;
 use kube::api::{Api, Patch, PatchParams};
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::{LABEL_MANAGED_BY, LABEL_UNIT};
+use crate::manifest::{LABEL_ENVIRONMENT, LABEL_MANAGED_BY, LABEL_UNIT};
 
 /// One applied object.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
@@ -114,6 +117,27 @@ pub enum InventoryError {
         name: String,
         problem: String,
     },
+    /// The ConfigMap records a unit of another environment: another agent's
+    /// (two agents given one namespace). It is left alone.
+    #[error(
+        "the inventory ConfigMap {namespace}/{name} records {theirs}/{unit}, not {ours}/{unit}: another agent keeps its inventories in {namespace} (give each agent a namespace of its own: agent install --namespace); nothing of the unit is applied, pruned or destroyed"
+    )]
+    OtherEnvironment {
+        namespace: String,
+        name: String,
+        unit: String,
+        ours: String,
+        theirs: String,
+    },
+}
+
+/// A unit whose inventory is in the cluster.
+#[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct FoundUnit {
+    pub unit: String,
+    /// Its environment (empty for inventories written before they were
+    /// labelled with it).
+    pub environment: String,
 }
 
 pub struct InventoryStore {
@@ -169,7 +193,7 @@ impl InventoryStore {
     }
 
     /// The units with an inventory in the cluster.
-    pub async fn units(&self) -> Result<Vec<String>, InventoryError> {
+    pub async fn units(&self) -> Result<Vec<FoundUnit>, InventoryError> {
         let lp = kube::api::ListParams::default().labels(&format!("{LABEL_MANAGED_BY}=unitsync"));
         let list = self
             .api
@@ -185,13 +209,23 @@ impl InventoryStore {
                     .as_deref()
                     .is_some_and(|n| n.starts_with(CM_PREFIX))
             })
-            .filter_map(|cm| cm.metadata.labels?.get(LABEL_UNIT).cloned())
+            .filter_map(|cm| {
+                let labels = cm.metadata.labels?;
+                Some(FoundUnit {
+                    unit: labels.get(LABEL_UNIT)?.clone(),
+                    environment: labels.get(LABEL_ENVIRONMENT).cloned().unwrap_or_default(),
+                })
+            })
             .collect())
     }
 
-    /// The unit's inventory; `None` when it has none (a new unit, or one
-    /// whose inventory was lost).
-    pub async fn load(&self, unit: &str) -> Result<Option<Inventory>, InventoryError> {
+    /// The inventory of `unit` of `environment`; `None` when it has none (a
+    /// new unit, or one whose inventory was lost).
+    pub async fn load(
+        &self,
+        unit: &str,
+        environment: &str,
+    ) -> Result<Option<Inventory>, InventoryError> {
         let name = cm_name(unit);
         let Some(cm) = self
             .api
@@ -201,6 +235,21 @@ impl InventoryStore {
         else {
             return Ok(None);
         };
+        if let Some(theirs) = cm
+            .metadata
+            .labels
+            .as_ref()
+            .and_then(|l| l.get(LABEL_ENVIRONMENT))
+            .filter(|theirs| theirs.as_str() != environment)
+        {
+            return Err(InventoryError::OtherEnvironment {
+                namespace: self.namespace.clone(),
+                name,
+                unit: unit.to_owned(),
+                ours: environment.to_owned(),
+                theirs: theirs.clone(),
+            });
+        }
         let corrupt = |problem: String| InventoryError::Corrupt {
             namespace: self.namespace.clone(),
             name: name.clone(),
@@ -217,12 +266,17 @@ impl InventoryStore {
 
     /// Writes the unit's inventory, re-creating the agent namespace when it
     /// was deleted (a restored cluster, an accident).
-    pub async fn save(&self, unit: &str, inv: &Inventory) -> Result<(), InventoryError> {
-        match self.write(unit, inv).await {
+    pub async fn save(
+        &self,
+        unit: &str,
+        environment: &str,
+        inv: &Inventory,
+    ) -> Result<(), InventoryError> {
+        match self.write(unit, environment, inv).await {
             Err(kube::Error::Api(s)) if s.code == 404 => {
                 tracing::warn!(namespace = %self.namespace, "the agent namespace is gone; re-creating it");
                 self.ensure_namespace().await?;
-                self.write(unit, inv)
+                self.write(unit, environment, inv)
                     .await
                     .map_err(InventoryError::Unreachable)
             }
@@ -253,7 +307,12 @@ impl InventoryStore {
         }
     }
 
-    async fn write(&self, unit: &str, inv: &Inventory) -> Result<(), kube::Error> {
+    async fn write(
+        &self,
+        unit: &str,
+        environment: &str,
+        inv: &Inventory,
+    ) -> Result<(), kube::Error> {
         // The time before the write (its objects follow it); the uid once
         // it succeeded.
         let at = tokio::time::Instant::now();
@@ -271,7 +330,7 @@ impl InventoryStore {
             "kind": "ConfigMap",
             "metadata": {
                 "name": cm_name(unit),
-                "labels": {LABEL_MANAGED_BY: "unitsync", LABEL_UNIT: unit},
+                "labels": {LABEL_MANAGED_BY: "unitsync", LABEL_UNIT: unit, LABEL_ENVIRONMENT: environment},
             },
             "data": data,
         });

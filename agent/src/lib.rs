@@ -136,7 +136,10 @@ async fn serve_health(
 
 /// The units with an inventory in the cluster, tried a few times (a blip
 /// must not skip the recovery); none if it still fails.
-async fn found_units(inventory: &InventoryStore, shutdown: &CancellationToken) -> Vec<String> {
+async fn found_units(
+    inventory: &InventoryStore,
+    shutdown: &CancellationToken,
+) -> Vec<crate::inventory::FoundUnit> {
     let mut backoff = unitsync_proto::backoff::Backoff::default();
     for attempt in 1..=5 {
         match inventory.units().await {

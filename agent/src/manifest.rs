@@ -6,6 +6,8 @@ use serde_json::Value;
 /// Labels and annotations the agent puts on every object it applies.
 pub const LABEL_MANAGED_BY: &str = "app.kubernetes.io/managed-by";
 pub const LABEL_UNIT: &str = "unitsync.dev/unit";
+/// On an inventory ConfigMap: the environment whose unit it records.
+pub const LABEL_ENVIRONMENT: &str = "unitsync.dev/environment";
 pub const ANNOTATION_UNIT: &str = "unitsync.dev/unit";
 pub const ANNOTATION_ENVIRONMENT: &str = "unitsync.dev/environment";
 /// The revision that last changed the object.

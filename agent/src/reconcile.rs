@@ -151,7 +151,9 @@ impl Pass {
     fn inventory(e: InventoryError) -> Pass {
         match e {
             InventoryError::Unreachable(_) => Self::unknown(e.to_string()),
-            InventoryError::Corrupt { .. } => Self::failed(Phase::Failed, e.to_string()),
+            InventoryError::Corrupt { .. } | InventoryError::OtherEnvironment { .. } => {
+                Self::failed(Phase::Failed, e.to_string())
+            }
         }
     }
 }
@@ -550,7 +552,7 @@ impl Reconciler {
     /// The unit's inventory; a missing one is recovered from the labels and
     /// annotations the agent stamps on every object (a new unit has none).
     async fn load_inventory(&self, unit: &DesiredUnit) -> Result<Inventory, Pass> {
-        match self.inventory.load(&unit.unit).await {
+        match self.inventory.load(&unit.unit, &unit.environment).await {
             Ok(Some(inv)) => Ok(inv),
             Ok(None) => {
                 let found = self
@@ -605,7 +607,10 @@ impl Reconciler {
         // Write-ahead: every object this pass may create is in the
         // inventory before it exists.
         if (ahead.entries != previous.entries || previous.revision == 0)
-            && let Err(e) = self.inventory.save(&unit.unit, &ahead).await
+            && let Err(e) = self
+                .inventory
+                .save(&unit.unit, &unit.environment, &ahead)
+                .await
         {
             return Pass::inventory(e);
         }
@@ -745,7 +750,10 @@ impl Reconciler {
             inv.merge(a.clone());
         }
         if inv != ahead
-            && let Err(e) = self.inventory.save(&unit.unit, &inv).await
+            && let Err(e) = self
+                .inventory
+                .save(&unit.unit, &unit.environment, &inv)
+                .await
         {
             return Pass::inventory(e);
         }
@@ -807,7 +815,7 @@ impl Reconciler {
     /// labels say is the unit's) and waits until they are gone.
     async fn destroy(&self, unit: &DesiredUnit, rx: &watch::Receiver<DesiredUnit>) -> Pass {
         let unit_ref = Self::unit_ref(unit);
-        let mut inv = match self.inventory.load(&unit.unit).await {
+        let mut inv = match self.inventory.load(&unit.unit, &unit.environment).await {
             Ok(i) => i.unwrap_or_default(),
             Err(e) => return Pass::inventory(e),
         };
@@ -878,7 +886,7 @@ impl Reconciler {
 
     /// Health of every inventory object, rolled up to a unit phase.
     async fn assess(&self, unit: &DesiredUnit) -> Assessed {
-        let inv = match self.inventory.load(&unit.unit).await {
+        let inv = match self.inventory.load(&unit.unit, &unit.environment).await {
             Ok(Some(i)) => i,
             Ok(None) => {
                 tracing::warn!(unit = %unit.unit, "inventory missing; applying again");

@@ -914,3 +914,47 @@ async fn a_unit_destroyed_while_the_agent_lost_its_state_is_destroyed_on_return(
         "the destroyed unit's object still runs"
     );
 }
+
+/// Two agents given one namespace (a second install into the same cluster
+/// replaced the first's Deployment): the newcomer finds the other's
+/// inventories, and neither destroys a unit its environment lacks nor
+/// applies over a unit of the same name; it says why instead.
+#[tokio::test]
+async fn an_agent_finding_another_environment_s_inventories_leaves_them_alone() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    hub.create_env("staging").await;
+    let dev = hub.create_cluster("dev-1", "dev").await;
+    let staging = hub.create_cluster("staging-1", "staging").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &dev).await;
+    cluster.start_agent();
+    hub.put("dev/web", &config("web")).await.unwrap();
+    hub.put("dev/db", &config("db")).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    wait_phase(&hub, "dev/db", 1, pb::Phase::Ready).await;
+
+    cluster.stop_agent().await;
+    cluster.forget_state();
+    cluster.config.hub.token = staging;
+    cluster.start_agent();
+    hub.put(
+        "staging/web",
+        &config("web").replace("a: \"1\"", "a: \"2\""),
+    )
+    .await
+    .unwrap();
+    let message = wait_phase(&hub, "staging/web", 1, pb::Phase::Failed).await;
+    assert!(
+        message.contains("records dev/web, not staging/web"),
+        "{message}"
+    );
+    // A unit staging has no such thing as: dev's, not a destroy.
+    hub.put("staging/canary", &config("canary")).await.unwrap();
+    wait_phase(&hub, "staging/canary", 1, pb::Phase::Ready).await;
+    for name in ["web", "db"] {
+        let cm = cluster
+            .object("v1", "configmaps", "default", name)
+            .unwrap_or_else(|| panic!("dev's {name} is still there"));
+        assert_eq!(cm["data"]["a"], "1", "dev's {name} unchanged");
+    }
+}

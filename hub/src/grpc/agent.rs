@@ -227,6 +227,8 @@ async fn resync(
 ) -> Result<usize, HubError> {
     let mut vector: HashMap<&str, (RevisionNum, Option<Digest>)> = held
         .iter()
+        // Found in the cluster but another environment's: not this agent's.
+        .filter(|h| h.environment.is_empty() || h.environment == cluster.environment.as_str())
         .map(|h| {
             (
                 h.unit.as_str(),
