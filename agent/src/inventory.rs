@@ -120,7 +120,7 @@ pub enum InventoryError {
     /// The ConfigMap records a unit of another environment: another agent's
     /// (two agents given one namespace). It is left alone.
     #[error(
-        "the inventory ConfigMap {namespace}/{name} records {theirs}/{unit}, not {ours}/{unit}: another agent keeps its inventories in {namespace} (give each agent a namespace of its own: agent install --namespace); nothing of the unit is applied, pruned or destroyed"
+        "the inventory ConfigMap {namespace}/{name} records {theirs}/{unit}, not {ours}/{unit}: another agent keeps its inventories in {namespace} (give each agent a namespace of its own: agent install --namespace), or this cluster was in {theirs} before; nothing of it is applied over or pruned"
     )]
     OtherEnvironment {
         namespace: String,

@@ -29,7 +29,9 @@ use crate::drift::DriftWatch;
 use crate::health::{self, Health};
 use crate::hub_client::{ResourceReport, StatusQueue, StatusUpdate};
 use crate::inventory::{Entry, Inventory, InventoryError, InventoryStore};
-use crate::manifest::{ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE, Object};
+use crate::manifest::{
+    ANNOTATION_DRIFT, ANNOTATION_FORCE, ANNOTATION_PRUNE, ANNOTATION_UNIT, Object,
+};
 use crate::metrics::AgentMetrics;
 
 mod plan;
@@ -156,6 +158,14 @@ impl Pass {
             }
         }
     }
+}
+
+/// The unit (`ENV/UNIT`) a live object says it belongs to; nothing is
+/// deleted for a unit that is not its owner.
+fn owner(live: &serde_json::Value) -> &str {
+    live["metadata"]["annotations"][ANNOTATION_UNIT]
+        .as_str()
+        .unwrap_or_default()
 }
 
 /// What the watch phase after a pass ended with.
@@ -708,6 +718,13 @@ impl Reconciler {
                     gone.push(e.clone());
                     continue;
                 }
+                // Someone else's now (another unit's, another agent's):
+                // never deleted, no longer this unit's.
+                Ok(Some(live)) if owner(&live) != unit_ref => {
+                    tracing::warn!(unit = %unit.unit, object = %e.id(), owner = owner(&live), "not the unit's any more; kept and no longer managed");
+                    gone.push(e.clone());
+                    continue;
+                }
                 Ok(Some(_)) => {}
                 Ok(None) => {
                     gone.push(e.clone());
@@ -815,8 +832,12 @@ impl Reconciler {
     /// labels say is the unit's) and waits until they are gone.
     async fn destroy(&self, unit: &DesiredUnit, rx: &watch::Receiver<DesiredUnit>) -> Pass {
         let unit_ref = Self::unit_ref(unit);
-        let mut inv = match self.inventory.load(&unit.unit, &unit.environment).await {
-            Ok(i) => i.unwrap_or_default(),
+        // Another environment's inventory of the same name (another
+        // agent's) is left alone: the unit's objects are found by their
+        // annotation only, and the ConfigMap stays.
+        let (mut inv, theirs) = match self.inventory.load(&unit.unit, &unit.environment).await {
+            Ok(i) => (i.unwrap_or_default(), false),
+            Err(InventoryError::OtherEnvironment { .. }) => (Inventory::default(), true),
             Err(e) => return Pass::inventory(e),
         };
         loop {
@@ -847,6 +868,8 @@ impl Reconciler {
                 match self.applier.get(&target).await {
                     Ok(Some(live))
                         if live["metadata"]["annotations"][ANNOTATION_PRUNE] == "disabled" => {}
+                    // Someone else's (another unit's, another agent's).
+                    Ok(Some(live)) if owner(&live) != unit_ref => {}
                     Ok(Some(live)) => {
                         if live["metadata"]["deletionTimestamp"].is_null()
                             && let Err(err) = self.applier.delete(&target).await
@@ -876,7 +899,7 @@ impl Reconciler {
                 return Pass::Superseded;
             }
         }
-        if let Err(e) = self.inventory.delete(&unit.unit).await {
+        if !theirs && let Err(e) = self.inventory.delete(&unit.unit).await {
             return Pass::inventory(e);
         }
         Pass::Done {

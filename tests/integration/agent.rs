@@ -918,9 +918,10 @@ async fn a_unit_destroyed_while_the_agent_lost_its_state_is_destroyed_on_return(
 /// Two agents given one namespace (a second install into the same cluster
 /// replaced the first's Deployment): the newcomer finds the other's
 /// inventories, and neither destroys a unit its environment lacks nor
-/// applies over a unit of the same name; it says why instead.
-#[tokio::test]
-async fn an_agent_finding_another_environment_s_inventories_leaves_them_alone() {
+/// applies over a unit of the same name; it says why instead. With
+/// `unlabelled`, dev's inventories predate the environment label: the
+/// objects' own annotations still keep them from being deleted.
+async fn another_environment_s_units_are_left_alone(unlabelled: bool) {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     hub.create_env("staging").await;
@@ -934,6 +935,23 @@ async fn an_agent_finding_another_environment_s_inventories_leaves_them_alone() 
     wait_phase(&hub, "dev/db", 1, pb::Phase::Ready).await;
 
     cluster.stop_agent().await;
+    if unlabelled {
+        let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("unitsync-system"));
+        for unit in ["web", "db"] {
+            within(
+                "unlabel",
+                cms.patch(
+                    &format!("unitsync-inventory-{unit}"),
+                    &kube::api::PatchParams::default(),
+                    &kube::api::Patch::Merge(
+                        json!({"metadata": {"labels": {"unitsync.dev/environment": null}}}),
+                    ),
+                ),
+            )
+            .await
+            .expect("unlabel");
+        }
+    }
     cluster.forget_state();
     cluster.config.hub.token = staging;
     cluster.start_agent();
@@ -944,17 +962,32 @@ async fn an_agent_finding_another_environment_s_inventories_leaves_them_alone() 
     .await
     .unwrap();
     let message = wait_phase(&hub, "staging/web", 1, pb::Phase::Failed).await;
-    assert!(
-        message.contains("records dev/web, not staging/web"),
-        "{message}"
-    );
+    let why = if unlabelled {
+        "belongs to unit dev/web"
+    } else {
+        "records dev/web, not staging/web"
+    };
+    assert!(message.contains(why), "{message}");
     // A unit staging has no such thing as: dev's, not a destroy.
     hub.put("staging/canary", &config("canary")).await.unwrap();
     wait_phase(&hub, "staging/canary", 1, pb::Phase::Ready).await;
+    // Destroying staging's unit of the same name destroys nothing of dev's.
+    hub.destroy("staging/web").await.unwrap();
+    wait_phase(&hub, "staging/web", 2, pb::Phase::Destroyed).await;
     for name in ["web", "db"] {
         let cm = cluster
             .object("v1", "configmaps", "default", name)
             .unwrap_or_else(|| panic!("dev's {name} is still there"));
         assert_eq!(cm["data"]["a"], "1", "dev's {name} unchanged");
     }
+}
+
+#[tokio::test]
+async fn an_agent_finding_another_environment_s_inventories_leaves_them_alone() {
+    another_environment_s_units_are_left_alone(false).await;
+}
+
+#[tokio::test]
+async fn another_environment_s_objects_are_never_deleted_even_through_an_unlabelled_inventory() {
+    another_environment_s_units_are_left_alone(true).await;
 }

@@ -182,6 +182,20 @@ pub struct OciSpec {
     pub ca_pem: String,
 }
 
+/// `s` (a URL or its host part) with any login before an `@` in its
+/// authority replaced by `***`, for quoting it in an error.
+fn without_login(s: &str) -> String {
+    let (scheme, rest) = match s.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), s),
+    };
+    let end = rest.find('/').unwrap_or(rest.len());
+    match rest[..end].rfind('@') {
+        Some(at) => format!("{scheme}***{}", &rest[at..]),
+        None => s.to_owned(),
+    }
+}
+
 /// The shortest interval a source may poll at.
 pub const MIN_INTERVAL: Duration = Duration::from_secs(1);
 
@@ -191,7 +205,7 @@ impl OciSpec {
         let rest = url.strip_prefix("oci://").ok_or_else(|| {
             format!(
                 "the URL {:?} must start with oci://",
-                crate::manifest::prefix(url)
+                crate::manifest::prefix(&without_login(url))
             )
         })?;
         let (host, repo) = rest
@@ -208,7 +222,7 @@ impl OciSpec {
         {
             return Err(format!(
                 "registry host {:?}: a host name or address with an optional port (credentials go in --username/--password-file)",
-                crate::manifest::prefix(host)
+                crate::manifest::prefix(&without_login(host))
             ));
         }
         if repo.contains('@')
@@ -420,6 +434,19 @@ mod tests {
             "oci://r?x=1/x",
         ] {
             assert!(OciSpec::parse_url(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_login_in_a_refused_url_is_never_quoted() {
+        for url in [
+            "oci://robot:s3cr3t-t0ken@ghcr.io/acme/app",
+            "https://robot:s3cr3t-t0ken@ghcr.io/acme/app",
+            "oci://s3cr3t-t0ken@ghcr.io/acme/app",
+        ] {
+            let e = OciSpec::parse_url(url).unwrap_err();
+            assert!(!e.contains("s3cr3t-t0ken") && !e.contains("robot"), "{e}");
+            assert!(e.contains("***@ghcr.io"), "{e}");
         }
     }
 }
