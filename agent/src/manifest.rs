@@ -73,12 +73,15 @@ pub struct ParseError {
     pub problem: String,
 }
 
-/// Parses multi-document YAML (already validated by the hub; checked again).
+/// Parses multi-document YAML (already validated by the hub, with the
+/// same budget; checked again).
 pub fn parse(text: &str) -> Result<Vec<Object>, ParseError> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| ParseError {
-        document: 0,
-        problem: e.to_string(),
-    })?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, unitsync_proto::units::yaml_options())
+            .map_err(|e| ParseError {
+                document: 0,
+                problem: e.to_string(),
+            })?;
     let mut out = Vec::new();
     for (i, body) in docs.into_iter().enumerate() {
         if body.is_null() {

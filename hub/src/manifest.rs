@@ -331,6 +331,23 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
         }
         objects.push(id);
     }
+    // Each document passed; the agents parse the stream as a whole, with a
+    // budget of their own: a unit they cannot parse is refused here, not
+    // failed on every cluster.
+    serde_saphyr::from_multiple_with_options::<serde::de::IgnoredAny>(
+        text,
+        unitsync_proto::units::yaml_options(),
+    )
+    .map_err(|e| {
+        err(
+            None,
+            None,
+            format!(
+                "over what agents parse in one unit ({}); split it into several units",
+                one_line(&e.to_string())
+            ),
+        )
+    })?;
     Ok(Validated {
         digest: Digest::of(text.as_bytes()),
         objects,
@@ -435,6 +452,23 @@ mod tests {
 
     fn check(text: &str) -> Result<Validated, ManifestError> {
         validate(&unit(), text, &Limits::default())
+    }
+
+    #[test]
+    fn a_unit_agents_cannot_parse_as_a_whole_is_refused() {
+        let objects: String = (0..1_000)
+            .map(|i| format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: c{i}\n  namespace: default\n---\n"))
+            .collect();
+        check(&objects).expect("1,000 objects, the document limit");
+        // Every document passes, but the stream has more documents (empty
+        // ones count) than an agent's parser takes.
+        let with_empty = format!("{objects}{}", "# nothing here\n---\n".repeat(30));
+        let e = check(&with_empty).unwrap_err();
+        assert!(
+            e.problem.contains("over what agents parse in one unit"),
+            "{e}"
+        );
+        assert_eq!(e.document, None);
     }
 
     const CM: &str =

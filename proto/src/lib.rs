@@ -2,7 +2,8 @@
 //! tonic services, the protocol version constants, the client-side
 //! reconnect policy every agent shares, how agents and the CLI dial the hub
 //! ([`dial`]: TLS naming their role), and [`ErrorChain`], the one way both
-//! sides print an error with its causes.
+//! sides print an error with its causes; [`units`]: how agents parse a
+//! unit's YAML, which the hub checks every unit against.
 //!
 //! Prost types stop at the gRPC edge: hub and agent convert them into their
 //! own domain types.
@@ -10,6 +11,7 @@
 pub mod backoff;
 pub mod dial;
 pub mod outgoing;
+pub mod units;
 
 /// Displays an error with its whole `source()` chain (`a: b: c`), for logs
 /// and the last line a binary prints; shared by hub and agent.

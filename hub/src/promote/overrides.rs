@@ -47,7 +47,9 @@ fn find_doc<'a>(docs: &'a mut [Value], o: &Override) -> Option<&'a mut Value> {
 }
 
 fn parse_docs(text: &str) -> std::result::Result<Vec<Value>, String> {
-    let docs: Vec<Value> = serde_saphyr::from_multiple(text).map_err(|e| e.to_string())?;
+    let docs: Vec<Value> =
+        serde_saphyr::from_multiple_with_options(text, unitsync_proto::units::yaml_options())
+            .map_err(|e| e.to_string())?;
     Ok(docs.into_iter().filter(|d| !d.is_null()).collect())
 }
 

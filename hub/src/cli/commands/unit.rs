@@ -8,12 +8,15 @@ use super::*;
 /// `value` once became `null` and reached production as such).
 fn overrides_from(file: &std::path::Path, text: &str) -> anyhow::Result<Vec<pb::Override>> {
     const FIELDS: [&str; 5] = ["kind", "name", "namespace", "path", "value"];
-    let list: Vec<serde_json::Value> = serde_saphyr::from_str(text).with_context(|| {
-        format!(
-            "{}: overrides must be a YAML list of {{kind, name, namespace, path, value}}",
-            file.display()
-        )
-    })?;
+    // No source excerpt in the error: override values may be secret.
+    let list: Vec<serde_json::Value> =
+        serde_saphyr::from_str_with_options(text, unitsync_proto::units::yaml_options())
+            .with_context(|| {
+                format!(
+                    "{}: overrides must be a YAML list of {{kind, name, namespace, path, value}}",
+                    file.display()
+                )
+            })?;
     list.iter()
         .enumerate()
         .map(|(i, o)| {
@@ -387,5 +390,16 @@ mod tests {
         )
         .unwrap();
         assert_eq!(null[0].value_json, "null");
+    }
+
+    #[test]
+    fn a_broken_overrides_file_is_refused_without_quoting_its_values() {
+        let text = "- kind: Secret\n  name: db\n  path: stringData.password\n  value: s3cr3t-value\n    oops: [\n";
+        let e = format!(
+            "{:#}",
+            overrides_from(std::path::Path::new("o.yaml"), text).unwrap_err()
+        );
+        assert!(e.contains("o.yaml: overrides must be a YAML list"), "{e}");
+        assert!(!e.contains("s3cr3t-value"), "{e}");
     }
 }

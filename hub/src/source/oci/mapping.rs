@@ -67,7 +67,10 @@ struct Origin {
 }
 
 fn origin_of(doc: &str) -> Result<Option<Origin>, String> {
-    let v: serde_json::Value = serde_saphyr::from_str(doc).map_err(|e| format!("not YAML: {e}"))?;
+    // No source excerpt in the error: documents may hold secret values.
+    let v: serde_json::Value =
+        serde_saphyr::from_str_with_options(doc, unitsync_proto::units::yaml_options())
+            .map_err(|e| format!("not YAML: {e}"))?;
     let Some(raw) = v
         .get("metadata")
         .and_then(|m| m.get("annotations"))
