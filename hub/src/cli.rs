@@ -490,8 +490,9 @@ pub struct PutArgs {
     /// Change message recorded with the revision.
     #[arg(short = 'm', long, default_value = "")]
     pub message: String,
-    /// Labels as key=value; repeatable.
-    #[arg(long = "label", value_parser = parse_label)]
+    /// Labels as key=value; repeatable (a unit created --from takes its
+    /// upstream's).
+    #[arg(long = "label", value_parser = parse_label, conflicts_with = "from")]
     pub labels: Vec<(String, String)>,
     #[command(flatten)]
     pub wait: WaitArgs,

@@ -310,6 +310,17 @@ pub fn validate(unit: &UnitRef, text: &str, limits: &Limits) -> Result<Validated
                 }
             }
         }
+        if let Some((field, total)) = data_size(&api_version, &kind, map)
+            && total > MAX_DATA_BYTES
+        {
+            return Err(err(
+                at,
+                Some(field),
+                format!(
+                    "{kind} {name} holds {total} bytes of data; Kubernetes holds at most {MAX_DATA_BYTES} in one (split it)"
+                ),
+            ));
+        }
         let id = ObjectId {
             api_version,
             kind,
@@ -431,6 +442,39 @@ fn depth_of(v: &Value) -> usize {
     max
 }
 
+/// The most data the API server keeps in one ConfigMap or Secret (keys
+/// and values, base64 counted decoded).
+const MAX_DATA_BYTES: usize = 1024 * 1024;
+
+/// A ConfigMap's or Secret's data size, with the field to name.
+fn data_size(
+    api_version: &str,
+    kind: &str,
+    object: &serde_json::Map<String, Value>,
+) -> Option<(&'static str, usize)> {
+    let size = |field: &str, encoded: bool| -> usize {
+        object.get(field).and_then(Value::as_object).map_or(0, |m| {
+            m.iter()
+                .map(|(k, v)| {
+                    let v = v.as_str().unwrap_or_default();
+                    let padding = v.bytes().rev().take_while(|b| *b == b'=').count();
+                    k.len()
+                        + if encoded {
+                            (v.len() / 4 * 3).saturating_sub(padding)
+                        } else {
+                            v.len()
+                        }
+                })
+                .sum()
+        })
+    };
+    match (api_version, kind) {
+        ("v1", "ConfigMap") => Some(("data", size("data", false) + size("binaryData", true))),
+        ("v1", "Secret") => Some(("data", size("data", true) + size("stringData", false))),
+        _ => None,
+    }
+}
+
 /// The parser's message without the source excerpt it appends: manifests
 /// may hold secret values, and errors must never echo them.
 fn one_line(s: &str) -> String {
@@ -452,6 +496,33 @@ mod tests {
 
     fn check(text: &str) -> Result<Validated, ManifestError> {
         validate(&unit(), text, &Limits::default())
+    }
+
+    #[test]
+    fn a_config_map_or_secret_over_the_api_server_s_data_limit_is_refused() {
+        let big = "x".repeat(1024 * 1024);
+        let cm = format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: big\ndata:\n  blob: {big}\n"
+        );
+        let small = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: small\n";
+        let e = check(&format!("{small}---\n{cm}")).unwrap_err();
+        assert_eq!((e.document, e.field.as_deref()), (Some(2), Some("data")));
+        assert!(
+            e.problem.contains("ConfigMap big holds 1048580 bytes"),
+            "{e}"
+        );
+        // Just under: accepted (base64 counts decoded).
+        let fits = "x".repeat(1024 * 1024 - 4);
+        check(&format!(
+            "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: fits\ndata:\n  blob: {fits}\n"
+        ))
+        .unwrap();
+        let encoded = "QUJD".repeat(350_000);
+        let e = check(&format!(
+            "apiVersion: v1\nkind: Secret\nmetadata:\n  name: s\ndata:\n  k: {encoded}\n"
+        ))
+        .unwrap_err();
+        assert!(e.problem.contains("Secret s holds 1050001 bytes"), "{e}");
     }
 
     #[test]

@@ -46,6 +46,9 @@ pub struct PromoteRequest {
     /// what an operator confirmed, checked where the commit's expected
     /// heads are read.
     pub confirmed: Option<String>,
+    /// The new revisions' message, instead of the promotion's origin (a
+    /// unit created linked to its upstream, with the operator's message).
+    pub message: Option<String>,
 }
 
 /// What a plan does, unit by unit (see [`PlanItem::fingerprint`]).
@@ -80,7 +83,9 @@ pub struct PlanItem {
     /// A skip that blocks the release set (gate, conflict, bad link).
     pub blocking: bool,
     content: Option<(String, crate::manifest::Validated)>,
-    create: bool,
+    /// The target is created: with the source unit's labels (so a selector
+    /// that picked the source picks it in its environment too).
+    create: Option<crate::model::Labels>,
     /// Where a source-owned upstream revision came from (its origin).
     provenance: Option<String>,
 }

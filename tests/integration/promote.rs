@@ -708,3 +708,90 @@ async fn rollback_of_a_unit_and_of_a_release_set() {
         head.origin
     );
 }
+
+/// A unit a promotion creates takes its source's labels, so the selector
+/// that promoted it promotes it again from its environment; a unit created
+/// linked keeps the operator's message.
+#[tokio::test]
+async fn units_a_promotion_creates_take_their_source_s_labels() {
+    let hub = pipeline(Tuning::default()).await;
+    let _dev = healthy_dev(&hub).await;
+    let token = hub.create_cluster("staging-1", "staging").await;
+    let mut staging = SimAgent::new(&hub.endpoint(), hub.ca(), &token).auto_ready();
+    staging.start();
+    let mut admin = hub.admin().await;
+    let cm = |name: &str| {
+        format!("apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: {name}\n  namespace: apps\n")
+    };
+    for name in ["web", "db"] {
+        within(
+            "put",
+            admin.put_unit(pb::PutUnitRequest {
+                unit: format!("dev/{name}"),
+                manifests: cm(name),
+                labels: [("app".to_owned(), name.to_owned())].into(),
+                ..Default::default()
+            }),
+        )
+        .await
+        .unwrap();
+        ready_in(&hub, &format!("dev/{name}"), 1).await;
+    }
+    let by_label = |from: &str, to: &str| pb::PromoteRequest {
+        selector: "app=web".into(),
+        ..promote_req(from, to, &[])
+    };
+    let r = promote(&mut admin, by_label("dev", "staging")).await;
+    assert_eq!(r.items.len(), 1, "{}", r.message);
+    let labels = |d: pb::UnitDetail| d.unit.unwrap().labels;
+    assert_eq!(
+        labels(hub.unit("staging/web").await.unwrap()),
+        [("app".to_owned(), "web".to_owned())].into()
+    );
+    ready_in(&hub, "staging/web", 1).await;
+    let r = promote(&mut admin, by_label("staging", "prod")).await;
+    assert_eq!(r.items[0].target_revision, 1, "{}", r.message);
+
+    let linked = within(
+        "link",
+        admin.link_unit(pb::LinkUnitRequest {
+            unit: "staging/db".into(),
+            upstream: "dev/db".into(),
+            message: "the first db in staging".into(),
+        }),
+    )
+    .await
+    .unwrap()
+    .into_inner();
+    assert_eq!(linked.message, "the first db in staging");
+    assert_eq!(
+        labels(hub.unit("staging/db").await.unwrap()),
+        [("app".to_owned(), "db".to_owned())].into()
+    );
+}
+
+/// `unit rollback` undoes a destroy: the unit comes back with the old
+/// revision's content.
+#[tokio::test]
+async fn a_destroyed_unit_is_rolled_back_to_its_content() {
+    let hub = pipeline(Tuning::default()).await;
+    let cm = "apiVersion: v1\nkind: ConfigMap\nmetadata:\n  name: web\n  namespace: apps\n";
+    let first = hub.put("dev/web", cm).await.unwrap();
+    hub.destroy("dev/web").await.unwrap();
+    let mut admin = hub.admin().await;
+    let back = within(
+        "rollback",
+        admin.rollback_unit(pb::RollbackUnitRequest {
+            unit: "dev/web".into(),
+            to_revision: 1,
+            message: "undo the destroy".into(),
+        }),
+    )
+    .await
+    .expect("a destroyed unit rolls back")
+    .into_inner();
+    assert_eq!((back.number, back.tombstone), (3, false));
+    assert_eq!(back.digest, first.digest, "revision 1's content");
+    let unit = hub.unit("dev/web").await.unwrap().unit.unwrap();
+    assert_eq!((unit.head_revision, unit.destroyed), (3, false));
+}

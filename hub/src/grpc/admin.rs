@@ -445,7 +445,7 @@ impl pb::hub_service_server::HubService for AdminService {
             let r = req.into_inner();
             let rev = self
                 .hub
-                .link_unit(actor, parse(&r.unit)?, parse(&r.upstream)?)
+                .link_unit(actor, parse(&r.unit)?, parse(&r.upstream)?, &r.message)
                 .await?;
             let mut pb_rev = convert::revision(&rev);
             pb_rev.manifests.clear();
@@ -524,6 +524,7 @@ impl pb::hub_service_server::HubService for AdminService {
                     automatic: false,
                     reader: role,
                     confirmed: None,
+                    message: None,
                 })
                 .await?;
             Ok(pb::PromoteResponse {

@@ -198,6 +198,12 @@ pub fn override_from_pb(o: pb::Override) -> Result<Override> {
             "an override needs kind, name and path".into(),
         ));
     }
+    if o.path.split('.').any(str::is_empty) {
+        return Err(HubError::InvalidArgument(format!(
+            "override {:?} of {} {}: a path is field names and list indexes joined by dots (spec.template.spec.containers.0.image)",
+            o.path, o.kind, o.name
+        )));
+    }
     Ok(Override {
         kind: o.kind,
         name: o.name,
@@ -457,6 +463,26 @@ pub fn source_from_pb(
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn an_override_path_with_an_empty_segment_is_refused_naming_it() {
+        let o = |path: &str| pb::Override {
+            kind: "Deployment".into(),
+            name: "web".into(),
+            namespace: String::new(),
+            path: path.into(),
+            value_json: "1".into(),
+        };
+        for bad in [".", "spec..replicas", "spec.replicas."] {
+            let e = override_from_pb(o(bad)).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("override {bad:?} of Deployment web")),
+                "{e}"
+            );
+        }
+        override_from_pb(o("spec.template.spec.containers.0.image")).unwrap();
+    }
+
     use proptest::prelude::*;
     use prost::Message;
 

@@ -52,6 +52,7 @@ impl Hub {
                         automatic: true,
                         reader: Role::Admin,
                         confirmed: None,
+                        message: None,
                     })
                     .await;
                 // One unit's problem blocks that unit only.

@@ -4,36 +4,76 @@
 
 use super::*;
 
-/// Sets `path` (dot-separated) in a JSON object, creating maps on the way.
+/// Sets `path` (dot-separated; a number indexes a list) in a JSON object,
+/// creating maps on the way (never list items).
 fn set_path(doc: &mut Value, path: &str, value: Value) -> std::result::Result<(), String> {
-    let parts: Vec<&str> = path.split('.').filter(|p| !p.is_empty()).collect();
+    let parts: Vec<&str> = path.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        return Err(format!("the path {path:?} has an empty segment"));
+    }
     let Some((last, parents)) = parts.split_last() else {
         return Err("empty path".into());
     };
     let mut cur = doc;
-    for p in parents {
-        if !cur.is_object() {
-            return Err(format!("{p} is not a mapping"));
-        }
-        cur = cur
-            .as_object_mut()
-            .expect("object")
-            .entry((*p).to_owned())
-            .or_insert_with(|| Value::Object(Default::default()));
+    for (i, p) in parents.iter().enumerate() {
+        let at = &parts[..i];
+        cur = match cur {
+            Value::Object(m) => m
+                .entry((*p).to_owned())
+                .or_insert_with(|| Value::Object(Default::default())),
+            Value::Array(items) => {
+                let n = index(items.len(), p, at)?;
+                &mut items[n]
+            }
+            _ => return Err(format!("{} is not a mapping or a list", shown(at))),
+        };
     }
-    match cur.as_object_mut() {
-        Some(m) => {
+    let at = parents;
+    match cur {
+        Value::Object(m) => {
             m.insert((*last).to_owned(), value);
             Ok(())
         }
-        None => Err(format!("the parent of {last} is not a mapping")),
+        Value::Array(items) => {
+            let n = index(items.len(), last, at)?;
+            items[n] = value;
+            Ok(())
+        }
+        _ => Err(format!("{} is not a mapping or a list", shown(at))),
     }
+}
+
+/// The path so far, as a message names it.
+fn shown(at: &[&str]) -> String {
+    if at.is_empty() {
+        "the document".to_owned()
+    } else {
+        at.join(".")
+    }
+}
+
+/// `segment` as an index into the list at `at` of `len` items.
+fn index(len: usize, segment: &str, at: &[&str]) -> std::result::Result<usize, String> {
+    segment
+        .parse::<usize>()
+        .ok()
+        .filter(|i| *i < len)
+        .ok_or_else(|| {
+            format!(
+                "{} is a list of {len}: {segment:?} is not an index in it (0 to {})",
+                shown(at),
+                len.saturating_sub(1)
+            )
+        })
 }
 
 fn get_path<'a>(doc: &'a Value, path: &str) -> Option<&'a Value> {
     path.split('.')
         .filter(|p| !p.is_empty())
-        .try_fold(doc, |cur, p| cur.get(p))
+        .try_fold(doc, |cur, p| match cur {
+            Value::Array(items) => p.parse::<usize>().ok().and_then(|i| items.get(i)),
+            _ => cur.get(p),
+        })
 }
 
 fn find_doc<'a>(docs: &'a mut [Value], o: &Override) -> Option<&'a mut Value> {
@@ -146,6 +186,47 @@ mod tests {
             ..o
         };
         assert!(apply_overrides(&unit, text, &[missing]).is_err());
+    }
+
+    #[test]
+    fn a_number_in_a_path_indexes_a_list() {
+        let unit: UnitRef = "staging/web".parse().unwrap();
+        let text = "apiVersion: apps/v1\nkind: Deployment\nmetadata:\n  name: web\nspec:\n  template:\n    spec:\n      containers:\n        - name: web\n          image: web:1\n";
+        let image = |path: &str| Override {
+            kind: "Deployment".into(),
+            name: "web".into(),
+            namespace: None,
+            path: path.into(),
+            value: serde_json::json!("web:2"),
+            reviewed_at: RevisionNum(0),
+        };
+        let o = image("spec.template.spec.containers.0.image");
+        let out = apply_overrides(&unit, text, std::slice::from_ref(&o)).unwrap();
+        assert!(
+            out.contains("image: web:2") && !out.contains("web:1"),
+            "{out}"
+        );
+        let later = text.replace("web:1", "web:1.1");
+        assert_eq!(override_conflicts(text, &later, &[o]).len(), 1);
+        let e = apply_overrides(
+            &unit,
+            text,
+            &[image("spec.template.spec.containers.1.image")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("spec.template.spec.containers is a list of 1: \"1\" is not an index in it"),
+            "{e}"
+        );
+        let e = apply_overrides(
+            &unit,
+            text,
+            &[image("spec.template.spec.containers.web.image")],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("spec.template.spec.containers is a list"), "{e}");
     }
 
     #[test]

@@ -89,7 +89,7 @@ impl Hub {
                 skipped: None,
                 blocking: false,
                 content: None,
-                create: existing.is_none(),
+                create: existing.is_none().then(|| s.labels.clone()),
                 provenance: (!s.source.is_empty()).then(|| src.origin.clone()),
             };
             if src.tombstone {
@@ -222,9 +222,11 @@ impl Hub {
                 Some(p) => format!("promotion from {}@{} ({p})", i.source, i.source_revision),
                 None => format!("promotion from {}@{}", i.source, i.source_revision),
             };
+            let message = req.message.clone().unwrap_or_else(|| origin.clone());
             revs.push(NewRevision {
                 source_revision: i.source_revision,
-                upstream: i.create.then(|| i.source.clone()),
+                upstream: i.create.is_some().then(|| i.source.clone()),
+                labels: i.create.clone(),
                 // The plan read the target at this head: a change since
                 // (another operator, another replica) is a conflict.
                 expected_head: Some(i.previous),
@@ -234,8 +236,8 @@ impl Hub {
                     valid.documents(),
                     valid.digest,
                     req.actor.clone(),
-                    origin.clone(),
                     origin,
+                    message,
                 )
             });
             promoted.push(PromotedUnit {
@@ -282,6 +284,7 @@ impl Hub {
         actor: Actor,
         unit: UnitRef,
         upstream: UnitRef,
+        message: &str,
     ) -> Result<Revision> {
         if unit.name != upstream.name {
             return Err(HubError::InvalidArgument(format!(
@@ -304,6 +307,7 @@ impl Hub {
                 automatic: false,
                 reader: Role::Admin,
                 confirmed: None,
+                message: (!message.is_empty()).then(|| message.to_owned()),
             })
             .await?;
         let item = out

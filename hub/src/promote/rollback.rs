@@ -6,7 +6,8 @@ use super::*;
 impl Hub {
     /// A new revision with an old revision's content (history stays
     /// append-only), replacing the head, or only `expected` (what an
-    /// operator confirmed) when given.
+    /// operator confirmed) when given. A destroyed unit comes back: that
+    /// is how a destroy is undone.
     pub async fn rollback(
         &self,
         actor: Actor,
@@ -40,7 +41,9 @@ impl Hub {
         }
         let origin = format!("rollback to {to}");
         let rev = NewRevision {
-            mode: PutMode::Update,
+            // Not `Update`: a destroyed unit is rolled back too (its head
+            // is expected, so a unit gone meanwhile is still refused).
+            mode: PutMode::CreateOrUpdate,
             source_revision: old.source_revision,
             expected_head: Some(head),
             ..NewRevision::content(

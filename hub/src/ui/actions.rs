@@ -360,6 +360,7 @@ pub(super) async fn act(
                     automatic: false,
                     reader: Role::ReadOnly,
                     confirmed: Some(confirmed),
+                    message: None,
                 })
                 .await?;
             if out.blocked {

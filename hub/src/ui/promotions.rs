@@ -72,6 +72,7 @@ pub(super) async fn plan(
         automatic: false,
         reader: Role::ReadOnly,
         confirmed: None,
+        message: None,
     };
     // Through UiError: an internal failure is logged, not shown.
     hub.promote(req).await.map_err(|e| UiError::from(e).message)
