@@ -60,6 +60,8 @@ pub struct Applier {
     client: kube::Client,
     /// Served kinds resolved so far: resource and whether namespaced.
     kinds: RwLock<HashMap<GroupVersionKind, (ApiResource, bool)>>,
+    /// Served kinds with a `status` subresource (a controller reports).
+    with_status: RwLock<std::collections::HashSet<GroupVersionKind>>,
     /// Versions inventory entries were recorded at that are no longer
     /// served, and the version their objects are addressed at instead.
     moved: RwLock<HashMap<GroupVersionKind, String>>,
@@ -177,6 +179,13 @@ fn not_served(gvk: &GroupVersionKind) -> ApplyError {
     ))
 }
 
+/// Whether a served type has a `status` subresource.
+fn reports_status(caps: &kube::discovery::ApiCapabilities) -> bool {
+    caps.subresources
+        .iter()
+        .any(|(sub, _)| sub.plural == "status")
+}
+
 /// A bare 404 (no `NotFound` status): the path is not served (a version
 /// of a type that stopped being served), which says nothing of the object.
 fn unserved_path(s: &kube::core::Status) -> bool {
@@ -196,11 +205,15 @@ impl Applier {
             .await
             .map_err(classify)?;
         let mut kinds = HashMap::new();
+        let mut with_status = std::collections::HashSet::new();
         let mut scan_types = HashMap::new();
         for group in discovery.groups() {
             for version in group.versions() {
                 for (ar, caps) in group.versioned_resources(version) {
                     let gvk = GroupVersionKind::gvk(&ar.group, &ar.version, &ar.kind);
+                    if reports_status(&caps) {
+                        with_status.insert(gvk.clone());
+                    }
                     kinds.insert(gvk, (ar, caps.scope == Scope::Namespaced));
                 }
             }
@@ -216,6 +229,7 @@ impl Applier {
         Ok(Applier {
             client,
             kinds: RwLock::new(kinds),
+            with_status: RwLock::new(with_status),
             moved: RwLock::default(),
             scan_types: RwLock::new(scan_types),
             scanned: tokio::sync::Mutex::new(None),
@@ -312,6 +326,9 @@ impl Applier {
         }
         match kube::discovery::pinned_kind(&self.client, &gvk).await {
             Ok((ar, caps)) => {
+                if reports_status(&caps) {
+                    self.with_status.write().await.insert(gvk.clone());
+                }
                 let found = (ar, caps.scope == Scope::Namespaced);
                 if caps.supports_operation(kube::discovery::verbs::LIST) {
                     self.scan_types
@@ -330,6 +347,14 @@ impl Applier {
     }
 
     /// The served resource of a kind (for watching it).
+    /// What health needs to know of an entry's type.
+    pub async fn type_info(&self, e: &Entry) -> crate::health::TypeInfo {
+        let gvk = GroupVersionKind::gvk(&e.group, &e.version, &e.kind);
+        crate::health::TypeInfo {
+            reports_status: self.with_status.read().await.contains(&gvk),
+        }
+    }
+
     pub async fn resource(
         &self,
         group: &str,

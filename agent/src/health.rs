@@ -55,9 +55,18 @@ fn int(v: &Value) -> i64 {
     v.as_i64().unwrap_or(0)
 }
 
+/// What is known of a live object's type besides the object.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TypeInfo {
+    /// It serves a `status` subresource: a controller is expected to report
+    /// (a custom resource of a type without one, such as a ServiceMonitor,
+    /// has nothing to wait for).
+    pub reports_status: bool,
+}
+
 /// Assesses one live object. `pods` are the pods selected by a workload
 /// (used to name image-pull and crash-loop failures).
-pub fn assess(obj: &Value, pods: &[Value]) -> Assessment {
+pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
     if obj["metadata"]["deletionTimestamp"].is_string() {
         return a(Health::Terminating, "being deleted");
     }
@@ -236,19 +245,40 @@ pub fn assess(obj: &Value, pods: &[Value]) -> Assessment {
             }
             a(Health::Ready, "")
         }
-        _ => generic(obj, generation, observed),
+        _ => generic(obj, group, ty, generation, observed),
     }
 }
 
-/// Custom resources (Crossplane and friends): observedGeneration, then
-/// `Stalled`, `Ready`/`Synced` conditions.
-fn generic(obj: &Value, generation: Option<i64>, observed: Option<i64>) -> Assessment {
-    let has_conditions = obj["status"]["conditions"]
-        .as_array()
-        .is_some_and(|c| !c.is_empty());
-    if let (Some(g), Some(o)) = (generation, observed)
-        && g != o
-    {
+/// A group of Kubernetes itself (`apps`, `networking.k8s.io`, ...): its
+/// kinds without rules above have nothing to report (an Ingress, a
+/// NetworkPolicy, a webhook configuration).
+fn built_in(group: &str) -> bool {
+    !group.contains('.') || group.ends_with(".k8s.io")
+}
+
+/// Custom resources (Crossplane and friends) and kinds without rules of
+/// their own: observedGeneration (of the status or of its conditions), then
+/// `Stalled`, `Ready`/`Synced` conditions; a custom resource of a type that
+/// reports status waits for its first report.
+fn generic(
+    obj: &Value,
+    group: &str,
+    ty: TypeInfo,
+    generation: Option<i64>,
+    observed: Option<i64>,
+) -> Assessment {
+    let conditions = obj["status"]["conditions"].as_array();
+    let has_conditions = conditions.is_some_and(|c| !c.is_empty());
+    // Controllers that record the generation on each condition only
+    // (Crossplane's, many others): a condition of an older one is stale.
+    let stale_condition = generation.is_some_and(|g| {
+        conditions.into_iter().flatten().any(|c| {
+            matches!(c["type"].as_str(), Some("Ready" | "Synced" | "Stalled"))
+                && c["observedGeneration"].as_i64().is_some_and(|o| o != g)
+        })
+    });
+    let stale_status = matches!((generation, observed), (Some(g), Some(o)) if g != o);
+    if stale_status || stale_condition {
         return a(
             Health::InProgress,
             "waiting for the controller to observe the new generation",
@@ -278,8 +308,7 @@ fn generic(obj: &Value, generation: Option<i64>, observed: Option<i64>) -> Asses
             return a(health, msg);
         }
     }
-    let crd_like = obj["apiVersion"].as_str().is_some_and(|v| v.contains('.'));
-    if crd_like && generation.is_some() && !has_conditions {
+    if ty.reports_status && !built_in(group) && !has_conditions && observed.is_none() {
         // A custom resource whose controller has not reported yet.
         return a(Health::InProgress, "no status reported yet");
     }
@@ -326,18 +355,30 @@ mod tests {
     fn deployments() {
         let d = |status: Value| json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"generation": 2}, "spec": {"replicas": 2}, "status": status});
         assert_eq!(
-            assess(&d(json!({"observedGeneration": 1})), &[]).health,
+            assess(
+                &d(json!({"observedGeneration": 1})),
+                &[],
+                TypeInfo::default()
+            )
+            .health,
             Health::InProgress
         );
         let ready = json!({"observedGeneration": 2, "replicas": 2, "updatedReplicas": 2, "readyReplicas": 2, "availableReplicas": 2,
             "conditions": [{"type": "Available", "status": "True"}, {"type": "Progressing", "status": "True", "reason": "NewReplicaSetAvailable"}]});
-        assert_eq!(assess(&d(ready), &[]).health, Health::Ready);
+        assert_eq!(
+            assess(&d(ready), &[], TypeInfo::default()).health,
+            Health::Ready
+        );
         let stuck = json!({"observedGeneration": 2, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded", "message": "timed out"}]});
-        let s = assess(&d(stuck), &[]);
+        let s = assess(&d(stuck), &[], TypeInfo::default());
         assert_eq!(s.health, Health::Stuck);
         assert!(s.message.contains("ProgressDeadlineExceeded"));
         let pod = json!({"metadata": {"name": "p"}, "status": {"containerStatuses": [{"name": "app", "state": {"waiting": {"reason": "ImagePullBackOff", "message": "Back-off pulling image x"}}}]}});
-        let s = assess(&d(json!({"observedGeneration": 2})), &[pod]);
+        let s = assess(
+            &d(json!({"observedGeneration": 2})),
+            &[pod],
+            TypeInfo::default(),
+        );
         assert_eq!(s.health, Health::Stuck);
         assert!(s.message.contains("ImagePullBackOff"));
     }
@@ -352,29 +393,44 @@ mod tests {
         let partition = json!({"type": "RollingUpdate", "rollingUpdate": {"partition": 2}});
         let canary = json!({"observedGeneration": 2, "replicas": 3, "readyReplicas": 3, "currentReplicas": 2, "updatedReplicas": 1, "currentRevision": "db-1", "updateRevision": "db-2"});
         assert_eq!(
-            assess(&sts(partition.clone(), canary.clone()), &[]).health,
+            assess(
+                &sts(partition.clone(), canary.clone()),
+                &[],
+                TypeInfo::default()
+            )
+            .health,
             Health::Ready
         );
         let mut not_yet = canary.clone();
         not_yet["updatedReplicas"] = json!(0);
         assert_eq!(
-            assess(&sts(partition, not_yet), &[]).health,
+            assess(&sts(partition, not_yet), &[], TypeInfo::default()).health,
             Health::InProgress
         );
         let on_delete = json!({"type": "OnDelete"});
         assert_eq!(
-            assess(&sts(on_delete.clone(), canary.clone()), &[]).health,
+            assess(
+                &sts(on_delete.clone(), canary.clone()),
+                &[],
+                TypeInfo::default()
+            )
+            .health,
             Health::Ready
         );
         let mut unready = canary.clone();
         unready["readyReplicas"] = json!(2);
         assert_eq!(
-            assess(&sts(on_delete, unready), &[]).health,
+            assess(&sts(on_delete, unready), &[], TypeInfo::default()).health,
             Health::InProgress
         );
         // A plain rolling update still waits for every replica's revision.
         assert_eq!(
-            assess(&sts(json!({"type": "RollingUpdate"}), canary), &[]).health,
+            assess(
+                &sts(json!({"type": "RollingUpdate"}), canary),
+                &[],
+                TypeInfo::default()
+            )
+            .health,
             Health::InProgress
         );
     }
@@ -382,19 +438,64 @@ mod tests {
     #[test]
     fn custom_resources_and_simple_kinds() {
         let cr = |conds: Value| json!({"apiVersion": "s3.aws.upbound.io/v1beta1", "kind": "Bucket", "metadata": {"generation": 1}, "status": {"observedGeneration": 1, "conditions": conds}});
-        assert_eq!(assess(&cr(json!([{"type": "Ready", "status": "True"}, {"type": "Synced", "status": "True"}])), &[]).health, Health::Ready);
-        assert_eq!(assess(&cr(json!([{"type": "Synced", "status": "False", "reason": "ReconcileError", "message": "denied"}])), &[]).health, Health::Failed);
-        assert_eq!(assess(&cr(json!([])), &[]).health, Health::InProgress);
+        assert_eq!(assess(&cr(json!([{"type": "Ready", "status": "True"}, {"type": "Synced", "status": "True"}])), &[], TypeInfo::default()).health, Health::Ready);
+        assert_eq!(assess(&cr(json!([{"type": "Synced", "status": "False", "reason": "ReconcileError", "message": "denied"}])), &[], TypeInfo::default()).health, Health::Failed);
+        // The controller observed the generation and reports no conditions.
+        assert_eq!(
+            assess(&cr(json!([])), &[], TypeInfo::default()).health,
+            Health::Ready
+        );
         assert_eq!(
             assess(
                 &json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {}}),
-                &[]
+                &[],
+                TypeInfo::default()
             )
             .health,
             Health::Ready
         );
-        assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}, "status": {"phase": "Active"}}), &[]).health, Health::Ready);
-        assert_eq!(assess(&json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), &[]).health, Health::Failed);
-        assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"deletionTimestamp": "x"}}), &[]).health, Health::Terminating);
+        assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}, "status": {"phase": "Active"}}), &[], TypeInfo::default()).health, Health::Ready);
+        assert_eq!(assess(&json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), &[], TypeInfo::default()).health, Health::Failed);
+        assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"deletionTimestamp": "x"}}), &[], TypeInfo::default()).health, Health::Terminating);
+    }
+
+    #[test]
+    fn objects_that_report_nothing_are_ready_unless_their_controller_will() {
+        let reports = TypeInfo {
+            reports_status: true,
+        };
+        let bucket = json!({"apiVersion": "s3.aws.upbound.io/v1beta1", "kind": "Bucket", "metadata": {"generation": 1}});
+        // A custom resource whose type reports status: not yet.
+        assert_eq!(assess(&bucket, &[], reports).health, Health::InProgress);
+        // One of a type without a status subresource has nothing to wait for.
+        let monitor = json!({"apiVersion": "monitoring.coreos.com/v1", "kind": "ServiceMonitor", "metadata": {"generation": 1}});
+        assert_eq!(
+            assess(&monitor, &[], TypeInfo::default()).health,
+            Health::Ready
+        );
+        // Kinds of Kubernetes itself without rules of their own.
+        for (api_version, kind, status) in [
+            (
+                "networking.k8s.io/v1",
+                "Ingress",
+                json!({"loadBalancer": {}}),
+            ),
+            ("networking.k8s.io/v1", "NetworkPolicy", json!(null)),
+            (
+                "admissionregistration.k8s.io/v1",
+                "ValidatingWebhookConfiguration",
+                json!(null),
+            ),
+        ] {
+            let o = json!({"apiVersion": api_version, "kind": kind, "metadata": {"generation": 1}, "status": status});
+            assert_eq!(assess(&o, &[], reports).health, Health::Ready, "{kind}");
+        }
+        // A Ready condition recorded for an older generation is stale.
+        let changed = json!({"apiVersion": "s3.aws.upbound.io/v1beta1", "kind": "Bucket", "metadata": {"generation": 2},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "observedGeneration": 1}]}});
+        assert_eq!(assess(&changed, &[], reports).health, Health::InProgress);
+        let caught_up = json!({"apiVersion": "s3.aws.upbound.io/v1beta1", "kind": "Bucket", "metadata": {"generation": 2},
+            "status": {"conditions": [{"type": "Ready", "status": "True", "observedGeneration": 2}]}});
+        assert_eq!(assess(&caught_up, &[], reports).health, Health::Ready);
     }
 }

@@ -941,7 +941,7 @@ impl Reconciler {
             } else {
                 vec![]
             };
-            let a = health::assess(&live, &pods);
+            let a = health::assess(&live, &pods, self.applier.type_info(e).await);
             if a.health != Health::Ready {
                 problems.push(format!("{}: {} {}", e.id(), a.health.as_str(), a.message));
             }

@@ -991,3 +991,49 @@ async fn an_agent_finding_another_environment_s_inventories_leaves_them_alone() 
 async fn another_environment_s_objects_are_never_deleted_even_through_an_unlabelled_inventory() {
     another_environment_s_units_are_left_alone(true).await;
 }
+
+/// Kinds that report nothing are Ready once applied: an Ingress and a
+/// NetworkPolicy (Kubernetes' own), and a custom resource of a type
+/// without a status subresource (no controller will report one); a custom
+/// resource whose type has one waits for its controller's report.
+#[tokio::test]
+async fn objects_with_nothing_to_report_are_ready() {
+    let (hub, cluster) = setup().await;
+    cluster
+        .apply_json(json!({
+            "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+            "metadata": {"name": "servicemonitors.monitoring.example.com"},
+            "spec": {"group": "monitoring.example.com", "scope": "Namespaced",
+                "names": {"plural": "servicemonitors", "singular": "servicemonitor", "kind": "ServiceMonitor"},
+                "versions": [{"name": "v1", "served": true, "storage": true,
+                    "schema": {"openAPIV3Schema": {"type": "object", "x-kubernetes-preserve-unknown-fields": true}}}]}
+        }))
+        .await;
+    let unit = "apiVersion: networking.k8s.io/v1
+kind: NetworkPolicy
+metadata:
+  name: deny-all
+  namespace: default
+spec:
+  podSelector: {}
+---
+apiVersion: networking.k8s.io/v1
+kind: Ingress
+metadata:
+  name: web
+  namespace: default
+spec:
+  rules:
+    - host: web.example.com
+---
+apiVersion: monitoring.example.com/v1
+kind: ServiceMonitor
+metadata:
+  name: web
+  namespace: default
+spec:
+  endpoints: [{port: http}]
+";
+    hub.put("dev/edge", unit).await.unwrap();
+    wait_phase(&hub, "dev/edge", 1, pb::Phase::Ready).await;
+}
