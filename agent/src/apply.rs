@@ -685,15 +685,28 @@ impl Applier {
             ns,
             &ApiResource::from_gvk_with_plural(&GroupVersionKind::gvk("", "v1", "Pod"), "pods"),
         );
-        pods.list(&ListParams::default().labels(&selector.join(",")))
-            .await
-            .map(|l| {
-                l.items
-                    .into_iter()
-                    .map(|p| serde_json::to_value(p).unwrap_or_default())
-                    .collect()
-            })
-            .unwrap_or_default()
+        let lp = ListParams::default().labels(&selector.join(","));
+        let values = |l: kube::core::ObjectList<DynamicObject>| -> Vec<Value> {
+            l.items
+                .into_iter()
+                .map(|p| serde_json::to_value(p).unwrap_or_default())
+                .collect()
+        };
+        let found = pods.list(&lp).await.map(values).unwrap_or_default();
+        if workload["kind"] != "Deployment" || found.is_empty() {
+            return found;
+        }
+        // Only the current revision's pods speak for it.
+        let replica_sets: Api<DynamicObject> = Api::namespaced_with(
+            self.client.clone(),
+            ns,
+            &ApiResource::from_gvk_with_plural(
+                &GroupVersionKind::gvk("apps", "v1", "ReplicaSet"),
+                "replicasets",
+            ),
+        );
+        let sets = replica_sets.list(&lp).await.map(values).unwrap_or_default();
+        crate::health::current_pods(found, &sets)
     }
 
     /// Deployments (by namespace/name) that a HorizontalPodAutoscaler scales.

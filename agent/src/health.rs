@@ -79,6 +79,14 @@ pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
     let status = &obj["status"];
     match (group, kind) {
         ("apps", "Deployment") => {
+            // A new generation first: what the controller said of the
+            // previous one (its deadline, its pods) is not about this one.
+            if generation.is_some() && observed != generation {
+                return a(
+                    Health::InProgress,
+                    "waiting for the controller to observe the new generation",
+                );
+            }
             if let Some(c) = condition(obj, "Progressing")
                 && c["reason"] == "ProgressDeadlineExceeded"
             {
@@ -92,12 +100,6 @@ pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
             }
             if let Some(m) = stuck_pod(pods) {
                 return a(Health::Stuck, m);
-            }
-            if generation.is_some() && observed != generation {
-                return a(
-                    Health::InProgress,
-                    "waiting for the controller to observe the new generation",
-                );
             }
             let updated = int(&status["updatedReplicas"]);
             let ready = int(&status["readyReplicas"]);
@@ -122,14 +124,14 @@ pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
             )
         }
         ("apps", "StatefulSet") => {
-            if let Some(m) = stuck_pod(pods) {
-                return a(Health::Stuck, m);
-            }
             if generation.is_some() && observed != generation {
                 return a(
                     Health::InProgress,
                     "waiting for the controller to observe the new generation",
                 );
+            }
+            if let Some(m) = stuck_pod(pods) {
+                return a(Health::Stuck, m);
             }
             let ready = int(&status["readyReplicas"]);
             let in_progress = || {
@@ -318,8 +320,37 @@ fn generic(
     a(Health::Ready, "")
 }
 
+/// The pods of a Deployment's current revision: those of its newest
+/// ReplicaSet (highest `deployment.kubernetes.io/revision`), by the
+/// `pod-template-hash` label they share; all of them when the ReplicaSets
+/// say nothing. An old revision's failing pods, on their way out during a
+/// rollout that fixes them, do not make the new one Stuck.
+pub fn current_pods(pods: Vec<Value>, replica_sets: &[Value]) -> Vec<Value> {
+    let revision = |rs: &Value| {
+        rs["metadata"]["annotations"]["deployment.kubernetes.io/revision"]
+            .as_str()
+            .and_then(|r| r.parse::<u64>().ok())
+    };
+    let Some(hash) = replica_sets
+        .iter()
+        .filter_map(|rs| Some((revision(rs)?, rs)))
+        .max_by_key(|(r, _)| *r)
+        .and_then(|(_, rs)| rs["metadata"]["labels"]["pod-template-hash"].as_str())
+    else {
+        return pods;
+    };
+    pods.into_iter()
+        .filter(|p| p["metadata"]["labels"]["pod-template-hash"] == hash)
+        .collect()
+}
+
+/// A pod failing in a way that will not fix itself; one being deleted is
+/// on its way out and says nothing.
 fn stuck_pod(pods: &[Value]) -> Option<String> {
-    for p in pods {
+    for p in pods
+        .iter()
+        .filter(|p| !p["metadata"]["deletionTimestamp"].is_string())
+    {
         for cs in p["status"]["containerStatuses"]
             .as_array()
             .into_iter()
@@ -457,6 +488,42 @@ mod tests {
         assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}, "status": {"phase": "Active"}}), &[], TypeInfo::default()).health, Health::Ready);
         assert_eq!(assess(&json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), &[], TypeInfo::default()).health, Health::Failed);
         assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"deletionTimestamp": "x"}}), &[], TypeInfo::default()).health, Health::Terminating);
+    }
+
+    #[test]
+    fn a_rollout_fixing_a_stuck_revision_is_not_stuck() {
+        let failing = |name: &str, hash: &str| {
+            json!({"metadata": {"name": name, "labels": {"app": "web", "pod-template-hash": hash}},
+            "status": {"containerStatuses": [{"name": "web", "state": {"waiting": {"reason": "ImagePullBackOff"}}}]}})
+        };
+        let rs = |hash: &str, revision: &str| json!({"metadata": {"labels": {"pod-template-hash": hash}, "annotations": {"deployment.kubernetes.io/revision": revision}}});
+        let pods = vec![failing("web-old-1", "old")];
+        // The old revision's pod is not the new revision's.
+        assert!(current_pods(pods.clone(), &[rs("old", "1"), rs("new", "2")]).is_empty());
+        assert_eq!(current_pods(pods.clone(), &[rs("old", "1")]).len(), 1);
+        assert_eq!(
+            current_pods(pods.clone(), &[]).len(),
+            1,
+            "nothing known: all"
+        );
+        // The controller has not observed the new generation: its old
+        // deadline and pods say nothing of it.
+        let d = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"generation": 2},
+            "spec": {"replicas": 1},
+            "status": {"observedGeneration": 1, "conditions": [{"type": "Progressing", "status": "False", "reason": "ProgressDeadlineExceeded"}]}});
+        assert_eq!(
+            assess(&d, &pods, TypeInfo::default()).health,
+            Health::InProgress
+        );
+        // A pod being deleted is on its way out.
+        let mut leaving = failing("web-old-1", "old");
+        leaving["metadata"]["deletionTimestamp"] = json!("2026-12-02T00:00:00Z");
+        let observed = json!({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"generation": 2},
+            "spec": {"replicas": 1}, "status": {"observedGeneration": 2, "replicas": 2, "updatedReplicas": 1}});
+        assert_eq!(
+            assess(&observed, &[leaving], TypeInfo::default()).health,
+            Health::InProgress
+        );
     }
 
     #[test]

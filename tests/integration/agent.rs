@@ -1037,3 +1037,49 @@ spec:
     hub.put("dev/edge", unit).await.unwrap();
     wait_phase(&hub, "dev/edge", 1, pb::Phase::Ready).await;
 }
+
+/// A revision that fixes a stuck Deployment is never reported stuck for
+/// what the previous one's pods still show while its rollout runs: only
+/// the pods of the current ReplicaSet speak for it.
+#[tokio::test]
+async fn a_rollout_fixing_a_stuck_deployment_is_progressing_then_ready() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let options = unitsync_tests::kube_sim::SimOptions {
+        rollout_delay: std::time::Duration::from_secs(1),
+        ..unitsync_tests::kube_sim::SimOptions::default()
+    };
+    let mut cluster = TestCluster::with_sim(&hub.endpoint(), hub.ca(), &token, options).await;
+    cluster.start_agent();
+    let broken = WEB.replace(
+        "  name: web\n  namespace: messagewall\nspec:\n",
+        &format!("  name: web\n  namespace: messagewall\n  annotations:\n    {FAIL_ANNOTATION}: ImagePullBackOff\nspec:\n"),
+    );
+    assert!(broken.contains(FAIL_ANNOTATION));
+    hub.put("dev/web", &broken).await.unwrap();
+    let msg = wait_phase(&hub, "dev/web", 1, pb::Phase::Degraded).await;
+    assert!(msg.contains("ImagePullBackOff"), "{msg}");
+    // The fix: a new image, no failure.
+    hub.put("dev/web", &WEB.replace("web:1.0.0", "web:1.0.1"))
+        .await
+        .unwrap();
+    let seen = std::sync::Mutex::new(Vec::new());
+    until("revision 2 Ready", || async {
+        if let Some((2, phase, message)) = status(&hub, "dev/web").await {
+            seen.lock().unwrap().push((phase, message));
+            return phase == pb::Phase::Ready;
+        }
+        false
+    })
+    .await;
+    let seen = seen.into_inner().unwrap();
+    assert!(
+        seen.iter().all(|(p, _)| *p != pb::Phase::Degraded),
+        "revision 2 was reported {seen:?}"
+    );
+    assert!(
+        seen.iter().any(|(p, _)| *p == pb::Phase::Progressing),
+        "the rollout was seen running: {seen:?}"
+    );
+}

@@ -45,15 +45,29 @@ impl TestCluster {
     /// A kube-sim cluster with the agent namespace, and an agent config for
     /// `hub_endpoint` with `token` (not started).
     pub async fn new(hub_endpoint: &str, hub_ca: Option<&str>, token: &str) -> TestCluster {
-        init_crypto();
-        let sim = KubeSim::start(SimOptions {
-            rollout_delay: Duration::from_millis(50),
-            cr_delay: Duration::from_millis(50),
-            crd_delay: Duration::from_millis(50),
-            ..SimOptions::default()
-        })
+        Self::with_sim(
+            hub_endpoint,
+            hub_ca,
+            token,
+            SimOptions {
+                rollout_delay: Duration::from_millis(50),
+                cr_delay: Duration::from_millis(50),
+                crd_delay: Duration::from_millis(50),
+                ..SimOptions::default()
+            },
+        )
         .await
-        .expect("kube-sim");
+    }
+
+    /// [`TestCluster::new`] with the simulator tuned as given.
+    pub async fn with_sim(
+        hub_endpoint: &str,
+        hub_ca: Option<&str>,
+        token: &str,
+        options: SimOptions,
+    ) -> TestCluster {
+        init_crypto();
+        let sim = KubeSim::start(options).await.expect("kube-sim");
         let client = within("kube client", sim.client()).await.expect("client");
         let dir = tempfile::tempdir().expect("temp dir");
         let kubeconfig = dir.path().join("kubeconfig");

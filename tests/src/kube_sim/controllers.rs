@@ -510,7 +510,9 @@ fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout
             .as_u64()
             .unwrap_or(600),
     );
-    let rs = format!("{}-{:x}", key.name, generation * 2654435761 % 0xffffff);
+    let hash = format!("{:x}", generation * 2654435761 % 0xffffff);
+    let rs = format!("{}-{hash}", key.name);
+    replica_set(state, key, &obj, &rs, &hash, generation);
     let mut holder = json!({"status": obj["status"].clone()});
     if !holder["status"].is_object() {
         holder["status"] = json!({});
@@ -518,15 +520,34 @@ fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout
     let current = holder["status"].clone();
     match fail_mode(&obj) {
         None => {
-            if obj["status"]["observedGeneration"].as_i64() == Some(generation)
-                && obj["status"]["readyReplicas"].as_i64() == Some(replicas)
+            let count = |field: &str| current[field].as_i64().unwrap_or(0);
+            if current["observedGeneration"].as_i64() == Some(generation)
+                && count("updatedReplicas") == replicas
+                && count("readyReplicas") == replicas
             {
                 return;
             }
             if elapsed < rollout {
                 seen.wake_in(rollout - elapsed);
+                // The controller observes a new generation at once (a new
+                // ReplicaSet, none of its pods updated yet); the rollout
+                // takes its time, the old pods serving meanwhile.
+                if current["observedGeneration"].as_i64() != Some(generation) {
+                    holder["status"]["observedGeneration"] = json!(generation);
+                    holder["status"]["updatedReplicas"] = json!(0);
+                    set_condition(
+                        &mut holder,
+                        "Progressing",
+                        "True",
+                        "ReplicaSetUpdated",
+                        &format!("ReplicaSet \"{rs}\" is progressing."),
+                    );
+                    write_status(state, key, obj, holder["status"].take());
+                }
                 return;
             }
+            // The new revision's pods replaced the old ones.
+            old_pods(state, key, &hash);
             holder["status"] = json!({"observedGeneration": generation, "replicas": replicas, "updatedReplicas": replicas, "readyReplicas": replicas, "availableReplicas": replicas, "conditions": current["conditions"].clone()});
             if replicas == 0 {
                 holder["status"] = json!({"observedGeneration": generation, "conditions": current["conditions"].clone()});
@@ -577,7 +598,7 @@ fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout
                 );
             }
             if mode == "ImagePullBackOff" || mode == "CrashLoopBackOff" {
-                pods(state, key, &obj, &mode);
+                pods(state, key, &obj, &mode, &rs, &hash);
             }
             let same = current.get("conditions") == holder["status"].get("conditions")
                 && current["observedGeneration"] == holder["status"]["observedGeneration"];
@@ -589,12 +610,74 @@ fn deployment(state: &mut State, seen: &mut Seen, key: &Key, obj: Value, rollout
     write_status(state, key, obj, holder["status"].take());
 }
 
-/// Pods of a failing Deployment, showing why (as `kubectl get pods` would).
-fn pods(state: &mut State, key: &Key, deploy: &Value, mode: &str) {
+/// The ReplicaSet of a Deployment's generation (its pod template), as the
+/// controller names, labels (`pod-template-hash`) and numbers it
+/// (`deployment.kubernetes.io/revision`), created once.
+fn replica_set(state: &mut State, key: &Key, deploy: &Value, rs: &str, hash: &str, revision: i64) {
+    let Some(ty) = state.find_type("apps", "v1", "replicasets") else {
+        return;
+    };
+    if state.get(&ty, &key.namespace, rs).is_ok() {
+        return;
+    }
+    let mut labels = deploy["spec"]["selector"]["matchLabels"].clone();
+    if !labels.is_object() {
+        labels = json!({});
+    }
+    labels["pod-template-hash"] = json!(hash);
+    let mut template = deploy["spec"]["template"].clone();
+    template["metadata"]["labels"]["pod-template-hash"] = json!(hash);
+    let set = json!({
+        "apiVersion": "apps/v1", "kind": "ReplicaSet",
+        "metadata": {"name": rs, "labels": labels.clone(),
+            "annotations": {"deployment.kubernetes.io/revision": revision.to_string()},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "Deployment", "name": key.name, "uid": deploy["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true}]},
+        "spec": {"replicas": deploy["spec"]["replicas"].clone(), "selector": {"matchLabels": labels}, "template": template},
+    });
+    let opts = WriteOpts {
+        manager: "kube-controller-manager".into(),
+        ..WriteOpts::default()
+    };
+    if let Err(e) = state.create(&ty, &key.namespace, set, &opts) {
+        tracing::warn!(
+            replica_set = rs,
+            error = e.message,
+            "kube-sim could not create a ReplicaSet"
+        );
+    }
+}
+
+/// Removes the pods of a Deployment's earlier revisions (its ReplicaSets
+/// other than the one of `hash`), as a finished rollout scales them down.
+fn old_pods(state: &mut State, key: &Key, hash: &str) {
+    let prefix = format!("{}-", key.name);
+    let stale: Vec<Key> = state
+        .objects
+        .iter()
+        .filter(|(k, o)| {
+            k.group.is_empty()
+                && k.plural == "pods"
+                && k.namespace == key.namespace
+                && o["metadata"]["ownerReferences"][0]["kind"] == "ReplicaSet"
+                && o["metadata"]["ownerReferences"][0]["name"]
+                    .as_str()
+                    .is_some_and(|n| n.starts_with(&prefix))
+                && o["metadata"]["labels"]["pod-template-hash"] != hash
+        })
+        .map(|(k, _)| k.clone())
+        .collect();
+    for k in stale {
+        state.purge(&k);
+    }
+}
+
+/// Pods of a failing Deployment's revision, showing why (as `kubectl get
+/// pods` would), owned by its ReplicaSet.
+fn pods(state: &mut State, key: &Key, deploy: &Value, mode: &str, rs: &str, hash: &str) {
     let Some(ty) = state.find_type("", "v1", "pods") else {
         return;
     };
-    let name = format!("{}-pod", key.name);
+    let name = format!("{rs}-pod");
     if state.get(&ty, &key.namespace, &name).is_ok() {
         return;
     }
@@ -610,11 +693,20 @@ fn pods(state: &mut State, key: &Key, deploy: &Value, mode: &str) {
             "back-off 5m0s restarting failed container".to_owned(),
         )
     };
-    let labels = deploy["spec"]["selector"]["matchLabels"].clone();
+    let mut labels = deploy["spec"]["selector"]["matchLabels"].clone();
+    if !labels.is_object() {
+        labels = json!({});
+    }
+    labels["pod-template-hash"] = json!(hash);
+    let rs_ty = state.find_type("apps", "v1", "replicasets");
+    let owner_uid = rs_ty
+        .and_then(|t| state.get(&t, &key.namespace, rs).ok())
+        .map(|o| o["metadata"]["uid"].clone())
+        .unwrap_or_default();
     let pod = json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "labels": labels, "ownerReferences": [{
-            "apiVersion": "apps/v1", "kind": "Deployment", "name": key.name, "uid": deploy["metadata"]["uid"], "controller": true, "blockOwnerDeletion": true
+            "apiVersion": "apps/v1", "kind": "ReplicaSet", "name": rs, "uid": owner_uid, "controller": true, "blockOwnerDeletion": true
         }]},
         "spec": deploy["spec"]["template"]["spec"].clone(),
     });
