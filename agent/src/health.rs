@@ -143,6 +143,14 @@ pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
             if ready < spec_replicas {
                 return in_progress();
             }
+            // Scaling down: the pods above the new count are still going.
+            let replicas = int(&status["replicas"]);
+            if replicas > spec_replicas {
+                return a(
+                    Health::InProgress,
+                    format!("scaling down: {replicas} pods, {spec_replicas} wanted"),
+                );
+            }
             // As kstatus reads it: pods of an `OnDelete` set update when
             // deleted; a partitioned rollout updates those above it only.
             let strategy = &obj["spec"]["updateStrategy"];
@@ -488,6 +496,23 @@ mod tests {
         assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}, "status": {"phase": "Active"}}), &[], TypeInfo::default()).health, Health::Ready);
         assert_eq!(assess(&json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), &[], TypeInfo::default()).health, Health::Failed);
         assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"deletionTimestamp": "x"}}), &[], TypeInfo::default()).health, Health::Terminating);
+    }
+
+    #[test]
+    fn a_statefulset_scaling_down_is_ready_once_the_extra_pods_are_gone() {
+        let sts = |replicas: i64| {
+            json!({"apiVersion": "apps/v1", "kind": "StatefulSet", "metadata": {"generation": 2},
+            "spec": {"replicas": 3}, "status": {"observedGeneration": 2, "replicas": replicas, "readyReplicas": replicas,
+            "currentReplicas": replicas, "updatedReplicas": replicas, "currentRevision": "r1", "updateRevision": "r1"}})
+        };
+        assert_eq!(
+            assess(&sts(5), &[], TypeInfo::default()).health,
+            Health::InProgress
+        );
+        assert_eq!(
+            assess(&sts(3), &[], TypeInfo::default()).health,
+            Health::Ready
+        );
     }
 
     #[test]

@@ -40,11 +40,13 @@ impl ClientError {
     }
 
     /// Whether a result send should be tried again (SDK policy: network
-    /// errors, 5xx and 409; a 401 after re-authenticating).
+    /// errors, 5xx, 409 and 429 (too many requests: a final report refused
+    /// for the server's load must still arrive, or `cub --wait` waits for
+    /// ever); a 401 after re-authenticating).
     pub fn is_retryable(&self) -> bool {
         match self {
             ClientError::Status { status, .. } => {
-                *status >= 500 || *status == 409 || *status == 401
+                *status >= 500 || matches!(*status, 409 | 429 | 401)
             }
             ClientError::Transport(_) => true,
             ClientError::Decode(_) | ClientError::Config(_) => false,
@@ -556,6 +558,21 @@ async fn decode<T: DeserializeOwned>(r: reqwest::Response) -> Result<T, ClientEr
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn reports_refused_for_load_or_conflict_are_retried_and_bad_ones_not() {
+        let status = |status: u16| ClientError::Status {
+            status,
+            message: String::new(),
+        };
+        for code in [500, 503, 409, 429, 401] {
+            assert!(status(code).is_retryable(), "{code}");
+        }
+        for code in [400, 403, 404, 422] {
+            assert!(!status(code).is_retryable(), "{code}");
+        }
+    }
+
     use super::*;
 
     #[tokio::test]
