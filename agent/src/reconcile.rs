@@ -160,6 +160,12 @@ impl Pass {
     }
 }
 
+/// A Job with `ttlSecondsAfterFinished`: the cluster deletes it once it
+/// finished, and that is not drift (re-creating it would run it again).
+fn expires(o: &Object) -> bool {
+    o.group() == "batch" && o.kind == "Job" && o.body["spec"]["ttlSecondsAfterFinished"].is_number()
+}
+
 /// The unit (`ENV/UNIT`) a live object says it belongs to; nothing is
 /// deleted for a unit that is not its owner.
 fn owner(live: &serde_json::Value) -> &str {
@@ -404,6 +410,16 @@ impl Reconciler {
         retry_at: Option<Instant>,
     ) -> Watched {
         let failed = retry_at.is_some();
+        // Jobs their TTL controller deletes once finished: gone is done.
+        let expiring: BTreeSet<Key> = plan(unit, &Inventory::default(), 1.0)
+            .map(|p| {
+                p.objects
+                    .iter()
+                    .filter(|o| expires(o))
+                    .map(key_of)
+                    .collect()
+            })
+            .unwrap_or_default();
         let mut api_down = self.api_down.clone();
         let mut next_drift = Instant::now() + self.tuning.drift_interval;
         let mut drift = Drift::default();
@@ -422,7 +438,7 @@ impl Reconciler {
                     last_report = Some(key);
                 }
             } else if !failed {
-                let (p, mut message, mut resources) = match self.assess(unit).await {
+                let (p, mut message, mut resources) = match self.assess(unit, &expiring).await {
                     Assessed::Lost => return Watched::Reapply,
                     Assessed::Status(p, m, r) => (p, m, r),
                 };
@@ -907,8 +923,9 @@ impl Reconciler {
         }
     }
 
-    /// Health of every inventory object, rolled up to a unit phase.
-    async fn assess(&self, unit: &DesiredUnit) -> Assessed {
+    /// Health of every inventory object, rolled up to a unit phase; an
+    /// `expiring` Job that is gone finished and was cleaned up.
+    async fn assess(&self, unit: &DesiredUnit, expiring: &BTreeSet<Key>) -> Assessed {
         let inv = match self.inventory.load(&unit.unit, &unit.environment).await {
             Ok(Some(i)) => i,
             Ok(None) => {
@@ -923,6 +940,7 @@ impl Reconciler {
         let mut resources = Vec::new();
         let mut worst = Health::Ready;
         let mut problems = Vec::new();
+        let mut notes = Vec::new();
         for e in &inv.entries {
             let live = match self.applier.get(e).await {
                 Ok(l) => l,
@@ -931,6 +949,19 @@ impl Reconciler {
                 }
             };
             let Some(live) = live else {
+                if expiring.contains(&e.key()) {
+                    resources.push(resource(
+                        e,
+                        SyncState::Synced,
+                        Some(Health::Ready),
+                        "finished; removed after ttlSecondsAfterFinished".into(),
+                    ));
+                    notes.push(format!(
+                        "{} finished and was removed (ttlSecondsAfterFinished)",
+                        e.id()
+                    ));
+                    continue;
+                }
                 resources.push(resource(e, SyncState::OutOfSync, None, "missing".into()));
                 worst = worst.max(Health::InProgress);
                 problems.push(format!("{} is missing", e.id()));
@@ -953,7 +984,8 @@ impl Reconciler {
             Health::InProgress | Health::Terminating => Phase::Progressing,
             Health::Failed | Health::Stuck => Phase::Degraded,
         };
-        Assessed::Status(phase, problems.join("; "), resources)
+        let message = if problems.is_empty() { notes } else { problems };
+        Assessed::Status(phase, message.join("; "), resources)
     }
 
     /// Compares live objects with the unit; heals drift of the objects
@@ -980,6 +1012,9 @@ impl Reconciler {
             };
             let report_only = o.annotation(ANNOTATION_DRIFT) == Some("report");
             let paths = match drift {
+                // A finished Job its TTL controller removed: not run again
+                // before the next revision.
+                ObjectDrift::Missing if expires(&o) => continue,
                 // Re-created only through a full pass: the inventory is
                 // written ahead of any object (it may be gone too).
                 ObjectDrift::Missing if !report_only => {

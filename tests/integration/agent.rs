@@ -1083,3 +1083,64 @@ async fn a_rollout_fixing_a_stuck_deployment_is_progressing_then_ready() {
         "the rollout was seen running: {seen:?}"
     );
 }
+
+/// A Job with `ttlSecondsAfterFinished` is deleted by the cluster once it
+/// finished: the unit stays Ready and the Job is not run again (re-created)
+/// before the next revision.
+#[tokio::test]
+async fn a_finished_job_removed_by_its_ttl_is_not_run_again() {
+    let (hub, cluster) = setup().await;
+    let job = "apiVersion: batch/v1
+kind: Job
+metadata:
+  name: migrate
+  namespace: default
+spec:
+  ttlSecondsAfterFinished: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - name: migrate
+          image: registry.example.com/migrate:1
+";
+    hub.put("dev/migrations", job).await.unwrap();
+    wait_phase(&hub, "dev/migrations", 1, pb::Phase::Ready).await;
+    // The TTL controller's part.
+    let jobs = cluster.api("batch/v1", "Job", "jobs", Some("default"));
+    within(
+        "delete the job",
+        jobs.delete("migrate", &Default::default()),
+    )
+    .await
+    .expect("delete");
+    until("the job reported finished and removed", || async {
+        hub.unit("dev/migrations").await.is_ok_and(|d| {
+            d.clusters.iter().any(|c| {
+                c.phase == i32::from(pb::Phase::Ready)
+                    && c.message
+                        == "Job default/migrate finished and was removed (ttlSecondsAfterFinished)"
+            })
+        })
+    })
+    .await;
+    // Several periodic drift checks (every 400 ms here) later, still gone.
+    let recreated = tokio::time::timeout(std::time::Duration::from_secs(2), async {
+        loop {
+            if cluster
+                .object("batch/v1", "jobs", "default", "migrate")
+                .is_some()
+            {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(recreated.is_err(), "the finished Job was run again");
+    assert_eq!(
+        cluster.sim.writes("batch/v1", "jobs", "default", "migrate"),
+        2,
+        "its creation and the TTL controller's delete, nothing since"
+    );
+}
