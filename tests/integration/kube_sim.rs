@@ -1221,20 +1221,27 @@ async fn service_account(sim: &KubeSim, ns: &str, name: &str) -> kube::Client {
     kube::Client::try_from(cfg).unwrap()
 }
 
+/// Applies an RBAC object (Role, RoleBinding, ClusterRole or
+/// ClusterRoleBinding) as the cluster's administrator.
+async fn grant(admin: &kube::Client, doc: Value) {
+    let kind = doc["kind"].as_str().unwrap().to_owned();
+    let plural = format!("{}s", kind.to_lowercase());
+    let ns = doc["metadata"]["namespace"].as_str().map(str::to_owned);
+    let api = api(
+        admin,
+        ("rbac.authorization.k8s.io", "v1", &kind),
+        &plural,
+        ns.as_deref(),
+    );
+    apply(&api, "test", doc, false).await.unwrap();
+}
+
 #[tokio::test]
 async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
     let (sim, admin) = sim().await;
     namespace(&admin, "apps").await;
     namespace(&admin, "other").await;
     let agent = service_account(&sim, "system", "agent").await;
-    let rbac = |kind: &str, plural: &str, ns: Option<&str>| {
-        api(
-            &admin,
-            ("rbac.authorization.k8s.io", "v1", kind),
-            plural,
-            ns,
-        )
-    };
     let subject = json!([{"kind": "ServiceAccount", "name": "agent", "namespace": "system"}]);
 
     // Nothing bound: the API server's 403, naming user, verb, resource and scope.
@@ -1254,27 +1261,13 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
         .expect("discovery");
 
     // A Role bound in `apps` grants there, not elsewhere nor cluster-wide.
-    apply(
-        &rbac("Role", "roles", Some("apps")),
-        "test",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+    grant(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                "metadata": {"name": "config", "namespace": "apps"},
-               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "patch"]}]}),
-        false,
-    )
-    .await
-    .unwrap();
-    apply(
-        &rbac("RoleBinding", "rolebindings", Some("apps")),
-        "test",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+               "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "patch"]}]})).await;
+    grant(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
                "metadata": {"name": "config", "namespace": "apps"},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "config"},
-               "subjects": subject}),
-        false,
-    )
-    .await
-    .unwrap();
+               "subjects": subject})).await;
     // A server-side apply that would create the object needs `create` too.
     let e = api_err(
         apply(
@@ -1346,17 +1339,10 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
         api_err(within("get", namespaces.get("apps")).await.unwrap_err()).code,
         403
     );
-    apply(
-        &rbac("Role", "roles", Some("apps")),
-        "test",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+    grant(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
                "metadata": {"name": "config", "namespace": "apps"},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["get", "list", "watch", "patch"]},
-                         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]}),
-        false,
-    )
-    .await
-    .unwrap();
+                         {"apiGroups": [""], "resources": ["namespaces"], "verbs": ["get"]}]})).await;
     within("get", namespaces.get("apps"))
         .await
         .expect("get of its own namespace allowed");
@@ -1379,28 +1365,14 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
 
     // An aggregated ClusterRole holds the rules of the roles it selects
     // (aggregated ones too), including ones labelled after it was bound.
-    apply(
-        &rbac("ClusterRole", "clusterroles", None),
-        "test",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+    grant(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
                "metadata": {"name": "agent"},
                "aggregationRule": {"clusterRoleSelectors": [{"matchLabels": {"example.com/aggregate-to-agent": "true"}}]},
-               "rules": []}),
-        false,
-    )
-    .await
-    .unwrap();
-    apply(
-        &rbac("ClusterRoleBinding", "clusterrolebindings", None),
-        "test",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+               "rules": []})).await;
+    grant(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                "metadata": {"name": "agent"},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "agent"},
-               "subjects": subject}),
-        false,
-    )
-    .await
-    .unwrap();
+               "subjects": subject})).await;
     assert_eq!(
         api_err(
             within("list", all.list(&ListParams::default()))
@@ -1420,31 +1392,17 @@ async fn rbac_allows_a_service_account_only_what_its_bindings_grant() {
                "metadata": {"name": "read-config", "labels": {"example.com/aggregate-to-reader": "true"}},
                "rules": [{"apiGroups": [""], "resources": ["configmaps"], "verbs": ["list"]}]}),
     ] {
-        apply(
-            &rbac("ClusterRole", "clusterroles", None),
-            "test",
-            role,
-            false,
-        )
-        .await
-        .unwrap();
+        grant(&admin, role).await;
     }
     within("list", all.list(&ListParams::default()))
         .await
         .expect("list allowed cluster-wide through the aggregated role");
 
     // cluster-admin exists, as in every cluster, and grants everything.
-    apply(
-        &rbac("ClusterRoleBinding", "clusterrolebindings", None),
-        "test",
-        json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+    grant(&admin, json!({"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
                "metadata": {"name": "agent-admin"},
                "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole", "name": "cluster-admin"},
-               "subjects": subject}),
-        false,
-    )
-    .await
-    .unwrap();
+               "subjects": subject})).await;
     within(
         "delete",
         cms(&agent, "apps").delete("c", &DeleteParams::default()),
