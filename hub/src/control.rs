@@ -836,7 +836,7 @@ impl Hub {
     /// nothing and return the head.
     pub async fn commit_from_source(&self, c: SourceCommit) -> Result<Revision> {
         if let Some(labels) = &c.labels {
-            crate::model::check_labels(labels)
+            crate::model::check_label_sizes(labels)
                 .map_err(|e| HubError::InvalidArgument(format!("unit {}: {e}", c.unit)))?;
         }
         let (valid, text) = self.validate(&c.unit, c.manifests).await?;

@@ -333,19 +333,78 @@ impl Role {
 
 pub type Labels = BTreeMap<String, String>;
 
-/// Checks unit labels: non-empty keys of at most 317 characters (a
-/// 253-character prefix, `/`, a 63-character name), values of at most 63.
+/// Checks labels an operator sets (on a unit or a cluster) against
+/// Kubernetes label syntax: `[PREFIX/]NAME=VALUE`, so `--selector` can name
+/// them (a `,` or `=` in one could never be selected).
 pub fn check_labels(labels: &Labels) -> Result<(), String> {
     for (k, v) in labels {
-        if k.is_empty() || k.len() > 317 || v.len() > 63 {
+        let why = label_key(k)
+            .err()
+            .or_else(|| label_value(v).err().map(|e| format!("its value {e}")));
+        if let Some(why) = why {
             return Err(format!(
-                "invalid label {}={}",
+                "invalid label {}={}: {why}",
                 crate::manifest::prefix(k),
                 crate::manifest::prefix(v)
             ));
         }
     }
     Ok(())
+}
+
+/// Labels a source (ConfigHub, an OCI artifact) brings: only bounded in
+/// size. The source's own rules govern them; one that is not Kubernetes
+/// label syntax is kept, and no selector can name it.
+pub fn check_label_sizes(labels: &Labels) -> Result<(), String> {
+    match labels
+        .iter()
+        .find(|(k, v)| k.is_empty() || k.len() > 317 || v.len() > 63)
+    {
+        Some((k, v)) => Err(format!(
+            "invalid label {}={}: a key of 1 to 317 characters, a value of at most 63",
+            crate::manifest::prefix(k),
+            crate::manifest::prefix(v)
+        )),
+        None => Ok(()),
+    }
+}
+
+/// A label's name part (or a whole value): at most 63 characters,
+/// alphanumeric at both ends, `-`, `_` and `.` between, as Kubernetes
+/// takes them (so a selector can name them).
+fn label_name(s: &str) -> Result<(), String> {
+    let inner = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.');
+    let bytes = s.as_bytes();
+    if s.is_empty() || s.len() > 63 {
+        return Err("must be 1 to 63 characters".into());
+    }
+    if !bytes[0].is_ascii_alphanumeric()
+        || !bytes[bytes.len() - 1].is_ascii_alphanumeric()
+        || !bytes.iter().all(|b| inner(*b))
+    {
+        return Err(
+            "must be letters, digits, '-', '_' or '.', starting and ending with a letter or digit"
+                .into(),
+        );
+    }
+    Ok(())
+}
+
+/// A label key: `[PREFIX/]NAME`, the prefix a DNS subdomain.
+fn label_key(k: &str) -> Result<(), String> {
+    let name = match k.split_once('/') {
+        Some((prefix, name)) => {
+            check_dns1123_subdomain(prefix).map_err(|e| format!("its prefix {e}"))?;
+            name
+        }
+        None => k,
+    };
+    label_name(name)
+}
+
+/// A label value: empty, or as a label name.
+fn label_value(v: &str) -> Result<(), String> {
+    if v.is_empty() { Ok(()) } else { label_name(v) }
 }
 
 /// What promotions into an environment require.
@@ -740,6 +799,31 @@ pub struct NewAudit {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn labels_follow_kubernetes_syntax_so_selectors_can_name_them() {
+        let one = |k: &str, v: &str| check_labels(&[(k.to_owned(), v.to_owned())].into());
+        for (k, v) in [
+            ("app", "web"),
+            ("example.com/tier", "front-end_1.2"),
+            ("team", ""),
+        ] {
+            one(k, v).unwrap_or_else(|e| panic!("{k}={v}: {e}"));
+        }
+        for (k, v) in [
+            ("app", "a,b"),
+            ("app", "x=y"),
+            ("a b", "web"),
+            ("", "web"),
+            ("app", "-web"),
+            ("Example.com/tier", "x"),
+            ("app", &"x".repeat(64)),
+        ] {
+            let e = one(k, v).unwrap_err();
+            assert!(e.starts_with("invalid label"), "{e}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -136,6 +136,21 @@ async fn put_modes_and_names_are_enforced() {
         (e.code(), e.message()),
         (Code::NotFound, "unit dev/web not found")
     );
+    // A label no selector could name is refused, naming the unit.
+    let e = admin
+        .put_unit(pb::PutUnitRequest {
+            labels: [("app".to_owned(), "web,api".to_owned())].into(),
+            ..put("dev/web", pb::PutMode::Create)
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::InvalidArgument);
+    assert!(
+        e.message()
+            .contains("unit dev/web: invalid label app=web,api: its value must be"),
+        "{}",
+        e.message()
+    );
     admin
         .put_unit(put("dev/web", pb::PutMode::Create))
         .await

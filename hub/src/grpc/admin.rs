@@ -43,9 +43,11 @@ fn optional_env(s: &str) -> Result<Option<EnvName>> {
     }
 }
 
-fn labels(map: std::collections::HashMap<String, String>) -> Result<Labels> {
+/// Labels of `owner` (a unit or a cluster, named in the error).
+fn labels(owner: &str, map: std::collections::HashMap<String, String>) -> Result<Labels> {
     let labels: Labels = map.into_iter().collect();
-    crate::model::check_labels(&labels).map_err(HubError::InvalidArgument)?;
+    crate::model::check_labels(&labels)
+        .map_err(|e| HubError::InvalidArgument(format!("{owner}: {e}")))?;
     Ok(labels)
 }
 
@@ -126,7 +128,7 @@ impl pb::hub_service_server::HubService for AdminService {
                     actor,
                     parse(&r.name)?,
                     parse(&r.environment)?,
-                    labels(r.labels)?,
+                    labels(&format!("cluster {}", r.name), r.labels)?,
                 )
                 .await?;
             Ok(pb::CreateClusterResponse {
@@ -254,7 +256,7 @@ impl pb::hub_service_server::HubService for AdminService {
             let labels = if r.labels.is_empty() {
                 None
             } else {
-                Some(labels(r.labels)?)
+                Some(labels(&format!("unit {}", r.unit), r.labels)?)
             };
             let rev = self
                 .hub
