@@ -224,6 +224,11 @@ pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
             if is_true(obj, "Complete") {
                 return a(Health::Ready, "complete");
             }
+            // Applied suspended (a queue admits it later): nothing to wait
+            // for, and nothing failed.
+            if obj["spec"]["suspend"] == true {
+                return a(Health::Ready, "suspended; runs once resumed");
+            }
             a(Health::InProgress, "running")
         }
         ("apiextensions.k8s.io", "CustomResourceDefinition") => {
@@ -232,6 +237,20 @@ pub fn assess(obj: &Value, pods: &[Value], ty: TypeInfo) -> Assessment {
             }
             if is_true(obj, "Established") {
                 return a(Health::Ready, "established");
+            }
+            // Refused for anything but still being installed.
+            if let Some(c) = condition(obj, "Established")
+                && c["status"] == "False"
+                && c["reason"] != "Installing"
+            {
+                return a(
+                    Health::Failed,
+                    format!(
+                        "not established: {}: {}",
+                        c["reason"].as_str().unwrap_or(""),
+                        c["message"].as_str().unwrap_or("")
+                    ),
+                );
             }
             a(Health::InProgress, "not established yet")
         }
@@ -496,6 +515,28 @@ mod tests {
         assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {}, "status": {"phase": "Active"}}), &[], TypeInfo::default()).health, Health::Ready);
         assert_eq!(assess(&json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "status": {"conditions": [{"type": "Failed", "status": "True", "reason": "BackoffLimitExceeded"}]}}), &[], TypeInfo::default()).health, Health::Failed);
         assert_eq!(assess(&json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"deletionTimestamp": "x"}}), &[], TypeInfo::default()).health, Health::Terminating);
+    }
+
+    #[test]
+    fn a_suspended_job_is_ready_and_a_refused_crd_failed() {
+        let job = json!({"apiVersion": "batch/v1", "kind": "Job", "metadata": {}, "spec": {"suspend": true}, "status": {}});
+        let s = assess(&job, &[], TypeInfo::default());
+        assert_eq!(
+            (s.health, s.message.as_str()),
+            (Health::Ready, "suspended; runs once resumed")
+        );
+        let crd = |reason: &str| {
+            json!({"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition", "metadata": {},
+            "status": {"conditions": [{"type": "Established", "status": "False", "reason": reason, "message": "m"}]}})
+        };
+        assert_eq!(
+            assess(&crd("Installing"), &[], TypeInfo::default()).health,
+            Health::InProgress
+        );
+        assert_eq!(
+            assess(&crd("NotAllowed"), &[], TypeInfo::default()).health,
+            Health::Failed
+        );
     }
 
     #[test]
