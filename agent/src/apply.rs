@@ -693,7 +693,8 @@ impl Applier {
                 .collect()
         };
         let found = pods.list(&lp).await.map(values).unwrap_or_default();
-        if workload["kind"] != "Deployment" || found.is_empty() {
+        // Which revision a pod is of matters only when one is failing.
+        if workload["kind"] != "Deployment" || !crate::health::any_stuck(&found) {
             return found;
         }
         // Only the current revision's pods speak for it.

@@ -371,6 +371,11 @@ pub fn current_pods(pods: Vec<Value>, replica_sets: &[Value]) -> Vec<Value> {
         .collect()
 }
 
+/// Whether any of `pods` is failing in a way that will not fix itself.
+pub fn any_stuck(pods: &[Value]) -> bool {
+    stuck_pod(pods).is_some()
+}
+
 /// A pod failing in a way that will not fix itself; one being deleted is
 /// on its way out and says nothing.
 fn stuck_pod(pods: &[Value]) -> Option<String> {

@@ -410,16 +410,21 @@ impl Reconciler {
         retry_at: Option<Instant>,
     ) -> Watched {
         let failed = retry_at.is_some();
-        // Jobs their TTL controller deletes once finished: gone is done.
-        let expiring: BTreeSet<Key> = plan(unit, &Inventory::default(), 1.0)
-            .map(|p| {
-                p.objects
-                    .iter()
-                    .filter(|o| expires(o))
-                    .map(key_of)
-                    .collect()
-            })
-            .unwrap_or_default();
+        // Jobs their TTL controller deletes once finished: gone is done
+        // (the unit is parsed again only when it may hold one).
+        let expiring: BTreeSet<Key> = if unit.manifests.contains("ttlSecondsAfterFinished") {
+            plan(unit, &Inventory::default(), 1.0)
+                .map(|p| {
+                    p.objects
+                        .iter()
+                        .filter(|o| expires(o))
+                        .map(key_of)
+                        .collect()
+                })
+                .unwrap_or_default()
+        } else {
+            BTreeSet::new()
+        };
         let mut api_down = self.api_down.clone();
         let mut next_drift = Instant::now() + self.tuning.drift_interval;
         let mut drift = Drift::default();
