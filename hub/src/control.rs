@@ -21,7 +21,7 @@ use crate::manifest::{self, Limits, Validated};
 use crate::metrics::Metrics;
 use crate::model::{
     Actor, AuditEntry, Cluster, ClusterName, EnvName, EnvPolicy, Environment, HeadRef, Labels,
-    NewAudit, NewRevision, Override, Promotion, PutMode, Revision, RevisionNum, Role,
+    NewAudit, NewRevision, Override, Phase, Promotion, PutMode, Revision, RevisionNum, Role,
     SourceOperation, StatusCell, Unit, UnitName, UnitRef, UnixMillis,
 };
 use crate::store::{Operator, Page, Store};
@@ -833,7 +833,11 @@ impl Hub {
 
     /// Commits content on behalf of a source, which owns the unit (other
     /// writers are refused). Content and labels equal to the head's commit
-    /// nothing and return the head.
+    /// nothing and return the head, unless a cluster reports the head
+    /// Failed, Degraded or Drifted: a source's apply asks for the content
+    /// to be applied, so the same content is committed again as a new
+    /// revision and every cluster applies it afresh (rather than the
+    /// source hearing the verdict on the earlier attempt).
     pub async fn commit_from_source(&self, c: SourceCommit) -> Result<Revision> {
         if let Some(labels) = &c.labels {
             crate::model::check_label_sizes(labels)
@@ -846,6 +850,7 @@ impl Hub {
             && c.labels.as_ref().is_none_or(|l| *l == u.labels)
             && let Some(head) = self.store.get_revision(&c.unit, u.head).await?
             && head.digest == valid.digest
+            && !self.attempt_again(&c.unit, head.number).await?
         {
             return Ok(head);
         }
@@ -863,6 +868,19 @@ impl Hub {
             )
         };
         self.commit(rev).await
+    }
+
+    /// Whether a cluster's last attempt at `revision` of the unit ended
+    /// in a state only a new attempt changes (the agents retry failed
+    /// applies on their own, but only on their backoff).
+    async fn attempt_again(&self, unit: &UnitRef, revision: RevisionNum) -> Result<bool> {
+        Ok(self.unit_cells(unit).await?.iter().any(|c| {
+            c.status.revision == revision
+                && matches!(
+                    c.status.phase,
+                    Phase::Failed | Phase::Degraded | Phase::Drifted
+                )
+        }))
     }
 
     /// Destroys a unit on behalf of its source; `None` when there is

@@ -758,6 +758,39 @@ async fn refresh_reports_drift_the_agents_found() {
         "{}",
         drifted.message()
     );
+    // `cub unit apply` of the same content is a fresh attempt (a new
+    // revision), not the verdict on the drifted one: the edit's manager
+    // owns the field now, which the apply names.
+    let reapplied = s.run("a", "apply").await;
+    assert_eq!(reapplied.result(), "ApplyFailed", "{reapplied:?}");
+    assert!(
+        reapplied
+            .message()
+            .contains("conflict with \"kubectl-edit\""),
+        "{}",
+        reapplied.message()
+    );
+    assert_eq!(s.hub_unit("dev/a").await.unit.unwrap().head_revision, 2);
+    // Told to take the field, the apply puts the cluster back.
+    let forced = watched.replace(
+        "    unitsync.dev/drift: report\n",
+        "    unitsync.dev/drift: report\n    unitsync.dev/force: enabled\n",
+    );
+    within("unit update", s.cub.unit_update(SPACE, "a", &forced))
+        .await
+        .unwrap();
+    let healed = s.run("a", "apply").await;
+    assert_eq!(healed.result(), "ApplyCompleted", "{healed:?}");
+    assert_eq!(
+        s.clusters[0]
+            .object("v1", "configmaps", "apps", "a")
+            .unwrap()["data"]["value"],
+        "1"
+    );
+    assert_eq!(s.run("a", "refresh").await.result(), "RefreshAndNoDrift");
+    // Applied again while every cluster is Ready on it: nothing to commit.
+    assert_eq!(s.run("a", "apply").await.result(), "ApplyCompleted");
+    assert_eq!(s.hub_unit("dev/a").await.unit.unwrap().head_revision, 3);
 }
 
 #[tokio::test]
@@ -827,6 +860,15 @@ async fn a_failing_cluster_fails_the_apply_naming_it() {
         o.message()
     );
     assert_eq!(s.terminal(&op_id(&op)).len(), 1);
+    // The cluster is fixed; applied again (the same content), every
+    // cluster tries afresh rather than ConfigHub hearing the old failure.
+    s.clusters[1].sim.faults().clear_failures();
+    let again = s.run("a", "apply").await;
+    assert_eq!(
+        (again.status(), again.result()),
+        ("Completed", "ApplyCompleted"),
+        "{again:?}"
+    );
 }
 
 #[tokio::test]
