@@ -644,6 +644,37 @@ async fn cancel_ends_a_running_operation() {
     assert_eq!(s.terminal(&op_id(&op)).len(), 1);
 }
 
+/// A progress report held back by a failure is not sent once the
+/// operation has ended: the ending is ConfigHub's last word on it.
+#[tokio::test]
+async fn a_progress_report_being_retried_never_lands_after_the_ending() {
+    let mut s = setup(Transport::LongPoll, 1).await;
+    s.unit("a", &configmap("a", "1")).await;
+    s.clusters[0].stop_agent().await;
+    s.sim.with_state(|st| st.faults.fail_reports = 1);
+    let op = s.queue("a", "apply").await;
+    until("the first progress report failed", || async {
+        s.sim.with_state(|st| st.injected_errors) >= 1
+    })
+    .await;
+    within("cancel", s.cub.cancel(SPACE, "a")).await.unwrap();
+    let o = within("wait", s.cub.wait(SPACE, "a", &op, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(o.status(), "Canceled", "{o:?}");
+    // The SDK's policy retries a failed report within 1.5 s: proving that
+    // nothing more arrives needs a wait longer than that.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (late, last) = s.sim.with_state(|st| {
+        (
+            st.late_reports,
+            st.events_of(&op_id(&op)).last().map(|e| e.status.clone()),
+        )
+    });
+    assert_eq!(late, 0, "a report arrived after the ending");
+    assert_eq!(last.as_deref(), Some("Canceled"));
+}
+
 #[tokio::test]
 async fn destroy_removes_the_unit_from_every_cluster() {
     let s = setup(Transport::LongPoll, 2).await;

@@ -297,6 +297,9 @@ pub struct Faults {
     /// The next this many worker calls are answered 503.
     #[serde(default)]
     pub fail_next: u32,
+    /// The next this many reports (ActionResults) are answered 503.
+    #[serde(default)]
+    pub fail_reports: u32,
     #[serde(default)]
     pub latency_ms: u64,
     /// Lifetime of issued JWTs, seconds (0: an hour).

@@ -253,6 +253,17 @@ impl Sim {
         None
     }
 
+    /// A report answered 503 while `fail_reports` lasts.
+    fn report_fault(&self) -> Option<Reply> {
+        let mut s = self.state.lock().unwrap();
+        if s.faults.fail_reports == 0 {
+            return None;
+        }
+        s.faults.fail_reports -= 1;
+        s.injected_errors += 1;
+        Some(error(503, "simulated outage"))
+    }
+
     /// The worker authenticated by a JWT (long poll).
     fn jwt_worker(&self, h: &HeaderMap, id: &str) -> Result<String, Refusal> {
         let token = bearer(h).ok_or_else(|| refuse(401, "no token"))?;
@@ -560,6 +571,9 @@ async fn action_result(
     if let Some(r) = sim.fault().await {
         return r;
     }
+    if let Some(r) = sim.report_fault() {
+        return r;
+    }
     let worker = match sim.secret_worker(&h, &id) {
         Ok(w) => w,
         Err(r) => return r.into_response(),
@@ -702,6 +716,9 @@ async fn report(
     body: Bytes,
 ) -> Reply {
     if let Some(r) = sim.fault().await {
+        return r;
+    }
+    if let Some(r) = sim.report_fault() {
         return r;
     }
     let worker = match sim.jwt_worker(&h, &id) {

@@ -93,6 +93,9 @@ struct Running {
     /// a newer operation), held until the commit is done, so the report
     /// says what the commit did.
     committing: std::sync::Mutex<Option<Option<(&'static str, String)>>>,
+    /// Held while a report is sent: an ending decided from outside waits
+    /// for a progress report in flight, so it is never overtaken by one.
+    reporting: tokio::sync::Mutex<()>,
 }
 
 /// What asking a running operation to end did.
@@ -115,6 +118,7 @@ impl Running {
             cancel: CancellationToken::new(),
             decided: AtomicBool::new(decided),
             committing: std::sync::Mutex::default(),
+            reporting: tokio::sync::Mutex::default(),
         }
     }
 

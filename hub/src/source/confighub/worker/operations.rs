@@ -215,8 +215,12 @@ impl Worker {
         let r = r.clone();
         let shift = self.shift();
         shift.tasks.spawn(async move {
+            // After a progress report in flight (its retries end with
+            // `cancel`).
+            let turn = r.reporting.lock().await;
             this.deliver(&id, &r.unit, &r.action, report, &shift.stop)
                 .await;
+            drop(turn);
             this.forget(&id, &r);
         });
         true
@@ -427,9 +431,13 @@ impl Worker {
     }
 
     /// A progress report (best effort: a lost one is superseded by the
-    /// next).
+    /// next). Never after the ending, nor while one is sent (a cancel or
+    /// a newer operation): an ending waits for a progress report in
+    /// flight, and a progress report's retries stop at the ending.
     async fn progress(&self, op: &SourceOperation, run: &Running, res: &str, message: &str) {
-        // Never after the ending (a cancel or a newer operation).
+        let Ok(_turn) = run.reporting.try_lock() else {
+            return;
+        };
         if run.decided.load(Ordering::SeqCst) {
             return;
         }
@@ -444,7 +452,8 @@ impl Worker {
         if res == result::NONE {
             r.terminated_at = None;
         }
-        if let Err(e) = self.send(&r, 2, &self.shift().stop).await {
+        // Called within the operation's task, which the shift's end stops.
+        if let Err(e) = self.send(&r, 2, &run.cancel).await {
             tracing::debug!(op = %op.id, error = %e, "progress report failed");
         }
     }
