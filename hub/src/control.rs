@@ -286,19 +286,21 @@ impl Hub {
         actor: Actor,
         name: EnvName,
         after: Option<EnvName>,
+        policy: EnvPolicy,
     ) -> Result<Environment> {
+        let mut detail = policy_detail(&policy);
+        if let Some(a) = &after {
+            detail = format!("after {a}; {detail}");
+        }
         let audit = NewAudit {
             actor,
             action: "environment.create",
             target: format!("env/{name}"),
-            detail: after
-                .as_ref()
-                .map(|a| format!("after {a}"))
-                .unwrap_or_default(),
+            detail,
         };
         Ok(self
             .store
-            .create_environment(&name, after.as_ref(), audit)
+            .create_environment(&name, after.as_ref(), policy, audit)
             .await?)
     }
 
@@ -316,10 +318,7 @@ impl Hub {
             actor,
             action: "environment.policy",
             target: format!("env/{env}"),
-            detail: format!(
-                "approvals {} soak {}s auto-promote {}",
-                policy.required_approvals, policy.soak_seconds, policy.auto_promote
-            ),
+            detail: policy_detail(&policy),
         };
         Ok(self
             .store
@@ -1017,4 +1016,12 @@ impl Hub {
         self.cache_head(&d);
         Ok(d)
     }
+}
+
+/// A policy as the audit trail records it.
+fn policy_detail(p: &EnvPolicy) -> String {
+    format!(
+        "approvals {} soak {}s auto-promote {}",
+        p.required_approvals, p.soak_seconds, p.auto_promote
+    )
 }

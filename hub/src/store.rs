@@ -27,7 +27,7 @@ pub(crate) mod testing {
     use std::sync::Arc;
 
     use super::{SqlStore, Store};
-    use crate::model::{Actor, Digest, EnvName, NewAudit, NewRevision, PutMode};
+    use crate::model::{Actor, Digest, EnvName, EnvPolicy, NewAudit, NewRevision, PutMode};
 
     /// An audit entry by the tester.
     pub(crate) fn audit(action: &'static str, target: &str) -> NewAudit {
@@ -60,7 +60,12 @@ pub(crate) mod testing {
         let store = SqlStore::sqlite(&dir.path().join("hub.db")).await.unwrap();
         let dev: EnvName = "dev".parse().unwrap();
         store
-            .create_environment(&dev, None, audit("environment.create", "env/dev"))
+            .create_environment(
+                &dev,
+                None,
+                EnvPolicy::default(),
+                audit("environment.create", "env/dev"),
+            )
             .await
             .unwrap();
         store
@@ -166,11 +171,12 @@ pub struct Ack {
 #[async_trait]
 pub trait Store: Send + Sync + 'static {
     // --- environments ---
-    /// Creates an environment after `after` (or last).
+    /// Creates an environment after `after` (or last), with its policy.
     async fn create_environment(
         &self,
         name: &EnvName,
         after: Option<&EnvName>,
+        policy: EnvPolicy,
         audit: NewAudit,
     ) -> StoreResult<Environment>;
     /// All environments in pipeline order.

@@ -935,6 +935,19 @@ async fn promotion_through_the_cli() {
     hub.ok(&["env", "create", "dev"]).await;
     hub.ok(&["env", "create", "staging", "--approvals", "1"])
         .await;
+    // Created with its gate in one step: never an ungated moment, one
+    // audit entry saying so.
+    let audit: Vec<serde_json::Value> = serde_json::from_str(
+        &hub.ok(&["audit", "--target", "env/staging", "-o", "json"])
+            .await,
+    )
+    .unwrap();
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["action"], "environment.create", "{audit:?}");
+    assert!(
+        audit[0]["detail"].as_str().unwrap().contains("approvals 1"),
+        "{audit:?}"
+    );
     let created: serde_json::Value = serde_json::from_str(
         &hub.ok(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
             .await,
@@ -1089,6 +1102,21 @@ async fn promotion_through_the_cli() {
     hub.ok(&["unit", "rollback", "dev/web", "--to", "1"]).await;
     let history = hub.ok(&["unit", "history", "dev/web", "-o", "json"]).await;
     assert!(history.contains("rollback to 1"), "{history}");
+    // `env policy` changes what its flags name and keeps the rest.
+    hub.ok(&["env", "policy", "staging", "--soak", "5"]).await;
+    let envs: serde_json::Value =
+        serde_json::from_str(&hub.ok(&["env", "list", "-o", "json"]).await).unwrap();
+    let staging = envs
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["name"] == "staging")
+        .unwrap();
+    assert_eq!(
+        (&staging["required_approvals"], &staging["soak_seconds"]),
+        (&serde_json::json!(1), &serde_json::json!(5)),
+        "{staging}"
+    );
     let audit = hub.ok(&["audit"]).await;
     for action in [
         "promotion.approve",

@@ -42,17 +42,28 @@ fn env(s: &str) -> EnvName {
 async fn contract(store: Arc<dyn Store>) {
     // Environments keep their order, inserts included.
     store
-        .create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+        .create_environment(
+            &env("dev"),
+            None,
+            EnvPolicy::default(),
+            audit("environment.create", "env/dev"),
+        )
         .await
         .unwrap();
     store
-        .create_environment(&env("prod"), None, audit("environment.create", "env/prod"))
+        .create_environment(
+            &env("prod"),
+            None,
+            EnvPolicy::default(),
+            audit("environment.create", "env/prod"),
+        )
         .await
         .unwrap();
     store
         .create_environment(
             &env("staging"),
             Some(&env("dev")),
+            EnvPolicy::default(),
             audit("environment.create", "env/staging"),
         )
         .await
@@ -67,7 +78,12 @@ async fn contract(store: Arc<dyn Store>) {
     assert_eq!(order, ["dev", "staging", "prod"]);
     assert!(matches!(
         store
-            .create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+            .create_environment(
+                &env("dev"),
+                None,
+                EnvPolicy::default(),
+                audit("environment.create", "env/dev")
+            )
             .await,
         Err(StoreError::AlreadyExists(_))
     ));
@@ -546,7 +562,12 @@ async fn sources_contract(store: Arc<dyn Store>) {
 
     // OCI sources.
     store
-        .create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
+        .create_environment(
+            &env("dev"),
+            None,
+            EnvPolicy::default(),
+            audit("environment.create", "env/dev"),
+        )
         .await
         .unwrap();
     let name = "web".parse().unwrap();
@@ -851,9 +872,14 @@ async fn replicas_racing_on_one_unit_both_commit() {
     let url = unitsync_tests::hub::postgres_database().await;
     let a: Arc<dyn Store> = Arc::new(SqlStore::postgres(&url).await.unwrap());
     let b: Arc<dyn Store> = Arc::new(SqlStore::postgres(&url).await.unwrap());
-    a.create_environment(&env("dev"), None, audit("environment.create", "env/dev"))
-        .await
-        .unwrap();
+    a.create_environment(
+        &env("dev"),
+        None,
+        EnvPolicy::default(),
+        audit("environment.create", "env/dev"),
+    )
+    .await
+    .unwrap();
     // Both replicas create and then update the same unit at the same time.
     let writer = |store: Arc<dyn Store>, who: &'static str| async move {
         for i in 0..15 {
@@ -1081,7 +1107,12 @@ async fn replicas_with_dev() -> (SqlStore, SqlStore, unitsync_hub::store::Announ
         .expect("PostgreSQL announces");
     within(
         "create dev",
-        a.create_environment(&env("dev"), None, audit("environment.create", "env/dev")),
+        a.create_environment(
+            &env("dev"),
+            None,
+            EnvPolicy::default(),
+            audit("environment.create", "env/dev"),
+        ),
     )
     .await
     .unwrap();

@@ -254,6 +254,7 @@ impl TestHub {
                 .create_environment(pb::CreateEnvironmentRequest {
                     name: name.into(),
                     after: String::new(),
+                    policy: None,
                 }),
         )
         .await

@@ -34,14 +34,21 @@ fn health(v: i32) -> &'static str {
 pub(super) struct EnvView {
     pub name: String,
     pub position: u32,
+    pub required_approvals: u32,
+    pub soak_seconds: u64,
+    pub auto_promote: bool,
     pub created: String,
 }
 
 impl From<&pb::Environment> for EnvView {
     fn from(e: &pb::Environment) -> Self {
+        let p = e.policy.unwrap_or_default();
         Self {
             name: e.name.clone(),
             position: e.position,
+            required_approvals: p.required_approvals,
+            soak_seconds: p.soak_seconds,
+            auto_promote: p.auto_promote,
             created: time(e.created_at.as_ref()),
         }
     }

@@ -14,7 +14,7 @@ use super::convert::{self, parse};
 use super::operator::Operator;
 use crate::control::{DEFAULT_CERT_VALIDITY, Hub, MAX_CERT_VALIDITY};
 use crate::error::{HubError, Result};
-use crate::model::{ClusterName, EnvName, EnvPolicy, Labels, PutMode, RevisionNum, Role, UnitRef};
+use crate::model::{ClusterName, EnvName, Labels, PutMode, RevisionNum, Role, UnitRef};
 use crate::promote::{PromoteRequest, Selection};
 use crate::store::Page;
 
@@ -94,7 +94,12 @@ impl pb::hub_service_server::HubService for AdminService {
             let r = req.into_inner();
             let env = self
                 .hub
-                .create_environment(actor, parse(&r.name)?, optional_env(&r.after)?)
+                .create_environment(
+                    actor,
+                    parse(&r.name)?,
+                    optional_env(&r.after)?,
+                    convert::env_policy(r.policy.unwrap_or_default()),
+                )
                 .await?;
             Ok(convert::environment(&env))
         }
@@ -425,12 +430,7 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
-            let p = r.policy.unwrap_or_default();
-            let policy = EnvPolicy {
-                required_approvals: p.required_approvals,
-                soak_seconds: p.soak_seconds,
-                auto_promote: p.auto_promote,
-            };
+            let policy = convert::env_policy(r.policy.unwrap_or_default());
             Ok(convert::environment(
                 &self
                     .hub

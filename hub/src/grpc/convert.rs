@@ -9,8 +9,8 @@ use crate::error::{HubError, Result};
 use crate::fanout::Delivery;
 use crate::model::Override;
 use crate::model::{
-    AuditEntry, Cluster, Environment, Phase, ResourceState, Revision, StatusCell, Unit, UnitStatus,
-    UnixMillis,
+    AuditEntry, Cluster, EnvPolicy, Environment, Phase, ResourceState, Revision, StatusCell, Unit,
+    UnitStatus, UnixMillis,
 };
 
 pub fn timestamp(t: UnixMillis) -> Option<prost_types::Timestamp> {
@@ -133,6 +133,14 @@ pub fn environment(e: &Environment) -> pb::Environment {
             soak_seconds: e.policy.soak_seconds,
             auto_promote: e.policy.auto_promote,
         }),
+    }
+}
+
+pub fn env_policy(p: pb::EnvironmentPolicy) -> EnvPolicy {
+    EnvPolicy {
+        required_approvals: p.required_approvals,
+        soak_seconds: p.soak_seconds,
+        auto_promote: p.auto_promote,
     }
 }
 

@@ -255,6 +255,7 @@ impl Store for SqlStore {
         &self,
         name: &EnvName,
         after: Option<&EnvName>,
+        policy: EnvPolicy,
         audit: NewAudit,
     ) -> StoreResult<Environment> {
         let mut tx = self.writer.begin().await.map_err(db)?;
@@ -281,20 +282,26 @@ impl Store for SqlStore {
                 .map_err(db)?,
         };
         let now = UnixMillis::now();
-        sqlx::query("INSERT INTO environments (name, position, created_at) VALUES ($1, $2, $3)")
-            .bind(name.as_str())
-            .bind(position)
-            .bind(now.0)
-            .execute(&mut *tx)
-            .await
-            .map_err(already(|| format!("environment {name}")))?;
+        sqlx::query(
+            "INSERT INTO environments (name, position, created_at, required_approvals, soak_seconds, auto_promote) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(name.as_str())
+        .bind(position)
+        .bind(now.0)
+        .bind(i64::from(policy.required_approvals))
+        .bind(i64::try_from(policy.soak_seconds).unwrap_or(i64::MAX))
+        .bind(i64::from(policy.auto_promote))
+        .execute(&mut *tx)
+        .await
+        .map_err(already(|| format!("environment {name}")))?;
         insert_audit(&mut tx, &audit).await?;
         tx.commit().await.map_err(db)?;
         Ok(Environment {
             name: name.clone(),
             position: u32::try_from(position).unwrap_or(0),
             created_at: now,
-            policy: EnvPolicy::default(),
+            policy,
         })
     }
 

@@ -891,6 +891,7 @@ async fn start_bench_hub(agents: usize, label: &str, tls: bool) -> anyhow::Resul
             pb::CreateEnvironmentRequest {
                 name: "bench".into(),
                 after: String::new(),
+                policy: None,
             },
             &admin_token,
         )?)

@@ -2,12 +2,8 @@
 
 use super::*;
 
-pub(super) async fn set_policy(
-    c: &mut Client,
-    name: String,
-    mut p: pb::EnvironmentPolicy,
-    args: &PolicyArgs,
-) -> anyhow::Result<pb::Environment> {
+/// `p` with what the flags change.
+fn policy(mut p: pb::EnvironmentPolicy, args: &PolicyArgs) -> pb::EnvironmentPolicy {
     if let Some(a) = args.approvals {
         p.required_approvals = a;
     }
@@ -17,12 +13,7 @@ pub(super) async fn set_policy(
     if let Some(a) = args.auto_promote {
         p.auto_promote = a;
     }
-    api(c
-        .set_environment_policy(pb::SetEnvironmentPolicyRequest {
-            name,
-            policy: Some(p),
-        })
-        .await)
+    p
 }
 
 pub(super) async fn env(c: &mut Client, f: Format, cmd: EnvCommand) -> anyhow::Result<()> {
@@ -30,28 +21,29 @@ pub(super) async fn env(c: &mut Client, f: Format, cmd: EnvCommand) -> anyhow::R
         EnvCommand::Create {
             name,
             after,
-            policy,
+            policy: args,
         } => {
-            let e = api(c
+            // Created with its gates: never an ungated moment.
+            vec![api(c
                 .create_environment(pb::CreateEnvironmentRequest {
-                    name: name.clone(),
+                    name,
                     after: after.unwrap_or_default(),
+                    policy: Some(policy(pb::EnvironmentPolicy::default(), &args)),
                 })
-                .await)?;
-            if policy.approvals.is_some() || policy.soak.is_some() || policy.auto_promote.is_some()
-            {
-                vec![set_policy(c, name, e.policy.unwrap_or_default(), &policy).await?]
-            } else {
-                vec![e]
-            }
+                .await)?]
         }
-        EnvCommand::Policy { name, policy } => {
+        EnvCommand::Policy { name, policy: args } => {
             let current = api(c.list_environments(pb::ListEnvironmentsRequest {}).await)?
                 .environments
                 .into_iter()
                 .find(|e| e.name == name)
                 .with_context(|| format!("environment {name} not found"))?;
-            vec![set_policy(c, name, current.policy.unwrap_or_default(), &policy).await?]
+            vec![api(c
+                .set_environment_policy(pb::SetEnvironmentPolicyRequest {
+                    name,
+                    policy: Some(policy(current.policy.unwrap_or_default(), &args)),
+                })
+                .await)?]
         }
         EnvCommand::List => {
             api(c.list_environments(pb::ListEnvironmentsRequest {}).await)?.environments
@@ -60,10 +52,26 @@ pub(super) async fn env(c: &mut Client, f: Format, cmd: EnvCommand) -> anyhow::R
     let views: Vec<EnvView> = envs.iter().map(EnvView::from).collect();
     print(&structured(f, &views).unwrap_or_else(|| {
         table(
-            &["name", "position", "created"],
+            &[
+                "name",
+                "position",
+                "approvals",
+                "soak",
+                "auto-promote",
+                "created",
+            ],
             views
                 .iter()
-                .map(|e| vec![e.name.clone(), e.position.to_string(), e.created.clone()])
+                .map(|e| {
+                    vec![
+                        e.name.clone(),
+                        e.position.to_string(),
+                        e.required_approvals.to_string(),
+                        format!("{}s", e.soak_seconds),
+                        if e.auto_promote { "yes" } else { "no" }.to_owned(),
+                        e.created.clone(),
+                    ]
+                })
                 .collect(),
         )
     }));
