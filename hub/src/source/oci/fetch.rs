@@ -1,14 +1,16 @@
 //! The registry side of a source, with Flux `OCIRepository` semantics: a
 //! digest pins, a semver range picks the highest matching tag, a tag is
-//! resolved to its manifest digest by a `HEAD` (then `GET`); the manifest
-//! is pulled by digest (read up to [`MAX_MANIFEST`]: a registry cannot make
-//! the hub hold more) and the chosen layer's bytes are checked against
-//! its digest. Errors say what failed, where, in words an operator can act
-//! on; credentials never appear in them.
+//! resolved to its manifest digest by a `HEAD` (then a `GET`); the manifest
+//! is pulled by digest and the chosen layer's bytes are checked against
+//! its digest. Every response is read up to a cap ([`MAX_MANIFEST`] for
+//! manifests and tag lists, the source's blob limit for layers): a
+//! registry cannot make the hub hold more. oci-client does the token flow;
+//! the requests are the hub's own, so they are bounded and carry the basic
+//! credentials also where only the repository asks for them. Errors say
+//! what failed, where, in words an operator can act on; credentials never
+//! appear in them.
 
 use std::collections::BTreeMap;
-use std::pin::Pin;
-use std::task::{Context, Poll};
 
 use oci_client::client::{Certificate, CertificateEncoding, ClientConfig, ClientProtocol};
 use oci_client::errors::OciDistributionError;
@@ -40,9 +42,16 @@ pub struct Registry {
     /// Hosts reached over plain HTTP.
     insecure_hosts: Vec<String>,
     auth: RegistryAuth,
+    /// The repository's pull token (`None`: the registry asks for none)
+    /// and when it was issued; asked again once old or refused.
+    token: std::sync::Mutex<Option<(Option<String>, std::time::Instant)>>,
     host: String,
     repo: String,
 }
+
+/// How long a pull token is used before a new one is asked for (registries
+/// issue them for 5 minutes or more; one refused earlier is renewed then).
+const TOKEN_REUSE: std::time::Duration = std::time::Duration::from_secs(60);
 
 /// What a reference points at now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -116,6 +125,7 @@ impl Registry {
             http,
             insecure_hosts: spec.insecure_hosts.clone(),
             auth,
+            token: std::sync::Mutex::default(),
             host,
             repo,
         })
@@ -127,10 +137,6 @@ impl Registry {
 
     fn tagged(&self, tag: &str) -> Reference {
         Reference::with_tag(self.host.clone(), self.repo.clone(), tag.to_owned())
-    }
-
-    fn pinned(&self, digest: &str) -> Reference {
-        Reference::with_digest(self.host.clone(), self.repo.clone(), digest.to_owned())
     }
 
     /// In words, naming the registry and what was asked.
@@ -193,11 +199,7 @@ impl Registry {
             OciRef::Digest(d) => {
                 // Still asked every time: a pin whose artifact went away (or
                 // whose registry did) is reported, not assumed.
-                let got = self
-                    .client
-                    .fetch_manifest_digest(&self.pinned(d), &self.auth)
-                    .await
-                    .map_err(|e| self.explain(&format!("digest {d}"), e))?;
+                let got = self.manifest_digest(d, &format!("digest {d}")).await?;
                 if got != *d {
                     return Err(format!("registry {} answered {got} for {d}", self.at()));
                 }
@@ -209,36 +211,78 @@ impl Registry {
             OciRef::Tag(t) => t.clone(),
             OciRef::Semver(range) => self.highest(range).await?,
         };
-        let digest = self
-            .client
-            .fetch_manifest_digest(&self.tagged(&tag), &self.auth)
-            .await
-            .map_err(|e| self.explain(&format!("tag {tag}"), e))?;
+        let digest = self.manifest_digest(&tag, &format!("tag {tag}")).await?;
         Ok(Resolved {
             revision: format!("{tag}@{digest}"),
             digest,
         })
     }
 
+    /// The digest of the manifest `reference` names: the `HEAD`'s
+    /// `Docker-Content-Digest`, or (a registry that leaves it out) the
+    /// digest of the manifest read by a bounded `GET`.
+    async fn manifest_digest(&self, reference: &str, what: &str) -> Result<String, String> {
+        let path = format!("manifests/{reference}");
+        let head = self
+            .send(what, reqwest::Method::HEAD, &path, Some(MANIFEST_TYPES))
+            .await?;
+        if let Some(d) = head
+            .headers()
+            .get("docker-content-digest")
+            .and_then(|v| v.to_str().ok())
+            .filter(|d| is_digest(d))
+        {
+            return Ok(d.to_owned());
+        }
+        let body = self
+            .read(
+                what,
+                self.send(what, reqwest::Method::GET, &path, Some(MANIFEST_TYPES))
+                    .await?,
+                MAX_MANIFEST,
+            )
+            .await?;
+        Ok(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&body))
+        ))
+    }
+
     /// The highest tag matching a semver range (all pages of the list).
     async fn highest(&self, range: &str) -> Result<String, String> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            tags: Option<Vec<String>>,
+        }
         let ranges = crate::model::semver_ranges(range)?;
-        let image = self.tagged("latest");
+        let what = "listing tags";
         let mut tags: Vec<String> = Vec::new();
         let mut last: Option<String> = None;
         // Every page (registries may cap a page below what was asked),
         // until an empty page or one that does not move on.
         loop {
-            let page = self
-                .client
-                .list_tags(&image, &self.auth, Some(1000), last.as_deref())
-                .await
-                .map_err(|e| self.explain("listing tags", e))?;
-            let next = page.tags.last().cloned();
-            if page.tags.is_empty() || next == last {
+            let mut path = String::from("tags/list?n=1000");
+            if let Some(l) = &last {
+                path.push_str("&last=");
+                path.push_str(&url_escape(l));
+            }
+            let body = self
+                .read(
+                    what,
+                    self.send(what, reqwest::Method::GET, &path, None).await?,
+                    MAX_MANIFEST,
+                )
+                .await?;
+            let page: Page = serde_json::from_slice(&body).map_err(|e| {
+                format!("{what}: registry {} answered no tag list ({e})", self.at())
+            })?;
+            let page = page.tags.unwrap_or_default();
+            let next = page.last().cloned();
+            if page.is_empty() || next == last {
                 break;
             }
-            tags.extend(page.tags);
+            tags.extend(page);
             if tags.len() > MAX_TAGS {
                 return Err(format!(
                     "{} has more than {MAX_TAGS} tags; pin a tag or digest",
@@ -265,7 +309,6 @@ impl Registry {
         layer_media_type: &str,
         limits: &ArtifactLimits,
     ) -> Result<Artifact, String> {
-        let image = self.pinned(digest);
         let manifest = self.manifest(digest).await?;
         let layer = choose_layer(&manifest.layers, layer_media_type)?;
         if u64::try_from(layer.size).unwrap_or(u64::MAX) > limits.max_blob {
@@ -274,16 +317,20 @@ impl Registry {
                 layer.digest, layer.size, limits.max_blob
             ));
         }
-        let mut sink = CappedSink {
-            bytes: Vec::new(),
-            cap: usize::try_from(limits.max_blob).unwrap_or(usize::MAX),
-        };
-        self.client
-            .pull_blob(&image, layer, &mut sink)
-            .await
-            .map_err(|e| self.explain(&format!("layer {}", layer.digest), e))?;
+        let what = format!("layer {}", layer.digest);
+        let response = self
+            .send(
+                &what,
+                reqwest::Method::GET,
+                &format!("blobs/{}", layer.digest),
+                None,
+            )
+            .await?;
+        let cap = usize::try_from(limits.max_blob).unwrap_or(usize::MAX);
+        let bytes = self.read(&what, response, cap).await?;
+        verify(&what, &layer.digest, &bytes, &self.at())?;
         Ok(Artifact {
-            layer: sink.bytes,
+            layer: bytes,
             media_type: layer.media_type.clone(),
             annotations: manifest.annotations.unwrap_or_default(),
         })
@@ -292,17 +339,41 @@ impl Registry {
 
 impl Registry {
     /// The image manifest `digest`, read up to [`MAX_MANIFEST`] bytes and
-    /// checked against its digest (authenticated as oci-client does:
-    /// its token for the repository, or the basic credentials).
+    /// checked against its digest.
     async fn manifest(&self, digest: &str) -> Result<OciImageManifest, String> {
-        let image = &self.pinned(digest);
         let what = format!("manifest {digest}");
+        let response = self
+            .send(
+                &what,
+                reqwest::Method::GET,
+                &format!("manifests/{digest}"),
+                Some(MANIFEST_TYPES),
+            )
+            .await?;
+        let body = self.read(&what, response, MAX_MANIFEST).await?;
+        verify(&what, digest, &body, &self.at())?;
+        serde_json::from_slice(&body).map_err(|e| {
+            format!(
+                "{what} from registry {}: not an image manifest ({e})",
+                self.at()
+            )
+        })
+    }
+
+    /// One request to the repository (`/v2/<repo>/<path>`), authenticated
+    /// as the registry asks: oci-client's token for the repository where
+    /// the registry challenges for one, otherwise the basic credentials
+    /// (sent even when `/v2/` itself is open: a registry may guard
+    /// repositories only). Anything but 200 is an error naming it.
+    async fn send(
+        &self,
+        what: &str,
+        method: reqwest::Method,
+        path: &str,
+        accept: Option<&str>,
+    ) -> Result<reqwest::Response, String> {
         let at = self.at();
-        let token = self
-            .client
-            .auth(image, &self.auth, oci_client::RegistryOperation::Pull)
-            .await
-            .map_err(|e| self.explain(&what, e))?;
+        let image = self.tagged("latest");
         // As oci-client addresses it (`docker.io` is `index.docker.io`).
         let registry = image.resolve_registry();
         let scheme = if self.insecure_hosts.iter().any(|h| h == registry) {
@@ -310,78 +381,170 @@ impl Registry {
         } else {
             "https"
         };
-        let url = format!(
-            "{scheme}://{registry}/v2/{}/manifests/{digest}",
-            image.repository()
-        );
-        let mut request = self
-            .http
-            .get(url)
-            .header(reqwest::header::ACCEPT, MANIFEST_TYPES);
-        request = match (token, &self.auth) {
-            (Some(token), _) => request.bearer_auth(token),
-            (None, RegistryAuth::Basic(user, password)) => request.basic_auth(user, Some(password)),
-            (None, _) => request,
+        let url = format!("{scheme}://{registry}/v2/{}/{path}", image.repository());
+        // A reused token the registry refuses (expired, revoked): once
+        // more with a new one.
+        let mut renew = false;
+        let response = loop {
+            let (token, reused) = self.token(what, &image, renew).await?;
+            let mut request = self.http.request(method.clone(), &url);
+            if let Some(accept) = accept {
+                request = request.header(reqwest::header::ACCEPT, accept);
+            }
+            request = match (token, &self.auth) {
+                (Some(token), _) => request.bearer_auth(token),
+                (None, RegistryAuth::Basic(user, password)) => {
+                    request.basic_auth(user, Some(password))
+                }
+                (None, RegistryAuth::Bearer(token)) => request.bearer_auth(token),
+                (None, RegistryAuth::Anonymous) => request,
+            };
+            let r = request
+                .send()
+                .await
+                .map_err(|e| self.unreachable(what, &e))?;
+            if r.status() == reqwest::StatusCode::UNAUTHORIZED && reused {
+                renew = true;
+                continue;
+            }
+            break r;
         };
-        let unreachable = |e: reqwest::Error| {
-            let msg = crate::error::ErrorChain(&e).to_string();
-            format!(
-                "{what}: cannot reach registry {}: {}",
-                self.host,
-                crate::manifest::prefix(&msg)
-            )
-        };
-        let mut response = request.send().await.map_err(unreachable)?;
         match response.status().as_u16() {
-            200 => {}
-            401 => {
-                return Err(format!(
-                    "{what}: registry {at} refused the credentials (401 Unauthorized)"
-                ));
-            }
-            403 => {
-                return Err(format!(
-                    "{what}: registry {at} answered 403 Forbidden: the credentials may not read this repository"
-                ));
-            }
-            404 => return Err(format!("{what}: not found in registry {at}")),
-            code => return Err(format!("{what}: registry {at} answered {code}")),
+            200 => Ok(response),
+            401 => Err(format!(
+                "{what}: registry {at} refused the credentials (401 Unauthorized)"
+            )),
+            403 => Err(format!(
+                "{what}: registry {at} answered 403 Forbidden: the credentials may not read this repository"
+            )),
+            404 => Err(format!("{what}: not found in registry {at}")),
+            code => Err(format!("{what}: registry {at} answered {code}")),
         }
+    }
+
+    /// The pull token for the repository (oci-client's token flow: the
+    /// registry's challenge, then its token service), reused for
+    /// [`TOKEN_REUSE`] unless `renew`; whether it was reused.
+    async fn token(
+        &self,
+        what: &str,
+        image: &Reference,
+        renew: bool,
+    ) -> Result<(Option<String>, bool), String> {
+        let lock = || {
+            self.token
+                .lock()
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+        };
+        if !renew
+            && let Some((token, at)) = lock().as_ref()
+            && at.elapsed() < TOKEN_REUSE
+        {
+            return Ok((token.clone(), true));
+        }
+        let token = self
+            .client
+            .auth(image, &self.auth, oci_client::RegistryOperation::Pull)
+            .await
+            .map_err(|e| self.explain(what, e))?;
+        *lock() = Some((token.clone(), std::time::Instant::now()));
+        Ok((token, false))
+    }
+
+    /// A response's body, refused past `cap` bytes without holding more.
+    async fn read(
+        &self,
+        what: &str,
+        mut response: reqwest::Response,
+        cap: usize,
+    ) -> Result<Vec<u8>, String> {
         let too_large = || {
             format!(
-                "{what} from registry {at} is larger than {} MiB; refused",
-                MAX_MANIFEST >> 20
+                "{what} from registry {} is larger than {}; refused",
+                self.at(),
+                size(cap)
             )
         };
         if response
             .content_length()
-            .is_some_and(|n| n > MAX_MANIFEST as u64)
+            .is_some_and(|n| n > u64::try_from(cap).unwrap_or(u64::MAX))
         {
             return Err(too_large());
         }
         let mut body = Vec::new();
-        while let Some(chunk) = response.chunk().await.map_err(unreachable)? {
-            if body.len() + chunk.len() > MAX_MANIFEST {
+        while let Some(chunk) = response
+            .chunk()
+            .await
+            .map_err(|e| self.unreachable(what, &e))?
+        {
+            if body.len() + chunk.len() > cap {
                 return Err(too_large());
             }
             body.extend_from_slice(&chunk);
         }
-        let got = match digest.split_once(':') {
-            Some(("sha256", _)) => format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
-            Some(("sha512", _)) => format!("sha512:{}", hex::encode(sha2::Sha512::digest(&body))),
-            _ => {
-                return Err(format!(
-                    "{what}: unsupported digest algorithm (sha256 or sha512)"
-                ));
-            }
-        };
-        if got != digest {
+        Ok(body)
+    }
+
+    fn unreachable(&self, what: &str, e: &reqwest::Error) -> String {
+        let msg = crate::error::ErrorChain(e).to_string();
+        format!(
+            "{what}: cannot reach registry {}: {}",
+            self.host,
+            crate::manifest::prefix(&msg)
+        )
+    }
+}
+
+/// Checks bytes against the digest that named them.
+fn verify(what: &str, digest: &str, bytes: &[u8], at: &str) -> Result<(), String> {
+    let got = match digest.split_once(':') {
+        Some(("sha256", _)) => format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))),
+        Some(("sha512", _)) => format!("sha512:{}", hex::encode(sha2::Sha512::digest(bytes))),
+        _ => {
             return Err(format!(
-                "{what} from registry {at}: the registry sent {got}"
+                "{what}: unsupported digest algorithm (sha256 or sha512)"
             ));
         }
-        serde_json::from_slice(&body)
-            .map_err(|e| format!("{what} from registry {at}: not an image manifest ({e})"))
+    };
+    if got != digest {
+        return Err(format!(
+            "{what} from registry {at}: the registry sent {got}"
+        ));
+    }
+    Ok(())
+}
+
+/// A byte count in words (`4 MiB`, `1500 bytes`).
+fn size(n: usize) -> String {
+    if n >= 1 << 20 && n.is_multiple_of(1 << 20) {
+        format!("{} MiB", n >> 20)
+    } else {
+        format!("{n} bytes")
+    }
+}
+
+/// Percent-encodes a query value (tags are `[A-Za-z0-9_.-]`, but a
+/// registry's answer is not trusted to be).
+fn url_escape(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
+}
+
+/// A content digest as a registry names one (`sha256:<64 hex>`,
+/// `sha512:<128 hex>`).
+fn is_digest(d: &str) -> bool {
+    let hex_of = |h: &str, n: usize| h.len() == n && h.bytes().all(|b| b.is_ascii_hexdigit());
+    match d.split_once(':') {
+        Some(("sha256", h)) => hex_of(h, 64),
+        Some(("sha512", h)) => hex_of(h, 128),
+        _ => false,
     }
 }
 
@@ -414,46 +577,19 @@ fn choose_layer<'a>(
         .ok_or_else(|| format!("no layer of media type {media_type} (layers: {})", types()))
 }
 
-/// Collects a blob, failing past `cap` bytes (a registry sending more
-/// than the manifest said).
-struct CappedSink {
-    bytes: Vec<u8>,
-    cap: usize,
-}
-
-impl tokio::io::AsyncWrite for &mut CappedSink {
-    fn poll_write(
-        self: Pin<&mut Self>,
-        _: &mut Context<'_>,
-        buf: &[u8],
-    ) -> Poll<std::io::Result<usize>> {
-        let this = self.get_mut();
-        if this.bytes.len() + buf.len() > this.cap {
-            return Poll::Ready(Err(std::io::Error::other(
-                "the layer is larger than the limit",
-            )));
-        }
-        this.bytes.extend_from_slice(buf);
-        Poll::Ready(Ok(buf.len()))
-    }
-
-    fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-
-    fn poll_shutdown(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<std::io::Result<()>> {
-        Poll::Ready(Ok(()))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    /// A registry on a loopback port that answers `/v2/` and, for any
-    /// manifest, `head` then `body` (repeated `times`); the address.
-    async fn registry(head: &'static str, body: Vec<u8>, times: usize) -> String {
+    /// What the fake registry writes back to one request: a head, then a
+    /// body repeated some times.
+    type Answer = (String, Vec<u8>, usize);
+
+    /// A registry on a loopback port answering each request (its request
+    /// line and headers) with `answer`; the address.
+    async fn serve(answer: impl Fn(&str) -> Answer + Send + Sync + 'static) -> String {
+        let answer = std::sync::Arc::new(answer);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         tokio::spawn(async move {
@@ -461,7 +597,7 @@ mod tests {
                 let Ok((mut tcp, _)) = listener.accept().await else {
                     return;
                 };
-                let body = body.clone();
+                let answer = answer.clone();
                 tokio::spawn(async move {
                     let mut request = Vec::new();
                     let mut buf = [0u8; 4096];
@@ -471,10 +607,7 @@ mod tests {
                             Ok(n) => request.extend_from_slice(&buf[..n]),
                         }
                     }
-                    if request.starts_with(b"GET /v2/ ") {
-                        let _ = tcp.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await;
-                        return;
-                    }
+                    let (head, body, times) = answer(&String::from_utf8_lossy(&request));
                     let _ = tcp.write_all(head.as_bytes()).await;
                     for _ in 0..times {
                         if tcp.write_all(&body).await.is_err() {
@@ -485,6 +618,21 @@ mod tests {
             }
         });
         addr
+    }
+
+    const OPEN: &str = "HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n";
+
+    /// A registry that answers `/v2/` and, for anything else, `head` then
+    /// `body` (repeated `times`).
+    async fn registry(head: &'static str, body: Vec<u8>, times: usize) -> String {
+        serve(move |request| {
+            if request.starts_with("GET /v2/ ") {
+                (OPEN.into(), Vec::new(), 0)
+            } else {
+                (head.into(), body.clone(), times)
+            }
+        })
+        .await
     }
 
     fn source(addr: &str) -> Registry {
@@ -508,14 +656,30 @@ mod tests {
         c
     }
 
+    const MANIFEST: &[u8] = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
+
+    const CHUNKED: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
+
+    fn manifest_digest() -> String {
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(MANIFEST)))
+    }
+
+    /// The manifest in chunked encoding, ended.
+    fn manifest_body() -> Vec<u8> {
+        let mut body = chunk(MANIFEST);
+        body.extend_from_slice(b"0\r\n\r\n");
+        body
+    }
+
+    fn wait<F: std::future::Future>(f: F) -> tokio::time::Timeout<F> {
+        tokio::time::timeout(std::time::Duration::from_secs(10), f)
+    }
+
     #[tokio::test]
     async fn a_manifest_is_read_up_to_its_cap_and_checked_against_its_digest() {
-        let wait = |f| tokio::time::timeout(std::time::Duration::from_secs(10), f);
-        let manifest = br#"{"schemaVersion":2,"mediaType":"application/vnd.oci.image.manifest.v1+json","config":{"mediaType":"application/vnd.oci.empty.v1+json","digest":"sha256:44136fa355b3678a1146ad16f7e8649e94fb4fc21fe77e8310c060f61caaff8a","size":2},"layers":[]}"#;
-        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(manifest)));
-        let head = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
-        let mut body = chunk(manifest);
-        body.extend_from_slice(b"0\r\n\r\n");
+        let digest = manifest_digest();
+        let head = CHUNKED;
+        let body = manifest_body();
         let ok = source(&registry(head, body, 1).await);
         let got = wait(ok.manifest(&digest)).await.unwrap().unwrap();
         assert_eq!(got.schema_version, 2);
@@ -535,6 +699,127 @@ mod tests {
         let declared = source(&registry(long, Vec::new(), 0).await);
         let e = wait(declared.manifest(&digest)).await.unwrap().unwrap_err();
         assert!(e.contains("is larger than 4 MiB; refused"), "{e}");
+    }
+
+    /// A registry whose `HEAD` names no digest: the tag's digest is the
+    /// manifest's, read by a `GET` bounded like any manifest read.
+    #[tokio::test]
+    async fn a_tag_without_a_digest_header_resolves_by_a_bounded_read() {
+        let plain = serve(|r| match r.split(' ').next() {
+            _ if r.starts_with("GET /v2/ ") => (OPEN.into(), Vec::new(), 0),
+            Some("HEAD") => (OPEN.into(), Vec::new(), 0),
+            _ => (CHUNKED.into(), manifest_body(), 1),
+        })
+        .await;
+        let got = wait(source(&plain).resolve(&OciRef::Tag("v1".into())))
+            .await
+            .unwrap()
+            .unwrap();
+        let digest = manifest_digest();
+        assert_eq!(got.digest, digest);
+        assert_eq!(got.revision, format!("v1@{digest}"));
+        let endless = serve(|r| match r.split(' ').next() {
+            _ if r.starts_with("GET /v2/ ") => (OPEN.into(), Vec::new(), 0),
+            Some("HEAD") => (OPEN.into(), Vec::new(), 0),
+            _ => (CHUNKED.into(), chunk(&[b' '; 64 << 10]), usize::MAX),
+        })
+        .await;
+        let e = wait(source(&endless).resolve(&OciRef::Tag("v1".into())))
+            .await
+            .expect("refused at the cap")
+            .unwrap_err();
+        assert!(
+            e.contains("tag v1 from registry") && e.contains("larger than 4 MiB"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test]
+    async fn an_endless_tag_list_is_refused_at_the_cap() {
+        let endless = serve(|r| {
+            if r.starts_with("GET /v2/ ") {
+                (OPEN.into(), Vec::new(), 0)
+            } else {
+                let mut first = chunk(br#"{"name":"app","tags":["1.0.0""#);
+                first.extend(chunk(&[b' '; 64 << 10]));
+                (
+                    CHUNKED.to_owned() + &String::from_utf8(first).unwrap(),
+                    chunk(&[b' '; 64 << 10]),
+                    usize::MAX,
+                )
+            }
+        })
+        .await;
+        let e = wait(source(&endless).resolve(&OciRef::Semver(">=1.0.0".into())))
+            .await
+            .expect("refused at the cap")
+            .unwrap_err();
+        assert!(
+            e.contains("listing tags from registry") && e.contains("larger than 4 MiB"),
+            "{e}"
+        );
+    }
+
+    /// `/v2/` open, the repository guarded by basic auth (no challenge to
+    /// answer first): the credentials go with every repository request.
+    #[tokio::test]
+    async fn basic_credentials_are_sent_where_only_the_repository_is_guarded() {
+        use base64::Engine as _;
+        let digest = manifest_digest();
+        let expected = format!(
+            "authorization: basic {}",
+            base64::engine::general_purpose::STANDARD.encode("reader:s3cret")
+        )
+        .to_ascii_lowercase();
+        let answer_digest = digest.clone();
+        let guarded = serve(move |r| {
+            if r.starts_with("GET /v2/ ") {
+                (OPEN.into(), Vec::new(), 0)
+            } else if !r.to_ascii_lowercase().contains(&expected) {
+                ("HTTP/1.1 401 Unauthorized\r\nwww-authenticate: Basic realm=\"repo\"\r\ncontent-length: 0\r\nconnection: close\r\n\r\n".into(), Vec::new(), 0)
+            } else if r.starts_with("HEAD ") {
+                (format!("HTTP/1.1 200 OK\r\ndocker-content-digest: {answer_digest}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n"), Vec::new(), 0)
+            } else {
+                (CHUNKED.into(), manifest_body(), 1)
+            }
+        })
+        .await;
+        let spec = OciSpec {
+            url: format!("oci://{guarded}/app"),
+            reference: OciRef::Tag("v1".into()),
+            interval_seconds: 60,
+            mode: crate::model::SourceMode::Artifact,
+            layer_media_type: String::new(),
+            insecure_hosts: vec![guarded.clone()],
+            ca_pem: String::new(),
+        };
+        let auth = OciAuth::Basic {
+            username: "reader".into(),
+            password: crate::auth::Secret::from_string("s3cret".into()),
+        };
+        let r = Registry::new(&spec, &auth).unwrap();
+        let got = wait(r.resolve(&OciRef::Tag("v1".into())))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(got.digest, digest);
+        assert_eq!(
+            wait(r.manifest(&digest))
+                .await
+                .unwrap()
+                .unwrap()
+                .schema_version,
+            2
+        );
+        // Without them: refused, naming it (and never the password).
+        let e = wait(source(&guarded).resolve(&OciRef::Tag("v1".into())))
+            .await
+            .unwrap()
+            .unwrap_err();
+        assert!(
+            e.contains("refused the credentials (401 Unauthorized)"),
+            "{e}"
+        );
     }
 
     fn layer(media_type: &str) -> OciDescriptor {
