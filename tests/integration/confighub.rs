@@ -1000,40 +1000,12 @@ async fn a_second_replica_takes_the_lease_over_and_finishes_the_work() {
 /// without committing it twice.
 #[tokio::test]
 async fn a_hub_killed_mid_operation_reports_once_after_restart() {
-    use unitsync_tests::processes::{HubProcess, cli};
+    use unitsync_tests::processes::cli;
     let sim = sim().await;
     let (cub, config) = worker(&sim, Transport::LongPoll).await;
     let dir = tempfile::tempdir().unwrap();
-    let secret = dir.path().join("worker.secret");
-    std::fs::write(&secret, config.secret.expose()).unwrap();
     let data = dir.path().join("hub");
-    let hub = within(
-        "hub",
-        HubProcess::start_with(
-            &data,
-            10,
-            &[
-                "--confighub-url",
-                &config.url,
-                "--confighub-worker-id",
-                &config.worker_id,
-                "--confighub-worker-secret-file",
-                secret.to_str().unwrap(),
-                "--confighub-environments",
-                "dev",
-            ],
-        ),
-    )
-    .await
-    .unwrap();
-    hub.cli(&["env", "create", "dev"]).await.unwrap();
-    let created = hub
-        .cli(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
-        .await
-        .unwrap();
-    let token: Value = serde_json::from_str(&created).unwrap();
-    let ca = std::fs::read_to_string(hub.ca_file()).unwrap();
-    let mut cluster = cluster(&hub.endpoint(), Some(&ca), token["token"].as_str().unwrap()).await;
+    let (hub, mut cluster) = hub_process(&config, &data, &[]).await;
     wait_target(&cub).await;
     within(
         "unit",
@@ -1076,6 +1048,129 @@ async fn a_hub_killed_mid_operation_reports_once_after_restart() {
         revisions.as_array().map(Vec::len),
         Some(1),
         "committed once: {history}"
+    );
+}
+
+/// A hub process (SQLite in `data`) working for ConfigHub, with the dev
+/// environment and one dev cluster whose agent is not started.
+async fn hub_process(
+    config: &ConfigHubConfig,
+    data: &std::path::Path,
+    extra: &[&str],
+) -> (unitsync_tests::processes::HubProcess, TestCluster) {
+    std::fs::create_dir_all(data).unwrap();
+    let secret = data.with_extension("secret");
+    std::fs::write(&secret, config.secret.expose()).unwrap();
+    let mut args = vec![
+        "--confighub-url",
+        &config.url,
+        "--confighub-worker-id",
+        &config.worker_id,
+        "--confighub-worker-secret-file",
+        secret.to_str().unwrap(),
+        "--confighub-environments",
+        "dev",
+    ];
+    args.extend_from_slice(extra);
+    let hub = within(
+        "hub",
+        unitsync_tests::processes::HubProcess::start_with(data, 10, &args),
+    )
+    .await
+    .unwrap();
+    hub.cli(&["env", "create", "dev"]).await.unwrap();
+    let created = hub
+        .cli(&["cluster", "create", "dev-1", "--env", "dev", "-o", "json"])
+        .await
+        .unwrap();
+    let token: Value = serde_json::from_str(&created).unwrap();
+    let ca = std::fs::read_to_string(hub.ca_file()).unwrap();
+    let cluster = cluster(&hub.endpoint(), Some(&ca), token["token"].as_str().unwrap()).await;
+    (hub, cluster)
+}
+
+/// Two open Applies of one unit found at start-up (the newer recorded
+/// while the older was not running, as when both arrive as the hub
+/// stops): the newer wins and the older ends `Aborted`, as if both had
+/// arrived while it ran.
+#[tokio::test]
+async fn after_a_restart_the_newer_of_two_open_applies_wins() {
+    let sim = sim().await;
+    let (cub, config) = worker(&sim, Transport::LongPoll).await;
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("hub");
+    let (hub, mut cluster) =
+        hub_process(&config, &data, &["--confighub-wait-timeout", "20s"]).await;
+    wait_target(&cub).await;
+    within(
+        "unit",
+        cub.unit_create(SPACE, "a", &configmap("a", "1"), Some(TARGET), &[]),
+    )
+    .await
+    .unwrap();
+    let older = within("apply", cub.queue(SPACE, "a", "apply", false))
+        .await
+        .unwrap();
+    until("committed", || async {
+        sim.with_state(|s| s.events_of(&op_id(&older)))
+            .iter()
+            .any(|e| e.result == "ApplySynced")
+    })
+    .await;
+    hub.kill().await;
+    within("update", cub.unit_update(SPACE, "a", &configmap("a", "2")))
+        .await
+        .unwrap();
+    let newer = within("apply", cub.queue(SPACE, "a", "apply", false))
+        .await
+        .unwrap();
+    // The hub had recorded the newer one, not yet running the older.
+    let db = format!("sqlite://{}", data.join("hub.db").display());
+    within("record the newer apply", async {
+        let pool = sqlx::SqlitePool::connect(&db).await.unwrap();
+        let detail: String =
+            sqlx::query_scalar("SELECT detail FROM source_operations WHERE id = $1")
+                .bind(op_id(&older))
+                .fetch_one(&pool)
+                .await
+                .unwrap();
+        let mut detail: Value = serde_json::from_str(&detail).unwrap();
+        detail["data"] = json!(configmap("a", "2"));
+        detail["revision_num"] = json!(2);
+        detail["started_ms"] = json!(detail["started_ms"].as_i64().unwrap() + 1);
+        sqlx::query(
+            "INSERT INTO source_operations (id, source, unit, action, state, hub_revision, report, delivered, detail, created_at, updated_at) \
+             SELECT $1, source, unit, action, state, 0, '', 0, $2, created_at + 1, updated_at + 1 FROM source_operations WHERE id = $3",
+        )
+        .bind(op_id(&newer))
+        .bind(detail.to_string())
+        .bind(op_id(&older))
+        .execute(&pool)
+        .await
+        .unwrap();
+        pool.close().await;
+    })
+    .await;
+    within("restart", hub.restart()).await.unwrap();
+    cluster.start_agent();
+    let o = within("wait", cub.wait(SPACE, "a", &older, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(
+        (o.status(), o.message()),
+        (
+            "Aborted",
+            format!("Operation overridden by newer operation {}", op_id(&newer)).as_str()
+        ),
+        "{o:?}"
+    );
+    let n = within("wait", cub.wait(SPACE, "a", &newer, WAIT))
+        .await
+        .unwrap();
+    assert_eq!(n.result(), "ApplyCompleted", "{n:?}");
+    assert_eq!(
+        cluster.object("v1", "configmaps", "apps", "a").unwrap()["data"]["value"],
+        "2"
     );
 }
 

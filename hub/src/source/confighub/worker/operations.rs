@@ -107,10 +107,19 @@ impl Worker {
             tracing::error!(op = %op.id, error = %ErrorChain(&e), "cannot record a ConfigHub operation");
             return;
         }
-        if matches!(op.action.as_str(), action::APPLY | action::DESTROY) {
-            self.supersede(&detail.unit_id, &op.id);
-        }
+        self.spawn_superseding(op, detail);
+    }
+
+    /// Starts an operation; an Apply or Destroy ends the older ones of its
+    /// unit still running (also when operations are resumed: two found
+    /// open after a restart end as if both had arrived while it ran).
+    fn spawn_superseding(self: &Arc<Self>, op: SourceOperation, detail: Detail) {
+        let newer = matches!(op.action.as_str(), action::APPLY | action::DESTROY)
+            .then(|| (detail.unit_id.clone(), op.id.clone(), detail.started_ms));
         self.spawn(op, detail);
+        if let Some((unit_id, id, started_ms)) = newer {
+            self.supersede(&unit_id, &id, started_ms);
+        }
     }
 
     pub(super) fn spawn(self: &Arc<Self>, op: SourceOperation, detail: Detail) {
@@ -150,15 +159,17 @@ impl Worker {
     }
 
     /// A newer Apply or Destroy of a ConfigHub unit (by its id: units of
-    /// other spaces may share its slug and target) ends the one running:
-    /// `Aborted`.
-    fn supersede(self: &Arc<Self>, unit_id: &str, newer: &str) {
+    /// other spaces may share its slug and target) ends the older ones
+    /// running: `Aborted`. An older operation delivered again never ends a
+    /// newer one.
+    fn supersede(self: &Arc<Self>, unit_id: &str, newer: &str, newer_started_ms: i64) {
         let older: Vec<(String, Arc<Running>)> = self
             .lock_running()
             .iter()
             .filter(|(id, r)| {
                 r.detail.unit_id == unit_id
                     && *id != newer
+                    && r.detail.started_ms <= newer_started_ms
                     && matches!(r.action.as_str(), action::APPLY | action::DESTROY)
             })
             .map(|(id, r)| (id.clone(), r.clone()))
@@ -504,7 +515,7 @@ impl Worker {
         }
         let detail: Detail = serde_json::from_str(&op.detail).unwrap_or_default();
         tracing::info!(op = %op.id, unit = %op.unit, action = %op.action, "resuming a ConfigHub operation");
-        self.spawn(op, detail);
+        self.spawn_superseding(op, detail);
     }
 
     // --- Apply, Destroy, Refresh ---
