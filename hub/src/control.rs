@@ -50,6 +50,10 @@ pub struct Tuning {
     /// (renewed every third of it; a crashed replica's sessions count as
     /// closed once it runs out).
     pub session_lease: Duration,
+    /// How long a source sync may take to reach its registry and unpack
+    /// the artifact (the commit that follows is never cut short; Flux's
+    /// default `timeout` is 60 s, a large artifact may need more).
+    pub source_fetch_timeout: Duration,
 }
 
 impl Default for Tuning {
@@ -61,6 +65,7 @@ impl Default for Tuning {
             auto_promote_interval: Duration::from_secs(5),
             credential_recheck: Duration::from_secs(30),
             session_lease: Duration::from_secs(15),
+            source_fetch_timeout: Duration::from_secs(120),
         }
     }
 }

@@ -6,6 +6,7 @@
 
 use std::time::Duration;
 
+use unitsync_hub::control::Tuning;
 use unitsync_proto::v1 as pb;
 use unitsync_tests::cluster::TestCluster;
 use unitsync_tests::registry::{Access, Layout, OCI_LAYER, TestRegistry, gzip, tar_gz};
@@ -24,10 +25,14 @@ struct Setup {
 }
 
 async fn setup(access: Access, clusters: usize) -> Setup {
+    let hub = TestHub::start().await;
+    setup_on(hub, access, clusters).await
+}
+
+async fn setup_on(hub: TestHub, access: Access, clusters: usize) -> Setup {
     let registry = within("registry", TestRegistry::start(access))
         .await
         .expect("docker-registry starts");
-    let hub = TestHub::start().await;
     hub.create_env("dev").await;
     let mut cs = Vec::new();
     for i in 1..=clusters {
@@ -215,6 +220,76 @@ async fn a_moving_tag_lands_new_revisions_in_every_cluster_and_an_unchanged_one_
         "{}",
         refused.message()
     );
+}
+
+/// The fetch timeout stops a registry that stalls, never a commit under
+/// way: a commit slower than it (the store busy) finishes, and the status
+/// says what it committed.
+#[tokio::test]
+async fn a_commit_slower_than_the_fetch_timeout_finishes_and_is_reported() {
+    use sqlx::Connection;
+    // PostgreSQL: a commit waits for a lock another writer holds.
+    let db = unitsync_tests::hub::postgres_database().await;
+    let tuning = Tuning {
+        source_fetch_timeout: Duration::from_secs(2),
+        ..Tuning::default()
+    };
+    let hub = TestHub::start_on_postgres_with(&db, None, tuning).await;
+    let s = setup_on(hub, Access::Anonymous, 0).await;
+    s.registry
+        .push_flux("apps/web", "latest", &[("web.yaml", &cm("web", "1"))])
+        .await
+        .unwrap();
+    s.create(source(&s, "web", "apps/web")).await;
+    s.wait("web", "the first sync", |st| !st.last_revision.is_empty())
+        .await;
+    let d2 = s
+        .registry
+        .push_flux("apps/web", "latest", &[("web.yaml", &cm("web", "2"))])
+        .await
+        .unwrap();
+    // Another writer holds the units (for longer than the fetch timeout)
+    // while the next sync commits.
+    let mut writer = within("connect", sqlx::PgConnection::connect(&db))
+        .await
+        .unwrap();
+    within(
+        "lock",
+        sqlx::raw_sql("BEGIN; LOCK TABLE units IN EXCLUSIVE MODE").execute(&mut writer),
+    )
+    .await
+    .unwrap();
+    let held = tokio::time::Instant::now();
+    assert_eq!(s.head("dev/web").await.unwrap().number, 1);
+    tokio::time::sleep_until(held + Duration::from_secs(4)).await;
+    within("unlock", sqlx::raw_sql("ROLLBACK").execute(&mut writer))
+        .await
+        .unwrap();
+    let st = s
+        .wait("web", "the sync of the new digest", |st| {
+            st.last_digest == d2 || !st.last_error.is_empty()
+        })
+        .await;
+    assert!(st.last_error.is_empty(), "{st:?}");
+    let head = s.head("dev/web").await.unwrap();
+    assert_eq!(
+        (head.number, head.origin),
+        (2, format!("oci:web latest@{d2}"))
+    );
+    // No sync was counted failed (one that said "nothing changed" while
+    // its commit went through).
+    let metrics = within(
+        "metrics",
+        unitsync_tests::processes::http_get(s.hub.http_addr(), "/metrics"),
+    )
+    .await
+    .unwrap()
+    .1;
+    let failed: Vec<&str> = metrics
+        .lines()
+        .filter(|l| l.contains("source_syncs") && l.contains("result=\"failed\""))
+        .collect();
+    assert!(failed.is_empty(), "{failed:?}");
 }
 
 #[tokio::test]

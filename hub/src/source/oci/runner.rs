@@ -5,7 +5,7 @@
 //! is pulled, verified, unpacked under limits, mapped to units and
 //! committed as one release set. What happened is recorded on the source.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -14,7 +14,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::ArtifactLimits;
 use super::fetch::Registry;
-use crate::control::Hub;
+use crate::control::{Hub, ReleaseUnit};
 use crate::metrics::{SourceLabel, SourceLabels};
 use crate::model::{Digest, OciAuth, OciSource, OciSpec, SourceName, SourceStatus, UnixMillis};
 
@@ -23,9 +23,6 @@ const PARALLEL: usize = 4;
 /// How often the runner re-reads the sources without a wake-up (changes
 /// made through another replica).
 const RESCAN: Duration = Duration::from_secs(2);
-/// The longest one sync may take (Flux's default `timeout` is 60 s; a
-/// large artifact may need more).
-const SYNC_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The OCI source runner of one hub.
 pub struct Runner {
@@ -184,13 +181,7 @@ impl Runner {
     /// One sync of one source; its status records the outcome.
     async fn sync(&self, s: OciSource) {
         let started = UnixMillis::now();
-        let outcome = match tokio::time::timeout(SYNC_TIMEOUT, self.attempt(&s)).await {
-            Ok(o) => o,
-            Err(_) => Err(format!(
-                "the sync took longer than {}s; stopped",
-                SYNC_TIMEOUT.as_secs()
-            )),
-        };
+        let outcome = self.attempt(&s).await;
         let mut status = SourceStatus {
             last_attempt: Some(started),
             next_check: Some(UnixMillis(
@@ -259,41 +250,28 @@ impl Runner {
         }
     }
 
+    /// Fetches the artifact (within the fetch timeout: a registry that
+    /// stalls stops the sync, nothing changed) and commits its units (never
+    /// cut short: a commit under way finishes, and the status says what
+    /// it did).
     async fn attempt(&self, s: &OciSource) -> Result<Synced, String> {
-        let auth = self
-            .hub
-            .source_auth(&s.name)
+        let limit = self.hub.tuning.source_fetch_timeout;
+        let fetched = tokio::time::timeout(limit, self.fetch(s))
             .await
-            .map_err(|e| format!("reading the credentials: {e}"))?;
-        let registry = self.registry(s, &auth)?;
-        let now = registry.resolve(&s.spec.reference).await?;
-        if now.digest == s.status.last_digest {
-            return Ok(Synced {
-                result: format!("unchanged at {}", now.revision),
-                digest: now.digest,
-                revision: now.revision,
-                units: s.status.units.clone(),
-                committed: false,
-                metadata: s.status.metadata.clone(),
-            });
-        }
-        let artifact = registry
-            .fetch(&now.digest, &s.spec.layer_media_type, &self.limits)
-            .await?;
-        let metadata = artifact
-            .annotations
-            .iter()
-            .filter(|(k, _)| {
-                k.starts_with("org.opencontainers.image.") || k.starts_with("com.confighub.")
-            })
-            .map(|(k, v)| (k.clone(), v.chars().take(256).collect()))
-            .collect();
-        let limits = self.limits.clone();
-        let files =
-            tokio::task::spawn_blocking(move || super::extract::extract(&artifact.layer, &limits))
-                .await
-                .map_err(|e| format!("unpacking: {e}"))??;
-        let units = super::mapping::units(s.spec.mode, &s.name, &now.revision, &files)?;
+            .map_err(|_| {
+                format!(
+                    "reaching the registry and unpacking took longer than {}; stopped",
+                    humantime::format_duration(limit)
+                )
+            })??;
+        let (now, units, metadata) = match fetched {
+            Fetched::Unchanged(synced) => return Ok(synced),
+            Fetched::New {
+                now,
+                units,
+                metadata,
+            } => (now, units, metadata),
+        };
         let names: Vec<String> = units.iter().map(|u| u.name.to_string()).collect();
         let message = format!("{} {}", s.name.owner(), now.revision);
         let outcome = self
@@ -324,6 +302,62 @@ impl Runner {
             metadata,
         })
     }
+
+    /// Resolves the reference; when it names a new artifact, pulls and
+    /// unpacks it into units.
+    async fn fetch(&self, s: &OciSource) -> Result<Fetched, String> {
+        let auth = self
+            .hub
+            .source_auth(&s.name)
+            .await
+            .map_err(|e| format!("reading the credentials: {e}"))?;
+        let registry = self.registry(s, &auth)?;
+        let now = registry.resolve(&s.spec.reference).await?;
+        if now.digest == s.status.last_digest {
+            return Ok(Fetched::Unchanged(Synced {
+                result: format!("unchanged at {}", now.revision),
+                digest: now.digest,
+                revision: now.revision,
+                units: s.status.units.clone(),
+                committed: false,
+                metadata: s.status.metadata.clone(),
+            }));
+        }
+        let artifact = registry
+            .fetch(&now.digest, &s.spec.layer_media_type, &self.limits)
+            .await?;
+        let metadata = artifact
+            .annotations
+            .iter()
+            .filter(|(k, _)| {
+                k.starts_with("org.opencontainers.image.") || k.starts_with("com.confighub.")
+            })
+            .map(|(k, v)| (k.clone(), v.chars().take(256).collect()))
+            .collect();
+        let limits = self.limits.clone();
+        let files =
+            tokio::task::spawn_blocking(move || super::extract::extract(&artifact.layer, &limits))
+                .await
+                .map_err(|e| format!("unpacking: {e}"))??;
+        let units = super::mapping::units(s.spec.mode, &s.name, &now.revision, &files)?;
+        Ok(Fetched::New {
+            now,
+            units,
+            metadata,
+        })
+    }
+}
+
+/// What a fetch found.
+enum Fetched {
+    /// The artifact committed last: nothing to do.
+    Unchanged(Synced),
+    /// A new artifact, unpacked into units.
+    New {
+        now: super::fetch::Resolved,
+        units: Vec<ReleaseUnit>,
+        metadata: BTreeMap<String, String>,
+    },
 }
 
 /// What a registry client depends on, hashed: the address, the TLS
