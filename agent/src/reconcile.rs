@@ -711,9 +711,20 @@ impl Reconciler {
                 Err(e) => failures.push(e.message().to_owned()),
             }
         }
-        // Prune what left the unit; what cannot be checked is kept.
+        // Prune what left the unit, once every object of the revision
+        // applied (a replacement that failed leaves the old object in
+        // place); what cannot be checked is kept.
         let mut gone: Vec<Entry> = Vec::new();
-        for e in &leaving {
+        let complete = failures.is_empty() && not_served.is_empty();
+        let kept = if complete || leaving.is_empty() {
+            String::new()
+        } else {
+            format!(
+                "; {} object(s) that left the unit kept until every object applies",
+                leaving.len()
+            )
+        };
+        for e in leaving.iter().filter(|_| complete) {
             let target = if e.uid.is_empty() {
                 // Written ahead by an interrupted pass: prune it only if it
                 // exists and is this unit's.
@@ -813,7 +824,7 @@ impl Reconciler {
             if failures.is_empty() && waited < self.applier.crd_timeout {
                 return Pass::Failed {
                     phase: Phase::Progressing,
-                    message: not_served.join("; "),
+                    message: not_served.join("; ") + &kept,
                     resources,
                     healable,
                     soon: true,
@@ -833,7 +844,7 @@ impl Reconciler {
         if !failures.is_empty() {
             return Pass::Failed {
                 phase: Phase::Failed,
-                message: failures.join("; "),
+                message: failures.join("; ") + &kept,
                 resources,
                 healable,
                 soon: false,

@@ -5,7 +5,7 @@ use serde_json::json;
 use unitsync_proto::v1 as pb;
 use unitsync_tests::cluster::TestCluster;
 use unitsync_tests::kube_sim::FAIL_ANNOTATION;
-use unitsync_tests::{TestHub, until, within};
+use unitsync_tests::{TestHub, configmap, until, within};
 
 const CRDS: &str = include_str!("../../deploy/examples/messagewall/crds.yaml");
 const DYNAMODB: &str = include_str!("../../deploy/examples/messagewall/dynamodb.yaml");
@@ -194,6 +194,46 @@ async fn update_prunes_removed_objects_and_changes_others_in_place() {
         svc["metadata"]["annotations"]["unitsync.dev/revision"], "1",
         "unchanged objects keep the revision that last changed them"
     );
+}
+
+/// A revision that replaces an object with one that cannot be applied
+/// keeps the old one until every object applies: nothing is pruned after
+/// a partial apply.
+#[tokio::test]
+async fn nothing_is_pruned_while_an_object_of_the_revision_fails() {
+    let (hub, cluster) = setup().await;
+    cluster
+        .apply_json(json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "apps"}}))
+        .await;
+    let unit = |names: &[&str]| {
+        names
+            .iter()
+            .map(|n| configmap(n, "1"))
+            .collect::<Vec<_>>()
+            .join("---\n")
+    };
+    hub.put("dev/cfg", &unit(&["a", "c", "d"])).await.unwrap();
+    wait_phase(&hub, "dev/cfg", 1, pb::Phase::Ready).await;
+    cluster
+        .sim
+        .faults()
+        .fail("PATCH", "/api/v1/namespaces/apps/configmaps/b");
+    hub.put("dev/cfg", &unit(&["b", "c", "d"])).await.unwrap();
+    let failed = wait_phase(&hub, "dev/cfg", 2, pb::Phase::Failed).await;
+    assert!(failed.contains("ConfigMap apps/b"), "{failed}");
+    assert!(
+        failed.contains("kept until every object applies"),
+        "{failed}"
+    );
+    assert!(
+        cluster.object("v1", "configmaps", "apps", "a").is_some(),
+        "the replaced object stays while its replacement fails"
+    );
+    // Once it applies, the pass completes and prunes.
+    cluster.sim.faults().clear_failures();
+    wait_phase(&hub, "dev/cfg", 2, pb::Phase::Ready).await;
+    assert!(cluster.object("v1", "configmaps", "apps", "a").is_none());
+    assert!(cluster.object("v1", "configmaps", "apps", "b").is_some());
 }
 
 #[tokio::test]
