@@ -5,7 +5,8 @@
 //! entry (coalescing), so memory is O(units) per agent, nothing is ever
 //! dropped (a superseded revision is simply never sent), and a slow agent
 //! only ever waits on its own stream. Order is per unit: a mailbox never
-//! sends a revision older than one it already sent.
+//! sends a revision older than one it already sent, or than the one the
+//! agent said it holds when its version vector matched the head.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -139,6 +140,23 @@ impl Mailbox {
     /// Marks a unit as belonging to this session's cluster without sending.
     pub fn assign(&self, unit: UnitName) {
         self.lock().units.entry(unit).or_default().assigned = true;
+    }
+
+    /// Records that the agent holds `revision` of `unit` already (its
+    /// version vector matched the head at the resync): an offer that is
+    /// not newer (a late commit notice, a re-offer of heads read earlier)
+    /// is stale, as if the hub had sent it.
+    pub fn hold(&self, unit: UnitName, revision: RevisionNum) {
+        let mut s = self.lock();
+        let slot = s.units.entry(unit).or_default();
+        slot.assigned = true;
+        if slot.sent.is_none_or(|sent| sent.revision < revision) {
+            slot.sent = Some(Sent {
+                revision,
+                committed: Instant::now(),
+                awaiting_ready: false,
+            });
+        }
     }
 
     /// The unit's name as assigned to this session (shared, not copied),
@@ -507,6 +525,19 @@ mod tests {
         // Already sent: a resync offering the same revision again is stale.
         assert_eq!(m.offer(d("a", 2)), Offer::Stale);
         assert_eq!(m.offer(d("a", 3)), Offer::Queued);
+    }
+
+    #[test]
+    fn what_the_agent_holds_counts_as_sent() {
+        let m = Mailbox::default();
+        m.hold("a".parse().unwrap(), RevisionNum(6));
+        assert!(m.assigned("a").is_some());
+        assert_eq!(m.offer(d("a", 5)), Offer::Stale, "older than held");
+        assert_eq!(m.offer(d("a", 6)), Offer::Stale, "the one held");
+        assert_eq!(m.offer(d("a", 7)), Offer::Queued);
+        // Holding an older one than was sent changes nothing.
+        m.hold("a".parse().unwrap(), RevisionNum(2));
+        assert_eq!(m.offer(d("a", 6)), Offer::Stale);
     }
 
     #[tokio::test]

@@ -134,6 +134,44 @@ async fn reconnect_without_loss_delivers_exactly_the_latest_revision_of_each_uni
     }
 }
 
+/// A revision older than the one an agent holds is never sent to it: a
+/// late commit notice (a replica working through its backlog) after the
+/// agent reconnected already holding a newer one.
+#[tokio::test]
+async fn an_agent_is_never_sent_a_revision_older_than_it_holds() {
+    let (hub, mut agent) = agent_holding_web().await;
+    hub.put("dev/web", &configmap("web", "2")).await.unwrap();
+    until("web@2 held", || async {
+        latest(&agent).get("web") == Some(&(2, false))
+    })
+    .await;
+    agent.stop().await;
+    agent.clear_received();
+    agent.start();
+    until("reconnected", || async { agent.connections() >= 2 }).await;
+    let running = &hub.running().hub;
+    let unit: unitsync_hub::model::UnitRef = "dev/web".parse().unwrap();
+    let first = within(
+        "revision 1",
+        running.get_revision(
+            &unit,
+            unitsync_hub::model::RevisionNum(1),
+            unitsync_hub::model::Role::Admin,
+        ),
+    )
+    .await
+    .unwrap();
+    running.offer(&first);
+    // A newer commit: delivered after that late offer had its turn.
+    hub.put("dev/web", &configmap("web", "3")).await.unwrap();
+    until("web@3 held", || async {
+        latest(&agent).get("web") == Some(&(3, false))
+    })
+    .await;
+    let revisions: Vec<u64> = agent.received().iter().map(|u| u.revision).collect();
+    assert_eq!(revisions, [3], "only newer revisions after the reconnect");
+}
+
 #[tokio::test]
 async fn hub_restart_resyncs_keeps_acknowledged_state_and_delivers_tombstones() {
     let (mut hub, token) = hub_with_cluster().await;

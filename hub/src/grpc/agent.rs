@@ -239,12 +239,15 @@ async fn resync(
     let heads = hub.store.heads(&cluster.environment).await?;
     let mut offered = 0;
     for head in &heads {
-        mailbox.assign(head.unit.clone());
         let in_sync = match vector.remove(head.unit.as_str()) {
             None => head.tombstone,
             Some((rev, digest)) => rev == head.number && digest == Some(head.digest),
         };
-        if !in_sync {
+        if in_sync {
+            // Nothing older than the head is sent to it after this.
+            mailbox.hold(head.unit.clone(), head.number);
+        } else {
+            mailbox.assign(head.unit.clone());
             let d = hub.head_delivery(&cluster.environment, head).await?;
             mailbox.offer(d);
             offered += 1;
