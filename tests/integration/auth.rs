@@ -445,6 +445,55 @@ async fn a_revoked_cluster_is_cut_off_within_seconds_and_stays_refused_after_a_r
     assert!(audit.iter().any(|e| e.action == "cluster.revoke"));
 }
 
+/// A credential revoked while its session's handshake waits for Hello
+/// (authenticated, not yet registered where a revocation finds it) gets
+/// no session and no unit.
+#[tokio::test]
+async fn a_credential_revoked_during_the_handshake_gets_no_session() {
+    let hub = TestHub::start().await;
+    hub.create_env("prod").await;
+    let token = hub.create_cluster("prod", "prod").await;
+    hub.put("prod/web", &configmap("web", "1")).await.unwrap();
+    let mut client = pb::agent_service_client::AgentServiceClient::new(hub.channel().await);
+    let (tx, rx) = tokio::sync::mpsc::channel(4);
+    let mut req = tonic::Request::new(tokio_stream::wrappers::ReceiverStream::new(rx));
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let opening = tokio::spawn(async move { client.session(req).await });
+    // The handshake authenticates at once, then waits for Hello; a request
+    // in flight gives no signal for that, so give it a moment.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    hub.admin()
+        .await
+        .revoke_cluster(pb::RevokeClusterRequest {
+            name: "prod".into(),
+        })
+        .await
+        .unwrap();
+    tx.send(pb::AgentMessage {
+        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
+            protocol_version: 1,
+            agent_version: "raw".into(),
+            units: vec![],
+        })),
+    })
+    .await
+    .unwrap();
+    match within("the handshake ends", opening).await.unwrap() {
+        Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
+        Ok(response) => {
+            let mut inbound = response.into_inner();
+            let mut got = Vec::new();
+            while let Ok(Ok(Some(m))) =
+                tokio::time::timeout(Duration::from_secs(1), inbound.message()).await
+            {
+                got.push(m);
+            }
+            panic!("a session for a revoked credential: {got:?}");
+        }
+    }
+}
+
 #[tokio::test]
 async fn read_only_operators_can_look_but_not_change() {
     let hub = TestHub::start().await;

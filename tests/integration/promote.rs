@@ -383,6 +383,36 @@ async fn each_gate_blocks_then_passes() {
         bob.approve(approve).await.unwrap().into_inner().approvals,
         2
     );
+    // A cluster whose agent is not connected cannot vouch for its last
+    // report: health does not pass on it.
+    let dev_1: unitsync_hub::model::ClusterName = "dev-1".parse().unwrap();
+    dev.stop().await;
+    until("dev-1 disconnected", || async {
+        !hub.running().hub.is_connected(&dev_1)
+    })
+    .await;
+    let r = promote(
+        &mut bob,
+        pb::PromoteRequest {
+            dry_run: true,
+            ..promote_req("dev", "staging", &["web"])
+        },
+    )
+    .await;
+    let health = r.items[0]
+        .gates
+        .iter()
+        .find(|g| g.gate == "health")
+        .unwrap();
+    assert!(
+        !health.passed && health.detail.contains("dev-1: agent not connected"),
+        "{health:?}"
+    );
+    dev.start();
+    until("dev-1 connected", || async {
+        hub.running().hub.is_connected(&dev_1)
+    })
+    .await;
     let r = promote(&mut bob, promote_req("dev", "staging", &["web"])).await;
     assert!(!r.blocked, "{}", r.message);
     assert!(r.promotion_id > 0);

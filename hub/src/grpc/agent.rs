@@ -156,6 +156,20 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
         // Registered until the receive loop takes over; an error, or the
         // agent going away mid-handshake (this future dropped), undoes it.
         let registration = Registration::new(hub, conn.clone());
+        // Revoked while the handshake waited for Hello? A revocation from
+        // now on finds the session; one made before is found here.
+        if let Some(c) = &conn.credential {
+            let held = [(cluster.name.clone(), c.clone())];
+            if !hub
+                .store
+                .credentials_in_force(&held)
+                .await
+                .map_err(|e| Status::from(HubError::from(e)))?
+                .contains(&held[0])
+            {
+                return Err(refused(HubError::Unauthenticated));
+            }
+        }
         let resync = resync(hub, &cluster, &conn.mailbox, &hello.units).await?;
         hub.metrics.connected_agents.inc();
         session_changed(hub, &cluster, &hello.agent_version);

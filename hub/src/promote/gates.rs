@@ -1,5 +1,5 @@
 //! The gates of a target environment (health in every source cluster but
-//! revoked ones, soak time on the hub's status clock, the one statuses are
+//! revoked ones, each with its agent connected, soak time on the hub's status clock, the one statuses are
 //! stamped with, approvals from distinct operators) and approving.
 
 use super::*;
@@ -24,8 +24,16 @@ impl Hub {
         let (revoked, clusters): (Vec<_>, Vec<_>) = clusters.iter().partition(|c| c.revoked);
         let mut not_ready = Vec::new();
         let mut last_ready: Option<UnixMillis> = None;
+        let connected = self.connected();
         for c in &clusters {
             match mine.get(c.name.as_str()) {
+                // Its last report may be stale: nobody hears from it now.
+                Some(cell) if !connected.contains(&c.name) => not_ready.push(format!(
+                    "{}: agent not connected (its last report: revision {} {})",
+                    c.name,
+                    cell.status.revision,
+                    cell.status.phase.as_str()
+                )),
                 Some(cell)
                     if cell.status.revision == revision && cell.status.phase == Phase::Ready =>
                 {
