@@ -96,9 +96,12 @@ const DRIFT_SETTLE: Duration = Duration::from_millis(100);
 
 /// The outcome of one pass over a unit.
 enum Pass {
-    /// Every object applied and everything that left the unit pruned.
+    /// Every object applied and everything that left the unit pruned
+    /// (or, for a destroy, deleted).
     Done {
         healable: BTreeSet<Key>,
+        /// What was kept although it left the unit, and why.
+        kept: Vec<String>,
     },
     Superseded,
     Failed {
@@ -172,6 +175,36 @@ fn owner(live: &serde_json::Value) -> &str {
     live["metadata"]["annotations"][ANNOTATION_UNIT]
         .as_str()
         .unwrap_or_default()
+}
+
+/// Why deleting a Namespace or CRD of `unit` would take other units'
+/// objects along (the namespace controller deletes what a namespace holds;
+/// deleting a CRD deletes every resource of its type); `None` when it
+/// would not.
+fn takes_along(
+    e: &Entry,
+    live: &serde_json::Value,
+    unit: &str,
+    members: &crate::apply::Membership,
+) -> Option<String> {
+    let within = |o: &Entry| match (e.group.as_str(), e.kind.as_str()) {
+        ("", "Namespace") => o.namespace == e.name,
+        ("apiextensions.k8s.io", "CustomResourceDefinition") => {
+            live["spec"]["group"].as_str() == Some(o.group.as_str())
+                && live["spec"]["names"]["kind"].as_str() == Some(o.kind.as_str())
+        }
+        _ => false,
+    };
+    let mut others: Vec<&str> = members
+        .iter()
+        .filter(|(u, objects)| u.as_str() != unit && objects.iter().any(within))
+        .map(|(u, _)| u.as_str())
+        .collect();
+    if others.is_empty() {
+        return None;
+    }
+    others.sort_unstable();
+    Some(format!("kept: it holds objects of {}", others.join(", ")))
 }
 
 /// What the watch phase after a pass ended with.
@@ -334,8 +367,13 @@ impl Reconciler {
                     );
                     continue;
                 }
-                Pass::Done { .. } if unit.tombstone => {
-                    self.report(&unit, Phase::Destroyed, "all objects deleted", vec![]);
+                Pass::Done { kept, .. } if unit.tombstone => {
+                    let message = if kept.is_empty() {
+                        "all objects deleted".to_owned()
+                    } else {
+                        format!("all objects deleted but {}", kept.join("; "))
+                    };
+                    self.report(&unit, Phase::Destroyed, message, vec![]);
                     if let Err(e) = self.desired.forget(&name, unit.revision).await {
                         tracing::warn!(unit = %name, error = %e, "cannot forget a destroyed unit");
                     }
@@ -358,7 +396,7 @@ impl Reconciler {
                     }
                     return;
                 }
-                Pass::Done { healable } => {
+                Pass::Done { healable, .. } => {
                     backoff.reset();
                     (healable, None)
                 }
@@ -716,7 +754,7 @@ impl Reconciler {
         // place); what cannot be checked is kept.
         let mut gone: Vec<Entry> = Vec::new();
         let complete = failures.is_empty() && not_served.is_empty();
-        let kept = if complete || leaving.is_empty() {
+        let held_back = if complete || leaving.is_empty() {
             String::new()
         } else {
             format!(
@@ -724,7 +762,11 @@ impl Reconciler {
                 leaving.len()
             )
         };
-        for e in leaving.iter().filter(|_| complete) {
+        let mut kept = Vec::new();
+        let mut pruning: Vec<&Entry> = leaving.iter().filter(|_| complete).collect();
+        // Reverse apply order: what a namespace holds before it.
+        pruning.sort_by_key(|e| std::cmp::Reverse(rank(e)));
+        for e in pruning {
             let target = if e.uid.is_empty() {
                 // Written ahead by an interrupted pass: prune it only if it
                 // exists and is this unit's.
@@ -756,6 +798,25 @@ impl Reconciler {
                     tracing::warn!(unit = %unit.unit, object = %e.id(), owner = owner(&live), "not the unit's any more; kept and no longer managed");
                     gone.push(e.clone());
                     continue;
+                }
+                Ok(Some(live)) if rank(e) < 2 => {
+                    let members = match self.applier.membership(Some(Instant::now())).await {
+                        Ok(m) => m,
+                        Err(err) => {
+                            failures.push(format!(
+                                "not pruning {}: cannot check what it holds: {}",
+                                e.id(),
+                                err.message()
+                            ));
+                            continue;
+                        }
+                    };
+                    if let Some(why) = takes_along(e, &live, &unit_ref, &members) {
+                        tracing::warn!(unit = %unit.unit, object = %e.id(), %why, "kept and no longer managed");
+                        kept.push(format!("{} ({why})", e.id()));
+                        gone.push(e.clone());
+                        continue;
+                    }
                 }
                 Ok(Some(_)) => {}
                 Ok(None) => {
@@ -824,7 +885,7 @@ impl Reconciler {
             if failures.is_empty() && waited < self.applier.crd_timeout {
                 return Pass::Failed {
                     phase: Phase::Progressing,
-                    message: not_served.join("; ") + &kept,
+                    message: not_served.join("; ") + &held_back,
                     resources,
                     healable,
                     soon: true,
@@ -844,20 +905,22 @@ impl Reconciler {
         if !failures.is_empty() {
             return Pass::Failed {
                 phase: Phase::Failed,
-                message: failures.join("; ") + &kept,
+                message: failures.join("; ") + &held_back,
                 resources,
                 healable,
                 soon: false,
             };
         }
         *waiting_since = None;
-        self.report(
-            unit,
-            Phase::Applied,
-            format!("{} objects applied", applied.len()),
-            resources,
-        );
-        Pass::Done { healable }
+        let mut message = format!("{} objects applied", applied.len());
+        if !kept.is_empty() {
+            message.push_str(&format!(
+                "; kept although they left the unit: {}",
+                kept.join("; ")
+            ));
+        }
+        self.report(unit, Phase::Applied, message, resources);
+        Pass::Done { healable, kept }
     }
 
     /// Deletes every object of the unit (its inventory, plus anything the
@@ -872,17 +935,18 @@ impl Reconciler {
             Err(InventoryError::OtherEnvironment { .. }) => (Inventory::default(), true),
             Err(e) => return Pass::inventory(e),
         };
+        // Whatever the inventory says, labelled objects of the unit count:
+        // a lost or partial inventory must not read Destroyed. One scan:
+        // the unit gains no objects while it is destroyed.
+        let members = match self.applier.membership(Some(Instant::now())).await {
+            Ok(m) => m,
+            Err(e) => return Pass::of(e),
+        };
+        for e in members.get(&unit_ref).cloned().unwrap_or_default() {
+            inv.merge(e);
+        }
+        let mut kept: Vec<String> = Vec::new();
         loop {
-            // Whatever the inventory says, labelled objects of the unit
-            // count: a lost or partial inventory must not read Destroyed.
-            match self.applier.membership(Some(Instant::now())).await {
-                Ok(m) => {
-                    for e in m.get(&unit_ref).cloned().unwrap_or_default() {
-                        inv.merge(e);
-                    }
-                }
-                Err(e) => return Pass::of(e),
-            }
             let mut entries = inv.entries.clone();
             // Reverse apply order: workloads before namespaces and CRDs.
             entries.sort_by_key(|e| std::cmp::Reverse(rank(e)));
@@ -902,14 +966,20 @@ impl Reconciler {
                         if live["metadata"]["annotations"][ANNOTATION_PRUNE] == "disabled" => {}
                     // Someone else's (another unit's, another agent's).
                     Ok(Some(live)) if owner(&live) != unit_ref => {}
-                    Ok(Some(live)) => {
-                        if live["metadata"]["deletionTimestamp"].is_null()
-                            && let Err(err) = self.applier.delete(&target).await
-                        {
+                    Ok(Some(live)) if live["metadata"]["deletionTimestamp"].is_null() => {
+                        if let Some(why) = takes_along(e, &live, &unit_ref, &members) {
+                            if !kept.iter().any(|k| k.starts_with(&e.id())) {
+                                tracing::warn!(unit = %unit.unit, object = %e.id(), %why, "kept");
+                                kept.push(format!("{} ({why})", e.id()));
+                            }
+                            continue;
+                        }
+                        if let Err(err) = self.applier.delete(&target).await {
                             return Pass::of(err);
                         }
                         remaining.push(e.id());
                     }
+                    Ok(Some(_)) => remaining.push(e.id()),
                     Ok(None) => {}
                     Err(err) => return Pass::of(err),
                 }
@@ -936,6 +1006,7 @@ impl Reconciler {
         }
         Pass::Done {
             healable: BTreeSet::new(),
+            kept,
         }
     }
 

@@ -236,6 +236,64 @@ async fn nothing_is_pruned_while_an_object_of_the_revision_fails() {
     assert!(cluster.object("v1", "configmaps", "apps", "b").is_some());
 }
 
+/// A Namespace (or CRD) of one unit that holds another unit's objects is
+/// not deleted with it: the namespace controller would take them along.
+#[tokio::test]
+async fn a_namespace_holding_another_unit_s_objects_is_kept() {
+    let (hub, cluster) = setup().await;
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: shared\n";
+    let platform = format!(
+        "{namespace}---\n{}",
+        configmap("base", "1").replace("apps", "shared")
+    );
+    hub.put("dev/platform", &platform).await.unwrap();
+    wait_phase(&hub, "dev/platform", 1, pb::Phase::Ready).await;
+    hub.put("dev/web", &configmap("web", "1").replace("apps", "shared"))
+        .await
+        .unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    hub.destroy("dev/platform").await.unwrap();
+    let done = wait_phase(&hub, "dev/platform", 2, pb::Phase::Destroyed).await;
+    assert!(
+        done.contains("Namespace shared") && done.contains("holds objects of dev/web"),
+        "{done}"
+    );
+    assert!(
+        cluster
+            .object("v1", "configmaps", "shared", "base")
+            .is_none()
+    );
+    assert!(cluster.object("v1", "namespaces", "", "shared").is_some());
+    assert!(
+        cluster
+            .object("v1", "configmaps", "shared", "web")
+            .is_some(),
+        "the other unit's object stays"
+    );
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    // The same when the Namespace leaves a unit that goes on.
+    let infra = |with_namespace: bool| {
+        let mut docs = vec![
+            configmap("a", "1").replace("apps", "team"),
+            configmap("b", "1").replace("apps", "team"),
+        ];
+        if with_namespace {
+            docs.insert(0, namespace.replace("shared", "team"));
+        }
+        docs.join("---\n")
+    };
+    hub.put("dev/infra", &infra(true)).await.unwrap();
+    wait_phase(&hub, "dev/infra", 1, pb::Phase::Ready).await;
+    hub.put("dev/api", &configmap("api", "1").replace("apps", "team"))
+        .await
+        .unwrap();
+    wait_phase(&hub, "dev/api", 1, pb::Phase::Ready).await;
+    hub.put("dev/infra", &infra(false)).await.unwrap();
+    wait_phase(&hub, "dev/infra", 2, pb::Phase::Ready).await;
+    assert!(cluster.object("v1", "namespaces", "", "team").is_some());
+    assert!(cluster.object("v1", "configmaps", "team", "api").is_some());
+}
+
 #[tokio::test]
 async fn destroy_deletes_everything_and_reports_destroyed() {
     let (hub, cluster) = setup().await;
