@@ -20,6 +20,14 @@ use crate::manifest::{ANNOTATION_REVISION, ANNOTATION_UNIT, LABEL_MANAGED_BY, Ob
 /// The field manager the agent applies with.
 pub const FIELD_MANAGER: &str = "unitsync";
 
+/// The field manager holding a workload's `spec.replicas` the agent handed
+/// over when an autoscaler took the workload on (see
+/// [`Applier::hand_over_replicas`]).
+pub const REPLICAS_HANDOFF: &str = "unitsync-replicas-handoff";
+
+/// Workloads an autoscaler scales through `spec.replicas`.
+pub const SCALED_KINDS: [&str; 2] = ["Deployment", "StatefulSet"];
+
 /// How a live object differs from what applying it would make it.
 #[derive(Debug, PartialEq)]
 pub enum ObjectDrift {
@@ -467,6 +475,54 @@ impl Applier {
         Ok((true, entry(&applied)))
     }
 
+    /// Hands `spec.replicas` of a workload over to a manager of its own
+    /// before the agent stops applying it (an autoscaler scales it now):
+    /// applied without it, a field only the agent owned would be removed,
+    /// and the workload scaled to its default of 1 until the autoscaler
+    /// acted (Kubernetes' "transferring ownership"). Nothing to do when
+    /// the agent does not own the field.
+    pub async fn hand_over_replicas(&self, obj: &Object) -> Result<(), ApplyError> {
+        let api = self.api_for(obj).await?;
+        let Some(live) = api.get_opt(&obj.name).await.map_err(classify)? else {
+            return Ok(());
+        };
+        let ours = live.metadata.managed_fields.iter().flatten().any(|m| {
+            m.manager.as_deref() == Some(FIELD_MANAGER)
+                && m.operation.as_deref() == Some("Apply")
+                && m.fields_v1
+                    .as_ref()
+                    .is_some_and(|f| f.0["f:spec"].get("f:replicas").is_some())
+        });
+        let Some(replicas) = live.data["spec"]["replicas"].as_i64().filter(|_| ours) else {
+            return Ok(());
+        };
+        let body = serde_json::json!({
+            "apiVersion": obj.body["apiVersion"],
+            "kind": obj.kind,
+            "metadata": {"name": obj.name, "namespace": obj.namespace},
+            "spec": {"replicas": replicas},
+        });
+        match api
+            .patch(
+                &obj.name,
+                &PatchParams::apply(REPLICAS_HANDOFF),
+                &Patch::Apply(body),
+            )
+            .await
+        {
+            Ok(written) => {
+                self.own.record(
+                    crate::drift::qualified_kind(obj.group(), &obj.kind),
+                    &written.metadata,
+                );
+                Ok(())
+            }
+            // Someone else holds another value: the field stays theirs.
+            Err(kube::Error::Api(s)) if s.code == 409 => Ok(()),
+            Err(e) => Err(classify(e)),
+        }
+    }
+
     /// How the live object differs from what applying `obj` would make it
     /// (`None`: it does not). `obj` is stamped with the live revision.
     pub async fn drift(&self, obj: &mut Object) -> Result<Option<ObjectDrift>, ApplyError> {
@@ -726,11 +782,15 @@ impl Applier {
             .map(|l| {
                 l.items
                     .into_iter()
-                    .filter(|h| h.data["spec"]["scaleTargetRef"]["kind"] == "Deployment")
                     .filter_map(|h| {
-                        h.data["spec"]["scaleTargetRef"]["name"]
-                            .as_str()
-                            .map(|n| format!("{namespace}/{n}"))
+                        let target = &h.data["spec"]["scaleTargetRef"];
+                        let kind = target["kind"].as_str()?;
+                        SCALED_KINDS.contains(&kind).then(|| {
+                            format!(
+                                "{kind}/{namespace}/{}",
+                                target["name"].as_str().unwrap_or("")
+                            )
+                        })
                     })
                     .collect()
             })

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
 
-use crate::apply::{Applier, ApplyError, ObjectDrift};
+use crate::apply::{Applier, ApplyError, ObjectDrift, SCALED_KINDS};
 use crate::desired::{DesiredStore, DesiredUnit};
 use crate::drift::DriftWatch;
 use crate::health::{self, Health};
@@ -576,38 +576,55 @@ impl Reconciler {
     /// the cluster or in the unit itself) scales is applied without
     /// `spec.replicas`, leaving the field to the autoscaler. When the
     /// autoscalers cannot be listed this is an error, not "none".
-    async fn leave_replicas_to_autoscalers(&self, objs: &mut [Object]) -> Result<(), ApplyError> {
+    /// Workloads an autoscaler scales (one of the unit, or one in the
+    /// cluster) are applied without `spec.replicas`; with `hand_over` (an
+    /// apply pass), the field is handed over first where the agent owns it,
+    /// so that leaving it does not remove it.
+    async fn leave_replicas_to_autoscalers(
+        &self,
+        objs: &mut [Object],
+        hand_over: bool,
+    ) -> Result<(), ApplyError> {
         let mut scaled: BTreeSet<String> = objs
             .iter()
-            .filter(|o| {
-                o.kind == "HorizontalPodAutoscaler"
-                    && o.body["spec"]["scaleTargetRef"]["kind"] == "Deployment"
-            })
+            .filter(|o| o.kind == "HorizontalPodAutoscaler")
             .filter_map(|o| {
-                Some(format!(
-                    "{}/{}",
-                    o.namespace.clone()?,
-                    o.body["spec"]["scaleTargetRef"]["name"].as_str()?
-                ))
+                let target = &o.body["spec"]["scaleTargetRef"];
+                let kind = target["kind"].as_str()?;
+                SCALED_KINDS.contains(&kind).then(|| {
+                    format!(
+                        "{kind}/{}/{}",
+                        o.namespace.clone().unwrap_or_default(),
+                        target["name"].as_str().unwrap_or("")
+                    )
+                })
             })
             .collect();
+        let workload = |o: &Object| SCALED_KINDS.contains(&o.kind.as_str());
         // Outside the allowed namespaces nothing is applied (the object
         // fails, naming why), and the agent may not list there.
         let namespaces: BTreeSet<String> = objs
             .iter()
-            .filter(|o| o.kind == "Deployment" && self.may_change(o))
+            .filter(|o| workload(o) && self.may_change(o))
             .filter_map(|o| o.namespace.clone())
             .collect();
         for ns in namespaces {
             scaled.extend(self.applier.hpa_targets(&ns).await?);
         }
-        for o in objs.iter_mut().filter(|o| o.kind == "Deployment") {
-            if scaled.contains(&format!(
-                "{}/{}",
+        for o in objs.iter_mut().filter(|o| workload(o)) {
+            let key = format!(
+                "{}/{}/{}",
+                o.kind,
                 o.namespace.clone().unwrap_or_default(),
                 o.name
-            )) && let Some(spec) = o.body.get_mut("spec").and_then(|s| s.as_object_mut())
-            {
+            );
+            if !scaled.contains(&key) || o.body["spec"].get("replicas").is_none() {
+                continue;
+            }
+            if hand_over && self.may_change(o) {
+                self.applier.hand_over_replicas(o).await?;
+            }
+            if let Some(spec) = o.body.get_mut("spec").and_then(|s| s.as_object_mut()) {
                 spec.remove("replicas");
             }
         }
@@ -670,7 +687,7 @@ impl Reconciler {
             Ok(p) => p,
             Err(message) => return Pass::failed(Phase::Failed, message),
         };
-        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
+        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects, true).await {
             return Pass::of(e);
         }
         // Write-ahead: every object this pass may create is in the
@@ -1082,10 +1099,13 @@ impl Reconciler {
             return Drift::default();
         };
         objects.retain(|o| healable.contains(&key_of(o)));
-        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
-            // Healing a Deployment now could fight its autoscaler.
-            tracing::warn!(unit = %unit.unit, error = e.message(), "not healing Deployments: autoscalers unknown");
-            objects.retain(|o| o.kind != "Deployment");
+        if let Err(e) = self
+            .leave_replicas_to_autoscalers(&mut objects, false)
+            .await
+        {
+            // Healing a workload now could fight its autoscaler.
+            tracing::warn!(unit = %unit.unit, error = e.message(), "not healing Deployments and StatefulSets: autoscalers unknown");
+            objects.retain(|o| !SCALED_KINDS.contains(&o.kind.as_str()));
         }
         let unit_ref = Self::unit_ref(unit);
         let mut reports = Vec::new();

@@ -469,6 +469,96 @@ async fn hpa_owned_replicas_are_left_to_the_autoscaler() {
     );
 }
 
+/// An autoscaler added to a Deployment the agent applied with replicas:
+/// the agent stops applying replicas without the field being removed
+/// (which would scale the Deployment to 1 until the autoscaler acts).
+#[tokio::test]
+async fn adding_an_autoscaler_hands_replicas_over_without_scaling_down() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let replicas = || {
+        cluster
+            .object("apps/v1", "deployments", "messagewall", "web")
+            .unwrap()["spec"]["replicas"]
+            .clone()
+    };
+    assert_eq!(replicas(), 2);
+    let hpa = "apiVersion: autoscaling/v2\nkind: HorizontalPodAutoscaler\nmetadata:\n  name: web\n  namespace: messagewall\nspec:\n  scaleTargetRef: {apiVersion: apps/v1, kind: Deployment, name: web}\n  minReplicas: 2\n  maxReplicas: 10\n";
+    hub.put("dev/web", &format!("{WEB}---\n{hpa}"))
+        .await
+        .unwrap();
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
+    assert_eq!(replicas(), 2, "replicas kept at the last applied value");
+    let owners: Vec<String> = cluster
+        .object("apps/v1", "deployments", "messagewall", "web")
+        .unwrap()["metadata"]["managedFields"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|m| m["fieldsV1"]["f:spec"].get("f:replicas").is_some())
+        .map(|m| m["manager"].as_str().unwrap().to_owned())
+        .collect();
+    assert!(
+        owners.iter().any(|m| m == "unitsync-replicas-handoff"),
+        "handed over: {owners:?}"
+    );
+    // A later change is applied without replicas: they stay.
+    hub.put(
+        "dev/web",
+        &format!("{WEB}---\n{hpa}").replace("API_URL: https://api", "API_URL: https://v2.api"),
+    )
+    .await
+    .unwrap();
+    wait_phase(&hub, "dev/web", 3, pb::Phase::Ready).await;
+    assert_eq!(replicas(), 2);
+    // A StatefulSet's autoscaler is left its replicas too.
+    let sts = "apiVersion: apps/v1\nkind: StatefulSet\nmetadata:\n  name: db\n  namespace: messagewall\nspec:\n  replicas: 1\n  serviceName: db\n  selector: {matchLabels: {app: db}}\n  template:\n    metadata: {labels: {app: db}}\n    spec:\n      containers: [{name: db, image: db:1}]\n";
+    let db_hpa = hpa
+        .replace("name: web\n  namespace", "name: db\n  namespace")
+        .replace("kind: Deployment, name: web", "kind: StatefulSet, name: db");
+    hub.put(
+        "dev/web",
+        &format!("{WEB}---\n{hpa}---\n{sts}---\n{db_hpa}"),
+    )
+    .await
+    .unwrap();
+    wait_phase(&hub, "dev/web", 4, pb::Phase::Ready).await;
+    let sets = cluster.api(
+        "apps/v1",
+        "StatefulSet",
+        "statefulsets",
+        Some("messagewall"),
+    );
+    within(
+        "scale",
+        sets.patch(
+            "db",
+            &kube::api::PatchParams {
+                field_manager: Some("hpa-controller".into()),
+                ..Default::default()
+            },
+            &kube::api::Patch::Merge(json!({"spec": {"replicas": 3}})),
+        ),
+    )
+    .await
+    .unwrap();
+    hub.put(
+        "dev/web",
+        &format!("{WEB}---\n{hpa}---\n{sts}---\n{db_hpa}")
+            .replace("maxReplicas: 10", "maxReplicas: 12"),
+    )
+    .await
+    .unwrap();
+    wait_phase(&hub, "dev/web", 5, pb::Phase::Ready).await;
+    assert_eq!(
+        cluster
+            .object("apps/v1", "statefulsets", "messagewall", "db")
+            .unwrap()["spec"]["replicas"],
+        3
+    );
+}
+
 #[tokio::test]
 async fn a_deployment_that_never_becomes_ready_is_stuck_with_the_reason() {
     let (hub, _cluster) = setup().await;
