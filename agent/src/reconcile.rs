@@ -486,24 +486,9 @@ impl Reconciler {
                     Assessed::Status(p, m, r) => (p, m, r),
                 };
                 phase = p;
-                let outstanding = drift.report_only();
-                if !outstanding.is_empty() && phase == Phase::Ready {
+                if !drift.outstanding.is_empty() && phase == Phase::Ready {
                     phase = Phase::Drifted;
-                    message = outstanding
-                        .iter()
-                        .map(|r| {
-                            let id = if r.namespace.is_empty() {
-                                format!("{} {}", r.kind, r.name)
-                            } else {
-                                format!("{} {}/{}", r.kind, r.namespace, r.name)
-                            };
-                            format!(
-                                "{id} drifted at {} (report-only)",
-                                r.drifted_fields.join(", ")
-                            )
-                        })
-                        .collect::<Vec<_>>()
-                        .join("; ");
+                    message = drift.outstanding.join("; ");
                 }
                 for r in &mut resources {
                     if let Some(d) = drift.reports.iter().find(|d| {
@@ -1111,6 +1096,7 @@ impl Reconciler {
         let mut reports = Vec::new();
         let mut messages = Vec::new();
         let mut healed = 0;
+        let mut outstanding = Vec::new();
         let mut missing = false;
         for mut o in objects {
             let entry = Entry::of(&o);
@@ -1131,25 +1117,29 @@ impl Reconciler {
                 ObjectDrift::Missing => vec!["(object missing)".to_owned()],
                 ObjectDrift::Fields(paths) => paths,
             };
-            messages.push(format!("{} drifted at {}", o.id(), paths.join(", ")));
-            let mut r = resource(
-                &entry,
-                SyncState::OutOfSync,
-                None,
-                if report_only {
-                    "drift reported (report-only)".into()
-                } else {
-                    "drift healed".into()
-                },
-            );
-            r.drifted_fields = paths;
-            reports.push(r);
+            let drifted = format!("{} drifted at {}", o.id(), paths.join(", "));
             // Only objects applied in the last pass are healed: every field
             // of theirs was ours then, so whoever changed one since took it
             // from us, and healing takes it back.
-            if !report_only && self.applier.apply(&o, &unit_ref, true).await.is_ok() {
-                healed += 1;
-            }
+            let note = if report_only {
+                outstanding.push(format!("{drifted} (report-only)"));
+                "drift reported (report-only)".to_owned()
+            } else {
+                match self.applier.apply(&o, &unit_ref, true).await {
+                    Ok(_) => {
+                        healed += 1;
+                        "drift healed".to_owned()
+                    }
+                    Err(e) => {
+                        outstanding.push(format!("{drifted} (not healed: {})", e.message()));
+                        format!("drift not healed: {}", e.message())
+                    }
+                }
+            };
+            messages.push(drifted);
+            let mut r = resource(&entry, SyncState::OutOfSync, None, note);
+            r.drifted_fields = paths;
+            reports.push(r);
         }
         if !messages.is_empty() {
             tracing::warn!(unit = %unit.unit, drift = %messages.join("; "), healed, "drift");
@@ -1159,6 +1149,7 @@ impl Reconciler {
         Drift {
             messages,
             reports,
+            outstanding,
             healed,
             missing,
         }
@@ -1202,18 +1193,12 @@ async fn probe_api(
 #[derive(Default)]
 struct Drift {
     messages: Vec<String>,
-    /// Per-resource drift (report-only and healed).
+    /// Per-resource drift (report-only, healed, not healed).
     reports: Vec<ResourceReport>,
+    /// Drift still there (report-only, or a heal that failed), in words:
+    /// the unit reads Drifted, not Ready.
+    outstanding: Vec<String>,
     healed: usize,
     /// An object to heal is gone: the unit is applied again.
     missing: bool,
-}
-
-impl Drift {
-    fn report_only(&self) -> Vec<&ResourceReport> {
-        self.reports
-            .iter()
-            .filter(|r| r.message.contains("report-only"))
-            .collect()
-    }
 }

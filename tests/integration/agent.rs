@@ -426,6 +426,29 @@ async fn drift_is_healed_or_reported_only() {
     );
 }
 
+/// A drift heal the API server refuses leaves the unit Drifted, naming
+/// why, not Ready.
+#[tokio::test]
+async fn a_drift_heal_that_fails_is_reported() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    // The heal is the forced write (the drift check's dry run is not).
+    cluster
+        .sim
+        .faults()
+        .fail("PATCH", "configmaps/web-config?&force=true");
+    drift_web_config(&cluster).await;
+    let m = wait_phase(&hub, "dev/web", 1, pb::Phase::Drifted).await;
+    assert!(
+        m.contains("ConfigMap messagewall/web-config drifted at data.API_URL (not healed:"),
+        "{m}"
+    );
+    cluster.sim.faults().clear_failures();
+    until_web_config_healed(&cluster, "healed once the API server takes it").await;
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+}
+
 #[tokio::test]
 async fn hpa_owned_replicas_are_left_to_the_autoscaler() {
     let (hub, cluster) = setup().await;
