@@ -560,7 +560,8 @@ pub struct NewRevision {
     pub message: String,
     pub origin: String,
     pub source_revision: RevisionNum,
-    /// Link set when this put creates the unit.
+    /// Link set when this put creates the unit, or re-links it (a
+    /// promotion from an environment inserted in between).
     pub upstream: Option<UnitRef>,
     /// The unit's head this revision was planned against (0: the unit does
     /// not exist yet); checked under the commit's lock, so a concurrent

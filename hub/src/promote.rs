@@ -88,6 +88,9 @@ pub struct PlanItem {
     create: Option<crate::model::Labels>,
     /// Where a source-owned upstream revision came from (its origin).
     provenance: Option<String>,
+    /// The target, linked to its source's own upstream (an environment was
+    /// inserted between them), is linked to the source from now on.
+    relink: bool,
 }
 
 impl PlanItem {

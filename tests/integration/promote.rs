@@ -800,6 +800,101 @@ async fn units_a_promotion_creates_take_their_source_s_labels() {
     );
 }
 
+/// An environment inserted between two others: a unit linked across it
+/// is re-linked to the inserted environment's unit by promoting from
+/// there (it was refused as "not linked", and `unit create --from` could
+/// not fix it: the unit exists).
+#[tokio::test]
+async fn promoting_from_an_inserted_environment_relinks_the_unit() {
+    let hub = TestHub::start_with(Tuning {
+        auto_promote_interval: std::time::Duration::from_millis(100),
+        ..Tuning::default()
+    })
+    .await;
+    hub.create_env("dev").await;
+    hub.create_env("prod").await;
+    let _dev = healthy_dev(&hub).await;
+    hub.put("dev/web", &web("web:1", 2)).await.unwrap();
+    ready_in(&hub, "dev/web", 1).await;
+    let mut admin = hub.admin().await;
+    let link = |unit: &str, upstream: &str| pb::LinkUnitRequest {
+        unit: unit.into(),
+        upstream: upstream.into(),
+        message: String::new(),
+    };
+    within("link prod", admin.link_unit(link("prod/web", "dev/web")))
+        .await
+        .unwrap();
+    within(
+        "insert staging",
+        admin.create_environment(pb::CreateEnvironmentRequest {
+            name: "staging".into(),
+            after: "dev".into(),
+            policy: None,
+        }),
+    )
+    .await
+    .unwrap();
+    let token = hub.create_cluster("staging-1", "staging").await;
+    let mut staging = SimAgent::new(&hub.endpoint(), hub.ca(), &token).auto_ready();
+    staging.start();
+    within(
+        "link staging",
+        admin.link_unit(link("staging/web", "dev/web")),
+    )
+    .await
+    .unwrap();
+    hub.put("dev/web", &web("web:2", 2)).await.unwrap();
+    ready_in(&hub, "dev/web", 2).await;
+    let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
+    assert!(!r.blocked, "{}", r.message);
+    ready_in(&hub, "staging/web", 2).await;
+    let r = promote(&mut admin, promote_req("staging", "prod", &["web"])).await;
+    assert!(!r.blocked, "{}", r.message);
+    assert_eq!(r.items[0].target_revision, 2, "{}", r.message);
+    let prod = hub.unit("prod/web").await.unwrap().unit.unwrap();
+    assert_eq!(prod.upstream, "staging/web");
+    // From now on prod follows staging.
+    let r = promote(&mut admin, promote_req("dev", "prod", &["web"])).await;
+    assert!(r.blocked, "{}", r.message);
+    assert!(
+        r.items[0].skipped.contains("its upstream is staging/web"),
+        "{}",
+        r.items[0].skipped
+    );
+    // Automatic promotion re-links too.
+    hub.put("dev/api", &web("api:1", 1)).await.unwrap();
+    ready_in(&hub, "dev/api", 1).await;
+    within("link prod", admin.link_unit(link("prod/api", "dev/api")))
+        .await
+        .unwrap();
+    within(
+        "link staging",
+        admin.link_unit(link("staging/api", "dev/api")),
+    )
+    .await
+    .unwrap();
+    ready_in(&hub, "staging/api", 1).await;
+    within(
+        "auto-promote into prod",
+        admin.set_environment_policy(pb::SetEnvironmentPolicyRequest {
+            name: "prod".into(),
+            policy: Some(pb::EnvironmentPolicy {
+                auto_promote: true,
+                ..Default::default()
+            }),
+        }),
+    )
+    .await
+    .unwrap();
+    until("prod/api follows staging/api", || async {
+        hub.unit("prod/api")
+            .await
+            .is_ok_and(|d| d.unit.unwrap().upstream == "staging/api")
+    })
+    .await;
+}
+
 /// `unit rollback` undoes a destroy: the unit comes back with the old
 /// revision's content.
 #[tokio::test]

@@ -23,21 +23,38 @@ impl Hub {
                 .map(|u| (u.unit.clone(), u))
                 .collect();
             for t in self.store.list_units(Some(&to.name)).await? {
-                let Some(src) = t.upstream.as_ref().and_then(|up| sources.get(up)) else {
+                // Linked to it, or past it to its own upstream (`from` was
+                // inserted since; promoting re-links the unit).
+                let inserted = || {
+                    let same = UnitRef {
+                        env: from.name.clone(),
+                        name: t.unit.name.clone(),
+                    };
+                    sources
+                        .get(&same)
+                        .filter(|s| t.upstream.is_some() && s.upstream == t.upstream)
+                };
+                let linked = t.upstream.as_ref().and_then(|up| sources.get(up));
+                let Some(src) = linked.or_else(inserted) else {
                     continue;
                 };
-                if src.destroyed || t.head_source == src.head {
+                // Re-linking: the target's revisions say nothing of this
+                // source's (promoted unless it is up to date already).
+                let relinking = linked.is_none();
+                if src.destroyed || (!relinking && t.head_source == src.head) {
                     continue;
                 }
                 // A rollback (of the unit, or of a promotion) took the
                 // target back from an upstream revision promoted already:
                 // it stands until upstream moves on.
-                match self.store.history(&t.unit).await {
-                    Ok(h) if h.iter().any(|r| r.source_revision >= src.head) => continue,
-                    Ok(_) => {}
-                    Err(e) => {
-                        tracing::warn!(unit = %t.unit, error = %ErrorChain(&e), "reading the unit's history for automatic promotion failed");
-                        continue;
+                if !relinking {
+                    match self.store.history(&t.unit).await {
+                        Ok(h) if h.iter().any(|r| r.source_revision >= src.head) => continue,
+                        Ok(_) => {}
+                        Err(e) => {
+                            tracing::warn!(unit = %t.unit, error = %ErrorChain(&e), "reading the unit's history for automatic promotion failed");
+                            continue;
+                        }
                     }
                 }
                 let out = self

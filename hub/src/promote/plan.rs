@@ -60,6 +60,13 @@ impl Hub {
                 "--revision needs exactly one unit".into(),
             ));
         }
+        let position: BTreeMap<EnvName, u32> = self
+            .store
+            .list_environments()
+            .await?
+            .into_iter()
+            .map(|e| (e.name, e.position))
+            .collect();
         let clusters = self.store.list_clusters(Some(&from.name)).await?;
         let cells = self
             .store
@@ -91,14 +98,28 @@ impl Hub {
                 content: None,
                 create: existing.is_none().then(|| s.labels.clone()),
                 provenance: (!s.source.is_empty()).then(|| src.origin.clone()),
+                relink: false,
             };
             if src.tombstone {
                 item.skipped = Some(format!("{}@{rev_no} is a destroy", s.unit));
                 items.push(item);
                 continue;
             }
+            // Linked past the source's environment to the source's own
+            // upstream (the source's environment was inserted since): the
+            // source takes over as the target's upstream.
+            item.relink = existing.as_ref().is_some_and(|t| {
+                t.upstream.as_ref() != Some(&s.unit)
+                    && t.upstream.is_some()
+                    && t.upstream == s.upstream
+                    && t.upstream
+                        .as_ref()
+                        .and_then(|u| position.get(&u.env))
+                        .is_some_and(|p| *p < from.position)
+            });
             if let Some(t) = &existing
                 && t.upstream.as_ref() != Some(&s.unit)
+                && !item.relink
             {
                 item.skipped = Some(format!(
                     "{target} is not linked to {} (its upstream is {}); link it with `unitsync unit create {target} --from {}`",
@@ -171,10 +192,13 @@ impl Hub {
                     &format!("{target} (from {}@{rev_no})", s.unit),
                 )
                 .to_string();
+            // (Re-linking commits even the same content: the link is
+            // recorded with a revision.)
             if head
                 .as_ref()
                 .is_some_and(|h| !h.tombstone && h.digest == valid.digest)
                 && !existing.as_ref().is_some_and(|t| t.destroyed)
+                && !item.relink
             {
                 item.skipped = Some("up to date".into());
                 items.push(item);
@@ -225,7 +249,7 @@ impl Hub {
             let message = req.message.clone().unwrap_or_else(|| origin.clone());
             revs.push(NewRevision {
                 source_revision: i.source_revision,
-                upstream: i.create.is_some().then(|| i.source.clone()),
+                upstream: (i.create.is_some() || i.relink).then(|| i.source.clone()),
                 labels: i.create.clone(),
                 // The plan read the target at this head: a change since
                 // (another operator, another replica) is a conflict.

@@ -148,7 +148,8 @@ struct UnitState {
     source: String,
     /// New labels, if a revision set them.
     labels: Option<Labels>,
-    /// Creation fields (a unit this group creates).
+    /// The upstream of a unit this group creates, or a new one a revision
+    /// set (a promotion re-linking the unit).
     upstream: Option<String>,
 }
 
@@ -387,6 +388,9 @@ impl Known {
         if rev.labels.is_some() {
             s.labels = rev.labels.clone();
         }
+        if let Some(u) = &rev.upstream {
+            s.upstream = Some(u.to_string());
+        }
         Ok(s.head)
     }
 }
@@ -519,11 +523,12 @@ async fn write_units(
         |values| {
             format!(
                 "UPDATE units SET head = v.column1, destroyed = v.column2, updated_at = v.column3,
-                       labels = COALESCE(v.column4, units.labels)
+                       labels = COALESCE(v.column4, units.labels),
+                       upstream = COALESCE(v.column6, units.upstream)
                      FROM (VALUES {values}) AS v WHERE units.id = v.column5"
             )
         },
-        5,
+        6,
         &updated,
         |_| 0,
         |q, s| {
@@ -531,7 +536,8 @@ async fn write_units(
                 .bind(i64::from(s.destroyed))
                 .bind(now.0)
                 .bind(s.labels.as_ref().map(labels_json))
-                .bind(s.id))
+                .bind(s.id)
+                .bind(s.upstream.as_deref()))
         },
     )
     .await?;
