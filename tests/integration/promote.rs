@@ -895,6 +895,60 @@ async fn promoting_from_an_inserted_environment_relinks_the_unit() {
     .await;
 }
 
+/// A destroyed source unit is named in an `--all` promotion (its linked
+/// unit runs on; destroys are not promoted), not dropped silently.
+#[tokio::test]
+async fn a_destroyed_source_is_named_not_dropped() {
+    let hub = pipeline(Tuning::default()).await;
+    let _dev = healthy_dev(&hub).await;
+    for unit in ["dev/web", "dev/api"] {
+        hub.put(unit, &web("web:1", 1)).await.unwrap();
+        ready_in(&hub, unit, 1).await;
+    }
+    let mut admin = hub.admin().await;
+    let all = || pb::PromoteRequest {
+        from: "dev".into(),
+        to: "staging".into(),
+        all: true,
+        ..Default::default()
+    };
+    let r = promote(&mut admin, all()).await;
+    assert_eq!(r.items.len(), 2, "{}", r.message);
+    hub.destroy("dev/web").await.unwrap();
+    hub.put("dev/api", &web("web:2", 1)).await.unwrap();
+    ready_in(&hub, "dev/api", 2).await;
+    let r = promote(&mut admin, all()).await;
+    assert!(!r.blocked, "{}", r.message);
+    let web = r
+        .items
+        .iter()
+        .find(|i| i.source_unit == "dev/web")
+        .unwrap_or_else(|| panic!("dev/web named: {}", r.message));
+    assert!(
+        web.skipped.contains("dev/web was destroyed")
+            && web.skipped.contains("unitsync unit destroy staging/web"),
+        "{}",
+        web.skipped
+    );
+    assert_eq!(
+        hub.unit("staging/api")
+            .await
+            .unwrap()
+            .unit
+            .unwrap()
+            .head_revision,
+        2
+    );
+    assert!(
+        !hub.unit("staging/web")
+            .await
+            .unwrap()
+            .unit
+            .unwrap()
+            .destroyed
+    );
+}
+
 /// `unit rollback` undoes a destroy: the unit comes back with the old
 /// revision's content.
 #[tokio::test]

@@ -28,13 +28,7 @@ impl Hub {
                 from.name, to.name
             )));
         }
-        let mut sources: Vec<Unit> = self
-            .store
-            .list_units(Some(&from.name))
-            .await?
-            .into_iter()
-            .filter(|u| !u.destroyed)
-            .collect();
+        let mut sources: Vec<Unit> = self.store.list_units(Some(&from.name)).await?;
         match &req.selection {
             Selection::All => {}
             Selection::Units(names) => {
@@ -48,6 +42,50 @@ impl Hub {
             Selection::Labels(sel) => {
                 sources.retain(|u| sel.iter().all(|(k, v)| u.labels.get(k) == Some(v)))
             }
+        }
+        // Destroys are not promoted: a destroyed source whose linked unit
+        // runs on is said so, not dropped from the plan silently.
+        let (destroyed, sources): (Vec<Unit>, Vec<Unit>) =
+            sources.into_iter().partition(|u| u.destroyed);
+        let mut items = Vec::new();
+        for d in &destroyed {
+            let target = UnitRef {
+                env: to.name.clone(),
+                name: d.unit.name.clone(),
+            };
+            let Some(t) = self.store.get_unit(&target).await? else {
+                continue;
+            };
+            if t.destroyed || t.upstream.as_ref() != Some(&d.unit) {
+                continue;
+            }
+            items.push(PlanItem {
+                source: d.unit.clone(),
+                source_revision: d.head,
+                target,
+                previous: t.head,
+                committed: RevisionNum(0),
+                diff: String::new(),
+                gates: Vec::new(),
+                skipped: Some(format!(
+                    "{} was destroyed; destroys are not promoted: `unitsync unit destroy {}` to follow",
+                    d.unit, t.unit
+                )),
+                blocking: false,
+                content: None,
+                create: None,
+                provenance: None,
+                relink: false,
+            });
+        }
+        if sources.is_empty() && !items.is_empty() {
+            let message = summary(&items, false, req.dry_run);
+            return Ok(Outcome {
+                promotion: None,
+                items,
+                blocked: false,
+                message,
+            });
         }
         if sources.is_empty() {
             return Err(HubError::InvalidArgument(format!(
@@ -72,7 +110,6 @@ impl Hub {
             .store
             .statuses(Some(&from.name), None, &Page::ALL)
             .await?;
-        let mut items = Vec::new();
         for s in &sources {
             let rev_no = req.revision.unwrap_or(s.head);
             let src = self
