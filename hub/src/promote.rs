@@ -129,5 +129,6 @@ mod overrides;
 mod plan;
 mod rollback;
 
+pub use gates::Approval;
 pub use overrides::apply_overrides;
 use overrides::override_conflicts;

@@ -983,7 +983,12 @@ async fn promotion_through_the_cli() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    hub.ok(&["approve", "dev/web", "--for", "staging"]).await;
+    // Without --revision: the head at the time, which the answer names.
+    let approved = hub.ok(&["approve", "dev/web", "--for", "staging"]).await;
+    assert!(
+        approved.contains("dev/web@1 approved for staging: 1 of 1 approvals"),
+        "{approved}"
+    );
     hub.ok(&["unit", "create", "staging/web", "--from", "dev/web"])
         .await;
     let status = hub.ok(&["status"]).await;

@@ -60,8 +60,8 @@ pub async fn run_client(global: &Global, command: Command) -> anyhow::Result<()>
                 })
                 .await)?;
             print(&format!(
-                "{unit} approved for {target}: {} of {} approvals",
-                r.approvals, r.required
+                "{unit}@{} approved for {target}: {} of {} approvals",
+                r.revision, r.approvals, r.required
             ));
             Ok(())
         }

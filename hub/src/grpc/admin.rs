@@ -543,7 +543,7 @@ impl pb::hub_service_server::HubService for AdminService {
         ok(async {
             let actor = Operator::of(&req)?.admin()?;
             let r = req.into_inner();
-            let (approvals, required) = self
+            let a = self
                 .hub
                 .approve(
                     actor,
@@ -553,8 +553,9 @@ impl pb::hub_service_server::HubService for AdminService {
                 )
                 .await?;
             Ok(pb::ApproveResponse {
-                approvals,
-                required,
+                approvals: a.approvals,
+                required: a.required,
+                revision: a.revision.0,
             })
         }
         .await)

@@ -126,7 +126,7 @@ impl Hub {
         source: UnitRef,
         revision: Option<RevisionNum>,
         target: EnvName,
-    ) -> Result<(u32, u32)> {
+    ) -> Result<Approval> {
         let Actor::Operator(name) = &actor else {
             return Err(HubError::PermissionDenied);
         };
@@ -147,9 +147,19 @@ impl Hub {
             .store
             .approve(&target, &source, revision, name, audit)
             .await?;
-        Ok((
-            u32::try_from(approvers.len()).unwrap_or(u32::MAX),
-            env.policy.required_approvals,
-        ))
+        Ok(Approval {
+            revision,
+            approvals: u32::try_from(approvers.len()).unwrap_or(u32::MAX),
+            required: env.policy.required_approvals,
+        })
     }
+}
+
+/// What an approval recorded: the revision approved (the head, when none
+/// was named) and where its approvals stand.
+#[derive(Debug, Clone, Copy)]
+pub struct Approval {
+    pub revision: RevisionNum,
+    pub approvals: u32,
+    pub required: u32,
 }

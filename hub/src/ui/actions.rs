@@ -334,12 +334,14 @@ pub(super) async fn act(
     let hub = &ui.hub;
     let done = match &action {
         Action::Approve { unit, revision, to } => {
-            let (have, need) = hub
+            let a = hub
                 .approve(actor, unit.clone(), Some(*revision), to.clone())
                 .await?;
             format!(
-                "Approved {unit} {} for {to} ({have} of {need} approvals).",
-                layout::rev(revision.0)
+                "Approved {unit} {} for {to} ({} of {} approvals).",
+                layout::rev(a.revision.0),
+                a.approvals,
+                a.required
             )
         }
         Action::Promote { from, to, unit } => {
