@@ -218,7 +218,8 @@ enum Watched {
 /// What an assessment found.
 enum Assessed {
     Status(Phase, String, Vec<ResourceReport>),
-    /// The inventory is gone: re-apply (which recovers membership).
+    /// The inventory is gone, or names an object replaced since: apply
+    /// again (which recovers membership, and the new uids).
     Lost,
 }
 
@@ -1050,6 +1051,19 @@ impl Reconciler {
                         e.id()
                     ));
                     continue;
+                }
+                // Deleted and created again under its name (`kubectl
+                // replace --force`), the unit's still: applied again, the
+                // inventory follows the new object.
+                if !e.uid.is_empty() {
+                    let by_name = Entry {
+                        uid: String::new(),
+                        ..e.clone()
+                    };
+                    if let Ok(Some(_)) = self.applier.owned(&by_name, &Self::unit_ref(unit)).await {
+                        tracing::info!(unit = %unit.unit, object = %e.id(), "replaced under its name; applying again");
+                        return Assessed::Lost;
+                    }
                 }
                 resources.push(resource(e, SyncState::OutOfSync, None, "missing".into()));
                 worst = worst.max(Health::InProgress);

@@ -294,6 +294,64 @@ async fn a_namespace_holding_another_unit_s_objects_is_kept() {
     assert!(cluster.object("v1", "configmaps", "team", "api").is_some());
 }
 
+/// An object deleted and created again under its name (`kubectl replace
+/// --force`) faster than a drift check: the agent follows the new object
+/// (it read it missing for good, and a later revision left it behind).
+#[tokio::test]
+async fn an_object_replaced_under_its_name_is_followed() {
+    let (hub, cluster) = setup().await;
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
+    let mut again = within("get", cms.get("web-config")).await.unwrap();
+    again.metadata.uid = None;
+    again.metadata.resource_version = None;
+    again.metadata.managed_fields = None;
+    again.metadata.creation_timestamp = None;
+    within("delete", cms.delete("web-config", &Default::default()))
+        .await
+        .unwrap();
+    let created = within("create", cms.create(&Default::default(), &again))
+        .await
+        .unwrap();
+    let uid = created.metadata.uid.unwrap();
+    until("the inventory names the new object", || async {
+        cluster
+            .object(
+                "v1",
+                "configmaps",
+                "unitsync-system",
+                "unitsync-inventory-web",
+            )
+            .is_some_and(|cm| {
+                cm["data"]["inventory"]
+                    .as_str()
+                    .unwrap_or("")
+                    .contains(&uid)
+            })
+    })
+    .await;
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    // A revision without it prunes it.
+    let v2 = WEB
+        .split("---\n")
+        .filter(|d| !d.contains("kind: ConfigMap"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+        .replace(
+            "          envFrom:\n            - configMapRef:\n                name: web-config\n",
+            "",
+        );
+    hub.put("dev/web", &v2).await.unwrap();
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
+    assert!(
+        cluster
+            .object("v1", "configmaps", "messagewall", "web-config")
+            .is_none(),
+        "pruned"
+    );
+}
+
 #[tokio::test]
 async fn destroy_deletes_everything_and_reports_destroyed() {
     let (hub, cluster) = setup().await;
