@@ -58,6 +58,28 @@ pub(super) async fn wait_phase(
     }
 }
 
+/// The messagewall example without its ConfigMap (and the Deployment's
+/// reference to it).
+fn without_web_config(web: &str) -> String {
+    web.split("---\n")
+        .filter(|d| !d.contains("kind: ConfigMap"))
+        .collect::<Vec<_>>()
+        .join("---\n")
+        .replace(
+            "          envFrom:\n            - configMapRef:\n                name: web-config\n",
+            "",
+        )
+}
+
+fn assert_web_config_pruned(cluster: &TestCluster) {
+    assert!(
+        cluster
+            .object("v1", "configmaps", "messagewall", "web-config")
+            .is_none(),
+        "pruned"
+    );
+}
+
 /// Edits the messagewall example's ConfigMap behind the agent's back.
 async fn drift_web_config(cluster: &TestCluster) {
     let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("messagewall"));
@@ -150,24 +172,10 @@ async fn update_prunes_removed_objects_and_changes_others_in_place() {
         .unwrap()["metadata"]["uid"]
         .clone();
     // Revision 2: the ConfigMap is gone, the Deployment's image changes.
-    let v2 = WEB
-        .replace("web:1.0.0", "web:1.1.0")
-        .split("---\n")
-        .filter(|d| !d.contains("kind: ConfigMap"))
-        .collect::<Vec<_>>()
-        .join("---\n")
-        .replace(
-            "          envFrom:\n            - configMapRef:\n                name: web-config\n",
-            "",
-        );
+    let v2 = without_web_config(&WEB.replace("web:1.0.0", "web:1.1.0"));
     hub.put("dev/web", &v2).await.unwrap();
     wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
-    assert!(
-        cluster
-            .object("v1", "configmaps", "messagewall", "web-config")
-            .is_none(),
-        "pruned"
-    );
+    assert_web_config_pruned(&cluster);
     let after = cluster
         .object("apps/v1", "deployments", "messagewall", "web")
         .unwrap();
@@ -333,23 +341,9 @@ async fn an_object_replaced_under_its_name_is_followed() {
     .await;
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     // A revision without it prunes it.
-    let v2 = WEB
-        .split("---\n")
-        .filter(|d| !d.contains("kind: ConfigMap"))
-        .collect::<Vec<_>>()
-        .join("---\n")
-        .replace(
-            "          envFrom:\n            - configMapRef:\n                name: web-config\n",
-            "",
-        );
-    hub.put("dev/web", &v2).await.unwrap();
+    hub.put("dev/web", &without_web_config(WEB)).await.unwrap();
     wait_phase(&hub, "dev/web", 2, pb::Phase::Ready).await;
-    assert!(
-        cluster
-            .object("v1", "configmaps", "messagewall", "web-config")
-            .is_none(),
-        "pruned"
-    );
+    assert_web_config_pruned(&cluster);
 }
 
 #[tokio::test]

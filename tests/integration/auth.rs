@@ -470,15 +470,7 @@ async fn a_credential_revoked_during_the_handshake_gets_no_session() {
         })
         .await
         .unwrap();
-    tx.send(pb::AgentMessage {
-        msg: Some(pb::agent_message::Msg::Hello(pb::Hello {
-            protocol_version: 1,
-            agent_version: "raw".into(),
-            units: vec![],
-        })),
-    })
-    .await
-    .unwrap();
+    tx.send(super::protocol::hello(1)).await.unwrap();
     match within("the handshake ends", opening).await.unwrap() {
         Err(status) => assert_eq!(status.code(), Code::Unauthenticated, "{status:?}"),
         Ok(response) => {

@@ -1001,28 +1001,15 @@ async fn a_second_replica_takes_the_lease_over_and_finishes_the_work() {
 #[tokio::test]
 async fn a_hub_killed_mid_operation_reports_once_after_restart() {
     use unitsync_tests::processes::cli;
-    let sim = sim().await;
-    let (cub, config) = worker(&sim, Transport::LongPoll).await;
-    let dir = tempfile::tempdir().unwrap();
-    let data = dir.path().join("hub");
-    let (hub, mut cluster) = hub_process(&config, &data, &[]).await;
-    wait_target(&cub).await;
-    within(
-        "unit",
-        cub.unit_create(SPACE, "a", &configmap("a", "1"), Some(TARGET), &[]),
-    )
-    .await
-    .unwrap();
-    let op = within("apply", cub.queue(SPACE, "a", "apply", false))
-        .await
-        .unwrap();
-    until("committed", || async {
-        sim.with_state(|s| s.events_of(&op_id(&op)))
-            .iter()
-            .any(|e| e.result == "ApplySynced")
-    })
-    .await;
-    hub.kill().await;
+    let Killed {
+        sim,
+        cub,
+        _dir,
+        data,
+        hub,
+        mut cluster,
+        op,
+    } = killed_mid_apply(&[]).await;
     within("restart", hub.restart()).await.unwrap();
     cluster.start_agent();
     let o = within("wait", cub.wait(SPACE, "a", &op, WAIT))
@@ -1089,18 +1076,24 @@ async fn hub_process(
     (hub, cluster)
 }
 
-/// Two open Applies of one unit found at start-up (the newer recorded
-/// while the older was not running, as when both arrive as the hub
-/// stops): the newer wins and the older ends `Aborted`, as if both had
-/// arrived while it ran.
-#[tokio::test]
-async fn after_a_restart_the_newer_of_two_open_applies_wins() {
+/// A hub process whose Apply of unit `a` committed and waited for its
+/// cluster (the agent not started), SIGKILLed then.
+struct Killed {
+    sim: ConfigHubSim,
+    cub: Cub,
+    _dir: tempfile::TempDir,
+    data: std::path::PathBuf,
+    hub: unitsync_tests::processes::HubProcess,
+    cluster: TestCluster,
+    op: Value,
+}
+
+async fn killed_mid_apply(extra: &[&str]) -> Killed {
     let sim = sim().await;
     let (cub, config) = worker(&sim, Transport::LongPoll).await;
     let dir = tempfile::tempdir().unwrap();
     let data = dir.path().join("hub");
-    let (hub, mut cluster) =
-        hub_process(&config, &data, &["--confighub-wait-timeout", "20s"]).await;
+    let (hub, cluster) = hub_process(&config, &data, extra).await;
     wait_target(&cub).await;
     within(
         "unit",
@@ -1108,16 +1101,42 @@ async fn after_a_restart_the_newer_of_two_open_applies_wins() {
     )
     .await
     .unwrap();
-    let older = within("apply", cub.queue(SPACE, "a", "apply", false))
+    let op = within("apply", cub.queue(SPACE, "a", "apply", false))
         .await
         .unwrap();
     until("committed", || async {
-        sim.with_state(|s| s.events_of(&op_id(&older)))
+        sim.with_state(|s| s.events_of(&op_id(&op)))
             .iter()
             .any(|e| e.result == "ApplySynced")
     })
     .await;
     hub.kill().await;
+    Killed {
+        sim,
+        cub,
+        _dir: dir,
+        data,
+        hub,
+        cluster,
+        op,
+    }
+}
+
+/// Two open Applies of one unit found at start-up (the newer recorded
+/// while the older was not running, as when both arrive as the hub
+/// stops): the newer wins and the older ends `Aborted`, as if both had
+/// arrived while it ran.
+#[tokio::test]
+async fn after_a_restart_the_newer_of_two_open_applies_wins() {
+    let Killed {
+        sim: _sim,
+        cub,
+        _dir,
+        data,
+        hub,
+        mut cluster,
+        op: older,
+    } = killed_mid_apply(&["--confighub-wait-timeout", "20s"]).await;
     within("update", cub.unit_update(SPACE, "a", &configmap("a", "2")))
         .await
         .unwrap();
