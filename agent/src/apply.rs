@@ -440,10 +440,18 @@ impl Applier {
         pp.force = force;
         let mut dry = pp.clone();
         dry.dry_run = true;
-        let planned = api
-            .patch(&obj.name, &dry, &Patch::Apply(body))
-            .await
-            .map_err(|e| conflict(e, obj))?;
+        let planned = match api.patch(&obj.name, &dry, &Patch::Apply(body)).await {
+            // Replicas the agent handed over while an autoscaler scaled the
+            // workload: its own again now that the unit sets them.
+            Err(kube::Error::Api(s)) if !force && only_handed_over(&s) => {
+                pp.force = true;
+                dry.force = true;
+                api.patch(&obj.name, &dry, &Patch::Apply(body))
+                    .await
+                    .map_err(|e| conflict(e, obj))?
+            }
+            r => r.map_err(|e| conflict(e, obj))?,
+        };
         let entry = |o: &DynamicObject| Entry {
             group: obj.group().to_owned(),
             version: obj.version().to_owned(),
@@ -805,6 +813,15 @@ impl Applier {
                 }),
             })
     }
+}
+
+/// Whether an apply conflicts only with the agent's own replicas handoff.
+fn only_handed_over(s: &kube::core::Status) -> bool {
+    let manager = format!("\"{REPLICAS_HANDOFF}\"");
+    s.code == 409
+        && s.details.as_ref().is_some_and(|d| {
+            !d.causes.is_empty() && d.causes.iter().all(|c| c.message.contains(&manager))
+        })
 }
 
 /// A 409 from apply names the conflicting fields and their managers.

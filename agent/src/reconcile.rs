@@ -563,14 +563,10 @@ impl Reconciler {
     /// `spec.replicas`, leaving the field to the autoscaler. When the
     /// autoscalers cannot be listed this is an error, not "none".
     /// Workloads an autoscaler scales (one of the unit, or one in the
-    /// cluster) are applied without `spec.replicas`; with `hand_over` (an
-    /// apply pass), the field is handed over first where the agent owns it,
-    /// so that leaving it does not remove it.
-    async fn leave_replicas_to_autoscalers(
-        &self,
-        objs: &mut [Object],
-        hand_over: bool,
-    ) -> Result<(), ApplyError> {
+    /// cluster) are applied (and drift-checked) without `spec.replicas`;
+    /// the field is handed over first where the agent owns it, so that
+    /// leaving it does not remove it.
+    async fn leave_replicas_to_autoscalers(&self, objs: &mut [Object]) -> Result<(), ApplyError> {
         let mut scaled: BTreeSet<String> = objs
             .iter()
             .filter(|o| o.kind == "HorizontalPodAutoscaler")
@@ -607,7 +603,7 @@ impl Reconciler {
             if !scaled.contains(&key) || o.body["spec"].get("replicas").is_none() {
                 continue;
             }
-            if hand_over && self.may_change(o) {
+            if self.may_change(o) {
                 self.applier.hand_over_replicas(o).await?;
             }
             if let Some(spec) = o.body.get_mut("spec").and_then(|s| s.as_object_mut()) {
@@ -673,7 +669,7 @@ impl Reconciler {
             Ok(p) => p,
             Err(message) => return Pass::failed(Phase::Failed, message),
         };
-        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects, true).await {
+        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
             return Pass::of(e);
         }
         // Write-ahead: every object this pass may create is in the
@@ -941,7 +937,7 @@ impl Reconciler {
         // Whatever the inventory says, labelled objects of the unit count:
         // a lost or partial inventory must not read Destroyed. One scan:
         // the unit gains no objects while it is destroyed.
-        let members = match self.applier.membership(Some(Instant::now())).await {
+        let mut members = match self.applier.membership(Some(Instant::now())).await {
             Ok(m) => m,
             Err(e) => return Pass::of(e),
         };
@@ -949,7 +945,13 @@ impl Reconciler {
             inv.merge(e);
         }
         let mut kept: Vec<String> = Vec::new();
+        // A Namespace or CRD holding other units' objects waits a few
+        // health intervals (2 s at least) for them to leave (units
+        // destroyed together) before it is kept.
+        let hold_until =
+            Instant::now() + (self.tuning.health_interval * 5).max(Duration::from_secs(2));
         loop {
+            let mut rescan = false;
             let mut entries = inv.entries.clone();
             // Reverse apply order: workloads before namespaces and CRDs.
             entries.sort_by_key(|e| std::cmp::Reverse(rank(e)));
@@ -971,9 +973,15 @@ impl Reconciler {
                     Ok(Some(live)) if owner(&live) != unit_ref => {}
                     Ok(Some(live)) if live["metadata"]["deletionTimestamp"].is_null() => {
                         if let Some(why) = takes_along(e, &live, &unit_ref, &members) {
-                            if !kept.iter().any(|k| k.starts_with(&e.id())) {
+                            if Instant::now() < hold_until {
+                                remaining.push(format!("{} ({why}, waiting for them)", e.id()));
+                                rescan = true;
+                                continue;
+                            }
+                            let note = format!("{} ({why})", e.id());
+                            if !kept.contains(&note) {
                                 tracing::warn!(unit = %unit.unit, object = %e.id(), %why, "kept");
-                                kept.push(format!("{} ({why})", e.id()));
+                                kept.push(note);
                             }
                             continue;
                         }
@@ -1002,6 +1010,12 @@ impl Reconciler {
             }
             if rx.has_changed().unwrap_or(false) {
                 return Pass::Superseded;
+            }
+            if rescan {
+                members = match self.applier.membership(Some(Instant::now())).await {
+                    Ok(m) => m,
+                    Err(e) => return Pass::of(e),
+                };
             }
         }
         if !theirs && let Err(e) = self.inventory.delete(&unit.unit).await {
@@ -1098,10 +1112,7 @@ impl Reconciler {
             return Drift::default();
         };
         objects.retain(|o| healable.contains(&key_of(o)));
-        if let Err(e) = self
-            .leave_replicas_to_autoscalers(&mut objects, false)
-            .await
-        {
+        if let Err(e) = self.leave_replicas_to_autoscalers(&mut objects).await {
             // Healing a workload now could fight its autoscaler.
             tracing::warn!(unit = %unit.unit, error = e.message(), "not healing Deployments and StatefulSets: autoscalers unknown");
             objects.retain(|o| !SCALED_KINDS.contains(&o.kind.as_str()));

@@ -244,6 +244,54 @@ async fn nothing_is_pruned_while_an_object_of_the_revision_fails() {
     assert!(cluster.object("v1", "configmaps", "apps", "b").is_some());
 }
 
+/// Units destroyed together: the Namespace of one waits for the other's
+/// objects to go, then goes too (it is not kept for what was leaving).
+#[tokio::test]
+async fn a_namespace_is_deleted_when_the_units_it_holds_go_with_it() {
+    let (hub, cluster) = setup().await;
+    let namespace = "apiVersion: v1\nkind: Namespace\nmetadata:\n  name: together\n";
+    hub.put("dev/platform", namespace).await.unwrap();
+    wait_phase(&hub, "dev/platform", 1, pb::Phase::Ready).await;
+    // A finalizer holds the other unit's object while it is deleted.
+    let held = configmap("web", "1").replace(
+        "  namespace: apps\n",
+        "  namespace: together\n  finalizers: [example.com/hold]\n",
+    );
+    hub.put("dev/web", &held).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    hub.destroy("dev/web").await.unwrap();
+    until("web's object is being deleted", || async {
+        cluster
+            .object("v1", "configmaps", "together", "web")
+            .is_some_and(|o| !o["metadata"]["deletionTimestamp"].is_null())
+    })
+    .await;
+    hub.destroy("dev/platform").await.unwrap();
+    until("platform waits for it", || async {
+        hub.unit("dev/platform").await.is_ok_and(|d| {
+            d.clusters
+                .first()
+                .is_some_and(|c| c.revision == 2 && c.message.contains("waiting for them"))
+        })
+    })
+    .await;
+    let cms = cluster.api("v1", "ConfigMap", "configmaps", Some("together"));
+    within(
+        "release",
+        cms.patch(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"metadata": {"finalizers": null}})),
+        ),
+    )
+    .await
+    .unwrap();
+    let done = wait_phase(&hub, "dev/platform", 2, pb::Phase::Destroyed).await;
+    assert_eq!(done, "all objects deleted");
+    wait_phase(&hub, "dev/web", 2, pb::Phase::Destroyed).await;
+    assert!(cluster.object("v1", "namespaces", "", "together").is_none());
+}
+
 /// A Namespace (or CRD) of one unit that holds another unit's objects is
 /// not deleted with it: the namespace controller would take them along.
 #[tokio::test]
@@ -632,6 +680,15 @@ async fn adding_an_autoscaler_hands_replicas_over_without_scaling_down() {
             .unwrap()["spec"]["replicas"],
         3
     );
+    // Without the autoscaler, the unit's replicas are its own again (the
+    // handoff does not hold them against it).
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 6, pb::Phase::Ready).await;
+    hub.put("dev/web", &WEB.replace("replicas: 2", "replicas: 4"))
+        .await
+        .unwrap();
+    wait_phase(&hub, "dev/web", 7, pb::Phase::Ready).await;
+    assert_eq!(replicas(), 4);
 }
 
 #[tokio::test]

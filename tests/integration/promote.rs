@@ -822,9 +822,16 @@ async fn promoting_from_an_inserted_environment_relinks_the_unit() {
         upstream: upstream.into(),
         message: String::new(),
     };
-    within("link prod", admin.link_unit(link("prod/web", "dev/web")))
+    hub.put("dev/api", &web("api:1", 1)).await.unwrap();
+    ready_in(&hub, "dev/api", 1).await;
+    for unit in ["web", "api"] {
+        within(
+            "link prod",
+            admin.link_unit(link(&format!("prod/{unit}"), &format!("dev/{unit}"))),
+        )
         .await
         .unwrap();
+    }
     within(
         "insert staging",
         admin.create_environment(pb::CreateEnvironmentRequest {
@@ -856,6 +863,7 @@ async fn promoting_from_an_inserted_environment_relinks_the_unit() {
     assert_eq!(prod.upstream, "staging/web");
     // From now on prod follows staging.
     let r = promote(&mut admin, promote_req("dev", "prod", &["web"])).await;
+    assert_eq!(r.items.len(), 1, "{}", r.message);
     assert!(r.blocked, "{}", r.message);
     assert!(
         r.items[0].skipped.contains("its upstream is staging/web"),
@@ -863,11 +871,6 @@ async fn promoting_from_an_inserted_environment_relinks_the_unit() {
         r.items[0].skipped
     );
     // Automatic promotion re-links too.
-    hub.put("dev/api", &web("api:1", 1)).await.unwrap();
-    ready_in(&hub, "dev/api", 1).await;
-    within("link prod", admin.link_unit(link("prod/api", "dev/api")))
-        .await
-        .unwrap();
     within(
         "link staging",
         admin.link_unit(link("staging/api", "dev/api")),
@@ -893,6 +896,21 @@ async fn promoting_from_an_inserted_environment_relinks_the_unit() {
             .is_ok_and(|d| d.unit.unwrap().upstream == "staging/api")
     })
     .await;
+    // A link made past staging on purpose (staging existed) stays as made.
+    hub.put("dev/db", &web("db:1", 1)).await.unwrap();
+    ready_in(&hub, "dev/db", 1).await;
+    for unit in ["staging/db", "prod/db"] {
+        within("link", admin.link_unit(link(unit, "dev/db")))
+            .await
+            .unwrap();
+    }
+    ready_in(&hub, "staging/db", 1).await;
+    let r = promote(&mut admin, promote_req("staging", "prod", &["db"])).await;
+    assert!(r.blocked, "{}", r.message);
+    assert_eq!(
+        hub.unit("prod/db").await.unwrap().unit.unwrap().upstream,
+        "dev/db"
+    );
 }
 
 /// A destroyed source unit is named in an `--all` promotion (its linked

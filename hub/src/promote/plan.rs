@@ -143,12 +143,15 @@ impl Hub {
                 continue;
             }
             // Linked past the source's environment to the source's own
-            // upstream (the source's environment was inserted since): the
-            // source takes over as the target's upstream.
+            // upstream, and that environment was inserted since (not a
+            // link made past it on purpose): the source takes over as the
+            // target's upstream.
             item.relink = existing.as_ref().is_some_and(|t| {
                 t.upstream.as_ref() != Some(&s.unit)
                     && t.upstream.is_some()
                     && t.upstream == s.upstream
+                    && !t.destroyed
+                    && from.created_at > t.created_at
                     && t.upstream
                         .as_ref()
                         .and_then(|u| position.get(&u.env))
