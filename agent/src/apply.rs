@@ -467,6 +467,12 @@ impl Applier {
         if let Some(live) = &live
             && object_differences(live, &planned).is_empty()
         {
+            // Unchanged: as it stands, it is what the agent would write (a
+            // status change of this generation is not someone's edit).
+            self.own.record(
+                crate::drift::qualified_kind(obj.group(), &obj.kind),
+                &live.metadata,
+            );
             return Ok((false, entry(live)));
         }
         // Only one copy of a large object at a time.

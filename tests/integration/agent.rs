@@ -742,6 +742,55 @@ async fn restart_resumes_without_rewriting_unchanged_objects() {
     );
 }
 
+/// After a restart the agent writes nothing that is unchanged, and still
+/// knows those objects as its own: a status change of one (same
+/// generation) is not taken for someone's edit (a drift check: a read and
+/// a dry-run apply of every object of the unit).
+#[tokio::test]
+async fn after_a_restart_status_changes_are_not_taken_for_edits() {
+    let hub = TestHub::start().await;
+    hub.create_env("dev").await;
+    let token = hub.create_cluster("dev-1", "dev").await;
+    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
+    // Only edits the agent is told of check drift.
+    cluster.config.tuning.drift_interval = std::time::Duration::from_secs(3600);
+    cluster.start_agent();
+    hub.put("dev/web", WEB).await.unwrap();
+    wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
+    let dry_runs = |c: &TestCluster| {
+        c.sim
+            .dry_runs("apps/v1", "deployments", "messagewall", "web")
+    };
+    let before = dry_runs(&cluster);
+    cluster.stop_agent().await;
+    cluster.start_agent();
+    until("the restarted agent checked the Deployment", || async {
+        dry_runs(&cluster) > before
+    })
+    .await;
+    let checked = dry_runs(&cluster);
+    // The Deployment's controller reports (a status change).
+    let deps = cluster.api("apps/v1", "Deployment", "deployments", Some("messagewall"));
+    within(
+        "status",
+        deps.patch_status(
+            "web",
+            &kube::api::PatchParams::default(),
+            &kube::api::Patch::Merge(json!({"status": {"unavailableReplicas": 1}})),
+        ),
+    )
+    .await
+    .unwrap();
+    // Nothing to wait on: the point is that nothing happens. A drift
+    // check would follow an edit within its 100 ms settle time.
+    tokio::time::sleep(std::time::Duration::from_millis(1000)).await;
+    assert_eq!(
+        dry_runs(&cluster),
+        checked,
+        "no drift check for a status change"
+    );
+}
+
 #[tokio::test]
 async fn hub_outage_leaves_the_cluster_alone_and_status_arrives_after() {
     let (mut hub, cluster) = setup().await;

@@ -328,10 +328,9 @@ pub(super) fn parse_body(b: &Bytes) -> Result<Value, ApiError> {
 impl Inner {
     /// After a successful write: wake the controllers and count it.
     fn wrote(&self, r: &Resource, name: Option<String>) {
-        if r.dry_run {
-            return;
+        if !r.dry_run {
+            self.changed.notify_one();
         }
-        self.changed.notify_one();
         if let Some(name) = name {
             let key = write_key(
                 &r.api_version(),
@@ -339,7 +338,12 @@ impl Inner {
                 &r.target.namespace,
                 &name,
             );
-            *self.writes.lock().unwrap().entry(key).or_default() += 1;
+            let counts = if r.dry_run {
+                &self.dry_runs
+            } else {
+                &self.writes
+            };
+            *counts.lock().unwrap().entry(key).or_default() += 1;
         }
     }
 

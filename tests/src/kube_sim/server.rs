@@ -179,6 +179,8 @@ pub(crate) struct Inner {
     /// Non-dry-run writes (create, update, patch, apply, delete) per
     /// object: `apiVersion/plural/namespace/name`.
     pub(super) writes: Mutex<BTreeMap<String, u64>>,
+    /// Dry-run writes per object, keyed the same way.
+    pub(super) dry_runs: Mutex<BTreeMap<String, u64>>,
     /// Service account tokens minted by
     /// [`KubeSim::service_account_kubeconfig`]: their requests are
     /// authorized by the cluster's RBAC objects.
@@ -261,6 +263,7 @@ impl KubeSim {
             addr,
             drop_watches,
             writes: Mutex::default(),
+            dry_runs: Mutex::default(),
             accounts: Mutex::default(),
             changed: tokio::sync::Notify::new(),
         });
@@ -415,6 +418,18 @@ impl KubeSim {
     pub fn writes(&self, api_version: &str, plural: &str, namespace: &str, name: &str) -> u64 {
         self.inner
             .writes
+            .lock()
+            .unwrap()
+            .get(&write_key(api_version, plural, namespace, name))
+            .copied()
+            .unwrap_or(0)
+    }
+
+    /// Dry-run writes the simulator served for one object (keyed as
+    /// [`KubeSim::writes`]).
+    pub fn dry_runs(&self, api_version: &str, plural: &str, namespace: &str, name: &str) -> u64 {
+        self.inner
+            .dry_runs
             .lock()
             .unwrap()
             .get(&write_key(api_version, plural, namespace, name))
