@@ -80,13 +80,18 @@ for env in dev staging prod; do
   "$BIN/kube-sim" --kubeconfig "$WORK/$env.kubeconfig" --name "$env-1" >"$WORK/$env-sim.log" 2>&1 &
   PIDS+=($!)
   wait_for "$WORK/$env.kubeconfig" "kube-sim ($env)"
-  "$BIN/unitsync" env create "$env"
+  gates=()
+  # prod is gated from its first moment: one approval.
+  if [ "$env" = prod ]; then gates=(--approvals 1); fi
+  "$BIN/unitsync" env create "$env" ${gates[@]+"${gates[@]}"}
   "$BIN/unitsync" cluster create "$env-1" --env "$env" -o json \
     | python3 -c 'import json,sys; print(json.load(sys.stdin)["token"])' >"$WORK/$env.token"
   chmod 600 "$WORK/$env.token"
   start_agent "$env"
 done
 PROD_AGENT=$AGENT_PID
+say "environments in promotion order, with their gates"
+"$BIN/unitsync" env list
 
 say "ConfigHub shows the hub's target for dev"
 for _ in $(seq 1 100); do cub target list --space "$SPACE" | grep -q unitsync-dev && break; sleep 0.1; done
@@ -117,7 +122,6 @@ cat >"$WORK/staging-overrides.yaml" <<'YAML'
   value: 3
 YAML
 "$BIN/unitsync" unit override staging/web -f "$WORK/staging-overrides.yaml"
-"$BIN/unitsync" env policy prod --approvals 1
 
 say "promoting dev -> staging (gate: every dev cluster Ready)"
 "$BIN/unitsync" promote --from dev --to staging --selector app=messagewall --wait --timeout 120

@@ -28,6 +28,21 @@ pub const REPLICAS_HANDOFF: &str = "unitsync-replicas-handoff";
 /// Workloads an autoscaler scales through `spec.replicas`.
 pub const SCALED_KINDS: [&str; 2] = ["Deployment", "StatefulSet"];
 
+/// A workload as autoscalers name it: `KIND/NAMESPACE/NAME`.
+pub fn scaled_key(kind: &str, namespace: &str, name: &str) -> String {
+    format!("{kind}/{namespace}/{name}")
+}
+
+/// The workload a HorizontalPodAutoscaler (its body, in `namespace`)
+/// scales, when it is one of [`SCALED_KINDS`].
+pub fn scale_target(hpa: &Value, namespace: &str) -> Option<String> {
+    let target = &hpa["spec"]["scaleTargetRef"];
+    let kind = target["kind"].as_str()?;
+    SCALED_KINDS
+        .contains(&kind)
+        .then(|| scaled_key(kind, namespace, target["name"].as_str().unwrap_or("")))
+}
+
 /// How a live object differs from what applying it would make it.
 #[derive(Debug, PartialEq)]
 pub enum ObjectDrift {
@@ -500,14 +515,19 @@ impl Applier {
         let Some(live) = api.get_opt(&obj.name).await.map_err(classify)? else {
             return Ok(());
         };
-        let ours = live.metadata.managed_fields.iter().flatten().any(|m| {
-            m.manager.as_deref() == Some(FIELD_MANAGER)
-                && m.operation.as_deref() == Some("Apply")
-                && m.fields_v1
-                    .as_ref()
-                    .is_some_and(|f| f.0["f:spec"].get("f:replicas").is_some())
-        });
-        let Some(replicas) = live.data["spec"]["replicas"].as_i64().filter(|_| ours) else {
+        let owns_replicas = |manager: &str| {
+            live.metadata.managed_fields.iter().flatten().any(|m| {
+                m.manager.as_deref() == Some(manager)
+                    && m.operation.as_deref() == Some("Apply")
+                    && m.fields_v1
+                        .as_ref()
+                        .is_some_and(|f| f.0["f:spec"].get("f:replicas").is_some())
+            })
+        };
+        // Handed over already (the agent's entry lasts until it next
+        // writes the object): nothing to write again.
+        let due = owns_replicas(FIELD_MANAGER) && !owns_replicas(REPLICAS_HANDOFF);
+        let Some(replicas) = live.data["spec"]["replicas"].as_i64().filter(|_| due) else {
             return Ok(());
         };
         let body = serde_json::json!({
@@ -796,16 +816,7 @@ impl Applier {
             .map(|l| {
                 l.items
                     .into_iter()
-                    .filter_map(|h| {
-                        let target = &h.data["spec"]["scaleTargetRef"];
-                        let kind = target["kind"].as_str()?;
-                        SCALED_KINDS.contains(&kind).then(|| {
-                            format!(
-                                "{kind}/{namespace}/{}",
-                                target["name"].as_str().unwrap_or("")
-                            )
-                        })
-                    })
+                    .filter_map(|h| scale_target(&h.data, namespace))
                     .collect()
             })
             .or_else(|e| match e {

@@ -23,7 +23,7 @@ use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use unitsync_proto::backoff::{Backoff, BackoffPolicy};
 
-use crate::apply::{Applier, ApplyError, ObjectDrift, SCALED_KINDS};
+use crate::apply::{Applier, ApplyError, ObjectDrift, SCALED_KINDS, scale_target, scaled_key};
 use crate::desired::{DesiredStore, DesiredUnit};
 use crate::drift::DriftWatch;
 use crate::health::{self, Health};
@@ -558,29 +558,17 @@ impl Reconciler {
                 .is_some_and(|ns| self.allowed_namespaces.contains(ns))
     }
 
-    /// HPA-owned replicas: a Deployment that a HorizontalPodAutoscaler (in
-    /// the cluster or in the unit itself) scales is applied without
-    /// `spec.replicas`, leaving the field to the autoscaler. When the
-    /// autoscalers cannot be listed this is an error, not "none".
-    /// Workloads an autoscaler scales (one of the unit, or one in the
-    /// cluster) are applied (and drift-checked) without `spec.replicas`;
-    /// the field is handed over first where the agent owns it, so that
-    /// leaving it does not remove it.
+    /// HPA-owned replicas: a Deployment or StatefulSet that a
+    /// HorizontalPodAutoscaler (in the cluster or in the unit itself)
+    /// scales is applied (and drift-checked) without `spec.replicas`,
+    /// leaving the field to the autoscaler; the field is handed over first
+    /// where the agent owns it, so that leaving it does not remove it. When
+    /// the autoscalers cannot be listed this is an error, not "none".
     async fn leave_replicas_to_autoscalers(&self, objs: &mut [Object]) -> Result<(), ApplyError> {
         let mut scaled: BTreeSet<String> = objs
             .iter()
             .filter(|o| o.kind == "HorizontalPodAutoscaler")
-            .filter_map(|o| {
-                let target = &o.body["spec"]["scaleTargetRef"];
-                let kind = target["kind"].as_str()?;
-                SCALED_KINDS.contains(&kind).then(|| {
-                    format!(
-                        "{kind}/{}/{}",
-                        o.namespace.clone().unwrap_or_default(),
-                        target["name"].as_str().unwrap_or("")
-                    )
-                })
-            })
+            .filter_map(|o| scale_target(&o.body, o.namespace.as_deref().unwrap_or_default()))
             .collect();
         let workload = |o: &Object| SCALED_KINDS.contains(&o.kind.as_str());
         // Outside the allowed namespaces nothing is applied (the object
@@ -594,12 +582,7 @@ impl Reconciler {
             scaled.extend(self.applier.hpa_targets(&ns).await?);
         }
         for o in objs.iter_mut().filter(|o| workload(o)) {
-            let key = format!(
-                "{}/{}/{}",
-                o.kind,
-                o.namespace.clone().unwrap_or_default(),
-                o.name
-            );
+            let key = scaled_key(&o.kind, o.namespace.as_deref().unwrap_or_default(), &o.name);
             if !scaled.contains(&key) || o.body["spec"].get("replicas").is_none() {
                 continue;
             }
@@ -762,6 +745,8 @@ impl Reconciler {
             )
         };
         let mut kept = Vec::new();
+        // Scanned once, for the first Namespace or CRD that leaves.
+        let mut members: Option<Arc<crate::apply::Membership>> = None;
         let mut pruning: Vec<&Entry> = leaving.iter().filter(|_| complete).collect();
         // Reverse apply order: what a namespace holds before it.
         pruning.sort_by_key(|e| std::cmp::Reverse(rank(e)));
@@ -799,18 +784,22 @@ impl Reconciler {
                     continue;
                 }
                 Ok(Some(live)) if rank(e) < 2 => {
-                    let members = match self.applier.membership(Some(Instant::now())).await {
-                        Ok(m) => m,
-                        Err(err) => {
-                            failures.push(format!(
-                                "not pruning {}: cannot check what it holds: {}",
-                                e.id(),
-                                err.message()
-                            ));
-                            continue;
+                    if members.is_none() {
+                        match self.applier.membership(Some(Instant::now())).await {
+                            Ok(m) => members = Some(m),
+                            Err(err) => {
+                                failures.push(format!(
+                                    "not pruning {}: cannot check what it holds: {}",
+                                    e.id(),
+                                    err.message()
+                                ));
+                                continue;
+                            }
                         }
-                    };
-                    if let Some(why) = takes_along(e, &live, &unit_ref, &members) {
+                    }
+                    if let Some(scanned) = members.as_deref()
+                        && let Some(why) = takes_along(e, &live, &unit_ref, scanned)
+                    {
                         tracing::warn!(unit = %unit.unit, object = %e.id(), %why, "kept and no longer managed");
                         kept.push(format!("{} ({why})", e.id()));
                         gone.push(e.clone());

@@ -86,14 +86,15 @@ pub enum Command {
     },
     /// Promote units from one environment to the next (gates apply).
     Promote(PromoteArgs),
-    /// Approve a source revision for promotion into an environment.
+    /// Approve a source revision for promotion into an environment (the
+    /// answer names the revision approved).
     Approve {
         /// The source unit, ENV/NAME.
         unit: String,
         /// The environment the approval is for.
         #[arg(long = "for")]
         target: String,
-        /// Source revision (default: head).
+        /// Source revision (default: the head when the hub takes the call).
         #[arg(long)]
         revision: Option<u64>,
     },
@@ -331,7 +332,8 @@ pub struct PolicyArgs {
 
 #[derive(Subcommand, Debug)]
 pub enum EnvCommand {
-    /// Create an environment (appended to the pipeline unless --after).
+    /// Create an environment (appended to the pipeline unless --after),
+    /// with its promotion policy in the same step.
     Create {
         name: String,
         #[arg(long)]
@@ -339,13 +341,14 @@ pub enum EnvCommand {
         #[command(flatten)]
         policy: PolicyArgs,
     },
-    /// Change an environment's promotion policy.
+    /// Change an environment's promotion policy (what the flags name; the
+    /// rest stays).
     Policy {
         name: String,
         #[command(flatten)]
         policy: PolicyArgs,
     },
-    /// List environments in pipeline order.
+    /// List environments in pipeline order, with their promotion policy.
     List,
 }
 

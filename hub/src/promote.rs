@@ -131,4 +131,16 @@ mod rollback;
 
 pub use gates::Approval;
 pub use overrides::apply_overrides;
+
+/// Whether a promotion from `source` (in `from`) re-links `target`: the
+/// target is linked past `from` to the source's own upstream (links go
+/// forward, so that upstream comes before `from`), and `from` was created
+/// after the target, so it was inserted since (a link made past an
+/// environment on purpose stays); a destroyed target is left be.
+fn relinks(target: &Unit, source: &Unit, from: &Environment) -> bool {
+    target.upstream.is_some()
+        && target.upstream == source.upstream
+        && !target.destroyed
+        && from.created_at > target.created_at
+}
 use overrides::override_conflicts;

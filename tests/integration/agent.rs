@@ -12,12 +12,26 @@ const DYNAMODB: &str = include_str!("../../deploy/examples/messagewall/dynamodb.
 const WEB: &str = include_str!("../../deploy/examples/messagewall/web.yaml");
 
 async fn setup() -> (TestHub, TestCluster) {
+    setup_with(|_| {}).await
+}
+
+/// As [`setup`], the agent configured by `configure` first.
+async fn setup_with(
+    configure: impl FnOnce(&mut unitsync_agent::config::AgentConfig),
+) -> (TestHub, TestCluster) {
     let hub = TestHub::start().await;
     hub.create_env("dev").await;
     let token = hub.create_cluster("dev-1", "dev").await;
     let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
+    configure(&mut cluster.config);
     cluster.start_agent();
     (hub, cluster)
+}
+
+/// As [`setup`], but the periodic drift check would only come after an
+/// hour: only what the watches tell the agent checks drift.
+async fn setup_watch_only() -> (TestHub, TestCluster) {
+    setup_with(|c| c.tuning.drift_interval = std::time::Duration::from_secs(3600)).await
 }
 
 /// The hub's record of `unit` in the cluster: (revision, phase, message).
@@ -748,13 +762,7 @@ async fn restart_resumes_without_rewriting_unchanged_objects() {
 /// a dry-run apply of every object of the unit).
 #[tokio::test]
 async fn after_a_restart_status_changes_are_not_taken_for_edits() {
-    let hub = TestHub::start().await;
-    hub.create_env("dev").await;
-    let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
-    // Only edits the agent is told of check drift.
-    cluster.config.tuning.drift_interval = std::time::Duration::from_secs(3600);
-    cluster.start_agent();
+    let (hub, mut cluster) = setup_watch_only().await;
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     let dry_runs = |c: &TestCluster| {
@@ -883,13 +891,7 @@ async fn a_revision_that_would_prune_most_of_a_unit_is_refused() {
 
 #[tokio::test]
 async fn drift_is_noticed_through_the_watch_without_waiting_for_the_periodic_check() {
-    let hub = TestHub::start().await;
-    hub.create_env("dev").await;
-    let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
-    // The periodic check would only come after an hour.
-    cluster.config.tuning.drift_interval = std::time::Duration::from_secs(3600);
-    cluster.start_agent();
+    let (hub, cluster) = setup_watch_only().await;
     hub.put("dev/web", WEB).await.unwrap();
     wait_phase(&hub, "dev/web", 1, pb::Phase::Ready).await;
     drift_web_config(&cluster).await;
@@ -1002,16 +1004,11 @@ async fn a_cluster_scoped_object_naming_a_namespace_is_applied_and_kept() {
 
 /// A hub and a running agent serving its metrics at the returned address.
 pub(crate) async fn agent_with_metrics() -> (TestHub, TestCluster, std::net::SocketAddr) {
-    let hub = TestHub::start().await;
-    hub.create_env("dev").await;
-    let token = hub.create_cluster("dev-1", "dev").await;
-    let mut cluster = TestCluster::new(&hub.endpoint(), hub.ca(), &token).await;
     let addr: std::net::SocketAddr =
         format!("127.0.0.1:{}", unitsync_tests::processes::free_port())
             .parse()
             .unwrap();
-    cluster.config.health_listen = Some(addr);
-    cluster.start_agent();
+    let (hub, cluster) = setup_with(|c| c.health_listen = Some(addr)).await;
     (hub, cluster, addr)
 }
 

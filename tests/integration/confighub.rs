@@ -323,13 +323,7 @@ async fn seed_flow(transport: Transport) {
     assert!(shown.contains(&format!("({})", head.origin)), "{shown}");
     let matrix = within("status", cli(&["status"])).await.unwrap();
     assert!(matrix.contains(&owner), "{matrix}");
-    let metrics = within(
-        "metrics",
-        unitsync_tests::processes::http_get(s.hub.http_addr(), "/metrics"),
-    )
-    .await
-    .unwrap()
-    .1;
+    let metrics = s.hub.metrics().await;
     assert!(
         metrics.contains("unitsync_confighub_connected 1"),
         "{metrics}"

@@ -278,13 +278,7 @@ async fn a_commit_slower_than_the_fetch_timeout_finishes_and_is_reported() {
     );
     // No sync was counted failed (one that said "nothing changed" while
     // its commit went through).
-    let metrics = within(
-        "metrics",
-        unitsync_tests::processes::http_get(s.hub.http_addr(), "/metrics"),
-    )
-    .await
-    .unwrap()
-    .1;
+    let metrics = s.hub.metrics().await;
     let failed: Vec<&str> = metrics
         .lines()
         .filter(|l| l.contains("source_syncs") && l.contains("result=\"failed\""))

@@ -24,6 +24,23 @@ fn promote_req(from: &str, to: &str, units: &[&str]) -> pb::PromoteRequest {
     }
 }
 
+/// The same request as a dry run.
+fn dry_run(req: pb::PromoteRequest) -> pb::PromoteRequest {
+    pb::PromoteRequest {
+        dry_run: true,
+        ..req
+    }
+}
+
+/// The verdict of gate `name` on the first item.
+fn gate<'a>(r: &'a pb::PromoteResponse, name: &str) -> &'a pb::GateResult {
+    r.items[0]
+        .gates
+        .iter()
+        .find(|g| g.gate == name)
+        .unwrap_or_else(|| panic!("gate {name} in {:?}", r.items[0].gates))
+}
+
 async fn promote(admin: &mut Admin, req: pb::PromoteRequest) -> pb::PromoteResponse {
     within("promote", admin.promote(req))
         .await
@@ -293,11 +310,7 @@ async fn each_gate_blocks_then_passes() {
     .await;
     let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
     assert!(r.blocked);
-    let health = r.items[0]
-        .gates
-        .iter()
-        .find(|g| g.gate == "health")
-        .unwrap();
+    let health = gate(&r, "health");
     assert!(
         !health.passed && health.detail.contains("dev-1: Progressing rolling out"),
         "{health:?}"
@@ -306,22 +319,8 @@ async fn each_gate_blocks_then_passes() {
     // Healthy, but the soak time has not passed.
     dev.report(report(unitsync_agent::status::Phase::Ready));
     ready_in(&hub, "dev/web", 1).await;
-    let r = promote(
-        &mut admin,
-        pb::PromoteRequest {
-            dry_run: true,
-            ..promote_req("dev", "staging", &["web"])
-        },
-    )
-    .await;
-    assert!(
-        r.items[0]
-            .gates
-            .iter()
-            .any(|g| g.gate == "soak" && !g.passed),
-        "{:?}",
-        r.items[0].gates
-    );
+    let r = promote(&mut admin, dry_run(promote_req("dev", "staging", &["web"]))).await;
+    assert!(!gate(&r, "soak").passed, "{:?}", r.items[0].gates);
     assert!(
         r.items[0].diff.contains("+kind: Deployment"),
         "dry run shows the diff"
@@ -331,26 +330,16 @@ async fn each_gate_blocks_then_passes() {
     until("soaked", || async {
         let r = promote(
             &mut hub.admin().await,
-            pb::PromoteRequest {
-                dry_run: true,
-                ..promote_req("dev", "staging", &["web"])
-            },
+            dry_run(promote_req("dev", "staging", &["web"])),
         )
         .await;
-        r.items[0]
-            .gates
-            .iter()
-            .any(|g| g.gate == "soak" && g.passed)
+        gate(&r, "soak").passed
     })
     .await;
     let r = promote(&mut admin, promote_req("dev", "staging", &["web"])).await;
-    let gate = r.items[0]
-        .gates
-        .iter()
-        .find(|g| g.gate == "approvals")
-        .unwrap();
+    let approvals = gate(&r, "approvals");
     assert_eq!(
-        (gate.passed, gate.detail.as_str()),
+        (approvals.passed, approvals.detail.as_str()),
         (false, "0 of 2 approvals")
     );
 
@@ -391,19 +380,8 @@ async fn each_gate_blocks_then_passes() {
         !hub.running().hub.is_connected(&dev_1)
     })
     .await;
-    let r = promote(
-        &mut bob,
-        pb::PromoteRequest {
-            dry_run: true,
-            ..promote_req("dev", "staging", &["web"])
-        },
-    )
-    .await;
-    let health = r.items[0]
-        .gates
-        .iter()
-        .find(|g| g.gate == "health")
-        .unwrap();
+    let r = promote(&mut bob, dry_run(promote_req("dev", "staging", &["web"]))).await;
+    let health = gate(&r, "health");
     assert!(
         !health.passed && health.detail.contains("dev-1: agent not connected"),
         "{health:?}"

@@ -209,6 +209,17 @@ impl TestHub {
         self.running().http_addr.expect("http enabled")
     }
 
+    /// The hub's Prometheus metrics text.
+    pub async fn metrics(&self) -> String {
+        within(
+            "metrics",
+            crate::processes::http_get(self.http_addr(), "/metrics"),
+        )
+        .await
+        .expect("metrics served")
+        .1
+    }
+
     pub fn db_path(&self) -> std::path::PathBuf {
         self.dir.path().join("data").join("hub.db")
     }

@@ -160,13 +160,12 @@ impl unitsync_proto::session::agent_service_server::AgentService for AgentServic
         // now on finds the session; one made before is found here.
         if let Some(c) = &conn.credential {
             let held = [(cluster.name.clone(), c.clone())];
-            if !hub
+            let in_force = hub
                 .store
                 .credentials_in_force(&held)
                 .await
-                .map_err(|e| Status::from(HubError::from(e)))?
-                .contains(&held[0])
-            {
+                .map_err(HubError::from)?;
+            if !in_force.contains(&held[0]) {
                 return Err(refused(HubError::Unauthenticated));
             }
         }

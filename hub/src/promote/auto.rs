@@ -30,12 +30,7 @@ impl Hub {
                         env: from.name.clone(),
                         name: t.unit.name.clone(),
                     };
-                    sources.get(&same).filter(|s| {
-                        t.upstream.is_some()
-                            && s.upstream == t.upstream
-                            && !t.destroyed
-                            && from.created_at > t.created_at
-                    })
+                    sources.get(&same).filter(|s| relinks(&t, s, from))
                 };
                 let linked = t.upstream.as_ref().and_then(|up| sources.get(up));
                 let Some(src) = linked.or_else(inserted) else {

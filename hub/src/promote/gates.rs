@@ -1,6 +1,7 @@
 //! The gates of a target environment (health in every source cluster but
-//! revoked ones, each with its agent connected, soak time on the hub's status clock, the one statuses are
-//! stamped with, approvals from distinct operators) and approving.
+//! revoked ones, each with its agent connected; soak time on the hub's
+//! status clock, the one statuses are stamped with; approvals from
+//! distinct operators) and approving.
 
 use super::*;
 

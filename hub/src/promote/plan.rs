@@ -98,13 +98,6 @@ impl Hub {
                 "--revision needs exactly one unit".into(),
             ));
         }
-        let position: BTreeMap<EnvName, u32> = self
-            .store
-            .list_environments()
-            .await?
-            .into_iter()
-            .map(|e| (e.name, e.position))
-            .collect();
         let clusters = self.store.list_clusters(Some(&from.name)).await?;
         let cells = self
             .store
@@ -142,21 +135,7 @@ impl Hub {
                 items.push(item);
                 continue;
             }
-            // Linked past the source's environment to the source's own
-            // upstream, and that environment was inserted since (not a
-            // link made past it on purpose): the source takes over as the
-            // target's upstream.
-            item.relink = existing.as_ref().is_some_and(|t| {
-                t.upstream.as_ref() != Some(&s.unit)
-                    && t.upstream.is_some()
-                    && t.upstream == s.upstream
-                    && !t.destroyed
-                    && from.created_at > t.created_at
-                    && t.upstream
-                        .as_ref()
-                        .and_then(|u| position.get(&u.env))
-                        .is_some_and(|p| *p < from.position)
-            });
+            item.relink = existing.as_ref().is_some_and(|t| relinks(t, s, &from));
             if let Some(t) = &existing
                 && t.upstream.as_ref() != Some(&s.unit)
                 && !item.relink

@@ -222,9 +222,14 @@ impl Registry {
     /// `Docker-Content-Digest`, or (a registry that leaves it out) the
     /// digest of the manifest read by a bounded `GET`.
     async fn manifest_digest(&self, reference: &str, what: &str) -> Result<String, String> {
-        let path = format!("manifests/{reference}");
+        let url = self.url(&format!("manifests/{reference}"))?;
         let head = self
-            .send(what, reqwest::Method::HEAD, &path, Some(MANIFEST_TYPES))
+            .send(
+                what,
+                reqwest::Method::HEAD,
+                url.clone(),
+                Some(MANIFEST_TYPES),
+            )
             .await?;
         if let Some(d) = head
             .headers()
@@ -237,15 +242,12 @@ impl Registry {
         let body = self
             .read(
                 what,
-                self.send(what, reqwest::Method::GET, &path, Some(MANIFEST_TYPES))
+                self.send(what, reqwest::Method::GET, url, Some(MANIFEST_TYPES))
                     .await?,
                 MAX_MANIFEST,
             )
             .await?;
-        Ok(format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(&body))
-        ))
+        Ok(sha256(&body))
     }
 
     /// The highest tag matching a semver range (all pages of the list).
@@ -262,15 +264,15 @@ impl Registry {
         // Every page (registries may cap a page below what was asked),
         // until an empty page or one that does not move on.
         loop {
-            let mut path = String::from("tags/list?n=1000");
+            let mut url = self.url("tags/list")?;
+            url.query_pairs_mut().append_pair("n", "1000");
             if let Some(l) = &last {
-                path.push_str("&last=");
-                path.push_str(&url_escape(l));
+                url.query_pairs_mut().append_pair("last", l);
             }
             let body = self
                 .read(
                     what,
-                    self.send(what, reqwest::Method::GET, &path, None).await?,
+                    self.send(what, reqwest::Method::GET, url, None).await?,
                     MAX_MANIFEST,
                 )
                 .await?;
@@ -322,7 +324,7 @@ impl Registry {
             .send(
                 &what,
                 reqwest::Method::GET,
-                &format!("blobs/{}", layer.digest),
+                self.url(&format!("blobs/{}", layer.digest))?,
                 None,
             )
             .await?;
@@ -346,7 +348,7 @@ impl Registry {
             .send(
                 &what,
                 reqwest::Method::GET,
-                &format!("manifests/{digest}"),
+                self.url(&format!("manifests/{digest}"))?,
                 Some(MANIFEST_TYPES),
             )
             .await?;
@@ -360,7 +362,21 @@ impl Registry {
         })
     }
 
-    /// One request to the repository (`/v2/<repo>/<path>`), authenticated
+    /// The address of `path` in the repository (`/v2/<repo>/<path>`), as
+    /// oci-client addresses it (`docker.io` is `index.docker.io`).
+    fn url(&self, path: &str) -> Result<reqwest::Url, String> {
+        let image = self.tagged("latest");
+        let registry = image.resolve_registry();
+        let scheme = if self.insecure_hosts.iter().any(|h| h == registry) {
+            "http"
+        } else {
+            "https"
+        };
+        let url = format!("{scheme}://{registry}/v2/{}/{path}", image.repository());
+        reqwest::Url::parse(&url).map_err(|e| format!("registry {}: {url}: {e}", self.at()))
+    }
+
+    /// One request to the repository (see [`Registry::url`]), authenticated
     /// as the registry asks: oci-client's token for the repository where
     /// the registry challenges for one, otherwise the basic credentials
     /// (sent even when `/v2/` itself is open: a registry may guard
@@ -369,25 +385,17 @@ impl Registry {
         &self,
         what: &str,
         method: reqwest::Method,
-        path: &str,
+        url: reqwest::Url,
         accept: Option<&str>,
     ) -> Result<reqwest::Response, String> {
         let at = self.at();
         let image = self.tagged("latest");
-        // As oci-client addresses it (`docker.io` is `index.docker.io`).
-        let registry = image.resolve_registry();
-        let scheme = if self.insecure_hosts.iter().any(|h| h == registry) {
-            "http"
-        } else {
-            "https"
-        };
-        let url = format!("{scheme}://{registry}/v2/{}/{path}", image.repository());
         // A reused token the registry refuses (expired, revoked): once
         // more with a new one.
         let mut renew = false;
         let response = loop {
             let (token, reused) = self.token(what, &image, renew).await?;
-            let mut request = self.http.request(method.clone(), &url);
+            let mut request = self.http.request(method.clone(), url.clone());
             if let Some(accept) = accept {
                 request = request.header(reqwest::header::ACCEPT, accept);
             }
@@ -495,10 +503,15 @@ impl Registry {
     }
 }
 
+/// The OCI digest of bytes by SHA-256 (`sha256:<hex>`).
+fn sha256(bytes: &[u8]) -> String {
+    format!("sha256:{}", crate::model::Digest::of(bytes).to_hex())
+}
+
 /// Checks bytes against the digest that named them.
 fn verify(what: &str, digest: &str, bytes: &[u8], at: &str) -> Result<(), String> {
     let got = match digest.split_once(':') {
-        Some(("sha256", _)) => format!("sha256:{}", hex::encode(sha2::Sha256::digest(bytes))),
+        Some(("sha256", _)) => sha256(bytes),
         Some(("sha512", _)) => format!("sha512:{}", hex::encode(sha2::Sha512::digest(bytes))),
         _ => {
             return Err(format!(
@@ -521,20 +534,6 @@ fn size(n: usize) -> String {
     } else {
         format!("{n} bytes")
     }
-}
-
-/// Percent-encodes a query value (tags are `[A-Za-z0-9_.-]`, but a
-/// registry's answer is not trusted to be).
-fn url_escape(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || b"-._~".contains(&b) {
-            out.push(char::from(b));
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// A content digest as a registry names one (`sha256:<64 hex>`,
@@ -636,6 +635,11 @@ mod tests {
     }
 
     fn source(addr: &str) -> Registry {
+        source_as(addr, &OciAuth::Anonymous)
+    }
+
+    /// A source of the registry at `addr`, with credentials.
+    fn source_as(addr: &str, auth: &OciAuth) -> Registry {
         let spec = OciSpec {
             url: format!("oci://{addr}/app"),
             reference: OciRef::Tag("v1".into()),
@@ -645,7 +649,7 @@ mod tests {
             insecure_hosts: vec![addr.to_owned()],
             ca_pem: String::new(),
         };
-        Registry::new(&spec, &OciAuth::Anonymous).unwrap()
+        Registry::new(&spec, auth).unwrap()
     }
 
     /// A chunk of HTTP/1.1 chunked encoding.
@@ -661,7 +665,7 @@ mod tests {
     const CHUNKED: &str = "HTTP/1.1 200 OK\r\ncontent-type: application/vnd.oci.image.manifest.v1+json\r\ntransfer-encoding: chunked\r\nconnection: close\r\n\r\n";
 
     fn manifest_digest() -> String {
-        format!("sha256:{}", hex::encode(sha2::Sha256::digest(MANIFEST)))
+        sha256(MANIFEST)
     }
 
     /// The manifest in chunked encoding, ended.
@@ -784,20 +788,11 @@ mod tests {
             }
         })
         .await;
-        let spec = OciSpec {
-            url: format!("oci://{guarded}/app"),
-            reference: OciRef::Tag("v1".into()),
-            interval_seconds: 60,
-            mode: crate::model::SourceMode::Artifact,
-            layer_media_type: String::new(),
-            insecure_hosts: vec![guarded.clone()],
-            ca_pem: String::new(),
-        };
         let auth = OciAuth::Basic {
             username: "reader".into(),
             password: crate::auth::Secret::from_string("s3cret".into()),
         };
-        let r = Registry::new(&spec, &auth).unwrap();
+        let r = source_as(&guarded, &auth);
         let got = wait(r.resolve(&OciRef::Tag("v1".into())))
             .await
             .unwrap()
